@@ -1,0 +1,258 @@
+"""Read and write Hugging Face model directories (config.json + safetensors) without torch.
+
+``load_model(path)`` returns a :class:`HFModel`: the family adapter, the parameter dict
+(jax arrays in the chosen dtype), the tensors the forward does not use but a saved copy
+must keep, and a fingerprint that identifies the weights (used by supernet stores and
+recipes to refuse mixing models).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from allocsearch.models.base import ModelAdapter
+from allocsearch.models.bert import BertAdapter
+from allocsearch.models.gpt2 import GPT2Adapter
+from allocsearch.models.llama import LlamaAdapter
+from allocsearch.models.safetensors_io import read_header, read_safetensors, write_safetensors
+
+FAMILIES: dict[str, type[ModelAdapter]] = {
+    "llama": LlamaAdapter,
+    "mistral": LlamaAdapter,
+    "qwen2": LlamaAdapter,
+    "gpt2": GPT2Adapter,
+    "bert": BertAdapter,
+}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+    "bert": "BertModel",
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SAFETENSORS_DTYPE_NAMES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+class ModelLoadError(ValueError):
+    """A model directory cannot be read: missing files, unknown type, bad tensors."""
+
+
+@dataclass
+class HFModel:
+    """A loaded model.
+
+    Attributes:
+      adapter: the family adapter (forward, layers, block structure).
+      params: parameter name -> jax array, canonical (out, in) layout.
+      extras: checkpoint tensors the forward does not use (e.g. BERT pooler), kept so a
+        saved copy loses nothing.
+      fingerprint: short hex digest of the config and weights.
+      path: where it was loaded from, if anywhere.
+    """
+
+    adapter: ModelAdapter
+    params: dict[str, jax.Array]
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+    fingerprint: str = ""
+    path: str | None = None
+
+
+def adapter_for_config(hf_config: Mapping[str, Any]) -> ModelAdapter:
+    """The family adapter for a config.json dict; unknown types are an error."""
+    model_type = hf_config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ModelLoadError(f"unknown model_type {model_type!r}; supported: {sorted(FAMILIES)}")
+    return FAMILIES[model_type](hf_config)
+
+
+def _tensor_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelLoadError(f"{index}: not a safetensors index ({e})") from None
+        files = sorted({path / f for f in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise ModelLoadError(f"{index} names shard {f.name}, which is missing")
+        return files
+    if single.exists():
+        return [single]
+    raise ModelLoadError(
+        f"{path}: no model.safetensors or model.safetensors.index.json "
+        f"(found: {sorted(p.name for p in path.iterdir())[:10]})"
+    )
+
+
+def fingerprint_tensors(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> str:
+    """Digest of the config and of every tensor's name, shape, dtype and a strided sample of
+    its bytes (every 64th KiB, so a 7B model fingerprints in seconds). Lower precision
+    copies of one model have different fingerprints."""
+    h = hashlib.blake2b(digest_size=12)
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "n_embd", "n_layer")
+    h.update(json.dumps({k: config.get(k) for k in keys}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}:{arr.shape}:{arr.dtype}".encode())
+        raw = arr.reshape(-1).view(np.uint8)
+        if raw.size <= 1 << 20:
+            h.update(raw.tobytes())
+        else:
+            chunk = 4096
+            starts = np.arange(0, raw.size - chunk, 1 << 16)
+            h.update(np.concatenate([raw[s : s + chunk] for s in starts]).tobytes())
+    return h.hexdigest()
+
+
+def load_model(
+    path: str | os.PathLike, *, dtype: str = "float32", check_finite: bool = True
+) -> HFModel:
+    """Load a Hugging Face model directory.
+
+    Args:
+      path: directory with config.json and model.safetensors (or a sharded index).
+      dtype: ``"float32"`` or ``"bfloat16"``: the dtype of the returned parameters.
+      check_finite: refuse weights containing NaN or Inf (names the tensor).
+    Raises:
+      ModelLoadError: missing files, unknown model_type, missing or unexpected tensors,
+        shape mismatches (naming the tensor and the expected shape), non-finite weights.
+    """
+    path = Path(path)
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} not supported; valid: {list(DTYPES)}")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {str(path)!r} is not a directory")
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise ModelLoadError(f"{path}: config.json is missing")
+    try:
+        hf_config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_path}: invalid JSON ({e})") from None
+    adapter = adapter_for_config(hf_config)
+    raw: dict[str, np.ndarray] = {}
+    for f in _tensor_files(path):
+        raw.update(read_safetensors(f))
+    fingerprint = fingerprint_tensors(hf_config, raw)
+    tensors = adapter.from_hf_tensors(raw)
+    expected = adapter.param_shapes
+    passthrough = getattr(adapter, "passthrough_prefixes", ())
+    extras = {k: np.asarray(v) for k, v in tensors.items() if k.startswith(passthrough)}
+    unexpected = sorted(k for k in tensors if k not in expected and k not in extras)
+    if unexpected:
+        raise ModelLoadError(
+            f"{path}: tensors not part of a {adapter.model_type} model with this config: "
+            f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+        )
+    params: dict[str, jax.Array] = {}
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise ModelLoadError(f"{path}: tensor {name!r} is missing (expected shape {shape})")
+        arr = tensors[name]
+        if tuple(arr.shape) != shape:
+            raise ModelLoadError(
+                f"{path}: tensor {name!r} has shape {tuple(arr.shape)}, expected {shape}"
+            )
+        if check_finite and not np.isfinite(np.asarray(arr, dtype=np.float32)).all():
+            raise ModelLoadError(f"{path}: tensor {name!r} contains NaN or Inf values")
+        params[name] = jnp.asarray(arr, dtype=DTYPES[dtype])
+    return HFModel(adapter, params, extras, fingerprint, str(path))
+
+
+def save_model(
+    model: HFModel,
+    path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+    config_updates: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` as a Hugging Face directory (config.json + safetensors, sharded with
+    an index above ``max_shard_bytes``). The directory is assembled under a temporary name
+    and renamed into place, so an interrupted save never leaves a complete-looking model.
+    An existing ``path`` is refused unless ``overwrite``."""
+    path = Path(path)
+    if dtype not in SAFETENSORS_DTYPE_NAMES:
+        raise ValueError(f"dtype {dtype!r} not supported; valid: {list(SAFETENSORS_DTYPE_NAMES)}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    np_dtype = SAFETENSORS_DTYPE_NAMES[dtype]
+    host = {k: np.asarray(v, dtype=np.float32).astype(np_dtype) for k, v in model.params.items()}
+    tensors = model.adapter.to_hf_tensors(host)
+    tensors.update(model.extras)
+    config = dict(model.adapter.hf_config)
+    config.setdefault("architectures", [ARCHITECTURES[model.adapter.model_type]])
+    config["torch_dtype"] = dtype  # transformers 4 reads this key
+    config["dtype"] = dtype  # and transformers 5 this one
+    config.update(config_updates or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        shards: list[dict[str, np.ndarray]] = [{}]
+        size = 0
+        for name in sorted(tensors):
+            nbytes = tensors[name].nbytes
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = tensors[name]
+            size += nbytes
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            write_safetensors(tmp / "model.safetensors", shards[0], meta)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors(tmp / fname, shard, meta)
+                weight_map.update(dict.fromkeys(shard, fname))
+            total = sum(t.nbytes for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if path.exists():
+            backup = path.with_name(f".{path.name}.old")
+            os.replace(path, backup)
+            os.replace(tmp, path)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def model_num_bytes(model: HFModel) -> int:
+    """Bytes held by the parameters."""
+    return int(sum(math.prod(v.shape) * v.dtype.itemsize for v in model.params.values()))
+
+
+__all__ = [
+    "FAMILIES",
+    "HFModel",
+    "ModelLoadError",
+    "adapter_for_config",
+    "fingerprint_tensors",
+    "load_model",
+    "read_header",
+    "save_model",
+]
