@@ -1,0 +1,638 @@
+"""Exporters: turn a :class:`Recipe` into what other pruning tools take as input.
+
+Every exporter returns an :class:`Export`: the content (text or a dict / list), human
+readable notes on what it had to average or could not express, and the result of a
+budget check: the fraction of the budget's cost that the exported values remove,
+recomputed from the recipe's layer shapes, next to the recipe's own value. When an
+exporter must approximate (per-block averaging, channel ratios), the notes say by how
+much the budget moves; when the exported values cannot be made consistent with the
+recipe at all, the exporter raises :class:`ExportError`.
+
+Targets (see docs/recipe.md for the formats and the sources they were matched against):
+  - :func:`to_llm_compressor`: llm-compressor YAML (SparseGPTModifier /
+    WandaPruningModifier, list form of ``sparsity``), per linear layer or per block.
+  - :func:`to_evopress`: EvoPress ``module.name: level`` lines, levels relative to the
+    supernet's uniform (center) level.
+  - :func:`to_owl`: OWL-style list, one sparsity per decoder block.
+  - :func:`to_torch_pruning`: Torch-Pruning ``pruning_ratio_dict`` (fractions of
+    channels), structured recipes only.
+  - :func:`to_jaxpruner`: jaxpruner ``custom_sparsity_map`` keyed by flattened Flax
+    parameter paths.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import yaml
+
+from allocsearch.recipe.recipe import (
+    BUDGET_RTOL,
+    Recipe,
+    atomic_write_text,
+    fraction_removed,
+)
+from allocsearch.supernet.spec import SupernetSpec
+
+T = TypeVar("T")
+
+LLMC_MODIFIERS = ("SparseGPTModifier", "WandaPruningModifier")
+LLMC_GRANULARITIES = ("layer", "block")
+# llm-compressor matches "re:" targets with re.match on module names; lm_head is ignored.
+LLMC_IGNORE = ("re:.*lm_head",)
+_LLMC_RESERVED_ARGS = ("sparsity", "mask_structure", "targets", "ignore")
+
+
+class ExportError(ValueError):
+    """A recipe cannot be exported to the requested format; the message says why."""
+
+
+@dataclass(frozen=True)
+class Export(Generic[T]):
+    """Result of an exporter.
+
+    Attributes:
+      content: the exported text, dict or list.
+      notes: human-readable notes: what was averaged or dropped, what the target tool
+        cannot express, and the budget check.
+      budget_kind: the cost the budget check used (``"params"`` or ``"flops"``; a latency
+        recipe is checked on params, as latency cannot be recomputed from shapes).
+      budget_recipe: fraction of that cost the recipe removes.
+      budget_exported: fraction of that cost the exported values remove.
+    """
+
+    content: T
+    notes: tuple[str, ...]
+    budget_kind: str
+    budget_recipe: float
+    budget_exported: float
+
+    @property
+    def budget_error(self) -> float:
+        """``budget_exported - budget_recipe`` (positive: the export prunes more)."""
+        return self.budget_exported - self.budget_recipe
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _budget_check(
+    recipe: Recipe, exported: Callable[[str], float], what: str
+) -> tuple[str, float, float, list[str]]:
+    """Compare the budget the exported values give with the recipe's.
+
+    ``exported(kind)`` returns the fraction of the ``kind`` cost the exported values
+    remove. Returns (kind, recipe fraction, exported fraction, notes).
+    """
+    notes: list[str] = []
+    kind = recipe.budget.kind
+    if kind == "latency":
+        kind = "params"
+        reference = fraction_removed(recipe.layers, "params")
+        notes.append(
+            "the recipe's budget is latency, which cannot be recomputed from shapes; the "
+            "budget check below compares the fraction of parameters removed instead"
+        )
+    else:
+        reference = recipe.budget.achieved
+    got = exported(kind)
+    diff = got - reference
+    if abs(diff) <= BUDGET_RTOL * max(abs(reference), abs(got)) + 1e-15:
+        notes.append(
+            f"budget check: {what} removes {got:.6f} of the {kind}, as the recipe does "
+            f"({reference:.6f}; difference {diff:+.1e})"
+        )
+    else:
+        notes.append(
+            f"budget check: {what} removes {got:.6f} of the {kind} instead of the recipe's "
+            f"{reference:.6f} (difference {diff:+.6f}, {100 * diff / max(reference, 1e-12):+.2f}% "
+            f"relative)"
+        )
+    return kind, reference, got, notes
+
+
+def _layer_budget(recipe: Recipe, per_layer: np.ndarray) -> Callable[[str], float]:
+    return lambda kind: fraction_removed(recipe.layers, kind, per_layer)
+
+
+def _require_blocks(recipe: Recipe, what: str) -> int:
+    """Check every layer sits in a block and blocks are 0..B-1 without gaps; return B."""
+    outside = [x.name for x in recipe.layers if x.block < 0]
+    if outside:
+        raise ExportError(
+            f"{what} needs every layer inside a decoder block, but {outside[:3]} have block -1"
+        )
+    present = sorted({x.block for x in recipe.layers})
+    if present != list(range(len(present))):
+        missing = sorted(set(range(present[-1] + 1)) - set(present))
+        raise ExportError(
+            f"{what} gives one value per decoder block, but the recipe has no layers in "
+            f"blocks {missing[:10]}; blocks must be 0..B-1 without gaps"
+        )
+    return len(present)
+
+
+def block_sparsities(recipe: Recipe) -> np.ndarray:
+    """One sparsity per decoder block: the weight-count-weighted mean of its layers.
+
+    Args:
+      recipe: a recipe whose layers all lie in blocks 0..B-1 (no gaps).
+
+    Returns:
+      float64[B]; block b gets sum_{l in b} s_l * numel_l / sum_{l in b} numel_l, so the
+      total number of removed weights is unchanged (the params budget is preserved
+      exactly; flops too, as a linear layer's MACs per token equal its weight count).
+    """
+    n_blocks = _require_blocks(recipe, "a per-block sparsity list")
+    removed = np.zeros(n_blocks, dtype=np.float64)
+    total = np.zeros(n_blocks, dtype=np.float64)
+    for x in recipe.layers:
+        removed[x.block] += x.sparsity * x.numel
+        total[x.block] += x.numel
+    return removed / total
+
+
+def _per_layer_from_blocks(recipe: Recipe, blocks: np.ndarray) -> np.ndarray:
+    return np.array([blocks[x.block] for x in recipe.layers], dtype=np.float64)
+
+
+def _block_spread_note(recipe: Recipe, blocks: np.ndarray) -> str:
+    dev = np.abs(recipe.sparsities() - _per_layer_from_blocks(recipe, blocks))
+    worst = int(np.argmax(dev))
+    return (
+        f"averaged {len(recipe.layers)} per-layer sparsities into {len(blocks)} per-block "
+        f"values (weighted by weight count); the largest change of a layer is "
+        f"{dev[worst]:.4f} ({recipe.layers[worst].name})"
+    )
+
+
+def _block_prefix(recipe: Recipe) -> str:
+    """Module path of the block list, e.g. ``model.layers`` (``transformer.h`` for GPT-2)."""
+    prefixes = set()
+    for x in recipe.layers:
+        parts = x.name.split(".")
+        idx = [i for i, p in enumerate(parts) if p == str(x.block) and i > 0]
+        if not idx:
+            raise ExportError(
+                f"cannot find the block index {x.block} in the module path {x.name!r}"
+            )
+        prefixes.add(".".join(parts[: idx[0]]))
+    if len(prefixes) != 1:
+        raise ExportError(f"layers disagree on the block list's module path: {sorted(prefixes)}")
+    prefix = prefixes.pop()
+    if not re.fullmatch(r"[A-Za-z0-9_.]+", prefix):
+        raise ExportError(f"block module path {prefix!r} has characters a target regex can't hold")
+    return prefix
+
+
+# ----------------------------------------------------------------------------- llm-compressor
+
+
+def to_llm_compressor(
+    recipe: Recipe,
+    *,
+    modifier: str = "SparseGPTModifier",
+    granularity: str = "layer",
+    modifier_args: Mapping[str, Any] | None = None,
+) -> Export[str]:
+    """llm-compressor recipe YAML with per-module sparsities (list form of ``sparsity``).
+
+    The YAML is one stage, ``sparsity_stage``, with a ``sparsity_modifiers`` group
+    holding ``modifier`` with ``sparsity`` (a list: one value per module matched by
+    ``targets``, in module order), ``mask_structure`` ("0:0" unstructured, "N:M" with N
+    zeros per M) and ``ignore: ['re:.*lm_head']``.
+
+    Args:
+      recipe: an unstructured or N:M recipe (llm-compressor's SparseGPT / Wanda modifiers
+        do not remove heads or neurons).
+      modifier: ``"SparseGPTModifier"`` or ``"WandaPruningModifier"``.
+      granularity: ``"layer"``: one anchored regex target per pruned linear layer with its
+        own sparsity (dense layers are left out); ``"block"``: ``targets:
+        ['re:<blocks>.\\d+$']`` and one weight-weighted mean sparsity per decoder block
+        (every Linear inside the block gets it, including any the recipe does not list).
+      modifier_args: extra modifier arguments (e.g. ``{"dampening_frac": 0.01}``), copied
+        verbatim; they may not set sparsity, mask_structure, targets or ignore.
+
+    Returns:
+      Export whose content is the YAML text. llm-compressor assigns the list entries to
+      the matched modules in the order the model's ``named_modules()`` yields them; the
+      list is in the recipe's forward order, which is that order for the supported
+      (Llama / GPT-2 / BERT) families.
+    """
+    if modifier not in LLMC_MODIFIERS:
+        raise ExportError(f"modifier {modifier!r} is not one of {LLMC_MODIFIERS}")
+    if granularity not in LLMC_GRANULARITIES:
+        raise ExportError(f"granularity {granularity!r} is not one of {LLMC_GRANULARITIES}")
+    if recipe.structure not in ("unstructured", "nm"):
+        raise ExportError(
+            f"llm-compressor's {modifier} prunes individual weights (unstructured or N:M); a "
+            f"{recipe.structure!r} recipe removes heads/neurons: use to_torch_pruning instead"
+        )
+    extra = dict(modifier_args or {})
+    clash = sorted(set(extra) & set(_LLMC_RESERVED_ARGS))
+    if clash:
+        raise ExportError(f"modifier_args may not set {clash}; the exporter writes those")
+    ignored = [x.name for x in recipe.layers if re.match(LLMC_IGNORE[0][3:], x.name)]
+    if ignored:
+        raise ExportError(
+            f"the export ignores lm_head ({LLMC_IGNORE[0]}) but the recipe prunes {ignored}"
+        )
+    notes: list[str] = []
+    groups: list[tuple[str, dict[str, Any]]] = []
+
+    if granularity == "layer":
+        per_layer = recipe.sparsities()
+        if recipe.structure == "unstructured":
+            patterns: dict[tuple[int, int], list[int]] = {
+                (0, 0): [i for i, x in enumerate(recipe.layers) if x.sparsity > 0]
+            }
+        else:
+            patterns = {}
+            for i, x in enumerate(recipe.layers):
+                if x.n:
+                    patterns.setdefault((x.n, x.m), []).append(i)
+        dense = [x.name for x in recipe.layers if x.sparsity == 0]
+        if dense:
+            notes.append(
+                f"{len(dense)} dense layer(s) (sparsity 0) are left out of targets and stay "
+                f"dense: {dense[:5]}{' ...' if len(dense) > 5 else ''}"
+            )
+        if not any(patterns.values()):
+            raise ExportError("every layer of the recipe is dense; there is nothing to prune")
+        if len(patterns) > 1:
+            notes.append(
+                "llm-compressor takes one mask_structure per modifier; the recipe mixes N:M "
+                f"patterns {sorted(f'{n}:{m}' for n, m in patterns)}, so the stage has one "
+                "modifier group per pattern"
+            )
+        for (n, m), idx in sorted(patterns.items()):
+            name = "sparsity_modifiers" if len(patterns) == 1 else f"sparsity_{n}of{m}_modifiers"
+            args: dict[str, Any] = {
+                "sparsity": [float(per_layer[i]) for i in idx],
+                "mask_structure": f"{n}:{m}",
+                "targets": ["re:" + re.escape(recipe.layers[i].name) + "$" for i in idx],
+                "ignore": list(LLMC_IGNORE),
+            }
+            args.update(extra)
+            groups.append((name, args))
+        exported = per_layer
+        what = "the per-layer llm-compressor recipe"
+    else:
+        blocks = block_sparsities(recipe)
+        prefix = _block_prefix(recipe)
+        if recipe.structure == "nm":
+            pats = {(x.n, x.m) for x in recipe.layers}
+            if len(pats) != 1 or next(iter(pats))[0] == 0:
+                raise ExportError(
+                    "per-block llm-compressor export of an N:M recipe needs one pattern (n > 0) "
+                    f"for every layer, found {sorted(f'{n}:{m}' for n, m in pats)}; use "
+                    "granularity='layer'"
+                )
+            n, m = pats.pop()
+            mask = f"{n}:{m}"
+        else:
+            mask = "0:0"
+            notes.append(_block_spread_note(recipe, blocks))
+        args = {
+            "sparsity": [float(v) for v in blocks],
+            "mask_structure": mask,
+            "targets": [f"re:{prefix}.\\d+$"],
+            "ignore": list(LLMC_IGNORE),
+        }
+        args.update(extra)
+        groups.append(("sparsity_modifiers", args))
+        notes.append(
+            f"the sparsity list has {len(blocks)} entries, one per decoder block; llm-compressor "
+            f"checks the model has exactly that many blocks and gives every Linear of block b "
+            f"the value of entry b"
+        )
+        exported = _per_layer_from_blocks(recipe, blocks)
+        what = "the per-block llm-compressor recipe"
+
+    stage: dict[str, Any] = {"run_type": "oneshot"}
+    for name, args in groups:
+        stage[name] = {modifier: args}
+    doc = {"sparsity_stage": stage}
+    kind, ref, got, budget_notes = _budget_check(recipe, _layer_budget(recipe, exported), what)
+    header = (
+        f"# llm-compressor recipe exported by allocsearch ({recipe.provenance.tool_version})\n"
+        f"# model: {recipe.model.name_or_path} ({recipe.model.architecture}), fingerprint "
+        f"{recipe.model.fingerprint}\n"
+        f"# budget: {recipe.budget.kind} target {recipe.budget.target:.6f}, achieved "
+        f"{recipe.budget.achieved:.6f}; strategy {recipe.provenance.strategy}"
+        f"{' (PARTIAL search)' if recipe.partial else ''}\n"
+        f"# granularity: {granularity}; sparsity[i] belongs to the module matched by "
+        f"targets[i]\n"
+    )
+    text = header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1000)
+    return Export(text, tuple(notes + budget_notes), kind, ref, got)
+
+
+# ----------------------------------------------------------------------------- EvoPress
+
+
+def _recipe_unit_table(recipe: Recipe) -> tuple[list[str], np.ndarray, list[list[int]]]:
+    """Per searched unit: name, recipe sparsity (weight-weighted) and member layer indices."""
+    index = {x.name: i for i, x in enumerate(recipe.layers)}
+    if recipe.units:
+        names = [u.name for u in recipe.units]
+        members = [[index[n] for n in u.layers] for u in recipe.units]
+    else:
+        names = [x.name for x in recipe.layers]
+        members = [[i] for i in range(len(recipe.layers))]
+    s = recipe.sparsities()
+    numel = np.array([x.numel for x in recipe.layers], dtype=np.float64)
+    unit_s = np.array([np.dot(s[m], numel[m]) / numel[m].sum() for m in members])
+    return names, unit_s, members
+
+
+def to_evopress(recipe: Recipe, spec: SupernetSpec, choice: np.ndarray) -> Export[str]:
+    """EvoPress configuration: one ``module.name: level`` line per searched unit.
+
+    ``level = choice[l] - spec.center[l]``: the level index relative to the level a
+    uniform allocation picks (0 = uniform; negative = denser, positive = sparser), the
+    convention of EvoPress's databases, whose files are ``<database>/<module>/<level>.pth``.
+
+    Args:
+      recipe: the recipe made from ``choice``.
+      spec: the supernet the search ran on; its units must be the recipe's layers
+        (unstructured / N:M) or the recipe's units (structured), in the same order.
+      choice: int[L], the chosen level of every unit.
+
+    Raises:
+      ExportError: the spec's structure or units differ from the recipe's, ``choice`` is
+        not a valid level vector, or the spec's sparsity at a chosen level differs from
+        the recipe's (the recipe was not made from this supernet and choice).
+    """
+    if spec.structure != recipe.structure:
+        raise ExportError(
+            f"supernet structure {spec.structure!r} != recipe structure {recipe.structure!r}"
+        )
+    names, unit_s, members = _recipe_unit_table(recipe)
+    spec_names = [u.name for u in spec.units]
+    if spec_names != names:
+        bad = next(
+            (i for i, (a, b) in enumerate(zip(spec_names, names, strict=False)) if a != b),
+            min(len(spec_names), len(names)),
+        )
+        raise ExportError(
+            f"supernet units do not match the recipe's ({len(spec_names)} vs {len(names)} "
+            f"units; first difference at position {bad}: "
+            f"{spec_names[bad] if bad < len(spec_names) else None!r} vs "
+            f"{names[bad] if bad < len(names) else None!r})"
+        )
+    choice = np.asarray(choice)
+    if choice.shape != (spec.num_units,) or not np.issubdtype(choice.dtype, np.integer):
+        raise ExportError(
+            f"choice must be int[{spec.num_units}], got {choice.dtype}{list(choice.shape)}"
+        )
+    bad_level = np.flatnonzero((choice < 0) | (choice >= spec.num_levels))
+    if bad_level.size:
+        i = int(bad_level[0])
+        raise ExportError(
+            f"choice[{i}] = {int(choice[i])} for {names[i]!r} is not a valid level; valid "
+            f"levels are 0..{int(spec.num_levels[i]) - 1}"
+        )
+    numel = np.array([x.numel for x in recipe.layers], dtype=np.float64)
+    for u, m in zip(spec.units, members, strict=True):
+        if u.numel != int(numel[m].sum()):
+            raise ExportError(
+                f"unit {u.name!r}: supernet numel {u.numel} != recipe layers' {int(numel[m].sum())}"
+            )
+    spec_s = spec.sparsities_of(choice)
+    off = np.flatnonzero(np.abs(spec_s - unit_s) > 1e-9)
+    if off.size:
+        i = int(off[0])
+        raise ExportError(
+            f"unit {names[i]!r}: level {int(choice[i])} of the supernet has sparsity "
+            f"{float(spec_s[i])!r} but the recipe has {float(unit_s[i])!r}; the recipe was not "
+            f"made from this supernet and choice"
+        )
+    rel = choice.astype(np.int64) - spec.center.astype(np.int64)
+    text = "".join(f"{n}: {int(r)}\n" for n, r in zip(names, rel, strict=True))
+
+    def exported(kind: str) -> float:
+        cost = spec.numel if kind == "params" else spec.flops_per_token
+        cost = cost.astype(np.float64)
+        return float(np.dot(spec_s, cost) / cost.sum())
+
+    kind, ref, got, budget_notes = _budget_check(recipe, exported, "the EvoPress configuration")
+    notes = [
+        f"levels are relative to each unit's uniform (center) level; they range from "
+        f"{int(rel.min())} to {int(rel.max())}",
+        "EvoPress loads <database>/<module>/<level>.pth: the levels refer to this "
+        "allocsearch supernet's grid, so the weights must come from its variant store (or "
+        "an EvoPress database built on the same grid)",
+    ]
+    return Export(text, tuple(notes + budget_notes), kind, ref, got)
+
+
+# ----------------------------------------------------------------------------- OWL
+
+
+def to_owl(recipe: Recipe) -> Export[list[float]]:
+    """OWL-style allocation: one sparsity per decoder block (weight-weighted mean).
+
+    This is the form OWL and the Wanda / SparseGPT drivers take in memory (every linear
+    layer of block b gets ``content[b]``).
+
+    Args:
+      recipe: an unstructured recipe with layers in blocks 0..B-1.
+
+    Returns:
+      Export whose content is a list of B floats (fraction of weights zero per block).
+    """
+    if recipe.structure != "unstructured":
+        raise ExportError(
+            f"an OWL-style per-block list holds unstructured sparsities; this recipe is "
+            f"{recipe.structure!r} (use to_llm_compressor for N:M, to_torch_pruning for "
+            f"heads/neurons)"
+        )
+    blocks = block_sparsities(recipe)
+    notes = [_block_spread_note(recipe, blocks)]
+    kind, ref, got, budget_notes = _budget_check(
+        recipe,
+        _layer_budget(recipe, _per_layer_from_blocks(recipe, blocks)),
+        "the per-block list",
+    )
+    return Export([float(v) for v in blocks], tuple(notes + budget_notes), kind, ref, got)
+
+
+# ----------------------------------------------------------------------------- Torch-Pruning
+
+
+def to_torch_pruning(recipe: Recipe) -> Export[dict[str, dict[str, float]]]:
+    """Torch-Pruning ratios for a structured (heads / neurons) recipe.
+
+    Returns:
+      Export whose content is ``{"pruning_ratio_dict": {sublayer: ratio},
+      "head_pruning_ratio_dict": {attention sublayer: ratio}}``. Keys are module names
+      (``model.layers.3.mlp``); Torch-Pruning wants module objects:
+      ``{modules[k]: v for k, v in d.items()}`` with ``modules =
+      dict(model.named_modules())``. A ratio is the fraction of CHANNELS removed
+      (neurons of the MLP, or heads times head_dim of the attention: the same fraction
+      as of heads), not of weights.
+
+    Raises:
+      ExportError: the recipe is not structured.
+    """
+    if not recipe.units:
+        raise ExportError(
+            f"Torch-Pruning ratios are fractions of channels, which only a structured "
+            f"(heads / neurons) recipe has; this recipe is {recipe.structure!r}. Use "
+            f"to_llm_compressor, to_owl or to_jaxpruner for unstructured / N:M recipes"
+        )
+    ratios = {u.name: u.fraction for u in recipe.units}
+    heads = {u.name: u.fraction for u in recipe.units if u.kind == "heads"}
+    index = {x.name: i for i, x in enumerate(recipe.layers)}
+    per_layer = recipe.sparsities().copy()
+    for u in recipe.units:
+        for name in u.layers:
+            per_layer[index[name]] = u.fraction  # Torch-Pruning removes it from every member
+    notes = [
+        "keys are module names; map them to modules with dict(model.named_modules())",
+        "ratios are fractions of channels removed (removed/total heads or neurons), not of "
+        "weights; Torch-Pruning turns them into channel counts, so check the pruned counts "
+        "match units[].removed",
+    ]
+    if heads:
+        notes.append(
+            "attention: to remove whole heads pass num_heads, prune_num_heads=True, "
+            "prune_head_dims=False and head_pruning_ratio_dict (the attention entries of "
+            "pruning_ratio_dict hold the same values)"
+        )
+    differs = [
+        x.name for i, x in enumerate(recipe.layers) if abs(per_layer[i] - x.sparsity) > 1e-12
+    ]
+    if differs:
+        notes.append(
+            f"{len(differs)} member layer(s) lose fewer weights in the recipe than the unit's "
+            f"channel ratio (e.g. k/v under grouped-query attention): {differs[:4]}"
+        )
+    kind, ref, got, budget_notes = _budget_check(
+        recipe, _layer_budget(recipe, per_layer), "applying the channel ratios to every member"
+    )
+    content = {"pruning_ratio_dict": ratios, "head_pruning_ratio_dict": heads}
+    return Export(content, tuple(notes + budget_notes), kind, ref, got)
+
+
+# ----------------------------------------------------------------------------- jaxpruner
+
+
+def jaxpruner_key(
+    name: str, *, kernel_leaf: str = "kernel", int_indices: bool = False
+) -> tuple[str | int, ...]:
+    """Flattened Flax parameter path of a layer's kernel, e.g.
+    ``("model", "layers", "3", "mlp", "down_proj", "kernel")``.
+
+    Args:
+      name: HF module path.
+      kernel_leaf: the weight leaf's name in the Flax tree (``"kernel"`` for nn.Dense /
+        nnx.Linear).
+      int_indices: write numeric path parts as ints (Flax NNX state paths of list
+        entries) instead of strings (dict keys, Linen).
+    """
+    parts: list[str | int] = list(name.split("."))
+    if int_indices:
+        parts = [int(p) if isinstance(p, str) and p.isdigit() else p for p in parts]
+    return (*parts, kernel_leaf)
+
+
+def to_jaxpruner(
+    recipe: Recipe, *, kernel_leaf: str = "kernel", int_indices: bool = False
+) -> Export[dict[tuple[str | int, ...], float]]:
+    """jaxpruner ``custom_sparsity_map``: {flattened Flax parameter path: sparsity}.
+
+    For a Flax model whose parameter tree mirrors the HF module path (see
+    :func:`jaxpruner_key`). Values are the fraction of the kernel's weights removed
+    (jaxpruner's ``sparsity``); a Flax kernel is (in, out), the transpose of the HF
+    weight, which does not change the fraction.
+
+    N:M recipes: jaxpruner's ``NByM(n, m)`` counts n as KEPT, is one sparsity type for
+    the whole updater (the map holds only fractions) and groups along the kernel's last
+    axis, the OUTPUT axis, whereas the recipe groups M consecutive weights along the
+    INPUT axis. The exported value is the zero fraction n/m per kernel; the notes give
+    the matching ``NByM`` setting and what differs.
+    """
+    if not kernel_leaf:
+        raise ExportError("kernel_leaf must be a non-empty string, e.g. 'kernel'")
+    content = {
+        jaxpruner_key(x.name, kernel_leaf=kernel_leaf, int_indices=int_indices): x.sparsity
+        for x in recipe.layers
+    }
+    notes: list[str] = [
+        f"keys assume a Flax tree mirroring the HF module path with leaf {kernel_leaf!r}, "
+        f"e.g. {next(iter(content))}"
+    ]
+    if recipe.structure == "nm":
+        pats = sorted({(x.n, x.m) for x in recipe.layers})
+        notes.append(
+            "N:M cannot be expressed exactly through custom_sparsity_map: it carries only "
+            "fractions (exported: n/m zeros per kernel), jaxpruner's sparsity_type is one "
+            "NByM for the whole updater with N counting KEPT weights, and its default groups "
+            "run along the kernel's last axis (outputs), not along the inputs as in this "
+            f"recipe (patterns, N = zeros: {[f'{n}:{m}' for n, m in pats]})"
+        )
+        if len(pats) == 1:
+            n, m = pats[0]
+            notes.append(
+                f"closest setting: sparsity_type=NByM(n={m - n}, m={m}) keeps {m - n} of every "
+                f"{m} (same density, groups along outputs); on jaxpruner versions whose NByM "
+                f"has an axis field, NByM(n={m - n}, m={m}, axis=0) groups along the kernel's "
+                f"input axis and reproduces the recipe's pattern exactly"
+            )
+        else:
+            notes.append(
+                "the recipe mixes N:M patterns, which one jaxpruner updater cannot apply; "
+                "run one updater per pattern or use unstructured sparsity with these fractions"
+            )
+    elif recipe.units:
+        notes.append(
+            "jaxpruner has no head / neuron pruning: the map holds each member layer's "
+            "effective sparsity, and the row / column structure of the recipe is lost"
+        )
+    kind, ref, got, budget_notes = _budget_check(
+        recipe, _layer_budget(recipe, recipe.sparsities()), "the custom_sparsity_map"
+    )
+    return Export(content, tuple(notes + budget_notes), kind, ref, got)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_export(text: str, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write exported text atomically (temp file in the same directory, fsync, rename).
+
+    Raises:
+      FileExistsError: ``path`` exists and ``overwrite`` is False.
+      ExportError: ``text`` is not a string (dump dict / list content yourself first).
+    """
+    if not isinstance(text, str):
+        raise ExportError(
+            f"write_export writes text, got {type(text).__name__}; serialise dict content "
+            f"(e.g. json.dumps) first"
+        )
+    return atomic_write_text(text, path, overwrite=overwrite)
+
+
+__all__ = [
+    "LLMC_GRANULARITIES",
+    "LLMC_IGNORE",
+    "LLMC_MODIFIERS",
+    "Export",
+    "ExportError",
+    "block_sparsities",
+    "jaxpruner_key",
+    "to_evopress",
+    "to_jaxpruner",
+    "to_llm_compressor",
+    "to_owl",
+    "to_torch_pruning",
+    "write_export",
+]

@@ -1,0 +1,1031 @@
+"""Recipe schema v1: a per-layer sparsity allocation as a self-checking JSON document.
+
+A *recipe* is what a search produces and what every exporter and ``apply`` consume. It
+names layers by their Hugging Face module path (``model.layers.3.mlp.down_proj``), gives
+each layer's sparsity (fraction of its weights that are zero) and structure, states the
+budget the allocation meets and records how it was found. The field-by-field reference
+is ``docs/recipe.md``.
+
+Everything is validated when a :class:`Recipe` is built, whether in code or from JSON,
+and every problem raises :class:`RecipeError` (a ``ValueError``) naming the bad field,
+the bad value and what would be valid. Loading never raises another exception type for
+bad content (a missing file still raises ``FileNotFoundError``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from allocsearch.models.layers import ROLES, LayerInfo
+from allocsearch.supernet.spec import STRUCTURES
+
+SCHEMA_VERSION = 1
+NAMING_CONVENTION = "huggingface-module-path"
+BUDGET_KINDS = ("params", "flops", "latency")
+# Structure of one layer entry. "heads" / "neurons" mark member layers of a structured unit.
+LAYER_STRUCTURES = ("unstructured", "nm", "heads", "neurons")
+UNIT_KINDS = ("heads", "neurons")
+# Which unit kinds each recipe-level structure (SupernetSpec.STRUCTURES) allows.
+_UNIT_KINDS_OF = {
+    "unstructured": (),
+    "nm": (),
+    "heads": ("heads",),
+    "neurons": ("neurons",),
+    "heads_neurons": ("heads", "neurons"),
+}
+# Relative tolerance for "the layer sparsities reproduce the stated achieved budget".
+BUDGET_RTOL = 1e-6
+# Tolerance for quantities that are exact ratios of integers (n/m, removed/total).
+_EXACT_TOL = 1e-12
+# Largest accepted matrix dimension: keeps every count exact in float64 / int64.
+_MAX_DIM = 2**31 - 1
+
+
+class RecipeError(ValueError):
+    """A recipe (object, JSON text or file) is invalid; the message says what and why."""
+
+
+# ----------------------------------------------------------------------------- coercion
+# Each helper accepts Python and numpy scalars, rejects bool where a number is expected,
+# and returns a plain Python value so that equality and JSON round trips are exact.
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__
+
+
+def _as_str(value: Any, what: str, *, empty_ok: bool = False) -> str:
+    if not isinstance(value, str):
+        raise RecipeError(f"{what} must be a string, got {_kind(value)} {value!r}")
+    if not empty_ok and not value:
+        raise RecipeError(f"{what} must be a non-empty string")
+    return value
+
+
+def _as_int(value: Any, what: str, *, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise RecipeError(f"{what} must be an integer, got {_kind(value)} {value!r}")
+    out = int(value)
+    if (lo is not None and out < lo) or (hi is not None and out > hi):
+        lo_s = "-inf" if lo is None else str(lo)
+        hi_s = "inf" if hi is None else str(hi)
+        raise RecipeError(f"{what} = {out} is outside the valid range [{lo_s}, {hi_s}]")
+    return out
+
+
+def _as_float(value: Any, what: str, *, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise RecipeError(f"{what} must be a number, got {_kind(value)} {value!r}")
+    try:
+        out = float(value)
+    except OverflowError:
+        raise RecipeError(f"{what} = {value!r} is too large to be a finite float") from None
+    if not math.isfinite(out):
+        raise RecipeError(f"{what} = {out!r} is not finite; valid values are finite numbers")
+    if (lo is not None and out < lo) or (hi is not None and out > hi):
+        lo_s = "-inf" if lo is None else f"{lo:g}"
+        hi_s = "inf" if hi is None else f"{hi:g}"
+        raise RecipeError(f"{what} = {out!r} is outside [{lo_s}, {hi_s}]")
+    return out
+
+
+def _as_bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise RecipeError(f"{what} must be true or false, got {_kind(value)} {value!r}")
+    return bool(value)
+
+
+def _as_tuple(value: Any, what: str) -> tuple:
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        return tuple(value)
+    if not isinstance(value, list | tuple):
+        raise RecipeError(f"{what} must be a list, got {_kind(value)} {value!r}")
+    return tuple(value)
+
+
+def _json_default(obj: Any) -> Any:
+    """Lets numpy scalars / arrays appear in strategy settings."""
+    if isinstance(obj, np.generic | np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{_kind(obj)} is not JSON serialisable")
+
+
+def _normalise_json_value(value: Any, what: str) -> Any:
+    """Return ``value`` as it reads back from JSON (tuples -> lists, numpy -> Python)."""
+    try:
+        text = json.dumps(value, allow_nan=False, default=_json_default, sort_keys=False)
+    except (TypeError, ValueError, RecursionError) as err:
+        raise RecipeError(
+            f"{what} must hold only JSON values (dict, list, str, finite number, bool, null): {err}"
+        ) from None
+    return json.loads(text)
+
+
+def _isclose_rel(a: float, b: float, rtol: float) -> bool:
+    return abs(a - b) <= rtol * max(abs(a), abs(b)) + 1e-15
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model a recipe belongs to.
+
+    Attributes:
+      name_or_path: local path or hub name the model was loaded from.
+      architecture: Hugging Face class name, e.g. ``"LlamaForCausalLM"``.
+      model_type: Hugging Face ``config.model_type``, e.g. ``"llama"``.
+      fingerprint: a stable hash of the dense weights (and config) computed by the model
+        loader; :func:`check_against_model` compares it with the model at hand.
+    """
+
+    name_or_path: str
+    architecture: str
+    model_type: str
+    fingerprint: str
+
+    def __post_init__(self) -> None:
+        for attr in ("name_or_path", "architecture", "model_type", "fingerprint"):
+            _as_str(getattr(self, attr), f"model.{attr}")
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    """One linear layer of the allocation.
+
+    Attributes:
+      name: Hugging Face module path (the weight is ``f"{name}.weight"``).
+      role: one of ``allocsearch.models.layers.ROLES``.
+      block: transformer block index (-1 outside the blocks).
+      shape: ``(out_features, in_features)`` of the dense weight.
+      sparsity: fraction of this layer's weights that are zero, in [0, 1]. For members
+        of a structured unit this is the effective sparsity, counting dead rows.
+      structure: one of :data:`LAYER_STRUCTURES`: ``"unstructured"``, ``"nm"`` (then
+        ``n``/``m`` are set), or ``"heads"`` / ``"neurons"`` for a member layer of a
+        structured unit (see :class:`StructuredUnit`).
+      n: N:M only: number of ZEROS in every group of ``m`` consecutive weights along the
+        input dimension (the Wanda / SparseGPT / llm-compressor convention); 0 <= n < m.
+      m: N:M only: group size; must divide ``in_features``.
+    """
+
+    name: str
+    role: str
+    block: int
+    shape: tuple[int, int]
+    sparsity: float
+    structure: str = "unstructured"
+    n: int | None = None
+    m: int | None = None
+
+    def __post_init__(self) -> None:
+        name = _as_str(self.name, "layer name")
+        what = f"layer {name!r}"
+        role = _as_str(self.role, f"{what}: role")
+        if role not in ROLES:
+            raise RecipeError(f"{what}: role {role!r} is not one of {ROLES}")
+        block = _as_int(self.block, f"{what}: block", lo=-1)
+        shape = _as_tuple(self.shape, f"{what}: shape")
+        if len(shape) != 2:
+            raise RecipeError(f"{what}: shape must be [out_features, in_features], got {shape}")
+        shape = tuple(_as_int(d, f"{what}: shape entry", lo=1, hi=_MAX_DIM) for d in shape)
+        sparsity = _as_float(self.sparsity, f"{what}: sparsity", lo=0.0, hi=1.0)
+        structure = _as_str(self.structure, f"{what}: structure")
+        if structure not in LAYER_STRUCTURES:
+            raise RecipeError(f"{what}: structure {structure!r} is not one of {LAYER_STRUCTURES}")
+        n, m = self.n, self.m
+        if structure == "nm":
+            if n is None or m is None:
+                raise RecipeError(f"{what}: structure 'nm' needs both n (zeros) and m")
+            m = _as_int(m, f"{what}: m", lo=1)
+            n = _as_int(n, f"{what}: n (zeros per group)", lo=0)
+            if n >= m:
+                raise RecipeError(
+                    f"{what}: N:M {n}:{m} has n >= m; n counts the ZEROS per group of m, "
+                    f"valid n are 0..{m - 1}"
+                )
+            if shape[1] % m != 0:
+                raise RecipeError(
+                    f"{what}: N:M group size m={m} does not divide in_features={shape[1]}; "
+                    f"groups run along the input dimension"
+                )
+            if abs(sparsity - n / m) > _EXACT_TOL:
+                raise RecipeError(
+                    f"{what}: N:M {n}:{m} means sparsity {n / m!r}, but sparsity is {sparsity!r}"
+                )
+        elif n is not None or m is not None:
+            raise RecipeError(f"{what}: n/m are only valid with structure 'nm', not {structure!r}")
+        object.__setattr__(self, "block", block)
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "sparsity", sparsity)
+        object.__setattr__(self, "n", n)
+        object.__setattr__(self, "m", m)
+
+    @property
+    def numel(self) -> int:
+        """Number of weights in the dense matrix."""
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def flops_per_token(self) -> int:
+        """Dense multiply-accumulates per token (out * in), as in ``LayerInfo``."""
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+
+@dataclass(frozen=True)
+class StructuredUnit:
+    """A structured-pruning unit: the heads of an attention sublayer or an MLP's neurons.
+
+    Attributes:
+      name: sublayer module path, e.g. ``model.layers.3.self_attn`` or
+        ``model.layers.3.mlp``.
+      kind: ``"heads"`` or ``"neurons"``.
+      block: transformer block index.
+      removed: number of heads / neurons removed.
+      total: number of heads / neurons of the dense sublayer (> 0).
+      layers: module paths of the member linear layers (each an entry of
+        ``Recipe.layers`` whose structure is ``kind``); their sparsities are the effective
+        ones, dead rows of q/k/v or gate/up included.
+    """
+
+    name: str
+    kind: str
+    block: int
+    removed: int
+    total: int
+    layers: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        name = _as_str(self.name, "unit name")
+        what = f"unit {name!r}"
+        kind = _as_str(self.kind, f"{what}: kind")
+        if kind not in UNIT_KINDS:
+            raise RecipeError(f"{what}: kind {kind!r} is not one of {UNIT_KINDS}")
+        block = _as_int(self.block, f"{what}: block", lo=0)
+        total = _as_int(self.total, f"{what}: total", lo=1)
+        removed = _as_int(self.removed, f"{what}: removed", lo=0, hi=total)
+        members = _as_tuple(self.layers, f"{what}: layers")
+        if not members:
+            raise RecipeError(f"{what}: layers must list at least one member layer")
+        members = tuple(_as_str(x, f"{what}: member layer name") for x in members)
+        if len(set(members)) != len(members):
+            raise RecipeError(f"{what}: member layers listed twice in {list(members)}")
+        for member in members:
+            if not member.startswith(name + "."):
+                raise RecipeError(
+                    f"{what}: member layer {member!r} is not inside the sublayer (its module "
+                    f"path must start with {name + '.'!r})"
+                )
+        object.__setattr__(self, "block", block)
+        object.__setattr__(self, "total", total)
+        object.__setattr__(self, "removed", removed)
+        object.__setattr__(self, "layers", members)
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of heads / neurons removed, ``removed / total`` (0 = dense)."""
+        return self.removed / self.total
+
+
+@dataclass(frozen=True)
+class RecipeBudget:
+    """The global budget the allocation was searched under.
+
+    Attributes:
+      kind: ``"params"`` (weights), ``"flops"`` (multiply-accumulates per token) or
+        ``"latency"`` (from a measured table).
+      target: fraction of the dense cost of the recipe's layers to remove, in [0, 1].
+      achieved: fraction actually removed by the recipe, in [0, 1]. For params / flops
+        it is recomputed from the layer shapes and sparsities on validation.
+    """
+
+    kind: str
+    target: float
+    achieved: float
+
+    def __post_init__(self) -> None:
+        kind = _as_str(self.kind, "budget.kind")
+        if kind not in BUDGET_KINDS:
+            raise RecipeError(f"budget.kind {kind!r} is not one of {BUDGET_KINDS}")
+        target = _as_float(self.target, "budget.target", lo=0.0, hi=1.0)
+        achieved = _as_float(self.achieved, "budget.achieved", lo=0.0, hi=1.0)
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "achieved", achieved)
+
+
+@dataclass(frozen=True)
+class Fitness:
+    """Score of the allocation.
+
+    Attributes:
+      metric: name, e.g. ``"kl"`` (KL(dense || pruned) per token) or ``"ppl"``.
+      value: the score, lower is better; ``None`` when the allocation was not scored
+        (e.g. a baseline exported without evaluation).
+    """
+
+    metric: str
+    value: float | None
+
+    def __post_init__(self) -> None:
+        _as_str(self.metric, "provenance.fitness.metric")
+        if self.value is not None:
+            object.__setattr__(self, "value", _as_float(self.value, "provenance.fitness.value"))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration data the search scored on.
+
+    Attributes:
+      description: human-readable source (files, split, sequence length, token count).
+      fingerprint: hash of the calibration tokens (``TokenSet.fingerprint``).
+      seed: seed that drew the calibration sequences (>= 0).
+    """
+
+    description: str
+    fingerprint: str
+    seed: int
+
+    def __post_init__(self) -> None:
+        _as_str(self.description, "provenance.calibration.description", empty_ok=True)
+        _as_str(self.fingerprint, "provenance.calibration.fingerprint")
+        object.__setattr__(self, "seed", _as_int(self.seed, "provenance.calibration.seed", lo=0))
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How the allocation was found.
+
+    Attributes:
+      strategy: searcher / allocator name, e.g. ``"evopress"``, ``"dp"``, ``"owl"``.
+      settings: the strategy's settings as JSON values (tuples become lists and numpy
+        scalars Python numbers on construction, so a file round trip is exact).
+      fitness: metric and score of the allocation (lower is better).
+      calibration: calibration data description, fingerprint and seed.
+      tool_version: allocsearch version that wrote the recipe.
+      wall_time_s: search wall-clock time in seconds (>= 0).
+      evaluations: number of candidate evaluations the search used (>= 0).
+    """
+
+    strategy: str
+    settings: Mapping[str, Any] = field(hash=False)  # a dict: kept out of __hash__
+    fitness: Fitness
+    calibration: Calibration
+    tool_version: str
+    wall_time_s: float
+    evaluations: int
+
+    def __post_init__(self) -> None:
+        _as_str(self.strategy, "provenance.strategy")
+        if not isinstance(self.settings, Mapping):
+            raise RecipeError(
+                f"provenance.settings must be a JSON object (dict), got {_kind(self.settings)}"
+            )
+        if not all(isinstance(k, str) for k in self.settings):
+            raise RecipeError("provenance.settings keys must be strings")
+        settings = _normalise_json_value(dict(self.settings), "provenance.settings")
+        if not isinstance(self.fitness, Fitness):
+            raise RecipeError(f"provenance.fitness must be a Fitness, got {_kind(self.fitness)}")
+        if not isinstance(self.calibration, Calibration):
+            raise RecipeError(
+                f"provenance.calibration must be a Calibration, got {_kind(self.calibration)}"
+            )
+        _as_str(self.tool_version, "provenance.tool_version")
+        wall = _as_float(self.wall_time_s, "provenance.wall_time_s", lo=0.0)
+        evaluations = _as_int(self.evaluations, "provenance.evaluations", lo=0)
+        object.__setattr__(self, "settings", settings)
+        object.__setattr__(self, "wall_time_s", wall)
+        object.__setattr__(self, "evaluations", evaluations)
+
+
+# ----------------------------------------------------------------------------- budget
+
+
+def layer_costs(layers: Sequence[LayerEntry], kind: str) -> np.ndarray:
+    """Dense cost of each layer for a budget kind.
+
+    Args:
+      layers: recipe layer entries.
+      kind: ``"params"`` (weights) or ``"flops"`` (MACs per token, out * in).
+
+    Returns:
+      float64[L], the dense cost per layer (units: weights or MACs per token).
+    """
+    if kind == "params":
+        return np.array([float(x.numel) for x in layers], dtype=np.float64)
+    if kind == "flops":
+        return np.array([float(x.flops_per_token) for x in layers], dtype=np.float64)
+    raise RecipeError(
+        f"budget kind {kind!r} cannot be recomputed from shapes; valid kinds: 'params', 'flops'"
+    )
+
+
+def fraction_removed(
+    layers: Sequence[LayerEntry], kind: str, sparsity: np.ndarray | None = None
+) -> float:
+    """Fraction of the dense cost of ``layers`` removed (higher = smaller model).
+
+    Args:
+      layers: recipe layer entries (L of them).
+      kind: ``"params"`` or ``"flops"``.
+      sparsity: float[L] per-layer sparsities to use instead of the entries' own (an
+        exporter's approximation, for instance).
+
+    Returns:
+      sum_l s_l * cost_l / sum_l cost_l, in [0, 1].
+    """
+    cost = layer_costs(layers, kind)
+    s = (
+        np.array([x.sparsity for x in layers], dtype=np.float64)
+        if sparsity is None
+        else np.asarray(sparsity, dtype=np.float64)
+    )
+    if s.shape != cost.shape:
+        raise RecipeError(f"sparsity has shape {s.shape}, expected ({len(layers)},)")
+    return float(np.dot(s, cost) / cost.sum())
+
+
+# ----------------------------------------------------------------------------- recipe
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A per-layer sparsity allocation, schema v1 (see ``docs/recipe.md``).
+
+    Attributes:
+      model: which model (and which weights, by fingerprint) the recipe belongs to.
+      layers: per-layer entries in forward order (non-decreasing block index).
+      budget: budget kind, target and achieved fraction removed.
+      provenance: strategy, settings, fitness (lower is better), calibration, version,
+        wall time and evaluations.
+      structure: one of ``SupernetSpec`` STRUCTURES: ``"unstructured"``, ``"nm"``,
+        ``"heads"``, ``"neurons"``, ``"heads_neurons"``.
+      units: structured recipes only: the heads / neurons units (the searched unit is
+        the sublayer); empty otherwise.
+      partial: True when the search was interrupted and this is its best-so-far.
+      schema_version: always :data:`SCHEMA_VERSION`.
+      naming: always :data:`NAMING_CONVENTION` (layers named by HF module path).
+    """
+
+    model: ModelIdentity
+    layers: tuple[LayerEntry, ...]
+    budget: RecipeBudget
+    provenance: Provenance
+    structure: str = "unstructured"
+    units: tuple[StructuredUnit, ...] = ()
+    partial: bool = False
+    schema_version: int = SCHEMA_VERSION
+    naming: str = NAMING_CONVENTION
+
+    def __post_init__(self) -> None:
+        version = _as_int(self.schema_version, "schema_version")
+        if version != SCHEMA_VERSION:
+            raise RecipeError(
+                f"schema_version {version} is not supported; this allocsearch reads "
+                f"schema_version {SCHEMA_VERSION}"
+            )
+        naming = _as_str(self.naming, "naming")
+        if naming != NAMING_CONVENTION:
+            raise RecipeError(f"naming {naming!r} is not supported; valid: {NAMING_CONVENTION!r}")
+        for attr, cls in (
+            ("model", ModelIdentity),
+            ("budget", RecipeBudget),
+            ("provenance", Provenance),
+        ):
+            if not isinstance(getattr(self, attr), cls):
+                raise RecipeError(
+                    f"{attr} must be a {cls.__name__}, got {_kind(getattr(self, attr))}"
+                )
+        structure = _as_str(self.structure, "structure")
+        if structure not in STRUCTURES:
+            raise RecipeError(f"structure {structure!r} is not one of {STRUCTURES}")
+        layers = _as_tuple(self.layers, "layers")
+        units = _as_tuple(self.units, "units")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "units", units)
+        object.__setattr__(self, "partial", _as_bool(self.partial, "partial"))
+        self._check_layers(structure)
+        self._check_units(structure)
+        self._check_budget()
+
+    def _check_layers(self, structure: str) -> None:
+        if not self.layers:
+            raise RecipeError("layers is empty; a recipe needs at least one layer")
+        seen: dict[str, int] = {}
+        last_block = -1
+        for i, entry in enumerate(self.layers):
+            if not isinstance(entry, LayerEntry):
+                raise RecipeError(f"layers[{i}] must be a LayerEntry, got {_kind(entry)}")
+            if entry.name in seen:
+                raise RecipeError(
+                    f"duplicate layer name {entry.name!r} at layers[{seen[entry.name]}] and "
+                    f"layers[{i}]; each layer may appear once"
+                )
+            seen[entry.name] = i
+            if entry.block >= 0:
+                if entry.block < last_block:
+                    raise RecipeError(
+                        f"layers[{i}] ({entry.name}) is in block {entry.block} after a layer of "
+                        f"block {last_block}; layers must be in forward order"
+                    )
+                last_block = entry.block
+            allowed = (structure,) if structure in ("unstructured", "nm") else UNIT_KINDS
+            if entry.structure not in allowed:
+                raise RecipeError(
+                    f"layers[{i}] ({entry.name}) has structure {entry.structure!r}, which a "
+                    f"{structure!r} recipe does not allow; valid: {allowed}"
+                )
+
+    def _check_units(self, structure: str) -> None:
+        kinds = _UNIT_KINDS_OF[structure]
+        if not kinds:
+            if self.units:
+                raise RecipeError(
+                    f"units are only valid in structured recipes, not in a {structure!r} recipe"
+                )
+            return
+        if not self.units:
+            raise RecipeError(f"a {structure!r} recipe needs its structured units in 'units'")
+        by_name = {x.name: x for x in self.layers}
+        owner: dict[str, str] = {}
+        unit_names: set[str] = set()
+        for i, unit in enumerate(self.units):
+            if not isinstance(unit, StructuredUnit):
+                raise RecipeError(f"units[{i}] must be a StructuredUnit, got {_kind(unit)}")
+            if unit.name in unit_names:
+                raise RecipeError(f"duplicate unit name {unit.name!r} at units[{i}]")
+            unit_names.add(unit.name)
+            if unit.kind not in kinds:
+                raise RecipeError(
+                    f"units[{i}] ({unit.name}) has kind {unit.kind!r}; a {structure!r} recipe "
+                    f"allows {kinds}"
+                )
+            for member in unit.layers:
+                entry = by_name.get(member)
+                if entry is None:
+                    raise RecipeError(
+                        f"units[{i}] ({unit.name}) lists member layer {member!r}, which is not "
+                        f"in layers"
+                    )
+                if member in owner:
+                    raise RecipeError(
+                        f"layer {member!r} belongs to two units: {owner[member]!r} and "
+                        f"{unit.name!r}"
+                    )
+                owner[member] = unit.name
+                if entry.structure != unit.kind or entry.block != unit.block:
+                    raise RecipeError(
+                        f"layer {member!r} (structure {entry.structure!r}, block {entry.block}) "
+                        f"does not match its unit {unit.name!r} (kind {unit.kind!r}, block "
+                        f"{unit.block})"
+                    )
+                # Dead rows only come from removed heads / neurons, so no member can lose a
+                # larger fraction of its weights than the unit loses of its groups.
+                if entry.sparsity > unit.fraction + 1e-9:
+                    raise RecipeError(
+                        f"layer {member!r} has sparsity {entry.sparsity!r}, more than its unit "
+                        f"{unit.name!r} removes ({unit.removed}/{unit.total} = "
+                        f"{unit.fraction!r})"
+                    )
+        orphans = [x.name for x in self.layers if x.name not in owner]
+        if orphans:
+            raise RecipeError(
+                f"layers {orphans[:5]} belong to no unit; in a structured recipe every layer is "
+                f"a member of exactly one unit"
+            )
+
+    def _check_budget(self) -> None:
+        if self.budget.kind == "latency":
+            return  # needs the latency table; stated value is trusted (docs/recipe.md)
+        computed = fraction_removed(self.layers, self.budget.kind)
+        if not _isclose_rel(computed, self.budget.achieved, BUDGET_RTOL):
+            raise RecipeError(
+                f"budget.achieved = {self.budget.achieved!r} does not match the layer "
+                f"sparsities: they remove {computed!r} of the {self.budget.kind} "
+                f"(relative tolerance {BUDGET_RTOL:g})"
+            )
+
+    # -- queries -------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of transformer blocks covered (max block index + 1; 0 if none)."""
+        return max((x.block for x in self.layers), default=-1) + 1
+
+    def layer(self, name: str) -> LayerEntry:
+        """The entry of the layer with module path ``name``."""
+        for entry in self.layers:
+            if entry.name == name:
+                return entry
+        raise KeyError(f"layer {name!r} is not in the recipe")
+
+    def sparsities(self) -> np.ndarray:
+        """float64[L]: per-layer sparsity in forward order (fraction zero, higher = sparser)."""
+        return np.array([x.sparsity for x in self.layers], dtype=np.float64)
+
+    # -- serialisation -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this recipe (plain dicts, lists, str, numbers, bool, None)."""
+        layers = []
+        for x in self.layers:
+            item: dict[str, Any] = {
+                "name": x.name,
+                "role": x.role,
+                "block": x.block,
+                "shape": list(x.shape),
+                "sparsity": x.sparsity,
+                "structure": x.structure,
+            }
+            if x.structure == "nm":
+                item["n"] = x.n
+                item["m"] = x.m
+            layers.append(item)
+        units = [
+            {
+                "name": u.name,
+                "kind": u.kind,
+                "block": u.block,
+                "removed": u.removed,
+                "total": u.total,
+                "fraction": u.fraction,
+                "layers": list(u.layers),
+            }
+            for u in self.units
+        ]
+        p = self.provenance
+        return {
+            "schema_version": self.schema_version,
+            "naming": self.naming,
+            "model": {
+                "name_or_path": self.model.name_or_path,
+                "architecture": self.model.architecture,
+                "model_type": self.model.model_type,
+                "fingerprint": self.model.fingerprint,
+            },
+            "structure": self.structure,
+            "partial": self.partial,
+            "budget": {
+                "kind": self.budget.kind,
+                "target": self.budget.target,
+                "achieved": self.budget.achieved,
+            },
+            "provenance": {
+                "strategy": p.strategy,
+                "settings": p.settings,
+                "fitness": {"metric": p.fitness.metric, "value": p.fitness.value},
+                "calibration": {
+                    "description": p.calibration.description,
+                    "fingerprint": p.calibration.fingerprint,
+                    "seed": p.calibration.seed,
+                },
+                "tool_version": p.tool_version,
+                "wall_time_s": p.wall_time_s,
+                "evaluations": p.evaluations,
+            },
+            "layers": layers,
+            "units": units,
+        }
+
+    def to_json(self) -> str:
+        """JSON text of the recipe: 2-space indent, one line per layer / unit entry."""
+        data = self.to_dict()
+        rows = {key: data.pop(key) for key in ("layers", "units")}
+        head = json.dumps(data, indent=2, allow_nan=False)  # "{ ... \n}"
+        parts = []
+        for key, items in rows.items():
+            body = ",\n".join("    " + json.dumps(x, allow_nan=False) for x in items)
+            parts.append(f'  "{key}": [\n{body}\n  ]' if items else f'  "{key}": []')
+        return head[: -len("\n}")] + ",\n" + ",\n".join(parts) + "\n}\n"
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Recipe:
+        """Build and validate a recipe from its JSON object; raises :class:`RecipeError`."""
+        return _parse_recipe(data)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Recipe:
+        """Parse and validate JSON text; raises :class:`RecipeError` for any bad content."""
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise RecipeError(f"recipe is not UTF-8 text: {err}") from None
+        if not isinstance(text, str):
+            raise RecipeError(f"recipe JSON must be str or bytes, got {_kind(text)}")
+        try:
+            data = json.loads(
+                text, parse_constant=_reject_constant, object_pairs_hook=_reject_duplicates
+            )
+        except json.JSONDecodeError as err:
+            raise RecipeError(f"recipe is not valid JSON: {err}") from None
+        except RecursionError:
+            raise RecipeError("recipe JSON is nested too deeply") from None
+        return _parse_recipe(data)
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the recipe atomically (see :func:`atomic_write_text`); returns the path."""
+        return atomic_write_text(self.to_json(), path, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Recipe:
+        """Read and validate a recipe file; raises :class:`RecipeError` for bad content."""
+        data = Path(path).read_bytes()
+        try:
+            return cls.from_json(data)
+        except RecipeError as err:
+            raise RecipeError(f"{os.fspath(path)}: {err}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise RecipeError(f"non-finite number {name} in recipe JSON; valid values are finite numbers")
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise RecipeError(f"duplicate JSON key {key!r}")
+        out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _fields(
+    value: Any, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Check ``value`` is an object with exactly the known fields; return it."""
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where} must be a JSON object, got {_kind(value)} {value!r:.80}")
+    unknown = sorted(set(value) - set(required) - set(optional))
+    if unknown:
+        raise RecipeError(
+            f"{where}: unknown field(s) {unknown}; valid fields: {list(required + optional)}"
+        )
+    missing = [k for k in required if k not in value]
+    if missing:
+        raise RecipeError(f"{where}: missing field(s) {missing}")
+    return value
+
+
+def _parse_recipe(data: Any) -> Recipe:
+    top = (
+        "schema_version",
+        "naming",
+        "model",
+        "structure",
+        "partial",
+        "budget",
+        "provenance",
+        "layers",
+        "units",
+    )
+    if isinstance(data, dict) and "schema_version" in data:
+        # Check the version first so a future file gets the helpful message, not
+        # "unknown field".
+        version = _as_int(data["schema_version"], "schema_version")
+        if version != SCHEMA_VERSION:
+            raise RecipeError(
+                f"schema_version {version} is not supported; this allocsearch reads "
+                f"schema_version {SCHEMA_VERSION}"
+            )
+    d = _fields(data, "recipe", top)
+    m = _fields(d["model"], "model", ("name_or_path", "architecture", "model_type", "fingerprint"))
+    b = _fields(d["budget"], "budget", ("kind", "target", "achieved"))
+    p = _fields(
+        d["provenance"],
+        "provenance",
+        (
+            "strategy",
+            "settings",
+            "fitness",
+            "calibration",
+            "tool_version",
+            "wall_time_s",
+            "evaluations",
+        ),
+    )
+    f = _fields(p["fitness"], "provenance.fitness", ("metric", "value"))
+    c = _fields(p["calibration"], "provenance.calibration", ("description", "fingerprint", "seed"))
+    if not isinstance(p["settings"], dict):
+        raise RecipeError(f"provenance.settings must be a JSON object, got {_kind(p['settings'])}")
+    layers = []
+    for i, item in enumerate(_as_tuple(d["layers"], "layers")):
+        x = _fields(
+            item,
+            f"layers[{i}]",
+            ("name", "role", "block", "shape", "sparsity", "structure"),
+            ("n", "m"),
+        )
+        if x["structure"] != "nm" and ("n" in x or "m" in x):
+            raise RecipeError(f"layers[{i}]: fields n/m are only valid with structure 'nm'")
+        layers.append(
+            LayerEntry(
+                name=x["name"],
+                role=x["role"],
+                block=x["block"],
+                shape=x["shape"],
+                sparsity=x["sparsity"],
+                structure=x["structure"],
+                n=x.get("n"),
+                m=x.get("m"),
+            )
+        )
+    units = []
+    for i, item in enumerate(_as_tuple(d["units"], "units")):
+        u = _fields(
+            item, f"units[{i}]", ("name", "kind", "block", "removed", "total", "fraction", "layers")
+        )
+        unit = StructuredUnit(
+            name=u["name"],
+            kind=u["kind"],
+            block=u["block"],
+            removed=u["removed"],
+            total=u["total"],
+            layers=u["layers"],
+        )
+        stated = _as_float(u["fraction"], f"units[{i}] ({unit.name}).fraction", lo=0.0, hi=1.0)
+        if abs(stated - unit.fraction) > _EXACT_TOL:
+            raise RecipeError(
+                f"units[{i}] ({unit.name}).fraction = {stated!r} but removed/total = "
+                f"{unit.removed}/{unit.total} = {unit.fraction!r}"
+            )
+        units.append(unit)
+    return Recipe(
+        schema_version=d["schema_version"],
+        naming=d["naming"],
+        model=ModelIdentity(
+            name_or_path=m["name_or_path"],
+            architecture=m["architecture"],
+            model_type=m["model_type"],
+            fingerprint=m["fingerprint"],
+        ),
+        structure=d["structure"],
+        partial=d["partial"],
+        budget=RecipeBudget(kind=b["kind"], target=b["target"], achieved=b["achieved"]),
+        provenance=Provenance(
+            strategy=p["strategy"],
+            settings=p["settings"],
+            fitness=Fitness(metric=f["metric"], value=f["value"]),
+            calibration=Calibration(
+                description=c["description"], fingerprint=c["fingerprint"], seed=c["seed"]
+            ),
+            tool_version=p["tool_version"],
+            wall_time_s=p["wall_time_s"],
+            evaluations=p["evaluations"],
+        ),
+        layers=tuple(layers),
+        units=tuple(units),
+    )
+
+
+# ----------------------------------------------------------------------------- model check
+
+
+def check_against_model(recipe: Recipe, layers: Sequence[LayerInfo], fingerprint: str) -> None:
+    """Check that ``recipe`` was made for this model; raise :class:`RecipeError` if not.
+
+    Args:
+      recipe: the recipe to apply or export.
+      layers: the model's prunable layers in forward order (from its ``ModelAdapter``).
+      fingerprint: the model's fingerprint, compared with ``recipe.model.fingerprint``.
+
+    Raises:
+      RecipeError: fingerprint mismatch; a recipe layer the model does not have; a layer
+        whose shape, role or block differ; recipe layers out of the model's order.
+    """
+    if fingerprint != recipe.model.fingerprint:
+        raise RecipeError(
+            f"model fingerprint {fingerprint!r} does not match the recipe's "
+            f"{recipe.model.fingerprint!r} (recipe made for {recipe.model.name_or_path!r}); "
+            f"the recipe belongs to other weights"
+        )
+    position = {info.name: i for i, info in enumerate(layers)}
+    by_name = {info.name: info for info in layers}
+    last = -1
+    for entry in recipe.layers:
+        info = by_name.get(entry.name)
+        if info is None:
+            near = [n for n in position if n.rsplit(".", 1)[-1] == entry.name.rsplit(".", 1)[-1]]
+            hint = f"; model layers with the same leaf name: {near[:3]}" if near else ""
+            raise RecipeError(f"recipe layer {entry.name!r} is not a layer of the model{hint}")
+        if tuple(info.shape) != entry.shape:
+            raise RecipeError(
+                f"layer {entry.name!r}: recipe shape {list(entry.shape)} != model shape "
+                f"{list(info.shape)} (out_features, in_features)"
+            )
+        if info.role != entry.role or info.block != entry.block:
+            raise RecipeError(
+                f"layer {entry.name!r}: recipe role/block {entry.role}/{entry.block} != model "
+                f"{info.role}/{info.block}"
+            )
+        if position[entry.name] < last:
+            raise RecipeError(
+                f"layer {entry.name!r} comes after a later model layer in the recipe; recipe "
+                f"layers must follow the model's forward order"
+            )
+        last = position[entry.name]
+
+
+# ----------------------------------------------------------------------------- file writing
+
+
+def atomic_write_text(text: str, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write ``text`` to ``path`` so that readers see the old file or the new, never half.
+
+    The text goes to a temporary file in the same directory, is flushed and fsynced, and
+    is then moved into place: ``os.replace`` when ``overwrite`` is True, otherwise a hard
+    link that fails if ``path`` exists (atomic no-clobber). The directory is fsynced too.
+
+    Raises:
+      FileExistsError: ``path`` exists and ``overwrite`` is False.
+      FileNotFoundError: the parent directory does not exist.
+    """
+    target = Path(path)
+    parent = target.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"directory {os.fspath(parent)!r} does not exist")
+    if not overwrite and target.exists():
+        raise FileExistsError(f"{os.fspath(target)!r} exists; pass overwrite=True to replace it")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise FileExistsError(
+                    f"{os.fspath(target)!r} exists; pass overwrite=True to replace it"
+                ) from None
+            except OSError:
+                # Filesystem without hard links: fall back to check-then-replace.
+                if target.exists():
+                    raise FileExistsError(
+                        f"{os.fspath(target)!r} exists; pass overwrite=True to replace it"
+                    ) from None
+                os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _fsync_dir(parent)
+    return target
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not supported on this platform
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+__all__ = [
+    "BUDGET_KINDS",
+    "BUDGET_RTOL",
+    "LAYER_STRUCTURES",
+    "NAMING_CONVENTION",
+    "SCHEMA_VERSION",
+    "UNIT_KINDS",
+    "Calibration",
+    "Fitness",
+    "LayerEntry",
+    "ModelIdentity",
+    "Provenance",
+    "Recipe",
+    "RecipeBudget",
+    "RecipeError",
+    "StructuredUnit",
+    "atomic_write_text",
+    "check_against_model",
+    "fraction_removed",
+    "layer_costs",
+]
