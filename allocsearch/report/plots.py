@@ -1,0 +1,546 @@
+"""PNG figures of recipes, search progress and strategy comparisons (matplotlib, Agg).
+
+Every function validates its input, refuses to overwrite an existing file unless
+``overwrite=True`` (checked before drawing), renders the figure in memory and writes
+the PNG atomically: readers see no file or the whole file, and an error leaves
+nothing behind. Output is deterministic: a fixed figure size and dpi, Matplotlib's
+default style whatever the user's ``matplotlibrc`` says, and no metadata text (no
+software version, no timestamp), so identical inputs give identical bytes with the
+same Matplotlib and FreeType.
+
+Figures are drawn on the Agg canvas directly (``matplotlib.figure.Figure``), never
+through ``pyplot``: no display is needed and no global figure registry is touched.
+The style is reset with ``matplotlib.rc_context`` while a figure is drawn, so drawing
+from two threads at once is not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
+
+from allocsearch.models.layers import ROLES
+from allocsearch.recipe.recipe import Recipe
+from allocsearch.report.tables import (
+    METRICS,
+    CompareRow,
+    check_perplexity,
+    check_rows,
+    format_column,
+    format_value,
+    median_spread,
+)
+
+if TYPE_CHECKING:  # search.base imports jax; only the field names are needed here
+    from allocsearch.search.base import HistoryEntry
+
+DPI = 100
+# Figure sizes in inches; the PNG is (width * DPI) x (height * DPI) pixels.
+PROFILE_SIZE_IN = (10.0, 7.0)
+FITNESS_SIZE_IN = (8.0, 5.0)
+COMPARE_SIZE_IN = (8.0, 5.0)
+# plot_ppl_by_strategy stacks one panel per sparsity: width x (height per panel * n).
+PPL_PANEL_SIZE_IN = (8.0, 3.5)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# One colour and marker per role, the same in every figure (tab10 cycles after 10).
+_ROLE_STYLE = {role: (f"C{i % 10}", "osD^v<>ps*hX"[i]) for i, role in enumerate(ROLES)}
+_UNIT_SERIES = {"heads": ("attn (heads)", "C0", "o"), "neurons": ("mlp (neurons)", "C5", "s")}
+_PPL_LABEL = "held-out perplexity (lower is better)"
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _check_target(path: str | os.PathLike[str], overwrite: bool) -> Path:
+    """The output path, checked before any drawing: ``.png``, directory present, free."""
+    target = Path(path)
+    if target.suffix.lower() != ".png":
+        raise ValueError(f"{os.fspath(target)!r}: figures are written as PNG; use a .png path")
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"directory {os.fspath(target.parent)!r} does not exist")
+    if not overwrite and target.exists():
+        raise FileExistsError(f"{os.fspath(target)!r} exists; pass overwrite=True to replace it")
+    return target
+
+
+def _write_atomic(data: bytes, target: Path, *, overwrite: bool) -> Path:
+    """Write ``data`` via a temporary file in the same directory, then move it in place.
+
+    The temporary file is flushed and fsynced, then moved: ``os.replace`` when
+    ``overwrite``, otherwise a hard link that fails if ``target`` appeared meanwhile
+    (atomic no-clobber; check-then-replace on filesystems without hard links). The
+    file gets mode 0644. The temporary file is removed on every path out, errors
+    included.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if hasattr(os, "fchmod"):  # mkstemp makes 0600; a figure is for sharing
+                os.fchmod(fh.fileno(), 0o644)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise FileExistsError(
+                    f"{os.fspath(target)!r} exists; pass overwrite=True to replace it"
+                ) from None
+            except OSError:
+                if target.exists():
+                    raise FileExistsError(
+                        f"{os.fspath(target)!r} exists; pass overwrite=True to replace it"
+                    ) from None
+                os.replace(tmp, target)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@contextlib.contextmanager
+def _figure(size_in: tuple[float, float]) -> Iterator[Figure]:
+    """A figure on the Agg canvas, drawn under Matplotlib's default style."""
+    with matplotlib.rc_context():
+        matplotlib.rcdefaults()  # ignore the user's matplotlibrc: same input, same bytes
+        fig = Figure(figsize=size_in, dpi=DPI, layout="constrained")
+        FigureCanvasAgg(fig)
+        yield fig
+
+
+def _png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG bytes without metadata text (no Software / time chunk)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _save(fig: Figure, target: Path, overwrite: bool) -> Path:
+    return _write_atomic(_png_bytes(fig), target, overwrite=overwrite)
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def _profile_series(recipe: Recipe) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-series block indices and sparsities for the top panel of the profile.
+
+    Unstructured / N:M recipes: one series per layer role, in :data:`ROLES` order, each
+    ``(int64[n] block index, float64[n] sparsity)`` in forward order. Layers outside the
+    blocks (embedding, head) have block -1. Structured recipes: one series per unit kind
+    (``"heads"``, ``"neurons"``) whose value is the unit's weight sparsity: the
+    weight-count-weighted mean of its member layers' sparsities, comparable with a
+    params budget (it is below the fraction of heads removed when k/v lose less).
+    """
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if recipe.units:
+        by_name = {x.name: x for x in recipe.layers}
+        for kind in _UNIT_SERIES:
+            units = [u for u in recipe.units if u.kind == kind]
+            if not units:
+                continue
+            blocks = np.array([u.block for u in units], dtype=np.int64)
+            values = np.empty(len(units), dtype=np.float64)
+            for i, unit in enumerate(units):
+                members = [by_name[m] for m in unit.layers]
+                numel = np.array([x.numel for x in members], dtype=np.float64)
+                sparsity = np.array([x.sparsity for x in members], dtype=np.float64)
+                values[i] = np.dot(numel, sparsity) / numel.sum()
+            out[kind] = (blocks, values)
+        return out
+    for role in ROLES:
+        entries = [x for x in recipe.layers if x.role == role]
+        if entries:
+            out[role] = (
+                np.array([x.block for x in entries], dtype=np.int64),
+                np.array([x.sparsity for x in entries], dtype=np.float64),
+            )
+    return out
+
+
+def _block_sparsity(recipe: Recipe) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks that hold layers and their weight-weighted sparsity.
+
+    Returns:
+      ``(int64[B'] block index, float64[B'] sparsity)`` over the blocks >= 0 that hold
+      at least one layer: sum_l s_l * numel_l / sum_l numel_l over the block's layers,
+      the value ``recipe.exporters.block_sparsities`` gives for a gap-free recipe. Unlike
+      that exporter, gaps and layers outside the blocks (block -1, left out) are allowed.
+    """
+    blocks = np.array([x.block for x in recipe.layers], dtype=np.int64)
+    numel = np.array([x.numel for x in recipe.layers], dtype=np.float64)
+    removed = recipe.sparsities() * numel
+    inside = blocks >= 0
+    present = np.unique(blocks[inside])
+    if present.size == 0:
+        return present, np.zeros(0, dtype=np.float64)
+    length = int(present[-1]) + 1
+    total = np.bincount(blocks[inside], weights=numel[inside], minlength=length)
+    gone = np.bincount(blocks[inside], weights=removed[inside], minlength=length)
+    return present, gone[present] / total[present]
+
+
+def plot_sparsity_profile(
+    recipe: Recipe,
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Draw a recipe's sparsity along depth.
+
+    Top panel: one line-and-marker series per layer role (q, k, v, o, gate, up, down;
+    qkv, fc_in, fc_out; ...) with x = block index and y = sparsity (fraction of the
+    layer's weights that are zero, 0-100%); for structured recipes one series per
+    sublayer kind (attn heads, mlp neurons) with the unit's weight sparsity. Layers
+    outside the blocks (embedding, head) sit at block -1. Bottom panel: bars of the
+    weight-count-weighted sparsity of each block. Both panels show the budget target
+    (``recipe.budget.target``, the fraction of the budgeted cost to remove) as a
+    dashed horizontal line; for a flops or latency budget it is a reference only.
+
+    Args:
+      recipe: the allocation to draw.
+      path: output ``.png`` path; its directory must exist.
+      title: figure title; default names the strategy, model, structure and budget.
+      overwrite: replace an existing file instead of raising ``FileExistsError``.
+
+    Returns:
+      The path written; the image is ``PROFILE_SIZE_IN * DPI`` pixels (1000 x 700).
+
+    Raises:
+      ValueError: a path that does not end in ``.png``, or a title that is not a string.
+      FileNotFoundError: the directory does not exist.
+      FileExistsError: the file exists and ``overwrite`` is False.
+    """
+    if not isinstance(recipe, Recipe):
+        raise ValueError(f"recipe must be a Recipe, got {type(recipe).__name__}")
+    if title is not None and not isinstance(title, str):
+        raise ValueError(f"title must be a string or None, got {type(title).__name__}")
+    target = _check_target(path, overwrite)
+    budget = recipe.budget
+    if title is None:
+        title = (
+            f"{recipe.provenance.strategy} on {recipe.model.name_or_path} ({recipe.structure}): "
+            f"{budget.kind} target {budget.target:.1%}, achieved {budget.achieved:.1%}"
+        )
+    series = _profile_series(recipe)
+    blocks, block_values = _block_sparsity(recipe)
+    target_label = f"target {budget.target:.1%} of {budget.kind}"
+    with _figure(PROFILE_SIZE_IN) as fig:
+        top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+        for key, (x, y) in series.items():
+            if recipe.units:
+                label, color, marker = _UNIT_SERIES[key]
+            else:
+                (color, marker), label = _ROLE_STYLE[key], key
+            top.plot(x, y, color=color, marker=marker, markersize=5, linewidth=1.2, label=label)
+        bottom.bar(blocks, block_values, width=0.7, color="0.6", label="block (weight-weighted)")
+        for ax in (top, bottom):
+            ax.axhline(budget.target, color="k", linestyle="--", linewidth=1, label=target_label)
+            ax.set_ylim(0.0, 1.0)
+            ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+            ax.grid(True, axis="y", alpha=0.3)
+        top.set_ylabel("layer sparsity" if not recipe.units else "sublayer sparsity")
+        bottom.set_ylabel("block sparsity")
+        outside = any(x.block < 0 for x in recipe.layers)
+        bottom.set_xlabel("block index" + (" (-1: outside the blocks)" if outside else ""))
+        top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+        bottom.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+        bottom.xaxis.get_major_locator().set_params(integer=True)
+        fig.suptitle(title, fontsize="medium")
+        return _save(fig, target, overwrite)
+
+
+# ----------------------------------------------------------------------------- search
+
+
+def plot_fitness_curves(
+    histories: Mapping[str, Sequence[HistoryEntry]],
+    path: str | os.PathLike[str],
+    *,
+    metric_name: str,
+    overwrite: bool = False,
+) -> Path:
+    """Draw best fitness against evaluations used, one line per strategy.
+
+    Args:
+      histories: strategy name -> its ``SearchResult.history`` (entries with
+        ``evaluations``, the cumulative candidate scorings, non-decreasing, and
+        ``best_fitness``, lower is better). Entries with a non-finite fitness (not yet
+        scored) are left out; every strategy needs at least one finite entry.
+      path: output ``.png`` path; its directory must exist.
+      metric_name: name of the fitness metric for the y label, e.g. ``"KL per token"``.
+      overwrite: replace an existing file instead of raising ``FileExistsError``.
+
+    Returns:
+      The path written (``FITNESS_SIZE_IN * DPI`` pixels, 800 x 500). The y axis is
+      logarithmic when every plotted fitness is > 0, linear otherwise.
+
+    Raises:
+      ValueError: no strategies, a history with no finite fitness, decreasing
+        evaluations, an empty metric name or a path not ending in ``.png``.
+      FileNotFoundError, FileExistsError: as for :func:`plot_sparsity_profile`.
+    """
+    if not isinstance(metric_name, str) or not metric_name:
+        raise ValueError(f"metric_name must be a non-empty string, got {metric_name!r}")
+    if not histories:
+        raise ValueError("histories is empty; give at least one strategy's history")
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, history in histories.items():
+        evals = np.array([e.evaluations for e in history], dtype=np.float64)
+        fitness = np.array([e.best_fitness for e in history], dtype=np.float64)
+        if evals.size and np.any(np.diff(evals) < 0):
+            i = int(np.flatnonzero(np.diff(evals) < 0)[0])
+            raise ValueError(
+                f"{name}: evaluations must be cumulative (non-decreasing), but entry {i + 1} "
+                f"has {evals[i + 1]:g} after {evals[i]:g}"
+            )
+        keep = np.isfinite(fitness)
+        if not keep.any():
+            raise ValueError(
+                f"{name}: its history has no entry with a finite best_fitness "
+                f"({len(fitness)} entries); leave strategies without a score out"
+            )
+        curves[str(name)] = (evals[keep], fitness[keep])
+    target = _check_target(path, overwrite)
+    log_y = all(np.all(y > 0) for _, y in curves.values())
+    with _figure(FITNESS_SIZE_IN) as fig:
+        ax = fig.subplots()
+        for i, (name, (x, y)) in enumerate(curves.items()):
+            marker = "o" if len(x) <= 50 else None
+            ax.plot(x, y, color=f"C{i % 10}", marker=marker, markersize=3, label=name)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel("evaluations (candidate scorings)")
+        ax.set_ylabel(f"best {metric_name} (lower is better)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+        return _save(fig, target, overwrite)
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+_METRIC_LABEL = {
+    "fitness": "fitness (lower is better)",
+    "heldout_ppl": _PPL_LABEL,
+    "evaluations": "evaluations (candidate scorings)",
+    "wall_time_s": "search wall time (s)",
+    "achieved": "budget achieved (% removed)",
+}
+
+
+def plot_compare(
+    rows: Sequence[CompareRow],
+    path: str | os.PathLike[str],
+    *,
+    metric: str = "heldout_ppl",
+    dense_ppl: float | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Draw a compare table as bars: one bar per strategy, labelled with its value.
+
+    Args:
+      rows: the compare table (unique strategies), drawn in the given order.
+      path: output ``.png`` path; its directory must exist.
+      metric: the :class:`CompareRow` field to draw, one of :data:`METRICS`
+        (``"heldout_ppl"``, lower is better, by default). Rows without a (finite) value
+        get no bar and an ``n/a`` / ``inf`` label.
+      dense_ppl: held-out perplexity of the unpruned model (finite, >= 1); drawn as a
+        dashed reference line. Only valid with ``metric="heldout_ppl"``.
+      overwrite: replace an existing file instead of raising ``FileExistsError``.
+
+    Returns:
+      The path written (``COMPARE_SIZE_IN * DPI`` pixels, 800 x 500).
+
+    Raises:
+      ValueError: an unknown metric, ``dense_ppl`` with another metric or below 1, no
+        row with a finite value, or the errors of ``check_rows``.
+      FileNotFoundError, FileExistsError: as for :func:`plot_sparsity_profile`.
+    """
+    rows = check_rows(rows)
+    if metric not in METRICS:
+        raise ValueError(f"metric {metric!r} is not one of {METRICS}")
+    if dense_ppl is not None:
+        if metric != "heldout_ppl":
+            raise ValueError(
+                f"dense_ppl is a reference for metric 'heldout_ppl' only, not {metric!r}"
+            )
+        check_perplexity(dense_ppl, "dense_ppl")
+    raw = [getattr(r, metric) for r in rows]
+    values = np.array([np.nan if v is None else v for v in raw], dtype=np.float64)
+    drawn = np.isfinite(values)
+    if not drawn.any():
+        raise ValueError(f"no row has a finite {metric!r}; there is nothing to draw")
+    target = _check_target(path, overwrite)
+    x = np.arange(len(rows))
+    labels = format_column(metric, raw)
+    scale = 100.0 if metric == "achieved" else 1.0  # achieved is drawn in percent
+    heights = np.where(drawn, values * scale, 0.0)
+    with _figure(COMPARE_SIZE_IN) as fig:
+        ax = fig.subplots()
+        bars = ax.bar(x, heights, width=0.6, color=[f"C{i % 10}" for i in range(len(rows))])
+        ax.bar_label(bars, labels=labels, padding=2, fontsize="small")
+        if dense_ppl is not None:
+            ax.axhline(dense_ppl, color="k", linestyle="--", linewidth=1, label="dense")
+            ax.legend(fontsize="small")
+        ax.set_xticks(x, [r.strategy for r in rows], rotation=30, ha="right")
+        ax.set_ylabel(_METRIC_LABEL[metric])
+        ax.margins(y=0.12)
+        ax.grid(True, axis="y", alpha=0.3)
+        return _save(fig, target, overwrite)
+
+
+def plot_ppl_by_strategy(
+    table: Mapping[float, Mapping[str, Sequence[float]]],
+    path: str | os.PathLike[str],
+    *,
+    dense_ppl: float | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Draw held-out perplexity by strategy over seeds, one panel per sparsity.
+
+    Each panel (one per sparsity, increasing top to bottom, each with its own y range
+    since perplexity grows steeply with sparsity) shows, per strategy, the median over
+    seeds as a marker labelled with its value and the min-max range as a whisker
+    (see :func:`~allocsearch.report.tables.median_spread`).
+
+    Args:
+      table: sparsity (fraction removed, in [0, 1]) -> strategy -> held-out perplexity
+        of each seed (>= 1, lower is better; ``inf`` for a diverged run is shown at the
+        top of the panel and labelled ``inf``). Strategies are placed in order of first
+        appearance, at the same x position in every panel.
+      path: output ``.png`` path; its directory must exist.
+      dense_ppl: held-out perplexity of the unpruned model, a dashed line in each panel.
+      overwrite: replace an existing file instead of raising ``FileExistsError``.
+
+    Returns:
+      The path written: ``PPL_PANEL_SIZE_IN[0] * DPI`` wide and
+      ``PPL_PANEL_SIZE_IN[1] * DPI`` high per panel (800 x 350 n).
+
+    Raises:
+      ValueError: an empty table or panel, a sparsity outside [0, 1], a strategy with no
+        values, a perplexity below 1 or NaN.
+      FileNotFoundError, FileExistsError: as for :func:`plot_sparsity_profile`.
+    """
+    if not table:
+        raise ValueError("table is empty; give at least one sparsity")
+    if dense_ppl is not None:
+        dense_ppl = check_perplexity(dense_ppl, "dense_ppl")
+    panels: list[tuple[float, dict[str, tuple[float, float, float]]]] = []
+    strategies: list[str] = []
+    for sparsity, by_strategy in table.items():
+        s = float(sparsity)
+        if not 0.0 <= s <= 1.0:
+            raise ValueError(f"sparsity {sparsity!r} is outside [0, 1]; give fractions removed")
+        if not by_strategy:
+            raise ValueError(f"sparsity {s:g}: no strategies")
+        stats = {}
+        for name, values in by_strategy.items():
+            arr = np.asarray(values, dtype=np.float64)
+            if arr.ndim != 1 or arr.size == 0:
+                raise ValueError(f"sparsity {s:g}, {name}: needs a non-empty list of values")
+            if np.any(~(arr >= 1.0)):
+                raise ValueError(
+                    f"sparsity {s:g}, {name}: perplexities {arr.tolist()} include values "
+                    f"below 1 or NaN; a perplexity is >= 1 (inf if diverged)"
+                )
+            stats[str(name)] = median_spread(arr)
+            if str(name) not in strategies:
+                strategies.append(str(name))
+        panels.append((s, stats))
+    panels.sort(key=lambda item: item[0])
+    target = _check_target(path, overwrite)
+    width, height = PPL_PANEL_SIZE_IN
+    with _figure((width, height * len(panels))) as fig:
+        axes = np.atleast_1d(fig.subplots(len(panels), 1, squeeze=False)[:, 0])
+        for ax, (sparsity, stats) in zip(axes, panels, strict=True):
+            _draw_ppl_panel(ax, sparsity, stats, strategies, dense_ppl)
+        return _save(fig, target, overwrite)
+
+
+def _draw_ppl_panel(
+    ax: Axes,
+    sparsity: float,
+    stats: Mapping[str, tuple[float, float, float]],
+    strategies: Sequence[str],
+    dense_ppl: float | None,
+) -> None:
+    """Median markers with min-max whiskers for the strategies of one sparsity."""
+    finite = [v for m in stats.values() for v in m if math.isfinite(v)]
+    if dense_ppl is not None:
+        finite.append(dense_ppl)
+    # Diverged runs (inf) are pinned just above the largest finite value.
+    ceiling = 1.1 * max(finite) if finite else 2.0
+    for i, name in enumerate(strategies):
+        if name not in stats:
+            continue
+        med, lo, hi = stats[name]
+        shown = [min(v, ceiling) for v in (med, lo, hi)]
+        ax.errorbar(
+            [i],
+            [shown[0]],
+            yerr=[[shown[0] - shown[1]], [shown[2] - shown[0]]],
+            color=f"C{i % 10}",
+            marker="o",
+            capsize=4,
+            linewidth=1.5,
+        )
+        if math.isinf(hi):  # the whisker's top is pinned at the ceiling: say so
+            ax.annotate(
+                "max inf",
+                (i, shown[2]),
+                xytext=(0, 4),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize="small",
+            )
+        ax.annotate(
+            format_value("heldout_ppl", med),
+            (i, shown[0]),
+            xytext=(8, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize="small",
+        )
+    if dense_ppl is not None:
+        ax.axhline(dense_ppl, color="k", linestyle="--", linewidth=1, label="dense")
+        ax.legend(loc="best", fontsize="small")
+    ax.set_xticks(np.arange(len(strategies)), strategies)
+    ax.set_xlim(-0.5, len(strategies) - 0.5)
+    ax.set_title(f"sparsity {100 * sparsity:g}%: median and min-max over seeds", fontsize="medium")
+    ax.set_ylabel(_PPL_LABEL, fontsize="small")
+    ax.margins(y=0.15)
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+__all__ = [
+    "COMPARE_SIZE_IN",
+    "DPI",
+    "FITNESS_SIZE_IN",
+    "PNG_SIGNATURE",
+    "PPL_PANEL_SIZE_IN",
+    "PROFILE_SIZE_IN",
+    "plot_compare",
+    "plot_fitness_curves",
+    "plot_ppl_by_strategy",
+    "plot_sparsity_profile",
+]

@@ -1,0 +1,285 @@
+"""Markdown tables of strategy comparisons, and the median/spread summary over seeds.
+
+A *compare table* has one :class:`CompareRow` per allocation strategy run on the same
+model, budget and data: its search fitness, held-out perplexity, cost and the budget
+it achieved. :func:`markdown_table` turns the rows into aligned Markdown (what
+``docs/RESULTS.md`` shows); :mod:`allocsearch.report.plots` draws the same rows. The
+number formats live here once (:func:`format_value`) and both modules use them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# Columns of the compare table: (CompareRow field, header, right-aligned, lower is better).
+# "achieved" is neither better nor worse when lower: it should match the target.
+_COLUMNS = (
+    ("strategy", "strategy", False, False),
+    ("fitness", "fitness", True, True),
+    ("heldout_ppl", "held-out ppl", True, True),
+    ("evaluations", "evaluations", True, True),
+    ("wall_time_s", "wall time (s)", True, True),
+    ("achieved", "achieved", True, False),
+)
+# The numeric fields of a CompareRow, i.e. the metrics a plot or table can show.
+METRICS = ("fitness", "heldout_ppl", "evaluations", "wall_time_s", "achieved")
+# Shown where a value is missing (not measured) or does not apply (the dense row).
+MISSING = "n/a"
+# Significant digits of the smallest fitness value (KL per token spans decades).
+_FITNESS_DIGITS = 4
+_MAX_DECIMALS = 8
+
+
+@dataclass(frozen=True)
+class CompareRow:
+    """One strategy's result in a comparison on the same model, budget and data.
+
+    Attributes:
+      strategy: name shown in tables and plots, e.g. ``"evopress"`` or ``"owl"``;
+        unique within a table.
+      fitness: the search's score of its final allocation (e.g. KL(dense || pruned) per
+        token on calibration data), lower is better; ``None`` if it was not scored, and
+        ``inf`` if scoring diverged.
+      heldout_ppl: perplexity of the pruned model on the held-out set, lower is better;
+        ``None`` if not measured.
+      evaluations: candidate scorings the search used (>= 0; 0 for closed-form
+        baselines such as uniform); lower is cheaper.
+      wall_time_s: search wall-clock time in seconds (>= 0); lower is cheaper.
+      achieved: fraction of the budgeted cost actually removed, in [0, 1] (the recipe's
+        ``budget.achieved``); it should equal the target, neither lower nor higher is
+        better.
+    """
+
+    strategy: str
+    fitness: float | None
+    heldout_ppl: float | None
+    evaluations: int
+    wall_time_s: float
+    achieved: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.strategy, str) or not self.strategy:
+            raise ValueError(f"strategy must be a non-empty string, got {self.strategy!r}")
+        if self.fitness is not None:
+            value = _as_number(self.fitness, f"{self.strategy}: fitness")
+            if math.isnan(value) or value == -math.inf:
+                raise ValueError(
+                    f"{self.strategy}: fitness = {value!r}; valid values are finite numbers, "
+                    f"+inf (diverged) or None (not scored)"
+                )
+            object.__setattr__(self, "fitness", value)
+        if self.heldout_ppl is not None:
+            value = _as_number(self.heldout_ppl, f"{self.strategy}: heldout_ppl")
+            if not value >= 1.0:  # perplexity = exp(mean NLL) >= 1; also rejects NaN
+                raise ValueError(
+                    f"{self.strategy}: heldout_ppl = {value!r}; a perplexity is a number >= 1 "
+                    f"(+inf if diverged), or None if not measured"
+                )
+            object.__setattr__(self, "heldout_ppl", value)
+        if isinstance(self.evaluations, bool) or not isinstance(self.evaluations, int | np.integer):
+            raise ValueError(
+                f"{self.strategy}: evaluations must be an integer >= 0, got {self.evaluations!r}"
+            )
+        if self.evaluations < 0:
+            raise ValueError(f"{self.strategy}: evaluations = {self.evaluations} must be >= 0")
+        object.__setattr__(self, "evaluations", int(self.evaluations))
+        wall = _as_number(self.wall_time_s, f"{self.strategy}: wall_time_s")
+        if not (math.isfinite(wall) and wall >= 0.0):
+            raise ValueError(
+                f"{self.strategy}: wall_time_s = {wall!r}; valid values are finite and >= 0"
+            )
+        object.__setattr__(self, "wall_time_s", wall)
+        achieved = _as_number(self.achieved, f"{self.strategy}: achieved")
+        if not 0.0 <= achieved <= 1.0:
+            raise ValueError(
+                f"{self.strategy}: achieved = {achieved!r}; it is a fraction removed in [0, 1]"
+            )
+        object.__setattr__(self, "achieved", achieved)
+
+
+def _as_number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ValueError(f"{what} must be a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_rows(rows: Sequence[CompareRow]) -> tuple[CompareRow, ...]:
+    """The rows as a tuple, after checking there is at least one and names are unique.
+
+    Raises:
+      ValueError: no rows, a row that is not a :class:`CompareRow`, or a strategy name
+        used twice.
+    """
+    rows = tuple(rows)
+    if not rows:
+        raise ValueError("rows is empty; a compare table needs at least one CompareRow")
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        if not isinstance(row, CompareRow):
+            raise ValueError(f"rows[{i}] must be a CompareRow, got {type(row).__name__}")
+        if row.strategy in seen:
+            raise ValueError(
+                f"strategy {row.strategy!r} appears twice in rows; give each row a unique name"
+            )
+        seen.add(row.strategy)
+    return rows
+
+
+def check_perplexity(value: object, what: str) -> float:
+    """``value`` as a float after checking it is a finite perplexity (>= 1).
+
+    Raises:
+      ValueError: not a number, not finite, or below 1; the message names ``what``.
+    """
+    out = _as_number(value, what)
+    if not (math.isfinite(out) and out >= 1.0):
+        raise ValueError(f"{what} = {out!r}; a perplexity is a finite number >= 1")
+    return out
+
+
+def _fitness_decimals(values: Sequence[float]) -> int:
+    """Decimals that give the smallest non-zero finite |value| _FITNESS_DIGITS digits."""
+    finite = [abs(v) for v in values if math.isfinite(v) and v != 0.0]
+    if not finite:
+        return _FITNESS_DIGITS - 1
+    exponent = math.floor(math.log10(min(finite)))
+    return int(min(_MAX_DECIMALS, max(0, _FITNESS_DIGITS - 1 - exponent)))
+
+
+def format_value(metric: str, value: float | None, *, decimals: int | None = None) -> str:
+    """Text of one value of a compare-table column (the format tables and plots share).
+
+    Args:
+      metric: one of :data:`METRICS`.
+      value: the value; ``None`` gives :data:`MISSING`.
+      decimals: fitness only: decimal places (``markdown_table`` picks one per column so
+        the smallest value keeps 4 significant digits); default 4 significant digits.
+
+    Returns:
+      ``heldout_ppl`` with 2 decimals (``"28.76"``), ``evaluations`` with thousands
+      separators (``"25,600"``), ``wall_time_s`` with 1 decimal, ``achieved`` as a
+      percentage with 2 decimals (``"52.50%"``), non-finite values as ``"inf"``.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric {metric!r} is not one of {METRICS}")
+    if value is None:
+        return MISSING
+    if not math.isfinite(value):
+        return "inf" if value > 0 else str(value)
+    if metric == "fitness":
+        if decimals is None:
+            decimals = _fitness_decimals([value])
+        return f"{value:.{decimals}f}"
+    if metric == "heldout_ppl":
+        return f"{value:.2f}"
+    if metric == "evaluations":
+        return f"{int(value):,}"
+    if metric == "wall_time_s":
+        return f"{value:.1f}"
+    return f"{100.0 * value:.2f}%"
+
+
+def format_column(metric: str, values: Sequence[float | None]) -> list[str]:
+    """Texts of one compare-table column, as :func:`markdown_table` prints them.
+
+    Like :func:`format_value`, except that fitness values share one number of decimals:
+    enough for the smallest non-zero finite |value| to keep 4 significant digits.
+    """
+    decimals = None
+    if metric == "fitness":
+        decimals = _fitness_decimals([v for v in values if v is not None])
+    return [format_value(metric, v, decimals=decimals) for v in values]
+
+
+def markdown_table(rows: Sequence[CompareRow], *, dense_ppl: float | None = None) -> str:
+    """A Markdown table of a strategy comparison, columns aligned in plain text.
+
+    Columns: strategy, fitness, held-out ppl, evaluations, wall time (s), achieved. In
+    every column where lower is better (all but strategy and achieved), the best value
+    is in bold, ties included (compared as displayed, so values that print the same tie);
+    a column with fewer than two values has no bold. Missing values show as ``n/a``.
+
+    Args:
+      rows: one row per strategy, in the order to show them (unique names).
+      dense_ppl: held-out perplexity of the unpruned model (>= 1, lower is better); when
+        given, a first ``dense`` row shows it as the reference. It takes no part in
+        choosing the bold values.
+
+    Returns:
+      The table as text: header, alignment line and one line per row, each ending in a
+      newline. Numbers are right-aligned; see :func:`format_value` for their formats.
+
+    Raises:
+      ValueError: no rows, duplicate strategies, or ``dense_ppl`` that is not >= 1.
+    """
+    rows = check_rows(rows)
+    if dense_ppl is not None:
+        dense_ppl = check_perplexity(dense_ppl, "dense_ppl")
+    columns = [[row.strategy.replace("|", "\\|") for row in rows]]
+    for field, _, _, lower_better in _COLUMNS[1:]:
+        values = [getattr(row, field) for row in rows]
+        texts = format_column(field, values)
+        finite = [i for i, v in enumerate(values) if v is not None and math.isfinite(v)]
+        if lower_better and finite and sum(v is not None for v in values) >= 2:
+            best = texts[min(finite, key=lambda i: values[i])]
+            texts = [f"**{t}**" if t == best else t for t in texts]
+        columns.append(texts)
+    body = [list(line) for line in zip(*columns, strict=True)]
+    if dense_ppl is not None:
+        ppl = format_value("heldout_ppl", dense_ppl)
+        body.insert(0, ["dense", MISSING, ppl, MISSING, MISSING, format_value("achieved", 0.0)])
+    header = [title for _, title, _, _ in _COLUMNS]
+    widths = [max(len(line[c]) for line in [header, *body]) for c in range(len(_COLUMNS))]
+    # A Markdown alignment cell needs at least 3 characters (":--" / "--:").
+    widths = [max(w, 3) for w in widths]
+
+    def render(cells: Sequence[str]) -> str:
+        padded = [
+            cell.rjust(w) if right else cell.ljust(w)
+            for cell, w, (_, _, right, _) in zip(cells, widths, _COLUMNS, strict=True)
+        ]
+        return "| " + " | ".join(padded) + " |\n"
+
+    rule = [
+        "-" * (w - 1) + ":" if right else ":" + "-" * (w - 1)
+        for w, (_, _, right, _) in zip(widths, _COLUMNS, strict=True)
+    ]
+    return render(header) + render(rule) + "".join(render(line) for line in body)
+
+
+def median_spread(values: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
+    """Median and range of repeated measurements, e.g. held-out perplexity over seeds.
+
+    Args:
+      values: float[n], n >= 1 (``inf`` allowed for a diverged run; NaN is not).
+
+    Returns:
+      ``(median, min, max)`` as floats; for even n the median is the mean of the two
+      middle values.
+
+    Raises:
+      ValueError: empty or not one-dimensional input, or a NaN.
+    """
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"values must be a non-empty 1-D sequence, got shape {arr.shape}")
+    if np.isnan(arr).any():
+        raise ValueError(f"values contain NaN at positions {np.flatnonzero(np.isnan(arr))[:10]}")
+    return float(np.median(arr)), float(arr.min()), float(arr.max())
+
+
+__all__ = [
+    "METRICS",
+    "MISSING",
+    "CompareRow",
+    "check_perplexity",
+    "check_rows",
+    "format_column",
+    "format_value",
+    "markdown_table",
+    "median_spread",
+]
