@@ -82,9 +82,8 @@ class SupernetSpec:
         s = np.where(self.valid, self.sparsity, 0.0)
         if np.any(s < 0) or np.any(s > 1):
             raise ValueError("sparsities must lie in [0, 1]")
-        if np.any(
-            np.diff(np.where(self.valid, self.sparsity, np.inf), axis=1)[self.valid[:, 1:]] <= 0
-        ):
+        steps = np.diff(np.where(self.valid, self.sparsity, 0.0), axis=1)
+        if np.any(steps[self.valid[:, 1:]] <= 0):
             raise ValueError("sparsities must increase strictly with the level index")
         if np.any(self.center < 0) or np.any(self.center >= n_valid):
             raise ValueError("center level outside the valid levels")
