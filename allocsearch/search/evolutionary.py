@@ -1,0 +1,263 @@
+"""EvoPress: (1 + lambda) elitist evolutionary search with multi-stage selection.
+
+After Sieberling et al., "EvoPress: Accurate Dynamic Model Compression via Evolutionary
+Search" (ICML 2025). Each generation mutates the parent into ``offspring`` distinct
+children by a few *level switches* (one unit one level sparser, another one level
+denser, with equal cost steps so the total cost never changes), then selects in stages:
+every stage scores its candidates on a fresh random minibatch of growing size, the best
+``survivors[i]`` go on, and in the last stage the parent is re-scored beside them so a
+lucky early score cannot stick (elitism on fresh data). Cheap low-fidelity stages throw
+away most children, so most tokens are spent on the few that matter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, final
+
+import jax
+import numpy as np
+
+from allocsearch.search.base import (
+    HistoryEntry,
+    Query,
+    Searcher,
+    SearchResult,
+    check_told,
+    draw_batch_seed,
+    numpy_rng,
+)
+from allocsearch.search.budget import Budget, CostModel, check_feasible_target, uniform_choice
+from allocsearch.supernet.spec import SupernetSpec
+
+# Defaults of the EvoPress paper for unstructured sparsity on 7-8B models (GPU scale).
+PAPER_GENERATIONS = 400
+PAPER_OFFSPRING = 64
+PAPER_SURVIVORS = (8, 2, 1)
+PAPER_TOKENS = (2048, 16384, 65536)
+
+# Two level steps "match" (swapping them keeps the total cost) when their costs agree to
+# this relative tolerance; any drift left is caught by the feasibility check of each child.
+STEP_RTOL = 1e-6
+# Mutation attempts per requested child before a generation goes on with fewer children.
+_ATTEMPTS_PER_CHILD = 50
+
+
+class EvolutionState(NamedTuple):
+    """State of :class:`EvolutionarySearcher` (picklable).
+
+    Attributes:
+      costs: the budget bound to the supernet.
+      groups: int32[L], swap group of each unit (all 0 unless ``same_role``).
+      parent: int32[L], current best allocation.
+      parent_fitness: its score in the last stage of the latest generation (inf before).
+      stage: selection stage the next ask belongs to (0 = new offspring).
+      candidates: int32[m, L], survivors of the previous stage (empty at stage 0).
+      pending: the query awaiting its tell, or None.
+      step, generation, evaluations, tokens: counters.
+      history: one entry per finished generation.
+    """
+
+    costs: CostModel
+    groups: np.ndarray
+    parent: np.ndarray
+    parent_fitness: float
+    stage: int
+    candidates: np.ndarray
+    pending: Query | None
+    step: int
+    generation: int
+    evaluations: int
+    tokens: int
+    history: tuple[HistoryEntry, ...]
+
+
+@final
+@dataclass(frozen=True, kw_only=True, eq=False)
+class EvolutionarySearcher(Searcher):
+    """EvoPress search over level vectors (defaults scaled down for CPU runs).
+
+    Attributes:
+      generations: number of generations (paper: :data:`PAPER_GENERATIONS`).
+      offspring: children per generation, lambda (paper: :data:`PAPER_OFFSPRING`).
+      survivors: candidates kept after each stage; the last must be 1 (the new parent,
+        chosen among the last survivors and the re-scored parent). Paper: (8, 2, 1).
+      tokens: calibration tokens per stage, one per stage (paper: 2048, 16384, 65536).
+      max_switches: a child gets k = min(U{1..m}, U{1..m}) level switches (paper: m=3).
+      same_role: only swap levels between units of the same role (Týr-the-Pruner).
+      start: int[L] starting allocation (e.g. from DP or knapsack); default: the
+        uniform allocation of :func:`~allocsearch.search.budget.uniform_choice`.
+
+    Swaps keep the total cost exactly: a unit's step up is paired only with another
+    unit's step down of the same cost (to :data:`STEP_RTOL`). With EvoPress's
+    equal-weight level grids every step matches; with others only equal-cost steps do.
+    """
+
+    generations: int = 100
+    offspring: int = 16
+    survivors: tuple[int, ...] = (4, 2, 1)
+    tokens: tuple[int, ...] = (512, 2048, 8192)
+    max_switches: int = 3
+    same_role: bool = False
+    start: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.generations < 1 or self.offspring < 1 or self.max_switches < 1:
+            raise ValueError(
+                f"generations ({self.generations}), offspring ({self.offspring}) and "
+                f"max_switches ({self.max_switches}) must be >= 1"
+            )
+        if len(self.survivors) != len(self.tokens) or not self.survivors:
+            raise ValueError(
+                f"survivors {self.survivors} and tokens {self.tokens} need one entry per stage"
+            )
+        if self.survivors[-1] != 1:
+            raise ValueError(f"the last stage keeps 1 candidate, got survivors {self.survivors}")
+        if any(a < b for a, b in zip(self.survivors, self.survivors[1:], strict=False)) or (
+            self.survivors[0] > self.offspring
+        ):
+            raise ValueError(
+                f"survivors {self.survivors} must be non-increasing and at most offspring "
+                f"({self.offspring})"
+            )
+        if any(t < 1 for t in self.tokens):
+            raise ValueError(f"tokens per stage must be >= 1, got {self.tokens}")
+
+    def init(self, spec: SupernetSpec, budget: Budget, key: jax.Array) -> EvolutionState:
+        check_feasible_target(spec, budget)
+        costs = CostModel.from_spec(spec, budget)
+        if self.start is None:
+            parent = uniform_choice(spec, budget)
+        else:
+            parent = np.asarray(self.start)
+            if parent.shape != (spec.num_units,) or not bool(costs.is_feasible(parent)):
+                raise ValueError(
+                    f"start must be a level vector int[L={spec.num_units}] within the allowed "
+                    f"levels and the budget (removing >= {budget.target} of the dense "
+                    f"{budget.kind}); got shape {parent.shape}: {parent}"
+                )
+        if self.same_role:
+            roles = sorted({u.role for u in spec.units})
+            groups = np.array([roles.index(u.role) for u in spec.units], dtype=np.int32)
+        else:
+            groups = np.zeros(spec.num_units, dtype=np.int32)
+        return EvolutionState(
+            costs=costs,
+            groups=groups,
+            parent=parent.astype(np.int32),
+            parent_fitness=float("inf"),
+            stage=0,
+            candidates=np.zeros((0, spec.num_units), dtype=np.int32),
+            pending=None,
+            step=0,
+            generation=0,
+            evaluations=0,
+            tokens=0,
+            history=(),
+        )
+
+    def ask(self, state: EvolutionState, key: jax.Array) -> tuple[Query, EvolutionState]:
+        if state.pending is not None:
+            raise ValueError("ask() called twice without tell(); tell the pending query first")
+        rng = numpy_rng(key)
+        if state.stage == 0:
+            rows = self._offspring(state, rng)
+        else:
+            rows = state.candidates
+        if state.stage == len(self.survivors) - 1:
+            # The parent is re-scored with the last survivors; first row, so ties keep it.
+            rows = np.concatenate([state.parent[None, :], rows], axis=0)
+        query = Query(
+            choices=rows.astype(np.int32),
+            fidelity=int(self.tokens[state.stage]),
+            batch_seed=draw_batch_seed(rng),
+        )
+        return query, state._replace(pending=query)
+
+    def tell(self, state: EvolutionState, query: Query, scores: np.ndarray) -> EvolutionState:
+        scores = check_told(state.pending, query, scores)
+        n = query.choices.shape[0]
+        order = np.argsort(scores, kind="stable")
+        evaluations = state.evaluations + n
+        tokens = state.tokens + n * query.fidelity
+        common = dict(pending=None, step=state.step + 1, evaluations=evaluations, tokens=tokens)
+        if state.stage < len(self.survivors) - 1:
+            keep = order[: self.survivors[state.stage]]
+            return state._replace(stage=state.stage + 1, candidates=query.choices[keep], **common)
+        best = int(order[0])
+        fitness = float(scores[best])
+        entry = HistoryEntry(state.generation + 1, evaluations, tokens, fitness)
+        return state._replace(
+            parent=query.choices[best].copy(),
+            parent_fitness=fitness,
+            stage=0,
+            candidates=np.zeros((0, state.parent.shape[0]), dtype=np.int32),
+            generation=state.generation + 1,
+            history=(*state.history, entry),
+            **common,
+        )
+
+    def done(self, state: EvolutionState) -> bool:
+        return state.generation >= self.generations
+
+    def result(self, state: EvolutionState) -> SearchResult:
+        return SearchResult(
+            best_choice=state.parent.copy(),
+            best_fitness=state.parent_fitness,
+            evaluations=state.evaluations,
+            tokens=state.tokens,
+            history=state.history,
+            info={"achieved": float(state.costs.achieved(state.parent))},
+        )
+
+    def _offspring(self, state: EvolutionState, rng: np.random.Generator) -> np.ndarray:
+        """int32[n, L]: up to ``offspring`` distinct feasible children, none equal the parent."""
+        seen = {state.parent.tobytes()}
+        children: list[np.ndarray] = []
+        for _ in range(_ATTEMPTS_PER_CHILD * self.offspring):
+            if len(children) == self.offspring:
+                break
+            k = min(rng.integers(1, self.max_switches + 1), rng.integers(1, self.max_switches + 1))
+            child = state.parent.copy()
+            if not all(_switch(child, state.costs, state.groups, rng) for _ in range(k)):
+                continue
+            if child.tobytes() in seen or not bool(state.costs.is_feasible(child)):
+                continue
+            seen.add(child.tobytes())
+            children.append(child)
+        if not children:
+            raise RuntimeError(
+                "no budget-preserving level switch exists from the current allocation: no "
+                "unit can step up by the cost another can step down"
+                + (" within its role" if self.same_role else "")
+                + "; use a supernet with equal-cost (EvoPress-style) level steps"
+            )
+        return np.stack(children)
+
+
+def _switch(
+    choice: np.ndarray, costs: CostModel, groups: np.ndarray, rng: np.random.Generator
+) -> bool:
+    """Move one random unit a level up and another a level down at equal step cost, in place.
+
+    Returns False (leaving ``choice`` unchanged) when no such pair exists.
+    """
+    L, K = costs.cost.shape
+    rows = np.arange(L)
+    cur = costs.cost[rows, choice]
+    up_ok = (choice + 1 < K) & costs.allowed[rows, np.minimum(choice + 1, K - 1)]
+    down_ok = (choice > 0) & costs.allowed[rows, np.maximum(choice - 1, 0)]
+    # Cost saved by stepping up, cost added by stepping down (nan where impossible).
+    with np.errstate(invalid="ignore"):
+        saved = np.where(up_ok, cur - costs.cost[rows, np.minimum(choice + 1, K - 1)], np.nan)
+        added = np.where(down_ok, costs.cost[rows, np.maximum(choice - 1, 0)] - cur, np.nan)
+    for a in rng.permutation(np.flatnonzero(up_ok)):
+        tol = STEP_RTOL * np.maximum(np.abs(saved[a]), np.abs(added))
+        match = down_ok & (np.abs(added - saved[a]) <= tol) & (rows != a) & (groups == groups[a])
+        partners = np.flatnonzero(match)
+        if partners.size:
+            b = partners[rng.integers(partners.size)]
+            choice[a] += 1
+            choice[b] -= 1
+            return True
+    return False
