@@ -1,0 +1,371 @@
+"""Supernet store: round trips, one rank array for nested pruners, bfloat16 storage, the
+errors of a wrong model / calibration set or damaged files, atomic assembly."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from allocsearch.data.tokenset import TokenSet
+from allocsearch.models import HFModel, adapter_for_config
+from allocsearch.models.hf import fingerprint_tensors
+from allocsearch.models.safetensors_io import read_safetensors
+from allocsearch.pruners import (
+    HeadGroups,
+    LayerStats,
+    MagnitudePruner,
+    NestedVariants,
+    SparseGPTPruner,
+    StructuredPruner,
+    WandaPruner,
+)
+from allocsearch.supernet.build import build_supernet, supernet_units
+from allocsearch.supernet.levels import LevelGrid, equal_step_grid
+from allocsearch.supernet.spec import Unit
+from allocsearch.supernet.store import (
+    MANIFEST_NAME,
+    StoreError,
+    StoreWriter,
+    SupernetStore,
+    make_spec,
+)
+
+MODEL_FP = "model-fingerprint-a"
+TOKENS_FP = "tokens-fingerprint-a"
+LEVELS = np.array([0.0, 0.25, 0.5, 0.75])  # exact for 16 x 24 and 16 x 8 matrices
+
+
+def random_stats(rng: np.random.Generator, n_in: int) -> LayerStats:
+    x = rng.standard_normal((64, n_in)) * rng.uniform(0.2, 3.0, n_in)
+    return LayerStats(hessian=jnp.asarray(x.T @ x, jnp.float32), n_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def layers():
+    """Three layers pruned by a per-row nested, a whole-matrix nested, a dense pruner and a
+    structured pruner (with group keep masks): {param: (weight, variants)}."""
+    rng = np.random.default_rng(0)
+    w1, w2, w3 = (rng.standard_normal(s).astype(np.float32) for s in ((16, 24), (16, 24), (16, 8)))
+    heads = HeadGroups(hidden_size=16, num_heads=4, num_kv_heads=2, head_dim=2)
+    wo = rng.standard_normal((16, 8)).astype(np.float32)
+    return {
+        "a.wanda.weight": (w1, WandaPruner().prune(w1, random_stats(rng, 24), LEVELS)),
+        "a.magnitude.weight": (w2, MagnitudePruner().prune(w2, None, LEVELS)),
+        "a.sparsegpt.weight": (
+            w3,
+            SparseGPTPruner(blocksize=4).prune(w3, random_stats(rng, 8), LEVELS),
+        ),
+        "a.o_proj.weight": (
+            wo,
+            StructuredPruner(layout=heads).prune(wo, random_stats(rng, 8), [0.0, 0.5]),
+        ),
+    }
+
+
+def write_store(path, layers, *, storage_dtype="float32", **kwargs):
+    """A store with one unit per parameter, written with StoreWriter directly."""
+    names = list(layers)
+    units = [
+        Unit(n, "q", 0, (n[: -len(".weight")],), w.size, w.size) for n, (w, _) in layers.items()
+    ]
+    k = max(v.num_levels for _, v in layers.values())
+    sparsity = np.full((len(names), k), np.nan)
+    for i, (_, v) in enumerate(layers.values()):
+        sparsity[i, : v.num_levels] = v.sparsity
+    valid = ~np.isnan(sparsity)
+    center = np.ones(len(names), np.int32)
+    spec = make_spec(units, sparsity, valid, center, "unstructured", None)
+    with StoreWriter(path, storage_dtype=storage_dtype, **kwargs) as writer:
+        for name, (_, v) in layers.items():
+            writer.add(name, v)
+        writer.commit(
+            spec=spec,
+            unit_params=[[n] for n in names],
+            grid=LevelGrid(sparsity, valid, center),
+            model_fingerprint=MODEL_FP,
+            tokens_fingerprint=TOKENS_FP,
+            pruner={"name": "mixed", "nested": False, "params": {}},
+            input_mode="dense",
+        )
+    return path
+
+
+@pytest.fixture
+def store_path(layers, tmp_path):
+    return write_store(tmp_path / "store", layers)
+
+
+def assert_same(a, b):
+    assert type(a) is type(b)
+    np.testing.assert_array_equal(a.sparsity, b.sparsity)
+    if isinstance(a, NestedVariants):
+        assert a.per_row == b.per_row
+        np.testing.assert_array_equal(np.asarray(a.rank), np.asarray(b.rank))
+        np.testing.assert_array_equal(a.prune_counts, b.prune_counts)
+    else:
+        np.testing.assert_array_equal(np.asarray(a.weights), np.asarray(b.weights))
+        if a.group_keep is None:
+            assert b.group_keep is None
+        else:
+            np.testing.assert_array_equal(a.group_keep, b.group_keep)
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def test_reopen_gives_identical_variants(layers, store_path):
+    store = SupernetStore.open(store_path, model_fingerprint=MODEL_FP, tokens_fingerprint=TOKENS_FP)
+    assert store.param_names == tuple(layers)
+    assert store.unit_params == tuple((n,) for n in layers)
+    for name, (_, v) in layers.items():
+        assert_same(v, store.variants(name))
+    assert set(store.all_variants()) == set(layers)
+    again = SupernetStore.open(store_path)
+    for name in layers:
+        assert_same(store.variants(name), again.variants(name))
+    np.testing.assert_array_equal(again.spec.sparsity, store.spec.sparsity)
+    assert again.spec.units == store.spec.units
+    assert store.manifest["format_version"] == 1 and store.manifest["pruner"]["name"] == "mixed"
+
+
+def test_nested_variants_are_one_rank_array_whose_masks_equal_the_pruners(layers, store_path):
+    store = SupernetStore.open(store_path)
+    for name in ("a.wanda.weight", "a.magnitude.weight"):
+        weight, ref = layers[name]
+        tensors = read_safetensors(store_path / f"{name}.safetensors")
+        assert set(tensors) == {"rank", "prune_counts", "sparsity"}
+        assert tensors["rank"].shape == weight.shape and tensors["rank"].dtype == np.int32
+        got = store.variants(name)
+        for k in range(len(LEVELS)):
+            np.testing.assert_array_equal(np.asarray(got.mask(k)), np.asarray(ref.mask(k)))
+            kept = np.asarray(got.mask(k)).sum()
+            assert kept == weight.size * (1 - LEVELS[k])  # exact
+    # one int32 rank array + counts, not 4 weight copies
+    nested = (store_path / "a.wanda.weight.safetensors").stat().st_size
+    dense = (store_path / "a.sparsegpt.weight.safetensors").stat().st_size
+    assert nested < 16 * 24 * 4 + 1024 and dense > 4 * 16 * 8 * 4
+
+
+def test_bfloat16_storage_reads_back_as_float32(layers, tmp_path):
+    store = SupernetStore.open(write_store(tmp_path / "bf16", layers, storage_dtype="bfloat16"))
+    _, ref = layers["a.sparsegpt.weight"]
+    got = store.variants("a.sparsegpt.weight")
+    assert got.weights.dtype == jnp.float32
+    rounded = np.asarray(ref.weights).astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(got.weights), rounded)
+    assert_same(layers["a.wanda.weight"][1], store.variants("a.wanda.weight"))
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_wrong_model_or_tokens_names_both_fingerprints(store_path):
+    with pytest.raises(
+        StoreError,
+        match=r"different model: the store's model_fingerprint is 'model-fingerprint-a' but "
+        r"the one given is 'other'",
+    ):
+        SupernetStore.open(store_path, model_fingerprint="other")
+    with pytest.raises(
+        StoreError,
+        match=r"different calibration token set: the store's tokens_fingerprint is "
+        r"'tokens-fingerprint-a' but the one given is 'b'",
+    ):
+        SupernetStore.open(store_path, model_fingerprint=MODEL_FP, tokens_fingerprint="b")
+
+
+def test_flipped_byte_is_a_checksum_error_naming_the_file(store_path):
+    f = store_path / "a.magnitude.weight.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-5] ^= 0x01
+    f.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match=r"checksum mismatch in 'a.magnitude.weight.safetensors'"):
+        SupernetStore.open(store_path)
+    SupernetStore.open(store_path, verify=False)  # sizes alone do not see it
+
+
+def test_deleted_or_truncated_file(store_path):
+    f = store_path / "a.sparsegpt.weight.safetensors"
+    f.write_bytes(f.read_bytes()[:-4])
+    with pytest.raises(StoreError, match=r"'a.sparsegpt.weight.safetensors' has \d+ bytes, the "):
+        SupernetStore.open(store_path, verify=False)
+    f.unlink()
+    with pytest.raises(
+        StoreError, match=r"variant file 'a.sparsegpt.weight.safetensors' of a.sparsegpt.weight"
+    ):
+        SupernetStore.open(store_path, verify=False)
+
+
+def test_unknown_version_missing_or_broken_manifest(store_path, tmp_path):
+    m = store_path / MANIFEST_NAME
+    body = json.loads(m.read_text())
+    m.write_text(json.dumps({**body, "format_version": 7}))
+    with pytest.raises(StoreError, match=r"unknown store format version 7; .* reads version 1"):
+        SupernetStore.open(store_path)
+    m.write_text("{not json")
+    with pytest.raises(StoreError, match=r"manifest is not valid JSON"):
+        SupernetStore.open(store_path)
+    m.write_text(json.dumps({k: v for k, v in body.items() if k != "spec"}))
+    with pytest.raises(StoreError, match=r"manifest lacks \['spec'\]"):
+        SupernetStore.open(store_path)
+    with pytest.raises(StoreError, match=r"is not a supernet store: manifest.json is missing"):
+        SupernetStore.open(tmp_path)
+
+
+def test_unknown_parameter(store_path):
+    with pytest.raises(KeyError, match=r"no variants for 'model.x.weight'"):
+        SupernetStore.open(store_path).variants("model.x.weight")
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+def test_existing_store_is_refused_unless_overwrite(layers, store_path):
+    with pytest.raises(FileExistsError, match=r"exists; pass overwrite=True"):
+        StoreWriter(store_path)
+    one = {"a.magnitude.weight": layers["a.magnitude.weight"]}
+    write_store(store_path, one, overwrite=True)
+    assert SupernetStore.open(store_path).param_names == ("a.magnitude.weight",)
+    assert sorted(os.listdir(store_path.parent)) == ["store"]  # no leftovers
+
+
+def test_interrupted_writer_leaves_nothing(layers, tmp_path):
+    with pytest.raises(RuntimeError, match="boom"), StoreWriter(tmp_path / "s") as writer:
+        writer.add("a.wanda.weight", layers["a.wanda.weight"][1])
+        assert any(writer.temporary_path.iterdir())
+        raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+
+
+def test_commit_checks_units_against_files(layers, tmp_path):
+    with StoreWriter(tmp_path / "s") as writer:
+        writer.add("a.wanda.weight", layers["a.wanda.weight"][1])
+        with pytest.raises(ValueError, match=r"already written"):
+            writer.add("a.wanda.weight", layers["a.wanda.weight"][1])
+        unit = Unit("a.wanda", "q", 0, ("a.wanda",), 384, 384)
+        spec = make_spec(
+            [unit], LEVELS[None, :3], np.ones((1, 3), bool), np.zeros(1), "unstructured", None
+        )
+        with pytest.raises(
+            ValueError, match=r"a.wanda.weight has 4 levels but its unit a.wanda has 3"
+        ):
+            writer.commit(
+                spec=spec,
+                unit_params=[["a.wanda.weight"]],
+                grid=LevelGrid(spec.sparsity, spec.valid, spec.center),
+                model_fingerprint=MODEL_FP,
+                tokens_fingerprint=TOKENS_FP,
+                pruner={"name": "wanda"},
+                input_mode="dense",
+            )
+    assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- end to end
+
+CFG = {
+    "model_type": "llama",
+    "vocab_size": 40,
+    "hidden_size": 8,
+    "intermediate_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "tie_word_embeddings": True,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    adapter = adapter_for_config(CFG)
+    rng = np.random.default_rng(3)
+    params = {
+        k: jnp.asarray(rng.uniform(-0.5, 0.5, s) + ("norm" in k), jnp.float32)
+        for k, s in adapter.param_shapes.items()
+    }
+    model = HFModel(adapter, params, fingerprint=fingerprint_tensors(CFG, params))
+    tokens = rng.integers(0, 40, size=(4, 6)).astype(np.int32)
+    calib = TokenSet(tokens=tokens, source="random", tokenizer_identity="test", seed=3)
+    numel = [u.numel for u in supernet_units(adapter, "unstructured")]
+    grid = equal_step_grid(numel, center=0.5, step_weights=8, steps_each_side=1)
+    return model, calib, grid
+
+
+def build(tiny, out_dir, pruner=None, **kw):
+    model, calib, grid = tiny
+    return build_supernet(
+        model,
+        calib,
+        pruner=pruner or MagnitudePruner(),
+        grid=grid,
+        structure="unstructured",
+        input_mode="expected",
+        out_dir=out_dir,
+        batch_size=3,
+        progress=False,
+        **kw,
+    )
+
+
+def test_built_store_reopens_with_its_fingerprints(tiny, tmp_path):
+    model, calib, grid = tiny
+    store = build(tiny, tmp_path / "s")
+    m = store.manifest
+    assert (m["model_fingerprint"], m["tokens_fingerprint"]) == (
+        model.fingerprint,
+        calib.fingerprint,
+    )
+    assert m["pruner"] == {"name": "magnitude", "nested": True, "params": {}}
+    assert m["input_mode"] == "expected" and m["calibration"]["n_seq"] == 4
+    assert len(m["build"]["seconds_per_block"]) == 2
+    np.testing.assert_array_equal(store.grid.sparsity[grid.valid], grid.sparsity[grid.valid])
+    again = SupernetStore.open(
+        tmp_path / "s", model_fingerprint=model.fingerprint, tokens_fingerprint=calib.fingerprint
+    )
+    for p in store.param_names:
+        assert_same(store.variants(p), again.variants(p))
+    # Building again gives the same bytes (deterministic), and refuses to overwrite.
+    twin = build(tiny, tmp_path / "t")
+    assert {p: e["blake2b"] for p, e in twin.manifest["variants"].items()} == {
+        p: e["blake2b"] for p, e in m["variants"].items()
+    }
+    with pytest.raises(FileExistsError):
+        build(tiny, tmp_path / "s")
+    build(tiny, tmp_path / "s", overwrite=True)
+
+
+class FailingPruner:
+    """Magnitude pruning that fails on its n-th layer (an interrupted build)."""
+
+    name = "failing"
+    nested = True
+
+    def __init__(self, fail_at: int):
+        self.calls = 0
+        self.fail_at = fail_at
+
+    def prune(self, weight, stats, sparsities):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt
+        return MagnitudePruner().prune(weight, stats, sparsities)
+
+
+def test_interrupted_build_leaves_no_store(tiny, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        build(tiny, tmp_path / "s", pruner=FailingPruner(fail_at=9))  # in block 1
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(StoreError, match="is not a supernet store"):
+        SupernetStore.open(tmp_path / "s")
+
+
+def test_wrong_model_for_a_built_store(tiny, tmp_path):
+    build(tiny, tmp_path / "s")
+    other = {k: np.asarray(v) * 2 for k, v in tiny[0].params.items()}
+    with pytest.raises(StoreError, match=r"built for a different model"):
+        SupernetStore.open(tmp_path / "s", model_fingerprint=fingerprint_tensors(CFG, other))
