@@ -32,6 +32,7 @@ from allocsearch.supernet.build import (
     unit_group_counts,
 )
 from allocsearch.supernet.levels import equal_step_grid, nm_grid, structured_grid
+from allocsearch.supernet.store import StoreError, SupernetStore
 
 CFG = {
     "model_type": "llama",
@@ -495,3 +496,35 @@ def test_one_layer_of_variants_in_memory_at_a_time(model, calib, grid, tmp_path)
         progress=False,
     )
     assert len(pruner.results) == 14 and pruner.max_alive == 0
+
+
+def test_input_norms_are_recorded_and_checksummed(build, model, calib):
+    """The build stores ||X_j||_2 of every layer's (dense) input, for OWL and Wanda-style
+    allocators; the file is covered by the store's checksums like the variants."""
+    store = build("wanda", "dense")
+    norms = store.input_norms()
+    assert sorted(norms) == sorted(layer.name for layer in model.adapter.layers())
+    stats = direct_block_stats(model, calib)
+    for layer in model.adapter.layers():
+        want = np.sqrt(np.diag(np.asarray(stats[layer.block][layer.input_group].hessian)))
+        np.testing.assert_allclose(norms[layer.name], want, rtol=1e-5, atol=1e-6)
+
+
+def test_corrupt_input_norms_are_refused(model, calib, grid, tmp_path):
+    store = build_supernet(
+        model,
+        calib,
+        pruner=WandaPruner(),
+        grid=grid,
+        structure="unstructured",
+        input_mode="dense",
+        out_dir=tmp_path / "s",
+        batch_size=BATCH,
+        progress=False,
+    )
+    f = store.path / "input_norms.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="checksum mismatch in 'input_norms.safetensors'"):
+        SupernetStore.open(store.path)

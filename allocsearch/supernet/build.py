@@ -630,6 +630,10 @@ def build_supernet(
         pruner_record["layouts"] = {"attn": _json_value(heads), "mlp": _json_value(neurons)}
 
     seconds_per_block: list[float] = []
+    input_norms: dict[str, np.ndarray] = {}
+    block_layers: dict[int, list] = {}
+    for layer in adapter.layers():
+        block_layers.setdefault(layer.block, []).append(layer)
     progress_bar = Progress(
         TextColumn("[bold]supernet[/] {task.description}"),
         BarColumn(),
@@ -671,6 +675,14 @@ def build_supernet(
                         stats[g] = accumulate_stats(stats[g], taps[g])
                     del taps
                     progress_bar.advance(task)
+
+                # Wanda/OWL input norms ||X_j||_2 of every layer of the block
+                for layer in block_layers[b]:
+                    g = stats.get(layer.input_group[len(prefix) :])
+                    if g is not None:
+                        input_norms[layer.name] = np.sqrt(
+                            np.maximum(np.diag(np.asarray(g.hessian)), 0.0)
+                        )
 
                 # 2. prune every unit at all its levels and write the variants
                 advance: dict[str, jax.Array] = {}
@@ -732,6 +744,7 @@ def build_supernet(
                 f"the achieved sparsities do not form a valid spec ({e}); the stored variants "
                 f"remove {achieved.tolist()} of each unit's weights"
             ) from None
+        writer.add_input_norms(input_norms)
         path = writer.commit(
             spec=spec,
             unit_params=[p.params for p in plans],

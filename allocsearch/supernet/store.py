@@ -68,6 +68,7 @@ __all__ = [
 FORMAT_VERSION: Final[int] = 1
 """Version of the store layout written by this module; other versions are refused."""
 MANIFEST_NAME: Final[str] = "manifest.json"
+INPUT_NORMS_FILE: Final[str] = "input_norms.safetensors"
 STORAGE_DTYPES: Final[dict[str, np.dtype]] = {
     "float32": np.dtype(np.float32),
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -293,6 +294,7 @@ class StoreWriter:
             tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         )
         self._files: dict[str, dict[str, Any]] = {}
+        self._norms: dict[str, Any] | None = None
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -326,6 +328,20 @@ class StoreWriter:
             "blake2b": file_digest(target),
         }
         return size
+
+    def add_input_norms(self, norms: Mapping[str, np.ndarray]) -> None:
+        """Write ``||X_j||_2`` of every layer's calibration input (layer name -> float32[in]),
+        the statistic OWL and Wanda-style allocators need; call once, before commit."""
+        if INPUT_NORMS_FILE in {e["file"] for e in self._files.values()} or self._norms:
+            raise ValueError("input norms were already written to this store")
+        target = self.temporary_path / INPUT_NORMS_FILE
+        tensors = {name: np.asarray(v, np.float32) for name, v in norms.items()}
+        write_safetensors(target, tensors, {"kind": "input_norms"})
+        self._norms = {
+            "file": INPUT_NORMS_FILE,
+            "bytes": int(target.stat().st_size),
+            "blake2b": file_digest(target),
+        }
 
     def commit(
         self,
@@ -387,6 +403,8 @@ class StoreWriter:
             "unit_params": unit_params,
             "variants": self._files,
         }
+        if self._norms is not None:
+            body["input_norms"] = self._norms
         text = json.dumps(body, indent=1, sort_keys=True, allow_nan=False) + "\n"
         with open(tmp / MANIFEST_NAME, "w") as f:
             f.write(text)
@@ -486,7 +504,10 @@ class SupernetStore:
                     f"{manifest[key]!r} but the one given is {given!r}; rebuild the supernet "
                     f"for this {what}"
                 )
-        for param, entry in manifest["variants"].items():
+        files = dict(manifest["variants"])
+        if "input_norms" in manifest:
+            files["input norms"] = manifest["input_norms"]
+        for param, entry in files.items():
             fpath = path / entry["file"]
             if not fpath.is_file():
                 raise StoreError(f"{path}: variant file {entry['file']!r} of {param} is missing")
@@ -574,6 +595,18 @@ class SupernetStore:
                 f"{entry['num_levels']}"
             )
         return result
+
+    def input_norms(self) -> dict[str, np.ndarray]:
+        """Layer name -> float32[in], ``||X_j||_2`` of the layer's calibration input (the
+        inputs the builder pruned it from); empty for stores built without them."""
+        entry = self._manifest.get("input_norms")
+        if entry is None:
+            return {}
+        fpath = self.path / entry["file"]
+        try:
+            return {k: np.asarray(v) for k, v in read_safetensors(fpath, mmap=True).items()}
+        except (OSError, SafetensorsError) as e:
+            raise StoreError(f"{fpath}: cannot read input norms ({e})") from e
 
     def all_variants(self) -> dict[str, Variants]:
         """Every parameter's variants, keyed by parameter name (the evaluator's input)."""
