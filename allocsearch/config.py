@@ -1,0 +1,288 @@
+"""Typed, validated run configuration (YAML <-> objects).
+
+A config file has the sections below; every key is optional and defaults to the demo
+settings. Unknown keys, wrong types and out-of-range values are errors that name the key,
+the value and what would be valid (:class:`ConfigError`).
+
+```yaml
+model: demo                 # "demo" (the bundled model) or a Hugging Face model directory
+dtype: float32              # float32 | bfloat16
+data:
+  calibration: demo         # "demo", a text file, a directory, a glob or a .jsonl file
+  heldout: null             # same forms; null: the demo held-out split, or the end of
+                            # the calibration corpus for other sources
+  tokenizer: bytes          # "bytes" or a tokenizer.json path (default: the model's own)
+  text_field: text          # for .jsonl sources
+  pattern: "*.txt"          # for directory sources
+  seq_len: 128
+  n_calibration_seqs: 64
+  n_heldout_seqs: 64
+  seed: 0
+supernet:
+  pruner: sparsegpt         # magnitude | wanda | sparsegpt
+  structure: unstructured   # unstructured | nm | heads_neurons
+  center: 0.6               # centre sparsity of the level grid (usually the target)
+  steps_each_side: 4        # levels on each side of the centre (9 levels in all)
+  step_fraction: 0.05       # one step = this fraction of the mean layer size
+  nm_patterns: ["2:4", "4:8"]
+  input_mode: dense         # dense | expected | centre
+search:
+  strategy: evopress        # evopress | tyr | dp | knapsack | uniform | owl | ...
+  budget_kind: params       # params | flops | latency
+  target: 0.6               # fraction of the dense cost removed
+  latency_table: null       # file, for budget_kind latency
+  min_sparsity: 0.0
+  max_sparsity: 1.0
+  seed: 0
+  settings: {}              # strategy hyperparameters (see `allocsearch search --help`)
+evaluator:
+  metric: kl                # kl | topk_kl | nll
+  topk: null
+backend:
+  kind: local               # local | ray
+  address: null             # an existing Ray cluster (or RAY_ADDRESS)
+  workers: 1
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+PRUNERS = ("magnitude", "wanda", "sparsegpt")
+STRUCTURES = ("unstructured", "nm", "heads_neurons")
+INPUT_MODES = ("dense", "expected", "centre")
+STRATEGIES = (
+    "evopress",
+    "tyr",
+    "dp",
+    "knapsack",
+    "knapsack_lagrange",
+    "uniform",
+    "owl",
+    "lamp",
+    "erk",
+    "global_magnitude",
+    "random",
+)
+BUDGET_KINDS = ("params", "flops", "latency")
+METRICS = ("kl", "topk_kl", "nll")
+BACKENDS = ("local", "ray")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names it and what is valid."""
+
+
+def _choice(section: str, key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{section}.{key} = {value!r} is not valid; choose one of {list(valid)}")
+
+
+def _range(section: str, key: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"{section}.{key} = {value!r} is outside [{lo}, {hi}]")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    calibration: str = "demo"
+    heldout: str | None = None
+    tokenizer: str | None = None
+    text_field: str = "text"
+    pattern: str = "*.txt"
+    seq_len: int = 128
+    n_calibration_seqs: int = 64
+    n_heldout_seqs: int = 64
+    seed: int = 0
+
+    def validate(self) -> None:
+        for key in ("seq_len", "n_calibration_seqs", "n_heldout_seqs"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key} = {getattr(self, key)} must be >= 1")
+
+
+@dataclass(frozen=True)
+class SupernetConfig:
+    pruner: str = "sparsegpt"
+    structure: str = "unstructured"
+    center: float = 0.6
+    steps_each_side: int = 4
+    step_fraction: float = 0.05
+    nm_patterns: tuple[str, ...] = ("2:4", "4:8")
+    input_mode: str = "dense"
+
+    def validate(self) -> None:
+        _choice("supernet", "pruner", self.pruner, PRUNERS)
+        _choice("supernet", "structure", self.structure, STRUCTURES)
+        _choice("supernet", "input_mode", self.input_mode, INPUT_MODES)
+        _range("supernet", "center", self.center, 0.0, 1.0)
+        _range("supernet", "step_fraction", self.step_fraction, 1e-6, 1.0)
+        if self.steps_each_side < 1:
+            raise ConfigError(f"supernet.steps_each_side = {self.steps_each_side} must be >= 1")
+        for p in self.nm_patterns:
+            parts = str(p).split(":")
+            if (
+                len(parts) != 2
+                or not all(x.isdigit() for x in parts)
+                or int(parts[0]) >= int(parts[1])
+            ):
+                raise ConfigError(
+                    f"supernet.nm_patterns entry {p!r} is not 'N:M' with 0 <= N < M (N zeros)"
+                )
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    strategy: str = "evopress"
+    budget_kind: str = "params"
+    target: float = 0.6
+    latency_table: str | None = None
+    min_sparsity: float = 0.0
+    max_sparsity: float = 1.0
+    seed: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _choice("search", "strategy", self.strategy, STRATEGIES)
+        _choice("search", "budget_kind", self.budget_kind, BUDGET_KINDS)
+        _range("search", "target", self.target, 0.0, 1.0)
+        _range("search", "min_sparsity", self.min_sparsity, 0.0, 1.0)
+        _range("search", "max_sparsity", self.max_sparsity, 0.0, 1.0)
+        if self.min_sparsity > self.max_sparsity:
+            raise ConfigError(
+                f"search.min_sparsity = {self.min_sparsity} is above "
+                f"search.max_sparsity = {self.max_sparsity}"
+            )
+        if self.budget_kind == "latency" and not self.latency_table:
+            raise ConfigError("search.budget_kind = 'latency' needs search.latency_table (a file)")
+
+
+@dataclass(frozen=True)
+class EvaluatorConfig:
+    metric: str = "kl"
+    topk: int | None = None
+
+    def validate(self) -> None:
+        _choice("evaluator", "metric", self.metric, METRICS)
+        if self.metric == "topk_kl" and (self.topk is None or self.topk < 1):
+            raise ConfigError(f"evaluator.topk = {self.topk!r}: topk_kl needs a topk >= 1")
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    kind: str = "local"
+    address: str | None = None
+    workers: int = 1
+
+    def validate(self) -> None:
+        _choice("backend", "kind", self.kind, BACKENDS)
+        if self.workers < 1:
+            raise ConfigError(f"backend.workers = {self.workers} must be >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = "demo"
+    dtype: str = "float32"
+    data: DataConfig = field(default_factory=DataConfig)
+    supernet: SupernetConfig = field(default_factory=SupernetConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+
+    def validate(self) -> RunConfig:
+        _choice("", "dtype", self.dtype, DTYPES)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {unknown} in {where or 'config'}; valid keys: {sorted(names)}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        path = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, path)
+        else:
+            kwargs[key] = _coerce(hint, value, path)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    text = str(hint)
+    if value is None:
+        if "None" in text:
+            return None
+        raise ConfigError(f"{path} must not be null")
+    if hint is bool or text == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} = {value!r} must be true or false")
+        return value
+    if hint is int or text.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} = {value!r} must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path} = {value!r} must be a number")
+        return float(value)
+    if text.startswith("tuple"):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path} = {value!r} must be a list")
+        return tuple(str(v) for v in value)
+    if text.startswith("dict"):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} = {value!r} must be a mapping")
+        return dict(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{path} = {value!r} must be a string")
+    return value
+
+
+def config_from_dict(data: dict[str, Any] | None) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a parsed YAML mapping."""
+    return _build(RunConfig, data or {}, "").validate()
+
+
+def load_config(path: str | os.PathLike) -> RunConfig:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    return config_from_dict(data)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """YAML text of a config (round-trips through :func:`config_from_dict`)."""
+    data = cfg.to_dict()
+    data["supernet"]["nm_patterns"] = list(data["supernet"]["nm_patterns"])
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,92 @@
+"""Run configuration: defaults, YAML round trip, and errors that name the bad value."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from allocsearch.config import (
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    dump_config,
+    load_config,
+)
+
+
+def test_defaults_are_the_demo_settings():
+    cfg = config_from_dict({})
+    assert cfg == RunConfig()
+    assert (cfg.model, cfg.supernet.pruner, cfg.search.strategy) == ("demo", "sparsegpt", "evopress")
+    assert cfg.search.target == 0.6 and cfg.supernet.steps_each_side == 4
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = config_from_dict(
+        {
+            "model": "/models/llama",
+            "data": {"calibration": "corpus/*.txt", "seq_len": 256},
+            "supernet": {"pruner": "wanda", "structure": "nm", "nm_patterns": ["1:4", "2:4"]},
+            "search": {"strategy": "dp", "target": 0.5, "settings": {"tokens": 1024}},
+            "backend": {"kind": "ray", "workers": 4},
+        }
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"supernet": {"pruner": "obc"}}, r"supernet.pruner = 'obc' is not valid; choose one of"),
+        ({"search": {"target": 1.5}}, r"search.target = 1.5 is outside \[0.0, 1.0\]"),
+        (
+            {"search": {"min_sparsity": 0.8, "max_sparsity": 0.5}},
+            r"search.min_sparsity = 0.8 is above search.max_sparsity = 0.5",
+        ),
+        ({"serach": {}}, r"unknown key\(s\) \['serach'\] in config; valid keys:"),
+        ({"data": {"seq_len": "long"}}, r"data.seq_len = 'long' must be an integer"),
+        ({"data": {"seq_len": 0}}, r"data.seq_len = 0 must be >= 1"),
+        ({"search": {"budget_kind": "latency"}}, r"needs search.latency_table"),
+        ({"supernet": {"nm_patterns": ["4:2"]}}, r"entry '4:2' is not 'N:M'"),
+        ({"evaluator": {"metric": "topk_kl"}}, r"topk_kl needs a topk >= 1"),
+        ({"backend": {"kind": "slurm"}}, r"backend.kind = 'slurm' is not valid"),
+        ({"data": 3}, r"data must be a mapping"),
+    ],
+)
+def test_errors_name_the_value_and_what_is_valid(data, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(data)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("search: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8,
+)
+_sections = st.sampled_from(["model", "dtype", "data", "supernet", "search", "evaluator", "backend"])
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.dictionaries(_sections, _values, max_size=4))
+def test_random_configs_load_or_raise_config_error(data):
+    """Whatever a YAML file holds, loading gives a valid config or a ConfigError."""
+    try:
+        cfg = config_from_dict(data)
+    except ConfigError:
+        return
+    assert isinstance(cfg, RunConfig)
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
