@@ -1,0 +1,180 @@
+"""Ray backend: same scores as in process, actor deaths survived, clear start-up errors.
+
+One local Ray instance (2 CPUs) is shared by the whole module; tests that need Ray are
+marked slow (Ray and actor start-up take seconds) and still run in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+import pytest
+import resume_worker
+from resume_worker import (
+    BUDGET,
+    SEED,
+    AdditiveFactory,
+    FailingFactory,
+    evo_searcher,
+    result_json,
+    tiny_spec,
+)
+
+from allocsearch.distributed import ray_backend
+from allocsearch.distributed.local import run_search
+from allocsearch.distributed.ray_backend import (
+    InProcessEvaluate,
+    RayEvaluate,
+    WorkerFailedError,
+    WorkerStartError,
+    worker_env,
+)
+from allocsearch.search.dp import TableSearcher
+
+# Logical CPUs of the test instance (Ray schedules by them; the machine may have fewer
+# cores): the shared 2-worker evaluator plus one more 2-worker evaluator fit.
+CPUS = 4
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray instance for the module; test helpers are shipped to it by value."""
+    import ray  # a dependency of allocsearch: a missing ray fails here, it is not skipped
+
+    # The helper modules live in tests/, which Ray's worker processes cannot import.
+    ray.cloudpickle.register_pickle_by_value(resume_worker)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(address="local", num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_evaluate(ray_cluster):
+    with RayEvaluate(AdditiveFactory(sleep_s=0.005), workers=2) as evaluate:
+        yield evaluate
+
+
+def _search(searcher, evaluate):
+    return run_search(searcher, evaluate, tiny_spec(), BUDGET, key=jax.random.key(SEED))
+
+
+def test_worker_env_limits_threads_before_jax_starts():
+    one = worker_env(1, 0)
+    assert one["OMP_NUM_THREADS"] == one["MKL_NUM_THREADS"] == one["OPENBLAS_NUM_THREADS"] == "1"
+    assert "--xla_cpu_multi_thread_eigen=false" in one["XLA_FLAGS"]
+    four = worker_env(4, 0)
+    assert four["OMP_NUM_THREADS"] == "4" and "XLA_FLAGS" not in four
+    assert worker_env(0.5, 0)["OMP_NUM_THREADS"] == "1"
+    shared_gpu = worker_env(1, 0.5)
+    assert shared_gpu["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in worker_env(1, 1)
+
+
+def test_in_process_backend_is_the_evaluator_itself():
+    rows = np.array([[0, 1, 2, 3, 4, 0], [2, 2, 2, 2, 2, 2]], dtype=np.int32)
+    with InProcessEvaluate(AdditiveFactory()) as evaluate:
+        got = evaluate(rows, fidelity=64, batch_seed=5)
+    np.testing.assert_array_equal(got, AdditiveFactory()()(rows, fidelity=64, batch_seed=5))
+    with pytest.raises(ValueError, match=r"choices must be an int array \[n, L\]"):
+        InProcessEvaluate(AdditiveFactory())(rows[0], fidelity=64, batch_seed=5)
+
+
+def test_invalid_settings_are_refused_before_starting_anything():
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        RayEvaluate(AdditiveFactory(), workers=0)
+    with pytest.raises(ValueError, match="max_retries must be >= 0, got -1"):
+        RayEvaluate(AdditiveFactory(), workers=1, max_retries=-1)
+
+
+@pytest.mark.slow
+def test_ray_scores_equal_in_process_scores_for_any_split(ray_evaluate):
+    local = AdditiveFactory()()
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 7):  # fewer rows than workers, even and uneven splits
+        rows = rng.integers(0, 5, size=(n, 6)).astype(np.int32)
+        got = ray_evaluate(rows, fidelity=256, batch_seed=11)
+        np.testing.assert_array_equal(got, local(rows, fidelity=256, batch_seed=11))
+    assert ray_evaluate(np.zeros((0, 6), np.int32), fidelity=1, batch_seed=0).shape == (0,)
+    assert len({p["pid"] for p in ray_evaluate.placement}) == 2
+
+
+@pytest.mark.slow
+def test_ray_and_in_process_searches_agree_exactly(ray_evaluate):
+    for searcher in (evo_searcher(5), TableSearcher(tokens=128)):
+        with InProcessEvaluate(AdditiveFactory()) as local:
+            expected = _search(searcher, local)
+        got = _search(searcher, ray_evaluate)
+        assert result_json(got) == result_json(expected)
+        assert {k: float(v).hex() for k, v in got.info.items()} == {
+            k: float(v).hex() for k, v in expected.info.items()
+        }  # hex: nan equals nan
+
+
+@pytest.mark.slow
+def test_search_survives_an_actor_dying_mid_call(ray_cluster, tmp_path):
+    marker = tmp_path / "died"
+    # Each actor counts its own calls; the first to reach call 4 (generation 2) dies
+    # (os._exit) and leaves the marker, so its replacement and the other actor live on.
+    factory = AdditiveFactory(sleep_s=0.005, die_on_call=4, marker=str(marker))
+    with RayEvaluate(factory, workers=2, max_retries=2) as evaluate:
+        first_pids = {p["pid"] for p in evaluate.placement}
+        got = _search(evo_searcher(5), evaluate)
+    assert marker.exists() and int(marker.read_text()) in first_pids
+    with InProcessEvaluate(AdditiveFactory()) as local:
+        expected = _search(evo_searcher(5), local)
+    assert result_json(got) == result_json(expected)
+
+
+@pytest.mark.slow
+def test_actors_that_keep_dying_give_a_clear_error(ray_cluster):
+    factory = AdditiveFactory(kill_on_call=1)  # every actor SIGKILLs itself when called
+    with RayEvaluate(factory, workers=1, max_retries=1) as evaluate:
+        with pytest.raises(WorkerFailedError, match=r"failed 2 times \(max_retries=1\)"):
+            evaluate(np.zeros((4, 6), np.int32), fidelity=64, batch_seed=0)
+
+
+@pytest.mark.slow
+def test_a_failing_factory_names_the_cause(ray_cluster):
+    with pytest.raises(WorkerStartError, match="could not be started") as info:
+        RayEvaluate(FailingFactory("/models/missing"), workers=1)
+    assert "FileNotFoundError: no model directory at /models/missing" in str(info.value)
+
+
+@pytest.mark.slow
+def test_more_workers_than_cpus_is_refused_without_hanging(ray_evaluate, monkeypatch):
+    monkeypatch.setattr(ray_backend, "_RESOURCE_WAIT_S", 1.0)  # how long busy CPUs are awaited
+    with pytest.raises(WorkerStartError, match=r"need 5 CPU in all .* cluster has 4"):
+        RayEvaluate(AdditiveFactory(), workers=5)
+    # ray_evaluate holds 2 of the 4 CPUs.
+    with pytest.raises(WorkerStartError, match=r"need 3 CPU in all .* cluster has free 2"):
+        RayEvaluate(AdditiveFactory(), workers=3)
+    with pytest.raises(WorkerStartError, match=r"need 1 GPU in all"):
+        RayEvaluate(AdditiveFactory(), workers=1, gpus_per_worker=1)
+
+
+@dataclass(frozen=True)
+class _EnvProbe:
+    """Factory of an evaluator that reports its process's thread settings as scores."""
+
+    def __call__(self):
+        def evaluate(choices, *, fidelity, batch_seed):
+            flags = os.environ.get("XLA_FLAGS", "")
+            probe = [
+                float(os.environ.get("OMP_NUM_THREADS", "nan")),
+                float("--xla_cpu_multi_thread_eigen=false" in flags),
+            ]
+            return np.array(probe * len(choices))[: len(choices)]
+
+        return evaluate
+
+
+@pytest.mark.slow
+def test_actor_processes_get_the_thread_limits(ray_cluster):
+    with RayEvaluate(_EnvProbe(), workers=1) as evaluate:
+        got = evaluate(np.zeros((2, 3), np.int32), fidelity=1, batch_seed=0)
+    np.testing.assert_array_equal(got, [1.0, 1.0])
