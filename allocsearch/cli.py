@@ -1,0 +1,354 @@
+"""The ``allocsearch`` command line: demo, build, search, compare, export, apply, eval.
+
+User errors (bad configs, files, budgets, recipes, stores) print one clear message and
+exit with status 2, without a traceback; outputs are written atomically and existing
+ones are refused unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from allocsearch.config import ConfigError, RunConfig, config_from_dict, load_config
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Search per-layer sparsity allocations for pruning under a global budget.",
+)
+console = Console(stderr=True)
+out_console = Console()
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """An error in what the user asked for (printed without a traceback)."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from allocsearch.models.safetensors_io import SafetensorsError
+
+    return (
+        UserError,
+        ConfigError,
+        ValueError,
+        FileExistsError,
+        FileNotFoundError,
+        KeyError,
+        SafetensorsError,
+    )
+
+
+def handle_errors(fn):
+    """Turn user errors into a one-line message and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            console.print("[red]interrupted[/]")
+            raise typer.Exit(130) from None
+        except _user_errors() as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            console.print(f"[bold red]error:[/] {type(e).__name__}: {msg}", highlight=False)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+
+    return wrapper
+
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="YAML run config (see configs/); default: the demo settings."
+    ),
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace existing outputs instead of refusing.")
+]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+
+
+def _config(path: Path | None, **overrides) -> RunConfig:
+    cfg = load_config(path) if path else config_from_dict({})
+    data = cfg.to_dict()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition("__")
+        if key:
+            data[section][key] = value
+        else:
+            data[section] = value
+    data["supernet"]["nm_patterns"] = list(data["supernet"]["nm_patterns"])
+    return config_from_dict(data)
+
+
+def _fresh_dir(path: Path, overwrite: bool) -> Path:
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty; pass --overwrite to reuse it")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@app.command()
+@handle_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/demo"),
+    target: Annotated[float, typer.Option(help="Fraction of the weights to remove.")] = 0.6,
+    generations: Annotated[int, typer.Option(help="EvoPress generations.")] = 40,
+    seed: Annotated[int, typer.Option(help="Seed of the search.")] = 0,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """The whole pipeline on the bundled demo model: supernet (SparseGPT, 9 levels), EvoPress
+    search, recipe, plots, and a table against uniform and OWL."""
+    from allocsearch.demo import run_demo
+
+    cfg = _config(None, search__target=target, supernet__center=target, search__seed=seed)
+    run_demo(
+        cfg,
+        _fresh_dir(out, overwrite),
+        generations=generations,
+        progress=progress,
+        console=out_console,
+    )
+
+
+@app.command()
+@handle_errors
+def build(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Supernet store directory.")],
+    config: ConfigOpt = None,
+    model: Annotated[str | None, typer.Option(help="Model directory or 'demo'.")] = None,
+    pruner: Annotated[str | None, typer.Option(help="magnitude | wanda | sparsegpt.")] = None,
+    structure: Annotated[
+        str | None, typer.Option(help="unstructured | nm | heads_neurons.")
+    ] = None,
+    center: Annotated[float | None, typer.Option(help="Centre sparsity of the grid.")] = None,
+    input_mode: Annotated[str | None, typer.Option(help="dense | expected | centre.")] = None,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Build a supernet: every prunable layer pruned at every level of a grid."""
+    from allocsearch import pipeline
+
+    cfg = _config(
+        config,
+        model=model,
+        supernet__pruner=pruner,
+        supernet__structure=structure,
+        supernet__center=center,
+        supernet__input_mode=input_mode,
+    )
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    ws = pipeline.load_workspace(cfg)
+    t0 = time.perf_counter()
+    store = pipeline.build(ws, out, overwrite=overwrite, progress=progress)
+    out_console.print(
+        f"supernet: {store.spec.num_units} units x up to {store.spec.sparsity.shape[1]} levels, "
+        f"{store.num_bytes / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s -> {store.path}"
+    )
+
+
+@app.command()
+@handle_errors
+def search(
+    supernet: Annotated[Path, typer.Option(help="Supernet store (from `allocsearch build`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for the run.")],
+    config: ConfigOpt = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            help="evopress | tyr | dp | knapsack | "
+            "knapsack_lagrange | uniform | owl | lamp | "
+            "erk | global_magnitude | random."
+        ),
+    ] = None,
+    target: Annotated[float | None, typer.Option(help="Fraction of the budget to remove.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the search.")] = None,
+    resume: Annotated[bool, typer.Option(help="Resume from the run's last checkpoint.")] = False,
+    backend: Annotated[str | None, typer.Option(help="local | ray.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray evaluator actors.")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Existing Ray cluster (or RAY_ADDRESS).")
+    ] = None,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Search an allocation on a supernet and write recipe.json, a log and plots."""
+    from allocsearch.search_run import run_search_command
+
+    cfg = _config(
+        config,
+        search__strategy=strategy,
+        search__target=target,
+        search__seed=seed,
+        backend__kind=backend,
+        backend__workers=workers,
+        backend__address=address or os.environ.get("RAY_ADDRESS"),
+    )
+    if not resume:
+        _fresh_dir(out, overwrite)
+    elif not out.exists():
+        raise FileNotFoundError(f"--resume: run directory {out} does not exist")
+    run_search_command(cfg, supernet, out, resume=resume, progress=progress, console=out_console)
+
+
+@app.command()
+@handle_errors
+def compare(
+    supernet: Annotated[Path, typer.Option(help="Supernet store.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    strategies: Annotated[str, typer.Option(help="Comma-separated strategies.")] = (
+        "uniform,owl,lamp,erk,dp,knapsack,evopress"
+    ),
+    config: ConfigOpt = None,
+    target: Annotated[float | None, typer.Option(help="Fraction of the budget to remove.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Run several strategies on one supernet: markdown table (fitness, held-out perplexity,
+    evaluations, wall time), chart and fitness curves."""
+    from allocsearch.demo import run_compare
+
+    cfg = _config(config, search__target=target, search__seed=seed)
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    run_compare(
+        cfg, supernet, _fresh_dir(out, overwrite), names, progress=progress, console=out_console
+    )
+
+
+EXPORT_FORMATS = ("llm-compressor", "evopress", "owl", "torch-pruning", "jaxpruner")
+
+
+@app.command()
+@handle_errors
+def export(
+    recipe: Annotated[Path, typer.Argument(help="recipe.json from a search.")],
+    format: Annotated[str, typer.Option("--format", "-f", help=" | ".join(EXPORT_FORMATS))],
+    out: Annotated[Path, typer.Option("--out", "-o", help="File to write.")],
+    modifier: Annotated[
+        str, typer.Option(help="llm-compressor: SparseGPTModifier | WandaPruningModifier.")
+    ] = "SparseGPTModifier",
+    granularity: Annotated[str, typer.Option(help="llm-compressor: layer | block.")] = "layer",
+    supernet: Annotated[Path | None, typer.Option(help="evopress: the supernet store.")] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Export a recipe to another pruner's format; prints what had to be averaged."""
+    from allocsearch.recipe import exporters
+    from allocsearch.recipe.recipe import Recipe
+
+    if format not in EXPORT_FORMATS:
+        raise UserError(f"--format {format!r} is not valid; choose one of {list(EXPORT_FORMATS)}")
+    r = Recipe.load(recipe)
+    if format == "llm-compressor":
+        exp = exporters.to_llm_compressor(r, modifier=modifier, granularity=granularity)
+    elif format == "evopress":
+        if supernet is None:
+            raise UserError("--format evopress needs --supernet (levels are relative to it)")
+        from allocsearch.recipe.apply import choice_for_recipe
+        from allocsearch.supernet.store import SupernetStore
+
+        store = SupernetStore.open(supernet, model_fingerprint=r.model.fingerprint)
+        exp = exporters.to_evopress(r, store.spec, choice_for_recipe(r, store))
+    elif format == "owl":
+        exp = exporters.to_owl(r)
+    elif format == "torch-pruning":
+        exp = exporters.to_torch_pruning(r)
+    else:
+        exp = exporters.to_jaxpruner(r)
+    content = exp.content
+    text = (
+        content
+        if isinstance(content, str)
+        else json.dumps(
+            content if not isinstance(content, dict) else {str(k): v for k, v in content.items()},
+            indent=2,
+        )
+        + "\n"
+    )
+    exporters.write_export(text, out, overwrite=overwrite)
+    for note in exp.notes:
+        out_console.print(f"note: {note}", highlight=False)
+    out_console.print(f"wrote {out}")
+
+
+@app.command()
+@handle_errors
+def apply(
+    recipe: Annotated[Path, typer.Argument(help="recipe.json from a search.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Pruned model directory.")],
+    model: Annotated[str, typer.Option(help="Model directory or 'demo'.")] = "demo",
+    supernet: Annotated[Path | None, typer.Option(help="Use this supernet's variants.")] = None,
+    config: ConfigOpt = None,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 storage.")] = "float32",
+    physical: Annotated[bool, typer.Option(help="Structured: slice matrices physically.")] = True,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Prune a Hugging Face checkpoint with a recipe and write a Hugging Face checkpoint."""
+    from allocsearch import pipeline
+    from allocsearch.recipe.apply import apply_recipe, write_pruned
+    from allocsearch.recipe.recipe import Recipe
+    from allocsearch.supernet.store import SupernetStore
+
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    cfg = _config(config, model=model)
+    r = Recipe.load(recipe)
+    ws = pipeline.load_workspace(cfg)
+    store = (
+        SupernetStore.open(supernet, model_fingerprint=ws.model.fingerprint) if supernet else None
+    )
+    pruned, updates, report = apply_recipe(
+        ws.model,
+        r,
+        store=store,
+        calibration=ws.calibration,
+        pruner=None if store else pipeline.make_pruner(cfg.supernet),
+        physical=physical,
+    )
+    write_pruned(pruned, out, config_updates=updates, dtype=dtype, overwrite=overwrite)
+    out_console.print(
+        report if isinstance(report, str) else json.dumps(report, indent=2, default=str)
+    )
+    out_console.print(f"wrote {out}")
+
+
+@app.command(name="eval")
+@handle_errors
+def eval_(
+    model: Annotated[str, typer.Option(help="Model directory or 'demo'.")] = "demo",
+    config: ConfigOpt = None,
+) -> None:
+    """Held-out perplexity of a (possibly pruned) model on the configured held-out set."""
+    from allocsearch import pipeline
+
+    cfg = _config(config, model=model)
+    ws = pipeline.load_workspace(cfg)
+    ppl = pipeline.heldout_perplexity(ws.model, ws.heldout)
+    out_console.print(
+        f"{cfg.model}: held-out perplexity {ppl:.4f} on {ws.heldout.n_tokens:,} tokens "
+        f"({ws.heldout.source})",
+        highlight=False,
+    )
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

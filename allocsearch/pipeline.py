@@ -1,0 +1,600 @@
+"""The steps the CLI runs, as library functions: load a model and its token sets, build a
+supernet, run a strategy under a budget, score it, and turn the result into a recipe.
+
+Everything here takes typed objects (a validated :class:`~allocsearch.config.RunConfig`,
+models, stores); strings are parsed only in :mod:`allocsearch.config` and the CLI.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import allocsearch
+from allocsearch.assets_paths import DEMO_NAME, resolve_model_path
+from allocsearch.config import (
+    DataConfig,
+    EvaluatorConfig,
+    RunConfig,
+    SearchConfig,
+    SupernetConfig,
+)
+from allocsearch.data.demo_corpus import demo_tokensets
+from allocsearch.data.sources import load_documents
+from allocsearch.data.tokenizers import ByteTokenizer, load_tokenizer
+from allocsearch.data.tokenset import TokenSet, build_tokensets
+from allocsearch.distributed.local import run_search
+from allocsearch.evaluate.evaluator import Evaluator
+from allocsearch.evaluate.metrics import (
+    KLDivergence,
+    Metric,
+    NegativeLogLikelihood,
+    TopKKLDivergence,
+    next_token_nll,
+)
+from allocsearch.models.hf import ARCHITECTURES, HFModel, load_model
+from allocsearch.pruners import (
+    MagnitudePruner,
+    NMMagnitudePruner,
+    NMSparseGPTPruner,
+    NMWandaPruner,
+    SparseGPTPruner,
+    StructuredPruner,
+    WandaPruner,
+)
+from allocsearch.recipe.recipe import (
+    Calibration,
+    Fitness,
+    LayerEntry,
+    ModelIdentity,
+    Provenance,
+    Recipe,
+    RecipeBudget,
+    StructuredUnit,
+)
+from allocsearch.search import baselines
+from allocsearch.search.base import Evaluate, HistoryEntry, Searcher
+from allocsearch.search.budget import Budget, CostModel, load_latency_table
+from allocsearch.search.coarse_to_fine import centred_grid, coarse_to_fine
+from allocsearch.search.dp import TableSearcher, dp_solve
+from allocsearch.search.evolutionary import EvolutionarySearcher
+from allocsearch.search.knapsack import mckp_lagrangian, mckp_milp
+from allocsearch.supernet.build import build_supernet, supernet_units, unit_group_counts
+from allocsearch.supernet.levels import LevelGrid, equal_step_grid, nm_grid
+from allocsearch.supernet.spec import SupernetSpec
+from allocsearch.supernet.store import SupernetStore
+
+# Calibration sequences per forward batch while building a supernet.
+BUILD_BATCH = 16
+
+
+@dataclass
+class Workspace:
+    """A loaded model with its calibration and held-out token sets."""
+
+    config: RunConfig
+    model: HFModel
+    calibration: TokenSet
+    heldout: TokenSet
+
+
+def load_workspace(cfg: RunConfig) -> Workspace:
+    """Load the configured model (``"demo"``: the bundled one) and its token sets."""
+    model = load_model(resolve_model_path(cfg.model), dtype=cfg.dtype)
+    calibration, heldout = load_tokensets(cfg.data, model)
+    return Workspace(cfg, model, calibration, heldout)
+
+
+def load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, TokenSet]:
+    """Calibration and held-out token sets (disjoint) for ``model``."""
+    if data.calibration == DEMO_NAME:
+        return demo_tokensets(
+            data.seq_len, data.n_calibration_seqs, data.seed, n_heldout_seqs=data.n_heldout_seqs
+        )
+    tokenizer = _tokenizer_for(data, model)
+    docs = load_documents(data.calibration, pattern=data.pattern, text_field=data.text_field)
+    held = (
+        load_documents(data.heldout, pattern=data.pattern, text_field=data.text_field)
+        if data.heldout
+        else None
+    )
+    return build_tokensets(
+        docs,
+        tokenizer,
+        seq_len=data.seq_len,
+        n_calibration_seqs=data.n_calibration_seqs,
+        seed=data.seed,
+        heldout_documents=held,
+        n_heldout_seqs=data.n_heldout_seqs,
+    )
+
+
+def _tokenizer_for(data: DataConfig, model: HFModel):
+    if data.tokenizer:
+        return load_tokenizer(data.tokenizer)
+    if model.path and (Path(model.path) / "tokenizer.json").exists():
+        return load_tokenizer(Path(model.path) / "tokenizer.json")
+    vocab = model.adapter.hf_config.get("vocab_size")
+    if vocab == 256:
+        return ByteTokenizer()
+    raise ValueError(
+        f"no tokenizer for {model.path}: it has no tokenizer.json and a vocabulary of {vocab} "
+        "(not bytes); set data.tokenizer to a tokenizer.json path"
+    )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _nll_sum(adapter, params, tokens):
+    return jnp.sum(next_token_nll(adapter.forward(params, tokens), tokens))
+
+
+def heldout_perplexity(model: HFModel, tokenset: TokenSet, *, batch_rows: int = 16) -> float:
+    """Perplexity (exp of the mean next-token NLL; lower is better) of ``model`` over
+    every sequence of ``tokenset`` (causal language models)."""
+    if not model.adapter.is_causal_lm:
+        raise ValueError(f"perplexity needs a causal language model, not {model.adapter.family}")
+    tokens = np.asarray(tokenset.tokens)
+    total = 0.0
+    for i in range(0, len(tokens), batch_rows):
+        total += float(
+            _nll_sum(model.adapter, model.params, jnp.asarray(tokens[i : i + batch_rows]))
+        )
+    return float(np.exp(total / (tokenset.n_seq * (tokenset.seq_len - 1))))
+
+
+# --------------------------------------------------------------------------- supernet
+
+
+def make_pruner(cfg: SupernetConfig) -> Any:
+    """The local pruner (or, for structured supernets, the pruner factory) of a config."""
+    if cfg.structure == "heads_neurons":
+        return StructuredPruner
+    if cfg.structure == "nm":
+        m = _nm_patterns(cfg)[0][1]
+        cls = {"magnitude": NMMagnitudePruner, "wanda": NMWandaPruner}.get(
+            cfg.pruner, NMSparseGPTPruner
+        )
+        return cls(m=m)
+    return {"magnitude": MagnitudePruner, "wanda": WandaPruner, "sparsegpt": SparseGPTPruner}[
+        cfg.pruner
+    ]()
+
+
+def _nm_patterns(cfg: SupernetConfig) -> list[tuple[int, int]]:
+    pats = sorted({tuple(int(x) for x in p.split(":")) for p in cfg.nm_patterns})
+    ms = {m for _, m in pats}
+    if len(ms) != 1:
+        raise ValueError(
+            f"supernet.nm_patterns {list(cfg.nm_patterns)} mix group sizes {sorted(ms)}; one "
+            "supernet uses one M (e.g. ['0:4', '1:4', '2:4', '3:4'])"
+        )
+    m = ms.pop()
+    if (0, m) not in pats:
+        pats.insert(0, (0, m))  # dense is always a level
+    return pats
+
+
+def make_grid(cfg: SupernetConfig, model: HFModel, *, target: float) -> LevelGrid:
+    """Level grid of every unit: EvoPress equal-weight steps around the target
+    (unstructured), N:M patterns, or whole heads/neurons (structured)."""
+    adapter = model.adapter
+    units = supernet_units(adapter, cfg.structure)
+    if cfg.structure == "nm":
+        pats = _nm_patterns(cfg)
+        center = min(pats, key=lambda p: abs(p[0] / p[1] - target))
+        widths = [layer.in_features for layer in adapter.layers()]
+        return nm_grid(pats, in_features=widths, center=center)
+    if cfg.structure == "heads_neurons":
+        groups = unit_group_counts(adapter, cfg.structure)
+        return centred_grid(
+            units,
+            np.full(len(units), target),
+            cfg.step_fraction,
+            groups=groups,
+            steps_each_side=cfg.steps_each_side,
+        )
+    numel = np.array([u.numel for u in units], np.int64)
+    step = max(1, int(round(cfg.step_fraction * float(numel.mean()))))
+    return equal_step_grid(
+        numel, center=target, step_weights=step, steps_each_side=cfg.steps_each_side
+    )
+
+
+def build(
+    ws: Workspace,
+    out_dir: str | Path,
+    *,
+    target: float | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> SupernetStore:
+    """Build the configured supernet of ``ws.model`` into ``out_dir``."""
+    cfg = ws.config.supernet
+    grid = make_grid(cfg, ws.model, target=cfg.center if target is None else target)
+    return build_supernet(
+        ws.model,
+        ws.calibration,
+        pruner=make_pruner(cfg),
+        grid=grid,
+        structure=cfg.structure,
+        input_mode=cfg.input_mode,
+        out_dir=out_dir,
+        batch_size=BUILD_BATCH,
+        progress=progress,
+        overwrite=overwrite,
+    )
+
+
+def open_store(ws: Workspace, path: str | Path) -> SupernetStore:
+    """Open a store, refusing one built for another model or other calibration data."""
+    return SupernetStore.open(
+        path,
+        model_fingerprint=ws.model.fingerprint,
+        tokens_fingerprint=ws.calibration.fingerprint,
+    )
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def make_metric(cfg: EvaluatorConfig) -> Metric:
+    if cfg.metric == "topk_kl":
+        return TopKKLDivergence(k=int(cfg.topk))
+    if cfg.metric == "nll":
+        return NegativeLogLikelihood()
+    return KLDivergence()
+
+
+def make_evaluator(ws: Workspace, store: SupernetStore) -> Evaluator:
+    """The JAX evaluator of ``store``'s allocations on the calibration set."""
+    return Evaluator(
+        ws.model,
+        store.spec,
+        store.all_variants(),
+        store.unit_params,
+        ws.calibration,
+        metric=make_metric(ws.config.evaluator),
+    )
+
+
+def make_budget(cfg: SearchConfig, spec: SupernetSpec) -> Budget:
+    latency = load_latency_table(cfg.latency_table, spec) if cfg.budget_kind == "latency" else None
+    return Budget(
+        kind=cfg.budget_kind,
+        target=cfg.target,
+        min_sparsity=cfg.min_sparsity,
+        max_sparsity=cfg.max_sparsity,
+        latency=latency,
+    )
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+@dataclass
+class Outcome:
+    """What one strategy produced (lower fitness is better)."""
+
+    strategy: str
+    choice: np.ndarray
+    fitness: float | None
+    evaluations: int
+    tokens: int
+    wall_time_s: float
+    settings: dict[str, Any]
+    history: tuple[HistoryEntry, ...] = ()
+    info: dict[str, float] = field(default_factory=dict)
+    # The supernet ``choice`` indexes when it is not the shared one (Týr's last round).
+    store: SupernetStore | None = None
+
+
+# CPU-scaled EvoPress defaults for the demo model (paper: 400 generations, 64 offspring,
+# survivors 8 -> 2 -> 1, 2048 -> 16384 -> 65536 tokens; see search/evolutionary.py).
+DEMO_EVOPRESS = {
+    "generations": 40,
+    "offspring": 12,
+    "survivors": [3, 1],
+    "tokens": [1024, 4096],
+}
+
+
+def _searcher_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(settings)
+    for key in ("survivors", "tokens"):
+        if isinstance(out.get(key), list | tuple):
+            out[key] = tuple(int(v) for v in out[key])
+    return out
+
+
+def make_searcher(strategy: str, settings: Mapping[str, Any]) -> Searcher:
+    """The searcher of an ask/tell strategy, with its settings (keyword arguments)."""
+    s = _searcher_settings(settings)
+    try:
+        if strategy == "evopress":
+            return EvolutionarySearcher(**s)
+        solvers = {
+            "dp": dp_solve,
+            "knapsack": mckp_milp,
+            "knapsack_lagrange": mckp_lagrangian,
+        }
+        if strategy in solvers:
+            return TableSearcher(solver=solvers[strategy], **s)
+    except TypeError as e:
+        raise ValueError(f"bad settings for strategy {strategy!r}: {e}") from None
+    raise ValueError(f"strategy {strategy!r} is not an ask/tell search")
+
+
+TABLE_STRATEGIES = ("dp", "knapsack", "knapsack_lagrange")
+ALLOCATORS = ("uniform", "owl", "lamp", "erk", "global_magnitude", "random")
+
+
+def allocate_baseline(
+    strategy: str,
+    ws: Workspace,
+    store: SupernetStore,
+    budget: Budget,
+    *,
+    seed: int,
+    settings: Mapping[str, Any],
+) -> np.ndarray:
+    """int32[L]: a baseline allocation snapped to the store's levels within the budget."""
+    spec = store.spec
+    layers = ws.model.adapter.layers()
+    weights = {layer.name: np.asarray(ws.model.params[layer.weight_name]) for layer in layers}
+    if strategy == "uniform":
+        return baselines.uniform(spec, budget)
+    if strategy == "owl":
+        norms = store.input_norms()
+        if not norms:
+            raise ValueError(f"{store.path} has no input norms (built by an older version)")
+        return baselines.owl(spec, budget, weights=weights, input_norms=norms, **settings)
+    if strategy == "lamp":
+        return baselines.lamp(spec, budget, weights=weights)
+    if strategy == "global_magnitude":
+        return baselines.global_magnitude(spec, budget, weights=weights, **settings)
+    if strategy == "erk":
+        return baselines.erk(spec, budget, shapes={layer.name: layer.shape for layer in layers})
+    if strategy == "random":
+        return baselines.random_feasible(spec, budget, key=jax.random.key(seed), **settings)
+    raise ValueError(f"unknown baseline {strategy!r}; valid: {ALLOCATORS}")
+
+
+def run_strategy(
+    strategy: str,
+    ws: Workspace,
+    store: SupernetStore,
+    budget: Budget,
+    *,
+    evaluate: Evaluate,
+    seed: int,
+    settings: Mapping[str, Any] | None = None,
+    on_generation: Callable[[Any], None] | None = None,
+    state: Any = None,
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Outcome:
+    """Run one strategy on ``store`` under ``budget``; ``evaluate`` scores candidates (the
+    in-process evaluator or a Ray backend). ``state`` resumes an ask/tell search."""
+    settings = dict(settings or {})
+    t0 = time.perf_counter()
+    if strategy in ALLOCATORS:
+        choice = allocate_baseline(strategy, ws, store, budget, seed=seed, settings=settings)
+        return Outcome(strategy, choice, None, 0, 0, time.perf_counter() - t0, settings)
+    if strategy == "tyr":
+        return _run_tyr(
+            ws, store, budget, seed=seed, settings=settings, work_dir=work_dir, progress=progress
+        )
+    if strategy == "evopress" and "seed_from" in settings:
+        # DP / knapsack results can seed the evolutionary search (issue: strategy seeding)
+        first = run_strategy(
+            settings.pop("seed_from"), ws, store, budget, evaluate=evaluate, seed=seed, settings={}
+        )
+        settings["start"] = first.choice
+    if strategy in TABLE_STRATEGIES and "tokens" not in settings:
+        # the error table is scored on one minibatch: the whole calibration set, up to 4096
+        settings["tokens"] = min(4096, ws.calibration.n_tokens)
+    searcher = make_searcher(strategy, settings)
+    result = run_search(
+        searcher,
+        evaluate,
+        store.spec,
+        budget,
+        key=jax.random.key(seed),
+        on_generation=on_generation,
+        state=state,
+    )
+    shown = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in settings.items()}
+    return Outcome(
+        strategy,
+        np.asarray(result.best_choice, np.int32),
+        float(result.best_fitness),
+        int(result.evaluations),
+        int(result.tokens),
+        time.perf_counter() - t0,
+        shown,
+        tuple(result.history),
+        dict(result.info),
+    )
+
+
+def _run_tyr(ws, store, budget, *, seed, settings, work_dir, progress) -> Outcome:
+    """Týr-the-Pruner: rounds of supernets rebuilt around the current best (expected
+    inputs by default), each searched by EvoPress with same-role swaps."""
+    t0 = time.perf_counter()
+    settings = dict(settings)
+    rounds = int(settings.pop("rounds", 3))
+    initial_step = float(settings.pop("initial_step", 0.125))
+    min_step = float(settings.pop("min_step", 0.015625))
+    input_mode = str(settings.pop("input_mode", "expected"))
+    inner = EvolutionarySearcher(**_searcher_settings(settings or DEMO_EVOPRESS))
+    if work_dir is None:
+        raise ValueError("the tyr strategy needs a work directory for its per-round supernets")
+    cfg = ws.config.supernet
+    units = store.spec.units
+    groups = (
+        unit_group_counts(ws.model.adapter, cfg.structure)
+        if cfg.structure == "heads_neurons"
+        else None
+    )
+    counter = iter(range(1_000_000))
+
+    def rebuild(centers: np.ndarray, step: float):
+        grid = centred_grid(
+            units, centers, step, groups=groups, steps_each_side=cfg.steps_each_side
+        )
+        round_store = build_supernet(
+            ws.model,
+            ws.calibration,
+            pruner=make_pruner(cfg),
+            grid=grid,
+            structure=cfg.structure,
+            input_mode=input_mode,
+            out_dir=Path(work_dir) / f"tyr-round-{next(counter)}",
+            batch_size=BUILD_BATCH,
+            progress=progress,
+            overwrite=True,
+        )
+        rebuild.last_store = round_store
+        return round_store.spec, make_evaluator(ws, round_store)
+
+    result = coarse_to_fine(
+        rebuild=rebuild,
+        inner=inner,
+        units=units,
+        budget=budget,
+        key=jax.random.key(seed),
+        rounds=rounds,
+        initial_step=initial_step,
+        min_step=min_step,
+    )
+    return Outcome(
+        "tyr",
+        np.asarray(result.best_choice, np.int32),
+        float(result.best_fitness),
+        int(result.evaluations),
+        int(result.tokens),
+        time.perf_counter() - t0,
+        {
+            "rounds": rounds,
+            "initial_step": initial_step,
+            "min_step": min_step,
+            "input_mode": input_mode,
+        },
+        store=rebuild.last_store,
+    )
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def recipe_from_choice(
+    ws: Workspace,
+    store: SupernetStore,
+    budget: Budget,
+    outcome: Outcome,
+    *,
+    partial: bool = False,
+) -> Recipe:
+    """A schema-v1 recipe of ``outcome.choice`` on ``store`` (exact per-layer sparsities
+    of the stored variants, dead rows of structured units included)."""
+    store = outcome.store or store
+    spec = store.spec
+    choice = np.asarray(outcome.choice)
+    adapter = ws.model.adapter
+    info = {layer.name: layer for layer in adapter.layers()}
+    layer_sparsity: dict[str, float] = {}
+    for u, params in enumerate(store.unit_params):
+        for p in params:
+            v = store.variants(p)
+            layer_sparsity[p[: -len(".weight")]] = float(v.sparsity[int(choice[u])])
+    structured = spec.structure in ("heads", "neurons", "heads_neurons")
+    entries = []
+    units = []
+    member_kind: dict[str, str] = {}
+    if structured:
+        counts = unit_group_counts(adapter, spec.structure)
+        for u, unit in enumerate(spec.units):
+            kind = "heads" if unit.role == "attn" else "neurons"
+            total = int(counts[u])
+            removed = int(round(spec.sparsity[u, int(choice[u])] * total))
+            units.append(StructuredUnit(unit.name, kind, unit.block, removed, total, unit.layers))
+            member_kind.update(dict.fromkeys(unit.layers, kind))
+    nm = spec.structure == "nm"
+    unit_of_layer = {layer: u for u, unit in enumerate(spec.units) for layer in unit.layers}
+    for name, layer in info.items():
+        s = layer_sparsity.get(name, 0.0)
+        kw: dict[str, Any] = {}
+        if structured:
+            kw["structure"] = member_kind.get(name, "heads")
+        elif nm:
+            label = spec.level_labels[unit_of_layer[name]][int(choice[unit_of_layer[name]])]
+            n, m = (int(x) for x in label.split(":"))
+            kw.update(structure="nm", n=n, m=m)
+        entries.append(LayerEntry(name, layer.role, layer.block, layer.shape, s, **kw))
+    achieved = float(CostModel.from_spec(spec, budget).achieved(choice))
+    fitness_name = ws.config.evaluator.metric
+    return Recipe(
+        model=ModelIdentity(
+            name_or_path=ws.config.model,
+            architecture=ARCHITECTURES.get(adapter.model_type, adapter.model_type),
+            model_type=adapter.model_type,
+            fingerprint=ws.model.fingerprint,
+        ),
+        layers=tuple(entries),
+        budget=RecipeBudget(budget.kind, float(budget.target), achieved),
+        provenance=Provenance(
+            strategy=outcome.strategy,
+            settings=dict(outcome.settings),
+            fitness=Fitness(fitness_name, outcome.fitness),
+            calibration=Calibration(
+                ws.calibration.source, ws.calibration.fingerprint, int(ws.config.data.seed)
+            ),
+            tool_version=allocsearch.__version__,
+            wall_time_s=float(outcome.wall_time_s),
+            evaluations=int(outcome.evaluations),
+        ),
+        structure=spec.structure,
+        units=tuple(units),
+        partial=partial,
+    )
+
+
+# --------------------------------------------------------------------------- compare
+
+
+@dataclass
+class Scored:
+    outcome: Outcome
+    fitness: float
+    heldout_ppl: float
+    achieved: float
+
+
+def score_outcomes(
+    ws: Workspace,
+    evaluator: Evaluator,
+    outcomes: Sequence[Outcome],
+    budget: Budget,
+    *,
+    fidelity: int | None = None,
+) -> list[Scored]:
+    """Score every outcome on one common minibatch (the whole calibration set by default)
+    and measure its held-out perplexity, so strategies compare on equal terms. Outcomes
+    on their own supernet (Týr's last round) are scored by an evaluator of it."""
+    fidelity = fidelity or evaluator.calibration.n_tokens
+    out = []
+    for o in outcomes:
+        ev = evaluator if o.store is None else make_evaluator(ws, o.store)
+        costs = CostModel.from_spec(ev.spec, budget)
+        f = ev(o.choice[None].astype(np.int32), fidelity=fidelity, batch_seed=0)[0]
+        ppl = ev.perplexity(o.choice, ws.heldout)
+        out.append(Scored(o, float(f), float(ppl), float(costs.achieved(o.choice))))
+    return out

@@ -1,0 +1,150 @@
+"""The command line end to end on a tiny byte-level Llama: build, search (resume), compare,
+export, apply, eval; and user errors: one message, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from allocsearch.cli import app
+from allocsearch.models import HFModel, adapter_for_config, load_model, save_model
+from allocsearch.recipe.recipe import Recipe
+
+CFG = {
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": False,
+}
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    adapter = adapter_for_config(CFG)
+    save_model(HFModel(adapter, adapter.init_params(jax.random.key(0))), root / "model")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "pruning", "sparse", "layer", "budget"]
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 600)))
+    config = {
+        "model": str(root / "model"),
+        "data": {"calibration": str(corpus), "seq_len": 32, "n_calibration_seqs": 16,
+                 "n_heldout_seqs": 4},
+        "supernet": {"pruner": "magnitude", "center": 0.5, "steps_each_side": 2,
+                     "step_fraction": 0.1},
+        "search": {"target": 0.5, "strategy": "evopress",
+                   "settings": {"generations": 3, "offspring": 4, "survivors": [2, 1],
+                                "tokens": [64, 256]}},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture(scope="module")
+def supernet(workdir):
+    r = run("build", "--config", workdir / "config.yaml", "--out", workdir / "store",
+            "--no-progress")
+    assert r.exit_code == 0, r.output
+    return workdir / "store"
+
+
+@pytest.mark.slow
+def test_search_export_apply_eval(workdir, supernet):
+    out = workdir / "run"
+    r = run("search", "--config", workdir / "config.yaml", "--supernet", supernet,
+            "--out", out, "--no-progress")
+    assert r.exit_code == 0, r.output
+    recipe = Recipe.load(out / "recipe.json")
+    assert abs(recipe.budget.achieved - 0.5) < 0.01 and not recipe.partial
+    assert (out / "profile.png").exists() and (out / "fitness.png").exists()
+    lines = (out / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[-1])["generation"] == 3
+
+    # resume of a finished search continues from its last checkpoint and ends the same
+    r = run("search", "--config", workdir / "config.yaml", "--supernet", supernet,
+            "--out", out, "--resume", "--no-progress")
+    assert r.exit_code == 0, r.output
+    resumed = Recipe.load(out / "recipe.json")
+    assert resumed.layers == recipe.layers and resumed.budget == recipe.budget
+    assert resumed.provenance.fitness == recipe.provenance.fitness
+
+    r = run("export", out / "recipe.json", "--format", "llm-compressor",
+            "--out", workdir / "lc.yaml")
+    assert r.exit_code == 0, r.output
+    lc = yaml.safe_load((workdir / "lc.yaml").read_text())
+    assert "sparsity_stage" in lc
+
+    r = run("apply", out / "recipe.json", "--config", workdir / "config.yaml",
+            "--model", workdir / "model", "--supernet", supernet, "--out", workdir / "pruned")
+    assert r.exit_code == 0, r.output
+    pruned = load_model(workdir / "pruned")
+    for entry in recipe.layers:
+        w = np.asarray(pruned.params[f"{entry.name}.weight"])
+        assert np.mean(w == 0) == pytest.approx(entry.sparsity, abs=1e-9)
+
+    r = run("eval", "--config", workdir / "config.yaml", "--model", workdir / "pruned")
+    assert r.exit_code == 0 and "held-out perplexity" in r.output
+
+
+@pytest.mark.slow
+def test_compare_writes_table_and_recipes(workdir, supernet):
+    out = workdir / "compare"
+    r = run("compare", "--config", workdir / "config.yaml", "--supernet", supernet,
+            "--out", out, "--strategies", "uniform,erk,dp", "--no-progress")
+    assert r.exit_code == 0, r.output
+    table = (out / "compare.md").read_text()
+    for name in ("uniform", "erk", "dp", "dense"):
+        assert name in table
+    assert (out / "compare.png").exists() and (out / "recipe-dp.json").exists()
+
+
+def test_user_errors_exit_2_without_traceback(workdir, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("search: {target: 1.7}\n")
+    r = run("build", "--config", bad, "--out", tmp_path / "s")
+    assert r.exit_code == 2
+    assert "search.target = 1.7 is outside [0.0, 1.0]" in r.output
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "s").exists()
+
+    r = run("export", tmp_path / "missing.json", "--format", "owl", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and not (tmp_path / "o").exists()
+
+    r = run("export", tmp_path / "missing.json", "--format", "onnx", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--format 'onnx' is not valid" in r.output
+
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "keep.txt").write_text("mine")
+    r = run("search", "--supernet", tmp_path / "nope", "--out", tmp_path / "exists")
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    assert (tmp_path / "exists" / "keep.txt").read_text() == "mine"
+
+
+def test_wrong_store_for_the_data_is_refused(workdir, supernet, tmp_path):
+    """A supernet built on other calibration data must not be searched silently."""
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["data"]["seed"] = 7  # other calibration windows -> other token fingerprint
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(config))
+    r = run("search", "--config", other, "--supernet", supernet, "--out", tmp_path / "run")
+    assert r.exit_code == 2
+    assert "different calibration token set" in r.output
