@@ -19,7 +19,8 @@ from allocsearch.config import (
 def test_defaults_are_the_demo_settings():
     cfg = config_from_dict({})
     assert cfg == RunConfig()
-    assert (cfg.model, cfg.supernet.pruner, cfg.search.strategy) == ("demo", "sparsegpt", "evopress")
+    assert cfg.model == "demo"
+    assert (cfg.supernet.pruner, cfg.search.strategy) == ("sparsegpt", "evopress")
     assert cfg.search.target == 0.6 and cfg.supernet.steps_each_side == 4
 
 
@@ -77,7 +78,9 @@ _values = st.recursive(
     | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=8,
 )
-_sections = st.sampled_from(["model", "dtype", "data", "supernet", "search", "evaluator", "backend"])
+_sections = st.sampled_from(
+    ["model", "dtype", "data", "supernet", "search", "evaluator", "backend"]
+)
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
