@@ -1,0 +1,696 @@
+"""The JAX evaluator: scores sparsity allocations against the dense model.
+
+An :class:`Evaluator` is the :class:`~allocsearch.search.base.Evaluate` callable of a
+search: ``evaluator(choices int32[n, L], fidelity=..., batch_seed=...) -> float32[n]``
+(lower is better). How it stays fast:
+
+* **Variants live on the device as stacks.** For every parameter role of a block (the
+  name relative to the block, e.g. ``self_attn.q_proj.weight``) the evaluator stacks the
+  blocks: nested pruners (magnitude, Wanda) keep the dense weight, one int32 rank array
+  and a prune-count table per block; pruners that update weights (SparseGPT,
+  structured) keep float[num_blocks, K, out, in]. Roles whose blocks mix the two, or
+  mix per-row and per-matrix ranks, fall back to the weight stack.
+* **One compiled program for every candidate.** Blocks run in a ``fori_loop`` whose body
+  gathers block ``i``'s weights of the candidate's levels (or rebuilds its masks from
+  rank and counts) *inside* ``jit``; level vectors are ordinary inputs, so nothing
+  recompiles between candidates. Programs are compiled once per (candidates per call,
+  sequences per micro-batch) shape, and the micro-batch shape depends on the fidelity only.
+* **Teacher computed once.** The dense model's outputs on the whole calibration set are
+  computed at construction and reduced to what the metric needs
+  (:meth:`~allocsearch.evaluate.metrics.Metric.teacher_data`, e.g. top-k log-probs); a
+  minibatch takes its sequences' rows.
+* **Multi-fidelity.** ``fidelity`` tokens are the minibatch
+  :func:`~allocsearch.data.tokenset.minibatch` draws with ``batch_seed``: the same
+  (fidelity, batch_seed) is the same fixed set of sequences, in every process.
+* **Batching.** ``candidates_per_call`` candidates are ``vmap``-ed through one call.
+* **Reference reuse.** The reference's hidden state at the input of every block is cached
+  per minibatch, and a candidate starts at the first block where its levels differ from
+  the reference's. The reference is the allocation given to
+  :meth:`Evaluator.set_reference` (e.g. EvoPress's parent) or, by default, the per-unit
+  most common level of each call's candidates: for a population of offspring of one
+  parent that *is* the parent, so reuse works through the plain ``Evaluate`` protocol
+  without the searcher knowing. Reuse is used only when the candidates' skipped blocks
+  outnumber the reference's own forward. Candidates are sorted by their first differing
+  block and grouped, so a group starts at its smallest.
+
+Scores of the plain, batched and reuse paths agree to float rounding (tests check 1e-5).
+All computation is ``jnp``; the same code runs on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpy.typing import ArrayLike
+
+from allocsearch.data.tokenset import TokenSet, minibatch
+from allocsearch.evaluate.metrics import Metric, TeacherData, next_token_nll
+from allocsearch.models.base import ModelAdapter
+from allocsearch.models.hf import HFModel
+from allocsearch.pruners.base import NestedVariants, Variants, mask_from_rank
+from allocsearch.supernet.spec import SupernetSpec
+
+# How many (fidelity, batch_seed) minibatch index sets to remember.
+_MINIBATCH_CACHE_SIZE = 64
+
+
+class _Source(NamedTuple):
+    """Device arrays that give one parameter role's weight for any slot and level.
+
+    A *slot* is a block index (block parameters) or 0 (a parameter outside the blocks).
+    Exactly one of three layouts is used, told apart by which fields are None:
+
+    * plain: ``dense`` only (no slot is controlled by a unit);
+    * nested: ``dense``, ``rank`` int32[S, out, in] and ``counts`` int32[S, K] or
+      int32[S, K, out] (uncontrolled slots have rank 0 and counts 0: everything kept);
+    * stacked: ``stack`` [S, K, *shape] with every level's weights (uncontrolled slots hold
+      the dense weight at level 0).
+
+    ``unit`` int32[S] is the unit controlling each slot, -1 for none (level 0 is used).
+    """
+
+    unit: jax.Array
+    dense: jax.Array | None = None
+    rank: jax.Array | None = None
+    counts: jax.Array | None = None
+    stack: jax.Array | None = None
+
+
+def _select(src: _Source, slot: jax.Array | int, choice: jax.Array | None) -> jax.Array:
+    """The weight of ``slot`` at the level ``choice`` (int32[L]) gives it; jit-friendly."""
+    if src.rank is None and src.stack is None:
+        return src.dense[slot]
+    unit = src.unit[slot]
+    level = jnp.where(unit >= 0, choice[jnp.maximum(unit, 0)], 0)
+    if src.stack is not None:
+        return src.stack[slot, level]
+    w = src.dense[slot]
+    keep = mask_from_rank(src.rank[slot], src.counts[slot, level])
+    return jnp.where(keep, w, jnp.zeros((), w.dtype))
+
+
+def _host_weights(variants: Variants, dense: np.ndarray, k: int) -> np.ndarray:
+    """Level ``k`` of ``variants`` as a host array in ``dense``'s dtype. Nested masks follow
+    :func:`~allocsearch.pruners.base.mask_from_rank` (kept where rank >= count), in numpy so
+    that building stacks compiles nothing."""
+    if isinstance(variants, NestedVariants):
+        count = np.asarray(variants.prune_counts[k])
+        keep = np.asarray(variants.rank) >= (count[:, None] if count.ndim == 1 else count)
+        return np.where(keep, dense, np.zeros((), dense.dtype))
+    return np.asarray(variants.weights[k]).astype(dense.dtype)
+
+
+def _build_source(
+    dense: Sequence[np.ndarray], variants: Sequence[Variants | None], units: Sequence[int]
+) -> _Source:
+    """Stack one role's slots (dense host weights, their variants or None, controlling
+    units) on the host, then move the stacks to the default device."""
+    unit = jnp.asarray(np.asarray(units, dtype=np.int32))
+    controlled = [v for v in variants if v is not None]
+    if not controlled:
+        return _Source(unit=unit, dense=jnp.asarray(np.stack(dense)))
+    n_levels = max(v.num_levels for v in controlled)
+    nested = all(isinstance(v, NestedVariants) for v in controlled)
+    per_row = {v.per_row for v in controlled} if nested else set()
+    if nested and len(per_row) == 1:
+        row_axis = (dense[0].shape[0],) if per_row.pop() else ()
+        ranks, counts = [], []
+        for w, v in zip(dense, variants, strict=True):
+            if v is None:
+                ranks.append(np.zeros(w.shape, np.int32))
+                counts.append(np.zeros((n_levels, *row_axis), np.int32))
+            else:
+                ranks.append(np.asarray(v.rank, np.int32))
+                c = np.asarray(v.prune_counts, np.int32)
+                pad = [(0, n_levels - c.shape[0])] + [(0, 0)] * (c.ndim - 1)
+                counts.append(np.pad(c, pad, mode="edge"))  # padding is never selected
+        return _Source(
+            unit=unit,
+            dense=jnp.asarray(np.stack(dense)),
+            rank=jnp.asarray(np.stack(ranks)),
+            counts=jnp.asarray(np.stack(counts)),
+        )
+    stack = np.zeros((len(dense), n_levels, *dense[0].shape), dense[0].dtype)
+    for i, (w, v) in enumerate(zip(dense, variants, strict=True)):
+        if v is None:
+            stack[i, 0] = w  # other levels are never selected
+        else:
+            for k in range(v.num_levels):
+                stack[i, k] = _host_weights(v, w, k)
+    return _Source(unit=unit, stack=jnp.asarray(stack))
+
+
+# ----------------------------------------------------------------------- compiled programs
+# Module-level so that evaluators of one model and metric share compiled programs; the
+# adapter and metric are static (hashed by identity and by value), the arrays are inputs.
+
+
+def _full_params(adapter: ModelAdapter, arrays, choice: jax.Array | None) -> dict[str, jax.Array]:
+    """Parameters for ``embed``/``finish``: the ones outside the blocks selected for
+    ``choice``; block ones are shape-only placeholders (those functions do not read them,
+    and XLA drops the unused broadcasts)."""
+    params = {name: _select(src, 0, choice) for name, src in arrays["outer"].items()}
+    for i in range(adapter.num_blocks):
+        for rel, src in arrays["blocks"].items():
+            like = src.dense if src.dense is not None else src.stack[:, 0]
+            zero = jnp.zeros((), like.dtype)
+            params[adapter.block_prefix(i) + rel] = jnp.broadcast_to(zero, like.shape[1:])
+    return params
+
+
+def _block_params(arrays, i: jax.Array, choice: jax.Array | None) -> dict[str, jax.Array]:
+    return {rel: _select(src, i, choice) for rel, src in arrays["blocks"].items()}
+
+
+def _run(adapter: ModelAdapter, arrays, choice, tokens, start=None, lo=None, ref=None):
+    """Model outputs for one candidate (``choice`` int32[L]; None for all-plain arrays).
+
+    With ``ref`` (the reference's block inputs float[nb+1, B, T, D]) blocks below ``lo``
+    are skipped and blocks below ``start`` take the reference's output.
+    """
+    full = _full_params(adapter, arrays, choice)
+    h, ctx = adapter.embed(full, tokens)
+    if ref is not None:
+        h = jnp.where(lo == 0, h, ref[lo])
+
+    def body(i, h):
+        out = adapter.block(_block_params(arrays, i, choice), h, ctx)
+        if ref is not None:
+            out = jnp.where(start > i, ref[i + 1], out)
+        return out
+
+    h = jax.lax.fori_loop(0 if ref is None else lo, adapter.num_blocks, body, h)
+    return adapter.finish(full, h, ctx)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _score_program(adapter, metric, arrays, teacher, calib, choices, starts, lo, rows, ref):
+    """float32[n, R]: per-sequence losses of candidates choices int32[n, L] on the
+    calibration rows int32[R]."""
+    tokens = calib[rows]
+    teacher_rows = tuple(a[rows] for a in teacher)
+
+    def one(choice, start):
+        out = _run(adapter, arrays, choice, tokens, start, lo, ref)
+        return metric.sequence_losses(teacher_rows, out, tokens)
+
+    if choices.shape[0] == 1:  # no batch axis in the matmuls
+        return one(choices[0], starts[0])[None]
+    return jax.vmap(one)(choices, starts)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _states_program(adapter, arrays, calib, choice, rows):
+    """float[nb+1, R, T, D]: hidden states of ``choice`` at every block input (and the
+    last block's output) on the calibration rows int32[R]."""
+    tokens = calib[rows]
+    h, ctx = adapter.embed(_full_params(adapter, arrays, choice), tokens)
+
+    def body(h, i):
+        out = adapter.block(_block_params(arrays, i, choice), h, ctx)
+        return out, out
+
+    _, hs = jax.lax.scan(body, h, jnp.arange(adapter.num_blocks))
+    return jnp.concatenate([h[None], hs], axis=0)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _teacher_program(adapter, metric, arrays, calib, rows):
+    """The metric's teacher data of the dense model (all-plain ``arrays``) on rows int32[R]."""
+    tokens = calib[rows]
+    return metric.teacher_data(_run(adapter, arrays, None, tokens), tokens)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _nll_program(adapter, params, tokens, weights):
+    """Sum over sequences (weighted by float32[B]) of next-token NLL of tokens int[B, T]."""
+    nll = next_token_nll(adapter.forward(params, tokens), tokens)
+    return jnp.sum(weights[:, None] * nll)
+
+
+def _balanced_chunks(rows: np.ndarray, max_rows: int) -> list[tuple[jax.Array, np.ndarray]]:
+    """Split row indices into equal chunks of at most ``max_rows`` (the last padded by
+    repeating its last row, with weight 0): [(int32[R] device rows, float64[R] weights)]."""
+    n = len(rows)
+    n_chunks = -(-n // max_rows)
+    size = -(-n // n_chunks)
+    padded = np.concatenate([rows, np.full(n_chunks * size - n, rows[-1], rows.dtype)])
+    weights = (np.arange(n_chunks * size) < n).astype(np.float64)
+    cut = [slice(j * size, (j + 1) * size) for j in range(n_chunks)]
+    return [(jnp.asarray(padded[s], jnp.int32), weights[s]) for s in cut]
+
+
+class EvalStats(NamedTuple):
+    """What the last :meth:`Evaluator.__call__` did (for benchmarks and tests).
+
+    Attributes:
+      candidates: candidates scored.
+      reused: whether a reference's cached hidden states were used.
+      computed_reference: whether the reference's hidden states were computed by this call
+        (one extra forward of the reference over the minibatch).
+      blocks_run: mean number of blocks run per candidate (``num_blocks`` without reuse;
+        with reuse, counted from each group's first block, padding excluded).
+    """
+
+    candidates: int
+    reused: bool
+    computed_reference: bool
+    blocks_run: float
+
+
+class Evaluator:
+    """Scores level vectors of a supernet: ``choices`` int32[n, L] -> float32[n].
+
+    Args:
+      model: the dense model (its parameters are the teacher and the weights of every
+        parameter that no unit changes).
+      spec: the search space; unit ``u`` has ``spec.num_levels[u]`` levels.
+      variants: parameter name (e.g. ``"model.layers.0.self_attn.q_proj.weight"``) ->
+        its variants, one per level of the unit that names it.
+      unit_params: ``unit_params[u]`` lists the parameter names unit ``u`` changes; level
+        ``k`` of the unit selects level ``k`` of each. A parameter belongs to at most
+        one unit; every key of ``variants`` belongs to one.
+      calibration: the calibration token set minibatches are drawn from.
+      metric: the fitness (lower is better); see :mod:`allocsearch.evaluate.metrics`.
+      candidates_per_call: candidates evaluated together by one compiled call (vmap);
+        larger uses more memory (the candidates' weights and activations at once).
+      micro_batch_tokens: at most this many tokens (whole sequences, at least one) go
+        through the model at once; bounds activation and logit memory.
+      reuse: allow reference reuse (see the module docstring).
+      auto_reference: without :meth:`set_reference`, use each call's per-unit most common
+        level as the reference.
+      max_reference_bytes: reuse is skipped at fidelities whose cached reference states
+        (``(num_blocks + 1) * fidelity * hidden * itemsize`` bytes) would exceed this.
+      max_teacher_bytes: refuse (before computing anything) a metric whose teacher data
+        for the whole calibration set would exceed this, e.g. full-vocabulary KL of a
+        large vocabulary (use :class:`~allocsearch.evaluate.metrics.TopKKLDivergence`).
+
+    Raises:
+      ValueError: mismatched inputs (the message names the unit or parameter, what it
+        has and what was expected).
+
+    Memory: the evaluator holds a stacked copy of the dense weights, one int32 rank per
+    weight of nested variants, K copies of weight-updating variants, the teacher data
+    (see the metric) and, with reuse, the reference's states of one minibatch.
+    """
+
+    def __init__(
+        self,
+        model: HFModel,
+        spec: SupernetSpec,
+        variants: Mapping[str, Variants],
+        unit_params: Sequence[Sequence[str]],
+        calibration: TokenSet,
+        *,
+        metric: Metric,
+        candidates_per_call: int = 1,
+        micro_batch_tokens: int = 8192,
+        reuse: bool = True,
+        auto_reference: bool = True,
+        max_reference_bytes: int = 2**30,
+        max_teacher_bytes: int = 2**33,
+    ):
+        adapter = model.adapter
+        if not isinstance(metric, Metric):
+            raise TypeError(f"metric must be a Metric instance, got {type(metric).__name__}")
+        if metric.causal_lm != adapter.is_causal_lm:
+            wanted = "causal language models" if metric.causal_lm else "encoders"
+            kind = "a causal language model" if adapter.is_causal_lm else "an encoder"
+            raise ValueError(
+                f"metric {metric.name!r} is for {wanted} but the model is {kind} "
+                f"({adapter.model_type})"
+            )
+        for what, value in (
+            ("candidates_per_call", candidates_per_call),
+            ("micro_batch_tokens", micro_batch_tokens),
+            ("max_reference_bytes", max_reference_bytes),
+            ("max_teacher_bytes", max_teacher_bytes),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{what} must be a positive int, got {value!r}")
+        self.model = model
+        self.spec = spec
+        self.metric = metric
+        self.calibration = calibration
+        self.candidates_per_call = int(candidates_per_call)
+        self.reuse = bool(reuse)
+        self.auto_reference = bool(auto_reference)
+        self.max_reference_bytes = int(max_reference_bytes)
+        self.last_stats: EvalStats | None = None
+        self._adapter = adapter
+        self._nb = adapter.num_blocks
+        self._max_rows = max(1, int(micro_batch_tokens) // calibration.seq_len)
+        self._variants = dict(variants)
+        self._unit_params = tuple(tuple(names) for names in unit_params)
+        self._num_levels = spec.num_levels
+        self._check_tokens(calibration)
+        owner = self._check_units()
+
+        # Stage of each unit: the block where its parameters enter the forward; those
+        # outside the blocks (embeddings, head) count as entering at the start.
+        block_of = {
+            adapter.block_prefix(i) + rel: i
+            for i in range(self._nb)
+            for rel in adapter.block_param_names
+        }
+        self._outer_names = [n for n in adapter.param_names if n not in block_of]
+        self._unit_stage = np.full(spec.num_units, self._nb, np.int32)
+        for name, u in owner.items():
+            self._unit_stage[u] = min(self._unit_stage[u], block_of.get(name, 0))
+
+        host = {name: np.asarray(value) for name, value in model.params.items()}
+        self._arrays = self._build_arrays(host, owner)
+        self._tokens = jnp.asarray(calibration.tokens)
+        self._teacher = self._compute_teacher(self._build_arrays(host, {}), max_teacher_bytes)
+        del host
+        hidden = jax.eval_shape(
+            lambda a, t, c: adapter.embed(_full_params(adapter, a, c), t)[0],
+            self._arrays,
+            jax.ShapeDtypeStruct((1, calibration.seq_len), jnp.int32),
+            jax.ShapeDtypeStruct((spec.num_units,), jnp.int32),
+        )
+        self._state_bytes_per_token = int(hidden.shape[-1]) * hidden.dtype.itemsize
+
+        # Token set of calibration *positions*: minibatch() of it draws the same rows as
+        # minibatch() of the calibration set, and position // seq_len is the row index.
+        n_seq, seq_len = calibration.n_seq, calibration.seq_len
+        self._positions = TokenSet(
+            tokens=np.arange(n_seq * seq_len, dtype=np.int32).reshape(n_seq, seq_len),
+            source="calibration positions",
+            tokenizer_identity="positions",
+            seed=None,
+        )
+        self._row_cache: OrderedDict[tuple[int, int], list[tuple[jax.Array, np.ndarray]]] = (
+            OrderedDict()
+        )
+        self._reference: np.ndarray | None = None
+        self._states_key: tuple[int, int, bytes] | None = None
+        self._states: list[jax.Array] = []
+
+    # ----------------------------------------------------------------- validation
+    def _check_tokens(self, tokenset: TokenSet) -> None:
+        vocab = self._adapter.hf_config.get("vocab_size")
+        if vocab is not None and int(tokenset.tokens.max()) >= int(vocab):
+            raise ValueError(
+                f"token set holds id {int(tokenset.tokens.max())}, outside the model's "
+                f"vocabulary 0..{int(vocab) - 1}"
+            )
+
+    def _check_units(self) -> dict[str, int]:
+        """Validate unit_params against the spec, the model and the variants; returns the
+        owning unit of every changed parameter."""
+        spec, params = self.spec, self.model.params
+        if len(self._unit_params) != spec.num_units:
+            raise ValueError(
+                f"unit_params has {len(self._unit_params)} entries, the spec has "
+                f"{spec.num_units} units"
+            )
+        owner: dict[str, int] = {}
+        for u, names in enumerate(self._unit_params):
+            if not names:
+                raise ValueError(f"unit {u} ({spec.units[u].name}) names no parameters")
+            for name in names:
+                if name in owner:
+                    raise ValueError(
+                        f"parameter {name!r} belongs to units {owner[name]} and {u}; "
+                        "each parameter may belong to one unit"
+                    )
+                if name not in params:
+                    raise ValueError(f"unit {u} names parameter {name!r}, not in the model")
+                if name not in self._variants:
+                    raise ValueError(f"unit {u} names parameter {name!r}, which has no variants")
+                v, shape = self._variants[name], tuple(params[name].shape)
+                got = tuple(v.rank.shape if isinstance(v, NestedVariants) else v.weights.shape[1:])
+                if got != shape:
+                    raise ValueError(
+                        f"variants of {name!r} have shape {got}, the parameter has {shape}"
+                    )
+                if v.num_levels != self._num_levels[u]:
+                    raise ValueError(
+                        f"variants of {name!r} have {v.num_levels} levels, but unit {u} "
+                        f"({spec.units[u].name}) has {self._num_levels[u]} in the spec"
+                    )
+                owner[name] = u
+        stray = sorted(set(self._variants) - set(owner))
+        if stray:
+            raise ValueError(f"variants given for parameters no unit names: {stray[:5]}")
+        return owner
+
+    def _check_choices(self, choices: ArrayLike) -> np.ndarray:
+        c = np.asarray(choices)
+        L = self.spec.num_units
+        if c.ndim != 2 or c.shape[1] != L or not np.issubdtype(c.dtype, np.integer):
+            raise ValueError(f"choices must be int[n, L={L}], got {c.dtype}{list(c.shape)}")
+        bad = np.argwhere((c < 0) | (c >= self._num_levels[None, :]))
+        if bad.size:
+            r, u = (int(x) for x in bad[0])
+            raise ValueError(
+                f"choices[{r}, {u}] = {int(c[r, u])} is not a level of unit {u} "
+                f"({self.spec.units[u].name}); valid levels are 0..{self._num_levels[u] - 1}"
+            )
+        return c.astype(np.int32)
+
+    def _build_arrays(self, host: Mapping[str, np.ndarray], owner: Mapping[str, int]):
+        """Device stacks of every parameter role: {"blocks": {rel: _Source}, "outer":
+        {name: _Source}}; parameters not in ``owner`` are plain."""
+
+        def source(names: Sequence[str]) -> _Source:
+            return _build_source(
+                [host[n] for n in names],
+                [self._variants[n] if n in owner else None for n in names],
+                [owner.get(n, -1) for n in names],
+            )
+
+        adapter = self._adapter
+        blocks = {
+            rel: source([adapter.block_prefix(i) + rel for i in range(self._nb)])
+            for rel in adapter.block_param_names
+        }
+        outer = {name: source([name]) for name in self._outer_names}
+        return {"blocks": blocks, "outer": outer}
+
+    def _compute_teacher(self, dense_arrays, max_bytes: int) -> TeacherData:
+        n_seq = self.calibration.n_seq
+        chunks = _balanced_chunks(np.arange(n_seq, dtype=np.int32), self._max_rows)
+        shapes = jax.eval_shape(
+            partial(_teacher_program, self._adapter, self.metric),
+            dense_arrays,
+            self._tokens,
+            chunks[0][0],
+        )
+        rows = len(chunks[0][0])
+        nbytes = sum(a.size * a.dtype.itemsize for a in shapes) * n_seq // rows
+        if nbytes > max_bytes:
+            raise ValueError(
+                f"metric {self.metric.name!r} would keep {nbytes / 2**30:.2f} GiB of teacher "
+                f"data for {self.calibration.n_tokens} calibration tokens, above "
+                f"max_teacher_bytes={max_bytes}; use TopKKLDivergence, fewer tokens, or "
+                "raise the limit"
+            )
+        parts = [
+            _teacher_program(self._adapter, self.metric, dense_arrays, self._tokens, rows)
+            for rows, _ in chunks
+        ]
+        return tuple(jnp.concatenate(p, axis=0)[:n_seq] for p in zip(*parts, strict=True))
+
+    # ----------------------------------------------------------------- minibatches
+    def _chunks(self, fidelity: int, batch_seed: int) -> list[tuple[jax.Array, np.ndarray]]:
+        key = (int(fidelity), int(batch_seed))
+        if key in self._row_cache:
+            self._row_cache.move_to_end(key)
+            return self._row_cache[key]
+        rows = minibatch(self._positions, fidelity, batch_seed)[:, 0] // self.calibration.seq_len
+        chunks = _balanced_chunks(rows.astype(np.int32), self._max_rows)
+        self._row_cache[key] = chunks
+        if len(self._row_cache) > _MINIBATCH_CACHE_SIZE:
+            self._row_cache.popitem(last=False)
+        return chunks
+
+    def minibatch_rows(self, fidelity: int, batch_seed: int) -> np.ndarray:
+        """int64[fidelity // seq_len]: the calibration sequences (row indices) a query with
+        this fidelity and batch seed is scored on, those
+        :func:`~allocsearch.data.tokenset.minibatch` draws, in calibration order."""
+        chunks = self._chunks(fidelity, batch_seed)
+        return np.concatenate([np.asarray(r)[w > 0] for r, w in chunks]).astype(np.int64)
+
+    # ----------------------------------------------------------------- reference reuse
+    def set_reference(self, choice: ArrayLike | None) -> None:
+        """Reuse this allocation's hidden states (int[L]) in later calls, or go back to the
+        automatic reference (None).
+
+        Later calls start each candidate at the first block where its levels differ from
+        ``choice``. The reference's states are computed once per (fidelity, batch_seed),
+        by a call whose candidates save more block evaluations than that forward costs.
+        """
+        if choice is None:
+            self._reference = None
+        else:
+            self._reference = self._check_choices(np.asarray(choice)[None])[0]
+        self._states_key, self._states = None, []
+
+    def reference_for(self, choices: ArrayLike) -> np.ndarray | None:
+        """int32[L]: the reference a call with ``choices`` (int[n, L]) would use: the one
+        set by :meth:`set_reference`, else (with ``auto_reference`` and n >= 2) the
+        most common level of each unit (ties: the lower level); None without reuse."""
+        c = self._check_choices(choices)
+        if not self.reuse:
+            return None
+        if self._reference is not None:
+            return self._reference
+        if not self.auto_reference or len(c) < 2:
+            return None
+        k = int(self._num_levels.max())
+        counts = (c[:, :, None] == np.arange(k)[None, None, :]).sum(axis=0)  # [L, K]
+        return counts.argmax(axis=1).astype(np.int32)
+
+    def first_differing_block(self, choices: ArrayLike) -> np.ndarray:
+        """int32[n]: for each candidate, the first block whose levels differ from the
+        reference's (:meth:`reference_for`): ``num_blocks`` for the reference itself, 0
+        for a unit outside the blocks, all 0 without a reference."""
+        c = self._check_choices(choices)
+        return self._first_blocks(c, self.reference_for(c))
+
+    def _first_blocks(self, c: np.ndarray, reference: np.ndarray | None) -> np.ndarray:
+        if reference is None:
+            return np.zeros(len(c), np.int32)
+        diff = c != reference[None, :]
+        return np.where(diff, self._unit_stage[None, :], self._nb).min(axis=1).astype(np.int32)
+
+    def _reference_states(self, key, chunks, starts, reference) -> tuple[bool, bool]:
+        """Cache the reference's states for minibatch ``key`` when reuse pays.
+
+        Returns:
+          (whether to reuse, whether the states were computed now).
+        """
+        if reference is None or not np.any(starts > 0):
+            return False, False
+        full_key = (*key, reference.tobytes())
+        if self._states_key == full_key:
+            return True, False
+        rows = sum(len(r) for r, _ in chunks)
+        nbytes = (self._nb + 1) * rows * self.calibration.seq_len * self._state_bytes_per_token
+        # The reference forward costs num_blocks blocks; reuse must save more than that.
+        if nbytes > self.max_reference_bytes or starts.sum() <= self._nb:
+            return False, False
+        ref = jnp.asarray(reference)
+        self._states = [
+            _states_program(self._adapter, self._arrays, self._tokens, ref, rows)
+            for rows, _ in chunks
+        ]
+        self._states_key = full_key
+        return True, True
+
+    # ----------------------------------------------------------------- scoring
+    def __call__(self, choices: ArrayLike, *, fidelity: int, batch_seed: int) -> np.ndarray:
+        """Scores of candidates on the minibatch ``(fidelity, batch_seed)``.
+
+        Args:
+          choices: int[n, L], one level per unit per candidate.
+          fidelity: number of calibration tokens (a multiple of the sequence length, at
+            most the calibration set's size).
+          batch_seed: which minibatch (non-negative); equal arguments give equal scores.
+
+        Returns:
+          float32[n], the metric's mean over the minibatch's sequences (= over its
+          tokens for per-token metrics); lower is better.
+        """
+        c = self._check_choices(choices)
+        n = len(c)
+        key = (int(fidelity), int(batch_seed))
+        chunks = self._chunks(*key)
+        if n == 0:
+            return np.zeros((0,), np.float32)
+        reference = self.reference_for(c)
+        starts = self._first_blocks(c, reference)
+        reused, computed = self._reference_states(key, chunks, starts, reference)
+        if not reused:
+            starts = np.zeros(n, np.int32)
+        # Sorted by first differing block, a group starts near all of its members' starts.
+        order = np.argsort(starts, kind="stable")
+        g = self.candidates_per_call
+        sizes = [min(g, n - j) for j in range(0, n, g)]  # real candidates per group
+        groups = [order[j : j + g] for j in range(0, n, g)]
+        groups = [np.concatenate([q, np.full(g - len(q), q[-1])]) for q in groups]
+        outputs = []
+        for ci, (rows, _) in enumerate(chunks):
+            for q in groups:
+                outputs.append(
+                    _score_program(
+                        self._adapter,
+                        self.metric,
+                        self._arrays,
+                        self._teacher,
+                        self._tokens,
+                        jnp.asarray(c[q]),
+                        jnp.asarray(starts[q]),
+                        jnp.asarray(starts[q].min(), jnp.int32),
+                        rows,
+                        self._states[ci] if reused else None,
+                    )
+                )
+        losses = np.asarray(jax.device_get(outputs), np.float64)  # [chunks * groups, g, R]
+        losses = losses.reshape(len(chunks), len(groups), g, -1)
+        weights = np.stack([w for _, w in chunks])  # [chunks, R]
+        per_slot = np.einsum("cqgr,cr->qg", losses, weights) / weights.sum()
+        scores = np.empty(n, np.float64)
+        for qi, q in enumerate(groups):
+            scores[q[: sizes[qi]]] = per_slot[qi][: sizes[qi]]
+        blocks = [self._nb - int(starts[q].min()) for q in groups]
+        self.last_stats = EvalStats(
+            candidates=n,
+            reused=reused,
+            computed_reference=computed,
+            blocks_run=float(np.dot(blocks, sizes) / n),
+        )
+        return scores.astype(np.float32)
+
+    # ----------------------------------------------------------------- final checks
+    def materialize(self, choice: ArrayLike) -> dict[str, jax.Array]:
+        """The full parameter dict of allocation ``choice`` (int[L]): every parameter a
+        unit names replaced by its variant at the unit's level (the pruner's own
+        ``mask``/``weights``, not the evaluator's stacks), the rest dense."""
+        c = self._check_choices(np.asarray(choice)[None])[0]
+        params = dict(self.model.params)
+        for u, names in enumerate(self._unit_params):
+            for name in names:
+                v, k, dense = self._variants[name], int(c[u]), params[name]
+                if isinstance(v, NestedVariants):
+                    params[name] = jnp.where(v.mask(k), dense, jnp.zeros((), dense.dtype))
+                else:
+                    params[name] = jnp.asarray(v.weights[k], dense.dtype)
+        return params
+
+    def perplexity(self, choice: ArrayLike | None, tokenset: TokenSet) -> float:
+        """Perplexity (``exp`` of the mean next-token NLL; lower is better) of allocation
+        ``choice`` (int[L]; None = the dense model) over every sequence of ``tokenset``,
+        e.g. the held-out set. Causal language models only."""
+        if not self._adapter.is_causal_lm:
+            raise ValueError(
+                f"perplexity needs a causal language model, not a {self._adapter.family} encoder"
+            )
+        self._check_tokens(tokenset)
+        if tokenset.seq_len < 2:
+            raise ValueError(f"perplexity needs sequences of >= 2 tokens, got {tokenset.seq_len}")
+        params = self.model.params if choice is None else self.materialize(choice)
+        tokens = jnp.asarray(tokenset.tokens)
+        max_rows = max(1, self._max_rows * self.calibration.seq_len // tokenset.seq_len)
+        total = 0.0
+        for rows, w in _balanced_chunks(np.arange(tokenset.n_seq, dtype=np.int32), max_rows):
+            nll = _nll_program(self._adapter, params, tokens[rows], jnp.asarray(w, jnp.float32))
+            total += float(nll)
+        return float(math.exp(total / (tokenset.n_seq * (tokenset.seq_len - 1))))
+
+    @property
+    def teacher(self) -> TeacherData:
+        """The metric's teacher data for every calibration sequence (leading axis n_seq)."""
+        return self._teacher
+
+
+__all__ = ["EvalStats", "Evaluator"]
