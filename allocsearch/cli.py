@@ -105,8 +105,8 @@ def _fresh_dir(path: Path, overwrite: bool) -> Path:
 @handle_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/demo"),
-    target: Annotated[float, typer.Option(help="Fraction of the weights to remove.")] = 0.6,
-    generations: Annotated[int, typer.Option(help="EvoPress generations.")] = 40,
+    target: Annotated[float, typer.Option(help="Fraction of the weights to remove.")] = 0.7,
+    generations: Annotated[int, typer.Option(help="EvoPress generations.")] = 30,
     seed: Annotated[int, typer.Option(help="Seed of the search.")] = 0,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,

@@ -10,8 +10,8 @@ from pathlib import Path
 from rich.console import Console
 
 from allocsearch import pipeline
+from allocsearch.atomic import atomic_write_text
 from allocsearch.config import STRATEGIES, RunConfig
-from allocsearch.recipe.recipe import atomic_write_text
 from allocsearch.report import CompareRow, markdown_table
 from allocsearch.report.plots import plot_compare, plot_fitness_curves, plot_sparsity_profile
 
@@ -91,7 +91,7 @@ def compare_strategies(
     for s in scored:
         recipe = pipeline.recipe_from_choice(ws, store, budget, s.outcome)
         recipe.save(out / f"recipe-{s.outcome.strategy}.json", overwrite=True)
-    console.print(table)
+    console.print(table, soft_wrap=True, highlight=False, markup=False)
     return scored, dense_ppl
 
 

@@ -299,10 +299,10 @@ class Outcome:
 # CPU-scaled EvoPress defaults for the demo model (paper: 400 generations, 64 offspring,
 # survivors 8 -> 2 -> 1, 2048 -> 16384 -> 65536 tokens; see search/evolutionary.py).
 DEMO_EVOPRESS = {
-    "generations": 40,
+    "generations": 30,
     "offspring": 12,
     "survivors": [3, 1],
-    "tokens": [1024, 4096],
+    "tokens": [512, 2048],
 }
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from allocsearch.atomic import atomic_write_text
 from allocsearch.models.layers import ROLES, LayerInfo
 from allocsearch.supernet.spec import STRUCTURES
 
@@ -947,65 +947,6 @@ def check_against_model(recipe: Recipe, layers: Sequence[LayerInfo], fingerprint
 
 
 # ----------------------------------------------------------------------------- file writing
-
-
-def atomic_write_text(text: str, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Write ``text`` to ``path`` so that readers see the old file or the new, never half.
-
-    The text goes to a temporary file in the same directory, is flushed and fsynced, and
-    is then moved into place: ``os.replace`` when ``overwrite`` is True, otherwise a hard
-    link that fails if ``path`` exists (atomic no-clobber). The directory is fsynced too.
-
-    Raises:
-      FileExistsError: ``path`` exists and ``overwrite`` is False.
-      FileNotFoundError: the parent directory does not exist.
-    """
-    target = Path(path)
-    parent = target.parent
-    if not parent.is_dir():
-        raise FileNotFoundError(f"directory {os.fspath(parent)!r} does not exist")
-    if not overwrite and target.exists():
-        raise FileExistsError(f"{os.fspath(target)!r} exists; pass overwrite=True to replace it")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, target)
-        else:
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                raise FileExistsError(
-                    f"{os.fspath(target)!r} exists; pass overwrite=True to replace it"
-                ) from None
-            except OSError:
-                # Filesystem without hard links: fall back to check-then-replace.
-                if target.exists():
-                    raise FileExistsError(
-                        f"{os.fspath(target)!r} exists; pass overwrite=True to replace it"
-                    ) from None
-                os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _fsync_dir(parent)
-    return target
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 __all__ = [

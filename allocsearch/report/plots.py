@@ -20,7 +20,6 @@ import contextlib
 import io
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
+from allocsearch.atomic import atomic_write_bytes
 from allocsearch.models.layers import ROLES
 from allocsearch.recipe.recipe import Recipe
 from allocsearch.report.tables import (
@@ -77,44 +77,6 @@ def _check_target(path: str | os.PathLike[str], overwrite: bool) -> Path:
     return target
 
 
-def _write_atomic(data: bytes, target: Path, *, overwrite: bool) -> Path:
-    """Write ``data`` via a temporary file in the same directory, then move it in place.
-
-    The temporary file is flushed and fsynced, then moved: ``os.replace`` when
-    ``overwrite``, otherwise a hard link that fails if ``target`` appeared meanwhile
-    (atomic no-clobber; check-then-replace on filesystems without hard links). The
-    file gets mode 0644. The temporary file is removed on every path out, errors
-    included.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if hasattr(os, "fchmod"):  # mkstemp makes 0600; a figure is for sharing
-                os.fchmod(fh.fileno(), 0o644)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, target)
-        else:
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                raise FileExistsError(
-                    f"{os.fspath(target)!r} exists; pass overwrite=True to replace it"
-                ) from None
-            except OSError:
-                if target.exists():
-                    raise FileExistsError(
-                        f"{os.fspath(target)!r} exists; pass overwrite=True to replace it"
-                    ) from None
-                os.replace(tmp, target)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-    return target
-
-
 @contextlib.contextmanager
 def _figure(size_in: tuple[float, float]) -> Iterator[Figure]:
     """A figure on the Agg canvas, drawn under Matplotlib's default style."""
@@ -133,7 +95,7 @@ def _png_bytes(fig: Figure) -> bytes:
 
 
 def _save(fig: Figure, target: Path, overwrite: bool) -> Path:
-    return _write_atomic(_png_bytes(fig), target, overwrite=overwrite)
+    return atomic_write_bytes(_png_bytes(fig), target, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------- recipes

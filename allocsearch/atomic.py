@@ -1,0 +1,73 @@
+"""Atomic file writes: readers see the old file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write_bytes(
+    data: bytes, path: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same directory.
+
+    The temporary file is flushed, fsynced, given mode 0644 (``mkstemp`` makes 0600; what
+    we write is meant to be shared), then moved into place: ``os.replace`` when
+    ``overwrite``, otherwise a hard link that fails if ``path`` exists (atomic no-clobber;
+    check-then-replace on filesystems without hard links). The directory is fsynced; the
+    temporary file is removed on every way out, errors included.
+
+    Raises:
+      FileExistsError: ``path`` exists and ``overwrite`` is False.
+      FileNotFoundError: the parent directory does not exist.
+    """
+    target = Path(path)
+    parent = target.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"directory {os.fspath(parent)!r} does not exist")
+    exists = f"{os.fspath(target)!r} exists; pass overwrite=True (--overwrite) to replace it"
+    if not overwrite and target.exists():
+        raise FileExistsError(exists)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fh.fileno(), 0o644)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise FileExistsError(exists) from None
+            except OSError:
+                if target.exists():
+                    raise FileExistsError(exists) from None
+                os.replace(tmp, target)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    _fsync_dir(parent)
+    return target
+
+
+def atomic_write_text(text: str, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """:func:`atomic_write_bytes` of UTF-8 ``text`` (newlines written as ``\\n``)."""
+    return atomic_write_bytes(text.encode("utf-8"), path, overwrite=overwrite)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not supported on this platform
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
