@@ -36,10 +36,13 @@ class UserError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from allocsearch.distributed.ray_backend import WorkerFailedError, WorkerStartError
     from allocsearch.models.safetensors_io import SafetensorsError
 
     return (
         UserError,
+        WorkerStartError,
+        WorkerFailedError,
         ConfigError,
         ValueError,
         FileExistsError,
