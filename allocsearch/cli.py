@@ -324,9 +324,7 @@ def apply(
         physical=physical,
     )
     write_pruned(pruned, out, config_updates=updates, dtype=dtype, overwrite=overwrite)
-    out_console.print(
-        report if isinstance(report, str) else json.dumps(report, indent=2, default=str)
-    )
+    out_console.print(report.summary(), highlight=False)
     out_console.print(f"wrote {out}")
 
 
