@@ -42,13 +42,28 @@ def workdir(tmp_path_factory):
         (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 600)))
     config = {
         "model": str(root / "model"),
-        "data": {"calibration": str(corpus), "seq_len": 32, "n_calibration_seqs": 16,
-                 "n_heldout_seqs": 4},
-        "supernet": {"pruner": "magnitude", "center": 0.5, "steps_each_side": 2,
-                     "step_fraction": 0.1},
-        "search": {"target": 0.5, "strategy": "evopress",
-                   "settings": {"generations": 3, "offspring": 4, "survivors": [2, 1],
-                                "tokens": [64, 256]}},
+        "data": {
+            "calibration": str(corpus),
+            "seq_len": 32,
+            "n_calibration_seqs": 16,
+            "n_heldout_seqs": 4,
+        },
+        "supernet": {
+            "pruner": "magnitude",
+            "center": 0.5,
+            "steps_each_side": 2,
+            "step_fraction": 0.1,
+        },
+        "search": {
+            "target": 0.5,
+            "strategy": "evopress",
+            "settings": {
+                "generations": 3,
+                "offspring": 4,
+                "survivors": [2, 1],
+                "tokens": [64, 256],
+            },
+        },
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     return root
@@ -61,8 +76,9 @@ def run(*args):
 
 @pytest.fixture(scope="module")
 def supernet(workdir):
-    r = run("build", "--config", workdir / "config.yaml", "--out", workdir / "store",
-            "--no-progress")
+    r = run(
+        "build", "--config", workdir / "config.yaml", "--out", workdir / "store", "--no-progress"
+    )
     assert r.exit_code == 0, r.output
     return workdir / "store"
 
@@ -70,8 +86,16 @@ def supernet(workdir):
 @pytest.mark.slow
 def test_search_export_apply_eval(workdir, supernet):
     out = workdir / "run"
-    r = run("search", "--config", workdir / "config.yaml", "--supernet", supernet,
-            "--out", out, "--no-progress")
+    r = run(
+        "search",
+        "--config",
+        workdir / "config.yaml",
+        "--supernet",
+        supernet,
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert r.exit_code == 0, r.output
     recipe = Recipe.load(out / "recipe.json")
     assert abs(recipe.budget.achieved - 0.5) < 0.01 and not recipe.partial
@@ -80,21 +104,41 @@ def test_search_export_apply_eval(workdir, supernet):
     assert len(lines) == 3 and json.loads(lines[-1])["generation"] == 3
 
     # resume of a finished search continues from its last checkpoint and ends the same
-    r = run("search", "--config", workdir / "config.yaml", "--supernet", supernet,
-            "--out", out, "--resume", "--no-progress")
+    r = run(
+        "search",
+        "--config",
+        workdir / "config.yaml",
+        "--supernet",
+        supernet,
+        "--out",
+        out,
+        "--resume",
+        "--no-progress",
+    )
     assert r.exit_code == 0, r.output
     resumed = Recipe.load(out / "recipe.json")
     assert resumed.layers == recipe.layers and resumed.budget == recipe.budget
     assert resumed.provenance.fitness == recipe.provenance.fitness
 
-    r = run("export", out / "recipe.json", "--format", "llm-compressor",
-            "--out", workdir / "lc.yaml")
+    r = run(
+        "export", out / "recipe.json", "--format", "llm-compressor", "--out", workdir / "lc.yaml"
+    )
     assert r.exit_code == 0, r.output
     lc = yaml.safe_load((workdir / "lc.yaml").read_text())
     assert "sparsity_stage" in lc
 
-    r = run("apply", out / "recipe.json", "--config", workdir / "config.yaml",
-            "--model", workdir / "model", "--supernet", supernet, "--out", workdir / "pruned")
+    r = run(
+        "apply",
+        out / "recipe.json",
+        "--config",
+        workdir / "config.yaml",
+        "--model",
+        workdir / "model",
+        "--supernet",
+        supernet,
+        "--out",
+        workdir / "pruned",
+    )
     assert r.exit_code == 0, r.output
     pruned = load_model(workdir / "pruned")
     for entry in recipe.layers:
@@ -108,8 +152,18 @@ def test_search_export_apply_eval(workdir, supernet):
 @pytest.mark.slow
 def test_compare_writes_table_and_recipes(workdir, supernet):
     out = workdir / "compare"
-    r = run("compare", "--config", workdir / "config.yaml", "--supernet", supernet,
-            "--out", out, "--strategies", "uniform,erk,dp", "--no-progress")
+    r = run(
+        "compare",
+        "--config",
+        workdir / "config.yaml",
+        "--supernet",
+        supernet,
+        "--out",
+        out,
+        "--strategies",
+        "uniform,erk,dp",
+        "--no-progress",
+    )
     assert r.exit_code == 0, r.output
     table = (out / "compare.md").read_text()
     for name in ("uniform", "erk", "dp", "dense"):
@@ -148,3 +202,47 @@ def test_wrong_store_for_the_data_is_refused(workdir, supernet, tmp_path):
     r = run("search", "--config", other, "--supernet", supernet, "--out", tmp_path / "run")
     assert r.exit_code == 2
     assert "different calibration token set" in r.output
+
+
+class _InterruptAfter:
+    """Wraps an evaluator; raises KeyboardInterrupt (a Ctrl-C) on its n-th query."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n, self.calls = inner, n, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_partial_recipe_and_resume_finishes_the_same(workdir, supernet, monkeypatch):
+    from allocsearch import pipeline
+
+    args = ("search", "--config", workdir / "config.yaml", "--supernet", supernet, "--no-progress")
+    r = run(*args, "--out", workdir / "whole")
+    assert r.exit_code == 0, r.output
+    whole = Recipe.load(workdir / "whole" / "recipe.json")
+
+    make = pipeline.make_evaluator
+    # 2 queries per generation (two stages): interrupt inside generation 3
+    monkeypatch.setattr(pipeline, "make_evaluator", lambda ws, s: _InterruptAfter(make(ws, s), 6))
+    out = workdir / "interrupted"
+    r = run(*args, "--out", out)
+    assert r.exit_code == 130
+    partial = Recipe.load(out / "recipe.partial.json")
+    assert partial.partial and not (out / "recipe.json").exists()
+    assert abs(partial.budget.achieved - 0.5) < 0.01
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+
+    monkeypatch.setattr(pipeline, "make_evaluator", make)
+    r = run(*args, "--out", out, "--resume")
+    assert r.exit_code == 0, r.output
+    resumed = Recipe.load(out / "recipe.json")
+    assert resumed.layers == whole.layers and not resumed.partial
+    assert resumed.provenance.fitness == whole.provenance.fitness
