@@ -59,31 +59,23 @@ def np_log_softmax(x: np.ndarray) -> np.ndarray:
 
 def make_supernet(adapter, params, pruner_of, rng, *, extra_units=(), merged=(), skip=()):
     """Spec, variants and unit params for every prunable layer except ``skip``; layers in
-    ``merged`` (pairs of weight names) share one unit. Stats are random inputs."""
+    ``merged`` (pairs of weight names) share one unit. Statistics are of random inputs."""
+    layers = {lay.weight_name: lay for lay in adapter.layers(include_head=True)}
     variants = {}
-    for lay in adapter.layers(include_head=True):
-        if lay.weight_name in skip or (lay.role == "lm_head" and lay.name not in extra_units):
+    for name, lay in layers.items():
+        if name in skip or (lay.role == "lm_head" and lay.name not in extra_units):
             continue
         x = rng.normal(size=(48, lay.in_features)).astype(np.float32)
-        pruner = pruner_of(lay)
-        variants[lay.weight_name] = pruner.prune(
-            params[lay.weight_name], accumulate_stats(None, x), LEVELS
-        )
-    groups = [list(pair) for pair in merged]
+        stats = accumulate_stats(None, x)
+        variants[name] = pruner_of(lay).prune(params[name], stats, LEVELS)
     grouped = {n for pair in merged for n in pair}
-    groups += [[n] for n in variants if n not in grouped]
+    groups = [list(pair) for pair in merged] + [[n] for n in variants if n not in grouped]
     units = []
     for names in groups:
-        numel = sum(int(np.prod(params[n].shape)) for n in names)
-        layer = names[0].removesuffix(".weight")
-        block = (
-            int(layer.split(".")[2])
-            if layer.startswith(("model.layers.", "encoder.layer."))
-            else -1
-        )
-        units.append(
-            Unit(layer, "q", block, tuple(n.removesuffix(".weight") for n in names), numel, numel)
-        )
+        first = layers[names[0]]
+        numel = sum(layers[n].numel for n in names)
+        paths = tuple(layers[n].name for n in names)
+        units.append(Unit(first.name, first.role, first.block, paths, numel, numel))
     L = len(units)
     spec = SupernetSpec(
         tuple(units), np.tile(LEVELS, (L, 1)), np.ones((L, len(LEVELS)), bool), np.full(L, 2)
