@@ -4,8 +4,9 @@
     python scripts/bench_ray.py --workload matmul    # synthetic jitted matmul rows
 
 Every evaluator is limited to one core (the thread settings of
-:func:`allocsearch.distributed.ray_backend.worker_env`); the in-process backend runs in a
-child process with the same settings, so "Ray overhead" compares equal compute. Each
+:func:`allocsearch.distributed.ray_backend.worker_env` and CPU pinning,
+:func:`~allocsearch.distributed.ray_backend.pin_to_cpus`); the in-process backend runs in
+a child process with the same settings, so "Ray overhead" compares equal compute. Each
 backend is warmed up (compilation) before timing, and the backends are measured in
 interleaved rounds so that changes in the machine's load hit them alike. Prints, per
 backend, candidates per second (best and median query), CPU seconds per candidate of
@@ -222,7 +223,9 @@ def _measure(evaluate, num_units: int, args, pids: list[int], driver: int | None
 
 def _child(args) -> dict:
     """In the child process: pick the workload, time the in-process backend on it."""
-    from allocsearch.distributed.ray_backend import InProcessEvaluate
+    from allocsearch.distributed.ray_backend import InProcessEvaluate, pin_to_cpus
+
+    pin_to_cpus(0, 1)  # one core, as each Ray actor pins itself (before JAX starts)
 
     workload, note = args.workload, ""
     if workload == "auto":
@@ -293,6 +296,8 @@ def main() -> None:
             RayEvaluate(factory, workers=1) as ray1,
             RayEvaluate(factory, workers=2) as ray2,
         ):
+            for name, evaluate in ((names[1], ray1), (names[2], ray2)):
+                print(f"{name}: pinned to cores {[p['cpus'] for p in evaluate.placement]}")
             for r in range(args.rounds):
                 if r:
                     local = _in_process(args)

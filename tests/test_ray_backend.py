@@ -167,6 +167,7 @@ class _EnvProbe:
             probe = [
                 float(os.environ.get("OMP_NUM_THREADS", "nan")),
                 float("--xla_cpu_multi_thread_eigen=false" in flags),
+                float(len(os.sched_getaffinity(0))),
             ]
             return np.array(probe * len(choices))[: len(choices)]
 
@@ -175,6 +176,46 @@ class _EnvProbe:
 
 @pytest.mark.slow
 def test_actor_processes_get_the_thread_limits(ray_cluster):
-    with RayEvaluate(_EnvProbe(), workers=1) as evaluate:
-        got = evaluate(np.zeros((2, 3), np.int32), fidelity=1, batch_seed=0)
-    np.testing.assert_array_equal(got, [1.0, 1.0])
+    with RayEvaluate(_EnvProbe(), workers=2) as evaluate:
+        got = evaluate(np.zeros((6, 3), np.int32), fidelity=1, batch_seed=0)
+        cpus = [p["cpus"] for p in evaluate.placement]
+    np.testing.assert_array_equal(got, [1.0, 1.0, 1.0] * 2)  # 1 thread, flag set, 1 core
+    if len(os.sched_getaffinity(0)) >= 2:
+        # XLA sizes its thread pool by the CPUs a process may use: one core each, disjoint.
+        assert len(cpus[0]) == len(cpus[1]) == 1 and cpus[0] != cpus[1]
+    else:  # a one-core machine: nothing to pin
+        assert cpus == [None, None]
+
+
+_PIN_PROBE = """
+import os, threading, json
+from allocsearch.distributed.ray_backend import pin_to_cpus
+allowed = sorted(os.sched_getaffinity(0))
+t = threading.Thread(target=threading.Event().wait, args=(5,), daemon=True)
+t.start()  # a thread that exists before pinning is pinned too
+got = pin_to_cpus(1, 1)
+tasks = {tid: sorted(os.sched_getaffinity(int(tid))) for tid in os.listdir("/proc/self/task")}
+print(json.dumps({"allowed": allowed, "got": got, "tasks": tasks,
+                  "all": pin_to_cpus(0, len(allowed))}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+def test_pinning_moves_every_thread_to_the_slots_cores():
+    import json
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", _PIN_PROBE], capture_output=True, text=True, check=True
+    ).stdout
+    probe = json.loads(out)
+    allowed = probe["allowed"]
+    if len(allowed) == 1:
+        assert probe["got"] is None
+        return
+    assert probe["got"] == [allowed[1]]  # slot 1 of one core each = the second allowed core
+    assert len(probe["tasks"]) >= 2
+    assert all(cpus == [allowed[1]] for cpus in probe["tasks"].values())
+    assert probe["all"] is None  # asking for every allowed core pins nothing
+    with pytest.raises(ValueError, match="count must be >= 1, got 0"):
+        ray_backend.pin_to_cpus(0, 0)

@@ -12,10 +12,15 @@ evaluator whose score of a row depends only on that row, ``fidelity`` and ``batc
 This is the only module that imports ``ray``, and only inside functions, so
 ``import allocsearch`` never needs it (STYLE.md habit 8).
 
-Threads: each CPU actor runs its own JAX runtime; its XLA, OpenMP, MKL and OpenBLAS
-thread pools are limited to the actor's CPU share through environment variables set in
-the actor's ``runtime_env``, i.e. before ``jax`` is imported in that process. A GPU actor
-gets ``gpus_per_worker`` GPUs from Ray (Ray sets ``CUDA_VISIBLE_DEVICES``, JAX uses them).
+Threads: each CPU actor runs its own JAX runtime. Environment variables in the actor's
+``runtime_env`` size its OpenMP, MKL and OpenBLAS pools, but XLA's CPU runtime sizes its
+thread pool from the CPUs the process may run on, not from any variable, so a CPU actor
+also pins itself (Linux CPU affinity) to its own ``floor(cpus_per_worker)`` cores of its
+node before it builds its evaluator: actors on one node get disjoint cores while there
+are enough. Measured on a 2-core machine: without pinning one "1-CPU" actor used 1.8
+cores and two actors ran only 1.2x one (scripts/bench_ray.py). A GPU actor gets
+``gpus_per_worker`` GPUs from Ray (Ray sets ``CUDA_VISIBLE_DEVICES``, JAX uses them) and
+is not pinned.
 """
 
 from __future__ import annotations
@@ -94,23 +99,67 @@ def worker_env(cpus_per_worker: float, gpus_per_worker: float) -> dict[str, str]
     threads = max(1, math.floor(cpus_per_worker))
     env = {name: str(threads) for name in _THREAD_VARS}
     if gpus_per_worker == 0 and threads == 1:
-        env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
     if 0 < gpus_per_worker < 1:
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     return env
 
 
-class _EvaluatorActor:
-    """Body of one Ray actor: builds the evaluator once, then scores chunks of rows."""
+def pin_to_cpus(slot: int, count: int) -> list[int] | None:
+    """Restrict every thread of this process to ``count`` of the CPUs it may use.
 
-    def __init__(self, factory: EvaluatorFactory) -> None:
-        self._evaluate = factory()
+    Slot ``k`` gets the ``k``-th group of ``count`` CPUs of the process's current affinity
+    set (wrapping around when there are more slots than groups), so processes of one node
+    that take slots 0, 1, ... run on disjoint cores. Threads started later inherit the
+    set. Returns the CPUs, or ``None`` where nothing was pinned: no affinity support
+    (not Linux), or ``count`` covers every allowed CPU anyway.
+    """
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if count >= len(allowed):
+        return None
+    cpus = sorted({allowed[(slot * count + j) % len(allowed)] for j in range(count)})
+    try:
+        threads = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]
+    for tid in threads:
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:  # the thread ended meanwhile
+            pass
+    return cpus
+
+
+class _EvaluatorActor:
+    """Body of one Ray actor: pins itself, builds the evaluator once, scores chunks.
+
+    Construction does nothing, so that the driver can see where the actor landed
+    (:meth:`ready`) and give it a node-local CPU slot before :meth:`start` builds the
+    evaluator (and with it the JAX runtime, whose thread pool follows the affinity).
+    """
+
+    def __init__(self) -> None:
+        self._evaluate: Evaluate | None = None
 
     def ready(self) -> dict[str, Any]:
-        """Where the actor runs: ``pid`` and ``node`` (host name)."""
-        return {"pid": os.getpid(), "node": os.uname().nodename}
+        """Where the actor runs: ``pid`` and ``node`` (Ray node id)."""
+        import ray
+
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+
+    def start(self, factory: EvaluatorFactory, slot: int, pin: int) -> list[int] | None:
+        """Pin to ``pin`` CPUs of ``slot`` (``pin`` 0: no pinning), build the evaluator."""
+        cpus = pin_to_cpus(slot, pin) if pin else None
+        self._evaluate = factory()
+        return cpus
 
     def evaluate(self, choices: np.ndarray, fidelity: int, batch_seed: int) -> np.ndarray:
+        if self._evaluate is None:
+            raise RuntimeError("the evaluator of this actor was not built (start failed)")
         scores = self._evaluate(choices, fidelity=fidelity, batch_seed=batch_seed)
         return np.asarray(scores)
 
@@ -129,6 +178,9 @@ class RayEvaluate:
         ``ceil(workers * cpus_per_worker)`` CPUs. If this process is already connected to
         Ray (``ray.init`` was called), that connection is used and left open.
       cpus_per_worker: CPUs reserved per actor; its thread pools are limited to this many.
+      pin_cpus: pin each CPU actor to ``floor(cpus_per_worker)`` cores of its node,
+        disjoint from the other actors of this object on that node (see the module
+        docstring). Turn off when other jobs pin their processes on the same nodes.
       gpus_per_worker: GPUs per actor (0 for CPU actors; 0.5 lets two actors share one).
       max_retries: how many times one chunk may be re-dispatched after the actor scoring
         it died, per call, before :class:`WorkerFailedError` is raised.
@@ -155,6 +207,7 @@ class RayEvaluate:
         address: str | None = None,
         cpus_per_worker: float = 1.0,
         gpus_per_worker: float = 0.0,
+        pin_cpus: bool = True,
         max_retries: int = 3,
         start_timeout_s: float = 600.0,
     ) -> None:
@@ -176,6 +229,8 @@ class RayEvaluate:
         self.max_retries = max_retries
         self._owns_ray = False
         self._actors: list[Any] = []
+        self._slots: list[int] = []
+        self._pin = max(1, math.floor(cpus_per_worker)) if pin_cpus and not gpus_per_worker else 0
         if not ray.is_initialized():
             address = address or os.environ.get("RAY_ADDRESS") or None
             common = dict(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
@@ -198,7 +253,7 @@ class RayEvaluate:
                 runtime_env={"env_vars": worker_env(cpus_per_worker, gpus_per_worker)},
             )
             self._factory_ref = ray.put(factory)
-            self._actors = [self._actor_class.remote(self._factory_ref) for _ in range(workers)]
+            self._actors = [self._actor_class.remote() for _ in range(workers)]
             self.placement = self._wait_ready(start_timeout_s)
         except BaseException:
             self.close()
@@ -235,11 +290,30 @@ class RayEvaluate:
             )
 
     def _wait_ready(self, timeout_s: float) -> list[dict[str, Any]]:
-        """Block until every actor built its evaluator; ``ready()`` of each, in order."""
+        """Place the actors, give each a CPU slot on its node, build every evaluator.
+
+        Returns, per actor in order, ``pid``, ``node`` and ``cpus`` (the cores it is
+        pinned to, or ``None``).
+        """
+        deadline = time.monotonic() + timeout_s
+        placement = self._gather([a.ready.remote() for a in self._actors], deadline, timeout_s)
+        per_node: dict[str, int] = {}
+        for where in placement:
+            self._slots.append(per_node.get(where["node"], 0))
+            per_node[where["node"]] = self._slots[-1] + 1
+        refs = [
+            actor.start.remote(self._factory_ref, slot, self._pin)
+            for actor, slot in zip(self._actors, self._slots, strict=True)
+        ]
+        for where, cpus in zip(placement, self._gather(refs, deadline, timeout_s), strict=True):
+            where["cpus"] = cpus
+        return placement
+
+    def _gather(self, refs: list[Any], deadline: float, timeout_s: float) -> list[Any]:
         ray = self._ray
-        refs = [actor.ready.remote() for actor in self._actors]
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        placement: list[dict[str, Any]] = []
+        left = max(0.0, deadline - time.monotonic())
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=left)
+        values = []
         for i, ref in enumerate(refs):
             if ref in pending:
                 raise WorkerStartError(
@@ -249,18 +323,24 @@ class RayEvaluate:
                     "`ray status`"
                 )
             try:
-                placement.append(ray.get(ref))
-            except ray.exceptions.RayActorError as err:
+                values.append(ray.get(ref))
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
                 raise WorkerStartError(
                     f"evaluator actor {i} of {self.workers} could not be started: the "
                     f"factory {self._factory_repr} failed in the actor:\n{err}"
                 ) from err
-        return placement
+        return values
 
     def _restart(self, slot: int) -> None:
-        """Replace the (dead) actor in ``slot`` by a fresh one that rebuilds the evaluator."""
+        """Replace the (dead) actor in ``slot`` by a fresh one that rebuilds the evaluator.
+
+        The replacement takes the dead actor's CPU slot; its build runs before any chunk
+        sent to it (an actor runs one caller's calls in order).
+        """
         self._ray.kill(self._actors[slot], no_restart=True)
-        self._actors[slot] = self._actor_class.remote(self._factory_ref)
+        actor = self._actor_class.remote()
+        actor.start.remote(self._factory_ref, self._slots[slot], self._pin)
+        self._actors[slot] = actor
 
     def __call__(self, choices: np.ndarray, *, fidelity: int, batch_seed: int) -> np.ndarray:
         if not self._actors:
