@@ -15,6 +15,9 @@ set (``--data-seed``) and every strategy runs on it:
   evaluations at 4,096 tokens, measured once per setting and shared: the knapsack's
   wall time excludes the table, its evaluations count it);
 * EvoPress: 30 generations, 12 offspring, survivors 3 -> 1 on 512 -> 2,048 tokens;
+* dp+evopress: EvoPress as above, started from the DP allocation instead of uniform
+  (the search seeding that ``seed_from: dp`` configures); its evaluations include the
+  table's, its wall time does not;
 * Týr coarse-to-fine: 2 rounds of an expected-input supernet rebuilt around the current
   best (step 12.5% then 6.25%), each searched by EvoPress for 15 generations with the
   same offspring and stages, so Týr and EvoPress spend the same number of evaluations.
@@ -23,8 +26,9 @@ Seeds are the search seeds (EvoPress mutations and minibatches, Týr); the calib
 and held-out sets stay fixed unless ``--vary-data`` also sets the data seed, which
 rebuilds the supernet and the error table per seed. Strategies that use no random
 numbers (uniform, OWL, LAMP, ERK, DP, knapsack) run once per setting and are marked
-deterministic. Every finished run is appended to ``<out>/results.jsonl`` as soon as it is
-scored, and runs already there are skipped, so an interrupted benchmark resumes. The
+deterministic; ``--strategies`` picks a subset. Every finished run is appended to
+``<out>/results.jsonl`` as soon as it is scored, and runs already there are skipped, so
+an interrupted benchmark resumes. The
 report (``<out>/quality.md`` and one ``<out>/ppl-<setting>.png`` per setting) gives the
 median and min-max over seeds of held-out perplexity, calibration KL, evaluations and
 wall time, the dense model's perplexity, and the targets of issue 9 as measured.
@@ -57,7 +61,7 @@ SETTINGS = {
     "s25": ("heads_neurons", 0.25),
     "s50": ("heads_neurons", 0.5),
 }
-STRATEGIES = ("uniform", "owl", "lamp", "erk", "dp", "knapsack", "evopress", "tyr")
+STRATEGIES = ("uniform", "owl", "lamp", "erk", "dp", "knapsack", "evopress", "tyr", "dp+evopress")
 DETERMINISTIC = ("uniform", "owl", "lamp", "erk", "dp", "knapsack")
 EVOPRESS = dict(pipeline.DEMO_EVOPRESS)  # 30 generations
 TYR = {
@@ -136,6 +140,40 @@ def settings_of(strategy: str) -> dict:
     return {}
 
 
+def run_one(strategy, ws, store, budget, evaluator, tables, seed, work, args) -> pipeline.Outcome:
+    """One strategy's search. ``dp+evopress`` is EvoPress started from the DP allocation
+    (the table of seed 0, shared with dp/knapsack); its evaluations count the table's."""
+    common = dict(work_dir=work / f"tyr-seed-{seed}", progress=args.progress)
+    if strategy == "dp+evopress":
+        dp = pipeline.run_strategy(
+            "dp", ws, store, budget, evaluate=tables, seed=0, settings=settings_of("dp"), **common
+        )
+        evo = pipeline.run_strategy(
+            "evopress",
+            ws,
+            store,
+            budget,
+            evaluate=evaluator,
+            seed=seed,
+            settings=dict(settings_of("evopress"), start=dp.choice),
+            **common,
+        )
+        evo.strategy = strategy
+        evo.evaluations += dp.evaluations
+        evo.settings = dict(evo.settings, start="dp (seed 0 table)")
+        return evo
+    return pipeline.run_strategy(
+        strategy,
+        ws,
+        store,
+        budget,
+        evaluate=tables if strategy in ("dp", "knapsack") else evaluator,
+        seed=seed,
+        settings=settings_of(strategy),
+        **common,
+    )
+
+
 def run_setting(setting: str, seeds: list[int], strategies: list[str], args, console) -> None:
     results_path = args.out / "results.jsonl"
     done = {
@@ -171,19 +209,8 @@ def run_setting(setting: str, seeds: list[int], strategies: list[str], args, con
         for seed, strategy in todo:
             load0 = os.getloadavg()[0]
             console.print(f"[bold]{setting}[/] seed {seed}: {strategy} ...")
-            settings = settings_of(strategy)
             try:
-                outcome = pipeline.run_strategy(
-                    strategy,
-                    ws,
-                    store,
-                    budget,
-                    evaluate=tables if strategy in ("dp", "knapsack") else evaluator,
-                    seed=seed,
-                    settings=settings,
-                    work_dir=work / f"tyr-seed-{seed}",
-                    progress=args.progress,
-                )
+                outcome = run_one(strategy, ws, store, budget, evaluator, tables, seed, work, args)
             except Exception as err:  # noqa: BLE001 (record why a strategy cannot run here)
                 console.print(f"  {strategy} failed: {type(err).__name__}: {err}")
                 append_result(
@@ -280,7 +307,7 @@ def report(out: Path) -> str:
         # unstructured); the best closes >= 1/3 of the uniform-dense gap at 70%.
         base = {s: min(r["heldout_ppl"] for r in by[s]) for s in ("uniform", "owl") if s in by}
         if structure == "unstructured" and target >= 0.6 and base:
-            for s in ("evopress", "tyr"):
+            for s in ("evopress", "tyr", "dp+evopress"):
                 if s in by:
                     worst = max(r["heldout_ppl"] for r in by[s])
                     ok = all(worst < v for v in base.values())
