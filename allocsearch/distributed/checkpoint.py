@@ -198,13 +198,20 @@ class SearchCheckpointer:
             "saved_at_unix_s": time.time(),
         }
         ocp = self._ocp
-        self._manager.save(
-            generation,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(tree), summary=ocp.args.JsonSave(summary)
-            ),
-        )
-        self._manager.wait_until_finished()
+        try:
+            self._manager.save(
+                generation,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(tree), summary=ocp.args.JsonSave(summary)
+                ),
+            )
+            self._manager.wait_until_finished()
+        except Exception:
+            # A failed save (disk full, permissions) leaves orbax's temporary step directory;
+            # remove it now rather than at the next open.
+            for leftover in self.directory.glob(f"{generation}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            raise
         if not (self.directory / str(generation) / _COMMIT_MARKER).exists():
             raise RuntimeError(
                 f"orbax-checkpoint {ocp.__version__} wrote {self.directory / str(generation)} "

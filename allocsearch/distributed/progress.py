@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from allocsearch.atomic import atomic_write_text
 from allocsearch.distributed.checkpoint import SearchCheckpointer, json_float
 from allocsearch.search.base import Searcher
 
@@ -193,14 +193,10 @@ def read_log(log_path: str | Path) -> list[dict[str, Any]]:
 def _cut_log(log_path: Path, keep_through: int) -> float:
     """Keep the log's lines of generations <= ``keep_through``; their last ``wall_s``.
 
-    The file is rewritten atomically (temporary file + rename).
+    The file is rewritten atomically (:func:`~allocsearch.atomic.atomic_write_text`).
     """
     if not log_path.exists():
         return 0.0
     kept = [r for r in read_log(log_path) if r["generation"] <= keep_through]
-    tmp = log_path.with_name(log_path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in kept:
-            f.write(json.dumps(record) + "\n")
-    os.replace(tmp, log_path)
+    atomic_write_text("".join(json.dumps(r) + "\n" for r in kept), log_path, overwrite=True)
     return float(kept[-1]["wall_s"]) if kept else 0.0

@@ -232,7 +232,11 @@ def save_model(
         if path.exists():
             backup = path.with_name(f".{path.name}.old")
             os.replace(path, backup)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(backup, path)  # a failed save leaves the old model in place
+                raise
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, path)

@@ -415,7 +415,12 @@ class StoreWriter:
                 raise FileExistsError(f"{self.path} appeared during the build; not replacing it")
             backup = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}."))
             os.replace(self.path, backup / "old")
-            os.replace(tmp, self.path)
+            try:
+                os.replace(tmp, self.path)
+            except BaseException:
+                os.replace(backup / "old", self.path)  # a failed commit keeps the old store
+                os.rmdir(backup)
+                raise
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, self.path)
