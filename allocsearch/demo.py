@@ -1,5 +1,9 @@
 """`allocsearch demo` and `allocsearch compare`: several strategies on one supernet, scored
-on equal terms, written as a recipe, a markdown table and plots."""
+on equal terms, written as a recipe, a markdown table and plots.
+
+The searches score candidates on the configured backend (``cfg.backend``: Ray actors or
+in process); the final scoring of every outcome on the whole calibration set and its
+held-out perplexity run in this process."""
 
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ from allocsearch.atomic import atomic_write_text
 from allocsearch.config import STRATEGIES, RunConfig
 from allocsearch.report import CompareRow, markdown_table
 from allocsearch.report.plots import plot_compare, plot_fitness_curves, plot_sparsity_profile
+from allocsearch.search.base import Evaluate
+from allocsearch.search.budget import Budget
+from allocsearch.search_run import ray_evaluate, ray_layer_map
 
 
 def _settings_for(cfg: RunConfig, strategy: str, generations: int | None = None) -> dict:
@@ -25,6 +32,42 @@ def _settings_for(cfg: RunConfig, strategy: str, generations: int | None = None)
             s["generations"] = generations
         return s
     return {}
+
+
+def _run_strategies(
+    cfg: RunConfig,
+    ws: pipeline.Workspace,
+    store,
+    out: Path,
+    strategies: Sequence[str],
+    *,
+    budget: Budget,
+    evaluate: Evaluate,
+    progress: bool,
+    console: Console,
+    generations: int | None,
+) -> list[pipeline.Outcome]:
+    """Each strategy's outcome in order, its candidates scored by ``evaluate``."""
+    outcomes = []
+    for name in strategies:
+        t0 = time.perf_counter()
+        console.print(f"[bold]{name}[/]: searching ...")
+        outcome = pipeline.run_strategy(
+            name,
+            ws,
+            store,
+            budget,
+            evaluate=evaluate,
+            seed=cfg.search.seed,
+            settings=_settings_for(cfg, name, generations),
+            work_dir=out / "work",
+            progress=progress,
+        )
+        outcomes.append(outcome)
+        console.print(
+            f"  {name}: {outcome.evaluations} evaluations, {time.perf_counter() - t0:.1f} s"
+        )
+    return outcomes
 
 
 def compare_strategies(
@@ -40,28 +83,31 @@ def compare_strategies(
 ) -> tuple[list[pipeline.Scored], float]:
     """Run ``strategies`` on ``store``, score them on the whole calibration set and the
     held-out set, write compare.md / compare.png / fitness.png and one recipe per
-    strategy into ``out``. Returns the scored outcomes and the dense perplexity."""
+    strategy into ``out``. Returns the scored outcomes and the dense perplexity.
+
+    The searches score on Ray actors when ``cfg.backend.kind`` is ``"ray"`` (one set of
+    actors for all of them, started at the first query), else on this process's
+    evaluator."""
     budget = pipeline.make_budget(cfg.search, store.spec)
     evaluator = pipeline.make_evaluator(ws, store)
-    outcomes = []
-    for name in strategies:
-        t0 = time.perf_counter()
-        console.print(f"[bold]{name}[/]: searching ...")
-        outcome = pipeline.run_strategy(
-            name,
+    # Ray starts at the first query, so lists of baselines never start it
+    ray_eval = ray_evaluate(cfg, store.path, console) if cfg.backend.kind == "ray" else None
+    try:
+        outcomes = _run_strategies(
+            cfg,
             ws,
             store,
-            budget,
-            evaluate=evaluator,
-            seed=cfg.search.seed,
-            settings=_settings_for(cfg, name, generations),
-            work_dir=out / "work",
+            out,
+            strategies,
+            budget=budget,
+            evaluate=ray_eval if ray_eval is not None else evaluator,
             progress=progress,
+            console=console,
+            generations=generations,
         )
-        outcomes.append(outcome)
-        console.print(
-            f"  {name}: {outcome.evaluations} evaluations, {time.perf_counter() - t0:.1f} s"
-        )
+    finally:
+        if ray_eval is not None:
+            ray_eval.close()
     scored = pipeline.score_outcomes(ws, evaluator, outcomes, budget)
     dense_ppl = pipeline.heldout_perplexity(ws.model, ws.heldout)
     rows = [
@@ -116,7 +162,9 @@ def run_compare(
 def run_demo(
     cfg: RunConfig, out: Path, *, generations: int, progress: bool, console: Console
 ) -> None:
-    """Supernet -> EvoPress -> recipe, plots, and a table against uniform and OWL."""
+    """Supernet -> EvoPress -> recipe, plots, and a table against uniform and OWL; with
+    ``cfg.backend.kind == "ray"`` the supernet's layers are pruned and EvoPress's
+    candidates scored on Ray actors."""
     t0 = time.perf_counter()
     ws = pipeline.load_workspace(cfg)
     console.print(
@@ -125,7 +173,14 @@ def run_demo(
         f"{ws.calibration.n_tokens:,} tokens, held-out {ws.heldout.n_tokens:,} tokens"
     )
     console.print(f"building the supernet ({cfg.supernet.pruner}, 9 levels per layer) ...")
-    store = pipeline.build(ws, out / "supernet", overwrite=True, progress=progress)
+    layer_map = ray_layer_map(cfg, console) if cfg.backend.kind == "ray" else None
+    try:
+        store = pipeline.build(
+            ws, out / "supernet", overwrite=True, progress=progress, map_layers=layer_map
+        )
+    finally:
+        if layer_map is not None:
+            layer_map.close()
     console.print(f"  {store.num_bytes / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s")
     scored, dense_ppl = compare_strategies(
         cfg,

@@ -215,8 +215,12 @@ def build(
     target: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    map_layers: Callable[..., Any] | None = None,
 ) -> SupernetStore:
-    """Build the configured supernet of ``ws.model`` into ``out_dir``."""
+    """Build the configured supernet of ``ws.model`` into ``out_dir``; ``map_layers`` (a
+    :data:`~allocsearch.supernet.build.LayerMap`) runs each block's layer pruning (``None``:
+    one after the other here; a :class:`~allocsearch.distributed.ray_backend.RayLayerMap`:
+    on Ray actors)."""
     cfg = ws.config.supernet
     grid = make_grid(cfg, ws.model, target=cfg.center if target is None else target)
     return build_supernet(
@@ -230,6 +234,7 @@ def build(
         batch_size=BUILD_BATCH,
         progress=progress,
         overwrite=overwrite,
+        map_layers=map_layers,
     )
 
 

@@ -9,15 +9,24 @@ sequences of 256 bytes from the demo corpus. Uses the bundled demo model
     python scripts/bench_supernet.py [--pruner sparsegpt|wanda|magnitude]
         [--input-mode dense|expected|centre] [--n-seq 64] [--seq-len 256] [--batch-size 16]
         [--storage-dtype float32|bfloat16] [--model DIR] [--blocks N] [--keep DIR]
+        [--workers N] [--check-serial]
 
 Prints seconds per block (block 0 includes the JIT compilation of the block and of every
 pruner shape), the total, the store size and the process's peak resident memory; no
 verdicts.
+
+``--workers N`` prunes each block's layers on N pinned 1-CPU Ray actors
+(:class:`~allocsearch.distributed.ray_backend.RayLayerMap`, on a local Ray instance
+started here; its start-up is timed apart from the build); ``--check-serial`` then also
+builds serially and reports whether the two stores are the same byte for byte. Serial vs
+2 workers: run ``--workers 0`` and ``--workers 2`` (or ``--workers 2 --check-serial``,
+which times both in one process, the serial build second).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import shutil
 import sys
@@ -78,6 +87,14 @@ def main() -> None:
     )
     ap.add_argument("--keep", type=Path, default=None, help="write the store here and keep it")
     ap.add_argument("--progress", action="store_true", help="show the progress bar")
+    ap.add_argument(
+        "--workers", type=int, default=0, help="Ray actors pruning layers (0: serial, in process)"
+    )
+    ap.add_argument(
+        "--check-serial",
+        action="store_true",
+        help="with --workers: also build serially and compare the stores byte for byte",
+    )
     args = ap.parse_args()
 
     model, what = demo_model(args.model, args.blocks)
@@ -101,24 +118,42 @@ def main() -> None:
     rss_before = peak_rss()
     root = Path(tempfile.mkdtemp(prefix="bench_supernet."))
     out = args.keep or root / "store"
-    try:
-        t0 = time.perf_counter()
-        store = build_supernet(
-            model,
-            calibration,
-            pruner=PRUNERS[args.pruner](),
-            grid=grid,
-            structure="unstructured",
-            input_mode=args.input_mode,
-            out_dir=out,
-            batch_size=args.batch_size,
-            progress=args.progress,
-            overwrite=args.keep is not None,
-            storage_dtype=args.storage_dtype,
-        )
-        total = time.perf_counter() - t0
+    with contextlib.ExitStack() as stack:
+        layer_map = None
+        if args.workers:
+            from allocsearch.distributed.ray_backend import RayLayerMap
+
+            t0 = time.perf_counter()
+            layer_map = stack.enter_context(RayLayerMap(workers=args.workers))
+            cores = [p["cpus"] for p in layer_map.placement]
+            print(
+                f"Ray: {args.workers} layer actors (1 CPU each, cores {cores}) started in "
+                f"{time.perf_counter() - t0:.1f} s"
+            )
+        stack.callback(shutil.rmtree, root, ignore_errors=True)
+
+        def build(where: Path, map_layers) -> tuple[object, float]:
+            t0 = time.perf_counter()
+            store = build_supernet(
+                model,
+                calibration,
+                pruner=PRUNERS[args.pruner](),
+                grid=grid,
+                structure="unstructured",
+                input_mode=args.input_mode,
+                out_dir=where,
+                batch_size=args.batch_size,
+                progress=args.progress,
+                overwrite=args.keep is not None,
+                storage_dtype=args.storage_dtype,
+                map_layers=map_layers,
+            )
+            return store, time.perf_counter() - t0
+
+        store, total = build(out, layer_map)
         per_block = store.manifest["build"]["seconds_per_block"]
-        print("\n| block | seconds |\n|---:|---:|")
+        how = f"{args.workers} Ray workers" if args.workers else "serial, in process"
+        print(f"\n| block | seconds ({how}) |\n|---:|---:|")
         for b, s in enumerate(per_block):
             note = " (incl. compilation)" if b == 0 else ""
             print(f"| {b} | {s:.2f}{note} |")
@@ -132,8 +167,18 @@ def main() -> None:
             f"peak resident memory: {mib(peak_rss())} "
             f"(before the build, with model and calibration loaded: {mib(rss_before)})"
         )
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if args.workers and args.check_serial:
+            serial, serial_total = build(root / "serial", None)
+            files = sorted(p.name for p in store.path.iterdir() if p.name != "manifest.json")
+            same = files == sorted(
+                p.name for p in serial.path.iterdir() if p.name != "manifest.json"
+            ) and all(
+                (store.path / f).read_bytes() == (serial.path / f).read_bytes() for f in files
+            )
+            print(
+                f"serial build: {serial_total:.1f} s (ratio serial / {args.workers} workers: "
+                f"{serial_total / total:.2f}); stores identical byte for byte: {same}"
+            )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
-"""Ray backend: same scores as in process, actor deaths survived, clear start-up errors.
+"""Ray backend: same scores as in process, actor deaths survived, clear start-up errors,
+what ``workers="auto"`` means, and the layer map of the supernet build.
 
-One local Ray instance (2 CPUs) is shared by the whole module; tests that need Ray are
-marked slow (Ray and actor start-up take seconds) and still run in CI.
+One local Ray instance (4 logical CPUs) is shared by most of the module; tests that need
+Ray are marked slow (Ray and actor start-up take seconds) and still run in CI.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import jax
@@ -29,8 +31,12 @@ from allocsearch.distributed.local import run_search
 from allocsearch.distributed.ray_backend import (
     InProcessEvaluate,
     RayEvaluate,
+    RayLayerMap,
     WorkerFailedError,
+    WorkerPlan,
     WorkerStartError,
+    auto_worker_plan,
+    local_cpu_count,
     worker_env,
 )
 from allocsearch.search.dp import TableSearcher
@@ -85,10 +91,65 @@ def test_in_process_backend_is_the_evaluator_itself():
 
 
 def test_invalid_settings_are_refused_before_starting_anything():
-    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="workers must be an integer >= 1 or 'auto', got 0"):
         RayEvaluate(AdditiveFactory(), workers=0)
+    with pytest.raises(ValueError, match="workers must be an integer >= 1 or 'auto', got 'all'"):
+        RayEvaluate(AdditiveFactory(), workers="all")
     with pytest.raises(ValueError, match="max_retries must be >= 0, got -1"):
         RayEvaluate(AdditiveFactory(), workers=1, max_retries=-1)
+    with pytest.raises(ValueError, match="workers must be an integer >= 1 or 'auto', got 1.5"):
+        RayLayerMap(workers=1.5)
+
+
+@pytest.mark.parametrize(
+    "resources, kwargs, plan",
+    [
+        # a local instance: one 1-CPU actor per core this process may use
+        ({"CPU": 2.0}, {}, WorkerPlan(2, 1.0, 0.0)),
+        # a cluster without GPUs: one per CPU (totals over the nodes), fractional CPUs cut
+        ({"CPU": 48.0, "memory": 1e11, "object_store_memory": 1e10}, {}, WorkerPlan(48, 1.0, 0.0)),
+        ({"CPU": 7.5}, {"cpus_per_worker": 2.0}, WorkerPlan(3, 2.0, 0.0)),
+        ({"CPU": 0.3}, {"cpus_per_worker": 0.1}, WorkerPlan(3, 0.1, 0.0)),  # 0.3/0.1 < 3
+        # a cluster with GPUs: one actor per GPU, 1 GPU and 1 CPU each
+        ({"CPU": 64.0, "GPU": 8.0}, {}, WorkerPlan(8, 1.0, 1.0)),
+        ({"CPU": 64.0, "GPU": 8.0}, {"cpus_per_worker": 4.0}, WorkerPlan(8, 4.0, 1.0)),
+        ({"CPU": 64.0, "GPU": 8.0}, {"gpus_per_worker": 0.5}, WorkerPlan(16, 1.0, 0.5)),
+        ({"CPU": 3.0, "GPU": 8.0}, {}, WorkerPlan(3, 1.0, 1.0)),  # as many as CPUs can feed
+        ({"CPU": 64.0, "GPU": 8.0}, {"gpus_per_worker": 0.0}, WorkerPlan(64, 1.0, 0.0)),
+        ({"CPU": 4.0, "GPU": 0.5}, {}, WorkerPlan(4, 1.0, 0.0)),  # no whole GPU: CPU actors
+    ],
+)
+def test_auto_workers_from_the_resources(resources, kwargs, plan):
+    assert auto_worker_plan(resources, **kwargs) == plan
+
+
+def test_auto_workers_that_do_not_fit_are_refused():
+    with pytest.raises(WorkerStartError, match=r"no room for one actor of 1 CPU and 0 GPU .*0\.5"):
+        auto_worker_plan({"CPU": 0.5})
+    with pytest.raises(WorkerStartError, match=r"no room for one actor of 1 CPU and 1 GPU"):
+        auto_worker_plan({"CPU": 8.0}, gpus_per_worker=1.0)
+
+
+def test_driver_like_env_copies_this_process_thread_settings(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    env = ray_backend.driver_like_env()
+    n = str(local_cpu_count())
+    assert env == {
+        "OMP_NUM_THREADS": "3",
+        "MKL_NUM_THREADS": n,
+        "OPENBLAS_NUM_THREADS": n,
+        "XLA_FLAGS": "",  # not the 1-CPU actors' --xla_cpu_multi_thread_eigen=false
+    }
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert ray_backend.driver_like_env()["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+
+
+def test_local_cpu_count_is_the_affinity_set():
+    want = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert local_cpu_count() == want >= 1
 
 
 @pytest.mark.slow
@@ -219,3 +280,85 @@ def test_pinning_moves_every_thread_to_the_slots_cores():
     assert probe["all"] is None  # asking for every allowed core pins nothing
     with pytest.raises(ValueError, match="count must be >= 1, got 0"):
         ray_backend.pin_to_cpus(0, 0)
+
+
+# --------------------------------------------------------------------------- layer map
+
+
+def _slow_square(x: int) -> int:
+    """x * x after a pause that is longest for the first items (so later ones finish first)."""
+    time.sleep(0.02 * (4 - x % 5))
+    return x * x
+
+
+def _check_positive(x: int) -> int:
+    if x < 0:
+        raise ValueError(f"x = {x} must be >= 0")
+    return x
+
+
+@dataclass(frozen=True)
+class _DieOnce:
+    """fn(x) = x + 1, except that the first call anywhere kills its process (os._exit) and
+    leaves ``marker`` with the process id."""
+
+    marker: str
+
+    def __call__(self, x: int) -> int:
+        if not os.path.exists(self.marker):
+            with open(self.marker, "w") as f:
+                f.write(str(os.getpid()))
+            os._exit(1)
+        return x + 1
+
+
+@pytest.mark.slow
+def test_layer_map_returns_results_in_item_order_and_survives_a_death(ray_cluster, tmp_path):
+    marker = tmp_path / "died"
+    with RayLayerMap(workers=2, max_retries=1) as layer_map:
+        pids = {p["pid"] for p in layer_map.placement}
+        assert len(pids) == 2
+        got = layer_map(_slow_square, range(11))
+        assert not isinstance(got, list)  # lazy: consumed as results arrive
+        assert list(got) == [x * x for x in range(11)]
+        assert list(layer_map(_slow_square, [])) == []
+        # the first call kills its actor; the item goes to a live or a fresh actor
+        assert list(layer_map(_DieOnce(str(marker)), range(6))) == [1, 2, 3, 4, 5, 6]
+        assert int(marker.read_text()) in pids
+        # an exception of the called function reaches the caller as itself
+        with pytest.raises(ValueError, match=r"^x = -1 must be >= 0$") as info:
+            list(layer_map(_check_positive, [1, -1, 2]))
+        assert type(info.value) is ValueError
+    with pytest.raises(RuntimeError, match="this RayLayerMap was closed"):
+        layer_map(_slow_square, range(3))
+
+
+_AUTO_PROBE = """
+import functools, json, operator, ray
+from allocsearch.distributed.ray_backend import RayLayerMap, local_cpu_count
+with RayLayerMap(workers="auto") as m:  # starts a local instance
+    probe = {"workers": m.workers, "share": [m.cpus_per_worker, m.gpus_per_worker],
+             "cpus": [p["cpus"] for p in m.placement], "local": local_cpu_count(),
+             "out": list(m(functools.partial(operator.mul, 3), range(5)))}
+probe["still_up"] = ray.is_initialized()  # False: it started the instance, so it stopped it
+print(json.dumps(probe))
+"""
+
+
+@pytest.mark.slow
+def test_auto_on_a_new_local_instance_is_one_actor_per_core():
+    """In a fresh process (this one holds the module's instance): the backend starts a
+    local instance with one 1-CPU actor per core of the process's affinity set, pinned
+    apart, and stops it at the end. (On a running instance or a cluster, auto is
+    :func:`auto_worker_plan` of its resources, tested above.)"""
+    import json
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", _AUTO_PROBE], capture_output=True, text=True, check=True
+    ).stdout
+    probe = json.loads(out.strip().splitlines()[-1])
+    assert probe["workers"] == probe["local"] and probe["share"] == [1.0, 0.0]
+    assert probe["out"] == [0, 3, 6, 9, 12] and not probe["still_up"]
+    if probe["local"] > 1:
+        assert sorted(c for cpus in probe["cpus"] for c in cpus) == sorted(os.sched_getaffinity(0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import pickle
 import weakref
 
 import jax
@@ -528,3 +529,148 @@ def test_corrupt_input_norms_are_refused(model, calib, grid, tmp_path):
     f.write_bytes(bytes(data))
     with pytest.raises(StoreError, match="checksum mismatch in 'input_norms.safetensors'"):
         SupernetStore.open(store.path)
+
+
+# --------------------------------------------------------------------------- map_layers
+
+
+def assert_same_store(a: SupernetStore, b: SupernetStore) -> None:
+    """Bit-identical stores: every variant and norm file byte for byte, and the same
+    manifest apart from the build timings."""
+    names = sorted(p.name for p in a.path.iterdir())
+    assert names == sorted(p.name for p in b.path.iterdir())
+    for name in names:
+        if name != "manifest.json":
+            assert (a.path / name).read_bytes() == (b.path / name).read_bytes(), name
+    ma, mb = a.manifest, b.manifest
+    for m in (ma, mb):
+        del m["build"]["seconds_per_block"], m["build"]["seconds_total"]
+    assert ma == mb
+
+
+def reversed_map(fn, tasks):
+    """Runs the tasks last to first (so no task can lean on an earlier one), returns the
+    results in task order."""
+    tasks = list(tasks)
+    return [fn(t) for t in reversed(tasks)][::-1]
+
+
+def pickled_map(fn, tasks):
+    """What a process pool does to the tasks: fn and every task pickled, the results too."""
+    for task in tasks:
+        yield pickle.loads(
+            pickle.dumps(pickle.loads(pickle.dumps(fn))(pickle.loads(pickle.dumps(task))))
+        )
+
+
+@pytest.mark.parametrize(
+    "pruner, mode",
+    [("sparsegpt", "dense"), ("wanda", "expected"), ("sparsegpt", "centre")],
+)
+@pytest.mark.parametrize("layer_map", [reversed_map, pickled_map])
+def test_any_layer_map_builds_the_serial_store(
+    build, model, calib, grid, tmp_path, pruner, mode, layer_map
+):
+    pruners = {"wanda": WandaPruner(), "sparsegpt": SparseGPTPruner(blocksize=8)}
+    store = build_supernet(
+        model,
+        calib,
+        pruner=pruners[pruner],
+        grid=grid,
+        structure="unstructured",
+        input_mode=mode,
+        out_dir=tmp_path / "s",
+        batch_size=BATCH,
+        progress=False,
+        map_layers=layer_map,
+    )
+    assert_same_store(store, build(pruner, mode))
+
+
+def test_structured_units_pickle_for_a_layer_map(model, calib, structured_store, tmp_path):
+    serial, g = structured_store
+    store = build_supernet(
+        model,
+        calib,
+        pruner=functools.partial(StructuredPruner, round_size=8),
+        grid=g,
+        structure="heads_neurons",
+        input_mode="expected",
+        out_dir=tmp_path / "s",
+        batch_size=BATCH,
+        progress=False,
+        map_layers=pickled_map,
+    )
+    assert_same_store(store, serial)
+
+
+def test_a_layer_map_that_drops_results_is_an_error(model, calib, grid, tmp_path):
+    with pytest.raises(ValueError, match=r"returned fewer results than the 7 units of block 0"):
+        build_supernet(
+            model,
+            calib,
+            pruner=MagnitudePruner(),
+            grid=grid,
+            structure="unstructured",
+            input_mode="dense",
+            out_dir=tmp_path / "s",
+            batch_size=BATCH,
+            progress=False,
+            map_layers=lambda fn, tasks: map(fn, list(tasks)[:-1]),
+        )
+    with pytest.raises(ValueError, match=r"map_layers must be a callable like map"):
+        build_supernet(
+            model,
+            calib,
+            pruner=MagnitudePruner(),
+            grid=grid,
+            structure="unstructured",
+            input_mode="dense",
+            out_dir=tmp_path / "s",
+            batch_size=BATCH,
+            progress=False,
+            map_layers=4,
+        )
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_ray_layer_map_builds_the_serial_store_bit_for_bit(build, model, calib, grid, tmp_path):
+    """Two pinned 1-CPU Ray actors prune the layers of each block (SparseGPT: Cholesky
+    factorisations and weight updates in other processes); the store is the one the serial
+    build writes (a local Ray instance started and stopped here). Also one layer of the
+    demo model's widths (256 x 704), where XLA's and OpenBLAS's thread pools matter: the
+    actors start them with this process's sizes (``like_driver``), so the variants agree
+    bit for bit there too."""
+    from allocsearch.distributed.ray_backend import RayLayerMap
+    from allocsearch.supernet.build import _plans, _prune_task, _UnitTask
+
+    demo_widths = adapter_for_config({**CFG, "hidden_size": 256, "intermediate_size": 704})
+    down = next(p for p in _plans(demo_widths, "unstructured") if p.unit.role == "down")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 64, 704)).astype(np.float32)
+    task = _UnitTask(
+        plan=down,
+        weight=jnp.asarray(rng.uniform(-0.04, 0.04, size=(256, 704)), jnp.float32),
+        stats=accumulate_stats(None, x),
+        levels=np.array([0.25, 0.375, 0.5, 0.625, 0.75]),
+    )
+    prune = functools.partial(_prune_task, SparseGPTPruner())
+    with RayLayerMap(workers=2) as layer_map:
+        store = build_supernet(
+            model,
+            calib,
+            pruner=SparseGPTPruner(blocksize=8),
+            grid=grid,
+            structure="unstructured",
+            input_mode="dense",
+            out_dir=tmp_path / "s",
+            batch_size=BATCH,
+            progress=False,
+            map_layers=layer_map,
+        )
+        [remote] = layer_map(prune, [task])
+    assert_same_store(store, build("sparsegpt", "dense"))
+    local = prune(task)
+    assert list(remote) == list(local) == [down.primary.weight_name]
+    assert_same_variants(remote[down.primary.weight_name], local[down.primary.weight_name])

@@ -1,13 +1,20 @@
-"""Execution backends for an :class:`~allocsearch.search.base.Evaluate`: in process and on Ray.
+"""Execution backends: in process and on Ray, for scoring candidates and building supernets.
 
-Both take an *evaluator factory*: a small picklable zero-argument callable (paths and
-settings, or object-store references) that builds the evaluator, i.e. loads the model,
-token sets and supernet. :class:`InProcessEvaluate` calls it once in this process;
-:class:`RayEvaluate` calls it once in each of ``workers`` Ray actors and splits every
-query's rows over them. Both are ``Evaluate`` callables, so
-:func:`~allocsearch.distributed.local.run_search` runs unchanged on either, and for an
-evaluator whose score of a row depends only on that row, ``fidelity`` and ``batch_seed``
-(the ``Evaluate`` contract), both return identical scores.
+Scoring: both backends of an :class:`~allocsearch.search.base.Evaluate` take an *evaluator
+factory*: a small picklable zero-argument callable (paths and settings, or object-store
+references) that builds the evaluator, i.e. loads the model, token sets and supernet.
+:class:`InProcessEvaluate` calls it once in this process; :class:`RayEvaluate` calls it
+once in each of ``workers`` Ray actors and splits every query's rows over them. Both are
+``Evaluate`` callables, so :func:`~allocsearch.distributed.local.run_search` runs
+unchanged on either, and for an evaluator whose score of a row depends only on that row,
+``fidelity`` and ``batch_seed`` (the ``Evaluate`` contract), both return identical scores.
+
+Building: :class:`RayLayerMap` is a ``map(fn, items)`` over Ray actors, the ``map_layers``
+of :func:`~allocsearch.supernet.build.build_supernet` (the serial default is ``map``).
+
+Workers: an integer, or ``"auto"``: one actor per CPU core this process may use on a new
+local Ray instance; on an existing cluster one per CPU, or one per GPU when the cluster
+has GPUs (:func:`auto_worker_plan`).
 
 This is the only module that imports ``ray``, and only inside functions, so
 ``import allocsearch`` never needs it (STYLE.md habit 8).
@@ -21,20 +28,31 @@ are enough. Measured on a 2-core machine: without pinning one "1-CPU" actor used
 cores and two actors ran only 1.2x one (scripts/bench_ray.py). A GPU actor gets
 ``gpus_per_worker`` GPUs from Ray (Ray sets ``CUDA_VISIBLE_DEVICES``, JAX uses them) and
 is not pinned.
+
+Numerics: XLA's and OpenBLAS's blocking depends on the size of their thread pools, so a
+1-thread actor can compute a result that differs from the driver's in the last bits. The
+evaluator's scores do not (measured on the demo supernet: identical), but SparseGPT's
+pruned weights do, and a few masks with them. :class:`RayLayerMap` therefore starts its
+actors' pools with the driver's sizes before pinning them (``like_driver``), which makes
+a Ray-built supernet the serial build's byte for byte (measured on the demo model and
+tested on one layer of its widths).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from allocsearch.config import AUTO_WORKERS as AUTO
 from allocsearch.search.base import Evaluate
 
 EvaluatorFactory = Callable[[], Evaluate]
@@ -44,6 +62,13 @@ EvaluatorFactory = Callable[[], Evaluate]
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # Seconds to wait for busy cluster resources to become free before refusing to start.
 _RESOURCE_WAIT_S = 20.0
+# ray.init settings shared by every start or join.
+_RAY_INIT: dict[str, Any] = dict(
+    include_dashboard=False, log_to_driver=False, ignore_reinit_error=True
+)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class WorkerStartError(RuntimeError):
@@ -122,6 +147,11 @@ def pin_to_cpus(slot: int, count: int) -> list[int] | None:
     if count >= len(allowed):
         return None
     cpus = sorted({allowed[(slot * count + j) % len(allowed)] for j in range(count)})
+    _set_affinity_of_all_threads(cpus)
+    return cpus
+
+
+def _set_affinity_of_all_threads(cpus: Sequence[int]) -> None:
     try:
         threads = [int(t) for t in os.listdir("/proc/self/task")]
     except OSError:
@@ -131,19 +161,126 @@ def pin_to_cpus(slot: int, count: int) -> list[int] | None:
             os.sched_setaffinity(tid, cpus)
         except OSError:  # the thread ended meanwhile
             pass
-    return cpus
 
 
-class _EvaluatorActor:
-    """Body of one Ray actor: pins itself, builds the evaluator once, scores chunks.
+def driver_like_env() -> dict[str, str]:
+    """Environment variables for actors that must compute like this process: its XLA flags
+    and thread-pool sizes (:data:`_THREAD_VARS`, default: :func:`local_cpu_count`)."""
+    env = {name: os.environ.get(name, str(local_cpu_count())) for name in _THREAD_VARS}
+    env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")
+    return env
+
+
+def start_runtimes_on(count: int) -> None:
+    """Start JAX's CPU client and load LAPACK/BLAS while this process may run on ``count``
+    of its CPUs, so that their thread pools get ``count`` threads (XLA sizes its pool from
+    the affinity set, OpenBLAS from it or its variables); the affinity is restored after.
+
+    An actor that starts its runtimes with the driver's core count and the driver's
+    environment (:func:`driver_like_env`) computes what the driver computes bit for bit
+    (XLA's and OpenBLAS's blocking depends on the pool size), even when pinned to one core
+    afterwards. Nothing happens where there is no affinity support.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    allowed = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, allowed[: max(1, count)])
+    try:
+        import jax
+        import scipy.linalg  # noqa: F401  (jax's CPU LAPACK kernels come from scipy's)
+
+        jax.local_devices(backend="cpu")
+    finally:
+        _set_affinity_of_all_threads(allowed)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How many Ray actors to start and what each one reserves.
+
+    Attributes:
+      workers: number of actors, >= 1.
+      cpus_per_worker: CPUs each actor reserves (its thread pools get this many threads).
+      gpus_per_worker: GPUs each actor reserves (0: a CPU actor).
+    """
+
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+
+
+def local_cpu_count() -> int:
+    """CPU cores this process may run on: its affinity set on Linux, else ``os.cpu_count()``."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def auto_worker_plan(
+    resources: Mapping[str, float],
+    *,
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float | None = None,
+) -> WorkerPlan:
+    """What ``workers="auto"`` means on a Ray instance with ``resources``.
+
+    Args:
+      resources: the instance's total resources by Ray name (``"CPU"``, ``"GPU"``): for a
+        cluster ``ray.cluster_resources()``; for a local instance about to be started
+        ``{"CPU": local_cpu_count()}``.
+      cpus_per_worker: CPUs per actor, > 0.
+      gpus_per_worker: GPUs per actor; ``None``: 1 when ``resources`` has at least one GPU,
+        else 0.
+
+    Returns:
+      GPU actors (``gpus_per_worker > 0``): as many as the GPUs hold and the CPUs can feed,
+      ``min(floor(GPU / gpus_per_worker), floor(CPU / cpus_per_worker))``. CPU actors:
+      ``floor(CPU / cpus_per_worker)``, one per core with the default 1 CPU. Totals are
+      used: on a cluster whose nodes cannot each hold a whole number of actors, fewer may
+      be placeable (pass an explicit ``workers`` then).
+
+    Raises:
+      WorkerStartError: not even one actor fits (the message lists ``resources``).
+    """
+    if not cpus_per_worker > 0:
+        raise ValueError(f"cpus_per_worker must be > 0, got {cpus_per_worker}")
+    if gpus_per_worker is not None and gpus_per_worker < 0:
+        raise ValueError(f"gpus_per_worker must be >= 0 or None, got {gpus_per_worker}")
+    cpus = float(resources.get("CPU", 0.0))
+    gpus = float(resources.get("GPU", 0.0))
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if gpus >= 1.0 else 0.0
+    # 1e-9: shares such as 0.1 do not divide totals exactly in binary
+    workers = math.floor(cpus / cpus_per_worker + 1e-9)
+    if gpus_per_worker > 0:
+        workers = min(workers, math.floor(gpus / gpus_per_worker + 1e-9))
+    if workers < 1:
+        raise WorkerStartError(
+            f"workers='auto': no room for one actor of {cpus_per_worker:g} CPU and "
+            f"{gpus_per_worker:g} GPU on a Ray instance with {dict(resources)}; give the "
+            "instance more resources or ask for smaller actors"
+        )
+    return WorkerPlan(workers, float(cpus_per_worker), float(gpus_per_worker))
+
+
+def _check_workers(workers: int | str) -> None:
+    if workers == AUTO:
+        return
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1 or {AUTO!r}, got {workers!r}")
+
+
+class _WorkerActor:
+    """Body of one Ray actor: pins itself, builds its object once, runs calls.
 
     Construction does nothing, so that the driver can see where the actor landed
     (:meth:`ready`) and give it a node-local CPU slot before :meth:`start` builds the
-    evaluator (and with it the JAX runtime, whose thread pool follows the affinity).
+    object (an evaluator, or nothing) and with it the JAX runtime, whose thread pool
+    follows the affinity.
     """
 
     def __init__(self) -> None:
-        self._evaluate: Evaluate | None = None
+        self._built: Any = None
 
     def ready(self) -> dict[str, Any]:
         """Where the actor runs: ``pid`` and ``node`` (Ray node id)."""
@@ -151,121 +288,146 @@ class _EvaluatorActor:
 
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
-    def start(self, factory: EvaluatorFactory, slot: int, pin: int) -> list[int] | None:
-        """Pin to ``pin`` CPUs of ``slot`` (``pin`` 0: no pinning), build the evaluator."""
+    def start(
+        self, factory: Callable[[], Any] | None, slot: int, pin: int, init_cpus: int = 0
+    ) -> list[int] | None:
+        """Start the runtimes on ``init_cpus`` CPUs (0: skip, they start on first use,
+        after pinning), pin to ``pin`` CPUs of ``slot`` (0: no pinning), build
+        ``factory()``."""
+        if init_cpus:
+            start_runtimes_on(init_cpus)
         cpus = pin_to_cpus(slot, pin) if pin else None
-        self._evaluate = factory()
+        self._built = factory() if factory is not None else None
         return cpus
 
     def evaluate(self, choices: np.ndarray, fidelity: int, batch_seed: int) -> np.ndarray:
-        if self._evaluate is None:
+        """Score ``choices`` with the evaluator :meth:`start` built."""
+        if self._built is None:
             raise RuntimeError("the evaluator of this actor was not built (start failed)")
-        scores = self._evaluate(choices, fidelity=fidelity, batch_seed=batch_seed)
+        scores = self._built(choices, fidelity=fidelity, batch_seed=batch_seed)
         return np.asarray(scores)
 
+    def run(self, fn: Callable[[Any], Any], item: Any) -> Any:
+        """``fn(item)`` in this actor."""
+        return fn(item)
 
-class RayEvaluate:
-    """Scores queries on ``workers`` Ray actors, each holding one evaluator.
 
-    Args:
-      factory: builds the evaluator; called once in every actor (and again in an actor
-        that replaces a dead one). It is put in the object store once and shipped to the
-        actors; keep it small (paths and settings) or hold ``ray.put`` references to big
-        objects and ``ray.get`` them inside the factory.
-      workers: number of actors, >= 1.
-      address: Ray cluster to join (``"host:port"`` or ``"ray://host:port"``). Default:
-        the ``RAY_ADDRESS`` environment variable, else a new local Ray instance with
-        ``ceil(workers * cpus_per_worker)`` CPUs. If this process is already connected to
-        Ray (``ray.init`` was called), that connection is used and left open.
-      cpus_per_worker: CPUs reserved per actor; its thread pools are limited to this many.
-      pin_cpus: pin each CPU actor to ``floor(cpus_per_worker)`` cores of its node,
-        disjoint from the other actors of this object on that node (see the module
-        docstring). Turn off when other jobs pin their processes on the same nodes.
-      gpus_per_worker: GPUs per actor (0 for CPU actors; 0.5 lets two actors share one).
-      max_retries: how many times one chunk may be re-dispatched after the actor scoring
-        it died, per call, before :class:`WorkerFailedError` is raised.
-      start_timeout_s: seconds to wait for all actors to be placed and to build their
-        evaluators (model loading included) before :class:`WorkerStartError`.
+class _ActorPool:
+    """``workers`` pinned Ray actors on a local Ray instance or a cluster, and the loop that
+    runs calls on them, surviving actor deaths.
 
-    Calling it with ``choices`` int32[n, L] splits the rows into ``min(n, workers)``
-    contiguous chunks, one per actor, and returns the actors' scores float[n] in row order
-    (lower is better). A chunk whose actor dies is given to an idle actor, or to a fresh
-    actor started in the dead one's place, so the call returns what a fault-free call
-    would. :meth:`close` (or leaving the ``with`` block) kills the actors and shuts down
-    the Ray instance if this object started it, never an external cluster.
-
-    Raises:
-      WorkerStartError: no actor could be started: the factory raised (its error is in
-        the message), or the cluster lacks the CPUs/GPUs asked for.
+    Shared by :class:`RayEvaluate` and :class:`RayLayerMap`; see :class:`RayEvaluate` for
+    the arguments. ``what`` names the actors in messages (``"evaluator actor"``);
+    ``like_driver`` gives CPU actors this process's thread-pool sizes and XLA flags
+    (:func:`driver_like_env`, :func:`start_runtimes_on`) instead of :func:`worker_env`'s.
     """
 
     def __init__(
         self,
-        factory: EvaluatorFactory,
+        factory: Callable[[], Any] | None,
         *,
-        workers: int,
-        address: str | None = None,
-        cpus_per_worker: float = 1.0,
-        gpus_per_worker: float = 0.0,
-        pin_cpus: bool = True,
-        max_retries: int = 3,
-        start_timeout_s: float = 600.0,
+        workers: int | str,
+        address: str | None,
+        cpus_per_worker: float,
+        gpus_per_worker: float | None,
+        pin_cpus: bool,
+        start_timeout_s: float,
+        what: str,
+        like_driver: bool = False,
     ) -> None:
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
+        _check_workers(workers)
         if not cpus_per_worker > 0:
             raise ValueError(f"cpus_per_worker must be > 0, got {cpus_per_worker}")
-        if gpus_per_worker < 0:
+        if gpus_per_worker is not None and gpus_per_worker < 0:
             raise ValueError(f"gpus_per_worker must be >= 0, got {gpus_per_worker}")
-        if max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         if not start_timeout_s > 0:
             raise ValueError(f"start_timeout_s must be > 0, got {start_timeout_s}")
         import ray
 
         self._ray = ray
+        self.what = what
         self._factory_repr = repr(factory)
-        self.workers = workers
-        self.max_retries = max_retries
         self._owns_ray = False
-        self._actors: list[Any] = []
+        self.actors: list[Any] = []
         self._slots: list[int] = []
-        self._pin = max(1, math.floor(cpus_per_worker)) if pin_cpus and not gpus_per_worker else 0
-        if not ray.is_initialized():
-            address = address or os.environ.get("RAY_ADDRESS") or None
-            common = dict(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-            if address is None:
-                gpus = math.ceil(workers * gpus_per_worker)
-                ray.init(
-                    address="local",
-                    num_cpus=math.ceil(workers * cpus_per_worker),
-                    num_gpus=gpus if gpus else None,
-                    **common,
-                )
-            else:
-                ray.init(address=address, **common)
-            self._owns_ray = True
         try:
-            self._check_resources(cpus_per_worker, gpus_per_worker)
-            self._actor_class = ray.remote(_EvaluatorActor).options(
-                num_cpus=cpus_per_worker,
-                num_gpus=gpus_per_worker,
-                runtime_env={"env_vars": worker_env(cpus_per_worker, gpus_per_worker)},
+            self.plan = self._connect(workers, address, cpus_per_worker, gpus_per_worker)
+            plan = self.plan
+            self._pin = (
+                max(1, math.floor(plan.cpus_per_worker))
+                if pin_cpus and not plan.gpus_per_worker
+                else 0
+            )
+            # like_driver: CPU actors start their runtimes with this process's core count
+            self._init_cpus = local_cpu_count() if like_driver and not plan.gpus_per_worker else 0
+            self._check_resources()
+            self._actor_class = ray.remote(_WorkerActor).options(
+                num_cpus=plan.cpus_per_worker,
+                num_gpus=plan.gpus_per_worker,
+                runtime_env={
+                    "env_vars": driver_like_env()
+                    if self._init_cpus
+                    else worker_env(plan.cpus_per_worker, plan.gpus_per_worker)
+                },
             )
             self._factory_ref = ray.put(factory)
-            self._actors = [self._actor_class.remote() for _ in range(workers)]
+            self.actors = [self._actor_class.remote() for _ in range(plan.workers)]
             self.placement = self._wait_ready(start_timeout_s)
         except BaseException:
             self.close()
             raise
 
-    def _check_resources(self, cpus_per_worker: float, gpus_per_worker: float) -> None:
+    @property
+    def workers(self) -> int:
+        return self.plan.workers
+
+    def _connect(
+        self,
+        workers: int | str,
+        address: str | None,
+        cpus_per_worker: float,
+        gpus_per_worker: float | None,
+    ) -> WorkerPlan:
+        """Join or start Ray and resolve ``workers`` into a plan."""
+        ray = self._ray
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        explicit = None
+        if workers != AUTO:
+            explicit = WorkerPlan(int(workers), float(cpus_per_worker), float(gpus_per_worker or 0))
+        if ray.is_initialized():
+            pass
+        elif address is None:
+            if explicit is not None:
+                cpus = math.ceil(explicit.workers * explicit.cpus_per_worker)
+                gpus = math.ceil(explicit.workers * explicit.gpus_per_worker) or None
+            else:
+                # "auto" on a local instance: the cores this process may use; GPUs only
+                # when asked for (None lets Ray detect them)
+                cpus, gpus = local_cpu_count(), None if gpus_per_worker else 0
+            ray.init(address="local", num_cpus=cpus, num_gpus=gpus, **_RAY_INIT)
+            self._owns_ray = True
+        else:
+            ray.init(address=address, **_RAY_INIT)
+            self._owns_ray = True
+        if explicit is not None:
+            return explicit
+        return auto_worker_plan(
+            ray.cluster_resources(),
+            cpus_per_worker=cpus_per_worker,
+            gpus_per_worker=gpus_per_worker,
+        )
+
+    def _check_resources(self) -> None:
         """Fail fast instead of waiting for actors that cannot be placed.
 
-        Resources of actors killed just before (e.g. by another RayEvaluate's close) are
+        Resources of actors killed just before (e.g. by another pool's close) are
         released asynchronously, so free resources are polled for a few seconds.
         """
-        need = {"CPU": self.workers * cpus_per_worker, "GPU": self.workers * gpus_per_worker}
+        plan = self.plan
+        need = {
+            "CPU": plan.workers * plan.cpus_per_worker,
+            "GPU": plan.workers * plan.gpus_per_worker,
+        }
         deadline = time.monotonic() + _RESOURCE_WAIT_S
         while True:
             total = self._ray.cluster_resources()
@@ -283,27 +445,27 @@ class RayEvaluate:
                 time.sleep(0.2)
                 continue
             raise WorkerStartError(
-                f"{self.workers} evaluator actors need {need[name]:g} {name} in all "
-                f"({cpus_per_worker:g} CPU, {gpus_per_worker:g} GPU each) but the Ray cluster "
-                f"{what} {have:g}; use fewer workers, close other RayEvaluate objects, or "
-                "use a larger cluster"
+                f"{plan.workers} {self.what}s need {need[name]:g} {name} in all "
+                f"({plan.cpus_per_worker:g} CPU, {plan.gpus_per_worker:g} GPU each) but the "
+                f"Ray cluster {what} {have:g}; use fewer workers, close other Ray backends, "
+                "or use a larger cluster"
             )
 
     def _wait_ready(self, timeout_s: float) -> list[dict[str, Any]]:
-        """Place the actors, give each a CPU slot on its node, build every evaluator.
+        """Place the actors, give each a CPU slot on its node, start every actor.
 
         Returns, per actor in order, ``pid``, ``node`` and ``cpus`` (the cores it is
         pinned to, or ``None``).
         """
         deadline = time.monotonic() + timeout_s
-        placement = self._gather([a.ready.remote() for a in self._actors], deadline, timeout_s)
+        placement = self._gather([a.ready.remote() for a in self.actors], deadline, timeout_s)
         per_node: dict[str, int] = {}
         for where in placement:
             self._slots.append(per_node.get(where["node"], 0))
             per_node[where["node"]] = self._slots[-1] + 1
         refs = [
-            actor.start.remote(self._factory_ref, slot, self._pin)
-            for actor, slot in zip(self._actors, self._slots, strict=True)
+            actor.start.remote(self._factory_ref, slot, self._pin, self._init_cpus)
+            for actor, slot in zip(self.actors, self._slots, strict=True)
         ]
         for where, cpus in zip(placement, self._gather(refs, deadline, timeout_s), strict=True):
             where["cpus"] = cpus
@@ -317,7 +479,7 @@ class RayEvaluate:
         for i, ref in enumerate(refs):
             if ref in pending:
                 raise WorkerStartError(
-                    f"evaluator actor {i} of {self.workers} did not start within "
+                    f"{self.what} {i} of {self.workers} did not start within "
                     f"{timeout_s:g} s (not enough free resources in the cluster, or the "
                     f"factory {self._factory_repr} is slow); raise start_timeout_s or check "
                     "`ray status`"
@@ -326,71 +488,288 @@ class RayEvaluate:
                 values.append(ray.get(ref))
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
                 raise WorkerStartError(
-                    f"evaluator actor {i} of {self.workers} could not be started: the "
+                    f"{self.what} {i} of {self.workers} could not be started: the "
                     f"factory {self._factory_repr} failed in the actor:\n{err}"
                 ) from err
         return values
 
     def _restart(self, slot: int) -> None:
-        """Replace the (dead) actor in ``slot`` by a fresh one that rebuilds the evaluator.
+        """Replace the (dead) actor in ``slot`` by a fresh one that rebuilds its object.
 
-        The replacement takes the dead actor's CPU slot; its build runs before any chunk
+        The replacement takes the dead actor's CPU slot; its start runs before any call
         sent to it (an actor runs one caller's calls in order).
         """
-        self._ray.kill(self._actors[slot], no_restart=True)
+        self._ray.kill(self.actors[slot], no_restart=True)
         actor = self._actor_class.remote()
-        actor.start.remote(self._factory_ref, self._slots[slot], self._pin)
-        self._actors[slot] = actor
+        actor.start.remote(self._factory_ref, self._slots[slot], self._pin, self._init_cpus)
+        self.actors[slot] = actor
 
-    def __call__(self, choices: np.ndarray, *, fidelity: int, batch_seed: int) -> np.ndarray:
-        if not self._actors:
-            raise RuntimeError("this RayEvaluate was closed; create a new one")
+    def stream(
+        self,
+        method: str,
+        calls: Sequence[tuple[Any, ...]],
+        *,
+        max_retries: int,
+        describe: Callable[[int], str],
+        window: int | None = None,
+    ) -> Iterator[Any]:
+        """Run ``actor.method(*calls[i])`` for every ``i`` and yield the results in order.
+
+        Each call goes to an idle actor, lowest index first; a call whose actor died goes
+        to an idle actor again (the dead one is replaced), up to ``max_retries`` times,
+        then :class:`WorkerFailedError` names it with ``describe(i)``. An exception the
+        call itself raised is raised here as it is. With ``window``, a
+        call starts only when fewer than ``window`` calls before it are still unyielded,
+        which bounds the results held here to ``window``.
+        """
+        if not self.actors:
+            raise RuntimeError(f"this Ray backend ({self.what}s) was closed; create a new one")
         ray = self._ray
-        choices = _checked_choices(choices)
-        n = choices.shape[0]
-        if n == 0:
-            return np.zeros((0,), dtype=np.float32)
-        chunks = np.array_split(np.arange(n), min(n, self.workers))
-        results: list[np.ndarray | None] = [None] * len(chunks)
-        failures = [0] * len(chunks)
-        queue = deque(range(len(chunks)))
-        idle = deque(range(self.workers))
+        n = len(calls)
+        window = n if window is None else max(1, window)
+        pending = list(range(n))  # a heap: the lowest index is started first
+        failures = [0] * n
+        done: dict[int, Any] = {}
+        idle = deque(range(len(self.actors)))
         running: dict[Any, tuple[int, int]] = {}
-        while queue or running:
-            while queue and idle:
-                c, slot = queue.popleft(), idle.popleft()
-                ref = self._actors[slot].evaluate.remote(choices[chunks[c]], fidelity, batch_seed)
-                running[ref] = (c, slot)
+        next_out = 0
+        while next_out < n:
+            while pending and idle and pending[0] < next_out + window:
+                i, slot = heapq.heappop(pending), idle.popleft()
+                ref = getattr(self.actors[slot], method).remote(*calls[i])
+                running[ref] = (i, slot)
+            assert running, "no call running while results are still missing"
             [ref], _ = ray.wait(list(running), num_returns=1)
-            c, slot = running.pop(ref)
+            i, slot = running.pop(ref)
+            idle.append(slot)
             try:
-                scores = ray.get(ref)
+                value = ray.get(ref)
+            except ray.exceptions.RayTaskError as err:
+                # The called code raised (the actor lives): raise that exception as this
+                # process would have, so callers and the CLI see e.g. the ValueError
+                # itself; the remote traceback is chained.
+                if isinstance(err.cause, Exception):
+                    raise err.cause from err
+                raise
             except ray.exceptions.RayActorError as err:
-                failures[c] += 1
-                if failures[c] > self.max_retries:
+                failures[i] += 1
+                if failures[i] > max_retries:
                     raise WorkerFailedError(
-                        f"rows {chunks[c][0]}..{chunks[c][-1]} of a query of {n} failed "
-                        f"{failures[c]} times (max_retries={self.max_retries}) because the "
-                        f"evaluator actor died; last error:\n{err}"
+                        f"{describe(i)} failed {failures[i]} times (max_retries={max_retries}) "
+                        f"because the {self.what} died; last error:\n{err}"
                     ) from err
                 self._restart(slot)
-                queue.append(c)
-                idle.append(slot)
+                heapq.heappush(pending, i)
                 continue
-            results[c] = _checked_scores(scores, len(chunks[c]), f"evaluator actor {slot}")
-            idle.append(slot)
-        return np.concatenate(results)
+            done[i] = value
+            while next_out in done:
+                yield done.pop(next_out)
+                next_out += 1
 
     def close(self) -> None:
-        """Kill the actors; shut Ray down if this object started or joined it."""
-        for actor in self._actors:
+        """Kill the actors; shut Ray down if this pool started or joined it."""
+        for actor in self.actors:
             self._ray.kill(actor, no_restart=True)
-        self._actors = []
+        self.actors = []
         if self._owns_ray:
             self._ray.shutdown()
             self._owns_ray = False
 
+
+class RayEvaluate:
+    """Scores queries on ``workers`` Ray actors, each holding one evaluator.
+
+    Args:
+      factory: builds the evaluator; called once in every actor (and again in an actor
+        that replaces a dead one). It is put in the object store once and shipped to the
+        actors; keep it small (paths and settings) or hold ``ray.put`` references to big
+        objects and ``ray.get`` them inside the factory.
+      workers: number of actors, an integer >= 1, or ``"auto"``: one actor per CPU core
+        this process may use on a new local Ray instance (:func:`local_cpu_count`), or on
+        an existing cluster one per CPU, or one per GPU when it has GPUs
+        (:func:`auto_worker_plan` of ``ray.cluster_resources()``).
+      address: Ray cluster to join (``"host:port"`` or ``"ray://host:port"``). Default:
+        the ``RAY_ADDRESS`` environment variable, else a new local Ray instance with
+        ``ceil(workers * cpus_per_worker)`` CPUs. If this process is already connected to
+        Ray (``ray.init`` was called), that connection is used and left open.
+      cpus_per_worker: CPUs reserved per actor; its thread pools are limited to this many.
+      pin_cpus: pin each CPU actor to ``floor(cpus_per_worker)`` cores of its node,
+        disjoint from the other actors of this object on that node (see the module
+        docstring). Turn off when other jobs pin their processes on the same nodes.
+      gpus_per_worker: GPUs per actor (0 for CPU actors; 0.5 lets two actors share one).
+        ``None`` (default): 0, except that ``workers="auto"`` on a cluster with GPUs gives
+        each actor one GPU.
+      max_retries: how many times one chunk may be re-dispatched after the actor scoring
+        it died, per call, before :class:`WorkerFailedError` is raised.
+      start_timeout_s: seconds to wait for all actors to be placed and to build their
+        evaluators (model loading included) before :class:`WorkerStartError`.
+
+    Calling it with ``choices`` int32[n, L] splits the rows into ``min(n, workers)``
+    contiguous chunks, one per actor, and returns the actors' scores float[n] in row order
+    (lower is better). A chunk whose actor dies is given to an idle actor, or to a fresh
+    actor started in the dead one's place, so the call returns what a fault-free call
+    would. :meth:`close` (or leaving the ``with`` block) kills the actors and shuts down
+    the Ray instance if this object started it, never an external cluster.
+
+    Attributes:
+      workers, cpus_per_worker, gpus_per_worker: the resolved :class:`WorkerPlan`.
+      placement: per actor, its ``pid``, ``node`` and pinned ``cpus`` (or ``None``).
+
+    Raises:
+      WorkerStartError: no actor could be started: the factory raised (its error is in
+        the message), or the cluster lacks the CPUs/GPUs asked for.
+    """
+
+    def __init__(
+        self,
+        factory: EvaluatorFactory,
+        *,
+        workers: int | str,
+        address: str | None = None,
+        cpus_per_worker: float = 1.0,
+        gpus_per_worker: float | None = None,
+        pin_cpus: bool = True,
+        max_retries: int = 3,
+        start_timeout_s: float = 600.0,
+    ) -> None:
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.max_retries = max_retries
+        self._pool = _ActorPool(
+            factory,
+            workers=workers,
+            address=address,
+            cpus_per_worker=cpus_per_worker,
+            gpus_per_worker=gpus_per_worker,
+            pin_cpus=pin_cpus,
+            start_timeout_s=start_timeout_s,
+            what="evaluator actor",
+        )
+        self.workers = self._pool.plan.workers
+        self.cpus_per_worker = self._pool.plan.cpus_per_worker
+        self.gpus_per_worker = self._pool.plan.gpus_per_worker
+        self.placement = self._pool.placement
+
+    def __call__(self, choices: np.ndarray, *, fidelity: int, batch_seed: int) -> np.ndarray:
+        choices = _checked_choices(choices)
+        n = choices.shape[0]
+        if not self._pool.actors:
+            raise RuntimeError("this RayEvaluate was closed; create a new one")
+        if n == 0:
+            return np.zeros((0,), dtype=np.float32)
+        chunks = np.array_split(np.arange(n), min(n, self.workers))
+        results = self._pool.stream(
+            "evaluate",
+            [(choices[c], fidelity, batch_seed) for c in chunks],
+            max_retries=self.max_retries,
+            describe=lambda c: f"rows {chunks[c][0]}..{chunks[c][-1]} of a query of {n}",
+        )
+        return np.concatenate(
+            [
+                _checked_scores(scores, len(c), f"the evaluator actor of rows {c[0]}..{c[-1]}")
+                for c, scores in zip(chunks, results, strict=True)
+            ]
+        )
+
+    def close(self) -> None:
+        """Kill the actors; shut Ray down if this object started or joined it."""
+        self._pool.close()
+
     def __enter__(self) -> RayEvaluate:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class RayLayerMap:
+    """``map(fn, items)`` over ``workers`` pinned Ray actors: one call ``fn(item)`` per item.
+
+    Made for :func:`~allocsearch.supernet.build.build_supernet`'s ``map_layers`` (one item
+    = all levels of one layer), but general: ``fn`` and the items must be picklable and
+    ``fn`` importable in the actors (a module-level function or a ``functools.partial`` of
+    one). The actors are started once and serve every call; each keeps its JAX runtime and
+    compiled programs between items.
+
+    Args:
+      workers, address, cpus_per_worker, gpus_per_worker, pin_cpus, start_timeout_s: as
+        for :class:`RayEvaluate` (the actors build nothing at start).
+      max_retries: how many times one item may be re-dispatched after the actor running
+        it died, per call, before :class:`WorkerFailedError` is raised.
+      like_driver: CPU actors compute exactly what this process would: they start XLA's
+        CPU client and LAPACK with this process's core count, environment thread counts
+        and ``XLA_FLAGS`` (:func:`start_runtimes_on`), then pin themselves to their own
+        cores as usual. XLA's and OpenBLAS's blocking depends on the thread-pool size, so
+        without this a SparseGPT layer of the demo model pruned in a 1-thread actor
+        differs from the one pruned here in the last bits, and a few masks differ with
+        them. Costs: each actor's pools have more threads than it has cores (measure on
+        many-core machines). ``False``: 1-thread pools as in :class:`RayEvaluate`; the
+        results are then the same for any number of workers and any machine size, but
+        not those of a serial build in a multi-core process.
+
+    Calling it returns an iterator over ``fn(item)`` in item order, lazily: an item starts
+    when an actor is idle and it is among the next ``2 * workers`` items not yet consumed,
+    so this process holds at most ``2 * workers`` results. ``fn`` runs in other processes:
+    side effects on the caller's objects are lost. :meth:`close` as for
+    :class:`RayEvaluate`.
+    """
+
+    def __init__(
+        self,
+        *,
+        workers: int | str = AUTO,
+        address: str | None = None,
+        cpus_per_worker: float = 1.0,
+        gpus_per_worker: float | None = None,
+        pin_cpus: bool = True,
+        max_retries: int = 3,
+        start_timeout_s: float = 600.0,
+        like_driver: bool = True,
+    ) -> None:
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.max_retries = max_retries
+        self._pool = _ActorPool(
+            None,
+            like_driver=like_driver,
+            workers=workers,
+            address=address,
+            cpus_per_worker=cpus_per_worker,
+            gpus_per_worker=gpus_per_worker,
+            pin_cpus=pin_cpus,
+            start_timeout_s=start_timeout_s,
+            what="layer actor",
+        )
+        self.workers = self._pool.plan.workers
+        self.cpus_per_worker = self._pool.plan.cpus_per_worker
+        self.gpus_per_worker = self._pool.plan.gpus_per_worker
+        self.placement = self._pool.placement
+
+    def __call__(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        if not self._pool.actors:
+            raise RuntimeError("this RayLayerMap was closed; create a new one")
+        items = list(items)
+        if not items:
+            return iter(())
+        fn_ref = self._pool._ray.put(fn)  # shipped once, not once per item
+        return self._pool.stream(
+            "run",
+            [(fn_ref, item) for item in items],
+            max_retries=self.max_retries,
+            describe=lambda i: f"item {i} of {len(items)} ({fn!r})",
+            window=2 * self.workers,
+        )
+
+    def close(self) -> None:
+        """Kill the actors; shut Ray down if this object started or joined it."""
+        self._pool.close()
+
+    def __enter__(self) -> RayLayerMap:
         return self
 
     def __exit__(

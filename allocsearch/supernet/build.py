@@ -48,7 +48,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, Literal
@@ -94,6 +94,7 @@ from allocsearch.supernet.store import (
 __all__ = [
     "BUILD_STRUCTURES",
     "INPUT_MODES",
+    "LayerMap",
     "build_supernet",
     "structured_layouts",
     "supernet_units",
@@ -115,6 +116,11 @@ InputMode = Literal["dense", "expected", "centre"]
 StructuredPrunerFactory = Callable[..., StructuredPruner]
 """Called as ``factory(layout=...)`` once per structured unit, e.g. ``StructuredPruner``
 itself or ``functools.partial(StructuredPruner, percdamp=0.02)``."""
+
+LayerMap = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
+"""Runs the pruning tasks of one block: ``map_layers(fn, tasks)`` returns ``fn(task)`` for
+every task, in order, like the builtin ``map`` (the serial default), e.g.
+:class:`~allocsearch.distributed.ray_backend.RayLayerMap` on Ray actors."""
 
 _ATTN_ROLES: Final = frozenset({"q", "k", "v", "qkv", "o"})
 _MLP_ROLES: Final = frozenset({"gate", "up", "down", "fc_in", "fc_out"})
@@ -426,6 +432,27 @@ def _prune_unit(
     return {param: by_param[param] for param in plan.params}
 
 
+@dataclass(frozen=True)
+class _UnitTask:
+    """What pruning one unit at all its levels needs: one independent task of a block.
+
+    ``weight`` is the primary layer's dense weight, ``stats`` the statistics of its input
+    (``None`` for pruners that need none), ``levels`` float64[K] the requested sparsities.
+    """
+
+    plan: _UnitPlan
+    weight: jax.Array
+    stats: LayerStats | None
+    levels: np.ndarray
+
+
+def _prune_task(
+    pruner: LocalPruner | StructuredPrunerFactory, task: _UnitTask
+) -> dict[str, Variants]:
+    """:func:`_prune_unit` of one task (module level, so it pickles for ``map_layers``)."""
+    return _prune_unit(task.plan, pruner, task.weight, task.stats, task.levels)
+
+
 def _write_unit(writer: StoreWriter, by_param: Mapping[str, Variants], storage_dtype: str):
     """Write a unit's variants; returns int64[K], the weights each level removes in total."""
     removed = None
@@ -562,6 +589,7 @@ def build_supernet(
     progress: bool = True,
     overwrite: bool = False,
     storage_dtype: str = "float32",
+    map_layers: LayerMap | None = None,
 ) -> SupernetStore:
     """Prune every unit of ``model`` at every level of ``grid`` and write the store.
 
@@ -584,6 +612,15 @@ def build_supernet(
       overwrite: replace an existing ``out_dir``; otherwise an existing one is refused
         before any work.
       storage_dtype: ``"float32"`` (default) or ``"bfloat16"`` for dense variant weights.
+      map_layers: runs the pruning of one block's units, which are independent (all
+        levels of one unit, from its dense weight and input statistics, are one task):
+        ``None`` or ``map``, one after the other in this process; a
+        :class:`~allocsearch.distributed.ray_backend.RayLayerMap`, in parallel on Ray
+        actors (then ``pruner`` must pickle). Results are consumed in unit order as they
+        come, so a lazy map keeps one unit's variants in memory at a time. The store is
+        the same whichever map runs the tasks, as long as the pruner computes the same
+        result in another process (which, for XLA on CPU, takes the same thread-pool
+        sizes: ``RayLayerMap(like_driver=True)``).
 
     Returns:
       The opened store. Its ``spec`` holds the exact sparsity of every stored level; its
@@ -608,6 +645,12 @@ def build_supernet(
         raise ValueError(f"calibration must be a TokenSet, got {type(calibration).__name__}")
     plans = _plans(model.adapter, structure)
     units = tuple(p.unit for p in plans)
+    layer_map: LayerMap = map if map_layers is None else map_layers
+    if not callable(layer_map):
+        raise ValueError(
+            f"map_layers must be a callable like map(fn, tasks) (e.g. a RayLayerMap) or None, "
+            f"got {map_layers!r}"
+        )
     _check_pruner(pruner, structure)
     _check_grid(grid, units, structure)
 
@@ -684,22 +727,31 @@ def build_supernet(
                             np.maximum(np.diag(np.asarray(g.hessian)), 0.0)
                         )
 
-                # 2. prune every unit at all its levels and write the variants
+                # 2. prune every unit at all its levels (independent tasks, run by
+                # map_layers) and write the variants in unit order
                 advance: dict[str, jax.Array] = {}
-                for u, plan in block_plans:
-                    rel_primary = plan.primary.weight_name[len(prefix) :]
+                tasks = [
+                    _UnitTask(
+                        plan=plan,
+                        weight=block_params[plan.primary.weight_name[len(prefix) :]],
+                        stats=stats[plan.primary.input_group[len(prefix) :]],
+                        levels=sparsity_grid[u, valid[u]],
+                    )
+                    for u, plan in block_plans
+                ]
+                results = iter(layer_map(partial(_prune_task, pruner), tasks))
+                for (u, plan), job in zip(block_plans, tasks, strict=True):
                     progress_bar.update(
                         task, description=f"block {b + 1}/{n_blocks}: pruning {plan.unit.name}"
                     )
-                    levels = sparsity_grid[u, valid[u]]
-                    by_param = _prune_unit(
-                        plan,
-                        pruner,
-                        block_params[rel_primary],
-                        stats[plan.primary.input_group[len(prefix) :]],
-                        levels,
-                    )
-                    achieved[u, : len(levels)] = _write_unit(writer, by_param, storage_dtype) / (
+                    by_param = next(results, None)
+                    if by_param is None:
+                        raise ValueError(
+                            f"map_layers {map_layers!r} returned fewer results than the "
+                            f"{len(tasks)} units of block {b}"
+                        )
+                    n_levels = len(job.levels)
+                    achieved[u, :n_levels] = _write_unit(writer, by_param, storage_dtype) / (
                         plan.unit.numel
                     )
                     if input_mode != "dense" and b < n_blocks - 1:
@@ -709,12 +761,13 @@ def build_supernet(
                                 block_params,
                                 prefix,
                                 input_mode,
-                                achieved[u, : len(levels)],
+                                achieved[u, :n_levels],
                                 int(center[u]),
                             )
                         )
                     del by_param
                     progress_bar.advance(task)
+                del tasks, results
                 del stats
 
                 # 3. advance the hidden states of every calibration sequence
