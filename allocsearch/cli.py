@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from allocsearch.config import ConfigError, RunConfig, config_from_dict, load_config
 
@@ -52,6 +53,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _print_error(e: BaseException, msg: str) -> None:
+    """One line, verbatim: no markup parsing of the message, no wrapping at 80 columns."""
+    console.print(
+        f"[bold red]error:[/] {type(e).__name__}: {escape(msg)}", highlight=False, soft_wrap=True
+    )
+
+
 def handle_errors(fn):
     """Turn user errors into a one-line message and exit status 2."""
 
@@ -64,7 +72,11 @@ def handle_errors(fn):
             raise typer.Exit(130) from None
         except _user_errors() as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            console.print(f"[bold red]error:[/] {type(e).__name__}: {msg}", highlight=False)
+            _print_error(e, msg)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except OSError as e:  # disk full, permission denied: the machine, not a bug
+            out = kwargs.get("out")
+            _print_error(e, str(e) if e.filename or out is None else f"{e} (writing {out})")
             raise typer.Exit(EXIT_USER_ERROR) from None
 
     return wrapper
@@ -80,6 +92,21 @@ OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Replace existing outputs instead of refusing.")
 ]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+BackendOpt = Annotated[
+    str | None,
+    typer.Option(help="ray (Ray actors; the config default) | local (in process, no Ray)."),
+]
+WorkersOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Ray actors: an integer, or auto (one per CPU core; on a cluster with GPUs, "
+        "one per GPU)."
+    ),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(help="Existing Ray cluster (or RAY_ADDRESS); default: a local Ray instance."),
+]
 
 
 def _config(path: Path | None, **overrides) -> RunConfig:
@@ -97,6 +124,22 @@ def _config(path: Path | None, **overrides) -> RunConfig:
     return config_from_dict(data)
 
 
+def _backend(backend: str | None, workers: str | None, address: str | None) -> dict:
+    """Config overrides of the backend options (``--workers`` parsed: an integer or a word,
+    which the config validates)."""
+    count: int | str | None = workers
+    if workers is not None:
+        try:
+            count = int(workers)
+        except ValueError:
+            count = workers.strip()
+    return {
+        "backend__kind": backend,
+        "backend__workers": count,
+        "backend__address": address or os.environ.get("RAY_ADDRESS"),
+    }
+
+
 def _fresh_dir(path: Path, overwrite: bool) -> Path:
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; pass --overwrite to reuse it")
@@ -111,6 +154,14 @@ def demo(
     target: Annotated[float, typer.Option(help="Fraction of the weights to remove.")] = 0.7,
     generations: Annotated[int, typer.Option(help="EvoPress generations.")] = 30,
     seed: Annotated[int, typer.Option(help="Seed of the search.")] = 0,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="local (in process; the demo's default, see docs/cluster.md) | ray (Ray "
+            "actors prune the supernet's layers and score EvoPress's candidates)."
+        ),
+    ] = "local",
+    workers: WorkersOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -118,7 +169,13 @@ def demo(
     search, recipe, plots, and a table against uniform and OWL."""
     from allocsearch.demo import run_demo
 
-    cfg = _config(None, search__target=target, supernet__center=target, search__seed=seed)
+    cfg = _config(
+        None,
+        search__target=target,
+        supernet__center=target,
+        search__seed=seed,
+        **_backend(backend, workers, None),
+    )
     run_demo(
         cfg,
         _fresh_dir(out, overwrite),
@@ -140,11 +197,16 @@ def build(
     ] = None,
     center: Annotated[float | None, typer.Option(help="Centre sparsity of the grid.")] = None,
     input_mode: Annotated[str | None, typer.Option(help="dense | expected | centre.")] = None,
+    backend: BackendOpt = None,
+    workers: WorkersOpt = None,
+    address: AddressOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
-    """Build a supernet: every prunable layer pruned at every level of a grid."""
+    """Build a supernet: every prunable layer pruned at every level of a grid (the layers of
+    a block in parallel on Ray actors, or one by one with --backend local)."""
     from allocsearch import pipeline
+    from allocsearch.search_run import ray_layer_map
 
     cfg = _config(
         config,
@@ -153,12 +215,20 @@ def build(
         supernet__structure=structure,
         supernet__center=center,
         supernet__input_mode=input_mode,
+        **_backend(backend, workers, address),
     )
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     ws = pipeline.load_workspace(cfg)
     t0 = time.perf_counter()
-    store = pipeline.build(ws, out, overwrite=overwrite, progress=progress)
+    layer_map = ray_layer_map(cfg, out_console) if cfg.backend.kind == "ray" else None
+    try:
+        store = pipeline.build(
+            ws, out, overwrite=overwrite, progress=progress, map_layers=layer_map
+        )
+    finally:
+        if layer_map is not None:
+            layer_map.close()
     out_console.print(
         f"supernet: {store.spec.num_units} units x up to {store.spec.sparsity.shape[1]} levels, "
         f"{store.num_bytes / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s -> {store.path}"
@@ -182,11 +252,9 @@ def search(
     target: Annotated[float | None, typer.Option(help="Fraction of the budget to remove.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the search.")] = None,
     resume: Annotated[bool, typer.Option(help="Resume from the run's last checkpoint.")] = False,
-    backend: Annotated[str | None, typer.Option(help="local | ray.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Ray evaluator actors.")] = None,
-    address: Annotated[
-        str | None, typer.Option(help="Existing Ray cluster (or RAY_ADDRESS).")
-    ] = None,
+    backend: BackendOpt = None,
+    workers: WorkersOpt = None,
+    address: AddressOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -198,9 +266,7 @@ def search(
         search__strategy=strategy,
         search__target=target,
         search__seed=seed,
-        backend__kind=backend,
-        backend__workers=workers,
-        backend__address=address or os.environ.get("RAY_ADDRESS"),
+        **_backend(backend, workers, address),
     )
     if not resume:
         _fresh_dir(out, overwrite)
@@ -220,6 +286,9 @@ def compare(
     config: ConfigOpt = None,
     target: Annotated[float | None, typer.Option(help="Fraction of the budget to remove.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    backend: BackendOpt = None,
+    workers: WorkersOpt = None,
+    address: AddressOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -227,7 +296,9 @@ def compare(
     evaluations, wall time), chart and fitness curves."""
     from allocsearch.demo import run_compare
 
-    cfg = _config(config, search__target=target, search__seed=seed)
+    cfg = _config(
+        config, search__target=target, search__seed=seed, **_backend(backend, workers, address)
+    )
     names = [s.strip() for s in strategies.split(",") if s.strip()]
     run_compare(
         cfg, supernet, _fresh_dir(out, overwrite), names, progress=progress, console=out_console

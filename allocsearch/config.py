@@ -39,9 +39,12 @@ evaluator:
   metric: kl                # kl | topk_kl | nll
   topk: null
 backend:
-  kind: local               # local | ray
-  address: null             # an existing Ray cluster (or RAY_ADDRESS)
-  workers: 1
+  kind: ray                 # ray (default) | local (in process, no Ray: tests, debugging)
+  address: null             # an existing Ray cluster (or RAY_ADDRESS); null: a local Ray
+                            # instance started and stopped by allocsearch
+  workers: auto             # Ray actors: an integer >= 1, or auto (one per CPU core this
+                            # process may use; on a cluster, one per CPU, or one per GPU
+                            # when it has GPUs)
 ```
 """
 
@@ -51,7 +54,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 import yaml
 
@@ -75,6 +78,7 @@ BUDGET_KINDS = ("params", "flops", "latency")
 METRICS = ("kl", "topk_kl", "nll")
 BACKENDS = ("local", "ray")
 DTYPES = ("float32", "bfloat16")
+AUTO_WORKERS = "auto"
 
 
 class ConfigError(ValueError):
@@ -178,14 +182,27 @@ class EvaluatorConfig:
 
 @dataclass(frozen=True)
 class BackendConfig:
-    kind: str = "local"
+    """Where candidates are scored and supernet layers pruned.
+
+    ``kind``: ``"ray"`` (default: Ray actors, on a local Ray instance started by allocsearch
+    or on the cluster at ``address`` / ``RAY_ADDRESS``) or ``"local"`` (in this process, no
+    Ray). ``workers``: number of Ray actors, an integer >= 1 or ``"auto"`` (resolved by
+    :func:`allocsearch.distributed.ray_backend.auto_worker_plan` once Ray is up).
+    """
+
+    kind: str = "ray"
     address: str | None = None
-    workers: int = 1
+    workers: int | str = "auto"
 
     def validate(self) -> None:
         _choice("backend", "kind", self.kind, BACKENDS)
-        if self.workers < 1:
-            raise ConfigError(f"backend.workers = {self.workers} must be >= 1")
+        if self.workers != AUTO_WORKERS and (
+            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1
+        ):
+            raise ConfigError(
+                f"backend.workers = {self.workers!r} is not valid; use an integer >= 1 or "
+                f"{AUTO_WORKERS!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -239,6 +256,10 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if "None" in text:
             return None
         raise ConfigError(f"{path} must not be null")
+    if set(get_args(hint)) == {int, str}:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(f"{path} = {value!r} must be an integer or a string")
+        return value
     if hint is bool or text == "bool":
         if not isinstance(value, bool):
             raise ConfigError(f"{path} = {value!r} must be true or false")
@@ -277,7 +298,10 @@ def load_config(path: str | os.PathLike) -> RunConfig:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{at} ({problem})") from None
     return config_from_dict(data)
 
 

@@ -1,10 +1,15 @@
 """`allocsearch search`: one strategy on one supernet, checkpointed every generation,
-resumable, on the in-process evaluator or on Ray actors; writes recipe.json, log.jsonl
-and plots. Ctrl-C writes the best-so-far recipe marked partial."""
+resumable, on Ray actors (the default backend) or the in-process evaluator; writes
+recipe.json, log.jsonl and plots. Ctrl-C writes the best-so-far recipe marked partial.
+
+Also the configured Ray backends (:func:`ray_evaluate`, :func:`ray_layer_map`), which
+start on first use, for this and the other commands."""
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,12 @@ from allocsearch.distributed.checkpoint import (
 )
 from allocsearch.distributed.progress import make_callbacks
 from allocsearch.report.plots import plot_fitness_curves, plot_sparsity_profile
+from allocsearch.search.budget import check_feasible_target
+
+SCORED_STRATEGIES = ("evopress", *pipeline.TABLE_STRATEGIES)
+"""Strategies that score candidates with the evaluator (on the configured backend); the
+baselines score nothing, and ``tyr`` builds its per-round supernets and evaluators in
+this process."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,87 @@ class StoreEvaluatorFactory:
     def __call__(self) -> Any:
         ws = pipeline.load_workspace(self.config)
         return pipeline.make_evaluator(ws, pipeline.open_store(ws, self.supernet))
+
+
+def _where(backend: Any, cfg: RunConfig) -> str:
+    address = cfg.backend.address
+    cores = [p["cpus"] for p in backend.placement]
+    pinned = f", cores {cores}" if any(c is not None for c in cores) else ""
+    share = f"{backend.cpus_per_worker:g} CPU" + (
+        f" + {backend.gpus_per_worker:g} GPU" if backend.gpus_per_worker else ""
+    )
+    place = f"the Ray cluster at {address}" if address else "a local Ray instance"
+    return f"{backend.workers} x {share} on {place}{pinned}"
+
+
+class StartedOnFirstCall:
+    """A Ray backend that the ``start`` callable creates when it is first called (or when
+    :meth:`start` is), not before.
+
+    Calls pass through to the backend (a
+    :class:`~allocsearch.distributed.ray_backend.RayEvaluate` or
+    :class:`~allocsearch.distributed.ray_backend.RayLayerMap`). Errors found before the
+    first scoring or pruning (budgets, strategy settings, grids, pruners) are then
+    reported without starting Ray first. :meth:`close` closes the backend if it started.
+    """
+
+    def __init__(self, start: Callable[[], Any]) -> None:
+        self._start = start  # builds and returns the backend
+        self._backend: Any = None
+
+    def start(self) -> None:
+        """Start the backend now (if it has not started)."""
+        if self._backend is None:
+            self._backend = self._start()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.start()
+        return self._backend(*args, **kwargs)
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+    def __enter__(self) -> StartedOnFirstCall:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def ray_evaluate(cfg: RunConfig, supernet: str | Path, console: Console) -> StartedOnFirstCall:
+    """Ray evaluator actors for the store at ``supernet`` (``cfg.backend``: workers and
+    address), started at the first query; every actor loads the model, token sets and
+    store from the paths in ``cfg``. An ``Evaluate`` callable; close it."""
+
+    def start() -> Any:
+        from allocsearch.distributed.ray_backend import RayEvaluate
+
+        evaluate = RayEvaluate(
+            StoreEvaluatorFactory(cfg, str(Path(supernet).absolute())),
+            workers=cfg.backend.workers,
+            address=cfg.backend.address,
+        )
+        console.print(f"scoring on {_where(evaluate, cfg)} (--backend local: in process)")
+        return evaluate
+
+    return StartedOnFirstCall(start)
+
+
+def ray_layer_map(cfg: RunConfig, console: Console) -> StartedOnFirstCall:
+    """Ray actors that prune supernet layers (``cfg.backend``: workers and address),
+    started at the first block's pruning: a ``map_layers`` for
+    :func:`~allocsearch.pipeline.build`; close it."""
+
+    def start() -> Any:
+        from allocsearch.distributed.ray_backend import RayLayerMap
+
+        layer_map = RayLayerMap(workers=cfg.backend.workers, address=cfg.backend.address)
+        console.print(f"pruning layers on {_where(layer_map, cfg)} (--backend local: in process)")
+        return layer_map
+
+    return StartedOnFirstCall(start)
 
 
 def _default_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -58,12 +150,14 @@ def run_search_command(
     budget = pipeline.make_budget(cfg.search, store.spec)
     strategy = cfg.search.strategy
     settings = _default_settings(cfg)
-    local = pipeline.make_evaluator(ws, store)
     t0 = time.perf_counter()
 
-    if strategy not in ("evopress", "dp", "knapsack", "knapsack_lagrange"):
+    if strategy not in SCORED_STRATEGIES:
         if resume:
             raise ValueError(f"--resume: strategy {strategy!r} has no search state to resume")
+        if strategy == "tyr" and cfg.backend.kind == "ray":
+            console.print("tyr builds and scores its per-round supernets in this process")
+        local = pipeline.make_evaluator(ws, store)
         outcome = pipeline.run_strategy(
             strategy,
             ws,
@@ -98,66 +192,84 @@ def run_search_command(
     if resume:
         console.print(f"resuming at generation {state.generation} from {ckpt_dir}")
 
-    evaluate: Any = local
+    # With Ray, the driver builds its own evaluator (for the held-out perplexity of the
+    # result) only after the actors are gone, so the variants are not held twice here.
     ray_eval = None
+    # An unreachable target is reported before Ray starts or any file is written.
+    check_feasible_target(store.spec, budget)
+    # A search that fails before its first generation (e.g. a fidelity the calibration
+    # set cannot give) removes the log and checkpoint directory it created, so the same
+    # command can be run again without --overwrite.
+    created = [path for path in (ckpt_dir, out / "log.jsonl") if not path.exists()]
     if cfg.backend.kind == "ray":
-        from allocsearch.distributed.ray_backend import RayEvaluate
-
-        ray_eval = RayEvaluate(
-            StoreEvaluatorFactory(cfg, str(Path(supernet).absolute())),
-            workers=cfg.backend.workers,
-            address=cfg.backend.address,
-        )
-        evaluate = ray_eval
+        # Ray starts before the checkpoints and the log are set up, so a failed start
+        # leaves nothing behind.
+        ray_eval = ray_evaluate(cfg, supernet, console)
+        ray_eval.start()
+    evaluate: Any = ray_eval if ray_eval is not None else pipeline.make_evaluator(ws, store)
     last: list[Any] = [state]
-    with SearchCheckpointer(ckpt_dir, fingerprint=fingerprint) as checkpointer:
-        callbacks = make_callbacks(
-            searcher,
-            log_path=out / "log.jsonl",
-            checkpointer=checkpointer,
-            progress=progress,
-            total_generations=getattr(searcher, "generations", None),
-            start_state=state,
-        )
-
-        def on_generation(s: Any) -> None:
-            callbacks(s)
-            last[0] = s
-
-        try:
-            outcome = pipeline.run_strategy(
-                strategy,
-                ws,
-                store,
-                budget,
-                evaluate=evaluate,
-                seed=cfg.search.seed,
-                settings=settings,
-                on_generation=on_generation,
-                state=state,
+    try:
+        with SearchCheckpointer(ckpt_dir, fingerprint=fingerprint) as checkpointer:
+            callbacks = make_callbacks(
+                searcher,
+                log_path=out / "log.jsonl",
+                checkpointer=checkpointer,
+                progress=progress,
+                total_generations=getattr(searcher, "generations", None),
+                start_state=state,
             )
-        except KeyboardInterrupt:
-            if last[0] is not None:
-                result = searcher.result(last[0])
-                partial = pipeline.Outcome(
+
+            def on_generation(s: Any) -> None:
+                callbacks(s)
+                last[0] = s
+
+            try:
+                outcome = pipeline.run_strategy(
                     strategy,
-                    result.best_choice,
-                    float(result.best_fitness),
-                    int(result.evaluations),
-                    int(result.tokens),
-                    time.perf_counter() - t0,
-                    settings,
-                    tuple(result.history),
+                    ws,
+                    store,
+                    budget,
+                    evaluate=evaluate,
+                    seed=cfg.search.seed,
+                    settings=settings,
+                    on_generation=on_generation,
+                    state=state,
                 )
-                path = _write_recipe(ws, store, budget, partial, out, partial=True)
-                console.print(
-                    f"interrupted: best-so-far recipe (partial) -> {path}; resume with --resume"
-                )
-            raise
-        finally:
-            if ray_eval is not None:
-                ray_eval.close()
+            except KeyboardInterrupt:
+                if last[0] is not None:
+                    result = searcher.result(last[0])
+                    partial = pipeline.Outcome(
+                        strategy,
+                        result.best_choice,
+                        float(result.best_fitness),
+                        int(result.evaluations),
+                        int(result.tokens),
+                        time.perf_counter() - t0,
+                        settings,
+                        tuple(result.history),
+                    )
+                    path = _write_recipe(ws, store, budget, partial, out, partial=True)
+                    console.print(
+                        f"interrupted: best-so-far recipe (partial) -> {path}; resume with --resume"
+                    )
+                raise
+    except Exception:
+        if last[0] is None:  # no generation finished: nothing worth keeping was written
+            _remove(created)
+        raise
+    finally:
+        if ray_eval is not None:
+            ray_eval.close()
+    local = evaluate if ray_eval is None else pipeline.make_evaluator(ws, store)
     _finish(ws, store, budget, outcome, local, out, console, partial=False)
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _write_recipe(ws, store, budget, outcome, out: Path, *, partial: bool) -> Path:

@@ -4,6 +4,7 @@ export, apply, eval; and user errors: one message, exit status 2, nothing writte
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -12,6 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from allocsearch.cli import app
+from allocsearch.distributed.progress import read_log
 from allocsearch.models import HFModel, adapter_for_config, load_model, save_model
 from allocsearch.recipe.recipe import Recipe
 
@@ -64,6 +66,7 @@ def workdir(tmp_path_factory):
                 "tokens": [64, 256],
             },
         },
+        "backend": {"kind": "local"},  # Ray is the default; only the Ray tests start it
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     return root
@@ -191,6 +194,90 @@ def test_user_errors_exit_2_without_traceback(workdir, tmp_path):
     r = run("search", "--supernet", tmp_path / "nope", "--out", tmp_path / "exists")
     assert r.exit_code == 2 and "--overwrite" in r.output
     assert (tmp_path / "exists" / "keep.txt").read_text() == "mine"
+
+
+def test_bad_backend_options_exit_2_before_anything_starts(workdir, tmp_path):
+    for command in ("build", "search", "compare"):
+        for args, message in (
+            (("--workers", "0"), "backend.workers = 0 is not valid; use an integer >= 1 or 'auto'"),
+            (("--workers", "many"), "backend.workers = 'many' is not valid"),
+            (("--backend", "slurm"), "backend.kind = 'slurm' is not valid"),
+        ):
+            where = ("--supernet", tmp_path / "nope") if command != "build" else ()
+            r = run(
+                command, "--config", workdir / "config.yaml", *where, "--out", tmp_path / "o", *args
+            )
+            assert r.exit_code == 2, (command, args, r.output)
+            assert message in " ".join(r.output.split()), (command, args, r.output)
+            assert "Traceback" not in r.output and not (tmp_path / "o").exists()
+
+
+def test_errors_found_before_any_work_do_not_start_ray(workdir, supernet, tmp_path):
+    """Ray starts at the first query or the first block's pruning, so a bad budget or
+    grid is reported at once (a local Ray instance takes seconds to start)."""
+    ray_opts = ("--backend", "ray", "--workers", "1", "--no-progress")
+    args = ("--config", workdir / "config.yaml", "--supernet", supernet, *ray_opts)
+    r = run("search", *args, "--out", tmp_path / "run", "--target", "0.95")
+    assert r.exit_code == 2 and "InfeasibleBudgetError" in r.output, r.output
+    assert "scoring on" not in r.output
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["supernet"].update(structure="nm", nm_patterns=["2:3"])
+    nm = tmp_path / "nm.yaml"
+    nm.write_text(yaml.safe_dump(config))
+    r = run("build", "--config", nm, "--out", tmp_path / "store", *ray_opts)
+    assert r.exit_code == 2 and "M=3" in r.output, r.output
+    assert "pruning layers on" not in r.output
+
+
+def same_store(a: Path, b: Path) -> bool:
+    """Every variant and norm file of two stores byte for byte."""
+    files = sorted(p.name for p in a.iterdir() if p.name != "manifest.json")
+    return files == sorted(p.name for p in b.iterdir() if p.name != "manifest.json") and all(
+        (a / f).read_bytes() == (b / f).read_bytes() for f in files
+    )
+
+
+@pytest.mark.slow
+def test_ray_is_the_default_backend_and_writes_what_local_writes(workdir, supernet, tmp_path):
+    """With no backend in the config, build and search run on Ray actors (2 workers) and
+    write the in-process backend's store and recipe. (One Ray instance, started here, serves
+    both commands: they join a running instance and leave it open; that each command
+    starts and stops its own otherwise is tested in test_ray_backend.py.)"""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        _ray_commands(workdir, supernet, tmp_path)
+    finally:
+        ray.shutdown()
+
+
+def _ray_commands(workdir, supernet, tmp_path):
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    del config["backend"]
+    default = tmp_path / "default.yaml"
+    default.write_text(yaml.safe_dump(config))
+    store = tmp_path / "store"
+    r = run("build", "--config", default, "--out", store, "--workers", "2", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "pruning layers on 2 x 1 CPU on a local Ray instance" in " ".join(r.output.split())
+    assert same_store(store, supernet)
+
+    args = ("search", "--config", default, "--supernet", store, "--no-progress")
+    r = run(*args, "--out", tmp_path / "ray", "--workers", "2")
+    assert r.exit_code == 0, r.output
+    assert "scoring on 2 x 1 CPU on a local Ray instance" in " ".join(r.output.split())
+    r = run(*args, "--out", tmp_path / "local", "--backend", "local")
+    assert r.exit_code == 0, r.output
+    assert "scoring on" not in r.output
+    on_ray, local = (Recipe.load(tmp_path / d / "recipe.json") for d in ("ray", "local"))
+    assert on_ray.layers == local.layers and on_ray.budget == local.budget
+    assert on_ray.provenance.fitness == local.provenance.fitness
+    logs = [
+        [{k: v for k, v in line.items() if not k.endswith("_s")} for line in read_log(path)]
+        for path in (tmp_path / "ray" / "log.jsonl", tmp_path / "local" / "log.jsonl")
+    ]
+    assert logs[0] == logs[1] and len(logs[0]) == 3  # best fitness of every generation
 
 
 def test_wrong_store_for_the_data_is_refused(workdir, supernet, tmp_path):

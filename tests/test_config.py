@@ -22,6 +22,8 @@ def test_defaults_are_the_demo_settings():
     assert cfg.model == "demo"
     assert (cfg.supernet.pruner, cfg.search.strategy) == ("sparsegpt", "evopress")
     assert cfg.search.target == 0.6 and cfg.supernet.steps_each_side == 4
+    # Ray is the default backend, sized to the machine or cluster once Ray is up
+    assert (cfg.backend.kind, cfg.backend.workers, cfg.backend.address) == ("ray", "auto", None)
 
 
 def test_yaml_round_trip(tmp_path):
@@ -37,6 +39,10 @@ def test_yaml_round_trip(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
+    local = config_from_dict({"backend": {"kind": "local"}})
+    assert local.backend.workers == "auto"
+    path.write_text(dump_config(local))
+    assert load_config(path) == local
 
 
 @pytest.mark.parametrize(
@@ -55,6 +61,13 @@ def test_yaml_round_trip(tmp_path):
         ({"supernet": {"nm_patterns": ["4:2"]}}, r"entry '4:2' is not 'N:M'"),
         ({"evaluator": {"metric": "topk_kl"}}, r"topk_kl needs a topk >= 1"),
         ({"backend": {"kind": "slurm"}}, r"backend.kind = 'slurm' is not valid"),
+        (
+            {"backend": {"workers": 0}},
+            r"backend.workers = 0 is not valid; use an integer >= 1 or 'auto'",
+        ),
+        ({"backend": {"workers": "all"}}, r"backend.workers = 'all' is not valid; use an integer"),
+        ({"backend": {"workers": 2.5}}, r"backend.workers = 2.5 must be an integer or a string"),
+        ({"backend": {"workers": True}}, r"backend.workers = True must be an integer or a string"),
         ({"data": 3}, r"data must be a mapping"),
     ],
 )
@@ -74,8 +87,9 @@ def test_missing_and_invalid_files(tmp_path):
 
 _values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
     max_leaves=8,
 )
 _sections = st.sampled_from(
