@@ -91,8 +91,10 @@ def main() -> None:
     tok = ByteTokenizer()
     train = encode_documents(demo_documents("train"), tok)
     heldout = encode_documents(demo_documents("heldout"), tok)
-    print(f"train {len(train):,} bytes ({len(TRAIN_MODULES)} modules), "
-          f"held-out {len(heldout):,} bytes ({len(HELDOUT_MODULES)} modules)")
+    print(
+        f"train {len(train):,} bytes ({len(TRAIN_MODULES)} modules), "
+        f"held-out {len(heldout):,} bytes ({len(HELDOUT_MODULES)} modules)"
+    )
     bigram = bigram_bits_per_byte(train, heldout)
     print(f"bigram baseline: {bigram:.4f} bits/byte on held-out")
 
@@ -151,8 +153,11 @@ def main() -> None:
         xb, yb = batch()
         params, state, loss = step(params, state, xb, yb)
         if i % 200 == 0 or i == total - 1:
-            print(f"step {i:6d}  loss {float(loss) / math.log(2):.4f} bits/byte  "
-                  f"{time.perf_counter() - t0:7.1f}s", flush=True)
+            print(
+                f"step {i:6d}  loss {float(loss) / math.log(2):.4f} bits/byte  "
+                f"{time.perf_counter() - t0:7.1f}s",
+                flush=True,
+            )
     train_time = time.perf_counter() - t0
 
     model = HFModel(adapter, params)

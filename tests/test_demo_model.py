@@ -43,4 +43,4 @@ def test_heldout_perplexity_matches_transformers(heldout):
     nll = -logp.gather(-1, ids[:, 1:, None]).mean().item()
     ref = float(np.exp(nll))
     assert ours == pytest.approx(ref, rel=1e-3)
-    assert ours < 2 ** 3.0  # clearly better than the 3.57 bits/byte bigram baseline
+    assert ours < 2**3.0  # clearly better than the 3.57 bits/byte bigram baseline

@@ -214,9 +214,9 @@ def _edit_tensors(path: Path, edit: Callable[[dict], None]) -> None:
     write_safetensors(f, tensors)
 
 
-# A search that fails after it set up its run directory leaves an empty log.jsonl and an
-# empty checkpoints/ there, so running it again needs --overwrite: see the issue #10 report.
-SEARCH_LEFTOVERS = frozenset({"log.jsonl", "checkpoints"})
+# A search that fails before its first generation removes the log.jsonl and checkpoints/
+# it created, so the same command can run again without --overwrite.
+SEARCH_LEFTOVERS: frozenset[str] = frozenset()
 
 
 # ----------------------------------------------------------------------------- cases
@@ -238,7 +238,7 @@ def config_errors(env: Env) -> None:
     bad = env.tmp / "bad.yaml"
     bad.write_text("search: [unclosed\n")
     args = ("build", "--config", bad, "--out", out)
-    expect(env, args, "ConfigError", str(bad), "not valid YAML", one_line=False)
+    expect(env, args, "ConfigError", str(bad), "not valid YAML")
 
 
 def _eval(env: Env, model: Path, config: Path | None = None) -> tuple:
@@ -681,11 +681,6 @@ def test_catalogue_line(
     CASES[situation](Env(workdir, supernet, cli_recipe, tmp_path, monkeypatch))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.handle_errors prints with rich's default wrapping at 80 columns (issue #10 "
-    "report: pass soft_wrap=True)",
-)
 def test_long_error_stays_one_line(tmp_path):
     """docs/errors.md: an error prints one line, also when stderr is not a terminal."""
     deep = tmp_path / ("d" * 70) / ("e" * 70)
@@ -695,11 +690,6 @@ def test_long_error_stays_one_line(tmp_path):
     assert r.stderr.count("\n") == 1 and str(recipe) in r.stderr, r.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.load_config puts PyYAML's multi-line message into the ConfigError "
-    "(issue #10 report: keep its first line, or the problem mark's line and column)",
-)
 def test_invalid_yaml_error_is_one_line(tmp_path, wide_console):
     bad = tmp_path / "bad.yaml"
     bad.write_text("search: [unclosed\n")
@@ -708,11 +698,6 @@ def test_invalid_yaml_error_is_one_line(tmp_path, wide_console):
     assert r.stderr.count("\n") == 1 and "not valid YAML" in r.stderr, r.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.handle_errors prints the message as rich markup, which drops '[ab]'-like "
-    "parts (issue #10 report: rich.markup.escape the message)",
-)
 def test_error_message_is_printed_verbatim(workdir, tmp_path, wide_console):  # noqa: F811
     pattern = str(tmp_path / "[ab]*.txt")  # a glob character class, not a rich style
     config = yaml.safe_load((workdir / "config.yaml").read_text())

@@ -646,11 +646,6 @@ def test_failed_log_rewrite_on_resume_keeps_the_log(fault, tmp_path, monkeypatch
 
 # ----------------------------------------------------------------------------- command line
 
-CLI_OSERROR = (
-    "cli.handle_errors does not catch OSError (disk full, permission denied): a traceback "
-    "and exit status 1 instead of one line and 2 (issue #10 report has the patch)"
-)
-
 
 def _one_error_line(r, error: str, *values: str) -> None:
     assert r.exit_code == 2, (r.exit_code, r.exception)
@@ -661,7 +656,6 @@ def _one_error_line(r, error: str, *values: str) -> None:
     assert "Traceback" not in r.output
 
 
-@pytest.mark.xfail(strict=True, reason=CLI_OSERROR)
 def test_cli_export_to_a_full_disk(tmp_path, monkeypatch, wide_console):  # noqa: F811
     recipe = unstructured_recipe().save(tmp_path / "recipe.json")
     out = tmp_path / "out"
@@ -674,7 +668,6 @@ def test_cli_export_to_a_full_disk(tmp_path, monkeypatch, wide_console):  # noqa
     _one_error_line(r, "OSError", "No space left on device", str(out / "owl.json"))
 
 
-@pytest.mark.xfail(strict=True, reason=CLI_OSERROR)
 def test_cli_export_into_a_read_only_directory(tmp_path, monkeypatch, wide_console):  # noqa: F811
     recipe = unstructured_recipe().save(tmp_path / "recipe.json")
     locked = tmp_path / "locked"

@@ -369,4 +369,3 @@ def test_wrong_model_for_a_built_store(tiny, tmp_path):
     other = {k: np.asarray(v) * 2 for k, v in tiny[0].params.items()}
     with pytest.raises(StoreError, match=r"built for a different model"):
         SupernetStore.open(tmp_path / "s", model_fingerprint=fingerprint_tensors(CFG, other))
-
