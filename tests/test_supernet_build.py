@@ -374,6 +374,19 @@ def structured_store(model, calib, tmp_path_factory):
     return store, g
 
 
+def test_structured_store_has_input_norms_of_every_layer(model, calib, structured_store):
+    """OWL needs ||X_j|| of every layer, also of q/k/v and gate/up, whose inputs no
+    structured unit prunes along; block 0 sees the dense embedding in any input mode."""
+    store, _ = structured_store
+    norms = store.input_norms()
+    assert sorted(norms) == sorted(layer.name for layer in model.adapter.layers())
+    stats = direct_block_stats(model, calib)
+    for layer in model.adapter.layers():
+        if layer.block == 0:
+            want = np.sqrt(np.diag(np.asarray(stats[0][layer.input_group].hessian)))
+            np.testing.assert_allclose(norms[layer.name], want, rtol=1e-4, atol=1e-5)
+
+
 def test_structured_costs_count_dead_rows(model, structured_store):
     store, g = structured_store
     heads, neurons = structured_layouts(model.adapter)

@@ -704,6 +704,9 @@ def build_supernet(
 
                 # 1. capture: Gram matrices of the needed inputs, with dense weights
                 stats: dict[str, LayerStats | None] = dict.fromkeys(groups)
+                # Inputs no unit prunes along (e.g. q/k/v and gate/up inputs of a
+                # structured supernet): only their squared channel sums, for OWL.
+                squares: dict[str, jax.Array] = {}
                 next_hidden = []
                 for i, (h, ctx) in enumerate(zip(hidden, contexts, strict=True)):
                     progress_bar.update(
@@ -716,16 +719,23 @@ def build_supernet(
                         taps = _capture(adapter, block_params, h, ctx)
                     for g in groups:
                         stats[g] = accumulate_stats(stats[g], taps[g])
+                    for g, x in taps.items():
+                        if g not in stats:
+                            x = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
+                            squares[g] = squares.get(g, 0.0) + jnp.sum(jnp.square(x), axis=0)
                     del taps
                     progress_bar.advance(task)
 
                 # Wanda/OWL input norms ||X_j||_2 of every layer of the block
                 for layer in block_layers[b]:
-                    g = stats.get(layer.input_group[len(prefix) :])
+                    rel = layer.input_group[len(prefix) :]
+                    g = stats.get(rel)
                     if g is not None:
                         input_norms[layer.name] = np.sqrt(
                             np.maximum(np.diag(np.asarray(g.hessian)), 0.0)
                         )
+                    elif rel in squares:
+                        input_norms[layer.name] = np.sqrt(np.asarray(squares[rel], np.float32))
 
                 # 2. prune every unit at all its levels (independent tasks, run by
                 # map_layers) and write the variants in unit order
