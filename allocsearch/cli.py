@@ -19,7 +19,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from allocsearch.config import ConfigError, RunConfig, config_from_dict, load_config
+from allocsearch.config import (
+    AUTO_WORKERS,
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    load_config,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -203,8 +209,9 @@ def build(
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
-    """Build a supernet: every prunable layer pruned at every level of a grid (the layers of
-    a block in parallel on Ray actors, or one by one with --backend local)."""
+    """Build a supernet: every prunable layer pruned at every level of a grid. In this
+    process (all cores) on one machine; the layers of a block in parallel on Ray actors on
+    a cluster (--address / RAY_ADDRESS) or with --workers N."""
     from allocsearch import pipeline
     from allocsearch.search_run import ray_layer_map
 
@@ -221,7 +228,12 @@ def build(
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     ws = pipeline.load_workspace(cfg)
     t0 = time.perf_counter()
-    layer_map = ray_layer_map(cfg, out_console) if cfg.backend.kind == "ray" else None
+    # On one machine the in-process build already uses every core (XLA threads) and was
+    # faster than 2 pinned Ray actors (docs/RESULTS.md, 34.9 s vs 45.4 s): layers go to
+    # Ray actors on a cluster (an address, or RAY_ADDRESS) or when --workers is given.
+    on_cluster = bool(cfg.backend.address or os.environ.get("RAY_ADDRESS"))
+    use_ray = cfg.backend.kind == "ray" and (on_cluster or cfg.backend.workers != AUTO_WORKERS)
+    layer_map = ray_layer_map(cfg, out_console) if use_ray else None
     try:
         store = pipeline.build(
             ws, out, overwrite=overwrite, progress=progress, map_layers=layer_map
