@@ -63,6 +63,7 @@ def test_paper_defaults_are_named() -> None:
         ({"offspring": 2, "survivors": (4, 1), "tokens": (1, 2)}, "at most offspring"),
         ({"generations": 0}, "generations"),
         ({"tokens": (0, 1, 2)}, "tokens per stage"),
+        ({"mutation": "greedy"}, r"mutation 'greedy' is not one of \('auto', 'swap', 'repair'\)"),
     ],
 )
 def test_constructor_validates(kwargs: dict, match: str) -> None:
@@ -131,7 +132,9 @@ def test_unequal_steps_only_swap_matching_costs() -> None:
     spec = make_spec([100, 100, 300, 300], [[0, 0.25, 0.5, 0.75]] * 4, ["q"] * 4)
     budget = Budget(kind="params", target=0.5)
     cm = CostModel.from_spec(spec, budget)
-    searcher = EvolutionarySearcher(generations=1, offspring=6, survivors=(1,), tokens=(1,))
+    searcher = EvolutionarySearcher(
+        generations=1, offspring=6, survivors=(1,), tokens=(1,), mutation="swap"
+    )
     state = searcher.init(spec, budget, jax.random.key(0))
     np.testing.assert_array_equal(state.parent, [2, 2, 2, 2])
     query, _ = searcher.ask(state, jax.random.key(3))
@@ -157,7 +160,9 @@ def test_same_role_restricts_swaps() -> None:
 
 def test_no_matching_step_is_reported() -> None:
     spec = make_spec([100, 300], [[0, 0.25, 0.5], [0, 0.25, 0.5]], ["q", "q"])
-    searcher = EvolutionarySearcher(generations=1, offspring=2, survivors=(1,), tokens=(1,))
+    searcher = EvolutionarySearcher(
+        generations=1, offspring=2, survivors=(1,), tokens=(1,), mutation="swap"
+    )
     state = searcher.init(spec, Budget(kind="params", target=0.25), jax.random.key(0))
     with pytest.raises(RuntimeError, match="no budget-preserving level switch"):
         searcher.ask(state, jax.random.key(1))
@@ -220,3 +225,198 @@ def test_start_choice_is_used_and_checked() -> None:
         EvolutionarySearcher(start=np.array([0, 0, 0, 0, 0, 0])).init(
             spec, budget, jax.random.key(0)
         )
+
+
+# ------------------------------------------------------------------ repair mutation
+
+
+def two_role_spec() -> SupernetSpec:
+    """3 attention units of 100 weights and 3 MLP units of 300, levels 0, 1/4, 1/2, 3/4:
+    attention steps cost 25 weights, MLP steps 75, so no swap trades between the roles."""
+    return make_spec([100] * 3 + [300] * 3, [[0, 0.25, 0.5, 0.75]] * 6, ["attn"] * 3 + ["mlp"] * 3)
+
+
+def two_role_table() -> np.ndarray:
+    """float64[6, 4]: convex per-unit errors, 0 when dense; attention errors about 4x MLP's."""
+    rng = np.random.default_rng(0)
+    table = np.cumsum(np.cumsum(rng.uniform(0, 1, size=(6, 4)), axis=1), axis=1)
+    table -= table[:, :1]
+    return table * np.array([4.0] * 3 + [1.0] * 3)[:, None] * rng.uniform(0.5, 1.5, size=(6, 1))
+
+
+class Recorder:
+    """An additive Evaluate that records every query it scores."""
+
+    def __init__(self, table: np.ndarray) -> None:
+        self.evaluate = additive(table)
+        self.calls: list[tuple[np.ndarray, int, int]] = []
+
+    def __call__(self, choices: np.ndarray, *, fidelity: int, batch_seed: int) -> np.ndarray:
+        self.calls.append((np.array(choices), fidelity, batch_seed))
+        return self.evaluate(choices, fidelity=fidelity, batch_seed=batch_seed)
+
+
+def recorded_run(
+    searcher: EvolutionarySearcher, spec: SupernetSpec, budget: Budget, table: np.ndarray, seed: int
+) -> tuple[list[tuple[np.ndarray, int, int]], object]:
+    rec = Recorder(table)
+    result = run_search(searcher, rec, spec, budget, key=jax.random.key(seed))
+    return rec.calls, result
+
+
+def assert_same_calls(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for (c1, f1, s1), (c2, f2, s2) in zip(a, b, strict=True):
+        np.testing.assert_array_equal(c1, c2)
+        assert (f1, s1) == (f2, s2)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.47])
+def test_repair_moves_budget_across_roles_to_the_brute_force_optimum(target: float) -> None:
+    spec, table = two_role_spec(), two_role_table()
+    budget = Budget(kind="params", target=target)  # remove >= 600 (or >= 564) of 1200
+    cm = CostModel.from_spec(spec, budget)
+    grid = np.array(list(itertools.product(range(4), repeat=6)))  # all 4^6 allocations
+    ok = cm.is_feasible(grid)
+    scores = table[np.arange(6), grid].sum(axis=1)
+    best = grid[ok][np.argmin(scores[ok])]
+    # Swaps keep each role's removed weights at the uniform start's: the best they reach.
+    removed = spec.sparsity * spec.numel[:, None]
+    attn_removed = removed[np.arange(3), grid[:, :3]].sum(axis=1)
+    start = EvolutionarySearcher().init(spec, budget, jax.random.key(0)).parent
+    same_roles = ok & (attn_removed == removed[np.arange(3), start[:3]].sum())
+    same_roles &= cm.total_cost(grid) == cm.total_cost(start)
+    role_best = scores[same_roles].min()
+    assert role_best > scores[ok].min() + 20  # the optimum moves budget from attn to MLP
+    np.testing.assert_array_equal(best[:3], [0, 0, 0])
+
+    kwargs = dict(generations=30, offspring=8, survivors=(2, 1), tokens=(1, 1))
+    for seed in range(2):
+        swap = run_search(
+            EvolutionarySearcher(**kwargs, mutation="swap"),
+            additive(table),
+            spec,
+            budget,
+            key=jax.random.key(seed),
+        )
+        assert swap.best_fitness == pytest.approx(role_best)  # stuck at the role split
+        repair = run_search(
+            EvolutionarySearcher(**kwargs, mutation="repair"),
+            additive(table),
+            spec,
+            budget,
+            key=jax.random.key(seed),
+        )
+        np.testing.assert_array_equal(repair.best_choice, best)
+        assert repair.best_fitness == pytest.approx(scores[ok].min())
+        assert repair.info["achieved"] >= target - 1e-12
+        fitness = [h.best_fitness for h in repair.history]
+        assert all(b <= a for a, b in zip(fitness, fitness[1:], strict=False))
+
+
+def test_repair_children_are_feasible_distinct_and_use_the_budget() -> None:
+    spec = two_role_spec()
+    budget = Budget(kind="params", target=0.47, max_sparsity=np.array([0.75] * 5 + [0.5]))
+    cm = CostModel.from_spec(spec, budget)
+    searcher = EvolutionarySearcher(
+        generations=1, offspring=40, survivors=(1,), tokens=(1,), mutation="repair"
+    )
+    state = searcher.init(spec, budget, jax.random.key(0))
+    assert state.mutation == "repair"
+    query, _ = searcher.ask(state, jax.random.key(1))
+    np.testing.assert_array_equal(query.choices[0], state.parent)
+    children = query.choices[1:]
+    assert len(children) == 40 and len({c.tobytes() for c in children}) == 40
+    assert not any(np.array_equal(c, state.parent) for c in children)
+    assert cm.is_feasible(children).all()
+    # Budget moved between the roles: some child changes the attention units' total.
+    removed = spec.sparsity * spec.numel[:, None]
+    attn = removed[np.arange(3), children[:, :3]].sum(axis=1)
+    assert len(set(attn.tolist())) > 1
+    # Filled: no unit of any child can go one level denser and still fit.
+    for child in children:
+        for l in range(6):
+            if child[l] > 0:
+                denser = child.copy()
+                denser[l] -= 1
+                assert not bool(cm.is_feasible(denser)), (child, l)
+
+
+def test_repair_with_same_role_changes_one_role_per_child() -> None:
+    spec = two_role_spec()
+    budget = Budget(kind="params", target=0.5)
+    searcher = EvolutionarySearcher(
+        generations=1, offspring=12, survivors=(1,), tokens=(1,), mutation="repair", same_role=True
+    )
+    state = searcher.init(spec, budget, jax.random.key(0))
+    query, _ = searcher.ask(state, jax.random.key(5))
+    d = query.choices[1:] - state.parent
+    changed = np.stack([np.any(d[:, :3] != 0, axis=1), np.any(d[:, 3:] != 0, axis=1)], axis=1)
+    assert np.all(changed.sum(axis=1) == 1)  # exactly one role per child
+    assert changed[:, 0].any() and changed[:, 1].any()
+
+
+def test_repair_same_seed_same_trajectory() -> None:
+    spec, table = two_role_spec(), two_role_table()
+    budget = Budget(kind="params", target=0.47)
+    searcher = EvolutionarySearcher(
+        generations=5, offspring=6, survivors=(3, 1), tokens=(1, 2), mutation="repair"
+    )
+    calls_a, res_a = recorded_run(searcher, spec, budget, table, seed=3)
+    calls_b, res_b = recorded_run(searcher, spec, budget, table, seed=3)
+    assert_same_calls(calls_a, calls_b)
+    assert res_a.history == res_b.history
+    calls_c, _ = recorded_run(searcher, spec, budget, table, seed=4)
+    assert any(not np.array_equal(a[0], c[0]) for a, c in zip(calls_a, calls_c, strict=False))
+
+
+def test_auto_is_swap_on_equal_steps_and_repair_otherwise() -> None:
+    kwargs = dict(generations=5, offspring=6, survivors=(3, 1), tokens=(1, 2))
+    table = two_role_table()
+    # Equal steps: bit-identical to the paper's swap.
+    spec, budget = equal_spec(), Budget(kind="params", target=0.4)
+    eq_table = np.cumsum(np.random.default_rng(1).uniform(size=(6, 5)), axis=1)
+    auto = EvolutionarySearcher(**kwargs)
+    assert auto.mutation == "auto"
+    assert auto.init(spec, budget, jax.random.key(0)).mutation == "swap"
+    calls_auto, res_auto = recorded_run(auto, spec, budget, eq_table, seed=2)
+    calls_swap, res_swap = recorded_run(
+        EvolutionarySearcher(**kwargs, mutation="swap"), spec, budget, eq_table, seed=2
+    )
+    assert_same_calls(calls_auto, calls_swap)
+    assert res_auto.history == res_swap.history
+    # Unequal steps: repair.
+    spec, budget = two_role_spec(), Budget(kind="params", target=0.47)
+    assert auto.init(spec, budget, jax.random.key(0)).mutation == "repair"
+    calls_auto, _ = recorded_run(auto, spec, budget, table, seed=2)
+    calls_repair, _ = recorded_run(
+        EvolutionarySearcher(**kwargs, mutation="repair"), spec, budget, table, seed=2
+    )
+    assert_same_calls(calls_auto, calls_repair)
+    # A flops budget on an equal-weight grid whose units have unequal MACs per weight.
+    units = tuple(Unit(f"u{l}", "q", l, (f"u{l}",), 100, 100 * (1 + l % 2)) for l in range(6))
+    base = equal_spec()
+    flops_spec = SupernetSpec(units, base.sparsity, base.valid, base.center)
+    flops = Budget(kind="flops", target=0.4)
+    assert auto.init(flops_spec, flops, jax.random.key(0)).mutation == "repair"
+    assert auto.init(flops_spec, budget, jax.random.key(0)).mutation == "swap"
+
+
+def test_repair_without_any_other_allocation_is_reported() -> None:
+    # One unit that can move; the other is fixed. Moving it either breaks the budget or
+    # wastes it, and repair / fill bring it back to the parent.
+    spec = make_spec([100, 300], [[0, 0.5], [0.5]], ["q", "q"])
+    searcher = EvolutionarySearcher(
+        generations=1, offspring=2, survivors=(1,), tokens=(1,), mutation="repair"
+    )
+    state = searcher.init(spec, Budget(kind="params", target=0.5), jax.random.key(0))
+    np.testing.assert_array_equal(state.parent, [1, 0])
+    with pytest.raises(RuntimeError, match="no feasible child differs"):
+        searcher.ask(state, jax.random.key(1))
+
+
+def test_pickled_state_without_mutation_resumes_as_swap() -> None:
+    spec, budget = equal_spec(), Budget(kind="params", target=0.4)
+    state = EvolutionarySearcher().init(spec, budget, jax.random.key(0))
+    old = type(state)(*state[:-1])  # a state saved before the field existed
+    assert old.mutation == "swap"

@@ -25,6 +25,17 @@ SEARCHERS: dict[str, Callable[[], Searcher]] = {
     "evolutionary-1stage": lambda: EvolutionarySearcher(
         generations=3, offspring=4, survivors=(1,), tokens=(8,), same_role=True
     ),
+    "evolutionary-repair": lambda: EvolutionarySearcher(
+        generations=4, offspring=6, survivors=(3, 2, 1), tokens=(8, 16, 32), mutation="repair"
+    ),
+    "evolutionary-repair-same-role": lambda: EvolutionarySearcher(
+        generations=3,
+        offspring=4,
+        survivors=(2, 1),
+        tokens=(8, 16),
+        mutation="repair",
+        same_role=True,
+    ),
     "table-dp": lambda: TableSearcher(solver=functools.partial(dp_solve, bins=500), tokens=16),
     "table-milp": lambda: TableSearcher(solver=mckp_milp, tokens=16),
     "table-lagrangian": lambda: TableSearcher(solver=mckp_lagrangian, tokens=16),

@@ -2,18 +2,34 @@
 
 After Sieberling et al., "EvoPress: Accurate Dynamic Model Compression via Evolutionary
 Search" (ICML 2025). Each generation mutates the parent into ``offspring`` distinct
-children by a few *level switches* (one unit one level sparser, another one level
-denser, with equal cost steps so the total cost never changes), then selects in stages:
+feasible children, then selects in stages:
 every stage scores its candidates on a fresh random minibatch of growing size, the best
 ``survivors[i]`` go on, and in the last stage the parent is re-scored beside them so a
 lucky early score cannot stick (elitism on fresh data). Cheap low-fidelity stages throw
 away most children, so most tokens are spent on the few that matter.
+
+Two mutations (:data:`MUTATIONS`):
+
+- ``"swap"`` (the paper's): a few *level switches*, each one unit one level sparser and
+  another one level denser at equal step cost, so the total cost never changes. Complete
+  on EvoPress's equal-weight grids, where every step costs the same; where steps differ
+  (structured supernets: an attention kv group and a block of MLP neurons remove very
+  different numbers of weights) only equal-cost units trade, so budget can never move
+  between, e.g., attention and MLP.
+- ``"repair"``: a few random single-level moves, then *repair* (random units one level
+  sparser until the child fits the budget) and *fill* (random units one level denser
+  while it still fits). Any unit can trade budget with any other, at the price that the
+  total cost is kept feasible (at most the capacity), not exact: with coarse levels the
+  target generally cannot be hit exactly.
+
+``"auto"`` picks ``"swap"`` on equal-step grids (so EvoPress runs are unchanged) and
+``"repair"`` otherwise.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, final
+from typing import Literal, NamedTuple, final
 
 import jax
 import numpy as np
@@ -30,6 +46,9 @@ from allocsearch.search.base import (
 from allocsearch.search.budget import Budget, CostModel, check_feasible_target, uniform_choice
 from allocsearch.supernet.spec import SupernetSpec
 
+# Mutation operators of :class:`EvolutionarySearcher` ("auto" resolves to one of the others).
+MutationKind = Literal["auto", "swap", "repair"]
+MUTATIONS: tuple[str, ...] = ("auto", "swap", "repair")
 # Defaults of the EvoPress paper for unstructured sparsity on 7-8B models (GPU scale).
 PAPER_GENERATIONS = 400
 PAPER_OFFSPRING = 64
@@ -56,6 +75,9 @@ class EvolutionState(NamedTuple):
       pending: the query awaiting its tell, or None.
       step, generation, evaluations, tokens: counters.
       history: one entry per finished generation.
+      mutation: the mutation in use, ``"swap"`` or ``"repair"`` (``"auto"`` resolved by
+        the step costs at init; states pickled before the field existed
+        resume with ``"swap"``, the only mutation there was).
     """
 
     costs: CostModel
@@ -70,6 +92,7 @@ class EvolutionState(NamedTuple):
     evaluations: int
     tokens: int
     history: tuple[HistoryEntry, ...]
+    mutation: str = "swap"
 
 
 @final
@@ -83,14 +106,27 @@ class EvolutionarySearcher(Searcher):
       survivors: candidates kept after each stage; the last must be 1 (the new parent,
         chosen among the last survivors and the re-scored parent). Paper: (8, 2, 1).
       tokens: calibration tokens per stage, one per stage (paper: 2048, 16384, 65536).
-      max_switches: a child gets k = min(U{1..m}, U{1..m}) level switches (paper: m=3).
-      same_role: only swap levels between units of the same role (Týr-the-Pruner).
+      max_switches: a child gets k = min(U{1..m}, U{1..m}) level switches (swap) or
+        single-level moves before repair and fill (repair). Paper: m=3.
+      same_role: only trade budget between units of the same role (Týr-the-Pruner):
+        swaps pair units of one role; a repair child moves, repairs and fills only the
+        units of one role (that of a random movable unit), the others keep the parent's
+        levels.
       start: int[L] starting allocation (e.g. from DP or knapsack); default: the
         uniform allocation of :func:`~allocsearch.search.budget.uniform_choice`.
-
-    Swaps keep the total cost exactly: a unit's step up is paired only with another
-    unit's step down of the same cost (to :data:`STEP_RTOL`). With EvoPress's
-    equal-weight level grids every step matches; with others only equal-cost steps do.
+      mutation: one of :data:`MUTATIONS`. ``"swap"``: k level switches, each pairing a
+        unit's step up with another unit's step down of the same cost (to
+        :data:`STEP_RTOL`), so the total cost stays exact; with EvoPress's equal-weight
+        grids every step matches, with others only equal-cost steps do. ``"repair"``: k
+        random single-level moves (a random movable unit one level sparser or denser,
+        within its allowed levels), then repair (while over the budget's capacity, a
+        random unit that can go sparser goes one level sparser) and fill (while some unit
+        can go one level denser and the child still fits, a random such unit does);
+        budget moves between any units, and repair keeps every child *feasible* (kept
+        cost <= capacity, i.e. removes at least the target), not at an exact cost.
+        ``"auto"`` (default): ``"swap"`` when every allowed level step of every unit
+        costs the same to :data:`STEP_RTOL` (EvoPress grids; results identical to
+        ``"swap"``), else ``"repair"``.
     """
 
     generations: int = 100
@@ -100,8 +136,11 @@ class EvolutionarySearcher(Searcher):
     max_switches: int = 3
     same_role: bool = False
     start: np.ndarray | None = None
+    mutation: MutationKind = "auto"
 
     def __post_init__(self) -> None:
+        if self.mutation not in MUTATIONS:
+            raise ValueError(f"mutation {self.mutation!r} is not one of {MUTATIONS}")
         if self.generations < 1 or self.offspring < 1 or self.max_switches < 1:
             raise ValueError(
                 f"generations ({self.generations}), offspring ({self.offspring}) and "
@@ -154,6 +193,7 @@ class EvolutionarySearcher(Searcher):
             evaluations=0,
             tokens=0,
             history=(),
+            mutation=self._resolved_mutation(costs),
         )
 
     def ask(self, state: EvolutionState, key: jax.Array) -> tuple[Query, EvolutionState]:
@@ -210,6 +250,11 @@ class EvolutionarySearcher(Searcher):
             info={"achieved": float(state.costs.achieved(state.parent))},
         )
 
+    def _resolved_mutation(self, costs: CostModel) -> str:
+        if self.mutation != "auto":
+            return self.mutation
+        return "swap" if _equal_step_costs(costs) else "repair"
+
     def _offspring(self, state: EvolutionState, rng: np.random.Generator) -> np.ndarray:
         """int32[n, L]: up to ``offspring`` distinct feasible children, none equal the parent."""
         seen = {state.parent.tobytes()}
@@ -218,21 +263,97 @@ class EvolutionarySearcher(Searcher):
             if len(children) == self.offspring:
                 break
             k = min(rng.integers(1, self.max_switches + 1), rng.integers(1, self.max_switches + 1))
-            child = state.parent.copy()
-            if not all(_switch(child, state.costs, state.groups, rng) for _ in range(k)):
-                continue
+            if state.mutation == "repair":
+                child = _repaired_child(state.parent, state.costs, state.groups, int(k), rng)
+                if child is None:
+                    continue
+            else:
+                child = state.parent.copy()
+                if not all(_switch(child, state.costs, state.groups, rng) for _ in range(k)):
+                    continue
             if child.tobytes() in seen or not bool(state.costs.is_feasible(child)):
                 continue
             seen.add(child.tobytes())
             children.append(child)
+        if not children and state.mutation == "repair":
+            raise RuntimeError(
+                "no feasible child differs from the current allocation: single-level moves, "
+                "repair and fill always lead back to it"
+                + (" within each role" if self.same_role else "")
+                + "; give the units more allowed levels (supernet levels, min/max sparsity)"
+            )
         if not children:
             raise RuntimeError(
                 "no budget-preserving level switch exists from the current allocation: no "
                 "unit can step up by the cost another can step down"
                 + (" within its role" if self.same_role else "")
-                + "; use a supernet with equal-cost (EvoPress-style) level steps"
+                + '; use mutation="repair" (or "auto") or a supernet with equal-cost '
+                "(EvoPress-style) level steps"
             )
         return np.stack(children)
+
+
+def _equal_step_costs(costs: CostModel) -> bool:
+    """True when every allowed level step of every unit changes the cost equally.
+
+    Steps are compared to relative tolerance :data:`STEP_RTOL`; vacuously True when no
+    unit has two allowed levels. EvoPress's equal-weight grids (params budgets) are.
+    """
+    with np.errstate(invalid="ignore"):  # inf - inf between levels that are not allowed
+        step = costs.cost[:, :-1] - costs.cost[:, 1:]
+    both = costs.allowed[:, :-1] & costs.allowed[:, 1:]
+    vals = step[both]
+    if vals.size == 0:
+        return True
+    return bool(vals.max() - vals.min() <= STEP_RTOL * np.abs(vals).max())
+
+
+def _repaired_child(
+    parent: np.ndarray,
+    costs: CostModel,
+    groups: np.ndarray,
+    k: int,
+    rng: np.random.Generator,
+) -> np.ndarray | None:
+    """int32[L]: ``parent`` after k random single-level moves, repair and fill.
+
+    Only units of one swap group (that of a random movable unit) change. Repair steps
+    random units of the group one level sparser while the child is over the capacity;
+    fill steps random units one level denser while the child stays feasible. Returns None
+    when no unit can move, or when repair runs out of sparser levels while still over the
+    capacity (possible only for costs that do not fall with sparsity, e.g. measured
+    latency).
+    """
+    K = costs.cost.shape[1]
+    upper = np.where(costs.allowed, np.arange(K)[None, :], -1).max(axis=1)  # sparsest
+    lower = np.argmax(costs.allowed, axis=1)  # densest allowed (contiguous run)
+    movable = np.flatnonzero(upper > lower)
+    if movable.size == 0:
+        return None
+    members = groups == groups[movable[rng.integers(movable.size)]]
+    child = parent.copy()
+    for _ in range(k):
+        can_up = members & (child < upper)
+        can_down = members & (child > lower)
+        options = np.concatenate([np.flatnonzero(can_up) * 2, np.flatnonzero(can_down) * 2 + 1])
+        move = int(options[rng.integers(options.size)])
+        child[move // 2] += 1 if move % 2 == 0 else -1
+    while not bool(costs.is_feasible(child)):  # repair: sparser until within the capacity
+        sparser = np.flatnonzero(members & (child < upper))
+        if sparser.size == 0:
+            return None
+        child[sparser[rng.integers(sparser.size)]] += 1
+    while True:  # fill: denser while within the capacity
+        denser = np.flatnonzero(members & (child > lower))
+        if denser.size == 0:
+            break
+        trial = np.repeat(child[None, :], denser.size, axis=0)
+        trial[np.arange(denser.size), denser] -= 1
+        fits = denser[costs.is_feasible(trial)]
+        if fits.size == 0:
+            break
+        child[fits[rng.integers(fits.size)]] -= 1
+    return child
 
 
 def _switch(
