@@ -264,3 +264,23 @@ def test_latency_table_shape_is_checked() -> None:
     bad = LatencyTable(kept=np.ones((2, 2)), dense=np.ones(2))
     with pytest.raises(ValueError, match="do not match"):
         cost_table(spec, Budget(kind="latency", target=0.2, latency=bad))
+
+
+def test_equal_steps_are_recognised_only_where_every_allowed_step_costs_the_same():
+    inf = np.inf
+    # Two units, steps of 10 weights everywhere (the forbidden last level is ignored).
+    equal = CostModel(
+        np.array([[100.0, 90.0, 80.0], [50.0, 40.0, inf]]),
+        np.array([[True, True, True], [True, True, False]]),
+        150.0,
+        100.0,
+    )
+    assert equal.has_equal_steps(1e-6)
+    # Attention-like steps of 10 beside MLP-like steps of 30: not equal.
+    unequal = CostModel(
+        np.array([[100.0, 90.0, 80.0], [90.0, 60.0, 30.0]]), np.ones((2, 3), bool), 190.0, 100.0
+    )
+    assert not unequal.has_equal_steps(1e-6)
+    assert unequal.has_equal_steps(2.0)  # within a loose enough tolerance
+    single = CostModel(np.array([[100.0, inf]]), np.array([[True, False]]), 100.0, 100.0)
+    assert single.has_equal_steps(1e-6)  # no step at all: vacuously equal

@@ -218,6 +218,20 @@ class CostModel:
         """float64[...]: fraction of the dense cost removed by ``choices`` (higher = smaller)."""
         return 1.0 - self.total_cost(choices) / self.dense
 
+    def has_equal_steps(self, rtol: float) -> bool:
+        """True when every allowed level step of every unit changes the cost equally.
+
+        Steps are compared to relative tolerance ``rtol``; vacuously True when no unit has
+        two adjacent allowed levels. EvoPress's equal-weight grids under a params budget
+        are; structured, N:M and equal-percent grids are not.
+        """
+        with np.errstate(invalid="ignore"):  # inf - inf between levels that are not allowed
+            step = self.cost[:, :-1] - self.cost[:, 1:]
+        vals = step[self.allowed[:, :-1] & self.allowed[:, 1:]]
+        if vals.size == 0:
+            return True
+        return bool(vals.max() - vals.min() <= rtol * np.abs(vals).max())
+
     def removable_range(self) -> tuple[float, float]:
         """(min, max) fraction of the dense cost that an allocation of allowed levels removes."""
         c = np.where(self.allowed, self.cost, np.nan)

@@ -253,7 +253,7 @@ class EvolutionarySearcher(Searcher):
     def _resolved_mutation(self, costs: CostModel) -> str:
         if self.mutation != "auto":
             return self.mutation
-        return "swap" if _equal_step_costs(costs) else "repair"
+        return "swap" if costs.has_equal_steps(STEP_RTOL) else "repair"
 
     def _offspring(self, state: EvolutionState, rng: np.random.Generator) -> np.ndarray:
         """int32[n, L]: up to ``offspring`` distinct feasible children, none equal the parent."""
@@ -291,21 +291,6 @@ class EvolutionarySearcher(Searcher):
                 "(EvoPress-style) level steps"
             )
         return np.stack(children)
-
-
-def _equal_step_costs(costs: CostModel) -> bool:
-    """True when every allowed level step of every unit changes the cost equally.
-
-    Steps are compared to relative tolerance :data:`STEP_RTOL`; vacuously True when no
-    unit has two allowed levels. EvoPress's equal-weight grids (params budgets) are.
-    """
-    with np.errstate(invalid="ignore"):  # inf - inf between levels that are not allowed
-        step = costs.cost[:, :-1] - costs.cost[:, 1:]
-    both = costs.allowed[:, :-1] & costs.allowed[:, 1:]
-    vals = step[both]
-    if vals.size == 0:
-        return True
-    return bool(vals.max() - vals.min() <= STEP_RTOL * np.abs(vals).max())
 
 
 def _repaired_child(
