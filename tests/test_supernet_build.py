@@ -617,8 +617,16 @@ def test_structured_units_pickle_for_a_layer_map(model, calib, structured_store,
     assert_same_store(store, serial)
 
 
-def test_a_layer_map_that_drops_results_is_an_error(model, calib, grid, tmp_path):
-    with pytest.raises(ValueError, match=r"returned fewer results than the 7 units of block 0"):
+@pytest.mark.parametrize(
+    ("map_layers", "message"),
+    [
+        (lambda fn, tasks: map(fn, list(tasks)[:-1]), "returned fewer results than the 7 units"),
+        (4, "map_layers must be a callable like map"),
+    ],
+    ids=["drops-a-result", "not-callable"],
+)
+def test_a_bad_layer_map_is_an_error(model, calib, grid, tmp_path, map_layers, message):
+    with pytest.raises(ValueError, match=message):
         build_supernet(
             model,
             calib,
@@ -629,20 +637,7 @@ def test_a_layer_map_that_drops_results_is_an_error(model, calib, grid, tmp_path
             out_dir=tmp_path / "s",
             batch_size=BATCH,
             progress=False,
-            map_layers=lambda fn, tasks: map(fn, list(tasks)[:-1]),
-        )
-    with pytest.raises(ValueError, match=r"map_layers must be a callable like map"):
-        build_supernet(
-            model,
-            calib,
-            pruner=MagnitudePruner(),
-            grid=grid,
-            structure="unstructured",
-            input_mode="dense",
-            out_dir=tmp_path / "s",
-            batch_size=BATCH,
-            progress=False,
-            map_layers=4,
+            map_layers=map_layers,
         )
     assert not (tmp_path / "s").exists()
 
