@@ -369,3 +369,23 @@ def test_wrong_model_for_a_built_store(tiny, tmp_path):
     other = {k: np.asarray(v) * 2 for k, v in tiny[0].params.items()}
     with pytest.raises(StoreError, match=r"built for a different model"):
         SupernetStore.open(tmp_path / "s", model_fingerprint=fingerprint_tensors(CFG, other))
+
+
+def test_read_levels_gives_host_weights_of_chosen_levels(layers, store_path):
+    """read_levels (the streaming evaluator's read) equals each pruner's own level weights:
+    nested ones rebuilt from the dense weight, dense ones as stored; repeats allowed."""
+    store = SupernetStore.open(store_path)
+    for name, (w, v) in layers.items():
+        levels = [v.num_levels - 1, 0, v.num_levels - 1]
+        got = store.read_levels(name, levels, dense=w)
+        assert isinstance(got, np.ndarray) and got.shape == (3, *w.shape)
+        for i, k in enumerate(levels):
+            if isinstance(v, NestedVariants):
+                want = np.where(np.asarray(v.mask(k)), w, 0.0)
+            else:
+                want = np.asarray(v.weights[k])
+            np.testing.assert_array_equal(got[i], want)
+    with pytest.raises(ValueError, match="out of range; valid: 0..3"):
+        store.read_levels("a.magnitude.weight", [4], dense=layers["a.magnitude.weight"][0])
+    with pytest.raises(ValueError, match="pass its dense weight"):
+        store.read_levels("a.magnitude.weight", [0])

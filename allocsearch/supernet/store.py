@@ -601,6 +601,68 @@ class SupernetStore:
             )
         return result
 
+    def read_levels(
+        self, param_name: str, levels: Sequence[int], dense: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Host weights of some levels of one parameter, read from the memory-mapped file.
+
+        This is what the block-streaming evaluator reads: only the levels a query uses,
+        never the whole stack, and nothing is put on a device.
+
+        Args:
+          param_name: e.g. ``model.layers.0.mlp.up_proj.weight``.
+          levels: level indices (each in ``0..num_levels-1``; repeats allowed).
+          dense: the dense weight [out, in] (host array); required for nested variants,
+            whose kept weights are the dense ones.
+
+        Returns:
+          [len(levels), out, in]: dense variants in their storage dtype; nested variants
+          in ``dense``'s dtype (pruned weights exactly zero).
+
+        Raises:
+          KeyError: unknown parameter. ValueError: a level out of range, or ``dense``
+          missing for nested variants. StoreError: the file is unreadable.
+        """
+        entry = self._entry(param_name)
+        levels = [int(k) for k in levels]
+        bad = [k for k in levels if not 0 <= k < entry["num_levels"]]
+        if bad:
+            raise ValueError(
+                f"level {bad[0]} of {param_name} is out of range; valid: "
+                f"0..{entry['num_levels'] - 1}"
+            )
+        tensors = self._tensors(param_name, entry)
+        if entry["kind"] == "dense":
+            w = tensors["weights"]
+            return np.stack([np.asarray(w[k]) for k in levels]) if levels else w[:0].copy()
+        if dense is None:
+            raise ValueError(f"{param_name} holds nested variants: pass its dense weight")
+        dense = np.asarray(dense)
+        rank = np.asarray(tensors["rank"])
+        counts = np.asarray(tensors["prune_counts"])
+        out = np.empty((len(levels), *rank.shape), dense.dtype)
+        for i, k in enumerate(levels):
+            c = counts[k]
+            keep = rank >= (c[:, None] if c.ndim == 1 else c)
+            np.copyto(out[i], np.where(keep, dense, np.zeros((), dense.dtype)))
+        return out
+
+    def _entry(self, param_name: str) -> dict[str, Any]:
+        entries = self._manifest["variants"]
+        if param_name not in entries:
+            raise KeyError(
+                f"no variants for {param_name!r} in {self.path}; the store has "
+                f"{len(entries)} parameters, e.g. {list(entries)[:3]}"
+            )
+        return entries[param_name]
+
+    def _tensors(self, param_name: str, entry: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        fpath = self.path / entry["file"]
+        try:
+            return read_safetensors(fpath, mmap=True)
+        except (OSError, SafetensorsError, KeyError) as e:
+            raise StoreError(f"{fpath}: cannot read variants of {param_name} ({e})") from e
+
     def input_norms(self) -> dict[str, np.ndarray]:
         """Layer name -> float32[in], ``||X_j||_2`` of the layer's calibration input (the
         inputs the builder pruned it from); empty for stores built without them."""
