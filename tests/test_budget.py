@@ -259,6 +259,31 @@ def test_load_latency_table_errors(tmp_path) -> None:  # noqa: ANN001
         load_latency_table(tmp_path / "lat.txt", spec)
 
 
+@pytest.mark.parametrize(
+    ("suffix", "text", "message"),
+    [
+        (".json", '{"u0": {"levels": [4.0, [2.5], 1.5]}}', r"unit 'u0' level 1: latency \[2.5\]"),
+        (".json", '{"u0": {"levels": [4.0, "fast", 1.5]}}', r"unit 'u0' level 1: latency 'fast'"),
+        (".json", '{"u0": {"levels": [4.0, -1, 1.5]}}', r"unit 'u0' level 1: latency -1 is not"),
+        (".json", '{"u0": {"levels": 4.0}}', r"unit 'u0' needs an object with a 'levels' list"),
+        (".json", '{"u1": {"levels": [3, 2], "dense": true}}', r"unit 'u1' 'dense': latency True"),
+        (".json", '{"u0": {"levels": [4.0, 2.5', r"is not valid JSON"),
+        (".csv", "unit,level,seconds\nu0,0\n", r"line 2: expected 3 fields unit,level,seconds"),
+        (".csv", "unit,level,seconds\nu0,0,4,5\n", r"line 2: expected 3 fields"),
+        (".csv", "unit,level,seconds\nu0,0,abc\n", r"line 2: unit 'u0' level 0: latency 'abc'"),
+        (".csv", "unit,level,seconds\nu0,x,1\n", r"line 2: unit 'u0' level 'x' is not an integer"),
+    ],
+)
+def test_malformed_latency_values_name_file_unit_and_value(tmp_path, suffix, text, message):
+    """Issue 16.1: every malformed value is a ValueError naming the file and the unit
+    (never a TypeError), so the CLI prints one line and exits 2."""
+    path = tmp_path / f"lat{suffix}"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as info:
+        load_latency_table(path, _latency_spec())
+    assert str(path) in str(info.value)
+
+
 def test_latency_table_shape_is_checked() -> None:
     spec = _latency_spec()
     bad = LatencyTable(kept=np.ones((2, 2)), dense=np.ones(2))

@@ -432,6 +432,9 @@ def bad_latency_table(env: Env) -> None:
     table.write_text(json.dumps({"model.nope": {"levels": [1.0, 0.9, 0.8, 0.7, 0.6]}}))
     cfg = env.config(search={"budget_kind": "latency", "latency_table": str(table)})
     expect(env, _search(env, cfg, "run"), "ValueError", str(table), "unknown ['model.nope']")
+    # issue 16.1: a malformed value is one line naming the file and unit, not a TypeError
+    table.write_text(json.dumps({Q_PROJ: {"levels": [1.0, [0.9], 0.8]}}))
+    expect(env, _search(env, cfg, "run2"), "ValueError", str(table), f"unit '{Q_PROJ}' level 1")
 
 
 def _evopress_export(env: Env, recipe: Path, store: Path) -> tuple:

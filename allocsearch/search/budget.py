@@ -366,15 +366,28 @@ def load_latency_table(path: str | Path, spec: SupernetSpec) -> LatencyTable:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".json":
-        raw = json.loads(path.read_text())
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"latency table {path} is not valid JSON ({e})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected an object mapping unit names to entries")
         entries: dict[str, tuple[list[float], float | None]] = {}
         for name, entry in raw.items():
-            if not isinstance(entry, dict) or "levels" not in entry:
+            if (
+                not isinstance(entry, dict)
+                or "levels" not in entry
+                or not isinstance(entry["levels"], list)
+            ):
                 raise ValueError(f"{path}: unit {name!r} needs an object with a 'levels' list")
+            values = [
+                _seconds(v, f"{path}: unit {name!r} level {k}") for k, v in enumerate(entry["levels"])
+            ]
             dense = entry.get("dense")
-            entries[name] = ([float(v) for v in entry["levels"]], _opt_float(dense))
+            entries[name] = (
+                values,
+                None if dense is None else _seconds(dense, f"{path}: unit {name!r} 'dense'"),
+            )
     elif suffix == ".csv":
         entries = _read_latency_csv(path)
     else:
@@ -382,8 +395,23 @@ def load_latency_table(path: str | Path, spec: SupernetSpec) -> LatencyTable:
     return _latency_from_entries(entries, spec, str(path))
 
 
-def _opt_float(v: object) -> float | None:
-    return None if v is None else float(v)  # type: ignore[arg-type]
+def _seconds(value: object, where: str) -> float:
+    """A latency read from a table: a finite number of seconds >= 0, else a ValueError
+    that names ``where`` (file, unit and level) and the value."""
+    number = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None or not np.isfinite(number) or number < 0:
+        raise ValueError(
+            f"{where}: latency {value!r} is not a number of seconds; valid: a finite "
+            f"number >= 0"
+        )
+    return number
 
 
 def _read_latency_csv(path: Path) -> dict[str, tuple[list[float], float | None]]:
@@ -394,11 +422,23 @@ def _read_latency_csv(path: Path) -> dict[str, tuple[list[float], float | None]]
         if reader.fieldnames is None or set(reader.fieldnames) != {"unit", "level", "seconds"}:
             raise ValueError(f"{path}: header must be unit,level,seconds, got {reader.fieldnames}")
         for row in reader:
-            name, level, secs = row["unit"], row["level"].strip(), float(row["seconds"])
+            line = f"{path}: line {reader.line_num}"
+            if row.get(None) or any(row[c] is None for c in ("unit", "level", "seconds")):
+                raise ValueError(
+                    f"{line}: expected 3 fields unit,level,seconds, got "
+                    f"{[v for v in row.values() if v is not None]}"
+                )
+            name, level = row["unit"], row["level"].strip()
+            secs = _seconds(row["seconds"].strip(), f"{line}: unit {name!r} level {level}")
             if level == "dense":
                 dense[name] = secs
                 continue
-            k = int(level)
+            try:
+                k = int(level)
+            except ValueError:
+                raise ValueError(
+                    f"{line}: unit {name!r} level {level!r} is not an integer or 'dense'"
+                ) from None
             if k in levels.setdefault(name, {}):
                 raise ValueError(f"{path}: unit {name!r} level {k} appears twice")
             levels[name][k] = secs
