@@ -235,6 +235,26 @@ def _nll_program(adapter, params, tokens, weights):
     return jnp.sum(weights[:, None] * nll)
 
 
+def shard_rows(rows: np.ndarray, index: int, count: int) -> np.ndarray:
+    """The ``index``-th of ``count`` near-equal contiguous splits of ``rows`` (a minibatch's
+    sequence indices, in minibatch order): split ``j`` holds ``len(rows) // count`` rows,
+    one more for ``j < len(rows) % count`` (``numpy.array_split``). The splits of
+    ``index = 0 .. count - 1`` concatenate to ``rows``; some are empty when ``count`` >
+    ``len(rows)``. Evaluators score a ``shard=(index, count)`` of a minibatch on these
+    rows, so a mean over a query's tokens can be split over processes and recombined
+    weighted by each split's length.
+    """
+    if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
+        raise ValueError(f"shard count must be an int >= 1, got {count!r}")
+    bad_type = isinstance(index, bool) or not isinstance(index, int | np.integer)
+    if bad_type or not 0 <= index < count:
+        raise ValueError(f"shard index must be an int in 0..{count - 1}, got {index!r}")
+    n = len(rows)
+    size, extra = divmod(n, int(count))
+    start = int(index) * size + min(int(index), extra)
+    return rows[start : start + size + (1 if index < extra else 0)]
+
+
 def _balanced_chunks(rows: np.ndarray, max_rows: int) -> list[tuple[jax.Array, np.ndarray]]:
     """Split row indices into equal chunks of at most ``max_rows`` (the last padded by
     repeating its last row, with weight 0): [(int32[R] device rows, float64[R] weights)]."""
@@ -245,6 +265,15 @@ def _balanced_chunks(rows: np.ndarray, max_rows: int) -> list[tuple[jax.Array, n
     weights = (np.arange(n_chunks * size) < n).astype(np.float64)
     cut = [slice(j * size, (j + 1) * size) for j in range(n_chunks)]
     return [(jnp.asarray(padded[s], jnp.int32), weights[s]) for s in cut]
+
+
+def _checked_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    try:
+        index, count = shard
+    except (TypeError, ValueError):
+        raise ValueError(f"shard must be a pair (index, count), got {shard!r}") from None
+    shard_rows(np.zeros(0), index, count)  # validates both
+    return int(index), int(count)
 
 
 class EvalStats(NamedTuple):
@@ -387,11 +416,12 @@ class Evaluator:
             tokenizer_identity="positions",
             seed=None,
         )
-        self._row_cache: OrderedDict[tuple[int, int], list[tuple[jax.Array, np.ndarray]]] = (
-            OrderedDict()
-        )
+        # keyed by (fidelity, batch_seed, shard index, shard count)
+        self._row_cache: OrderedDict[
+            tuple[int, int, int, int], list[tuple[jax.Array, np.ndarray]]
+        ] = OrderedDict()
         self._reference: np.ndarray | None = None
-        self._states_key: tuple[int, int, bytes] | None = None
+        self._states_key: tuple[int, int, int, int, bytes] | None = None
         self._states: list[jax.Array] = []
 
     # ----------------------------------------------------------------- validation
@@ -501,23 +531,35 @@ class Evaluator:
         return tuple(jnp.concatenate(p, axis=0)[:n_seq] for p in zip(*parts, strict=True))
 
     # ----------------------------------------------------------------- minibatches
-    def _chunks(self, fidelity: int, batch_seed: int) -> list[tuple[jax.Array, np.ndarray]]:
-        key = (int(fidelity), int(batch_seed))
+    def _chunks(
+        self, fidelity: int, batch_seed: int, shard: tuple[int, int] = (0, 1)
+    ) -> list[tuple[jax.Array, np.ndarray]]:
+        key = (int(fidelity), int(batch_seed), *shard)
         if key in self._row_cache:
             self._row_cache.move_to_end(key)
             return self._row_cache[key]
         rows = minibatch(self._positions, fidelity, batch_seed)[:, 0] // self.calibration.seq_len
-        chunks = _balanced_chunks(rows.astype(np.int32), self._max_rows)
+        part = shard_rows(rows, *shard)
+        if len(part) == 0:
+            raise ValueError(
+                f"shard {tuple(shard)} of the minibatch (fidelity={fidelity}, "
+                f"batch_seed={batch_seed}) is empty: it has {len(rows)} sequences; use at "
+                f"most {len(rows)} shards"
+            )
+        chunks = _balanced_chunks(part.astype(np.int32), self._max_rows)
         self._row_cache[key] = chunks
         if len(self._row_cache) > _MINIBATCH_CACHE_SIZE:
             self._row_cache.popitem(last=False)
         return chunks
 
-    def minibatch_rows(self, fidelity: int, batch_seed: int) -> np.ndarray:
+    def minibatch_rows(
+        self, fidelity: int, batch_seed: int, shard: tuple[int, int] = (0, 1)
+    ) -> np.ndarray:
         """int64[fidelity // seq_len]: the calibration sequences (row indices) a query with
         this fidelity and batch seed is scored on, those
-        :func:`~allocsearch.data.tokenset.minibatch` draws, in calibration order."""
-        chunks = self._chunks(fidelity, batch_seed)
+        :func:`~allocsearch.data.tokenset.minibatch` draws, in minibatch order; with
+        ``shard``, only that shard's (:func:`shard_rows`)."""
+        chunks = self._chunks(fidelity, batch_seed, _checked_shard(shard))
         return np.concatenate([np.asarray(r)[w > 0] for r, w in chunks]).astype(np.int64)
 
     # ----------------------------------------------------------------- reference reuse
@@ -588,7 +630,14 @@ class Evaluator:
         return True, True
 
     # ----------------------------------------------------------------- scoring
-    def __call__(self, choices: ArrayLike, *, fidelity: int, batch_seed: int) -> np.ndarray:
+    def __call__(
+        self,
+        choices: ArrayLike,
+        *,
+        fidelity: int,
+        batch_seed: int,
+        shard: tuple[int, int] = (0, 1),
+    ) -> np.ndarray:
         """Scores of candidates on the minibatch ``(fidelity, batch_seed)``.
 
         Args:
@@ -596,15 +645,20 @@ class Evaluator:
           fidelity: number of calibration tokens (a multiple of the sequence length, at
             most the calibration set's size).
           batch_seed: which minibatch (non-negative); equal arguments give equal scores.
+          shard: ``(index, count)``: score only the ``index``-th of ``count`` near-equal
+            splits of the minibatch's sequences (:func:`shard_rows`; must not be empty).
+            The mean over all shards weighted by their sequence counts is the unsharded
+            score (to float rounding): processes can split one query by tokens.
 
         Returns:
-          float32[n], the metric's mean over the minibatch's sequences (= over its
-          tokens for per-token metrics); lower is better.
+          float32[n], the metric's mean over the (shard of the) minibatch's sequences
+          (= over its tokens for per-token metrics); lower is better.
         """
         c = self._check_choices(choices)
         n = len(c)
-        key = (int(fidelity), int(batch_seed))
-        chunks = self._chunks(*key)
+        shard = _checked_shard(shard)
+        key = (int(fidelity), int(batch_seed), *shard)
+        chunks = self._chunks(int(fidelity), int(batch_seed), shard)
         if n == 0:
             return np.zeros((0,), np.float32)
         reference = self.reference_for(c)
@@ -693,4 +747,4 @@ class Evaluator:
         return self._teacher
 
 
-__all__ = ["EvalStats", "Evaluator"]
+__all__ = ["EvalStats", "Evaluator", "shard_rows"]
