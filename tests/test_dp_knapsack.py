@@ -120,6 +120,19 @@ def test_dp_stays_feasible_with_very_few_bins(seed: int) -> None:
         assert total(error, choice) <= error[np.arange(L), cost.argmin(axis=1)].sum() + 1e-12
 
 
+def test_dp_with_an_unusable_middle_level_is_optimal() -> None:
+    """Issue 16.9: a unit whose middle level has infinite cost (allowed: inf marks levels
+    that may not be used) used to give 'cannot convert float NaN to integer'."""
+    error = np.array([[0.0, 1.0, 2.0], [0.0, 1.0, 3.0]])
+    cost = np.array([[10.0, np.inf, 4.0], [10.0, 6.0, 3.0]])
+    for capacity in (7.0, 12.0, 14.0, 16.0, 20.0):
+        choice = dp_solve(error, cost, capacity)
+        assert cost[[0, 1], choice].sum() <= capacity
+        assert total(error, choice) == pytest.approx(brute_force(error, cost, capacity))
+    # by hand at 14: (2, 0) costs 4 + 10 and errs 2; (0, 2) errs 3, (2, 1) errs 3
+    np.testing.assert_array_equal(dp_solve(error, cost, 14.0), [2, 0])
+
+
 def test_dp_breaks_ties_towards_the_lowest_level() -> None:
     error = np.zeros((2, 3))
     cost = np.array([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]])

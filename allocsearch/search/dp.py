@@ -216,7 +216,10 @@ def _budget_grid(
     L = cost.shape[0]
     lo = np.argmax(usable, axis=1)
     hi = cost.shape[1] - 1 - np.argmax(usable[:, ::-1], axis=1)
-    ref = cost[np.arange(L), (lo + hi) // 2]
+    # the usable level nearest the middle (a middle level may be unusable: cost inf)
+    distance = np.abs(np.arange(cost.shape[1])[None, :] - ((lo + hi) // 2)[:, None])
+    middle = np.argmin(np.where(usable, distance, np.iinfo(np.int64).max), axis=1)
+    ref = cost[np.arange(L), middle]
     base = ref - quantum * np.ceil((ref - cheapest) / quantum - _BIN_EPS)
     return quantum, base
 
