@@ -109,6 +109,13 @@ WorkersOpt = Annotated[
         "one per GPU)."
     ),
 ]
+StorageDtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Dense variants' storage: auto (the model's dtype; the config default) | "
+        "float32 | bfloat16."
+    ),
+]
 AddressOpt = Annotated[
     str | None,
     typer.Option(help="Existing Ray cluster (or RAY_ADDRESS); default: a local Ray instance."),
@@ -168,6 +175,7 @@ def demo(
         ),
     ] = "local",
     workers: WorkersOpt = None,
+    storage_dtype: StorageDtypeOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -180,6 +188,7 @@ def demo(
         search__target=target,
         supernet__center=target,
         search__seed=seed,
+        supernet__storage_dtype=storage_dtype,
         **_backend(backend, workers, None),
     )
     run_demo(
@@ -203,6 +212,7 @@ def build(
     ] = None,
     center: Annotated[float | None, typer.Option(help="Centre sparsity of the grid.")] = None,
     input_mode: Annotated[str | None, typer.Option(help="dense | expected | centre.")] = None,
+    storage_dtype: StorageDtypeOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
@@ -222,6 +232,7 @@ def build(
         supernet__structure=structure,
         supernet__center=center,
         supernet__input_mode=input_mode,
+        supernet__storage_dtype=storage_dtype,
         **_backend(backend, workers, address),
     )
     if out.exists() and not overwrite:

@@ -26,6 +26,7 @@ supernet:
   step_fraction: 0.05       # one step = this fraction of the mean layer size
   nm_patterns: ["2:4", "4:8"]
   input_mode: dense         # dense | expected | centre
+  storage_dtype: auto       # auto (the model's dtype) | float32 | bfloat16: dense variants
 search:
   strategy: evopress        # evopress | tyr | dp | knapsack | uniform | owl | ...
   budget_kind: params       # params | flops | latency
@@ -78,6 +79,7 @@ BUDGET_KINDS = ("params", "flops", "latency")
 METRICS = ("kl", "topk_kl", "nll")
 BACKENDS = ("local", "ray")
 DTYPES = ("float32", "bfloat16")
+STORAGE_DTYPES = ("auto", *DTYPES)
 AUTO_WORKERS = "auto"
 
 
@@ -122,11 +124,13 @@ class SupernetConfig:
     step_fraction: float = 0.05
     nm_patterns: tuple[str, ...] = ("2:4", "4:8")
     input_mode: str = "dense"
+    storage_dtype: str = "auto"
 
     def validate(self) -> None:
         _choice("supernet", "pruner", self.pruner, PRUNERS)
         _choice("supernet", "structure", self.structure, STRUCTURES)
         _choice("supernet", "input_mode", self.input_mode, INPUT_MODES)
+        _choice("supernet", "storage_dtype", self.storage_dtype, STORAGE_DTYPES)
         _range("supernet", "center", self.center, 0.0, 1.0)
         _range("supernet", "step_fraction", self.step_fraction, 1e-6, 1.0)
         if self.steps_each_side < 1:

@@ -234,6 +234,7 @@ def build(
         batch_size=BUILD_BATCH,
         progress=progress,
         overwrite=overwrite,
+        storage_dtype=cfg.storage_dtype,
         map_layers=map_layers,
     )
 

@@ -89,6 +89,7 @@ from allocsearch.supernet.store import (
     StoreWriter,
     SupernetStore,
     make_spec,
+    resolve_storage_dtype,
 )
 
 __all__ = [
@@ -588,7 +589,7 @@ def build_supernet(
     batch_size: int,
     progress: bool = True,
     overwrite: bool = False,
-    storage_dtype: str = "float32",
+    storage_dtype: str = "auto",
     map_layers: LayerMap | None = None,
 ) -> SupernetStore:
     """Prune every unit of ``model`` at every level of ``grid`` and write the store.
@@ -611,7 +612,9 @@ def build_supernet(
       progress: show a progress bar with ETA on stderr.
       overwrite: replace an existing ``out_dir``; otherwise an existing one is refused
         before any work.
-      storage_dtype: ``"float32"`` (default) or ``"bfloat16"`` for dense variant weights.
+      storage_dtype: dtype of dense variant weights (SparseGPT, structured): ``"auto"``
+        (default: the model's parameter dtype), ``"float32"`` or ``"bfloat16"``; the
+        manifest records the resolved one.
       map_layers: runs the pruning of one block's units, which are independent (all
         levels of one unit, from its dense weight and input statistics, are one task):
         ``None`` or ``map``, one after the other in this process; a
@@ -627,8 +630,9 @@ def build_supernet(
       manifest's ``build`` entry has seconds per block.
 
     Raises:
-      ValueError: bad structure, input mode, batch size, pruner kind, missing model
-        fingerprint, a grid that does not fit the units, or levels a pruner refuses.
+      ValueError: bad structure, input mode, batch size, pruner kind, storage dtype,
+        missing model fingerprint, a grid that does not fit the units, or levels a pruner
+        refuses.
       FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
     """
     t_start = time.perf_counter()
@@ -653,6 +657,9 @@ def build_supernet(
         )
     _check_pruner(pruner, structure)
     _check_grid(grid, units, structure)
+    storage_dtype = resolve_storage_dtype(
+        storage_dtype, model.params[plans[0].primary.weight_name].dtype
+    )
 
     adapter, params = model.adapter, model.params
     sparsity_grid = np.asarray(grid.sparsity, np.float64)
@@ -841,5 +848,5 @@ def build_supernet(
         path,
         model_fingerprint=model.fingerprint,
         tokens_fingerprint=calibration.fingerprint,
-        verify=False,
+        verify="none",  # just written; its digests were computed from these bytes
     )

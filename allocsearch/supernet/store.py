@@ -1,10 +1,12 @@
 """The on-disk supernet: a directory holding every (unit, level) variant and its manifest.
 
-Layout of a store directory::
+Layout of a store directory (format version 2)::
 
     manifest.json                       format version, fingerprints, pruner, grid, spec,
-                                        parameter -> file table with blake2b checksums
+                                        parameter -> file table (kind, layout, dtype,
+                                        shape, size, blake2b checksum)
     <parameter name>.safetensors        one file per pruned parameter (a layer's weight)
+    input_norms.safetensors             ||X_j||_2 of every layer's calibration input
 
 A parameter file holds either
 
@@ -12,9 +14,17 @@ A parameter file holds either
   rows of structured units): ``rank`` int32[out, in], ``prune_counts`` int32[K] or
   int32[K, out], ``sparsity`` float64[K] -- one rank array for all K levels, not K weight
   copies (the dense weight itself comes from the model); or
-* ``kind = "dense"`` (SparseGPT, structured output projections): ``weights``
-  float32[K, out, in] (or bfloat16 storage, read back as float32), ``sparsity``
-  float64[K] and, for structured pruners, ``group_keep`` bool[K, G].
+* ``kind = "dense"`` (SparseGPT, structured output projections), in the store's storage
+  dtype (float32 or bfloat16, by default the model's), with ``sparsity`` float64[K] and,
+  for structured pruners, ``group_keep`` bool[K, G], in one of two layouts:
+
+  - ``layout = "dense"``: ``weights`` [K, out, in];
+  - ``layout = "packed"``: per level a bitmask of the non-zero entries and the kept
+    values (:mod:`allocsearch.supernet.packed`), written where it is smaller than the
+    dense layout (below about 97% density in float32, 94% in bfloat16).
+
+  Either way :meth:`SupernetStore.variants` gives ``weights`` [K, out, in] and
+  :meth:`SupernetStore.read_levels` chosen levels, in the storage dtype (never upcast).
 
 ``K`` is the number of *valid* levels of the parameter's unit (``spec.num_levels[u]``);
 padding levels of the spec are not stored.
@@ -23,8 +33,14 @@ A store is assembled by :class:`StoreWriter` under a temporary sibling directory
 starting with ``.`` and ending in ``.tmp``) and renamed into place only after the manifest
 is written, so an interrupted build never leaves a directory that opens as a store.
 :meth:`SupernetStore.open` refuses stores built for another model or other calibration
-data, unknown format versions, and missing, truncated or corrupt files (every file's
-blake2b digest is in the manifest).
+data, unreadable format versions, and missing or truncated files; it reads only the
+manifest and the files' sizes, so it takes milliseconds whatever the store's size. Each
+file's blake2b digest (in the manifest) is checked the first time the file is read in the
+process (``verify="lazy"``), so a corrupt file raises :class:`StoreError` before its
+weights are used; ``verify="full"`` checks every file at open.
+
+Version 1 stores (dense variants always in the dense layout, no layout or dtype in the
+manifest) are read as they are.
 """
 
 from __future__ import annotations
@@ -35,6 +51,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -43,15 +60,25 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from allocsearch.models.safetensors_io import SafetensorsError, read_safetensors, write_safetensors
+from allocsearch.models.safetensors_io import (
+    SafetensorsError,
+    read_header,
+    read_safetensors,
+    write_safetensors,
+)
 from allocsearch.pruners.base import DenseVariants, NestedVariants, Variants
+from allocsearch.supernet import packed
 from allocsearch.supernet.levels import LevelGrid
 from allocsearch.supernet.spec import SupernetSpec, Unit
 
 __all__ = [
     "FORMAT_VERSION",
+    "LAYOUTS",
     "MANIFEST_NAME",
+    "READABLE_VERSIONS",
     "STORAGE_DTYPES",
+    "STORAGE_DTYPE_CHOICES",
+    "VERIFY_MODES",
     "StoreError",
     "StoreWriter",
     "SupernetStore",
@@ -59,21 +86,31 @@ __all__ = [
     "grid_from_json",
     "grid_to_json",
     "make_spec",
+    "resolve_storage_dtype",
     "spec_from_json",
     "spec_to_json",
     "variants_from_tensors",
     "variants_to_tensors",
 ]
 
-FORMAT_VERSION: Final[int] = 1
-"""Version of the store layout written by this module; other versions are refused."""
+FORMAT_VERSION: Final[int] = 2
+"""Version of the store layout written by this module."""
+READABLE_VERSIONS: Final[tuple[int, ...]] = (1, 2)
+"""Versions :meth:`SupernetStore.open` reads; others are refused."""
 MANIFEST_NAME: Final[str] = "manifest.json"
 INPUT_NORMS_FILE: Final[str] = "input_norms.safetensors"
 STORAGE_DTYPES: Final[dict[str, np.dtype]] = {
     "float32": np.dtype(np.float32),
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
 }
-"""On-disk dtypes of dense variant weights; they are always read back as float32."""
+"""On-disk dtypes of dense variant weights; they are read back in the same dtype."""
+STORAGE_DTYPE_CHOICES: Final[tuple[str, ...]] = ("auto", *STORAGE_DTYPES)
+"""What a user may ask for: ``"auto"`` is the model's parameter dtype."""
+LAYOUTS: Final[tuple[str, ...]] = ("auto", "dense", "packed")
+"""Layouts of dense variant files: ``"auto"`` writes packed where it is smaller."""
+VERIFY_MODES: Final[tuple[str, ...]] = ("lazy", "full", "none")
+"""When :meth:`SupernetStore.open`'s store checks files' digests: at first read, at open,
+never."""
 _DIGEST_BYTES: Final[int] = 32
 _REQUIRED_KEYS: Final[tuple[str, ...]] = (
     "model_fingerprint",
@@ -215,14 +252,48 @@ def spec_from_json(d: Mapping[str, Any]) -> SupernetSpec:
 # --------------------------------------------------------------------------- variant files
 
 
-def variants_to_tensors(
-    variants: Variants, storage_dtype: str = "float32"
-) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Host tensors and string metadata of one parameter's variants (see module docstring)."""
-    if storage_dtype not in STORAGE_DTYPES:
+def resolve_storage_dtype(storage_dtype: str, param_dtype: Any) -> str:
+    """The storage dtype a request means: ``"auto"`` -> the model's parameter dtype
+    (``param_dtype``, e.g. ``jnp.bfloat16``), else the request itself.
+
+    Raises:
+      ValueError: a request not in :data:`STORAGE_DTYPE_CHOICES`, or ``"auto"`` for a
+        model whose dtype has no storage form.
+    """
+    if storage_dtype not in STORAGE_DTYPE_CHOICES:
         raise ValueError(
-            f"storage_dtype {storage_dtype!r} not supported; valid: {list(STORAGE_DTYPES)}"
+            f"storage_dtype {storage_dtype!r} not supported; valid: {list(STORAGE_DTYPE_CHOICES)}"
         )
+    if storage_dtype != "auto":
+        return storage_dtype
+    dtype = np.dtype(param_dtype)
+    for name, stored in STORAGE_DTYPES.items():
+        if dtype == stored:
+            return name
+    raise ValueError(
+        f"storage_dtype 'auto' cannot store the model's {dtype} weights; ask for one of "
+        f"{list(STORAGE_DTYPES)}"
+    )
+
+
+def _check_choice(what: str, value: Any, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"{what} {value!r} not supported; valid: {list(valid)}")
+
+
+def variants_to_tensors(
+    variants: Variants, storage_dtype: str = "float32", layout: str = "dense"
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Host tensors and string metadata of one parameter's variants (see module docstring).
+
+    Args:
+      variants: one parameter's variants.
+      storage_dtype: ``"float32"`` or ``"bfloat16"``: dtype of dense variant weights.
+      layout: ``"dense"``, ``"packed"``, or ``"auto"`` (packed where it takes fewer bytes
+        than dense) for dense variants; nested variants have one layout.
+    """
+    _check_choice("storage_dtype", storage_dtype, list(STORAGE_DTYPES))
+    _check_choice("layout", layout, LAYOUTS)
     sparsity = np.asarray(variants.sparsity, np.float64)
     if isinstance(variants, NestedVariants):
         tensors = {
@@ -232,16 +303,36 @@ def variants_to_tensors(
         }
         return tensors, {"kind": "nested", "per_row": str(bool(variants.per_row)).lower()}
     if isinstance(variants, DenseVariants):
-        weights = np.asarray(variants.weights, np.float32).astype(STORAGE_DTYPES[storage_dtype])
-        tensors = {"weights": weights, "sparsity": sparsity}
+        dtype = STORAGE_DTYPES[storage_dtype]
+        weights = np.asarray(variants.weights).astype(dtype, copy=False)
+        if layout == "auto":
+            nnz = int(packed.kept_counts(weights).sum())
+            smaller = packed.packed_nbytes(weights.shape, nnz, dtype.itemsize) < (
+                packed.dense_nbytes(weights.shape, dtype.itemsize)
+            )
+            layout = "packed" if smaller else "dense"
+        if layout == "packed":
+            tensors = {**packed.pack(weights), "sparsity": sparsity}
+        else:
+            tensors = {"weights": weights, "sparsity": sparsity}
         if variants.group_keep is not None:
             tensors["group_keep"] = np.asarray(variants.group_keep, bool)
-        return tensors, {"kind": "dense", "storage_dtype": storage_dtype}
+        return tensors, {"kind": "dense", "layout": layout, "storage_dtype": storage_dtype}
     raise TypeError(f"variants must be NestedVariants or DenseVariants, got {type(variants)}")
 
 
+def _dense_levels(tensors: Mapping[str, np.ndarray], levels: Sequence[int]) -> np.ndarray:
+    """[len(levels), out, in] host weights of some levels of a dense-kind file's tensors,
+    in either layout, in the storage dtype; reads only those levels' bytes."""
+    if "weights" in tensors:
+        w = tensors["weights"]
+        return np.stack([np.asarray(w[k]) for k in levels]) if len(levels) else w[:0].copy()
+    return packed.unpack_levels(tensors, levels)
+
+
 def variants_from_tensors(tensors: Mapping[str, np.ndarray], kind: str, per_row: bool) -> Variants:
-    """Rebuild variants from a file's tensors (device arrays; dense weights as float32)."""
+    """Rebuild variants from a file's tensors (device arrays; dense weights in the
+    storage dtype, unpacked from the packed layout when the file is packed)."""
     if kind == "nested":
         return NestedVariants(
             rank=jnp.asarray(tensors["rank"]),
@@ -251,9 +342,14 @@ def variants_from_tensors(tensors: Mapping[str, np.ndarray], kind: str, per_row:
         )
     if kind == "dense":
         keep = tensors.get("group_keep")
+        sparsity = np.array(tensors["sparsity"], np.float64)
+        if "weights" in tensors:
+            host = np.asarray(tensors["weights"])
+        else:
+            host = packed.unpack_levels(tensors, range(len(sparsity)))
         return DenseVariants(
-            weights=jnp.asarray(np.asarray(tensors["weights"]), dtype=jnp.float32),
-            sparsity=np.array(tensors["sparsity"], np.float64),
+            weights=jnp.asarray(host),
+            sparsity=sparsity,
             group_keep=None if keep is None else np.array(keep, bool),
         )
     raise ValueError(f"unknown variant kind {kind!r}; valid: 'nested', 'dense'")
@@ -272,23 +368,30 @@ class StoreWriter:
       path: the final store directory.
       overwrite: replace an existing ``path`` at commit time; otherwise an existing path
         is refused here, before any work.
-      storage_dtype: ``"float32"`` or ``"bfloat16"`` for dense variant weights.
+      storage_dtype: ``"float32"`` or ``"bfloat16"`` for dense variant weights (see
+        :func:`resolve_storage_dtype` for ``"auto"``, which needs the model).
+      layout: dense variant files' layout: ``"auto"`` (packed where it is smaller, per
+        file), ``"dense"`` or ``"packed"``.
     """
 
     def __init__(
-        self, path: str | os.PathLike, *, overwrite: bool = False, storage_dtype: str = "float32"
+        self,
+        path: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        storage_dtype: str = "float32",
+        layout: str = "auto",
     ):
         self.path = Path(path)
         if self.path.exists() and not overwrite:
             raise FileExistsError(
                 f"{self.path} exists; pass overwrite=True to replace it with a new store"
             )
-        if storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(
-                f"storage_dtype {storage_dtype!r} not supported; valid: {list(STORAGE_DTYPES)}"
-            )
+        _check_choice("storage_dtype", storage_dtype, list(STORAGE_DTYPES))
+        _check_choice("layout", layout, LAYOUTS)
         self.overwrite = overwrite
         self.storage_dtype = storage_dtype
+        self.layout = layout
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp: Path | None = Path(
             tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
@@ -314,19 +417,24 @@ class StoreWriter:
         bytes."""
         if param in self._files:
             raise ValueError(f"variants of {param!r} were already written to this store")
-        tensors, meta = variants_to_tensors(variants, self.storage_dtype)
+        tensors, meta = variants_to_tensors(variants, self.storage_dtype, self.layout)
         name = _variant_file_name(param)
         target = self.temporary_path / name
         write_safetensors(target, tensors, {"param": param, **meta})
         size = target.stat().st_size
-        self._files[param] = {
+        shape = tensors["rank"].shape if meta["kind"] == "nested" else variants.weights.shape[1:]
+        entry = {
             "file": name,
             "kind": meta["kind"],
             "per_row": meta.get("per_row") == "true",
             "num_levels": int(len(variants.sparsity)),
+            "shape": [int(x) for x in shape],
             "bytes": int(size),
             "blake2b": file_digest(target),
         }
+        if meta["kind"] == "dense":
+            entry.update(layout=meta["layout"], dtype=meta["storage_dtype"])
+        self._files[param] = entry
         return size
 
     def add_input_norms(self, norms: Mapping[str, np.ndarray]) -> None:
@@ -441,18 +549,42 @@ class SupernetStore:
     """A supernet store opened for reading (use :meth:`open`).
 
     Variant files are memory-mapped when read; nothing is loaded until
-    :meth:`variants` or :meth:`all_variants` is called, and each call returns fresh device
-    arrays (callers keep what they need).
+    :meth:`variants`, :meth:`read_levels` or :meth:`all_variants` is called. Reads may come
+    from several threads (the first read of a file checks its digest once, under a lock).
 
     Attributes:
       path: the store directory.
+      verify: ``"lazy"``, ``"full"`` or ``"none"`` (see :meth:`open`).
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any]):
+    def __init__(self, path: Path, manifest: dict[str, Any], verify: str = "lazy"):
         self.path = path
+        self.verify = verify
         self._manifest = manifest
         self._spec = spec_from_json(manifest["spec"])
         self._unit_params = tuple(tuple(p) for p in manifest["unit_params"])
+        self._init_checks()
+
+    def _init_checks(self) -> None:
+        """Per-process record of the files whose digest was checked, and their locks."""
+        self._verified: set[str] = set()
+        self._locks = {e["file"]: threading.Lock() for e in self._files().values()}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_verified"], state["_locks"]  # another process checks for itself
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_checks()
+
+    def _files(self) -> dict[str, dict[str, Any]]:
+        """What the manifest lists: parameter (or ``"input norms"``) -> file entry."""
+        files = dict(self._manifest["variants"])
+        if "input_norms" in self._manifest:
+            files["input norms"] = self._manifest["input_norms"]
+        return files
 
     @classmethod
     def open(
@@ -461,9 +593,12 @@ class SupernetStore:
         *,
         model_fingerprint: str | None = None,
         tokens_fingerprint: str | None = None,
-        verify: bool = True,
+        verify: str | bool = "lazy",
     ) -> SupernetStore:
         """Open a store, checking that it is complete and fits the given model and data.
+
+        Opening reads the manifest and the files' sizes only (milliseconds, whatever the
+        store's size); the digests are checked as ``verify`` says.
 
         Args:
           path: the store directory.
@@ -471,14 +606,23 @@ class SupernetStore:
             None skips the check.
           tokens_fingerprint: ``TokenSet.fingerprint`` of the calibration data it must
             have been built from; None skips the check.
-          verify: recompute every file's blake2b digest (reads the whole store once);
-            without it only existence and sizes are checked.
+          verify: ``"lazy"`` (default): each file's blake2b digest is checked the first
+            time this process reads the file (once, remembered), before its weights are
+            returned; ``"full"``: every file's digest now (reads the whole store);
+            ``"none"``: never (only existence and sizes). ``True`` / ``False`` mean
+            ``"full"`` / ``"none"``.
 
         Raises:
-          StoreError: no manifest (not a store, or an interrupted build), unknown format
-            version, fingerprint mismatch (both fingerprints named), a missing or
-            truncated file, or a checksum mismatch (the file named).
+          StoreError: no manifest (not a store, or an interrupted build), a format version
+            this allocsearch does not read, fingerprint mismatch (both fingerprints named),
+            a missing or truncated file, or (``"full"``) a checksum mismatch (the file
+            named). With ``"lazy"`` a checksum mismatch is raised by the first read of
+            the file.
+          ValueError: an unknown ``verify``.
         """
+        if isinstance(verify, bool):
+            verify = "full" if verify else "none"
+        _check_choice("verify", verify, VERIFY_MODES)
         path = Path(path)
         mpath = path / MANIFEST_NAME
         if not mpath.is_file():
@@ -491,10 +635,11 @@ class SupernetStore:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise StoreError(f"{mpath}: manifest is not valid JSON ({e})") from None
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version not in READABLE_VERSIONS:
             raise StoreError(
                 f"{path}: unknown store format version {version!r}; this allocsearch reads "
-                f"version {FORMAT_VERSION}; rebuild the supernet"
+                f"versions {', '.join(map(str, READABLE_VERSIONS))} (and writes "
+                f"{FORMAT_VERSION}); rebuild the supernet"
             )
         missing = [k for k in _REQUIRED_KEYS if k not in manifest]
         if missing:
@@ -509,10 +654,8 @@ class SupernetStore:
                     f"{manifest[key]!r} but the one given is {given!r}; rebuild the supernet "
                     f"for this {what}"
                 )
-        files = dict(manifest["variants"])
-        if "input_norms" in manifest:
-            files["input norms"] = manifest["input_norms"]
-        for param, entry in files.items():
+        store = cls(path, manifest, verify)
+        for param, entry in store._files().items():
             fpath = path / entry["file"]
             if not fpath.is_file():
                 raise StoreError(f"{path}: variant file {entry['file']!r} of {param} is missing")
@@ -522,12 +665,30 @@ class SupernetStore:
                     f"{path}: variant file {entry['file']!r} has {size} bytes, the manifest "
                     f"records {entry['bytes']} (truncated or replaced)"
                 )
-            if verify and file_digest(fpath) != entry["blake2b"]:
+        if verify == "full":
+            for entry in store._files().values():
+                store._check_digest(entry)
+        return store
+
+    def _check_digest(self, entry: Mapping[str, Any]) -> None:
+        """Check a file's blake2b digest against the manifest, once per process."""
+        name = entry["file"]
+        if self.verify == "none" or name in self._verified:
+            return
+        with self._locks[name]:
+            if name in self._verified:  # another thread checked it meanwhile
+                return
+            fpath = self.path / name
+            try:
+                digest = file_digest(fpath)
+            except OSError as e:
+                raise StoreError(f"{self.path}: cannot read {name!r} ({e})") from e
+            if digest != entry["blake2b"]:
                 raise StoreError(
-                    f"{path}: checksum mismatch in {entry['file']!r}: the file is corrupt "
+                    f"{self.path}: checksum mismatch in {name!r}: the file is corrupt "
                     f"(blake2b differs from the manifest); rebuild the supernet"
                 )
-        return cls(path, manifest)
+            self._verified.add(name)
 
     # ----- what the evaluator and searchers read -------------------------------------
     @property
@@ -570,30 +731,47 @@ class SupernetStore:
         files = sum(int(e["bytes"]) for e in self._manifest["variants"].values())
         return files + (self.path / MANIFEST_NAME).stat().st_size
 
+    @property
+    def storage_dtype(self) -> str | None:
+        """``"float32"`` or ``"bfloat16"``: the dtype of the dense variants' weights (what
+        :meth:`variants` and :meth:`read_levels` return); None without dense variants."""
+        for entry in self._manifest["variants"].values():
+            if entry["kind"] != "dense":
+                continue
+            if "dtype" in entry:
+                return str(entry["dtype"])
+            # version 1: the dtype is only in the file's header
+            try:
+                header, _ = read_header(self.path / entry["file"])
+                dtype = header["weights"]["dtype"]
+            except (OSError, SafetensorsError, KeyError) as e:
+                raise StoreError(f"{self.path}: cannot read {entry['file']!r} ({e})") from e
+            names = {"F32": "float32", "BF16": "bfloat16"}
+            if dtype not in names:
+                raise StoreError(f"{self.path}: {entry['file']!r} holds {dtype} weights")
+            return names[dtype]
+        return None
+
     def variants(self, param_name: str) -> Variants:
         """The variants of one parameter (e.g. ``model.layers.0.mlp.up_proj.weight``).
 
         Returns:
           ``NestedVariants`` (rank int32[out, in] on device) or ``DenseVariants`` (weights
-          float32[K, out, in] on device) with ``K = spec.num_levels[unit]``.
+          [K, out, in] on device, in the storage dtype: float32 or bfloat16, never
+          upcast) with ``K = spec.num_levels[unit]``.
 
         Raises:
           KeyError: unknown parameter (the message lists a few valid names).
-          StoreError: the file is unreadable (truncated or corrupt since it was opened).
+          StoreError: the file is corrupt (first read, ``verify="lazy"``), truncated or
+            unreadable.
         """
-        entries = self._manifest["variants"]
-        if param_name not in entries:
-            raise KeyError(
-                f"no variants for {param_name!r} in {self.path}; the store has "
-                f"{len(entries)} parameters, e.g. {list(entries)[:3]}"
-            )
-        entry = entries[param_name]
+        entry = self._entry(param_name)
         fpath = self.path / entry["file"]
+        tensors = self._tensors(param_name, entry)
         try:
-            tensors = read_safetensors(fpath, mmap=True)
-        except (OSError, SafetensorsError, KeyError) as e:
+            result = variants_from_tensors(tensors, entry["kind"], bool(entry["per_row"]))
+        except (KeyError, ValueError) as e:
             raise StoreError(f"{fpath}: cannot read variants of {param_name} ({e})") from e
-        result = variants_from_tensors(tensors, entry["kind"], bool(entry["per_row"]))
         if result.num_levels != entry["num_levels"]:
             raise StoreError(
                 f"{fpath}: holds {result.num_levels} levels, the manifest records "
@@ -607,7 +785,8 @@ class SupernetStore:
         """Host weights of some levels of one parameter, read from the memory-mapped file.
 
         This is what the block-streaming evaluator reads: only the levels a query uses,
-        never the whole stack, and nothing is put on a device.
+        never the whole stack (in the packed layout, only those levels' bytes), and
+        nothing is put on a device. Safe to call from several threads.
 
         Args:
           param_name: e.g. ``model.layers.0.mlp.up_proj.weight``.
@@ -621,7 +800,8 @@ class SupernetStore:
 
         Raises:
           KeyError: unknown parameter. ValueError: a level out of range, or ``dense``
-          missing for nested variants. StoreError: the file is unreadable.
+          missing for nested variants. StoreError: the file is corrupt (first read,
+          ``verify="lazy"``) or unreadable.
         """
         entry = self._entry(param_name)
         levels = [int(k) for k in levels]
@@ -631,12 +811,11 @@ class SupernetStore:
                 f"level {bad[0]} of {param_name} is out of range; valid: "
                 f"0..{entry['num_levels'] - 1}"
             )
+        if entry["kind"] != "dense" and dense is None:
+            raise ValueError(f"{param_name} holds nested variants: pass its dense weight")
         tensors = self._tensors(param_name, entry)
         if entry["kind"] == "dense":
-            w = tensors["weights"]
-            return np.stack([np.asarray(w[k]) for k in levels]) if levels else w[:0].copy()
-        if dense is None:
-            raise ValueError(f"{param_name} holds nested variants: pass its dense weight")
+            return _dense_levels(tensors, levels)
         dense = np.asarray(dense)
         rank = np.asarray(tensors["rank"])
         counts = np.asarray(tensors["prune_counts"])
@@ -656,12 +835,14 @@ class SupernetStore:
             )
         return entries[param_name]
 
-    def _tensors(self, param_name: str, entry: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def _tensors(self, what: str, entry: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Memory-mapped tensors of a file, its digest checked first (once)."""
+        self._check_digest(entry)
         fpath = self.path / entry["file"]
         try:
             return read_safetensors(fpath, mmap=True)
         except (OSError, SafetensorsError, KeyError) as e:
-            raise StoreError(f"{fpath}: cannot read variants of {param_name} ({e})") from e
+            raise StoreError(f"{fpath}: cannot read variants of {what} ({e})") from e
 
     def input_norms(self) -> dict[str, np.ndarray]:
         """Layer name -> float32[in], ``||X_j||_2`` of the layer's calibration input (the
@@ -669,6 +850,7 @@ class SupernetStore:
         entry = self._manifest.get("input_norms")
         if entry is None:
             return {}
+        self._check_digest(entry)
         fpath = self.path / entry["file"]
         try:
             return {k: np.asarray(v) for k, v in read_safetensors(fpath, mmap=True).items()}
