@@ -157,7 +157,7 @@ def test_llmc_mixed_nm_patterns_one_group_per_pattern():
 
 
 def test_llmc_refusals():
-    with pytest.raises(ExportError, match="use to_torch_pruning instead"):
+    with pytest.raises(ExportError, match="use --format torch-pruning"):
         to_llm_compressor(structured_recipe())
     with pytest.raises(ExportError, match="modifier 'OBCModifier' is not one of"):
         to_llm_compressor(unstructured_recipe(), modifier="OBCModifier")
@@ -216,34 +216,24 @@ def test_evopress_lines():
     assert any("from -2 to 2" in n for n in out.notes)
 
 
-def test_evopress_structured_units():
+def test_evopress_refuses_structured_recipes():
+    """Issue 16.5: EvoPress has no head/neuron pruning, so lines such as
+    ``model.layers.0.self_attn: -1`` would be unloadable there: refused, naming the format
+    that can carry the recipe."""
     r = structured_recipe()
-    units, grids = [], []
-    for u in r.units:
-        members = [r.layer(n) for n in u.layers]
-        numel = sum(x.numel for x in members)
-        units.append(
-            Unit(u.name, "attn" if u.kind == "heads" else "mlp", u.block, u.layers, numel, numel)
-        )
-        grids.append([0.0, 0.25, 0.5, 0.75] if u.kind == "neurons" else [0.0, 0.5, 1.0, 1.0])
-    sparsity = np.array(grids)
-    valid = np.array(
-        [[True, True, True, False] if u.kind == "heads" else [True] * 4 for u in r.units]
-    )
-    sparsity = np.where(valid, sparsity, np.nan)
+    units = [
+        Unit(u.name, "attn" if u.kind == "heads" else "mlp", u.block, u.layers, 1, 1)
+        for u in r.units
+    ]
     spec = SupernetSpec(
         tuple(units),
-        sparsity,
-        valid,
-        np.array([1, 1, 1, 1], dtype=np.int32),
+        np.tile([0.0, 0.5], (len(units), 1)),
+        np.ones((len(units), 2), bool),
+        np.zeros(len(units), np.int32),
         structure="heads_neurons",
     )
-    out = to_evopress(r, spec, np.array([1, 1, 0, 2]))
-    assert out.content == (
-        "model.layers.0.self_attn: 0\nmodel.layers.0.mlp: 0\n"
-        "model.layers.1.self_attn: -1\nmodel.layers.1.mlp: 1\n"
-    )
-    assert out.budget_exported == pytest.approx(416 / 1280, abs=1e-15)
+    with pytest.raises(ExportError, match="EvoPress has no head/neuron pruning.*torch-pruning"):
+        to_evopress(r, spec, np.zeros(len(units), np.int32))
 
 
 def test_evopress_rejects_inconsistent_inputs():

@@ -232,7 +232,7 @@ def to_llm_compressor(
     if recipe.structure not in ("unstructured", "nm"):
         raise ExportError(
             f"llm-compressor's {modifier} prunes individual weights (unstructured or N:M); a "
-            f"{recipe.structure!r} recipe removes heads/neurons: use to_torch_pruning instead"
+            f"{recipe.structure!r} recipe removes heads/neurons: use --format torch-pruning (to_torch_pruning) instead"
         )
     extra = dict(modifier_args or {})
     clash = sorted(set(extra) & set(_LLMC_RESERVED_ARGS))
@@ -370,6 +370,12 @@ def to_evopress(recipe: Recipe, spec: SupernetSpec, choice: np.ndarray) -> Expor
         not a valid level vector, or the spec's sparsity at a chosen level differs from
         the recipe's (the recipe was not made from this supernet and choice).
     """
+    if recipe.units:
+        raise ExportError(
+            f"EvoPress has no head/neuron pruning (its databases hold unstructured or N:M "
+            f"levels), so it cannot load this {recipe.structure!r} recipe; use --format "
+            f"torch-pruning (to_torch_pruning) for heads/neurons"
+        )
     if spec.structure != recipe.structure:
         raise ExportError(
             f"supernet structure {spec.structure!r} != recipe structure {recipe.structure!r}"
@@ -451,8 +457,8 @@ def to_owl(recipe: Recipe) -> Export[list[float]]:
     if recipe.structure != "unstructured":
         raise ExportError(
             f"an OWL-style per-block list holds unstructured sparsities; this recipe is "
-            f"{recipe.structure!r} (use to_llm_compressor for N:M, to_torch_pruning for "
-            f"heads/neurons)"
+            f"{recipe.structure!r} (use --format llm-compressor for N:M, --format "
+            f"torch-pruning for heads/neurons)"
         )
     blocks = block_sparsities(recipe)
     notes = [_block_spread_note(recipe, blocks)]
@@ -486,7 +492,7 @@ def to_torch_pruning(recipe: Recipe) -> Export[dict[str, dict[str, float]]]:
         raise ExportError(
             f"Torch-Pruning ratios are fractions of channels, which only a structured "
             f"(heads / neurons) recipe has; this recipe is {recipe.structure!r}. Use "
-            f"to_llm_compressor, to_owl or to_jaxpruner for unstructured / N:M recipes"
+            f"--format llm-compressor, owl or jaxpruner for unstructured / N:M recipes"
         )
     ratios = {u.name: u.fraction for u in recipe.units}
     heads = {u.name: u.fraction for u in recipe.units if u.kind == "heads"}
