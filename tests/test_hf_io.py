@@ -163,3 +163,111 @@ def test_layer_info_llama():
     assert [x.role for x in layers[:7]] == ["q", "k", "v", "o", "gate", "up", "down"]
     assert ad.layers(include_head=True)[-1].name == "lm_head"
     assert ad.layers(include_embeddings=True)[0].role == "embed"
+
+
+# --------------------------------------------------------------------------- lazy loading
+
+
+def _mmap_backed(arr: np.ndarray) -> bool:
+    """True when ``arr`` is a view whose base chain ends in a memory map."""
+    import mmap
+
+    while arr is not None:
+        if isinstance(arr, mmap.mmap):
+            return True
+        arr = getattr(arr, "base", None)
+    return False
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lazy_and_eager_loads_are_identical(tiny, dtype):
+    path, _ = tiny
+    eager, lazy = load_model(path, dtype=dtype), load_model(path, dtype=dtype, lazy=True)
+    assert lazy.fingerprint == eager.fingerprint
+    assert sorted(lazy.params) == sorted(eager.params)
+    for name, value in eager.params.items():
+        got = lazy.params[name]
+        assert isinstance(got, np.ndarray) and got.dtype == value.dtype, name
+        np.testing.assert_array_equal(np.asarray(jax.numpy.asarray(got)), np.asarray(value))
+        # Stored float32: float32 parameters are views of the file; bfloat16 ones are copies.
+        assert _mmap_backed(got) == (dtype == "float32"), name
+    from allocsearch.models.hf import model_num_bytes
+
+    assert model_num_bytes(lazy) == model_num_bytes(eager)
+
+
+def test_lazy_gpt2_transposes_are_views(tmp_path):
+    cfg = {"model_type": "gpt2", "vocab_size": 20, "n_embd": 8, "n_layer": 1, "n_head": 2}
+    adapter = adapter_for_config(cfg)
+    path = save_model(HFModel(adapter, adapter.init_params(jax.random.key(1))), tmp_path / "g")
+    eager, lazy = load_model(path), load_model(path, lazy=True)
+    name = "transformer.h.0.attn.c_attn.weight"  # a Conv1D weight, stored (in, out)
+    view = lazy.params[name]
+    assert view.shape == (24, 8) and not view.flags.c_contiguous and _mmap_backed(view)
+    for k, v in eager.params.items():
+        np.testing.assert_array_equal(np.asarray(lazy.params[k]), np.asarray(v))
+
+
+def test_lazy_nan_check_runs_at_first_access(tiny):
+    path, _ = tiny
+
+    def poison(t):
+        t["model.layers.0.self_attn.k_proj.weight"][0, 0] = np.inf
+
+    _rewrite(path, poison)
+    model = load_model(path, lazy=True)  # headers only: the bad tensor is not read yet
+    np.testing.assert_array_equal(model.params["model.norm.weight"], np.ones(16, np.float32))
+    with pytest.raises(ModelLoadError, match=r"k_proj.weight' contains NaN or Inf"):
+        model.params["model.layers.0.self_attn.k_proj.weight"]
+    unchecked = load_model(path, lazy=True, check_finite=False)
+    assert np.isinf(unchecked.params["model.layers.0.self_attn.k_proj.weight"][0, 0])
+
+
+def test_lazy_params_pickle_reopens_the_files(tiny):
+    import pickle
+
+    path, params = tiny
+    lazy = load_model(path, lazy=True).params
+    blob = pickle.dumps(lazy)
+    assert len(blob) < 2000  # the path, not the weights
+    back = pickle.loads(blob)
+    for k in params:
+        np.testing.assert_array_equal(back[k], np.asarray(params[k]))
+
+
+def _rss_anon() -> int:
+    """Anonymous resident memory of this process in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    pytest.skip("no RssAnon in /proc/self/status")
+
+
+def test_lazy_load_holds_no_copy_of_the_model(tmp_path):
+    """A 128 MiB model: an eager load grows anonymous memory by about its size, a lazy
+    load (reading every tensor through the mapping) by far less."""
+    cfg = dict(CFG, hidden_size=1024, intermediate_size=4096, vocab_size=64)
+    adapter = adapter_for_config(cfg)
+    path = tmp_path / "big"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(cfg))
+    shapes = adapter.param_shapes
+    write_safetensors(
+        path / "model.safetensors",
+        {k: np.full(s, 0.01, np.float32) for k, s in shapes.items()},
+    )
+    size = sum(int(np.prod(s)) * 4 for s in shapes.values())
+    assert size > 100 * 2**20
+    before = _rss_anon()
+    lazy = load_model(path, lazy=True)
+    total = sum(float(v[0].sum()) for v in lazy.params.values())  # touches every tensor
+    assert total > 0
+    grown_lazy = _rss_anon() - before
+    del lazy
+    before = _rss_anon()
+    eager = load_model(path)
+    grown_eager = _rss_anon() - before
+    assert grown_eager > 0.8 * size, (grown_eager, size)
+    assert grown_lazy < 0.1 * size, (grown_lazy, size)
+    del eager

@@ -1,9 +1,10 @@
 """Read and write Hugging Face model directories (config.json + safetensors) without torch.
 
 ``load_model(path)`` returns a :class:`HFModel`: the family adapter, the parameter dict
-(jax arrays in the chosen dtype), the tensors the forward does not use but a saved copy
-must keep, and a fingerprint that identifies the weights (used by supernet stores and
-recipes to refuse mixing models).
+(jax arrays in the chosen dtype, or with ``lazy=True`` a :class:`LazyParams` of host
+arrays memory-mapped from the safetensors files), the tensors the forward does not use but
+a saved copy must keep, and a fingerprint that identifies the weights (used by supernet
+stores and recipes to refuse mixing models).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ class HFModel:
 
     Attributes:
       adapter: the family adapter (forward, layers, block structure).
-      params: parameter name -> jax array, canonical (out, in) layout.
+      params: parameter name -> jax array, canonical (out, in) layout; or, loaded with
+        ``lazy=True``, a :class:`LazyParams` mapping to host numpy arrays read on access.
       extras: checkpoint tensors the forward does not use (e.g. BERT pooler), kept so a
         saved copy loses nothing.
       fingerprint: short hex digest of the config and weights.
@@ -66,7 +68,7 @@ class HFModel:
     """
 
     adapter: ModelAdapter
-    params: dict[str, jax.Array]
+    params: dict[str, jax.Array] | LazyParams
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     fingerprint: str = ""
     path: str | None = None
@@ -101,6 +103,100 @@ def _tensor_files(path: Path) -> list[Path]:
     )
 
 
+# Elements per slice of the lazy finite check (bounds its float32 temporary to 64 MiB).
+_FINITE_CHUNK = 1 << 24
+
+
+def _check_finite(name: str, arr: np.ndarray, where: str) -> None:
+    """Raise ModelLoadError naming ``name`` when ``arr`` holds NaN or Inf; reads it in
+    slices so a memory-mapped tensor is never copied whole."""
+    flat = arr.ravel(order="K")  # a view for C- and Fortran-ordered (transposed) tensors
+    for i in range(0, flat.size, _FINITE_CHUNK):
+        if not np.isfinite(flat[i : i + _FINITE_CHUNK].astype(np.float32)).all():
+            raise ModelLoadError(f"{where}: tensor {name!r} contains NaN or Inf values")
+
+
+class LazyParams(Mapping):
+    """Parameter name -> host numpy array, read from memory-mapped safetensors on access.
+
+    What :func:`load_model` returns with ``lazy=True``: nothing is read at load time
+    beyond headers and the fingerprint's sample. ``params[name]`` is the tensor in the
+    requested dtype and canonical layout: a read-only view of the mapped file when the
+    file's dtype is the requested one (GPT-2's transposed Conv1D weights are transposed
+    views), else a fresh converted copy made on every access and not kept, so the
+    process holds at most the tensors its caller keeps. ``jnp.asarray(params[name])``
+    moves one tensor to the device; ``dict(params)`` reads them all.
+
+    With ``check_finite`` each tensor is checked for NaN and Inf the first time it is
+    accessed (a whole-model check at load would read every byte of a 70B model); a bad
+    tensor raises :class:`ModelLoadError` naming it before its values are returned.
+
+    Pickling reopens the files (e.g. on a Ray worker) instead of copying the weights.
+    """
+
+    def __init__(
+        self,
+        views: Mapping[str, np.ndarray],
+        dtype: np.dtype,
+        *,
+        check_finite: bool,
+        source: tuple[str, str, bool] | None = None,
+    ):
+        # Plain ndarray views (not np.memmap instances, whose astype copies would pass
+        # for mapped arrays); their base is still the mapping.
+        self._views = {name: np.asarray(v) for name, v in views.items()}
+        self._dtype = np.dtype(dtype)
+        self._check = bool(check_finite)
+        self._checked: set[str] = set()
+        self._source = source  # (model directory, dtype name, check_finite) for pickling
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        view = self._views[name]
+        if self._check and name not in self._checked:
+            _check_finite(name, view, self._source[0] if self._source else "model")
+            self._checked.add(name)
+        return view if view.dtype == self._dtype else view.astype(self._dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype every value is returned in."""
+        return self._dtype
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of one parameter, without reading it."""
+        return tuple(self._views[name].shape)
+
+    def stored_nbytes(self, name: str) -> int:
+        """Bytes of one parameter as stored in its file (what reading it costs)."""
+        return int(self._views[name].nbytes)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every parameter in the requested dtype (nothing is read)."""
+        return int(sum(v.size for v in self._views.values())) * self._dtype.itemsize
+
+    def __reduce__(self):
+        if self._source is None:
+            raise TypeError("LazyParams built without a source directory cannot be pickled")
+        return (_reopen_lazy_params, self._source)
+
+    def __repr__(self) -> str:
+        where = self._source[0] if self._source else "memory"
+        return f"LazyParams({len(self)} tensors, dtype={self._dtype}, from {where!r})"
+
+
+def _reopen_lazy_params(path: str, dtype: str, check_finite: bool) -> LazyParams:
+    params = load_model(path, dtype=dtype, check_finite=check_finite, lazy=True).params
+    assert isinstance(params, LazyParams)
+    return params
+
+
 def fingerprint_tensors(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> str:
     """Digest of the config and of every tensor's name, shape, dtype and a strided sample of
     its bytes (every 64th KiB, so a 7B model fingerprints in seconds). Lower precision
@@ -122,7 +218,11 @@ def fingerprint_tensors(config: Mapping[str, Any], tensors: Mapping[str, np.ndar
 
 
 def load_model(
-    path: str | os.PathLike, *, dtype: str = "float32", check_finite: bool = True
+    path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    check_finite: bool = True,
+    lazy: bool = False,
 ) -> HFModel:
     """Load a Hugging Face model directory.
 
@@ -130,6 +230,10 @@ def load_model(
       path: directory with config.json and model.safetensors (or a sharded index).
       dtype: ``"float32"`` or ``"bfloat16"``: the dtype of the returned parameters.
       check_finite: refuse weights containing NaN or Inf (names the tensor).
+      lazy: return the parameters as a :class:`LazyParams` of host arrays memory-mapped
+        from the files (read and converted per tensor on access, NaN/Inf checked at first
+        access) instead of device arrays; the process then holds no copy of the model.
+        Fingerprint, shape checks and the extras are the same either way.
     Raises:
       ModelLoadError: missing files, unknown model_type, missing or unexpected tensors,
         shape mismatches (naming the tensor and the expected shape), non-finite weights.
@@ -161,17 +265,27 @@ def load_model(
             f"{path}: tensors not part of a {adapter.model_type} model with this config: "
             f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
         )
-    params: dict[str, jax.Array] = {}
     for name, shape in expected.items():
         if name not in tensors:
             raise ModelLoadError(f"{path}: tensor {name!r} is missing (expected shape {shape})")
-        arr = tensors[name]
-        if tuple(arr.shape) != shape:
+        if tuple(tensors[name].shape) != shape:
             raise ModelLoadError(
-                f"{path}: tensor {name!r} has shape {tuple(arr.shape)}, expected {shape}"
+                f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}"
             )
-        if check_finite and not np.isfinite(np.asarray(arr, dtype=np.float32)).all():
-            raise ModelLoadError(f"{path}: tensor {name!r} contains NaN or Inf values")
+    if lazy:
+        views = {name: tensors[name] for name in expected}
+        lazy_params = LazyParams(
+            views,
+            np.dtype(DTYPES[dtype]),
+            check_finite=check_finite,
+            source=(str(path), dtype, check_finite),
+        )
+        return HFModel(adapter, lazy_params, extras, fingerprint, str(path))
+    params: dict[str, jax.Array] = {}
+    for name in expected:
+        arr = tensors[name]
+        if check_finite:
+            _check_finite(name, arr, str(path))
         params[name] = jnp.asarray(arr, dtype=DTYPES[dtype])
     return HFModel(adapter, params, extras, fingerprint, str(path))
 
@@ -247,13 +361,16 @@ def save_model(
 
 
 def model_num_bytes(model: HFModel) -> int:
-    """Bytes held by the parameters."""
+    """Bytes of the parameters in their dtype (for lazy parameters, without reading them)."""
+    if isinstance(model.params, LazyParams):
+        return model.params.nbytes
     return int(sum(math.prod(v.shape) * v.dtype.itemsize for v in model.params.values()))
 
 
 __all__ = [
     "FAMILIES",
     "HFModel",
+    "LazyParams",
     "ModelLoadError",
     "adapter_for_config",
     "fingerprint_tensors",
