@@ -1,0 +1,1123 @@
+"""The memory plan: what a run needs, per process, from the model's ``config.json`` alone.
+
+:func:`plan_memory` sizes a run before anything is loaded: from a Hugging Face
+``config.json`` (no weights), a :class:`~allocsearch.config.RunConfig` (grid, pruner,
+storage dtype, tokens, metric, strategy settings, workers) and the memory of the device
+and the host (detected, or given), it computes the bytes each process holds, broken down
+into model, supernet variants, teacher data, activations (and hidden states) and reference
+states, for both execution modes:
+
+* **resident** (:class:`~allocsearch.evaluate.evaluator.Evaluator`): every variant of every
+  unit lives on the device, stacked per parameter role;
+* **streaming** (the block-streaming evaluator): per block, only the variants a query's
+  candidates use come to the device, padded to ``P = min(candidates, levels)`` per unit,
+  with the next block prefetched (two blocks in flight); the hidden states of all of a
+  query's candidates advance together; teacher data stays on the host.
+
+It chooses resident when that fits the device with a margin, else streaming, else it
+raises :class:`MemoryPlanError` with one line naming the shortfall and the changes that
+would fit. It also gives the store's size on disk and, for streaming, the bytes moved to
+the device per search generation.
+
+Notation used in the formulas below (all sizes in bytes):
+
+* ``a``: itemsize of the run's parameter dtype (``RunConfig.dtype``: 4 float32, 2 bf16);
+  ``s``: itemsize of dense variants in the store (``storage_dtype``, ``"auto"`` = the
+  model's dtype); variants are never upcast on load (store format 2).
+* ``N_p``: weights of parameter ``p``; ``K_u``: valid levels of unit ``u`` (from the
+  grid :func:`~allocsearch.pipeline.make_grid` builds, so small layers may have fewer).
+* ``B``: blocks; ``D`` hidden, ``F`` MLP width, ``H``/``H_kv`` query/kv heads, ``V``
+  vocabulary, ``T`` sequence length; ``R`` sequences per micro-batch
+  (``max(1, micro_batch_tokens // T)``).
+* teacher bytes per calibration token: ``4 V`` (kl: float32 log-probabilities), ``8 k``
+  (topk_kl: float32 values + int32 ids), 0 (nll).
+
+Resident evaluator, per process (these follow ``evaluator.py``; the plan is checked
+against measured peaks by ``scripts/bench_plan.py``):
+
+* model: the loaded parameters ``a sum_p N_p`` (the model stays referenced) plus the
+  evaluator's stacked copies of every parameter that is not a stacked dense-variant
+  role (norms, embeddings, head, and the dense weights under nested masks);
+* variants: the store's variants, kept for the evaluator's lifetime (nested: int32 rank,
+  ``4 N_p``; dense: ``s K_u N_p``) plus their stacks (nested: another int32 rank;
+  dense: ``a K_u N_p``);
+* teacher: teacher bytes per token x calibration tokens;
+* reference: ``(B + 1) x fidelity x D x a`` for the largest fidelity whose states fit
+  the evaluator's ``max_reference_bytes`` (1 GiB), as the evaluator caches them;
+* activations: the larger of one scoring call (``candidates_per_call`` candidates of
+  one micro-batch: the gathered weights of a block, the hidden carry, the larger of the
+  attention / MLP / logits working sets, and the teacher rows) and the construction
+  peak (the dense copy the teacher forward uses plus a second copy of the teacher data
+  while it is concatenated; on a CPU device also the host copy of the largest stack).
+
+Streaming evaluator, per process (assumptions, as the brief of the streaming evaluator
+states them: variants in the model's dtype on the device, two blocks in flight, the
+query's candidates' hidden states on the device, teacher data on the host):
+
+* model: the parameters outside the blocks (embeddings, head, final norm) on the
+  device, and two blocks' parameters that no unit owns (norms);
+* variants: two blocks x ``sum_u P_u x a x sum_{p in u} N_p`` with ``P_u = min(n, K_u)``
+  (``n`` the most candidates one actor scores in one query), and the same again in host
+  staging buffers (the prefetch reads them from the memory-mapped store, whose pages
+  live in the shared page cache, not in any process);
+* activations / hidden states: ``2 n x fidelity x D x a`` (block input and output of all
+  candidates) plus one micro-batch's working set;
+* reference: as resident, on the device;
+* teacher: on the host.
+
+Bytes moved per generation (streaming): for every query of a generation, every block
+brings ``sum_u P_u`` variants; EvoPress asks ``offspring`` candidates at ``tokens[0]``,
+then ``survivors[i-1]`` (``+ 1`` re-scored parent in the last stage) at ``tokens[i]``.
+This is an upper bound: candidates that share a variant share its transfer.
+
+The driver holds the loaded model and the token sets while the actors score; at the end
+it scores the result (held-out perplexity) with a one-candidate evaluator of the chosen
+mode. With ``backend.kind = "local"`` the driver is the evaluator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from allocsearch.config import AUTO_WORKERS, RunConfig
+
+__all__ = [
+    "EXECUTION_MODES",
+    "MemoryPlan",
+    "MemoryPlanError",
+    "ProcessMemory",
+    "check_run",
+    "detect_memory",
+    "format_bytes",
+    "load_hf_config",
+    "parse_bytes",
+    "plan_memory",
+]
+
+EXECUTION_MODES: Final[tuple[str, ...]] = ("auto", "resident", "streaming")
+"""``auto`` picks resident when it fits the device with the margin, else streaming."""
+DEFAULT_MARGIN: Final[float] = 0.10
+"""Fraction of the device (and host) memory left free for what the plan does not count
+(XLA's compiled programs and scratch, the CUDA context, fragmentation)."""
+GIB: Final[int] = 2**30
+# Evaluator defaults (allocsearch.evaluate.evaluator.Evaluator), used when the config has
+# no such keys.
+_MICRO_BATCH_TOKENS: Final[int] = 8192
+_CANDIDATES_PER_CALL: Final[int] = 1
+_MAX_REFERENCE_BYTES: Final[int] = 2**30
+# Fidelity the table strategies (dp, knapsack) score their error table at (pipeline).
+_TABLE_TOKENS: Final[int] = 4096
+_BUILD_BATCH: Final[int] = 16  # pipeline.BUILD_BATCH
+_ITEMSIZE: Final[dict[str, int]] = {"float32": 4, "bfloat16": 2}
+_DECIMAL = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_BINARY = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class MemoryPlanError(ValueError):
+    """The run does not fit: the message names the bytes needed and available (GiB) and
+    the changes that would fit."""
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """Bytes from ``"80GB"`` (10^9), ``"80GiB"`` (2^30), ``"512MB"``, ``"141e9"`` or a number.
+
+    Raises:
+      ValueError: not a positive size (the message lists the units understood).
+    """
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        if m is None:
+            value, unit = -1.0, ""
+        else:
+            value, unit = float(m.group(1)), m.group(2).lower()
+    scale = _DECIMAL.get(unit, _BINARY.get(unit))
+    if scale is None or not value > 0 or not math.isfinite(value):
+        raise ValueError(
+            f"memory size {text!r} is not valid; use a positive number of bytes with an "
+            f"optional unit: B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB "
+            f"(powers of 1024), e.g. '80GB', '80GiB' or '141e9'"
+        )
+    return int(value * scale)
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in GiB with two decimals (``"12.34 GiB"``), MiB below 1 GiB."""
+    if abs(n) < GIB:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / GIB:.2f} GiB"
+
+
+def load_hf_config(model: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` dict of ``model``: ``"demo"``, a model directory (weights are
+    not needed: a directory holding only config.json is enough), or a config.json path.
+
+    Raises:
+      FileNotFoundError: no config.json there. ValueError: not valid JSON.
+    """
+    from allocsearch.assets_paths import resolve_model_path
+
+    path = resolve_model_path(str(model))
+    file = path if path.is_file() else path / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"no config.json for model {str(model)!r} (looked at {file})")
+    try:
+        data = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: config.json must hold a JSON object")
+    return data
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _meminfo_available() -> int | None:
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^MemAvailable:\s+(\d+) kB", text, re.M)
+    return int(m.group(1)) * 1024 if m else None
+
+
+def _cgroup_room() -> int | None:
+    """Bytes this cgroup (v2) may still allocate, or None without a limit."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        return max(0, int(limit) - used)
+    except (OSError, ValueError):
+        return None
+
+
+def detect_memory() -> tuple[str, int, int]:
+    """``(device kind, device bytes, host bytes)`` of this machine.
+
+    The host: ``MemAvailable`` of /proc/meminfo (bounded by a cgroup limit), else the
+    physical memory. The device: JAX's first device; on CPU it is the host (kind
+    ``"cpu"``, the same bytes), on a GPU its allocator's ``bytes_limit``.
+    """
+    host = _meminfo_available()
+    if host is None:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    room = _cgroup_room()
+    if room is not None:
+        host = min(host, room)
+    import jax
+
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return "cpu", int(host), int(host)
+    stats = device.memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if not limit:
+        raise ValueError(
+            f"cannot read the memory of {device.device_kind} ({device.platform}); pass "
+            "--device-memory"
+        )
+    return device.platform, int(limit), int(host)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class _Model:
+    """What the formulas need of a model, from its config.json.
+
+    Blocks are assumed identical (true of every supported family), so the adapter is
+    built for one block: building it for all blocks traces every layer's initialiser and
+    takes tens of seconds for a 70B config.
+    """
+
+    blocks: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    causal: bool
+    outer_params: int  # weights outside the blocks (embeddings, head, final norm)
+    block_params: dict[str, int]  # relative name -> weights, one block
+
+    @property
+    def total_params(self) -> int:
+        return self.outer_params + self.blocks * sum(self.block_params.values())
+
+
+@dataclass(frozen=True)
+class _Param:
+    """One stored parameter of a block's supernet: ``kind`` ``"dense"`` (K weight copies)
+    or ``"nested"`` (an int32 rank), ``sparsity`` of its K levels, ``groups``
+    (structured primaries: ``group_keep`` bool[K, G]), ``per_row`` (int32[K, out] counts)."""
+
+    name: str  # relative to the block
+    shape: tuple[int, int]
+    kind: str
+    sparsity: tuple[float, ...]
+    per_row: bool = False
+    groups: int = 0
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def levels(self) -> int:
+        return len(self.sparsity)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """One block's supernet (every block has the same): its stored parameters and, per
+    unit, the indices of its parameters and its number of levels."""
+
+    params: tuple[_Param, ...]
+    unit_params: tuple[tuple[int, ...], ...]
+    unit_levels: tuple[int, ...]
+
+    def unit_bytes(self, u: int, itemsize: int) -> int:
+        """One level of unit ``u`` as weights of ``itemsize`` bytes."""
+        return itemsize * sum(self.params[i].numel for i in self.unit_params[u])
+
+    def block_variants(self, n: int, itemsize: int) -> int:
+        """``sum_u min(n, K_u) x unit bytes``: one block's variants for ``n`` candidates."""
+        return sum(min(n, k) * self.unit_bytes(u, itemsize) for u, k in enumerate(self.unit_levels))
+
+
+_LAYER_KEYS: Final[tuple[str, ...]] = ("num_hidden_layers", "n_layer")
+
+
+def _one_block(hf_config: Mapping[str, Any]) -> tuple[Any, int]:
+    """(the family adapter of a one-block copy of the config, the real block count)."""
+    from allocsearch.models.hf import adapter_for_config
+
+    key = next((k for k in _LAYER_KEYS if k in hf_config), None)
+    if key is None:
+        adapter = adapter_for_config(hf_config)
+        return adapter, adapter.num_blocks
+    blocks = int(hf_config[key])
+    if blocks < 1:
+        raise ValueError(f"config.json has {key} = {blocks}; a model needs >= 1 block")
+    return adapter_for_config({**hf_config, key: 1}), blocks
+
+
+def _model(adapter: Any, blocks: int) -> _Model:
+    from allocsearch.supernet.build import structured_layouts
+
+    heads, mlp = structured_layouts(adapter)
+    prefix = adapter.block_prefix(0)
+    shapes = adapter.param_shapes
+    block = {n[len(prefix) :]: math.prod(s) for n, s in shapes.items() if n.startswith(prefix)}
+    outer = sum(math.prod(s) for n, s in shapes.items() if not n.startswith(prefix))
+    return _Model(
+        blocks=blocks,
+        hidden=heads.hidden_size,
+        ffn=mlp.intermediate_size,
+        heads=heads.num_heads,
+        kv_heads=heads.num_kv_heads,
+        head_dim=heads.head_dim,
+        vocab=int(adapter.hf_config.get("vocab_size") or 0),
+        causal=bool(adapter.is_causal_lm),
+        outer_params=outer,
+        block_params=block,
+    )
+
+
+def _layout(adapter: Any, cfg: RunConfig) -> _Layout:
+    """The units, levels and stored parameters of one block of the supernet
+    ``cfg.supernet`` describes (the grid ``pipeline.make_grid`` builds, on the one-block
+    adapter: every grid kind gives a unit levels from its own size and the mean unit
+    size, which repeating identical blocks does not change)."""
+    from allocsearch import pipeline
+    from allocsearch.models.hf import HFModel
+    from allocsearch.pruners import WandaPruner
+    from allocsearch.supernet.build import _plans
+
+    sc = cfg.supernet
+    grid = pipeline.make_grid(sc, HFModel(adapter, {}), target=sc.center)
+    plans = _plans(adapter, sc.structure)
+    pruner = pipeline.make_pruner(sc)
+    structured = sc.structure == "heads_neurons"
+    nested = False if structured else bool(pruner.nested)
+    per_row = nested and (isinstance(pruner, WandaPruner) or "Wanda" in type(pruner).__name__)
+    prefix = adapter.block_prefix(0)
+    params: list[_Param] = []
+    unit_params, unit_levels = [], []
+    sparsity, valid = np.asarray(grid.sparsity), np.asarray(grid.valid)
+    for u, plan in enumerate(plans):
+        levels = tuple(float(x) for x in sparsity[u][valid[u]])
+        idx = []
+        for layer in plan.layers:
+            primary = layer is plan.primary
+            if structured:
+                kind, groups, row = (
+                    ("dense", plan.layout.num_groups, False)
+                    if primary
+                    else (
+                        "nested",
+                        0,
+                        False,
+                    )
+                )
+            else:
+                kind, groups, row = ("nested" if nested else "dense"), 0, per_row
+            idx.append(len(params))
+            rel = layer.weight_name[len(prefix) :]
+            params.append(_Param(rel, tuple(layer.shape), kind, levels, row, groups))
+        unit_params.append(tuple(idx))
+        unit_levels.append(len(levels))
+    return _Layout(tuple(params), tuple(unit_params), tuple(unit_levels))
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    """Bytes one process holds at its peak, by what they hold.
+
+    Attributes:
+      name: ``"driver"`` or ``"actor"``.
+      device: category -> bytes on the accelerator (model, variants, teacher,
+        activations, reference).
+      host: category -> bytes of host memory (anonymous: the store's memory-mapped pages
+        live in the shared page cache and are not counted).
+      count: how many such processes run (actors: the workers).
+    """
+
+    name: str
+    device: dict[str, int]
+    host: dict[str, int]
+    count: int = 1
+
+    @property
+    def device_total(self) -> int:
+        return int(sum(self.device.values()))
+
+    @property
+    def host_total(self) -> int:
+        return int(sum(self.host.values()))
+
+
+CATEGORIES: Final[tuple[str, ...]] = ("model", "variants", "teacher", "activations", "reference")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a run needs and where it fits (see the module docstring for the formulas).
+
+    Attributes:
+      model: what was planned (the model argument).
+      command: the command planned for (``search``, ``build``, ...).
+      settings: the settings the numbers follow (label -> value), for the table.
+      device_kind: ``"cpu"`` (the device is the host's memory), ``"gpu"``, ...
+      device_memory, host_memory: bytes available (detected or given).
+      workers: actors (0: everything in the driver process).
+      margin: fraction of each memory kept free.
+      modes: execution mode -> processes (driver and actor).
+      fits: execution mode -> whether it fits (device and host, with the margin).
+      mode: the chosen mode (``None``: nothing fits).
+      store_bytes: the supernet store's size on disk.
+      moved_per_generation: streaming: bytes brought to the device per search generation,
+        all actors together (0 for strategies without generations).
+      notes: lines shown under the table.
+    """
+
+    model: str
+    command: str
+    settings: dict[str, str]
+    device_kind: str
+    device_memory: int
+    host_memory: int
+    workers: int
+    margin: float
+    modes: dict[str, tuple[ProcessMemory, ...]]
+    fits: dict[str, bool]
+    mode: str | None
+    store_bytes: int
+    moved_per_generation: int
+    notes: tuple[str, ...] = ()
+
+    def need(self, mode: str) -> tuple[int, int]:
+        """(device bytes of the largest process, host bytes of this machine) in ``mode``.
+        On a CPU device the device is the host: both count against the host."""
+        procs = self.modes[mode]
+        device = max(p.device_total for p in procs)
+        host = sum(p.count * p.host_total for p in procs)
+        if self.device_kind == "cpu":
+            host += sum(p.count * p.device_total for p in procs)
+        return device, host
+
+    def table(self) -> str:
+        """Markdown: settings, then bytes per process and category for each mode."""
+        lines = [f"## Memory plan: {self.model} ({self.command})", ""]
+        lines += ["| setting | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in self.settings.items()]
+        dev = "host RAM (CPU device)" if self.device_kind == "cpu" else self.device_kind
+        lines += [
+            f"| device memory | {format_bytes(self.device_memory)} ({dev}) |",
+            f"| host memory | {format_bytes(self.host_memory)} |",
+            f"| margin kept free | {self.margin:.0%} |",
+            f"| store on disk | {format_bytes(self.store_bytes)} |",
+            "",
+        ]
+        header = "| mode | process | where | " + " | ".join(CATEGORIES) + " | total |"
+        lines += [header, "|" + "---|" * (len(CATEGORIES) + 4)]
+        for mode, procs in self.modes.items():
+            for p in procs:
+                name = p.name if p.count == 1 else f"{p.name} x{p.count}"
+                for where, parts, total in (
+                    ("device", p.device, p.device_total),
+                    ("host", p.host, p.host_total),
+                ):
+                    cells = [format_bytes(parts.get(c, 0)) for c in CATEGORIES]
+                    lines.append(
+                        f"| {mode} | {name} | {where} | "
+                        + " | ".join(cells)
+                        + f" | {format_bytes(total)} |"
+                    )
+        lines.append("")
+        usable_d = self.device_memory * (1 - self.margin)
+        usable_h = self.host_memory * (1 - self.margin)
+        for mode in self.modes:
+            d, h = self.need(mode)
+            verdict = "fits" if self.fits[mode] else "does not fit"
+            lines.append(
+                f"- {mode}: {verdict}: device {format_bytes(d)} of {format_bytes(usable_d)}, "
+                f"host {format_bytes(h)} of {format_bytes(usable_h)}"
+            )
+        if self.moved_per_generation:
+            lines.append(
+                f"- streaming moves at most {format_bytes(self.moved_per_generation)} to the "
+                "device per generation (all actors)"
+            )
+        lines.append(f"- chosen: **{self.mode or 'nothing fits'}**")
+        lines += [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _evaluator_setting(cfg: RunConfig, key: str, default: int) -> int:
+    value = getattr(cfg.evaluator, key, None)
+    return int(value) if value is not None else default
+
+
+def _teacher_per_token(cfg: RunConfig, m: _Model) -> int:
+    metric = cfg.evaluator.metric
+    if metric == "kl":
+        return 4 * m.vocab
+    if metric == "topk_kl":
+        return 8 * int(cfg.evaluator.topk or 0)
+    return 0
+
+
+def _queries(
+    cfg: RunConfig, command: str, n_cal_tokens: int, layout: _Layout, blocks: int
+) -> list[tuple[int, int]]:
+    """(candidates, tokens) of every query of one generation (EvoPress), or of the table
+    strategies' probe query (the all-lowest allocation and one candidate per other level
+    of each unit); ``compare`` adds its one-candidate scoring on the whole calibration
+    set."""
+    from allocsearch import pipeline
+    from allocsearch.search.evolutionary import EvolutionarySearcher
+
+    strategy = cfg.search.strategy
+    settings = dict(cfg.search.settings or {})
+    out: list[tuple[int, int]] = []
+    if strategy in ("evopress", "tyr"):
+        s = settings or dict(pipeline.DEMO_EVOPRESS)  # search_run._default_settings
+        offspring = int(s.get("offspring", EvolutionarySearcher.offspring))
+        survivors = [int(x) for x in s.get("survivors", EvolutionarySearcher.survivors)]
+        tokens = [int(x) for x in s.get("tokens", EvolutionarySearcher.tokens)]
+        for i, t in enumerate(tokens):
+            if i == 0:
+                n = offspring
+            else:
+                n = survivors[i - 1] + (1 if i == len(tokens) - 1 else 0)
+            out.append((n, min(t, n_cal_tokens)))
+    elif strategy in pipeline.TABLE_STRATEGIES:
+        tokens = int(settings.get("tokens", min(_TABLE_TOKENS, n_cal_tokens)))
+        out.append((1 + blocks * sum(k - 1 for k in layout.unit_levels), tokens))
+    if command == "compare" or not out:
+        out.append((1, n_cal_tokens))
+    return out
+
+
+def _block_activation(m: _Model, rows: int, seq: int, a: int) -> int:
+    """Working set of one block's forward on ``rows`` sequences of ``seq`` tokens: the
+    larger of attention (float32 scores and softmax, probabilities in ``a``, q/k/v and
+    their rotations) and the MLP (gate, up, product), plus the normalised input (float32)
+    and the residual."""
+    tokens = rows * seq
+    attn = rows * m.heads * seq * seq * (8 + a)
+    attn += tokens * (m.heads + 2 * m.kv_heads) * m.head_dim * a * 2
+    mlp = 3 * tokens * m.ffn * a
+    return max(attn, mlp) + tokens * m.hidden * (4 + a)
+
+
+def _finish_activation(m: _Model, rows: int, seq: int, a: int) -> int:
+    """Logits (``a``), their float32 log-softmax and one float32 temporary."""
+    width = m.vocab if m.causal else m.hidden
+    return rows * seq * width * (a + 8)
+
+
+def _reference(m: _Model, a: int, queries: Sequence[tuple[int, int]]) -> int:
+    """The evaluator's cached reference states, ``(B + 1) x tokens x D x a``, for the
+    largest query whose states stay within ``max_reference_bytes`` (larger ones skip
+    reuse)."""
+    sizes = [(m.blocks + 1) * t * m.hidden * a for _, t in queries]
+    return max([x for x in sizes if x <= _MAX_REFERENCE_BYTES], default=0)
+
+
+def _resident(
+    m: _Model,
+    layout: _Layout,
+    *,
+    a: int,
+    s: int,
+    cfg: RunConfig,
+    queries: Sequence[tuple[int, int]],
+    mb: int,
+    g: int,
+    device_is_host: bool,
+) -> tuple[dict[str, int], dict[str, int]]:
+    """(device, host) bytes of one resident evaluator (see the module docstring)."""
+    seq = cfg.data.seq_len
+    n_cal = cfg.data.n_calibration_seqs * seq
+    B = m.blocks
+    stacked = B * sum(p.numel for p in layout.params if p.kind == "dense")
+    variants = 0
+    largest_stack = 0
+    for p in layout.params:
+        if p.kind == "dense":
+            variants += B * p.levels * p.numel * (s + a)
+            stack = B * p.levels * p.numel * a
+        else:
+            counts = 4 * p.levels * (p.shape[0] if p.per_row else 1)
+            variants += 2 * B * (4 * p.numel + counts)
+            stack = B * (4 + a) * p.numel
+        largest_stack = max(largest_stack, stack)
+    teacher = _teacher_per_token(cfg, m) * n_cal
+    rows = max(1, mb // seq)
+    per_candidate = (
+        a * sum(m.block_params.values())  # the block's weights gathered for the candidate
+        + 2 * rows * seq * m.hidden * a  # hidden carry in and out
+        + max(_block_activation(m, rows, seq, a), _finish_activation(m, rows, seq, a))
+    )
+    scoring = g * per_candidate + _teacher_per_token(cfg, m) * rows * seq
+    reference = _reference(m, a, queries)
+    # construction: the dense copy for the teacher forward, a second copy of the
+    # teacher data while its chunks are concatenated, one micro-batch's forward
+    construction = a * m.total_params + teacher + per_candidate
+    if device_is_host:
+        construction = max(construction, largest_stack)  # host stack + its device copy
+    activations = max(scoring, construction - reference)
+    device = {
+        "model": a * (2 * m.total_params - stacked),
+        "variants": variants,
+        "teacher": teacher,
+        "activations": activations,
+        "reference": reference,
+    }
+    # stacks are assembled on the host, one parameter role at a time
+    host = {} if device_is_host else {"variants": largest_stack}
+    return device, host
+
+
+def _streaming(
+    m: _Model,
+    layout: _Layout,
+    *,
+    a: int,
+    cfg: RunConfig,
+    queries: Sequence[tuple[int, int]],
+    mb: int,
+    workers: int,
+    generations: bool,
+) -> tuple[dict[str, int], dict[str, int], int]:
+    """(device, host, bytes moved per generation over all actors) of one streaming
+    evaluator (see the module docstring)."""
+    seq = cfg.data.seq_len
+    n_cal = cfg.data.n_calibration_seqs * seq
+    owned = {p.name for p in layout.params}
+    unowned = sum(n for name, n in m.block_params.items() if name not in owned)
+    rows = max(1, mb // seq)
+    work = max(_block_activation(m, rows, seq, a), _finish_activation(m, rows, seq, a))
+    work += _teacher_per_token(cfg, m) * rows * seq
+    variants = hidden = moved = 0
+    for n, tokens in queries:
+        per_actor = -(-n // workers)
+        block = layout.block_variants(per_actor, a)
+        variants = max(variants, 2 * block)
+        hidden = max(hidden, 2 * per_actor * tokens * m.hidden * a)
+        if generations and not (n == 1 and tokens == n_cal and len(queries) > 1):
+            moved += min(n, workers) * m.blocks * block
+    device = {
+        "model": a * (m.outer_params + 2 * unowned),
+        "variants": variants,
+        "teacher": 0,
+        "activations": hidden + work,
+        "reference": _reference(m, a, queries),
+    }
+    host = {"variants": variants, "teacher": _teacher_per_token(cfg, m) * n_cal}
+    return device, host, moved
+
+
+def _store_bytes(m: _Model, layout: _Layout, s: int, store_layout: str) -> int:
+    """Bytes of the variant files' tensors (headers, input norms and manifest excluded),
+    with the packed layout's sizes from :mod:`allocsearch.supernet.packed`."""
+    from allocsearch.supernet import packed
+
+    total = 0
+    for p in layout.params:
+        k = p.levels
+        total += 8 * k  # sparsity float64[K]
+        if p.kind == "nested":
+            total += 4 * p.numel + 4 * k * (p.shape[0] if p.per_row else 1)
+            continue
+        shape = (k, *p.shape)
+        dense = packed.dense_nbytes(shape, s)
+        nnz = sum(round((1.0 - x) * p.numel) for x in p.sparsity)
+        pk = packed.packed_nbytes(shape, nnz, s)
+        if store_layout == "packed" or (store_layout == "auto" and pk < dense):
+            total += pk
+        else:
+            total += dense
+        total += k * p.groups
+    return m.blocks * total
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _resolve_workers(cfg: RunConfig, workers: int | None, device_kind: str) -> int:
+    """Actors that score (0 with the local backend: the driver scores)."""
+    if workers is not None:
+        return int(workers)
+    if cfg.backend.kind == "local":
+        return 0
+    if cfg.backend.workers != AUTO_WORKERS:
+        return int(cfg.backend.workers)
+    if device_kind != "cpu":
+        import jax
+
+        return max(1, len(jax.devices()))
+    if hasattr(os, "sched_getaffinity"):  # ray_backend.local_cpu_count, without Ray
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _need(procs: Sequence[ProcessMemory], device_kind: str) -> tuple[int, int]:
+    """(device bytes of the largest process, host bytes of all processes together); on a
+    CPU device the device is the host, so device bytes count against the host too."""
+    device = max(p.device_total for p in procs)
+    host = sum(p.count * p.host_total for p in procs)
+    if device_kind == "cpu":
+        host += sum(p.count * p.device_total for p in procs)
+    return device, host
+
+
+def plan_memory(
+    hf_config: Mapping[str, Any],
+    cfg: RunConfig,
+    *,
+    model: str = "",
+    command: str = "search",
+    device_memory: int | None = None,
+    host_memory: int | None = None,
+    device_kind: str | None = None,
+    workers: int | None = None,
+    execution: str = "auto",
+    storage_dtype: str | None = None,
+    micro_batch_tokens: int | None = None,
+    margin: float = DEFAULT_MARGIN,
+    suggest: bool = True,
+) -> MemoryPlan:
+    """Plan a run's memory from ``config.json`` and the run config; choose the mode.
+
+    Args:
+      hf_config: the model's config.json dict (no weights are read).
+      cfg: the run config (supernet, data, search settings, metric, backend).
+      model: a label for the table (the model argument).
+      command: ``search`` or ``compare`` (a driver and scoring actors), ``build``,
+        ``apply`` or ``eval`` (one process that loads the model; no evaluator).
+      device_memory, host_memory: bytes available; None: detected (:func:`detect_memory`).
+      device_kind: ``"cpu"`` (the device is host memory) or ``"gpu"``; None: detected
+        when ``device_memory`` is, else ``"gpu"``.
+      workers: scoring actors, each on its own device; None: from ``cfg.backend``
+        (``local``: none, the driver scores; ``auto``: one per GPU, or one per CPU core
+        on a CPU device).
+      execution: ``auto``, ``resident`` or ``streaming``: the mode(s) to accept.
+      storage_dtype: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (the model's dtype) for
+        dense variants; None: ``cfg.supernet.storage_dtype`` if the config has it, else
+        ``"auto"``.
+      micro_batch_tokens: None: ``cfg.evaluator.micro_batch_tokens`` if the config has
+        it, else the evaluator's default (8192).
+      margin: fraction of each memory kept free.
+      suggest: on failure, re-plan with single changes to name what would fit.
+
+    Returns:
+      The plan; ``plan.mode`` is the chosen mode.
+
+    Raises:
+      MemoryPlanError: nothing fits (one line: the shortfall, what would fit).
+      ValueError: an unknown execution mode or command, a model family without a plan.
+    """
+    from allocsearch.supernet.store import resolve_storage_dtype
+
+    if execution not in EXECUTION_MODES:
+        raise ValueError(f"execution {execution!r} is not valid; choose one of {EXECUTION_MODES}")
+    commands = ("search", "compare", "build", "apply", "eval")
+    if command not in commands:
+        raise ValueError(f"command {command!r} has no plan; valid: {commands}")
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin {margin!r} must be in [0, 1)")
+    if device_memory is None or host_memory is None:
+        kind, dev, host = detect_memory()
+        device_kind = device_kind or (kind if device_memory is None else "gpu")
+        device_memory = dev if device_memory is None else device_memory
+        host_memory = host if host_memory is None else host_memory
+    device_kind = device_kind or "gpu"
+    adapter, blocks = _one_block(hf_config)
+    m = _model(adapter, blocks)
+    layout = _layout(adapter, cfg)
+    a = _ITEMSIZE[cfg.dtype]
+    request = storage_dtype or getattr(cfg.supernet, "storage_dtype", None) or "auto"
+    storage = resolve_storage_dtype(request, np.float32 if a == 4 else _bf16())
+    s = _ITEMSIZE[storage]
+    store_layout = getattr(cfg.supernet, "layout", None) or "auto"
+    seq = cfg.data.seq_len
+    n_cal = cfg.data.n_calibration_seqs * seq
+    mb = micro_batch_tokens or _evaluator_setting(cfg, "micro_batch_tokens", _MICRO_BATCH_TOKENS)
+    g = _evaluator_setting(cfg, "candidates_per_call", _CANDIDATES_PER_CALL)
+    nworkers = _resolve_workers(cfg, workers, device_kind)
+    queries = _queries(cfg, command, n_cal, layout, blocks)
+    model_bytes = a * m.total_params
+    generations = cfg.search.strategy in ("evopress", "tyr")
+    device_is_host = device_kind == "cpu"
+
+    modes: dict[str, tuple[ProcessMemory, ...]] = {}
+    moved = 0
+    notes: list[str] = []
+    if command in ("search", "compare"):
+
+        def evaluator(mode: str, qs, n_workers: int):
+            if mode == "resident":
+                dev, host = _resident(
+                    m,
+                    layout,
+                    a=a,
+                    s=s,
+                    cfg=cfg,
+                    queries=qs,
+                    mb=mb,
+                    g=g,
+                    device_is_host=device_is_host,
+                )
+                return dev, host, 0
+            return _streaming(
+                m,
+                layout,
+                a=a,
+                cfg=cfg,
+                queries=qs,
+                mb=mb,
+                workers=n_workers,
+                generations=generations,
+            )
+
+        for mode in ("resident", "streaming"):
+            dev, host, mv = evaluator(mode, queries, max(nworkers, 1))
+            if mode == "streaming":
+                moved = mv
+            if nworkers == 0:
+                modes[mode] = (ProcessMemory("driver", dev, host),)
+                continue
+            # While the actors score, the driver holds the loaded model; at the end it
+            # scores the result with a one-candidate evaluator of the same mode.
+            fdev, fhost, _ = evaluator(mode, [(1, n_cal)], 1)
+            fdev = {**fdev, "model": max(fdev["model"], model_bytes)}
+            modes[mode] = (
+                ProcessMemory("driver", fdev, fhost),
+                ProcessMemory("actor", dev, host, count=nworkers),
+            )
+        if nworkers == 0:
+            notes.append("backend local: the driver process scores (no actors)")
+        elif device_kind != "cpu":
+            notes.append(
+                "each process on its own device; a driver sharing a GPU with an actor "
+                "needs the sum of both"
+            )
+    else:
+        modes["resident"] = (_single_process(command, m, layout, a=a, cfg=cfg),)
+
+    fits = {}
+    for mode, procs in modes.items():
+        d, h = _need(procs, device_kind)
+        fits[mode] = d <= device_memory * (1 - margin) and h <= host_memory * (1 - margin)
+    if command not in ("search", "compare"):
+        chosen = "resident" if fits["resident"] else None
+    elif execution == "auto":
+        chosen = next((m for m in ("resident", "streaming") if fits[m]), None)
+    else:
+        chosen = execution if fits[execution] else None
+    levels = sorted(set(layout.unit_levels))
+    kinds = sorted({p.kind for p in layout.params})
+    topk = f" (k={cfg.evaluator.topk})" if cfg.evaluator.metric == "topk_kl" else ""
+    vocab = f" (V={m.vocab})" if cfg.evaluator.metric == "kl" else ""
+    settings = {
+        "model": f"{m.blocks} blocks, hidden {m.hidden}, MLP {m.ffn}, heads "
+        f"{m.heads}/{m.kv_heads}, vocab {m.vocab}, "
+        f"{m.total_params / 1e9:.3f} B parameters ({cfg.dtype})",
+        "supernet": f"{cfg.supernet.pruner} {cfg.supernet.structure}, "
+        f"{blocks * len(layout.unit_levels)} units x {levels[0]}..{levels[-1]} levels, "
+        f"{'/'.join(kinds)} variants, "
+        f"storage {storage}, {store_layout} layout",
+        "tokens": f"calibration {n_cal:,} ({cfg.data.n_calibration_seqs} x {seq}), "
+        f"micro-batch {mb:,}",
+        "queries (candidates x tokens)": ", ".join(f"{n} x {t:,}" for n, t in queries),
+        "metric": cfg.evaluator.metric + topk + vocab,
+        "candidates per call (resident)": str(g),
+        "workers": f"{nworkers} actor(s)" if nworkers else "none (the driver scores)",
+    }
+    result = MemoryPlan(
+        model=model or str(hf_config.get("model_type")),
+        command=command,
+        settings=settings,
+        device_kind=device_kind,
+        device_memory=int(device_memory),
+        host_memory=int(host_memory),
+        workers=nworkers,
+        margin=margin,
+        modes=modes,
+        fits=fits,
+        mode=chosen,
+        store_bytes=_store_bytes(m, layout, s, store_layout),
+        moved_per_generation=moved,
+        notes=tuple(notes),
+    )
+    if chosen is None:
+        overrides = {"storage_dtype": storage, "micro_batch_tokens": mb}
+        raise MemoryPlanError(_shortfall(result, hf_config, cfg, execution, suggest, overrides))
+    return result
+
+
+def _bf16() -> Any:
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16
+
+
+def _single_process(
+    command: str,
+    m: _Model,
+    layout: _Layout,
+    *,
+    a: int,
+    cfg: RunConfig,
+) -> ProcessMemory:
+    """The one process of ``build``, ``apply`` or ``eval`` (they load the whole model).
+
+    build: the model, the calibration hidden states at a block boundary (twice: this
+    block's and the next's), the float32 Gram matrices of one block's inputs, one unit's
+    variants in float32 (twice, as the writer casts them) and a build batch's working
+    set. apply: the model twice (the pruned copy) and one unit's variants. eval: the
+    model and a batch of 16 held-out sequences' working set.
+    """
+    seq = cfg.data.seq_len
+    model = a * m.total_params
+    unit_bytes = 0
+    for idx in layout.unit_params:
+        unit_bytes = max(
+            unit_bytes,
+            sum(4 * layout.params[i].levels * layout.params[i].numel for i in idx),
+        )
+    if command == "build":
+        n_cal = cfg.data.n_calibration_seqs * seq
+        hidden = 2 * n_cal * m.hidden * a
+        gram = 4 * (m.hidden**2 + (m.heads * m.head_dim) ** 2 + m.ffn**2)
+        work = _block_activation(m, _BUILD_BATCH, seq, a)
+        device = {
+            "model": model,
+            "variants": 2 * unit_bytes,
+            "activations": hidden + gram + work,
+        }
+    elif command == "apply":
+        device = {"model": 2 * model, "variants": unit_bytes}
+    else:
+        work = _finish_activation(m, 16, seq, a) + _block_activation(m, 16, seq, a)
+        device = {"model": model, "activations": work}
+    return ProcessMemory(command, device, {})
+
+
+def _shortfall(
+    plan: MemoryPlan,
+    hf_config: Mapping[str, Any],
+    cfg: RunConfig,
+    execution: str,
+    suggest: bool,
+    overrides: Mapping[str, Any],
+) -> str:
+    """One line: what is needed against what is available, and what would fit."""
+    tried = [m for m in plan.modes if execution in ("auto", m)] or list(plan.modes)
+    best = min(tried, key=lambda m: plan.need(m)[0])
+    d, h = plan.need(best)
+    usable_d = plan.device_memory * (1 - plan.margin)
+    usable_h = plan.host_memory * (1 - plan.margin)
+    parts = []
+    if plan.device_kind != "cpu" and d > usable_d:
+        parts.append(
+            f"{d / GIB:.1f} GiB of device memory per process, {usable_d / GIB:.1f} GiB "
+            f"available ({plan.device_memory / GIB:.1f} GiB less the {plan.margin:.0%} margin)"
+        )
+    if h > usable_h:
+        where = " (the CPU device included)" if plan.device_kind == "cpu" else ""
+        parts.append(
+            f"{h / GIB:.1f} GiB of host memory{where}, {usable_h / GIB:.1f} GiB available "
+            f"({plan.host_memory / GIB:.1f} GiB less the {plan.margin:.0%} margin)"
+        )
+    others = [m for m in plan.modes if m != best]
+    other = ", ".join(f"{m}: {plan.need(m)[0] / GIB:.1f} GiB per process" for m in others)
+    mode = f"{best} execution" if plan.command in ("search", "compare") else "it"
+    head = (
+        f"{plan.model} does not fit for `{plan.command}`: {mode} needs "
+        + "; ".join(parts or ["more memory than is available"])
+        + (f" ({other})" if other else "")
+    )
+    if not suggest:
+        return head
+    options = _what_fits(plan, hf_config, cfg, execution, overrides)
+    return head + ("; would fit: " + ", ".join(options) if options else "; no single change fits")
+
+
+def _what_fits(
+    plan: MemoryPlan,
+    hf_config: Mapping[str, Any],
+    cfg: RunConfig,
+    execution: str,
+    overrides: Mapping[str, Any],
+) -> list[str]:
+    """Single changes to the run after which :func:`plan_memory` finds a mode."""
+    base: dict[str, Any] = {
+        "model": plan.model,
+        "command": plan.command,
+        "device_memory": plan.device_memory,
+        "host_memory": plan.host_memory,
+        "device_kind": plan.device_kind,
+        "workers": plan.workers,
+        "margin": plan.margin,
+        "execution": execution,
+        "suggest": False,
+        **overrides,
+    }
+
+    def fits(c: RunConfig, **over: Any) -> bool:
+        try:
+            plan_memory(hf_config, c, **{**base, **over})
+        except MemoryPlanError:
+            return False
+        return True
+
+    def with_(section: str, **changes: Any) -> RunConfig:
+        sub = getattr(cfg, section)
+        return dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **changes)})
+
+    out = []
+    if overrides.get("storage_dtype") == "float32" and fits(cfg, storage_dtype="bfloat16"):
+        out.append("bf16 storage (build --storage-dtype bfloat16)")
+    if cfg.dtype == "float32" and fits(dataclasses.replace(cfg, dtype="bfloat16")):
+        out.append("a bfloat16 model (dtype: bfloat16)")
+    if plan.command in ("search", "compare", "build"):
+        for steps in range(cfg.supernet.steps_each_side - 1, 0, -1):
+            if fits(with_("supernet", steps_each_side=steps)):
+                out.append(f"fewer levels (supernet.steps_each_side: {steps}, {2 * steps + 1})")
+                break
+    if plan.command in ("search", "compare") and cfg.evaluator.metric == "kl":
+        if fits(with_("evaluator", metric="topk_kl", topk=1024)):
+            out.append("top-k KL (evaluator.metric: topk_kl, topk: 1024)")
+    if plan.command in ("search", "compare"):
+        mb = int(overrides.get("micro_batch_tokens") or _MICRO_BATCH_TOKENS)
+        while mb > cfg.data.seq_len:
+            mb = max(mb // 2, cfg.data.seq_len)
+            if fits(cfg, micro_batch_tokens=mb):
+                out.append(f"smaller micro-batches ({mb} tokens)")
+                break
+        if execution == "resident" and fits(cfg, execution="streaming"):
+            out.append("streaming execution (--execution streaming)")
+        if plan.device_kind != "cpu":
+            for w in (2, 4, 8, 16, 32, 64):
+                if w > max(plan.workers, 1) and fits(cfg, workers=w):
+                    out.append(f"more workers ({w} actors, one device each)")
+                    break
+    return out
+
+
+# --------------------------------------------------------------------------- CLI check
+
+
+def check_run(
+    cfg: RunConfig,
+    command: str,
+    *,
+    model: str | None = None,
+    execution: str = "auto",
+) -> MemoryPlan | None:
+    """The check the CLI runs before loading anything: plan ``command`` for ``cfg`` on
+    this machine's detected memory (``ALLOCSEARCH_DEVICE_MEMORY`` and
+    ``ALLOCSEARCH_HOST_MEMORY`` override it, e.g. for a driver whose actors run on other
+    nodes) and raise :class:`MemoryPlanError` when nothing fits.
+
+    Returns None without checking when the model's config.json cannot be read or its
+    family has no plan (the command then reports its own, more precise error). On a
+    Ray cluster (``backend.address``) the actors' devices are not this machine's: only
+    an explicit ``ALLOCSEARCH_DEVICE_MEMORY`` checks them.
+    """
+    from allocsearch.models.hf import ModelLoadError
+
+    try:
+        hf_config = load_hf_config(model or cfg.model)
+    except (OSError, ValueError):
+        return None
+    env_dev = os.environ.get("ALLOCSEARCH_DEVICE_MEMORY")
+    env_host = os.environ.get("ALLOCSEARCH_HOST_MEMORY")
+    device = parse_bytes(env_dev) if env_dev else None
+    host = parse_bytes(env_host) if env_host else None
+    on_cluster = bool(cfg.backend.address or os.environ.get("RAY_ADDRESS"))
+    if on_cluster and device is None and command in ("search", "compare"):
+        return None
+    try:
+        return plan_memory(
+            hf_config,
+            cfg,
+            model=str(model or cfg.model),
+            command=command,
+            device_memory=device,
+            host_memory=host,
+            execution=execution,
+        )
+    except MemoryPlanError:
+        raise
+    except (ModelLoadError, KeyError, TypeError, ValueError):
+        return None
