@@ -1,10 +1,15 @@
-"""Supernet store: round trips, one rank array for nested pruners, bfloat16 storage, the
-errors of a wrong model / calibration set or damaged files, atomic assembly."""
+"""Supernet store: round trips (bit-identical in every layout and storage dtype), one rank
+array for nested pruners, the packed layout's size, version-1 stores, digests checked at
+first read, the errors of a wrong model / calibration set or damaged files, atomic
+assembly."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import threading
+from pathlib import Path
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -14,8 +19,9 @@ import pytest
 from allocsearch.data.tokenset import TokenSet
 from allocsearch.models import HFModel, adapter_for_config
 from allocsearch.models.hf import fingerprint_tensors
-from allocsearch.models.safetensors_io import read_safetensors
+from allocsearch.models.safetensors_io import read_header, read_safetensors
 from allocsearch.pruners import (
+    DenseVariants,
     HeadGroups,
     LayerStats,
     MagnitudePruner,
@@ -24,6 +30,7 @@ from allocsearch.pruners import (
     StructuredPruner,
     WandaPruner,
 )
+from allocsearch.supernet import store as store_module
 from allocsearch.supernet.build import build_supernet, supernet_units
 from allocsearch.supernet.levels import LevelGrid, equal_step_grid
 from allocsearch.supernet.spec import Unit
@@ -33,7 +40,10 @@ from allocsearch.supernet.store import (
     StoreWriter,
     SupernetStore,
     make_spec,
+    resolve_storage_dtype,
 )
+
+STORAGE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 MODEL_FP = "model-fingerprint-a"
 TOKENS_FP = "tokens-fingerprint-a"
@@ -100,6 +110,12 @@ def store_path(layers, tmp_path):
     return write_store(tmp_path / "store", layers)
 
 
+def bits(a) -> np.ndarray:
+    """The bytes of an array as unsigned integers (a bit-identical comparison)."""
+    a = np.asarray(a)
+    return a.view(np.dtype(f"u{a.dtype.itemsize}"))
+
+
 def assert_same(a, b):
     assert type(a) is type(b)
     np.testing.assert_array_equal(a.sparsity, b.sparsity)
@@ -108,7 +124,8 @@ def assert_same(a, b):
         np.testing.assert_array_equal(np.asarray(a.rank), np.asarray(b.rank))
         np.testing.assert_array_equal(a.prune_counts, b.prune_counts)
     else:
-        np.testing.assert_array_equal(np.asarray(a.weights), np.asarray(b.weights))
+        assert a.weights.dtype == b.weights.dtype
+        np.testing.assert_array_equal(bits(a.weights), bits(b.weights))
         if a.group_keep is None:
             assert b.group_keep is None
         else:
@@ -130,7 +147,7 @@ def test_reopen_gives_identical_variants(layers, store_path):
         assert_same(store.variants(name), again.variants(name))
     np.testing.assert_array_equal(again.spec.sparsity, store.spec.sparsity)
     assert again.spec.units == store.spec.units
-    assert store.manifest["format_version"] == 1 and store.manifest["pruner"]["name"] == "mixed"
+    assert store.manifest["format_version"] == 2 and store.manifest["pruner"]["name"] == "mixed"
 
 
 def test_nested_variants_are_one_rank_array_whose_masks_equal_the_pruners(layers, store_path):
@@ -147,17 +164,20 @@ def test_nested_variants_are_one_rank_array_whose_masks_equal_the_pruners(layers
             assert kept == weight.size * (1 - LEVELS[k])  # exact
     # one int32 rank array + counts, not 4 weight copies
     nested = (store_path / "a.wanda.weight.safetensors").stat().st_size
-    dense = (store_path / "a.sparsegpt.weight.safetensors").stat().st_size
-    assert nested < 16 * 24 * 4 + 1024 and dense > 4 * 16 * 8 * 4
+    assert nested < 16 * 24 * 4 + 1024
 
 
-def test_bfloat16_storage_reads_back_as_float32(layers, tmp_path):
+def test_bfloat16_storage_is_never_upcast(layers, tmp_path):
     store = SupernetStore.open(write_store(tmp_path / "bf16", layers, storage_dtype="bfloat16"))
+    assert store.storage_dtype == "bfloat16"
     _, ref = layers["a.sparsegpt.weight"]
     got = store.variants("a.sparsegpt.weight")
-    assert got.weights.dtype == jnp.float32
-    rounded = np.asarray(ref.weights).astype(ml_dtypes.bfloat16).astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(got.weights), rounded)
+    assert got.weights.dtype == jnp.bfloat16
+    rounded = np.asarray(ref.weights).astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(bits(got.weights), bits(rounded))
+    levels = store.read_levels("a.sparsegpt.weight", [2, 0])
+    assert levels.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(bits(levels), bits(rounded[[2, 0]]))
     assert_same(layers["a.wanda.weight"][1], store.variants("a.wanda.weight"))
 
 
@@ -179,14 +199,76 @@ def test_wrong_model_or_tokens_names_both_fingerprints(store_path):
         SupernetStore.open(store_path, model_fingerprint=MODEL_FP, tokens_fingerprint="b")
 
 
-def test_flipped_byte_is_a_checksum_error_naming_the_file(store_path):
-    f = store_path / "a.magnitude.weight.safetensors"
+def flip_a_byte(f) -> None:
     raw = bytearray(f.read_bytes())
     raw[-5] ^= 0x01
     f.write_bytes(bytes(raw))
-    with pytest.raises(StoreError, match=r"checksum mismatch in 'a.magnitude.weight.safetensors'"):
-        SupernetStore.open(store_path)
-    SupernetStore.open(store_path, verify=False)  # sizes alone do not see it
+
+
+@pytest.mark.parametrize("name", ["a.magnitude.weight", "a.sparsegpt.weight"])
+def test_flipped_byte_is_a_checksum_error_at_first_read_naming_the_file(store_path, name):
+    flip_a_byte(store_path / f"{name}.safetensors")
+    message = rf"checksum mismatch in '{name}.safetensors'"
+    store = SupernetStore.open(store_path)  # lazy: opening reads manifest and sizes only
+    assert store.verify == "lazy"
+    store.variants("a.wanda.weight")  # other files are fine
+    for read in (
+        lambda: store.variants(name),
+        lambda: store.read_levels(name, [0], dense=np.zeros((16, 24), np.float32)),
+        store.all_variants,
+    ):
+        with pytest.raises(StoreError, match=message):
+            read()  # every time, not only the first
+    with pytest.raises(StoreError, match=message):
+        SupernetStore.open(store_path, verify="full")
+    with pytest.raises(StoreError, match=message):
+        SupernetStore.open(store_path, verify=True)  # the old spelling of "full"
+    SupernetStore.open(store_path, verify="none").variants(name)  # sizes alone do not see it
+    SupernetStore.open(store_path, verify=False).variants(name)
+    with pytest.raises(ValueError, match=r"verify 'eager' not supported; valid: \['lazy', "):
+        SupernetStore.open(store_path, verify="eager")
+
+
+def test_each_file_is_checked_once_per_process_even_from_many_threads(
+    layers, store_path, monkeypatch
+):
+    """The streaming evaluator reads from a prefetch thread: concurrent first reads of a
+    file hash it once, later reads not at all; a fresh open (another process) checks
+    again."""
+    hashed = []
+    real = store_module.file_digest
+
+    def counting(path):
+        hashed.append(os.path.basename(path))
+        return real(path)
+
+    monkeypatch.setattr(store_module, "file_digest", counting)
+    store = SupernetStore.open(store_path)
+    assert hashed == []  # nothing hashed at open
+    w = layers["a.magnitude.weight"][0]
+    errors = []
+
+    def read():
+        try:
+            for _ in range(3):
+                store.read_levels("a.magnitude.weight", [1], dense=w)
+                store.variants("a.sparsegpt.weight")
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(hashed) == ["a.magnitude.weight.safetensors", "a.sparsegpt.weight.safetensors"]
+    store.input_norms()  # this store has none: nothing to hash
+    SupernetStore.open(store_path).variants("a.sparsegpt.weight")
+    assert len(hashed) == 3
+    hashed.clear()
+    SupernetStore.open(store_path, verify="full")
+    assert sorted(hashed) == sorted(f"{n}.safetensors" for n in layers)
 
 
 def test_deleted_or_truncated_file(store_path):
@@ -204,9 +286,14 @@ def test_deleted_or_truncated_file(store_path):
 def test_unknown_version_missing_or_broken_manifest(store_path, tmp_path):
     m = store_path / MANIFEST_NAME
     body = json.loads(m.read_text())
-    m.write_text(json.dumps({**body, "format_version": 7}))
-    with pytest.raises(StoreError, match=r"unknown store format version 7; .* reads version 1"):
-        SupernetStore.open(store_path)
+    for version in (7, 0, "2", True):
+        m.write_text(json.dumps({**body, "format_version": version}))
+        with pytest.raises(
+            StoreError,
+            match=rf"unknown store format version {version!r}; this allocsearch reads versions "
+            rf"1, 2 \(and writes 2\); rebuild the supernet",
+        ):
+            SupernetStore.open(store_path)
     m.write_text("{not json")
     with pytest.raises(StoreError, match=r"manifest is not valid JSON"):
         SupernetStore.open(store_path)
@@ -389,3 +476,176 @@ def test_read_levels_gives_host_weights_of_chosen_levels(layers, store_path):
         store.read_levels("a.magnitude.weight", [4], dense=layers["a.magnitude.weight"][0])
     with pytest.raises(ValueError, match="pass its dense weight"):
         store.read_levels("a.magnitude.weight", [0])
+
+
+# --------------------------------------------------------------------------- compact layouts
+
+
+def level_variants(rng, shape, sparsity, group_keep=None) -> DenseVariants:
+    """DenseVariants [K, out, in] whose level k has exactly round(s_k * out * in) zeros at
+    random places, non-zero values elsewhere (some of them -0.0, which a bit-identical
+    round trip keeps)."""
+    out, n_in = shape
+    w = rng.uniform(0.5, 2.0, (len(sparsity), out, n_in)) * rng.choice([-1, 1], (1, out, n_in))
+    w = w.astype(np.float32)
+    for k, s in enumerate(sparsity):
+        w[k].reshape(-1)[rng.permutation(out * n_in)[: round(s * out * n_in)]] = 0.0
+    kept = np.flatnonzero(w[-1] != 0)
+    w[-1].reshape(-1)[kept[:2]] = -0.0
+    return DenseVariants(
+        weights=jnp.asarray(w), sparsity=np.asarray(sparsity, np.float64), group_keep=group_keep
+    )
+
+
+@pytest.mark.parametrize("storage_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", ["dense", "packed", "auto"])
+def test_round_trips_are_bit_identical_in_every_layout_and_dtype(
+    layers, tmp_path, storage_dtype, layout
+):
+    """SparseGPT, structured (with group masks) and hand-made variants with -0.0 kept
+    values and a width that is not a multiple of 8: variants() and read_levels() give the
+    written weights bit for bit, in the storage dtype."""
+    rng = np.random.default_rng(1)
+    made = level_variants(rng, (5, 13), [0.0, 0.5, 0.9])
+    dense_kind = {
+        "a.sparsegpt.weight": layers["a.sparsegpt.weight"],
+        "a.o_proj.weight": layers["a.o_proj.weight"],
+        "a.made.weight": (np.zeros((5, 13), np.float32), made),
+    }
+    path = write_store(tmp_path / "s", dense_kind, storage_dtype=storage_dtype, layout=layout)
+    store = SupernetStore.open(path)
+    assert store.storage_dtype == storage_dtype
+    dtype = np.dtype(ml_dtypes.bfloat16 if storage_dtype == "bfloat16" else np.float32)
+    for name, (_, ref) in dense_kind.items():
+        entry = store.manifest["variants"][name]
+        assert entry["layout"] == ("packed" if layout == "auto" else layout)
+        assert entry["dtype"] == storage_dtype and entry["shape"] == list(ref.weights.shape[1:])
+        want = np.asarray(ref.weights).astype(dtype)
+        got = store.variants(name)
+        assert got.weights.dtype == dtype
+        assert_same(dataclasses.replace(ref, weights=jnp.asarray(want)), got)
+        levels = [ref.num_levels - 1, 0, ref.num_levels - 1]
+        host = store.read_levels(name, levels)
+        assert isinstance(host, np.ndarray) and host.dtype == dtype
+        np.testing.assert_array_equal(bits(host), bits(want[levels]))
+        assert store.read_levels(name, []).shape == (0, *want.shape[1:])
+    assert np.signbit(np.asarray(store.variants("a.made.weight").weights, np.float32)).sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("storage_dtype", "packed_bytes", "dense_bytes"),
+    # 5 levels of a 16 x 20 weight at 50-90% sparsity keep 160 + 128 + 96 + 64 + 32 = 480
+    # values. Packed: shape 3*8 + mask 5*16*ceil(20/8)=240 + values 480 * itemsize
+    # + offsets 6*8 + sparsity 5*8; dense: weights 5*16*20 * itemsize + sparsity 5*8.
+    [
+        ("float32", 24 + 240 + 1920 + 48 + 40, 6400 + 40),
+        ("bfloat16", 24 + 240 + 960 + 48 + 40, 3200 + 40),
+    ],
+)
+def test_packed_files_are_smaller_at_50_to_90_percent_sparsity(
+    tmp_path, storage_dtype, packed_bytes, dense_bytes
+):
+    variants = level_variants(np.random.default_rng(2), (16, 20), [0.5, 0.6, 0.7, 0.8, 0.9])
+    one = {"a.x.weight": (np.zeros((16, 20), np.float32), variants)}
+    sizes = {}
+    for layout in ("packed", "dense", "auto"):
+        path = write_store(tmp_path / layout, one, storage_dtype=storage_dtype, layout=layout)
+        f = path / "a.x.weight.safetensors"
+        _, data_start = read_header(f)
+        sizes[layout] = f.stat().st_size - data_start  # the tensors' bytes, header excluded
+        assert SupernetStore.open(path).manifest["variants"]["a.x.weight"]["bytes"] == (
+            f.stat().st_size
+        )
+    assert sizes == {"packed": packed_bytes, "dense": dense_bytes, "auto": packed_bytes}
+
+
+def test_auto_layout_keeps_dense_files_dense(tmp_path):
+    """A level set with nearly no zeros is smaller in the dense layout: auto keeps it."""
+    variants = level_variants(np.random.default_rng(3), (8, 16), [0.0, 0.01])
+    path = write_store(tmp_path / "s", {"a.x.weight": (np.zeros((8, 16)), variants)})
+    entry = SupernetStore.open(path).manifest["variants"]["a.x.weight"]
+    assert entry["layout"] == "dense"
+    assert set(read_safetensors(path / entry["file"])) == {"weights", "sparsity"}
+
+
+def test_writer_refuses_unknown_layouts_and_dtypes(tmp_path):
+    with pytest.raises(ValueError, match=r"layout 'sparse' not supported; valid: \['auto', "):
+        StoreWriter(tmp_path / "s", layout="sparse")
+    with pytest.raises(ValueError, match=r"storage_dtype 'auto' not supported; valid: \['float32'"):
+        StoreWriter(tmp_path / "s", storage_dtype="auto")  # auto needs the model: resolve it
+    assert os.listdir(tmp_path) == []
+
+
+def test_resolve_storage_dtype():
+    assert resolve_storage_dtype("auto", jnp.float32) == "float32"
+    assert resolve_storage_dtype("auto", jnp.bfloat16) == "bfloat16"
+    assert resolve_storage_dtype("bfloat16", jnp.float32) == "bfloat16"
+    assert resolve_storage_dtype("float32", jnp.bfloat16) == "float32"
+    with pytest.raises(ValueError, match=r"'auto' cannot store the model's float16 weights"):
+        resolve_storage_dtype("auto", np.float16)
+    with pytest.raises(ValueError, match=r"storage_dtype 'fp8' not supported; valid: \['auto'"):
+        resolve_storage_dtype("fp8", np.float32)
+
+
+V1_STORES = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("storage_dtype", ["float32", "bfloat16"])
+def test_version_1_stores_are_read_as_they_are(storage_dtype):
+    """tests/data/store_v1_*: written by StoreWriter of format 1 (commit bbe14c7) with a
+    nested, a dense (one -0.0 kept value) and a structured parameter and input norms.
+    They open (digests checked at first read) and read back bit for bit, never upcast."""
+    path = V1_STORES / f"store_v1_{storage_dtype}"
+    store = SupernetStore.open(path, model_fingerprint="v1-model", tokens_fingerprint="v1-tokens")
+    assert store.manifest["format_version"] == 1
+    assert store.storage_dtype == storage_dtype
+    np.testing.assert_array_equal(store.spec.num_levels, [3, 3, 2])
+    for name in ("m.dense.weight", "m.o_proj.weight"):
+        raw = read_safetensors(path / f"{name}.safetensors")
+        got = store.variants(name)
+        assert got.weights.dtype == raw["weights"].dtype
+        np.testing.assert_array_equal(bits(got.weights), bits(raw["weights"]))
+        np.testing.assert_array_equal(bits(store.read_levels(name, [1])), bits(raw["weights"][1:2]))
+    zeros = (np.asarray(store.variants("m.dense.weight").weights) == 0).sum(axis=(1, 2))
+    np.testing.assert_array_equal(zeros, [1, 24, 48])  # the kept -0.0 compares equal to 0
+    assert np.signbit(np.asarray(store.variants("m.dense.weight").weights[0, 0, 0], np.float32))
+    np.testing.assert_array_equal(
+        store.variants("m.o_proj.weight").group_keep, [[True, True], [True, False]]
+    )
+    nested = store.variants("m.nested.weight")
+    assert isinstance(nested, NestedVariants)
+    assert [int(np.asarray(nested.mask(k)).sum()) for k in range(3)] == [96, 72, 48]
+    np.testing.assert_array_equal(store.input_norms()["m.nested"], np.arange(12))
+
+
+def test_built_store_is_stored_in_the_models_dtype(tiny, tmp_path):
+    """storage_dtype="auto" (the default) stores a bfloat16 model's SparseGPT variants in
+    bfloat16 (packed), a float32 model's in float32; "float32" on request."""
+    model, calib, grid = tiny
+    bf16 = HFModel(
+        model.adapter,
+        {k: v.astype(jnp.bfloat16) for k, v in model.params.items()},
+        fingerprint="bf16-model",
+    )
+    for m, requested, want in (
+        (bf16, "auto", "bfloat16"),
+        (model, "auto", "float32"),
+        (bf16, "float32", "float32"),
+    ):
+        out = tmp_path / f"{m.fingerprint[:8]}-{requested}"
+        store = build_supernet(
+            m,
+            calib,
+            pruner=SparseGPTPruner(blocksize=4),
+            grid=grid,
+            structure="unstructured",
+            input_mode="dense",
+            out_dir=out,
+            batch_size=4,
+            progress=False,
+            storage_dtype=requested,
+        )
+        assert store.manifest["storage_dtype"] == want == store.storage_dtype
+        p = store.param_names[0]
+        assert store.variants(p).weights.dtype == STORAGE[want]
+        assert {e["layout"] for e in store.manifest["variants"].values()} == {"packed"}

@@ -148,8 +148,8 @@ class DenseVariants:
     """All levels of a pruner that also updates the kept weights (SparseGPT, structured).
 
     Attributes:
-      weights: float32[K, out, in] (device array), the pruned and compensated weights of
-        each level; pruned weights are exactly zero.
+      weights: [K, out, in] (device array; float32, or a store's storage dtype), the pruned
+        and compensated weights of each level; pruned weights are exactly zero.
       sparsity: float64[K], exact fraction of the weights each level removes.
       group_keep: bool[K, G] for structured pruners (True where group ``g`` of the input
         columns survives level ``k``), else ``None``.
