@@ -328,6 +328,20 @@ def compare(
     )
 
 
+def _model_matrices(model: str) -> list[str]:
+    """Module paths of every 2-D parameter of a model, read from its config.json alone."""
+    from allocsearch.assets_paths import resolve_model_path
+    from allocsearch.models.hf import ModelLoadError, adapter_for_config
+
+    cfg_path = Path(resolve_model_path(model)) / "config.json"
+    try:
+        hf_config = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"--model {model!r}: cannot read {cfg_path} ({e})") from None
+    shapes = adapter_for_config(hf_config).param_shapes
+    return [n.rsplit(".", 1)[0] for n, shape in shapes.items() if len(shape) == 2]
+
+
 EXPORT_FORMATS = ("llm-compressor", "evopress", "owl", "torch-pruning", "jaxpruner")
 
 
@@ -342,6 +356,21 @@ def export(
     ] = "SparseGPTModifier",
     granularity: Annotated[str, typer.Option(help="llm-compressor: layer | block.")] = "layer",
     supernet: Annotated[Path | None, typer.Option(help="evopress: the supernet store.")] = None,
+    jaxpruner_paths: Annotated[
+        str,
+        typer.Option(
+            help="jaxpruner: parameter path convention: linen (str indices, leaf 'kernel'), "
+            "nnx (int indices, leaf 'weight': allocsearch's own Flax models), nnx-kernel, "
+            "linen-weight."
+        ),
+    ] = "linen",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="jaxpruner: the model directory (or 'demo'); its config names the matrices "
+            "the map leaves to jaxpruner's global sparsity."
+        ),
+    ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Export a recipe to another pruner's format; prints what had to be averaged."""
@@ -366,17 +395,25 @@ def export(
     elif format == "torch-pruning":
         exp = exporters.to_torch_pruning(r)
     else:
-        exp = exporters.to_jaxpruner(r)
-    content = exp.content
-    text = (
-        content
-        if isinstance(content, str)
-        else json.dumps(
-            content if not isinstance(content, dict) else {str(k): v for k, v in content.items()},
-            indent=2,
+        if jaxpruner_paths not in exporters.JAXPRUNER_CONVENTIONS:
+            raise UserError(
+                f"--jaxpruner-paths {jaxpruner_paths!r} is not valid; choose one of "
+                f"{list(exporters.JAXPRUNER_CONVENTIONS)}"
+            )
+        leaf, int_indices = exporters.JAXPRUNER_CONVENTIONS[jaxpruner_paths]
+        exp = exporters.to_jaxpruner(
+            r,
+            kernel_leaf=leaf,
+            int_indices=int_indices,
+            model_matrices=None if model is None else _model_matrices(model),
         )
-        + "\n"
-    )
+    content = exp.content
+    if format == "jaxpruner":
+        text = exporters.jaxpruner_json(exp, jaxpruner_paths)
+    elif isinstance(content, str):
+        text = content
+    else:
+        text = json.dumps(content, indent=2) + "\n"
     exporters.write_export(text, out, overwrite=overwrite)
     for note in exp.notes:
         out_console.print(f"note: {note}", highlight=False)

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from flax import nnx
 from typer.testing import CliRunner
 
 from allocsearch.cli import app
@@ -129,6 +130,29 @@ def test_search_export_apply_eval(workdir, supernet):
     assert r.exit_code == 0, r.output
     lc = yaml.safe_load((workdir / "lc.yaml").read_text())
     assert "sparsity_stage" in lc
+
+    # jaxpruner (issue 16.6): with the nnx convention the keys are allocsearch's own Flax
+    # parameter paths, loaded without eval; the notes name the matrices left uncovered
+    r = run(
+        "export", out / "recipe.json", "--format", "jaxpruner", "--jaxpruner-paths", "nnx",
+        "--model", workdir / "model", "--out", workdir / "jp.json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    body = json.loads((workdir / "jp.json").read_text())
+    cmap = {tuple(e["path"]): e["sparsity"] for e in body["custom_sparsity_map"]}
+    model = load_model(workdir / "model")
+    paths = {p for p, _ in nnx.to_flat_state(nnx.state(model.adapter.module(model.params)))}
+    assert set(cmap) <= paths and len(cmap) == len(recipe.layers)
+    for entry in recipe.layers:
+        key = tuple(int(p) if p.isdigit() else p for p in entry.name.split(".")) + ("weight",)
+        assert cmap[key] == entry.sparsity
+    assert any("lm_head" in n and "embed_tokens" in n for n in body["notes"])
+    r = run(
+        "export", out / "recipe.json", "--format", "jaxpruner", "--jaxpruner-paths", "torch",
+        "--out", workdir / "jp2.json",
+    )  # fmt: skip
+    assert r.exit_code == 2 and "'torch' is not valid" in r.output
+    assert not (workdir / "jp2.json").exists()
 
     r = run(
         "apply",

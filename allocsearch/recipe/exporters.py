@@ -22,9 +22,10 @@ Targets (see docs/recipe.md for the formats and the sources they were matched ag
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -550,8 +551,27 @@ def jaxpruner_key(
     return (*parts, kernel_leaf)
 
 
+JAXPRUNER_FORMAT = "allocsearch.jaxpruner_map/1"
+"""``format`` of the JSON file :func:`jaxpruner_json` writes."""
+
+JAXPRUNER_CONVENTIONS = {
+    "linen": ("kernel", False),
+    "nnx": ("weight", True),
+    "nnx-kernel": ("kernel", True),
+    "linen-weight": ("weight", False),
+}
+"""Path conventions of the jaxpruner export: name -> (kernel leaf, int block indices).
+``linen``: ``flax.traverse_util.flatten_dict`` of a Linen tree (``"3"``, ``kernel``);
+``nnx``: NNX state paths of a model that keeps torch names (``3``, ``weight``), such as
+allocsearch's own Flax models."""
+
+
 def to_jaxpruner(
-    recipe: Recipe, *, kernel_leaf: str = "kernel", int_indices: bool = False
+    recipe: Recipe,
+    *,
+    kernel_leaf: str = "kernel",
+    int_indices: bool = False,
+    model_matrices: Sequence[str] | None = None,
 ) -> Export[dict[tuple[str | int, ...], float]]:
     """jaxpruner ``custom_sparsity_map``: {flattened Flax parameter path: sparsity}.
 
@@ -565,6 +585,11 @@ def to_jaxpruner(
     axis, the OUTPUT axis, whereas the recipe groups M consecutive weights along the
     INPUT axis. The exported value is the zero fraction n/m per kernel; the notes give
     the matching ``NByM`` setting and what differs.
+
+    ``model_matrices``: the model's 2-D parameters (HF module paths of their modules,
+    e.g. from the model's config); those the map does not cover (embeddings, the LM
+    head) are named in the notes, since jaxpruner prunes every matrix outside
+    ``custom_sparsity_map`` at its global ``sparsity``.
     """
     if not kernel_leaf:
         raise ExportError("kernel_leaf must be a non-empty string, e.g. 'kernel'")
@@ -576,6 +601,14 @@ def to_jaxpruner(
         f"keys assume a Flax tree mirroring the HF module path with leaf {kernel_leaf!r}, "
         f"e.g. {next(iter(content))}"
     ]
+    if model_matrices is not None:
+        covered = {x.name for x in recipe.layers}
+        left = [m for m in model_matrices if m not in covered]
+        if left:
+            notes.append(
+                f"not in the map, so jaxpruner prunes them at its global sparsity unless its "
+                f"filter excludes them: {left}"
+            )
     if recipe.structure == "nm":
         pats = sorted({(x.n, x.m) for x in recipe.layers})
         notes.append(
@@ -609,6 +642,22 @@ def to_jaxpruner(
     return Export(content, tuple(notes + budget_notes), kind, ref, got)
 
 
+def jaxpruner_json(export: Export[dict[tuple[str | int, ...], float]], convention: str) -> str:
+    """The text of a jaxpruner export file: JSON whose ``custom_sparsity_map`` is a list of
+    ``{"path": [...], "sparsity": s}`` (paths keep int indices as JSON numbers), loaded
+    without eval as ``{tuple(e["path"]): e["sparsity"] for e in
+    json.load(f)["custom_sparsity_map"]}`` (docs/recipe.md)."""
+    body = {
+        "format": JAXPRUNER_FORMAT,
+        "convention": convention,
+        "custom_sparsity_map": [
+            {"path": list(path), "sparsity": float(v)} for path, v in export.content.items()
+        ],
+        "notes": list(export.notes),
+    }
+    return json.dumps(body, indent=1) + "\n"
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -631,9 +680,12 @@ __all__ = [
     "LLMC_GRANULARITIES",
     "LLMC_IGNORE",
     "LLMC_MODIFIERS",
+    "JAXPRUNER_CONVENTIONS",
+    "JAXPRUNER_FORMAT",
     "Export",
     "ExportError",
     "block_sparsities",
+    "jaxpruner_json",
     "jaxpruner_key",
     "to_evopress",
     "to_jaxpruner",
