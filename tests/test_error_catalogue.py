@@ -425,6 +425,15 @@ def infeasible_budget(env: Env) -> None:
 def bad_settings(env: Env) -> None:
     cfg = env.config(search={"settings": {"generationz": 3}})
     expect(env, _search(env, cfg, "run"), "ValueError", "'evopress'", "'generationz'")
+    # issue 16.4: EvoPress settings given to another strategy: one line, not a TypeError
+    cfg = env.config(search={"settings": {"generations": 3, "offspring": 4}})
+    expect(
+        env,
+        _search(env, cfg, "run2", "--strategy", "random"),
+        "ValueError",
+        "strategy 'random' does not take ['generations', 'offspring']",
+        "valid settings: ['spread']",
+    )
 
 
 def bad_latency_table(env: Env) -> None:
@@ -464,7 +473,9 @@ def damaged_store(env: Env) -> None:
     f = store / name
     data = f.read_bytes()
     f.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, other bytes
-    expect(env, _evopress_export(env, recipe, store), "StoreError", "checksum mismatch", name)
+    # digests are checked when a file is first read: apply reads the variants
+    apply_from_store = _apply(env, recipe, "--supernet", store)
+    expect(env, apply_from_store, "StoreError", "checksum mismatch", name)
     f.write_bytes(data[:-8])
     expect(env, _evopress_export(env, recipe, store), "StoreError", "bytes, the manifest", name)
     f.unlink()

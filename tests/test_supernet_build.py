@@ -540,8 +540,9 @@ def test_corrupt_input_norms_are_refused(model, calib, grid, tmp_path):
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF
     f.write_bytes(bytes(data))
+    reopened = SupernetStore.open(store.path)  # digests are checked when a file is read
     with pytest.raises(StoreError, match="checksum mismatch in 'input_norms.safetensors'"):
-        SupernetStore.open(store.path)
+        reopened.input_norms()
 
 
 # --------------------------------------------------------------------------- map_layers
