@@ -8,6 +8,7 @@ models, stores); strings are parsed only in :mod:`allocsearch.config` and the CL
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -340,6 +341,56 @@ def make_searcher(strategy: str, settings: Mapping[str, Any]) -> Searcher:
 
 TABLE_STRATEGIES = ("dp", "knapsack", "knapsack_lagrange")
 ALLOCATORS = ("uniform", "owl", "lamp", "erk", "global_magnitude", "random")
+TYR_SETTINGS = ("rounds", "initial_step", "min_step", "input_mode")
+
+
+def _keywords(fn: Callable[..., Any], *fixed: str) -> set[str]:
+    """Keyword parameters of ``fn`` that settings may set (``fixed`` ones are the caller's)."""
+    return {
+        name
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name not in fixed
+    }
+
+
+def strategy_settings(strategy: str) -> set[str]:
+    """The settings keys ``strategy`` accepts (``search.settings`` in a config)."""
+    evo = _keywords(EvolutionarySearcher)
+    accepted = {
+        "evopress": evo | {"seed_from"},
+        "tyr": evo | set(TYR_SETTINGS),
+        "owl": _keywords(baselines.owl, "spec", "budget", "weights", "input_norms"),
+        "global_magnitude": _keywords(baselines.global_magnitude, "spec", "budget", "weights"),
+        "random": _keywords(baselines.random_feasible, "spec", "budget", "key"),
+        "uniform": set(),
+        "lamp": set(),
+        "erk": set(),
+    }
+    for name in TABLE_STRATEGIES:
+        accepted[name] = _keywords(TableSearcher, "solver")
+    if strategy not in accepted:
+        raise ValueError(f"unknown strategy {strategy!r}; valid: {sorted(accepted)}")
+    return accepted[strategy]
+
+
+def check_settings(strategy: str, settings: Mapping[str, Any]) -> None:
+    """Refuse settings ``strategy`` does not take, before anything is loaded or run.
+
+    Raises:
+      ValueError: naming the strategy, the unknown keys and the valid ones.
+    """
+    valid = strategy_settings(strategy)
+    unknown = sorted(set(settings) - valid)
+    if unknown:
+        raise ValueError(
+            f"bad settings for strategy {strategy!r}: it does not take {unknown}; valid "
+            f"settings: {sorted(valid) or 'none'}"
+        )
+    seed = settings.get("seed_from")
+    if seed is not None and seed not in TABLE_STRATEGIES:
+        raise ValueError(
+            f"settings.seed_from {seed!r} is not valid; choose one of {list(TABLE_STRATEGIES)}"
+        )
 
 
 def allocate_baseline(

@@ -145,11 +145,12 @@ def run_search_command(
     progress: bool,
     console: Console,
 ) -> None:
+    strategy = cfg.search.strategy
+    settings = _default_settings(cfg)
+    pipeline.check_settings(strategy, settings)  # before anything loads
     ws = pipeline.load_workspace(cfg)
     store = pipeline.open_store(ws, supernet)
     budget = pipeline.make_budget(cfg.search, store.spec)
-    strategy = cfg.search.strategy
-    settings = _default_settings(cfg)
     t0 = time.perf_counter()
 
     if strategy not in SCORED_STRATEGIES:

@@ -431,7 +431,7 @@ def bad_settings(env: Env) -> None:
         env,
         _search(env, cfg, "run2", "--strategy", "random"),
         "ValueError",
-        "strategy 'random' does not take ['generations', 'offspring']",
+        "strategy 'random': it does not take ['generations', 'offspring']",
         "valid settings: ['spread']",
     )
 
