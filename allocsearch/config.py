@@ -78,6 +78,7 @@ STRATEGIES = (
 BUDGET_KINDS = ("params", "flops", "latency")
 METRICS = ("kl", "topk_kl", "nll")
 BACKENDS = ("local", "ray")
+EXECUTIONS = ("auto", "resident", "streaming")
 DTYPES = ("float32", "bfloat16")
 STORAGE_DTYPES = ("auto", *DTYPES)
 AUTO_WORKERS = "auto"
@@ -175,11 +176,20 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class EvaluatorConfig:
+    """How candidates are scored.
+
+    ``execution``: ``"resident"`` (every variant on the device: fastest, for what fits),
+    ``"streaming"`` (block by block from the memory-mapped store: for supernets larger
+    than the device) or ``"auto"`` (chosen by :func:`allocsearch.pipeline.choose_execution`).
+    """
+
     metric: str = "kl"
     topk: int | None = None
+    execution: str = "auto"
 
     def validate(self) -> None:
         _choice("evaluator", "metric", self.metric, METRICS)
+        _choice("evaluator", "execution", self.execution, EXECUTIONS)
         if self.metric == "topk_kl" and (self.topk is None or self.topk < 1):
             raise ConfigError(f"evaluator.topk = {self.topk!r}: topk_kl needs a topk >= 1")
 
