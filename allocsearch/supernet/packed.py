@@ -86,7 +86,15 @@ def unpack_levels(tensors: Mapping[str, np.ndarray], levels: Sequence[int]) -> n
     mask, values = tensors["mask"], tensors["values"]
     offsets = np.asarray(tensors["offsets"])
     result = np.zeros((len(levels), out, n_in), values.dtype)
+    flat = _bits(result).reshape(len(levels), out * n_in)
     for i, k in enumerate(levels):
-        keep = np.unpackbits(np.asarray(mask[k]), axis=-1, count=n_in).view(bool)
-        result[i][keep] = values[offsets[k] : offsets[k + 1]]
+        keep = np.unpackbits(np.asarray(mask[k]), axis=-1, count=n_in).reshape(-1).view(bool)
+        kept = _bits(np.asarray(values[offsets[k] : offsets[k + 1]]))
+        positions = np.flatnonzero(keep)
+        if len(positions) != len(kept):
+            raise ValueError(
+                f"level {k}: the mask keeps {len(positions)} entries but {len(kept)} values "
+                f"are stored"
+            )
+        flat[i, positions] = kept  # index assignment: several times faster than a bool mask
     return result

@@ -815,7 +815,12 @@ class SupernetStore:
             raise ValueError(f"{param_name} holds nested variants: pass its dense weight")
         tensors = self._tensors(param_name, entry)
         if entry["kind"] == "dense":
-            return _dense_levels(tensors, levels)
+            try:
+                return _dense_levels(tensors, levels)
+            except (KeyError, ValueError) as e:
+                raise StoreError(
+                    f"{self.path / entry['file']}: cannot read variants of {param_name} ({e})"
+                ) from e
         dense = np.asarray(dense)
         rank = np.asarray(tensors["rank"])
         counts = np.asarray(tensors["prune_counts"])
