@@ -153,6 +153,29 @@ def _backend(backend: str | None, workers: str | None, address: str | None) -> d
     }
 
 
+def _default_target(target: float | None, config: Path | None, supernet: Path) -> float | None:
+    """``--target`` if given, else the config's ``search.target`` if it sets one, else the
+    supernet's own target: the parameter-weighted sparsity of its centre levels (what a
+    uniform allocation on it removes), not a silent default."""
+    if target is not None:
+        return target
+    import numpy as np
+    import yaml
+
+    if config is not None:
+        raw = yaml.safe_load(Path(config).read_text()) or {}
+        if isinstance(raw, dict) and "target" in (raw.get("search") or {}):
+            return None
+    from allocsearch.supernet.store import SupernetStore
+
+    spec = SupernetStore.open(supernet, verify="none").spec
+    centre = spec.sparsity[np.arange(spec.num_units), spec.center]
+    numel = spec.numel.astype(np.float64)
+    value = round(float(np.dot(centre, numel) / numel.sum()), 6)
+    out_console.print(f"target {value:g}: the supernet's centre (--target to change)")
+    return value
+
+
 def _fresh_dir(path: Path, overwrite: bool) -> Path:
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; pass --overwrite to reuse it")
@@ -287,7 +310,7 @@ def search(
     cfg = _config(
         config,
         search__strategy=strategy,
-        search__target=target,
+        search__target=_default_target(target, config, supernet),
         search__seed=seed,
         **_backend(backend, workers, address),
     )
@@ -320,7 +343,10 @@ def compare(
     from allocsearch.demo import run_compare
 
     cfg = _config(
-        config, search__target=target, search__seed=seed, **_backend(backend, workers, address)
+        config,
+        search__target=_default_target(target, config, supernet),
+        search__seed=seed,
+        **_backend(backend, workers, address),
     )
     names = [s.strip() for s in strategies.split(",") if s.strip()]
     run_compare(

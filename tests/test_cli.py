@@ -198,6 +198,22 @@ def test_compare_writes_table_and_recipes(workdir, supernet):
     assert (out / "compare.png").exists() and (out / "recipe-dp.json").exists()
 
 
+def test_compare_without_a_target_runs_at_the_supernets_own(workdir, supernet, tmp_path):
+    """Issue 16: no --target and a config without search.target compares at the target the
+    supernet was built around (its centre levels), not at a silent default of 0.6."""
+    cfg = yaml.safe_load((workdir / "config.yaml").read_text())
+    del cfg["search"]["target"]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    r = run(
+        "compare", "--config", tmp_path / "c.yaml", "--supernet", supernet,
+        "--out", tmp_path / "cmp", "--strategies", "uniform", "--no-progress",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "target 0.5: the supernet's centre" in r.output
+    recipe = Recipe.load(tmp_path / "cmp" / "recipe-uniform.json")
+    assert recipe.budget.target == 0.5
+
+
 def test_user_errors_exit_2_without_traceback(workdir, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("search: {target: 1.7}\n")
