@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 import resume_worker
+import test_evaluator_shard
 from resume_worker import (
     BUDGET,
     SEED,
@@ -33,6 +34,7 @@ from allocsearch.distributed.ray_backend import (
     RayEvaluate,
     RayLayerMap,
     WorkerFailedError,
+    WorkerLostWarning,
     WorkerPlan,
     WorkerStartError,
     auto_worker_plan,
@@ -53,6 +55,7 @@ def ray_cluster():
 
     # The helper modules live in tests/, which Ray's worker processes cannot import.
     ray.cloudpickle.register_pickle_by_value(resume_worker)
+    ray.cloudpickle.register_pickle_by_value(test_evaluator_shard)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.init(address="local", num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
     yield ray
@@ -199,6 +202,102 @@ def test_actors_that_keep_dying_give_a_clear_error(ray_cluster):
             evaluate(np.zeros((4, 6), np.int32), fidelity=64, batch_seed=0)
 
 
+class _DiesOnce:
+    """Wraps an evaluator: the first process (of all) to reach call ``die_on_call`` exits
+    abruptly; the marker file is created exclusively, so exactly one process dies."""
+
+    def __init__(self, inner, marker: str, die_on_call: int) -> None:
+        self.inner, self.marker, self.die_on_call, self.calls = inner, marker, die_on_call, 0
+
+    def __call__(self, choices, *, fidelity, batch_seed):
+        self.calls += 1
+        if self.calls == self.die_on_call:
+            try:
+                fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass
+            else:
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                os._exit(3)
+        return self.inner(choices, fidelity=fidelity, batch_seed=batch_seed)
+
+
+@dataclass(frozen=True)
+class _DiesAndCannotBeReplaced:
+    """An additive evaluator whose first actor to reach call ``die_on_call`` dies, after
+    which no actor can be started (the factory raises, as on a node that lost its model
+    files): the dead actor cannot be replaced."""
+
+    marker: str
+    die_on_call: int = 2
+
+    def __call__(self):
+        if os.path.exists(self.marker):
+            raise FileNotFoundError("the model files are gone")
+        return _DiesOnce(AdditiveFactory(sleep_s=0.005)(), self.marker, self.die_on_call)
+
+
+@pytest.mark.slow
+def test_an_actor_that_cannot_be_replaced_is_lost_and_the_search_goes_on(ray_cluster, tmp_path):
+    marker = tmp_path / "died"
+    with RayEvaluate(
+        _DiesAndCannotBeReplaced(str(marker)), workers=2, replace_timeout_s=2.0
+    ) as evaluate:
+        first_pids = {p["pid"] for p in evaluate.placement}
+        rows = np.arange(18).reshape(3, 6) % 5
+        with pytest.warns(WorkerLostWarning, match=r"evaluator actor [01] lost: .*going on with 1"):
+            got = _search(evo_searcher(5), evaluate)
+            time.sleep(2.0)  # the search may end before the replacement's deadline
+            # later queries run on the actor that is left, with the same split of rows
+            np.testing.assert_array_equal(
+                evaluate(rows, fidelity=64, batch_seed=1),
+                AdditiveFactory()()(rows, fidelity=64, batch_seed=1),
+            )
+        assert evaluate.live_workers == 1 and evaluate.workers == 2
+        assert int(marker.read_text()) in first_pids
+        assert any("died" in e for e in evaluate.events)
+    with InProcessEvaluate(AdditiveFactory()) as local:
+        expected = _search(evo_searcher(5), local)
+    assert result_json(got) == result_json(expected)
+
+
+@pytest.mark.slow
+def test_no_actor_left_is_a_clear_error_not_a_hang(ray_cluster, tmp_path):
+    factory = _DiesAndCannotBeReplaced(str(tmp_path / "died"), die_on_call=1)
+    t0 = time.monotonic()
+    with RayEvaluate(factory, workers=1, replace_timeout_s=1.0) as evaluate:
+        with pytest.warns(WorkerLostWarning):
+            with pytest.raises(WorkerFailedError, match="all 1 evaluator actors were lost"):
+                evaluate(np.zeros((4, 6), np.int32), fidelity=64, batch_seed=0)
+    assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.slow
+def test_fewer_candidates_than_actors_split_the_tokens(ray_cluster):
+    """Two actors each score both candidates on half of the minibatch's sequences; the
+    shard means weighted by sequence counts are the in-process (unsharded) scores."""
+    factory = test_evaluator_shard.TinyEvaluatorFactory()
+    local = factory()
+    choices = test_evaluator_shard.offspring(local.spec, 1, seed=3)
+    choices = np.concatenate([choices, test_evaluator_shard.offspring(local.spec, 1, seed=4)])
+    fidelity = 7 * test_evaluator_shard.SEQ_LEN  # 7 sequences: shards of 4 and 3
+    with RayEvaluate(factory, workers=2) as evaluate:
+        assert evaluate._pool.shards
+        for rows in (choices[:1], choices):
+            got = evaluate(rows, fidelity=fidelity, batch_seed=5)
+            want = local(rows, fidelity=fidelity, batch_seed=5)
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+        # the final held-out perplexity runs on an actor through run(fn, item)
+        assert evaluate.run(_Square(), 7) == 49
+
+
+@dataclass(frozen=True)
+class _Square:
+    def __call__(self, x: int) -> int:
+        return x * x
+
+
 @pytest.mark.slow
 def test_a_failing_factory_names_the_cause(ray_cluster):
     with pytest.raises(WorkerStartError, match="could not be started") as info:
@@ -246,6 +345,7 @@ def test_actor_processes_get_the_thread_limits(ray_cluster):
         assert len(cpus[0]) == len(cpus[1]) == 1 and cpus[0] != cpus[1]
     else:  # a one-core machine: nothing to pin
         assert cpus == [None, None]
+    assert [p["slot"] for p in evaluate.placement] == [0, 1]  # one host: slots 0 and 1
 
 
 _PIN_PROBE = """

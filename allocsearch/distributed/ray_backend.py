@@ -41,9 +41,13 @@ tested on one layer of its widths).
 from __future__ import annotations
 
 import heapq
+import inspect
+import logging
 import math
 import os
+import socket
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,10 +66,15 @@ EvaluatorFactory = Callable[[], Evaluate]
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # Seconds to wait for busy cluster resources to become free before refusing to start.
 _RESOURCE_WAIT_S = 20.0
+# Longest single wait of the call loop: deadlines are checked at least this often.
+_POLL_S = 1.0
 # ray.init settings shared by every start or join.
 _RAY_INIT: dict[str, Any] = dict(
     include_dashboard=False, log_to_driver=False, ignore_reinit_error=True
 )
+
+_log = logging.getLogger(__name__)
+_log.addHandler(logging.NullHandler())  # warnings reach stderr; log lines where configured
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -76,7 +85,11 @@ class WorkerStartError(RuntimeError):
 
 
 class WorkerFailedError(RuntimeError):
-    """A chunk of a query kept failing because the actors scoring it died."""
+    """A call kept failing because the actors running it died, or no actor is left."""
+
+
+class WorkerLostWarning(RuntimeWarning):
+    """An actor died and could not be replaced in time: the pool goes on without it."""
 
 
 class InProcessEvaluate:
@@ -270,11 +283,68 @@ def _check_workers(workers: int | str) -> None:
         raise ValueError(f"workers must be an integer >= 1 or {AUTO!r}, got {workers!r}")
 
 
+def _init_ray(
+    workers: int | str, address: str | None, cpus_per_worker: float, gpus_per_worker: float | None
+) -> bool:
+    """Join the cluster at ``address`` (default: ``RAY_ADDRESS``) or start a local instance
+    sized for ``workers`` actors, unless this process is connected already. Returns
+    whether it connected (then the caller shuts Ray down when done)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        ray.init(address=address, **_RAY_INIT)
+        return True
+    if workers != AUTO:
+        cpus = math.ceil(int(workers) * cpus_per_worker)
+        gpus = math.ceil(int(workers) * (gpus_per_worker or 0)) or None
+    else:
+        # "auto" on a local instance: the cores this process may use; GPUs only when
+        # asked for (None lets Ray detect them)
+        cpus, gpus = local_cpu_count(), None if gpus_per_worker else 0
+    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, **_RAY_INIT)
+    return True
+
+
+class ray_session:  # noqa: N801  (a context manager used like a function)
+    """Connect this process to Ray for a ``with`` block: join the cluster at ``address``
+    (default: ``RAY_ADDRESS``) or start a local instance sized for ``workers`` actors of
+    ``cpus_per_worker`` CPUs; at exit, disconnect (and stop the local instance) if this
+    object connected. Backends created inside share the connection instead of each
+    starting and stopping their own, e.g. Týr's per-round layer maps and evaluators.
+    Nothing happens when this process is connected already."""
+
+    def __init__(
+        self,
+        *,
+        workers: int | str,
+        address: str | None = None,
+        cpus_per_worker: float = 1.0,
+        gpus_per_worker: float | None = None,
+    ) -> None:
+        _check_workers(workers)
+        self._args = (workers, address, cpus_per_worker, gpus_per_worker)
+        self._owns = False
+
+    def __enter__(self) -> ray_session:
+        self._owns = _init_ray(*self._args)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._owns:
+            import ray
+
+            ray.shutdown()
+            self._owns = False
+
+
 class _WorkerActor:
     """Body of one Ray actor: pins itself, builds its object once, runs calls.
 
     Construction does nothing, so that the driver can see where the actor landed
-    (:meth:`ready`) and give it a node-local CPU slot before :meth:`start` builds the
+    (:meth:`ready`) and give it a CPU slot of its host before :meth:`start` builds the
     object (an evaluator, or nothing) and with it the JAX runtime, whose thread pool
     follows the affinity.
     """
@@ -283,43 +353,97 @@ class _WorkerActor:
         self._built: Any = None
 
     def ready(self) -> dict[str, Any]:
-        """Where the actor runs: ``pid`` and ``node`` (Ray node id)."""
+        """Where the actor runs: ``pid``, ``node`` (Ray node id), ``ip`` (the node's
+        address) and ``host`` (:func:`host_key`: equal for every raylet of one machine)."""
         import ray
 
-        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+        return {
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address(),
+            "host": host_key(),
+        }
 
     def start(
         self, factory: Callable[[], Any] | None, slot: int, pin: int, init_cpus: int = 0
-    ) -> list[int] | None:
+    ) -> dict[str, Any]:
         """Start the runtimes on ``init_cpus`` CPUs (0: skip, they start on first use,
         after pinning), pin to ``pin`` CPUs of ``slot`` (0: no pinning), build
-        ``factory()``."""
+        ``factory()``. Returns the pinned ``cpus`` (or ``None``) and whether the built
+        evaluator scores shards of a minibatch (``shards``, see :func:`supports_shards`)."""
         if init_cpus:
             start_runtimes_on(init_cpus)
         cpus = pin_to_cpus(slot, pin) if pin else None
         self._built = factory() if factory is not None else None
-        return cpus
+        return {"cpus": cpus, "shards": supports_shards(self._built)}
 
-    def evaluate(self, choices: np.ndarray, fidelity: int, batch_seed: int) -> np.ndarray:
-        """Score ``choices`` with the evaluator :meth:`start` built."""
+    def evaluate(
+        self,
+        choices: np.ndarray,
+        fidelity: int,
+        batch_seed: int,
+        shard: tuple[int, int] | None = None,
+    ) -> Any:
+        """Score ``choices`` with the evaluator :meth:`start` built: float[n]; with
+        ``shard``, ``(scores float[n], sequences)`` of that shard of the minibatch
+        (``(None, 0)`` for an empty shard, which is not scored)."""
         if self._built is None:
             raise RuntimeError("the evaluator of this actor was not built (start failed)")
-        scores = self._built(choices, fidelity=fidelity, batch_seed=batch_seed)
-        return np.asarray(scores)
+        if shard is None:
+            return np.asarray(self._built(choices, fidelity=fidelity, batch_seed=batch_seed))
+        from allocsearch.evaluate.evaluator import shard_rows
+
+        rows = len(shard_rows(self._built.minibatch_rows(fidelity, batch_seed), *shard))
+        if rows == 0:
+            return None, 0
+        scores = self._built(choices, fidelity=fidelity, batch_seed=batch_seed, shard=shard)
+        return np.asarray(scores), rows
 
     def run(self, fn: Callable[[Any], Any], item: Any) -> Any:
         """``fn(item)`` in this actor."""
         return fn(item)
 
 
+def host_key() -> str:
+    """What identifies this process's machine for core pinning: the kernel's boot id
+    (shared by every raylet and container of one machine), else the host name.
+
+    Raylets are not machines: two raylets on one host (``ray start`` twice, or
+    ``ray.cluster_utils.Cluster``) lend the same cores, so CPU slots are counted per
+    machine, never per Ray node.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return "boot:" + f.read().strip()
+    except OSError:
+        return "host:" + socket.gethostname()
+
+
+def supports_shards(evaluate: Any) -> bool:
+    """Whether ``evaluate`` can score a shard of a minibatch: it is called with a ``shard``
+    keyword (see :meth:`~allocsearch.evaluate.evaluator.Evaluator.__call__`) and tells
+    its minibatch's sequences with ``minibatch_rows(fidelity, batch_seed)``."""
+    if evaluate is None or not callable(getattr(evaluate, "minibatch_rows", None)):
+        return False
+    try:
+        return "shard" in inspect.signature(evaluate).parameters
+    except (TypeError, ValueError):  # no signature (a builtin)
+        return False
+
+
 class _ActorPool:
     """``workers`` pinned Ray actors on a local Ray instance or a cluster, and the loop that
-    runs calls on them, surviving actor deaths.
+    runs calls on them, surviving actor deaths and lost nodes.
 
     Shared by :class:`RayEvaluate` and :class:`RayLayerMap`; see :class:`RayEvaluate` for
     the arguments. ``what`` names the actors in messages (``"evaluator actor"``);
     ``like_driver`` gives CPU actors this process's thread-pool sizes and XLA flags
     (:func:`driver_like_env`, :func:`start_runtimes_on`) instead of :func:`worker_env`'s.
+
+    Every actor has a fixed index (its *slot* in :attr:`actors`); a dead actor is replaced
+    in its slot, and a slot whose replacement could not be started within
+    ``replace_timeout_s`` is *lost*: its actor is ``None`` from then on, and the pool
+    goes on with the others (:attr:`live`).
     """
 
     def __init__(
@@ -334,22 +458,37 @@ class _ActorPool:
         start_timeout_s: float,
         what: str,
         like_driver: bool = False,
+        replace_timeout_s: float = 60.0,
+        call_timeout_s: float | None = None,
     ) -> None:
         _check_workers(workers)
         if not cpus_per_worker > 0:
             raise ValueError(f"cpus_per_worker must be > 0, got {cpus_per_worker}")
         if gpus_per_worker is not None and gpus_per_worker < 0:
             raise ValueError(f"gpus_per_worker must be >= 0, got {gpus_per_worker}")
-        if not start_timeout_s > 0:
-            raise ValueError(f"start_timeout_s must be > 0, got {start_timeout_s}")
+        for name, value in (
+            ("start_timeout_s", start_timeout_s),
+            ("replace_timeout_s", replace_timeout_s),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if call_timeout_s is not None and not call_timeout_s > 0:
+            raise ValueError(f"call_timeout_s must be > 0 or None, got {call_timeout_s}")
         import ray
 
         self._ray = ray
         self.what = what
+        self.replace_timeout_s = float(replace_timeout_s)
+        self.call_timeout_s = call_timeout_s
         self._factory_repr = repr(factory)
         self._owns_ray = False
         self.actors: list[Any] = []
-        self._slots: list[int] = []
+        self.placement: list[dict[str, Any]] = []
+        self.events: list[str] = []
+        self.shards = False
+        self._closed = False
+        # slot -> its replacement on the way; kept between calls of stream()
+        self._replacing: dict[int, _Replacement] = {}
         try:
             self.plan = self._connect(workers, address, cpus_per_worker, gpus_per_worker)
             plan = self.plan
@@ -379,7 +518,13 @@ class _ActorPool:
 
     @property
     def workers(self) -> int:
+        """Actors started (the plan's count; see :attr:`live` for those left)."""
         return self.plan.workers
+
+    @property
+    def live(self) -> list[int]:
+        """Slots that still have an actor (running, or being replaced)."""
+        return [slot for slot, actor in enumerate(self.actors) if actor is not None]
 
     def _connect(
         self,
@@ -390,27 +535,9 @@ class _ActorPool:
     ) -> WorkerPlan:
         """Join or start Ray and resolve ``workers`` into a plan."""
         ray = self._ray
-        address = address or os.environ.get("RAY_ADDRESS") or None
-        explicit = None
+        self._owns_ray = _init_ray(workers, address, cpus_per_worker, gpus_per_worker)
         if workers != AUTO:
-            explicit = WorkerPlan(int(workers), float(cpus_per_worker), float(gpus_per_worker or 0))
-        if ray.is_initialized():
-            pass
-        elif address is None:
-            if explicit is not None:
-                cpus = math.ceil(explicit.workers * explicit.cpus_per_worker)
-                gpus = math.ceil(explicit.workers * explicit.gpus_per_worker) or None
-            else:
-                # "auto" on a local instance: the cores this process may use; GPUs only
-                # when asked for (None lets Ray detect them)
-                cpus, gpus = local_cpu_count(), None if gpus_per_worker else 0
-            ray.init(address="local", num_cpus=cpus, num_gpus=gpus, **_RAY_INIT)
-            self._owns_ray = True
-        else:
-            ray.init(address=address, **_RAY_INIT)
-            self._owns_ray = True
-        if explicit is not None:
-            return explicit
+            return WorkerPlan(int(workers), float(cpus_per_worker), float(gpus_per_worker or 0))
         return auto_worker_plan(
             ray.cluster_resources(),
             cpus_per_worker=cpus_per_worker,
@@ -452,23 +579,23 @@ class _ActorPool:
             )
 
     def _wait_ready(self, timeout_s: float) -> list[dict[str, Any]]:
-        """Place the actors, give each a CPU slot on its node, start every actor.
+        """Place the actors, give each a CPU slot on its host, start every actor.
 
-        Returns, per actor in order, ``pid``, ``node`` and ``cpus`` (the cores it is
-        pinned to, or ``None``).
+        Returns, per actor in order, ``pid``, ``node``, ``ip``, ``host``, ``slot`` (its
+        CPU slot on the host) and ``cpus`` (the cores it is pinned to, or ``None``).
         """
         deadline = time.monotonic() + timeout_s
         placement = self._gather([a.ready.remote() for a in self.actors], deadline, timeout_s)
-        per_node: dict[str, int] = {}
         for where in placement:
-            self._slots.append(per_node.get(where["node"], 0))
-            per_node[where["node"]] = self._slots[-1] + 1
+            where["slot"] = _free_cpu_slot(placement, where["host"])
         refs = [
-            actor.start.remote(self._factory_ref, slot, self._pin, self._init_cpus)
-            for actor, slot in zip(self.actors, self._slots, strict=True)
+            actor.start.remote(self._factory_ref, where["slot"], self._pin, self._init_cpus)
+            for actor, where in zip(self.actors, placement, strict=True)
         ]
-        for where, cpus in zip(placement, self._gather(refs, deadline, timeout_s), strict=True):
-            where["cpus"] = cpus
+        started = self._gather(refs, deadline, timeout_s)
+        for where, info in zip(placement, started, strict=True):
+            where["cpus"] = info["cpus"]
+        self.shards = all(info["shards"] for info in started)
         return placement
 
     def _gather(self, refs: list[Any], deadline: float, timeout_s: float) -> list[Any]:
@@ -493,16 +620,80 @@ class _ActorPool:
                 ) from err
         return values
 
-    def _restart(self, slot: int) -> None:
-        """Replace the (dead) actor in ``slot`` by a fresh one that rebuilds its object.
+    def _note(self, message: str, *, lost: bool = False) -> None:
+        """Record a fault event: :attr:`events`, the module's logger, and a
+        :class:`WorkerLostWarning` (stderr) when an actor is lost for good."""
+        self.events.append(message)
+        _log.warning(message)
+        if lost:
+            warnings.warn(message, WorkerLostWarning, stacklevel=4)
 
-        The replacement takes the dead actor's CPU slot; its start runs before any call
-        sent to it (an actor runs one caller's calls in order).
+    def _describe(self, slot: int) -> str:
+        where = self.placement[slot]
+        return (
+            f"{self.what} {slot} (pid {where['pid']}, node {where['node'][:12]} at {where['ip']})"
+        )
+
+    def _replace(self, slot: int, replacing: dict[int, _Replacement], cause: str) -> None:
+        """Kill the actor of ``slot`` and start placing a fresh one in its place.
+
+        The replacement must be placed and started (its object built) within
+        ``replace_timeout_s`` of the death; :meth:`_advance` moves it on.
         """
         self._ray.kill(self.actors[slot], no_restart=True)
         actor = self._actor_class.remote()
-        actor.start.remote(self._factory_ref, self._slots[slot], self._pin, self._init_cpus)
         self.actors[slot] = actor
+        deadline = time.monotonic() + self.replace_timeout_s
+        replacing[slot] = _Replacement(actor, actor.ready.remote(), "ready", deadline)
+        self._note(
+            f"{self._describe(slot)} died ({cause}); starting a replacement "
+            f"(up to {self.replace_timeout_s:g} s to place and start it)"
+        )
+
+    def _advance(self, slot: int, replacing: dict[int, _Replacement], idle: deque[int]) -> None:
+        """The replacement of ``slot`` answered its ``ready`` or ``start`` call: give it a
+        CPU slot and start it, or put it to work; a replacement that died is replaced
+        again while time is left."""
+        ray = self._ray
+        rep = replacing.pop(slot)
+        try:
+            value = ray.get(rep.ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+            first_line = str(err).strip().splitlines()[-1] if str(err).strip() else type(err)
+            if time.monotonic() < rep.deadline:
+                self._note(f"the replacement of {self.what} {slot} failed: {first_line}")
+                self._ray.kill(rep.actor, no_restart=True)
+                actor = self._actor_class.remote()
+                self.actors[slot] = actor
+                replacing[slot] = _Replacement(actor, actor.ready.remote(), "ready", rep.deadline)
+            else:
+                self._lose(slot, f"its replacement failed: {first_line}")
+            return
+        if rep.stage == "ready":
+            others = [
+                w for s, w in enumerate(self.placement) if s != slot and self.actors[s] is not None
+            ]
+            value["slot"] = _free_cpu_slot(others, value["host"])
+            value["cpus"] = None
+            self.placement[slot] = value
+            ref = rep.actor.start.remote(
+                self._factory_ref, value["slot"], self._pin, self._init_cpus
+            )
+            replacing[slot] = _Replacement(rep.actor, ref, "start", rep.deadline)
+            return
+        self.placement[slot]["cpus"] = value["cpus"]
+        idle.append(slot)
+        self._note(f"{self._describe(slot)} replaced the dead one and is running")
+
+    def _lose(self, slot: int, cause: str) -> None:
+        self._ray.kill(self.actors[slot], no_restart=True)
+        self.actors[slot] = None
+        left = len(self.live)
+        self._note(
+            f"{self.what} {slot} lost: {cause}; its work goes to the other actors; "
+            f"going on with {left} of {self.workers} {self.what}s",
+            lost=True,
+        )
 
     def stream(
         self,
@@ -515,14 +706,22 @@ class _ActorPool:
     ) -> Iterator[Any]:
         """Run ``actor.method(*calls[i])`` for every ``i`` and yield the results in order.
 
-        Each call goes to an idle actor, lowest index first; a call whose actor died goes
-        to an idle actor again (the dead one is replaced), up to ``max_retries`` times,
-        then :class:`WorkerFailedError` names it with ``describe(i)``. An exception the
-        call itself raised is raised here as it is. With ``window``, a
-        call starts only when fewer than ``window`` calls before it are still unyielded,
-        which bounds the results held here to ``window``.
+        Each call goes to an idle actor, lowest index first. A call whose actor died goes
+        to an idle actor again, up to ``max_retries`` times, then
+        :class:`WorkerFailedError` names it with ``describe(i)``. The dead actor is
+        replaced in its slot; a replacement that cannot be placed and started within
+        ``replace_timeout_s`` (a lost node on a full cluster) is given up: the slot is
+        lost (:class:`WorkerLostWarning`) and the other actors take its calls.
+        :class:`WorkerFailedError` is raised when no actor is left. A call running longer
+        than ``call_timeout_s`` counts as its actor's death. An exception the call
+        itself raised is raised here as it is. With ``window``, a call starts only when
+        fewer than ``window`` calls before it are still unyielded, which bounds the
+        results held here to ``window``.
+
+        No wait is unbounded: the loop wakes at least every :data:`_POLL_S` seconds to
+        check the replacements' and calls' deadlines.
         """
-        if not self.actors:
+        if self._closed:
             raise RuntimeError(f"this Ray backend ({self.what}s) was closed; create a new one")
         ray = self._ray
         n = len(calls)
@@ -530,18 +729,38 @@ class _ActorPool:
         pending = list(range(n))  # a heap: the lowest index is started first
         failures = [0] * n
         done: dict[int, Any] = {}
-        idle = deque(range(len(self.actors)))
-        running: dict[Any, tuple[int, int]] = {}
+        replacing = self._replacing
+        idle = deque(slot for slot in self.live if slot not in replacing)
+        running: dict[Any, tuple[int, int, float]] = {}  # ref -> (call, slot, deadline)
         next_out = 0
         while next_out < n:
+            self._expire(replacing, running, pending, failures, max_retries, describe)
             while pending and idle and pending[0] < next_out + window:
                 i, slot = heapq.heappop(pending), idle.popleft()
                 ref = getattr(self.actors[slot], method).remote(*calls[i])
-                running[ref] = (i, slot)
-            assert running, "no call running while results are still missing"
-            [ref], _ = ray.wait(list(running), num_returns=1)
-            i, slot = running.pop(ref)
-            idle.append(slot)
+                limit = self.call_timeout_s
+                running[ref] = (i, slot, math.inf if limit is None else time.monotonic() + limit)
+            if not running and not replacing:
+                raise WorkerFailedError(
+                    f"all {self.workers} {self.what}s were lost and none could be replaced "
+                    f"within replace_timeout_s={self.replace_timeout_s:g} s; "
+                    f"{describe(pending[0]) if pending else 'the call'} cannot run. Events:\n"
+                    + "\n".join(self.events)
+                )
+            deadlines = [r.deadline for r in replacing.values()]
+            deadlines += [d for (_, _, d) in running.values()]
+            wait_s = min([_POLL_S, *(d - time.monotonic() for d in deadlines)])
+            by_ref = {r.ref: slot for slot, r in replacing.items()}
+            ready, _ = ray.wait(
+                [*running, *by_ref], num_returns=1, timeout=max(0.0, wait_s), fetch_local=False
+            )
+            if not ready:
+                continue
+            [ref] = ready
+            if ref in by_ref:
+                self._advance(by_ref[ref], replacing, idle)
+                continue
+            i, slot, _ = running.pop(ref)
             try:
                 value = ray.get(ref)
             except ray.exceptions.RayTaskError as err:
@@ -553,27 +772,95 @@ class _ActorPool:
                 raise
             except ray.exceptions.RayActorError as err:
                 failures[i] += 1
-                if failures[i] > max_retries:
-                    raise WorkerFailedError(
-                        f"{describe(i)} failed {failures[i]} times (max_retries={max_retries}) "
-                        f"because the {self.what} died; last error:\n{err}"
-                    ) from err
-                self._restart(slot)
                 heapq.heappush(pending, i)
+                self._check_failures(failures[i], max_retries, describe(i), err)
+                self._replace(slot, replacing, f"while running {describe(i)}: {type(err).__name__}")
                 continue
+            idle.append(slot)
             done[i] = value
             while next_out in done:
                 yield done.pop(next_out)
                 next_out += 1
+        # Replacements still on their way when the results are complete stay in
+        # self._replacing: the next call goes on waiting for them (or gives them up).
+
+    def _expire(
+        self,
+        replacing: dict[int, _Replacement],
+        running: dict[Any, tuple[int, int, float]],
+        pending: list[int],
+        failures: list[int],
+        max_retries: int,
+        describe: Callable[[int], str],
+    ) -> None:
+        """Give up replacements past their deadline (the slot is lost) and treat calls
+        past ``call_timeout_s`` as their actor's death."""
+        now = time.monotonic()
+        for slot, rep in list(replacing.items()):
+            if now >= rep.deadline:
+                del replacing[slot]
+                self._lose(
+                    slot,
+                    f"no replacement could be placed and started within "
+                    f"replace_timeout_s={self.replace_timeout_s:g} s (no free resources for "
+                    "it in the cluster, or its factory failed or is slow)",
+                )
+        for ref, (i, slot, deadline) in list(running.items()):
+            if now >= deadline:
+                del running[ref]
+                failures[i] += 1
+                heapq.heappush(pending, i)
+                self._check_failures(failures[i], max_retries, describe(i), None)
+                self._replace(slot, replacing, f"{describe(i)} ran over {self.call_timeout_s:g} s")
+
+    def _check_failures(
+        self, failures: int, max_retries: int, what: str, err: BaseException | None
+    ) -> None:
+        if failures > max_retries:
+            raise WorkerFailedError(
+                f"{what} failed {failures} times (max_retries={max_retries}) because the "
+                f"{self.what} running it died; last error:\n{err}"
+            ) from err
+
+    def run_one(self, fn: Callable[[Any], Any], item: Any, *, max_retries: int) -> Any:
+        """``fn(item)`` on one actor (the first idle one), surviving its death like
+        :meth:`stream`."""
+        [value] = self.stream("run", [(fn, item)], max_retries=max_retries, describe=_one_call)
+        return value
 
     def close(self) -> None:
         """Kill the actors; shut Ray down if this pool started or joined it."""
         for actor in self.actors:
-            self._ray.kill(actor, no_restart=True)
+            if actor is not None:
+                self._ray.kill(actor, no_restart=True)
         self.actors = []
+        self._closed = True
         if self._owns_ray:
             self._ray.shutdown()
             self._owns_ray = False
+
+
+def _one_call(_: int) -> str:
+    return "the call"
+
+
+@dataclass
+class _Replacement:
+    """A replacement actor on its way: the ``ref`` of its ``ready`` or ``start`` call
+    (``stage``), and the monotonic time by which it must be running."""
+
+    actor: Any
+    ref: Any
+    stage: str
+    deadline: float
+
+
+def _free_cpu_slot(placement: Sequence[Mapping[str, Any]], host: str) -> int:
+    """The lowest CPU slot of ``host`` that no actor of ``placement`` (those with a
+    ``slot`` already) holds: actors of one machine get disjoint cores, whichever raylet
+    they run under."""
+    taken = {w["slot"] for w in placement if w.get("host") == host and "slot" in w}
+    return next(k for k in range(len(taken) + 1) if k not in taken)
 
 
 class RayEvaluate:
@@ -593,9 +880,10 @@ class RayEvaluate:
         ``ceil(workers * cpus_per_worker)`` CPUs. If this process is already connected to
         Ray (``ray.init`` was called), that connection is used and left open.
       cpus_per_worker: CPUs reserved per actor; its thread pools are limited to this many.
-      pin_cpus: pin each CPU actor to ``floor(cpus_per_worker)`` cores of its node,
-        disjoint from the other actors of this object on that node (see the module
-        docstring). Turn off when other jobs pin their processes on the same nodes.
+      pin_cpus: pin each CPU actor to ``floor(cpus_per_worker)`` cores of its machine,
+        disjoint from the other actors of this object on that machine, counted per
+        machine (:func:`host_key`), not per raylet (see the module docstring). Turn off
+        when other jobs pin their processes on the same nodes.
       gpus_per_worker: GPUs per actor (0 for CPU actors; 0.5 lets two actors share one).
         ``None`` (default): 0, except that ``workers="auto"`` on a cluster with GPUs gives
         each actor one GPU.
@@ -603,17 +891,35 @@ class RayEvaluate:
         it died, per call, before :class:`WorkerFailedError` is raised.
       start_timeout_s: seconds to wait for all actors to be placed and to build their
         evaluators (model loading included) before :class:`WorkerStartError`.
+      replace_timeout_s: seconds a dead actor's replacement may take to be placed and to
+        build its evaluator. Past it (a lost node on a full cluster: nowhere to place
+        the replacement) the actor is *lost*: a :class:`WorkerLostWarning` and a log line
+        name it and its node, its work goes to the other actors, and the object goes on
+        with fewer (:attr:`live_workers`); :class:`WorkerFailedError` only when none is
+        left. Give it at least the time an evaluator takes to load.
+      call_timeout_s: a call running longer than this counts as its actor's death (a
+        hung actor); ``None``: no limit (Ray reports dead actors and lost nodes itself,
+        within seconds).
 
-    Calling it with ``choices`` int32[n, L] splits the rows into ``min(n, workers)``
-    contiguous chunks, one per actor, and returns the actors' scores float[n] in row order
-    (lower is better). A chunk whose actor dies is given to an idle actor, or to a fresh
-    actor started in the dead one's place, so the call returns what a fault-free call
-    would. :meth:`close` (or leaving the ``with`` block) kills the actors and shuts down
-    the Ray instance if this object started it, never an external cluster.
+    Calling it with ``choices`` int32[n, L] returns the scores float[n] in row order
+    (lower is better). With at least as many rows as ``workers`` the rows are split into
+    ``workers`` contiguous chunks; with fewer (e.g. EvoPress's last selection stage: 2-3
+    candidates on many tokens) and an evaluator that scores shards of a minibatch
+    (:func:`supports_shards`, e.g. :class:`~allocsearch.evaluate.evaluator.Evaluator`),
+    every actor scores all rows on its ``1/workers`` of the minibatch's sequences
+    (``shard=(k, workers)``) and the shard means are combined weighted by their sequence
+    counts, which equals the unsharded score to float rounding (1e-6). Both splits
+    depend on ``workers``, never on how many actors are alive, so a call returns what a
+    fault-free call would, bit for bit: a chunk whose actor dies is given to an idle
+    actor, or to a fresh actor started in the dead one's place. :meth:`close` (or leaving
+    the ``with`` block) kills the actors and shuts down the Ray instance if this object
+    started it, never an external cluster.
 
     Attributes:
       workers, cpus_per_worker, gpus_per_worker: the resolved :class:`WorkerPlan`.
-      placement: per actor, its ``pid``, ``node`` and pinned ``cpus`` (or ``None``).
+      placement: per actor, its ``pid``, ``node``, ``ip``, ``host``, CPU ``slot`` and
+        pinned ``cpus`` (or ``None``); a replacement's entry replaces the dead actor's.
+      events: the fault events so far (actor died, replaced, lost), one line each.
 
     Raises:
       WorkerStartError: no actor could be started: the factory raised (its error is in
@@ -631,6 +937,8 @@ class RayEvaluate:
         pin_cpus: bool = True,
         max_retries: int = 3,
         start_timeout_s: float = 600.0,
+        replace_timeout_s: float = 60.0,
+        call_timeout_s: float | None = None,
     ) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
@@ -644,19 +952,29 @@ class RayEvaluate:
             pin_cpus=pin_cpus,
             start_timeout_s=start_timeout_s,
             what="evaluator actor",
+            replace_timeout_s=replace_timeout_s,
+            call_timeout_s=call_timeout_s,
         )
         self.workers = self._pool.plan.workers
         self.cpus_per_worker = self._pool.plan.cpus_per_worker
         self.gpus_per_worker = self._pool.plan.gpus_per_worker
         self.placement = self._pool.placement
+        self.events = self._pool.events
+
+    @property
+    def live_workers(self) -> int:
+        """Actors left (running, or being replaced): ``workers`` less the lost ones."""
+        return len(self._pool.live)
 
     def __call__(self, choices: np.ndarray, *, fidelity: int, batch_seed: int) -> np.ndarray:
         choices = _checked_choices(choices)
         n = choices.shape[0]
-        if not self._pool.actors:
+        if self._pool._closed:
             raise RuntimeError("this RayEvaluate was closed; create a new one")
         if n == 0:
             return np.zeros((0,), dtype=np.float32)
+        if n < self.workers and self._pool.shards:
+            return self._sharded(choices, fidelity, batch_seed)
         chunks = np.array_split(np.arange(n), min(n, self.workers))
         results = self._pool.stream(
             "evaluate",
@@ -670,6 +988,32 @@ class RayEvaluate:
                 for c, scores in zip(chunks, results, strict=True)
             ]
         )
+
+    def _sharded(self, choices: np.ndarray, fidelity: int, batch_seed: int) -> np.ndarray:
+        """All rows on each of ``workers`` shards of the minibatch, means weighted by the
+        shards' sequence counts (float64 sums)."""
+        n, count = choices.shape[0], self.workers
+        results = self._pool.stream(
+            "evaluate",
+            [(choices, fidelity, batch_seed, (k, count)) for k in range(count)],
+            max_retries=self.max_retries,
+            describe=lambda k: f"shard {k} of {count} of a query of {n} rows",
+        )
+        total, rows = np.zeros(n, np.float64), 0
+        for k, (scores, seqs) in enumerate(results):
+            if seqs:
+                scores = _checked_scores(scores, n, f"the evaluator actor of shard {k}")
+                total += seqs * scores.astype(np.float64)
+                rows += seqs
+        return (total / rows).astype(np.float32)
+
+    def run(self, fn: Callable[[T], R], item: T) -> R:
+        """``fn(item)`` on one of the actors (in its process, next to its evaluator), e.g.
+        a final held-out perplexity, so this process needs no model. ``fn`` and ``item``
+        must be picklable; a death of the actor is survived as for scoring."""
+        if self._pool._closed:
+            raise RuntimeError("this RayEvaluate was closed; create a new one")
+        return self._pool.run_one(fn, item, max_retries=self.max_retries)
 
     def close(self) -> None:
         """Kill the actors; shut Ray down if this object started or joined it."""
@@ -697,8 +1041,9 @@ class RayLayerMap:
     compiled programs between items.
 
     Args:
-      workers, address, cpus_per_worker, gpus_per_worker, pin_cpus, start_timeout_s: as
-        for :class:`RayEvaluate` (the actors build nothing at start).
+      workers, address, cpus_per_worker, gpus_per_worker, pin_cpus, start_timeout_s,
+        replace_timeout_s: as for :class:`RayEvaluate` (the actors build nothing at
+        start; a lost actor's items go to the others).
       max_retries: how many times one item may be re-dispatched after the actor running
         it died, per call, before :class:`WorkerFailedError` is raised.
       like_driver: CPU actors compute exactly what this process would: they start XLA's
@@ -730,6 +1075,7 @@ class RayLayerMap:
         max_retries: int = 3,
         start_timeout_s: float = 600.0,
         like_driver: bool = True,
+        replace_timeout_s: float = 60.0,
     ) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
@@ -744,14 +1090,21 @@ class RayLayerMap:
             pin_cpus=pin_cpus,
             start_timeout_s=start_timeout_s,
             what="layer actor",
+            replace_timeout_s=replace_timeout_s,
         )
         self.workers = self._pool.plan.workers
         self.cpus_per_worker = self._pool.plan.cpus_per_worker
         self.gpus_per_worker = self._pool.plan.gpus_per_worker
         self.placement = self._pool.placement
+        self.events = self._pool.events
+
+    @property
+    def live_workers(self) -> int:
+        """Actors left (running, or being replaced): ``workers`` less the lost ones."""
+        return len(self._pool.live)
 
     def __call__(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-        if not self._pool.actors:
+        if self._pool._closed:
             raise RuntimeError("this RayLayerMap was closed; create a new one")
         items = list(items)
         if not items:
