@@ -15,7 +15,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from allocsearch.cli import app as cli_app
+from allocsearch.config import ConfigError, config_from_dict
 from allocsearch.data.tokenset import TokenSet
 from allocsearch.models import HFModel, adapter_for_config
 from allocsearch.models.hf import fingerprint_tensors
@@ -649,3 +652,22 @@ def test_built_store_is_stored_in_the_models_dtype(tiny, tmp_path):
         p = store.param_names[0]
         assert store.variants(p).weights.dtype == STORAGE[want]
         assert {e["layout"] for e in store.manifest["variants"].values()} == {"packed"}
+
+
+def test_storage_dtype_in_config_and_command_line(tmp_path):
+    assert config_from_dict({}).supernet.storage_dtype == "auto"
+    cfg = config_from_dict({"supernet": {"storage_dtype": "bfloat16"}})
+    assert cfg.supernet.storage_dtype == "bfloat16"
+    with pytest.raises(
+        ConfigError,
+        match=r"supernet.storage_dtype = 'fp16' is not valid; choose one of "
+        r"\['auto', 'float32', 'bfloat16'\]",
+    ):
+        config_from_dict({"supernet": {"storage_dtype": "fp16"}})
+    runner = CliRunner()
+    for command in ("build", "demo"):
+        args = [command, "--storage-dtype", "fp16", "--out", str(tmp_path / command)]
+        r = runner.invoke(cli_app, args)
+        assert r.exit_code == 2, r.output
+        assert "supernet.storage_dtype = 'fp16' is not valid" in r.stderr
+    assert os.listdir(tmp_path) == []
