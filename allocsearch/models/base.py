@@ -62,16 +62,33 @@ class Embedding(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """Llama RMSNorm: normalise in float32, scale by ``weight`` in the input dtype."""
+    """RMSNorm over the last axis, normalised in float32.
 
-    def __init__(self, dim: int, eps: float):
-        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+    With ``offset == 0`` (Llama) the scale is ``weight`` applied in the input dtype; with
+    ``offset == 1`` (Gemma, whose checkpoints store ``scale - 1``) the scale is
+    ``1 + weight`` applied in float32 before the cast back, as Gemma does.
+    """
+
+    def __init__(self, dim: int, eps: float, *, offset: float = 0.0):
+        self.weight = nnx.Param(jnp.full((dim,), 1.0 - offset, jnp.float32))
         self.eps = eps
+        self.offset = float(offset)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (xf * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+class BlockConstant(nnx.Variable):
+    """A per-block attribute carried as data, not as a separate program: e.g. the index
+    of the attention type (sliding window, rope base) a block uses. Created by the adapter
+    (see :meth:`ModelAdapter.constant_params`), never read from or written to a
+    checkpoint; because it sits in the parameter dict under the block's prefix, whatever
+    gathers a block's parameters (the evaluator's per-block gather inside one compiled
+    loop) carries it along. Values are small integers, exact in every float dtype."""
 
 
 class LayerNorm(nnx.Module):
@@ -90,19 +107,33 @@ class LayerNorm(nnx.Module):
         return (y * self.weight[...] + self.bias[...]).astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None) -> jax.Array:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    allowed: jax.Array | None,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> jax.Array:
     """Scaled dot-product attention with grouped KV heads.
 
     Args:
       q: float[B, T, H, D]; k, v: float[B, S, Hkv, D] with H a multiple of Hkv.
       allowed: bool[B or 1, 1, T, S] (True where a query may attend) or None.
+      scale: multiplier of the scores (default ``1/sqrt(D)``).
+      softcap: if set, scores become ``softcap * tanh(scores / softcap)`` before masking
+        (Gemma 2).
     Returns:
       float[B, T, H, D]. Softmax is computed in float32.
     """
     b, t, h, d = q.shape
     hkv = k.shape[2]
     q = q.reshape(b, t, hkv, h // hkv, d)
-    scores = jnp.einsum("btgrd,bsgd->bgrts", q, k).astype(jnp.float32) / math.sqrt(d)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scores = jnp.einsum("btgrd,bsgd->bgrts", q, k).astype(jnp.float32) * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     if allowed is not None:
         scores = jnp.where(allowed[:, :, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -222,6 +253,12 @@ class ModelAdapter(abc.ABC):
         """Parameter dict -> tensors as Hugging Face stores them."""
         return dict(params)
 
+    def constant_params(self) -> dict[str, np.ndarray]:
+        """Per-block attributes the adapter keeps in the parameter dict as data
+        (:class:`BlockConstant`), full name -> value; no checkpoint holds them.
+        :meth:`from_hf_tensors` adds them and :meth:`to_hf_tensors` drops them."""
+        return {}
+
     # ----- shared machinery ----------------------------------------------------------
     @property
     def param_names(self) -> list[str]:
@@ -280,5 +317,7 @@ class ModelAdapter(abc.ABC):
         return self.finish(params, h, ctx)
 
     def num_params(self) -> int:
-        """Number of stored parameters (tied weights counted once)."""
-        return int(sum(math.prod(s) for s in self._full.shapes.values()))
+        """Number of stored parameters (tied weights counted once; per-block constants,
+        which no checkpoint stores, not counted)."""
+        consts = self.constant_params()
+        return int(sum(math.prod(s) for n, s in self._full.shapes.items() if n not in consts))

@@ -1,8 +1,27 @@
-"""Llama family (Llama 2/3, Mistral, Qwen2): RMSNorm, rotary embeddings with Llama-3 /
-linear rope scaling, SwiGLU MLP, grouped-query attention, optional q/k/v(/o) biases, tied
-or untied embeddings, causal (optionally sliding-window) mask.
+"""Llama-architecture decoders: Llama 2/3, Mistral, Qwen2, Qwen3, OLMo 2, Granite, Gemma,
+Gemma 2 and Gemma 3 (text). One module tree covers them all; a family differs only in
+config-derived traits (:class:`LlamaConfig`):
 
-Module paths mirror ``LlamaForCausalLM.named_modules()``.
+- RMSNorm, optionally stored as ``scale - 1`` (Gemma: ``1 + weight``);
+- norm placement: pre-norm (Llama), post-norm on each sublayer's output (OLMo 2), or
+  both (Gemma 2/3: input, post-attention, pre- and post-feedforward norms);
+- q/k RMSNorm per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2);
+- gated MLP with SiLU or tanh-GELU (Gemma), grouped-query attention, optional biases;
+- multipliers: embedding (Granite; Gemma's sqrt(hidden)), residual, attention score
+  scale (Granite's ``attention_multiplier``, Gemma's ``query_pre_attn_scalar**-0.5``),
+  logits divisor (Granite), tanh soft-capping of attention scores and logits (Gemma 2);
+- every rope type of :mod:`allocsearch.models.rope`;
+- per-layer attention types (``layer_types``: full or sliding-window attention, each type
+  with its own rope, as Gemma 2/3 and Qwen2/3 with ``use_sliding_window`` have).
+
+Per-layer attention types are data, not separate programs: :meth:`LlamaAdapter.embed`
+builds one mask and one cos/sin table per attention type, and each block carries the
+index of its type as a :class:`~allocsearch.models.base.BlockConstant`
+(``model.layers.{i}.layer_type_id``) in the parameter dict, so one compiled block serves
+every layer. The constant exists only when a model has more than one attention type.
+
+Module paths mirror ``LlamaForCausalLM.named_modules()`` (and the other families', which
+use the same names).
 """
 
 from __future__ import annotations
@@ -18,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from allocsearch.models.base import (
+    BlockConstant,
     Embedding,
     Linear,
     ModelAdapter,
@@ -27,13 +47,51 @@ from allocsearch.models.base import (
     causal_allowed,
 )
 from allocsearch.models.layers import LayerInfo
+from allocsearch.models.rope import RopeSpec, rotate
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
+# Hugging Face model_type -> the traits it adds to a plain Llama (defaults of the
+# transformers config classes, used when a config.json omits the key).
+MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "olmo2",
+    "granite",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+)
+_GEMMA = ("gemma", "gemma2", "gemma3_text")
 
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """The subset of a Hugging Face Llama/Mistral/Qwen2 config.json the forward needs."""
+    """The subset of a Llama-architecture config.json the forward needs.
+
+    Attributes beyond the usual sizes:
+      layer_type_ids: per layer, the index of its attention type in ``attention_types``.
+      attention_types: the distinct attention types in use (``ATTENTION_TYPES``), in order.
+      windows: per attention type, the sliding window (keys at distance < window are
+        visible) or None for full causal attention.
+      ropes: per attention type, its rotary embedding.
+      qk_norm: None, ``"head"`` (RMSNorm over each head: Qwen3, Gemma 3) or ``"proj"``
+        (over the whole q / k projection: OLMo 2).
+      norm_layout: ``"pre"`` (Llama), ``"post"`` (OLMo 2) or ``"sandwich"`` (Gemma 2/3).
+      norm_offset: 1.0 when norms store ``scale - 1`` (Gemma), else 0.0.
+      embedding_multiplier, residual_multiplier, logits_scaling: Granite's multipliers
+        (embedding_multiplier is sqrt(hidden_size) for Gemma); logits are divided by
+        logits_scaling.
+      attention_scale: multiplier of q.k (None: head_dim**-0.5).
+      attn_softcap, final_softcap: tanh soft-capping of attention scores and logits.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -43,17 +101,36 @@ class LlamaConfig:
     num_key_value_heads: int
     head_dim: int
     rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: tuple[tuple[str, Any], ...] | None
     tie_word_embeddings: bool
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
-    sliding_window: int | None
+    layer_type_ids: tuple[int, ...]
+    attention_types: tuple[str, ...]
+    windows: tuple[int | None, ...]
+    ropes: tuple[RopeSpec, ...]
+    hidden_act: str = "silu"
+    qk_norm: str | None = None
+    norm_layout: str = "pre"
+    norm_offset: float = 0.0
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    attention_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+
+    @property
+    def num_attention_types(self) -> int:
+        return len(self.attention_types)
 
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any]) -> LlamaConfig:
         model_type = cfg.get("model_type", "llama")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"model_type {model_type!r} is not a Llama variant; valid: {MODEL_TYPES}"
+            )
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
@@ -62,28 +139,53 @@ class LlamaConfig:
             n_layers = int(cfg["num_hidden_layers"])
         except KeyError as e:
             raise ValueError(f"config.json of a {model_type} model lacks {e.args[0]!r}") from None
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"hidden_act {act!r} is not supported for {model_type}; valid: 'silu'")
-        rope_params = cfg.get("rope_parameters") or {}
-        scaling = cfg.get("rope_scaling") or None
-        if scaling is None and rope_params.get("rope_type", "default") != "default":
-            scaling = rope_params
-        theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-        if scaling is not None:
-            rtype = scaling.get("rope_type", scaling.get("type", "default"))
-            if rtype not in ROPE_TYPES:
-                raise ValueError(
-                    f"rope scaling type {rtype!r} is not supported; valid: {ROPE_TYPES}"
+        gemma = model_type in _GEMMA
+        if model_type in ("gemma2", "gemma3_text"):
+            act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+        elif model_type == "gemma":
+            act = cfg.get("hidden_act") or cfg.get("hidden_activation") or "gelu_pytorch_tanh"
+        else:
+            act = cfg.get("hidden_act", "silu")
+        if act not in ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act {act!r} is not supported for {model_type}; valid: {list(ACTIVATIONS)}"
+            )
+        if model_type == "gemma3_text" and cfg.get("use_bidirectional_attention"):
+            raise ValueError(
+                "gemma3_text with use_bidirectional_attention=true (an encoder) is not supported"
+            )
+        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        types, type_names, windows = _attention_types(cfg, model_type, n_layers)
+        ropes = _ropes(cfg, model_type, type_names, head_dim)
+        attention_bias = bool(cfg.get("attention_bias", False))
+        qkv_bias = model_type == "qwen2" or attention_bias
+        o_bias = model_type != "qwen2" and attention_bias
+        traits: dict[str, Any] = {}
+        if model_type == "qwen3":
+            traits.update(qk_norm="head")
+        elif model_type == "olmo2":
+            traits.update(qk_norm="proj", norm_layout="post")
+        elif model_type == "granite":
+            traits.update(
+                embedding_multiplier=float(cfg.get("embedding_multiplier", 1.0)),
+                residual_multiplier=float(cfg.get("residual_multiplier", 1.0)),
+                logits_scaling=float(cfg.get("logits_scaling", 1.0)),
+                attention_scale=float(cfg.get("attention_multiplier", 1.0)),
+            )
+        elif gemma:
+            traits.update(norm_offset=1.0, embedding_multiplier=math.sqrt(hidden))
+            if model_type != "gemma":
+                softcaps = (50.0, 30.0) if model_type == "gemma2" else (None, None)
+                attn_cap = cfg.get("attn_logit_softcapping", softcaps[0])
+                final_cap = cfg.get("final_logit_softcapping", softcaps[1])
+                traits.update(
+                    norm_layout="sandwich",
+                    attention_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5,
+                    attn_softcap=float(attn_cap) if attn_cap else None,
+                    final_softcap=float(final_cap) if final_cap else None,
                 )
-            scaling = tuple(sorted((k, v) for k, v in scaling.items() if not isinstance(v, list)))
-        qkv_bias = model_type == "qwen2" or bool(cfg.get("attention_bias", False))
-        o_bias = model_type != "qwen2" and bool(cfg.get("attention_bias", False))
-        window = None
-        if model_type == "mistral":
-            window = cfg.get("sliding_window")
-        elif model_type == "qwen2" and cfg.get("use_sliding_window", False):
-            raise ValueError("Qwen2 with use_sliding_window=true is not supported")
+            if model_type == "gemma3_text":
+                traits.update(qk_norm="head")
         return cls(
             vocab_size=vocab,
             hidden_size=hidden,
@@ -91,77 +193,149 @@ class LlamaConfig:
             num_hidden_layers=n_layers,
             num_attention_heads=heads,
             num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            sliding_window=int(window) if window else None,
+            layer_type_ids=types,
+            attention_types=type_names,
+            windows=windows,
+            ropes=ropes,
+            hidden_act=act,
+            **traits,
         )
 
 
-def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-    """float32[head_dim/2]: rotary inverse frequencies with the config's scaling."""
-    dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float64) / dim))
-    inv = inv.astype(np.float32).astype(np.float64)
-    if cfg.rope_scaling is None:
-        return inv.astype(np.float32)
-    sc = dict(cfg.rope_scaling)
-    rtype = sc.get("rope_type", sc.get("type", "default"))
-    if rtype == "linear":
-        inv = inv / float(sc["factor"])
-    elif rtype == "llama3":
-        # Llama 3.1: leave high frequencies, divide low ones by `factor`, and blend
-        # smoothly in between (wavelengths measured against the original context).
-        factor = float(sc["factor"])
-        low, high = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
-        old_ctx = float(sc["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / inv
-        scaled = np.where(wavelen > old_ctx / low, inv / factor, inv)
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
-        inv = np.where(medium, smoothed, scaled)
-    return inv.astype(np.float32)
+def _attention_types(
+    cfg: Mapping[str, Any], model_type: str, n_layers: int
+) -> tuple[tuple[int, ...], tuple[str, ...], tuple[int | None, ...]]:
+    """(per-layer type index, distinct type names, per-type window) from ``layer_types``
+    or, for configs written without it, the family's default pattern."""
+    window = cfg.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        window = None
+    if model_type == "mistral" or model_type not in ("qwen2", "qwen3", "gemma2", "gemma3_text"):
+        # Mistral slides in every layer; the other families never slide.
+        window = window if model_type == "mistral" else None
+        name = "sliding_attention" if window else "full_attention"
+        return (0,) * n_layers, (name,), (int(window) if window else None,)
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:
+        if model_type in ("qwen2", "qwen3"):
+            start = int(cfg.get("max_window_layers", 28))
+            layer_types = [
+                "sliding_attention" if window and i >= start else "full_attention"
+                for i in range(n_layers)
+            ]
+        else:
+            period = 2 if model_type == "gemma2" else int(cfg.get("sliding_window_pattern", 6))
+            layer_types = [
+                "sliding_attention" if (i + 1) % period else "full_attention"
+                for i in range(n_layers)
+            ]
+    layer_types = list(layer_types)
+    if len(layer_types) != n_layers:
+        raise ValueError(
+            f"layer_types has {len(layer_types)} entries for num_hidden_layers={n_layers}"
+        )
+    bad = sorted(set(layer_types) - set(ATTENTION_TYPES))
+    if bad:
+        raise ValueError(f"layer_types {bad} are not supported; valid: {ATTENTION_TYPES}")
+    if "sliding_attention" in layer_types and not window:
+        raise ValueError(
+            f"{model_type}: layer_types has sliding layers but sliding_window is unset"
+        )
+    names = tuple(t for t in ATTENTION_TYPES if t in layer_types)
+    ids = tuple(names.index(t) for t in layer_types)
+    windows = tuple(int(window) if t == "sliding_attention" else None for t in names)
+    return ids, names, windows
 
 
-def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Apply rotary embedding (half-split convention of Hugging Face) to float[B,T,H,D]."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+def _ropes(
+    cfg: Mapping[str, Any], model_type: str, type_names: tuple[str, ...], head_dim: int
+) -> tuple[RopeSpec, ...]:
+    """One rope per attention type: ``rope_parameters`` nested by layer type (Gemma 3) or
+    one dict for all; legacy ``rope_scaling`` / ``rope_theta`` / ``rope_local_base_freq``."""
+    params = dict(cfg.get("rope_parameters") or {})
+    legacy = cfg.get("rope_scaling") or None
+    theta = float(cfg.get("rope_theta", params.get("rope_theta", 10000.0)) or 10000.0)
+    max_pos = int(cfg.get("max_position_embeddings", 2048))
+    original = cfg.get("original_max_position_embeddings")
+    nested = {t: params[t] for t in ATTENTION_TYPES if isinstance(params.get(t), Mapping)}
+    out = []
+    for name in type_names:
+        if nested:
+            rope = dict(nested.get(name) or {})
+        else:
+            rope = dict(legacy) if legacy is not None and not params.get("rope_type") else params
+        base = theta
+        if model_type == "gemma3_text":
+            if name == "sliding_attention":
+                base = float(cfg.get("rope_local_base_freq", 10000.0))
+                if not nested:  # legacy configs scale only the global rope
+                    rope = {}
+            elif "rope_theta" not in cfg and "rope_theta" not in rope:
+                base = 1_000_000.0
+        out.append(
+            RopeSpec.from_config(
+                rope,
+                theta=base,
+                head_dim=head_dim,
+                max_position_embeddings=max_pos,
+                original_max_position_embeddings=original,
+                where=f"{model_type} ({name})",
+            )
+        )
+    return tuple(out)
 
 
 class LlamaContext(NamedTuple):
-    cos: jax.Array  # float[B or 1, T, head_dim]
+    """What every block reads besides its weights, one entry per attention type."""
+
+    cos: jax.Array  # float[A, 1, T, head_dim]
     sin: jax.Array
-    allowed: jax.Array  # bool[B or 1, 1, T, T]
+    allowed: jax.Array  # bool[A, B or 1, 1, T, T]
 
 
 class LlamaAttention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = Linear(d, cfg.num_attention_heads * hd, bias=cfg.qkv_bias, rngs=rngs)
-        self.k_proj = Linear(d, cfg.num_key_value_heads * hd, bias=cfg.qkv_bias, rngs=rngs)
-        self.v_proj = Linear(d, cfg.num_key_value_heads * hd, bias=cfg.qkv_bias, rngs=rngs)
-        self.o_proj = Linear(cfg.num_attention_heads * hd, d, bias=cfg.o_bias, rngs=rngs)
+        q_out, kv_out = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+        self.q_proj = Linear(d, q_out, bias=cfg.qkv_bias, rngs=rngs)
+        self.k_proj = Linear(d, kv_out, bias=cfg.qkv_bias, rngs=rngs)
+        self.v_proj = Linear(d, kv_out, bias=cfg.qkv_bias, rngs=rngs)
+        self.o_proj = Linear(q_out, d, bias=cfg.o_bias, rngs=rngs)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm is not None:
+            q_dim, k_dim = (hd, hd) if cfg.qk_norm == "head" else (q_out, kv_out)
+            self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps, offset=cfg.norm_offset)
+            self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, offset=cfg.norm_offset)
+        self.qk_norm = cfg.qk_norm
         self.num_heads = cfg.num_attention_heads
         self.num_kv = cfg.num_key_value_heads
         self.head_dim = hd
+        self.scale = cfg.attention_scale
+        self.softcap = cfg.attn_softcap
 
-    def __call__(self, x: jax.Array, ctx: LlamaContext, taps: Taps | None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array, taps: Taps | None
+    ) -> jax.Array:
         b, t, _ = x.shape
         if taps is not None:
             taps["self_attn.q_proj"] = x
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv, self.head_dim)
-        q, k = rotate(q, ctx.cos, ctx.sin), rotate(k, ctx.cos, ctx.sin)
-        out = attention(q, k, v, ctx.allowed).reshape(b, t, -1)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k = k.reshape(b, t, self.num_kv, self.head_dim)
+        v = v.reshape(b, t, self.num_kv, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        out = attention(q, k, v, allowed, scale=self.scale, softcap=self.softcap)
+        out = out.reshape(b, t, -1)
         if taps is not None:
             taps["self_attn.o_proj"] = out
         return self.o_proj(out)
@@ -173,33 +347,63 @@ class LlamaMLP(nnx.Module):
         self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, rngs=rngs)
         self.up_proj = Linear(d, f, bias=cfg.mlp_bias, rngs=rngs)
         self.down_proj = Linear(f, d, bias=cfg.mlp_bias, rngs=rngs)
+        self.act = cfg.hidden_act
 
     def __call__(self, x: jax.Array, taps: Taps | None) -> jax.Array:
         if taps is not None:
             taps["mlp.gate_proj"] = x
-        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        hidden = ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x)
         if taps is not None:
             taps["mlp.down_proj"] = hidden
         return self.down_proj(hidden)
 
 
 class LlamaDecoderLayer(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    def __init__(self, cfg: LlamaConfig, layer: int, rngs: nnx.Rngs):
+        def norm():
+            return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.norm_offset)
+
+        layout = cfg.norm_layout
+        # Attribute names are the Hugging Face ones of each layout.
+        self.input_layernorm = norm() if layout in ("pre", "sandwich") else None
         self.self_attn = LlamaAttention(cfg, rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = norm()
+        self.pre_feedforward_layernorm = norm() if layout == "sandwich" else None
+        self.post_feedforward_layernorm = norm() if layout in ("post", "sandwich") else None
         self.mlp = LlamaMLP(cfg, rngs)
+        self.layout = layout
+        self.residual_multiplier = cfg.residual_multiplier
+        self.layer_type_id = (
+            BlockConstant(jnp.asarray(float(cfg.layer_type_ids[layer]), jnp.float32))
+            if cfg.num_attention_types > 1
+            else None
+        )
 
     def __call__(self, h: jax.Array, ctx: LlamaContext, taps: Taps | None = None) -> jax.Array:
-        h = h + self.self_attn(self.input_layernorm(h), ctx, taps)
-        return h + self.mlp(self.post_attention_layernorm(h), taps)
+        if self.layer_type_id is None:
+            cos, sin, allowed = ctx.cos[0], ctx.sin[0], ctx.allowed[0]
+        else:
+            idx = self.layer_type_id[...].astype(jnp.int32)
+            cos, sin, allowed = ctx.cos[idx], ctx.sin[idx], ctx.allowed[idx]
+        r = self.residual_multiplier
+        if self.layout == "pre":
+            a = self.self_attn(self.input_layernorm(h), cos, sin, allowed, taps)
+            h = h + a * r if r != 1.0 else h + a
+            m = self.mlp(self.post_attention_layernorm(h), taps)
+            return h + m * r if r != 1.0 else h + m
+        x = h if self.input_layernorm is None else self.input_layernorm(h)
+        h = h + self.post_attention_layernorm(self.self_attn(x, cos, sin, allowed, taps))
+        x = h if self.pre_feedforward_layernorm is None else self.pre_feedforward_layernorm(h)
+        return h + self.post_feedforward_layernorm(self.mlp(x, taps))
 
 
 class LlamaModel(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
-        self.layers = nnx.List([LlamaDecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nnx.List(
+            [LlamaDecoderLayer(cfg, i, rngs) for i in range(cfg.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.norm_offset)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -213,14 +417,14 @@ class LlamaForCausalLM(nnx.Module):
 
 
 class LlamaAdapter(ModelAdapter):
-    """Llama / Mistral / Qwen2 causal language models."""
+    """Llama-architecture causal language models (see the module docstring for the
+    families and their traits)."""
 
     family = "llama"
     is_causal_lm = True
 
     def __init__(self, hf_config: Mapping[str, Any]):
         self.cfg = LlamaConfig.from_hf(hf_config)
-        self._inv_freq = rope_inv_freq(self.cfg)
         super().__init__(hf_config)
 
     def build_module(self, rngs: nnx.Rngs) -> nnx.Module:
@@ -237,25 +441,43 @@ class LlamaAdapter(ModelAdapter):
         return f"model.layers.{i}."
 
     def embed(self, params, input_ids, attention_mask=None):
+        c = self.cfg
         emb = jnp.take(params["model.embed_tokens.weight"], input_ids, axis=0)
+        if c.embedding_multiplier != 1.0:
+            # Gemma casts sqrt(hidden) to the activation dtype first (55.4256 -> 55.5 in bf16).
+            emb = emb * jnp.asarray(c.embedding_multiplier, emb.dtype)
         t = input_ids.shape[1]
-        freqs = jnp.arange(t, dtype=jnp.float32)[:, None] * jnp.asarray(self._inv_freq)[None, :]
-        angles = jnp.concatenate([freqs, freqs], axis=-1)[None]
+        tables = [rope.tables(t, emb.dtype) for rope in c.ropes]
         ctx = LlamaContext(
-            cos=jnp.cos(angles).astype(emb.dtype),
-            sin=jnp.sin(angles).astype(emb.dtype),
-            allowed=causal_allowed(t, attention_mask, self.cfg.sliding_window),
+            cos=jnp.stack([cos for cos, _ in tables]),
+            sin=jnp.stack([sin for _, sin in tables]),
+            allowed=jnp.stack([causal_allowed(t, attention_mask, w) for w in c.windows]),
         )
         return emb, ctx
 
     def finish(self, params, h, ctx):
+        c = self.cfg
         mod = self.module(params)
         h = mod.model.norm(h)
-        if self.cfg.tie_word_embeddings:
+        if c.tie_word_embeddings:
             w = params["model.embed_tokens.weight"]
         else:
             w = params["lm_head.weight"]
-        return jnp.einsum("btd,vd->btv", h, w.astype(h.dtype))
+        logits = jnp.einsum("btd,vd->btv", h, w.astype(h.dtype))
+        if c.logits_scaling != 1.0:
+            logits = logits / c.logits_scaling
+        if c.final_softcap is not None:
+            logits = c.final_softcap * jnp.tanh(logits / c.final_softcap)
+        return logits
+
+    def constant_params(self) -> dict[str, np.ndarray]:
+        c = self.cfg
+        if c.num_attention_types == 1:
+            return {}
+        return {
+            f"model.layers.{i}.layer_type_id": np.asarray(float(t), np.float32)
+            for i, t in enumerate(c.layer_type_ids)
+        }
 
     def layers(self, *, include_embeddings=False, include_head=False) -> list[LayerInfo]:
         c = self.cfg
@@ -292,4 +514,9 @@ class LlamaAdapter(ModelAdapter):
         # Rotary inverse frequencies are buffers in some exports, not parameters.
         for name in [n for n in params if n.endswith("rotary_emb.inv_freq")]:
             params.pop(name)
+        params.update(self.constant_params())
         return params
+
+    def to_hf_tensors(self, params):
+        consts = self.constant_params()
+        return {k: v for k, v in params.items() if k not in consts}
