@@ -176,6 +176,14 @@ def _default_target(target: float | None, config: Path | None, supernet: Path) -
     return value
 
 
+def _check_memory(cfg: RunConfig, command: str, supernet: Path | None = None) -> None:
+    """Refuse, before anything loads, a run the memory plan finds cannot fit this machine
+    (``MemoryPlanError``: one line, exit 2; see ``allocsearch plan``)."""
+    from allocsearch.plan import check_run
+
+    check_run(cfg, command, store=supernet)
+
+
 def _fresh_dir(path: Path, overwrite: bool) -> Path:
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; pass --overwrite to reuse it")
@@ -260,6 +268,7 @@ def build(
     )
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    _check_memory(cfg, "build")
     ws = pipeline.load_workspace(cfg)
     t0 = time.perf_counter()
     # On one machine the in-process build already uses every core (XLA threads) and was
@@ -314,6 +323,7 @@ def search(
         search__seed=seed,
         **_backend(backend, workers, address),
     )
+    _check_memory(cfg, "search", supernet)
     if not resume:
         _fresh_dir(out, overwrite)
     elif not out.exists():
@@ -349,6 +359,7 @@ def compare(
         **_backend(backend, workers, address),
     )
     names = [s.strip() for s in strategies.split(",") if s.strip()]
+    _check_memory(cfg, "compare", supernet)
     run_compare(
         cfg, supernet, _fresh_dir(out, overwrite), names, progress=progress, console=out_console
     )
@@ -468,6 +479,7 @@ def apply(
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     cfg = _config(config, model=model)
     r = Recipe.load(recipe)
+    _check_memory(cfg, "apply")
     ws = pipeline.load_workspace(cfg)
     store = (
         SupernetStore.open(supernet, model_fingerprint=ws.model.fingerprint) if supernet else None
@@ -495,6 +507,7 @@ def eval_(
     from allocsearch import pipeline
 
     cfg = _config(config, model=model)
+    _check_memory(cfg, "eval")
     ws = pipeline.load_workspace(cfg)
     ppl = pipeline.heldout_perplexity(ws.model, ws.heldout)
     out_console.print(
@@ -502,6 +515,54 @@ def eval_(
         f"({ws.heldout.source})",
         highlight=False,
     )
+
+
+@app.command()
+@handle_errors
+def plan(
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model directory (a config.json alone is enough) or 'demo'."),
+    ] = None,
+    config: ConfigOpt = None,
+    supernet: Annotated[
+        Path | None, typer.Option(help="An existing store: its levels instead of the config's.")
+    ] = None,
+    device_memory: Annotated[
+        str | None,
+        typer.Option(help="Per device, e.g. 80GB, 80GiB or 141e9 (default: detected)."),
+    ] = None,
+    host_memory: Annotated[
+        str | None, typer.Option(help="This machine's memory (default: detected, available).")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Scoring actors, one device each (default: the config).")
+    ] = None,
+    execution: Annotated[
+        str, typer.Option(help="auto (resident if it fits, else streaming) | resident | streaming.")
+    ] = "auto",
+    command: Annotated[
+        str, typer.Option("--for", help="search | compare | build | apply | eval.")
+    ] = "search",
+) -> None:
+    """Memory plan, from config.json alone: bytes per process (model, variants, teacher,
+    activations, reference states) in resident and streaming execution, the mode that
+    fits, the store's size and the bytes moved per generation. Exit 2 when nothing fits."""
+    from allocsearch.plan import load_hf_config, parse_bytes, plan_memory
+
+    cfg = _config(config, model=model)
+    result = plan_memory(
+        load_hf_config(cfg.model),
+        cfg,
+        model=cfg.model,
+        command=command,
+        device_memory=parse_bytes(device_memory) if device_memory else None,
+        host_memory=parse_bytes(host_memory) if host_memory else None,
+        workers=workers,
+        execution=execution,
+        store=supernet,
+    )
+    out_console.print(result.table(), highlight=False, markup=False, soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover - console entry point

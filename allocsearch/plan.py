@@ -78,6 +78,7 @@ mode. With ``backend.kind = "local"`` the driver is the evaluator.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -309,16 +310,23 @@ _LAYER_KEYS: Final[tuple[str, ...]] = ("num_hidden_layers", "n_layer")
 
 def _one_block(hf_config: Mapping[str, Any]) -> tuple[Any, int]:
     """(the family adapter of a one-block copy of the config, the real block count)."""
-    from allocsearch.models.hf import adapter_for_config
-
     key = next((k for k in _LAYER_KEYS if k in hf_config), None)
     if key is None:
-        adapter = adapter_for_config(hf_config)
+        adapter = _adapter(json.dumps(dict(hf_config), sort_keys=True))
         return adapter, adapter.num_blocks
     blocks = int(hf_config[key])
     if blocks < 1:
         raise ValueError(f"config.json has {key} = {blocks}; a model needs >= 1 block")
-    return adapter_for_config({**hf_config, key: 1}), blocks
+    return _adapter(json.dumps({**hf_config, key: 1}, sort_keys=True)), blocks
+
+
+@functools.lru_cache(maxsize=8)
+def _adapter(config_json: str) -> Any:
+    """Adapters by config (building one traces its initialisers: the plan's slowest step,
+    and a refusal re-plans several times)."""
+    from allocsearch.models.hf import adapter_for_config
+
+    return adapter_for_config(json.loads(config_json))
 
 
 def _model(adapter: Any, blocks: int) -> _Model:
@@ -516,6 +524,46 @@ class MemoryPlan:
         return self.table()
 
 
+def _layout_from_store(path: str | os.PathLike, adapter: Any) -> tuple[_Layout, str, int]:
+    """(one block's layout, the dense variants' storage dtype, the variant files' bytes) of
+    an existing store, from its ``manifest.json`` alone (block 0's units stand for every
+    block's)."""
+    from allocsearch.supernet.store import MANIFEST_NAME, StoreError
+
+    file = Path(path) / MANIFEST_NAME
+    try:
+        manifest = json.loads(file.read_text())
+        spec, variants = manifest["spec"], manifest["variants"]
+        unit_params = manifest["unit_params"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise StoreError(f"{path}: no readable supernet manifest ({e})") from None
+    prefix = adapter.block_prefix(0)
+    shapes = adapter.param_shapes
+    params: list[_Param] = []
+    units, levels = [], []
+    dtype = str(manifest.get("storage_dtype") or "float32")
+    for u, unit in enumerate(spec["units"]):
+        if int(unit["block"]) != 0:
+            continue
+        row = zip(spec["sparsity"][u], spec["valid"][u], strict=True)
+        sparsity = tuple(float(x) for x, ok in row if ok)
+        idx = []
+        for name in unit_params[u]:
+            entry = variants[name]
+            shape = tuple(entry.get("shape") or shapes[name])
+            if entry["kind"] == "dense":
+                dtype = str(entry.get("dtype") or dtype)
+            idx.append(len(params))
+            per_row = bool(entry.get("per_row", False))
+            params.append(_Param(name[len(prefix) :], shape, entry["kind"], sparsity, per_row))
+        units.append(tuple(idx))
+        levels.append(len(sparsity))
+    if not units:
+        raise StoreError(f"{path}: the manifest has no units in block 0 of this model")
+    total = sum(int(e["bytes"]) for e in variants.values())
+    return _Layout(tuple(params), tuple(units), tuple(levels)), dtype, total
+
+
 # --------------------------------------------------------------------------- settings
 
 
@@ -609,7 +657,7 @@ def _resident(
     B = m.blocks
     stacked = B * sum(p.numel for p in layout.params if p.kind == "dense")
     variants = 0
-    largest_stack = 0
+    largest_stack = 0  # one parameter role's stack, assembled on the host
     for p in layout.params:
         if p.kind == "dense":
             variants += B * p.levels * p.numel * (s + a)
@@ -620,7 +668,7 @@ def _resident(
             stack = B * (4 + a) * p.numel
         largest_stack = max(largest_stack, stack)
     teacher = _teacher_per_token(cfg, m) * n_cal
-    rows = max(1, mb // seq)
+    rows = max(1, min(mb // seq, cfg.data.n_calibration_seqs))  # sequences per call
     per_candidate = (
         a * sum(m.block_params.values())  # the block's weights gathered for the candidate
         + 2 * rows * seq * m.hidden * a  # hidden carry in and out
@@ -628,12 +676,19 @@ def _resident(
     )
     scoring = g * per_candidate + _teacher_per_token(cfg, m) * rows * seq
     reference = _reference(m, a, queries)
-    # construction: the dense copy for the teacher forward, a second copy of the
-    # teacher data while its chunks are concatenated, one micro-batch's forward
+    # construction: the dense copy for the teacher forward, the teacher data, one
+    # micro-batch's forward (a second copy of the teacher data while its chunks are
+    # concatenated is within this).
     construction = a * m.total_params + teacher + per_candidate
     if device_is_host:
-        construction = max(construction, largest_stack)  # host stack + its device copy
-    activations = max(scoring, construction - reference)
+        # On a CPU device, buffers are malloc'ed; glibc keeps freed buffers below its mmap
+        # threshold (at most 32 MiB) in the heap, so the construction's temporaries stay in
+        # the process's resident memory beside the scoring's (measured by
+        # scripts/bench_plan.py: taking the larger of the two instead underestimates the
+        # peak by about 20%).
+        activations = construction + scoring
+    else:
+        activations = max(scoring + reference, construction) - reference
     device = {
         "model": a * (2 * m.total_params - stacked),
         "variants": variants,
@@ -651,37 +706,59 @@ def _streaming(
     layout: _Layout,
     *,
     a: int,
+    s: int,
     cfg: RunConfig,
     queries: Sequence[tuple[int, int]],
     mb: int,
+    g: int,
     workers: int,
     generations: bool,
 ) -> tuple[dict[str, int], dict[str, int], int]:
     """(device, host, bytes moved per generation over all actors) of one streaming
-    evaluator (see the module docstring)."""
+    evaluator (:mod:`allocsearch.evaluate.streaming`; see the module docstring)."""
     seq = cfg.data.seq_len
     n_cal = cfg.data.n_calibration_seqs * seq
     owned = {p.name for p in layout.params}
     unowned = sum(n for name, n in m.block_params.items() if name not in owned)
-    rows = max(1, mb // seq)
-    work = max(_block_activation(m, rows, seq, a), _finish_activation(m, rows, seq, a))
-    work += _teacher_per_token(cfg, m) * rows * seq
-    variants = hidden = moved = 0
+    per_token = _teacher_per_token(cfg, m)
+    rows = max(1, min(mb // seq, cfg.data.n_calibration_seqs))  # sequences per call
+    # one call: g candidates of one micro-batch through a block (or the head), each with
+    # its slot of every stack gathered
+    call = g * (
+        a * sum(m.block_params.values())
+        + 2 * rows * seq * m.hidden * a
+        + max(_block_activation(m, rows, seq, a), _finish_activation(m, rows, seq, a))
+    )
+    # a block's stacks hold K_u level slots per unit (unused slots repeat a moved one)
+    stacks = layout.block_variants(max(layout.unit_levels, default=1), a)
+    variants = hidden = teacher_rows = moved = host_slabs = 0
     for n, tokens in queries:
         per_actor = -(-n // workers)
-        block = layout.block_variants(per_actor, a)
-        variants = max(variants, 2 * block)
-        hidden = max(hidden, 2 * per_actor * tokens * m.hidden * a)
+        # the distinct levels read and moved for a block (at most min(n, K_u) per unit),
+        # in the storage dtype for dense variants, the model's for nested ones
+        slabs = sum(
+            min(per_actor, k)
+            * sum(
+                (s if layout.params[i].kind == "dense" else a) * layout.params[i].numel
+                for i in layout.unit_params[u]
+            )
+            for u, k in enumerate(layout.unit_levels)
+        )
+        # this block's stacks in use, the next block's stacks and slabs (prefetch)
+        variants = max(variants, 2 * stacks + slabs)
+        host_slabs = max(host_slabs, 2 * slabs)
+        hidden = max(hidden, per_actor * tokens * m.hidden * a)
+        teacher_rows = max(teacher_rows, tokens // max(workers, 1) * per_token)
         if generations and not (n == 1 and tokens == n_cal and len(queries) > 1):
-            moved += min(n, workers) * m.blocks * block
+            moved += min(n, workers) * m.blocks * slabs
     device = {
         "model": a * (m.outer_params + 2 * unowned),
         "variants": variants,
-        "teacher": 0,
-        "activations": hidden + work,
+        "teacher": teacher_rows,
+        "activations": hidden + call,
         "reference": _reference(m, a, queries),
     }
-    host = {"variants": variants, "teacher": _teacher_per_token(cfg, m) * n_cal}
+    host = {"variants": host_slabs, "teacher": per_token * n_cal}
     return device, host, moved
 
 
@@ -752,6 +829,7 @@ def plan_memory(
     execution: str = "auto",
     storage_dtype: str | None = None,
     micro_batch_tokens: int | None = None,
+    store: str | os.PathLike | None = None,
     margin: float = DEFAULT_MARGIN,
     suggest: bool = True,
 ) -> MemoryPlan:
@@ -775,6 +853,8 @@ def plan_memory(
         ``"auto"``.
       micro_batch_tokens: None: ``cfg.evaluator.micro_batch_tokens`` if the config has
         it, else the evaluator's default (8192).
+      store: an existing supernet store: its manifest gives the levels, variant kinds,
+        storage dtype and size on disk instead of ``cfg.supernet`` (nothing else is read).
       margin: fraction of each memory kept free.
       suggest: on failure, re-plan with single changes to name what would fit.
 
@@ -797,17 +877,23 @@ def plan_memory(
     if device_memory is None or host_memory is None:
         kind, dev, host = detect_memory()
         device_kind = device_kind or (kind if device_memory is None else "gpu")
-        device_memory = dev if device_memory is None else device_memory
         host_memory = host if host_memory is None else host_memory
+        if device_memory is None:  # a CPU device is the host's memory
+            device_memory = host_memory if device_kind == "cpu" else dev
     device_kind = device_kind or "gpu"
     adapter, blocks = _one_block(hf_config)
     m = _model(adapter, blocks)
-    layout = _layout(adapter, cfg)
     a = _ITEMSIZE[cfg.dtype]
-    request = storage_dtype or getattr(cfg.supernet, "storage_dtype", None) or "auto"
-    storage = resolve_storage_dtype(request, np.float32 if a == 4 else _bf16())
-    s = _ITEMSIZE[storage]
     store_layout = getattr(cfg.supernet, "layout", None) or "auto"
+    if store is None:
+        layout = _layout(adapter, cfg)
+        request = storage_dtype or getattr(cfg.supernet, "storage_dtype", None) or "auto"
+        storage = resolve_storage_dtype(request, np.float32 if a == 4 else _bf16())
+        store_bytes = None
+    else:
+        layout, storage, store_bytes = _layout_from_store(store, adapter)
+        store_layout = f"as stored in {store}"
+    s = _ITEMSIZE[storage]
     seq = cfg.data.seq_len
     n_cal = cfg.data.n_calibration_seqs * seq
     mb = micro_batch_tokens or _evaluator_setting(cfg, "micro_batch_tokens", _MICRO_BATCH_TOKENS)
@@ -841,9 +927,11 @@ def plan_memory(
                 m,
                 layout,
                 a=a,
+                s=s,
                 cfg=cfg,
                 queries=qs,
                 mb=mb,
+                g=g,
                 workers=n_workers,
                 generations=generations,
             )
@@ -891,10 +979,13 @@ def plan_memory(
         "model": f"{m.blocks} blocks, hidden {m.hidden}, MLP {m.ffn}, heads "
         f"{m.heads}/{m.kv_heads}, vocab {m.vocab}, "
         f"{m.total_params / 1e9:.3f} B parameters ({cfg.dtype})",
-        "supernet": f"{cfg.supernet.pruner} {cfg.supernet.structure}, "
-        f"{blocks * len(layout.unit_levels)} units x {levels[0]}..{levels[-1]} levels, "
-        f"{'/'.join(kinds)} variants, "
-        f"storage {storage}, {store_layout} layout",
+        "supernet": (
+            "the store's"
+            if store is not None
+            else f"{cfg.supernet.pruner} {cfg.supernet.structure},"
+        )
+        + f" {blocks * len(layout.unit_levels)} units x {levels[0]}..{levels[-1]} levels, "
+        f"{'/'.join(kinds)} variants, storage {storage}, {store_layout} layout",
         "tokens": f"calibration {n_cal:,} ({cfg.data.n_calibration_seqs} x {seq}), "
         f"micro-batch {mb:,}",
         "queries (candidates x tokens)": ", ".join(f"{n} x {t:,}" for n, t in queries),
@@ -914,12 +1005,12 @@ def plan_memory(
         modes=modes,
         fits=fits,
         mode=chosen,
-        store_bytes=_store_bytes(m, layout, s, store_layout),
+        store_bytes=store_bytes if store is not None else _store_bytes(m, layout, s, store_layout),
         moved_per_generation=moved,
         notes=tuple(notes),
     )
     if chosen is None:
-        overrides = {"storage_dtype": storage, "micro_batch_tokens": mb}
+        overrides = {"storage_dtype": storage, "micro_batch_tokens": mb, "store": store}
         raise MemoryPlanError(_shortfall(result, hf_config, cfg, execution, suggest, overrides))
     return result
 
@@ -1052,7 +1143,9 @@ def _what_fits(
     if plan.command in ("search", "compare", "build"):
         for steps in range(cfg.supernet.steps_each_side - 1, 0, -1):
             if fits(with_("supernet", steps_each_side=steps)):
-                out.append(f"fewer levels (supernet.steps_each_side: {steps}, {2 * steps + 1})")
+                out.append(
+                    f"fewer levels (supernet.steps_each_side: {steps}: {2 * steps + 1} levels)"
+                )
                 break
     if plan.command in ("search", "compare") and cfg.evaluator.metric == "kl":
         if fits(with_("evaluator", metric="topk_kl", topk=1024)):
@@ -1082,17 +1175,19 @@ def check_run(
     command: str,
     *,
     model: str | None = None,
-    execution: str = "auto",
+    store: str | os.PathLike | None = None,
 ) -> MemoryPlan | None:
-    """The check the CLI runs before loading anything: plan ``command`` for ``cfg`` on
-    this machine's detected memory (``ALLOCSEARCH_DEVICE_MEMORY`` and
-    ``ALLOCSEARCH_HOST_MEMORY`` override it, e.g. for a driver whose actors run on other
-    nodes) and raise :class:`MemoryPlanError` when nothing fits.
+    """The check the CLI runs before loading anything: plan ``command`` for ``cfg`` (in
+    ``cfg.evaluator.execution``) on this machine's detected memory and raise
+    :class:`MemoryPlanError` when nothing fits. ``ALLOCSEARCH_DEVICE_MEMORY`` and
+    ``ALLOCSEARCH_HOST_MEMORY`` (e.g. ``80GB``) override the detected sizes.
 
-    Returns None without checking when the model's config.json cannot be read or its
-    family has no plan (the command then reports its own, more precise error). On a
-    Ray cluster (``backend.address``) the actors' devices are not this machine's: only
-    an explicit ``ALLOCSEARCH_DEVICE_MEMORY`` checks them.
+    Returns None without checking when the model's config.json cannot be read or the
+    model has no plan (the command then reports its own, more precise error), and for
+    ``search``/``compare`` on a Ray cluster (``backend.address``/``RAY_ADDRESS``) unless
+    ``ALLOCSEARCH_DEVICE_MEMORY`` says what the actors' devices hold: they are not this
+    machine's. ``store``: an existing supernet (its manifest gives the levels), else the
+    config's grid.
     """
     from allocsearch.models.hf import ModelLoadError
 
@@ -1107,6 +1202,8 @@ def check_run(
     on_cluster = bool(cfg.backend.address or os.environ.get("RAY_ADDRESS"))
     if on_cluster and device is None and command in ("search", "compare"):
         return None
+    if store is not None and not (Path(store) / "manifest.json").is_file():
+        store = None
     try:
         return plan_memory(
             hf_config,
@@ -1115,7 +1212,8 @@ def check_run(
             command=command,
             device_memory=device,
             host_memory=host,
-            execution=execution,
+            execution=getattr(cfg.evaluator, "execution", "auto"),
+            store=store,
         )
     except MemoryPlanError:
         raise
