@@ -307,11 +307,10 @@ class LlamaAttention(nnx.Module):
         self.k_proj = Linear(d, kv_out, bias=cfg.qkv_bias, rngs=rngs)
         self.v_proj = Linear(d, kv_out, bias=cfg.qkv_bias, rngs=rngs)
         self.o_proj = Linear(q_out, d, bias=cfg.o_bias, rngs=rngs)
-        self.q_norm = self.k_norm = None
-        if cfg.qk_norm is not None:
-            q_dim, k_dim = (hd, hd) if cfg.qk_norm == "head" else (q_out, kv_out)
-            self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps, offset=cfg.norm_offset)
-            self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, offset=cfg.norm_offset)
+        q_dim, k_dim = (hd, hd) if cfg.qk_norm == "head" else (q_out, kv_out)
+        eps, offset = cfg.rms_norm_eps, cfg.norm_offset
+        self.q_norm = RMSNorm(q_dim, eps, offset=offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_dim, eps, offset=offset) if cfg.qk_norm else None
         self.qk_norm = cfg.qk_norm
         self.num_heads = cfg.num_attention_heads
         self.num_kv = cfg.num_key_value_heads

@@ -1,0 +1,264 @@
+"""Parity of the Llama-architecture variants and rope types with Hugging Face transformers
+(the trusted implementation) on tiny random configs: batch of 2 with left padding,
+sequences longer than every sliding window and past the rope types' context limits;
+written checkpoints load in transformers; layer names equal ``named_modules()``."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from allocsearch.models import load_model, save_model  # noqa: E402
+
+TOL = 1e-4
+T = 12  # > every sliding window (4) and every original context (8) below
+
+
+def _cfg(**kw):
+    base = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    base.update(kw)
+    return base
+
+
+def _gemma_extra(**kw):
+    base = dict(query_pre_attn_scalar=16, sliding_window=4, tie_word_embeddings=True)
+    base.update(kw)
+    return base
+
+
+CASES = {
+    "qwen3": lambda t: t.Qwen3ForCausalLM(t.Qwen3Config(**_cfg(attention_bias=True))),
+    "qwen3_sliding": lambda t: t.Qwen3ForCausalLM(
+        t.Qwen3Config(**_cfg(use_sliding_window=True, sliding_window=4, max_window_layers=1))
+    ),
+    "qwen2_sliding": lambda t: t.Qwen2ForCausalLM(
+        t.Qwen2Config(**_cfg(use_sliding_window=True, sliding_window=4, max_window_layers=1))
+    ),
+    "olmo2": lambda t: t.Olmo2ForCausalLM(t.Olmo2Config(**_cfg(attention_bias=True))),
+    "granite": lambda t: t.GraniteForCausalLM(
+        t.GraniteConfig(
+            **_cfg(
+                embedding_multiplier=3.0,
+                residual_multiplier=0.5,
+                attention_multiplier=0.2,
+                logits_scaling=4.0,
+                mlp_bias=True,
+                attention_bias=True,
+            )
+        )
+    ),
+    "gemma": lambda t: t.GemmaForCausalLM(t.GemmaConfig(**_cfg(tie_word_embeddings=True))),
+    "gemma2": lambda t: t.Gemma2ForCausalLM(
+        t.Gemma2Config(
+            **_cfg(**_gemma_extra(attn_logit_softcapping=5.0, final_logit_softcapping=3.0))
+        )
+    ),
+    "gemma3_text": lambda t: t.Gemma3ForCausalLM(
+        t.Gemma3TextConfig(
+            **_cfg(
+                **_gemma_extra(
+                    layer_types=["sliding_attention", "full_attention"],
+                    rope_parameters={
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                        "full_attention": {
+                            "rope_type": "linear",
+                            "factor": 4.0,
+                            "rope_theta": 1000000.0,
+                        },
+                    },
+                    final_logit_softcapping=3.0,
+                )
+            )
+        )
+    ),
+    "llama_yarn": lambda t: t.LlamaForCausalLM(
+        t.LlamaConfig(
+            **_cfg(
+                rope_parameters={
+                    "rope_type": "yarn",
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 8,
+                    "rope_theta": 10000.0,
+                }
+            )
+        )
+    ),
+    "llama_dynamic": lambda t: t.LlamaForCausalLM(
+        t.LlamaConfig(
+            **_cfg(
+                max_position_embeddings=8,
+                rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+            )
+        )
+    ),
+    "llama_longrope": lambda t: t.LlamaForCausalLM(
+        t.LlamaConfig(
+            **_cfg(
+                max_position_embeddings=32,
+                rope_parameters={
+                    "rope_type": "longrope",
+                    "short_factor": [1.0, 1.5, 2.0, 3.0],
+                    "long_factor": [2.0, 3.0, 5.0, 7.0],
+                    "original_max_position_embeddings": 8,
+                    "rope_theta": 10000.0,
+                },
+            )
+        )
+    ),
+}
+
+
+def _randomize(model):
+    """Random weights everywhere (constant norms and biases would hide misread ones)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+def _ids(vocab, b=2, t=T, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, size=(b, t))
+
+
+def _hf_logits(model, ids, mask=None):
+    with torch.no_grad():
+        m = None if mask is None else torch.tensor(mask)
+        return model(torch.tensor(ids), attention_mask=m).logits.numpy()
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, tmp_path_factory):
+    torch.manual_seed(0)
+    model = _randomize(CASES[request.param](transformers))
+    path = tmp_path_factory.mktemp(request.param) / "hf"
+    model.save_pretrained(path, safe_serialization=True)
+    return request.param, model, path, load_model(path)
+
+
+def test_logits_match_transformers(case):
+    name, hf_model, path, ours = case
+    ids = _ids(hf_model.config.vocab_size)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0  # left padding in the second row
+    ref = _hf_logits(hf_model, ids, mask)
+    got = np.asarray(
+        jax.jit(ours.adapter.forward)(ours.params, jnp.asarray(ids), jnp.asarray(mask))
+    )
+    valid = mask.astype(bool)  # padded query positions are meaningless either way
+    np.testing.assert_allclose(got[valid], ref[valid], atol=TOL, rtol=TOL)
+    if name in ("llama_longrope", "llama_dynamic"):
+        # below the original context the other set of frequencies applies
+        short = ids[:, :6]
+        np.testing.assert_allclose(
+            np.asarray(ours.adapter.forward(ours.params, jnp.asarray(short))),
+            _hf_logits(hf_model, short),
+            atol=TOL,
+            rtol=TOL,
+        )
+
+
+def test_written_model_loads_in_transformers(case, tmp_path):
+    name, hf_model, path, ours = case
+    out = save_model(ours, tmp_path / "written")
+    reloaded = type(hf_model).from_pretrained(out).eval()
+    ids = _ids(hf_model.config.vocab_size, seed=1)
+    np.testing.assert_allclose(
+        _hf_logits(reloaded, ids), _hf_logits(hf_model, ids), atol=TOL, rtol=TOL
+    )
+    again = load_model(out)
+    assert set(again.params) == set(ours.params)
+    for k, v in ours.params.items():
+        np.testing.assert_array_equal(np.asarray(again.params[k]), np.asarray(v))
+
+
+def test_layer_names_match_named_modules(case):
+    name, hf_model, path, ours = case
+    hf_names = [
+        n for n, m in hf_model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    ]
+    layers = ours.adapter.layers()
+    assert [layer.name for layer in layers] == hf_names
+    modules = dict(hf_model.named_modules())
+    for layer in layers:
+        assert layer.shape == tuple(modules[layer.name].weight.shape)
+    # every checkpoint tensor is a parameter, and the only extra parameters are the
+    # per-block constants the adapter creates
+    hf_tensors = set(hf_model.state_dict())
+    if hf_model.config.tie_word_embeddings:
+        hf_tensors.discard("lm_head.weight")
+    consts = set(ours.adapter.constant_params())
+    assert set(ours.params) - consts == {
+        k for k in hf_tensors if not k.endswith("inv_freq") and "embed_scale" not in k
+    }
+
+
+def test_per_layer_attention_types_are_data():
+    """Gemma 2 alternates sliding and full attention: the blocks differ only in the
+    ``layer_type_id`` constant, and one compiled block runs both kinds."""
+    cfg = transformers.Gemma2Config(**_cfg(**_gemma_extra()))
+    from allocsearch.models import adapter_for_config
+
+    ad = adapter_for_config(cfg.to_dict())
+    consts = ad.constant_params()
+    assert {k: float(v) for k, v in consts.items()} == {
+        "model.layers.0.layer_type_id": 1.0,  # sliding_attention (index 1)
+        "model.layers.1.layer_type_id": 0.0,  # full_attention
+    }
+    assert ad.cfg.attention_types == ("full_attention", "sliding_attention")
+    assert ad.cfg.windows == (None, 4)
+    params = ad.init_params(jax.random.key(0))
+    assert {k: float(params[k]) for k in consts} == {k: float(v) for k, v in consts.items()}
+    assert ad.num_params() == sum(
+        int(np.prod(v.shape)) for k, v in params.items() if k not in consts
+    )
+    ids = jnp.asarray(_ids(97))
+    h, ctx = ad.embed(params, ids)
+    block = jax.jit(ad.block)
+    for i in range(ad.num_blocks):
+        h = block(ad.block_params(params, i), h, ctx)
+    np.testing.assert_allclose(
+        np.asarray(ad.finish(params, h, ctx)), np.asarray(ad.forward(params, ids)), atol=1e-5
+    )
+    assert block._cache_size() == 1
+    # the sliding block really differs from the full one: swapping the constant changes it
+    p0 = ad.block_params(params, 0)
+    h0, ctx0 = ad.embed(params, ids)
+    swapped = {**p0, "layer_type_id": jnp.asarray(0.0)}
+    assert not np.allclose(np.asarray(block(p0, h0, ctx0)), np.asarray(block(swapped, h0, ctx0)))
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        ({"rope_parameters": {"rope_type": "su", "rope_theta": 1.0}}, "rope type 'su'"),
+        (
+            {"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}},
+            "partial_rotary_factor",
+        ),
+        ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, "bidirectional"),
+        ({"hidden_act": "relu"}, "hidden_act 'relu'"),
+    ],
+)
+def test_unsupported_configs_are_refused(cfg, message):
+    from allocsearch.models import adapter_for_config
+
+    base = {"model_type": "llama", **_cfg(), **cfg}
+    with pytest.raises(ValueError, match=message):
+        adapter_for_config(base)
