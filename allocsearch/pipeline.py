@@ -437,9 +437,16 @@ def run_strategy(
     state: Any = None,
     work_dir: str | Path | None = None,
     progress: bool = True,
+    map_layers: Callable[..., Any] | None = None,
+    round_evaluate: Callable[[SupernetStore], Evaluate] | None = None,
 ) -> Outcome:
     """Run one strategy on ``store`` under ``budget``; ``evaluate`` scores candidates (the
-    in-process evaluator or a Ray backend). ``state`` resumes an ask/tell search."""
+    in-process evaluator or a Ray backend). ``state`` resumes an ask/tell search.
+
+    Týr (``"tyr"``) builds a supernet per round: ``map_layers`` prunes its layers (a
+    :data:`~allocsearch.supernet.build.LayerMap`; ``None``: here) and
+    ``round_evaluate(round_store)`` gives the ``Evaluate`` that scores the round
+    (``None``: :func:`make_evaluator` here), e.g. Ray backends (see :func:`_run_tyr`)."""
     settings = dict(settings or {})
     t0 = time.perf_counter()
     if strategy in ALLOCATORS:
@@ -447,7 +454,15 @@ def run_strategy(
         return Outcome(strategy, choice, None, 0, 0, time.perf_counter() - t0, settings)
     if strategy == "tyr":
         return _run_tyr(
-            ws, store, budget, seed=seed, settings=settings, work_dir=work_dir, progress=progress
+            ws,
+            store,
+            budget,
+            seed=seed,
+            settings=settings,
+            work_dir=work_dir,
+            progress=progress,
+            map_layers=map_layers,
+            round_evaluate=round_evaluate,
         )
     if strategy == "evopress" and "seed_from" in settings:
         # DP / knapsack results can seed the evolutionary search (issue: strategy seeding)
@@ -482,9 +497,27 @@ def run_strategy(
     )
 
 
-def _run_tyr(ws, store, budget, *, seed, settings, work_dir, progress) -> Outcome:
+def _run_tyr(
+    ws,
+    store,
+    budget,
+    *,
+    seed,
+    settings,
+    work_dir,
+    progress,
+    map_layers=None,
+    round_evaluate=None,
+) -> Outcome:
     """Týr-the-Pruner: rounds of supernets rebuilt around the current best (expected
-    inputs by default), each searched by EvoPress with same-role swaps."""
+    inputs by default), each searched by EvoPress with same-role swaps.
+
+    ``map_layers`` runs each round's layer pruning (``None``: here) and
+    ``round_evaluate(round_store)`` builds the round's ``Evaluate`` (``None``: an
+    :class:`Evaluator` here). Backends with a ``close`` method hold resources (Ray
+    actors): the layer map is closed after each build and the previous round's evaluate
+    before the next build, so the two never hold a full cluster's CPUs together; the
+    last round's evaluate is left open for its caller (it scored ``outcome.store``)."""
     t0 = time.perf_counter()
     settings = dict(settings)
     rounds = int(settings.pop("rounds", 3))
@@ -502,8 +535,11 @@ def _run_tyr(ws, store, budget, *, seed, settings, work_dir, progress) -> Outcom
         else None
     )
     counter = iter(range(1_000_000))
+    rounds_evaluate: list[Any] = []
 
     def rebuild(centers: np.ndarray, step: float):
+        if rounds_evaluate and hasattr(rounds_evaluate[-1], "close"):
+            rounds_evaluate[-1].close()  # its actors' CPUs go to this round's build
         grid = centred_grid(
             units, centers, step, groups=groups, steps_each_side=cfg.steps_each_side
         )
@@ -518,9 +554,14 @@ def _run_tyr(ws, store, budget, *, seed, settings, work_dir, progress) -> Outcom
             batch_size=BUILD_BATCH,
             progress=progress,
             overwrite=True,
+            map_layers=map_layers,
         )
+        if hasattr(map_layers, "close"):
+            map_layers.close()
         rebuild.last_store = round_store
-        return round_store.spec, make_evaluator(ws, round_store)
+        make = round_evaluate or functools.partial(make_evaluator, ws)
+        rounds_evaluate.append(make(round_store))
+        return round_store.spec, rounds_evaluate[-1]
 
     result = coarse_to_fine(
         rebuild=rebuild,

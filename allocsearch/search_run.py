@@ -7,6 +7,7 @@ start on first use, for this and the other commands."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from rich.console import Console
 
 from allocsearch import pipeline
@@ -25,13 +28,14 @@ from allocsearch.distributed.checkpoint import (
     search_fingerprint,
 )
 from allocsearch.distributed.progress import make_callbacks
+from allocsearch.models.hf import HFModel
 from allocsearch.report.plots import plot_fitness_curves, plot_sparsity_profile
 from allocsearch.search.budget import check_feasible_target
 
 SCORED_STRATEGIES = ("evopress", *pipeline.TABLE_STRATEGIES)
-"""Strategies that score candidates with the evaluator (on the configured backend); the
-baselines score nothing, and ``tyr`` builds its per-round supernets and evaluators in
-this process."""
+"""Ask/tell strategies that score candidates with the evaluator (on the configured
+backend); the baselines score nothing, and ``tyr`` builds and scores a supernet per round
+(on the configured backend too: layer actors prune, evaluator actors score)."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,38 @@ class StoreEvaluatorFactory:
         return pipeline.make_evaluator(ws, pipeline.open_store(ws, self.supernet))
 
 
+@dataclass(frozen=True)
+class HeldoutPerplexity:
+    """Held-out perplexity (lower is better) of an allocation of the store at
+    ``supernet``, computed wherever it is called, e.g. on an evaluator actor through
+    :meth:`~allocsearch.distributed.ray_backend.RayEvaluate.run`, so that the driver
+    never loads the variants. Picklable: a config and a path every node can read.
+
+    Calling it with ``choice`` int[L] loads the model and token sets, reads only the
+    chosen level of each pruned parameter from the store, and returns
+    :func:`~allocsearch.pipeline.heldout_perplexity` of the model with those weights
+    (what ``Evaluator.perplexity`` gives, to float rounding).
+    """
+
+    config: RunConfig
+    supernet: str
+
+    def __call__(self, choice: Any) -> float:
+        ws = pipeline.load_workspace(self.config)
+        store = pipeline.open_store(ws, self.supernet)
+        choice = np.asarray(choice)
+        params = dict(ws.model.params)
+        for u, names in enumerate(store.unit_params):
+            for name in names:
+                dense = np.asarray(params[name])
+                level = store.read_levels(name, [int(choice[u])], dense)[0]
+                params[name] = jnp.asarray(level, dense.dtype)
+        model = HFModel(ws.model.adapter, params)
+        return pipeline.heldout_perplexity(model, ws.heldout)
+
+
 def _where(backend: Any, cfg: RunConfig) -> str:
-    address = cfg.backend.address
+    address = cfg.backend.address or os.environ.get("RAY_ADDRESS")
     cores = [p["cpus"] for p in backend.placement]
     pinned = f", cores {cores}" if any(c is not None for c in cores) else ""
     share = f"{backend.cpus_per_worker:g} CPU" + (
@@ -82,6 +116,11 @@ class StartedOnFirstCall:
         self.start()
         return self._backend(*args, **kwargs)
 
+    def run(self, fn: Callable[[Any], Any], item: Any) -> Any:
+        """``fn(item)`` on one actor of the backend (a RayEvaluate), started if need be."""
+        self.start()
+        return self._backend.run(fn, item)
+
     def close(self) -> None:
         if self._backend is not None:
             self._backend.close()
@@ -97,7 +136,8 @@ class StartedOnFirstCall:
 def ray_evaluate(cfg: RunConfig, supernet: str | Path, console: Console) -> StartedOnFirstCall:
     """Ray evaluator actors for the store at ``supernet`` (``cfg.backend``: workers and
     address), started at the first query; every actor loads the model, token sets and
-    store from the paths in ``cfg``. An ``Evaluate`` callable; close it."""
+    store from the paths in ``cfg``. An ``Evaluate`` callable; close it. ``run(fn, item)``
+    runs ``fn(item)`` on one of the actors (e.g. :class:`HeldoutPerplexity`)."""
 
     def start() -> Any:
         from allocsearch.distributed.ray_backend import RayEvaluate
@@ -157,7 +197,8 @@ def run_search_command(
         if resume:
             raise ValueError(f"--resume: strategy {strategy!r} has no search state to resume")
         if strategy == "tyr" and cfg.backend.kind == "ray":
-            console.print("tyr builds and scores its per-round supernets in this process")
+            _run_tyr_on_ray(cfg, ws, store, budget, settings, out, progress, console)
+            return
         local = pipeline.make_evaluator(ws, store)
         outcome = pipeline.run_strategy(
             strategy,
@@ -170,7 +211,7 @@ def run_search_command(
             work_dir=out / "work",
             progress=progress,
         )
-        _finish(ws, store, budget, outcome, local, out, console, partial=False)
+        _finish(ws, store, budget, outcome, _local_ppl(ws, outcome, local), out, console)
         return
 
     searcher = pipeline.make_searcher(strategy, settings)
@@ -193,8 +234,8 @@ def run_search_command(
     if resume:
         console.print(f"resuming at generation {state.generation} from {ckpt_dir}")
 
-    # With Ray, the driver builds its own evaluator (for the held-out perplexity of the
-    # result) only after the actors are gone, so the variants are not held twice here.
+    # With Ray, the held-out perplexity of the result is computed on an actor too: the
+    # driver never builds an evaluator (nor holds the variants).
     ray_eval = None
     # An unreachable target is reported before Ray starts or any file is written.
     check_feasible_target(store.spec, budget)
@@ -236,6 +277,10 @@ def run_search_command(
                     on_generation=on_generation,
                     state=state,
                 )
+                if ray_eval is not None:
+                    ppl = ray_eval.run(
+                        HeldoutPerplexity(cfg, str(Path(supernet).absolute())), outcome.choice
+                    )
             except KeyboardInterrupt:
                 if last[0] is not None:
                     result = searcher.result(last[0])
@@ -261,8 +306,59 @@ def run_search_command(
     finally:
         if ray_eval is not None:
             ray_eval.close()
-    local = evaluate if ray_eval is None else pipeline.make_evaluator(ws, store)
-    _finish(ws, store, budget, outcome, local, out, console, partial=False)
+    if ray_eval is None:
+        ppl = _local_ppl(ws, outcome, evaluate)
+    _finish(ws, store, budget, outcome, ppl, out, console)
+
+
+def _run_tyr_on_ray(cfg, ws, store, budget, settings, out: Path, progress: bool, console) -> None:
+    """Týr with the Ray backend: each round's layers are pruned by layer actors and its
+    candidates scored by evaluator actors that load the round's store (under
+    ``out/work``: a path every node must read); the final held-out perplexity is scored
+    on the last round's actors. One Ray connection serves every round."""
+    from allocsearch.distributed.ray_backend import ray_session
+
+    made: list[StartedOnFirstCall] = []
+
+    def round_evaluate(round_store) -> StartedOnFirstCall:
+        made.append(ray_evaluate(cfg, Path(round_store.path), console))
+        return made[-1]
+
+    with ray_session(workers=cfg.backend.workers, address=cfg.backend.address):
+        layer_map = ray_layer_map(cfg, console)
+        try:
+            outcome = pipeline.run_strategy(
+                "tyr",
+                ws,
+                store,
+                budget,
+                evaluate=_no_shared_scoring,
+                seed=cfg.search.seed,
+                settings=settings,
+                work_dir=out / "work",
+                progress=progress,
+                map_layers=layer_map,
+                round_evaluate=round_evaluate,
+            )
+            last = outcome.store or store
+            ppl = made[-1].run(
+                HeldoutPerplexity(cfg, str(Path(last.path).absolute())), outcome.choice
+            )
+        finally:
+            layer_map.close()
+            for evaluate in made:
+                evaluate.close()
+    _finish(ws, store, budget, outcome, ppl, out, console)
+
+
+def _no_shared_scoring(choices: Any, *, fidelity: int, batch_seed: int) -> Any:
+    raise AssertionError("tyr scores each round on its own supernet, never the shared one")
+
+
+def _local_ppl(ws, outcome, evaluator) -> float:
+    """Held-out perplexity of ``outcome`` in this process (``--backend local``)."""
+    ev = evaluator if outcome.store is None else pipeline.make_evaluator(ws, outcome.store)
+    return float(ev.perplexity(outcome.choice, ws.heldout))
 
 
 def _remove(paths: list[Path]) -> None:
@@ -280,11 +376,8 @@ def _write_recipe(ws, store, budget, outcome, out: Path, *, partial: bool) -> Pa
     return path
 
 
-def _finish(ws, store, budget, outcome, evaluator, out: Path, console, *, partial: bool) -> None:
+def _finish(ws, store, budget, outcome, ppl: float, out: Path, console, *, partial=False) -> None:
     path = _write_recipe(ws, store, budget, outcome, out, partial=partial)
-    recipe_store = outcome.store or store
-    ev = evaluator if outcome.store is None else pipeline.make_evaluator(ws, recipe_store)
-    ppl = ev.perplexity(outcome.choice, ws.heldout)
     recipe = pipeline.recipe_from_choice(ws, store, budget, outcome, partial=partial)
     plot_sparsity_profile(recipe, out / "profile.png", overwrite=True)
     if outcome.history:
