@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from allocsearch.atomic import atomic_write_text
+from allocsearch.console_progress import progress_display
 from allocsearch.distributed.checkpoint import SearchCheckpointer, json_float
 from allocsearch.search.base import Searcher
 
@@ -68,28 +69,31 @@ class SearchCallbacks:
         self._last = self._started
         self._progress = None
         if progress:
+            from rich.console import Console
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
-                Progress,
                 TextColumn,
                 TimeElapsedColumn,
                 TimeRemainingColumn,
             )
 
-            self._progress = Progress(
-                TextColumn("search"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("generations  best {task.fields[best]}"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=console,
+            self._progress = progress_display(
+                (
+                    TextColumn("search"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("generations  best {task.fields[best]}"),
+                    TimeElapsedColumn(),
+                    TextColumn("ETA"),
+                    TimeRemainingColumn(),
+                ),
+                console=console if console is not None else Console(stderr=True),
+                label="search",
                 transient=False,
             )
             self._task = self._progress.add_task(
-                "search", total=total_generations, completed=start_generation, best="-"
+                "generations", total=total_generations, completed=start_generation, best="-"
             )
             self._progress.start()
 

@@ -60,13 +60,13 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 
 import allocsearch
+from allocsearch.console_progress import progress_display
 from allocsearch.data.tokenset import TokenSet
 from allocsearch.models.base import ModelAdapter
 from allocsearch.models.bert import BertAdapter
@@ -684,15 +684,18 @@ def build_supernet(
     block_layers: dict[int, list] = {}
     for layer in adapter.layers():
         block_layers.setdefault(layer.block, []).append(layer)
-    progress_bar = Progress(
-        TextColumn("[bold]supernet[/] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
+    progress_bar = progress_display(
+        (
+            TextColumn("[bold]supernet[/] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        ),
         console=Console(stderr=True),
-        disable=not progress,
+        label="supernet",
+        enabled=progress,
     )
     with StoreWriter(out_dir, overwrite=overwrite, storage_dtype=storage_dtype) as writer:
         with progress_bar:
