@@ -4,13 +4,21 @@ Scoring: both backends of an :class:`~allocsearch.search.base.Evaluate` take an 
 factory*: a small picklable zero-argument callable (paths and settings, or object-store
 references) that builds the evaluator, i.e. loads the model, token sets and supernet.
 :class:`InProcessEvaluate` calls it once in this process; :class:`RayEvaluate` calls it
-once in each of ``workers`` Ray actors and splits every query's rows over them. Both are
-``Evaluate`` callables, so :func:`~allocsearch.distributed.local.run_search` runs
-unchanged on either, and for an evaluator whose score of a row depends only on that row,
-``fidelity`` and ``batch_seed`` (the ``Evaluate`` contract), both return identical scores.
+once in each of ``workers`` Ray actors and splits every query's rows over them, or, for
+a query with fewer rows than actors, its minibatch's sequences (shards whose means are
+recombined). Both are ``Evaluate`` callables, so
+:func:`~allocsearch.distributed.local.run_search` runs unchanged on either, and for an
+evaluator whose score of a row depends only on that row, ``fidelity`` and ``batch_seed``
+(the ``Evaluate`` contract), both return identical scores (token shards: equal to float
+rounding).
 
 Building: :class:`RayLayerMap` is a ``map(fn, items)`` over Ray actors, the ``map_layers``
 of :func:`~allocsearch.supernet.build.build_supernet` (the serial default is ``map``).
+
+Both run on one actor-pool implementation (:class:`_ActorPool`): actors pinned apart,
+a dead actor replaced in its slot, and one whose replacement cannot be placed and
+started within ``replace_timeout_s`` (a lost node on a full cluster) given up with a
+:class:`WorkerLostWarning`, its work going to the others; every wait has a deadline.
 
 Workers: an integer, or ``"auto"``: one actor per CPU core this process may use on a new
 local Ray instance; on an existing cluster one per CPU, or one per GPU when the cluster
@@ -23,9 +31,11 @@ Threads: each CPU actor runs its own JAX runtime. Environment variables in the a
 ``runtime_env`` size its OpenMP, MKL and OpenBLAS pools, but XLA's CPU runtime sizes its
 thread pool from the CPUs the process may run on, not from any variable, so a CPU actor
 also pins itself (Linux CPU affinity) to its own ``floor(cpus_per_worker)`` cores of its
-node before it builds its evaluator: actors on one node get disjoint cores while there
-are enough. Measured on a 2-core machine: without pinning one "1-CPU" actor used 1.8
-cores and two actors ran only 1.2x one (scripts/bench_ray.py). A GPU actor gets
+machine before it builds its evaluator: actors on one machine get disjoint cores while
+there are enough. Slots are counted per machine (:func:`host_key`), not per Ray node:
+several raylets on one host share its cores. Measured on a 2-core machine: without
+pinning one "1-CPU" actor used 1.8 cores and two actors ran only 1.2x one
+(scripts/bench_ray.py). A GPU actor gets
 ``gpus_per_worker`` GPUs from Ray (Ray sets ``CUDA_VISIBLE_DEVICES``, JAX uses them) and
 is not pinned.
 
