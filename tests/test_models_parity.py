@@ -66,6 +66,17 @@ CAUSAL_CASES = {
     "gpt2": lambda: transformers.GPT2LMHeadModel(
         transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4)
     ),
+    # an untied head must be loaded and written back, not replaced by wte
+    "gpt2_untied_head": lambda: transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4, tie_word_embeddings=False
+        )
+    ),
+    "gpt2_unscaled_attn": lambda: transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4, scale_attn_weights=False
+        )
+    ),
 }
 
 
@@ -218,3 +229,83 @@ def test_block_wise_forward_equals_full_forward(causal_case):
         atol=1e-5,
     )
     assert block._cache_size() == 1  # one compiled block serves every block
+
+
+def test_bert_token_type_ids_match(bert_case):
+    hf_model, path = bert_case
+    ours = load_model(path)
+    ids = _ids(97, t=10, seed=3)
+    types = np.zeros_like(ids)
+    types[:, 4:] = 1  # sentence pairs: the second segment from position 4
+    mask = np.ones_like(ids)
+    mask[1, 8:] = 0
+    with torch.no_grad():
+        ref = hf_model(
+            torch.tensor(ids), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(types)
+        ).last_hidden_state.numpy()
+    got = np.asarray(
+        jax.jit(ours.adapter.forward)(
+            ours.params, jnp.asarray(ids), jnp.asarray(mask), token_type_ids=jnp.asarray(types)
+        )
+    )
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[valid], ref[valid], atol=TOL, rtol=TOL)
+    plain = np.asarray(ours.adapter.forward(ours.params, jnp.asarray(ids), jnp.asarray(mask)))
+    assert not np.allclose(plain[valid], ref[valid], atol=1e-3)  # the types do matter
+
+
+def _task_models():
+    bert = transformers.BertConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    gpt2 = transformers.GPT2Config(
+        vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4, num_labels=2
+    )
+    return {
+        "bert_seq_cls": lambda: transformers.BertForSequenceClassification(bert),
+        "bert_qa": lambda: transformers.BertForQuestionAnswering(bert),
+        "gpt2_seq_cls": lambda: transformers.GPT2ForSequenceClassification(gpt2),
+    }
+
+
+@pytest.mark.parametrize("name", ["bert_seq_cls", "bert_qa", "gpt2_seq_cls"])
+def test_task_model_keeps_its_head(name, tmp_path):
+    """A checkpoint that is not the bare model loads with its head as a non-prunable
+    extra; the body agrees with transformers and the written copy is the same task model."""
+    hf_model = _randomize(_task_models()[name]())
+    path = _save_hf(hf_model, tmp_path / "hf")
+    ours = load_model(path)
+    assert ours.extras, "the head must be kept"
+    assert all(not k.startswith(("bert.", "classifier", "score", "qa_")) for k in ours.params)
+    prunable = {layer.weight_name for layer in ours.adapter.layers(include_head=True)}
+    assert not prunable & set(ours.extras)
+    ids = _ids(97, b=1, t=8, seed=4)
+    body = hf_model.bert if name.startswith("bert") else hf_model.transformer
+    with torch.no_grad():
+        ref_hidden = body(torch.tensor(ids)).last_hidden_state.numpy()
+        ref_out = hf_model(torch.tensor(ids))
+    if name.startswith("bert"):
+        got = np.asarray(ours.adapter.forward(ours.params, jnp.asarray(ids)))
+        np.testing.assert_allclose(got, ref_hidden, atol=TOL, rtol=TOL)
+    out = save_model(ours, tmp_path / "written")
+    reloaded = type(hf_model).from_pretrained(out).eval()
+    with torch.no_grad():
+        again = reloaded(torch.tensor(ids))
+    for key in ("logits", "start_logits", "end_logits"):
+        if key in ref_out:
+            np.testing.assert_allclose(again[key].numpy(), ref_out[key].numpy(), atol=TOL, rtol=TOL)
+
+
+def test_unknown_task_architecture_is_refused():
+    from allocsearch.models import adapter_for_config
+
+    cfg = {"model_type": "bert", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1}
+    cfg.update(num_attention_heads=2, intermediate_size=8, architectures=["BertForFoo"])
+    with pytest.raises(ValueError, match="BERT architecture 'BertForFoo' is not supported"):
+        adapter_for_config(cfg)

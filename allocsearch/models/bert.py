@@ -3,8 +3,12 @@ token-type embeddings, post-LayerNorm blocks, GELU MLP, bidirectional attention 
 padding mask. The forward returns final hidden states; :func:`mean_pool` gives the
 sentence embedding sentence-transformers computes.
 
-Module paths mirror ``BertModel.named_modules()``; checkpoints of task models with a
-``bert.`` prefix load too.
+Module paths mirror ``BertModel.named_modules()``. Checkpoints of task models
+(``BertForSequenceClassification``, ``BertForMaskedLM``... as ``architectures`` in
+config.json names them) load too: the encoder's ``bert.`` prefix is removed on load and
+restored on save, and the task head (``classifier.``, ``qa_outputs.``, ``cls.``) and the
+pooler are kept untouched as extra tensors (not prunable, not used by the forward, written
+back on save). ``forward`` takes ``token_type_ids`` (sentence pairs).
 """
 
 from __future__ import annotations
@@ -28,6 +32,17 @@ from allocsearch.models.base import (
 )
 from allocsearch.models.layers import LayerInfo
 
+# Architectures -> the tensor prefixes of their task head (kept as extras).
+TASK_HEADS = {
+    "BertForSequenceClassification": ("classifier.",),
+    "BertForTokenClassification": ("classifier.",),
+    "BertForMultipleChoice": ("classifier.",),
+    "BertForQuestionAnswering": ("qa_outputs.",),
+    "BertForMaskedLM": ("cls.",),
+    "BertForPreTraining": ("cls.",),
+    "BertForNextSentencePrediction": ("cls.",),
+    "BertLMHeadModel": ("cls.",),
+}
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -163,11 +178,19 @@ class BertAdapter(ModelAdapter):
 
     family = "bert"
     is_causal_lm = False
-    # Tensors the forward does not use but a saved checkpoint keeps.
-    passthrough_prefixes = ("pooler.", "cls.")
 
     def __init__(self, hf_config: Mapping[str, Any]):
         self.cfg = BertConfig.from_hf(hf_config)
+        arch = (hf_config.get("architectures") or [None])[0]
+        if arch is not None and arch != "BertModel" and arch not in TASK_HEADS:
+            raise ValueError(
+                f"BERT architecture {arch!r} is not supported; valid: "
+                f"{sorted(('BertModel', *TASK_HEADS))}"
+            )
+        # Task models keep the encoder under ``bert.``; their head and pooler are extras
+        # (tensors the forward does not use but a saved checkpoint keeps).
+        self.checkpoint_prefix = "bert." if arch in TASK_HEADS else ""
+        self.passthrough_prefixes = ("pooler.", "cls.", "bert.pooler.", *TASK_HEADS.get(arch, ()))
         super().__init__(hf_config)
 
     def build_module(self, rngs):
@@ -201,6 +224,14 @@ class BertAdapter(ModelAdapter):
     def finish(self, params, h, ctx):
         return h
 
+    def forward(self, params, input_ids, attention_mask=None, token_type_ids=None):
+        """Final hidden states float[B, T, D]; ``token_type_ids`` int[B, T] (segment of
+        each token, 0 when omitted)."""
+        h, ctx = self.embed(params, input_ids, attention_mask, token_type_ids)
+        for i in range(self.num_blocks):
+            h = self.block(self.block_params(params, i), h, ctx)
+        return self.finish(params, h, ctx)
+
     def layers(self, *, include_embeddings=False, include_head=False) -> list[LayerInfo]:
         c = self.cfg
         d, f = c.hidden_size, c.intermediate_size
@@ -225,9 +256,15 @@ class BertAdapter(ModelAdapter):
     def from_hf_tensors(self, tensors):
         params = {}
         for name, arr in tensors.items():
-            if name.startswith("bert."):
+            # A task model's pooler stays under its full name (an extra); a checkpoint
+            # read as the bare model drops the prefix everywhere.
+            body = ("bert.embeddings.", "bert.encoder.") if self.checkpoint_prefix else ("bert.",)
+            if name.startswith(body):
                 name = name[len("bert.") :]
-            if name == "embeddings.position_ids":
-                continue  # a buffer in older exports
+            if name in ("embeddings.position_ids", "embeddings.token_type_ids"):
+                continue  # buffers in some exports
             params[name] = arr
         return params
+
+    def to_hf_tensors(self, params):
+        return {self.checkpoint_prefix + k: v for k, v in params.items()}

@@ -1,8 +1,13 @@
 """GPT-2: learned positions, pre-LayerNorm blocks, fused q/k/v projection, GELU MLP,
-tied LM head. Hugging Face stores the projections as ``Conv1D`` with weights of shape
-(in, out); they are transposed to the (out, in) layout on load and back on save.
+LM head tied to the token embedding (or, with ``tie_word_embeddings: false``, its own
+``lm_head.weight``, loaded, used and saved). Hugging Face stores the projections as
+``Conv1D`` with weights of shape (in, out); they are transposed to the (out, in) layout
+on load and back on save.
 
-Module paths mirror ``GPT2LMHeadModel.named_modules()``.
+Module paths mirror ``GPT2LMHeadModel.named_modules()``. Checkpoints of the bare
+``GPT2Model`` load too, and task models (``GPT2ForSequenceClassification``...) load with
+their head kept untouched as an extra tensor (not prunable, not used by the forward,
+written back on save); the forward gives the language-model logits of the tied head.
 """
 
 from __future__ import annotations
@@ -34,6 +39,14 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
 }
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# Architectures with a task head on top of the transformer -> the head's tensor prefixes.
+TASK_HEADS = {
+    "GPT2ForSequenceClassification": ("score.",),
+    "GPT2ForTokenClassification": ("classifier.",),
+    "GPT2ForQuestionAnswering": ("qa_outputs.",),
+    "GPT2DoubleHeadsModel": ("multiple_choice_head.",),
+}
+BARE = ("GPT2Model", "GPT2LMHeadModel")
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,8 @@ class GPT2Config:
     n_inner: int
     layer_norm_epsilon: float
     activation: str
+    tie_word_embeddings: bool = True
+    scale_attn_weights: bool = True
 
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any]) -> GPT2Config:
@@ -69,6 +84,8 @@ class GPT2Config:
             n_inner=int(cfg.get("n_inner") or 4 * d),
             layer_norm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-5)),
             activation=act,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            scale_attn_weights=bool(cfg.get("scale_attn_weights", True)),
         )
 
 
@@ -81,6 +98,7 @@ class GPT2Attention(nnx.Module):
         self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=True, rngs=rngs)
         self.c_proj = Linear(cfg.n_embd, cfg.n_embd, bias=True, rngs=rngs)
         self.n_head = cfg.n_head
+        self.scale = None if cfg.scale_attn_weights else 1.0
 
     def __call__(self, x, ctx: GPT2Context, taps: Taps | None):
         b, t, d = x.shape
@@ -88,7 +106,8 @@ class GPT2Attention(nnx.Module):
             taps["attn.c_attn"] = x
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
         shape = (b, t, self.n_head, d // self.n_head)
-        out = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), ctx.allowed)
+        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        out = attention(q, k, v, ctx.allowed, scale=self.scale)
         out = out.reshape(b, t, d)
         if taps is not None:
             taps["attn.c_proj"] = out
@@ -133,16 +152,29 @@ class GPT2Model(nnx.Module):
 class GPT2LMHeadModel(nnx.Module):
     def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
         self.transformer = GPT2Model(cfg, rngs)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(cfg.n_embd, cfg.vocab_size, bias=False, rngs=rngs)
+        )
 
 
 class GPT2Adapter(ModelAdapter):
-    """GPT-2 causal language models (tied LM head)."""
+    """GPT-2 causal language models (tied or untied LM head)."""
 
     family = "gpt2"
     is_causal_lm = True
 
     def __init__(self, hf_config: Mapping[str, Any]):
         self.cfg = GPT2Config.from_hf(hf_config)
+        arch = (hf_config.get("architectures") or [None])[0]
+        if arch is not None and arch not in BARE and arch not in TASK_HEADS:
+            raise ValueError(
+                f"GPT-2 architecture {arch!r} is not supported; valid: "
+                f"{sorted(BARE + tuple(TASK_HEADS))}"
+            )
+        # Tensors of a task head: kept as extras, never renamed, pruned or used.
+        self.passthrough_prefixes = TASK_HEADS.get(arch, ())
         super().__init__(hf_config)
 
     def build_module(self, rngs):
@@ -168,7 +200,8 @@ class GPT2Adapter(ModelAdapter):
 
     def finish(self, params, h, ctx):
         h = self.module(params).transformer.ln_f(h)
-        w = params["transformer.wte.weight"]
+        tied = self.cfg.tie_word_embeddings
+        w = params["transformer.wte.weight" if tied else "lm_head.weight"]
         return jnp.einsum("btd,vd->btv", h, w.astype(h.dtype))
 
     def layers(self, *, include_embeddings=False, include_head=False) -> list[LayerInfo]:
@@ -186,17 +219,24 @@ class GPT2Adapter(ModelAdapter):
                 ("mlp.c_proj", "fc_out", (d, f)),
             ]:
                 out.append(LayerInfo(p + rel, role, i, shape, shape[0] * shape[1], p + rel))
-        # The head is tied to the token embedding, so it is never a separate layer.
+        # A tied head is the token embedding, so only an untied one is a layer.
+        if include_head and not c.tie_word_embeddings:
+            out.append(
+                LayerInfo("lm_head", "lm_head", -1, (c.vocab_size, d), c.vocab_size * d, "lm_head")
+            )
         return out
 
     def from_hf_tensors(self, tensors):
         params = {}
         for name, arr in tensors.items():
+            if name.startswith(self.passthrough_prefixes):
+                params[name] = arr  # a task head, kept as is
+                continue
             if not name.startswith("transformer.") and name != "lm_head.weight":
                 name = "transformer." + name  # GPT2Model checkpoints lack the prefix
             if name.endswith(".attn.bias") or name.endswith(".attn.masked_bias"):
                 continue  # causal-mask buffers of old exports
-            if name == "lm_head.weight":
+            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
                 continue  # tied to transformer.wte.weight
             if name.endswith(".weight") and name.rsplit(".", 1)[0].split(".", 3)[-1] in CONV1D:
                 arr = np.asarray(arr).T
