@@ -547,21 +547,27 @@ def plan(
 ) -> None:
     """Memory plan, from config.json alone: bytes per process (model, variants, teacher,
     activations, reference states) in resident and streaming execution, the mode that
-    fits, the store's size and the bytes moved per generation. Exit 2 when nothing fits."""
-    from allocsearch.plan import load_hf_config, parse_bytes, plan_memory
+    fits, the store's size and the bytes moved per generation. When nothing fits: the
+    table, then one line naming the shortfall and what would fit, exit 2."""
+    from allocsearch.plan import MemoryPlanError, load_hf_config, parse_bytes, plan_memory
 
     cfg = _config(config, model=model)
-    result = plan_memory(
-        load_hf_config(cfg.model),
-        cfg,
-        model=cfg.model,
-        command=command,
-        device_memory=parse_bytes(device_memory) if device_memory else None,
-        host_memory=parse_bytes(host_memory) if host_memory else None,
-        workers=workers,
-        execution=execution,
-        store=supernet,
-    )
+    try:
+        result = plan_memory(
+            load_hf_config(cfg.model),
+            cfg,
+            model=cfg.model,
+            command=command,
+            device_memory=parse_bytes(device_memory) if device_memory else None,
+            host_memory=parse_bytes(host_memory) if host_memory else None,
+            workers=workers,
+            execution=execution,
+            store=supernet,
+        )
+    except MemoryPlanError as e:  # the table of what did not fit, then the one line
+        if e.plan is not None:
+            out_console.print(e.plan.table(), highlight=False, markup=False, soft_wrap=True)
+        raise
     out_console.print(result.table(), highlight=False, markup=False, soft_wrap=True)
 
 

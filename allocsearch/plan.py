@@ -9,10 +9,10 @@ states, for both execution modes:
 
 * **resident** (:class:`~allocsearch.evaluate.evaluator.Evaluator`): every variant of every
   unit lives on the device, stacked per parameter role;
-* **streaming** (the block-streaming evaluator): per block, only the variants a query's
-  candidates use come to the device, padded to ``P = min(candidates, levels)`` per unit,
-  with the next block prefetched (two blocks in flight); the hidden states of all of a
-  query's candidates advance together; teacher data stays on the host.
+* **streaming** (:class:`~allocsearch.evaluate.streaming.StreamingEvaluator`): per
+  block, only the levels a query's candidates use come to the device, with the next
+  block prefetched (two blocks in flight); the hidden states of all of a query's
+  candidates advance together; teacher data stays on the host.
 
 It chooses resident when that fits the device with a margin, else streaming, else it
 raises :class:`MemoryPlanError` with one line naming the shortfall and the changes that
@@ -26,9 +26,10 @@ Notation used in the formulas below (all sizes in bytes):
   model's dtype); variants are never upcast on load (store format 2).
 * ``N_p``: weights of parameter ``p``; ``K_u``: valid levels of unit ``u`` (from the
   grid :func:`~allocsearch.pipeline.make_grid` builds, so small layers may have fewer).
-* ``B``: blocks; ``D`` hidden, ``F`` MLP width, ``H``/``H_kv`` query/kv heads, ``V``
-  vocabulary, ``T`` sequence length; ``R`` sequences per micro-batch
-  (``max(1, micro_batch_tokens // T)``).
+* ``B``: blocks (assumed identical: a one-block copy of the config is planned and
+  multiplied, which keeps a 70B plan to seconds); ``D`` hidden, ``F`` MLP width,
+  ``H``/``H_kv`` query/kv heads, ``V`` vocabulary, ``T`` sequence length; ``R``
+  sequences per call (``micro_batch_tokens // T``, at most the calibration set).
 * teacher bytes per calibration token: ``4 V`` (kl: float32 log-probabilities), ``8 k``
   (topk_kl: float32 values + int32 ids), 0 (nll).
 
@@ -44,31 +45,38 @@ against measured peaks by ``scripts/bench_plan.py``):
 * teacher: teacher bytes per token x calibration tokens;
 * reference: ``(B + 1) x fidelity x D x a`` for the largest fidelity whose states fit
   the evaluator's ``max_reference_bytes`` (1 GiB), as the evaluator caches them;
-* activations: the larger of one scoring call (``candidates_per_call`` candidates of
-  one micro-batch: the gathered weights of a block, the hidden carry, the larger of the
-  attention / MLP / logits working sets, and the teacher rows) and the construction
-  peak (the dense copy the teacher forward uses plus a second copy of the teacher data
-  while it is concatenated; on a CPU device also the host copy of the largest stack).
+* activations: one scoring call (``candidates_per_call`` candidates of ``R``
+  sequences: per candidate the gathered weights of a block ``a sum_block N_p``, the
+  hidden carry ``2 R T D a``, and the larger of attention ``R H T^2 (8 + a) +
+  R T (H + 2 H_kv) head_dim 2a`` / MLP ``3 R T F a`` (plus ``R T D (4 + a)``) and
+  logits ``R T V (a + 8)``; and the call's teacher rows) or the construction (the
+  dense copy the teacher forward uses ``a sum_p N_p``, the teacher data, one call),
+  whichever is larger; on a CPU device their sum (glibc keeps freed buffers, measured);
+  on a GPU the largest stack is assembled on the host first (host memory).
 
-Streaming evaluator, per process (assumptions, as the brief of the streaming evaluator
-states them: variants in the model's dtype on the device, two blocks in flight, the
-query's candidates' hidden states on the device, teacher data on the host):
+Streaming evaluator (:mod:`allocsearch.evaluate.streaming`), per process:
 
 * model: the parameters outside the blocks (embeddings, head, final norm) on the
-  device, and two blocks' parameters that no unit owns (norms);
-* variants: two blocks x ``sum_u P_u x a x sum_{p in u} N_p`` with ``P_u = min(n, K_u)``
-  (``n`` the most candidates one actor scores in one query), and the same again in host
-  staging buffers (the prefetch reads them from the memory-mapped store, whose pages
-  live in the shared page cache, not in any process);
-* activations / hidden states: ``2 n x fidelity x D x a`` (block input and output of all
-  candidates) plus one micro-batch's working set;
-* reference: as resident, on the device;
-* teacher: on the host.
+  device for the evaluator's lifetime, and two blocks' parameters that no unit owns;
+* variants: a block's stacks hold ``K_u`` level slots per unit in the model's dtype
+  (``a x sum_u K_u sum_{p in u} N_p``; unused slots repeat a moved level on the device),
+  two blocks of them (this one, and the next, prefetched) plus the next block's moved
+  levels, at most ``P_u = min(n, K_u)`` per unit (``n`` the most candidates one actor
+  scores in one query), in the storage dtype (nested variants: the model's); the same
+  moved levels twice in host staging buffers (the store's memory-mapped pages live in
+  the shared page cache, not in any process);
+* activations / hidden states: ``n x fidelity x D x a`` (the states of all of a
+  query's candidates stay on the device between blocks) plus one call's working set
+  (``candidates_per_call`` candidates of one micro-batch, as resident);
+* teacher: on the host (all calibration tokens); the query's rows on the device;
+* reference: as resident, on the device (the streaming evaluator keeps it there up to
+  1 GiB).
 
 Bytes moved per generation (streaming): for every query of a generation, every block
-brings ``sum_u P_u`` variants; EvoPress asks ``offspring`` candidates at ``tokens[0]``,
-then ``survivors[i-1]`` (``+ 1`` re-scored parent in the last stage) at ``tokens[i]``.
-This is an upper bound: candidates that share a variant share its transfer.
+moves ``sum_u P_u`` levels of each unit; EvoPress asks ``offspring`` candidates at
+``tokens[0]``, then ``survivors[i-1]`` (``+ 1`` re-scored parent in the last stage) at
+``tokens[i]``. This is an upper bound: a query moves only the distinct levels its
+candidates use (an EvoPress child differs from its parent in a few units).
 
 The driver holds the loaded model and the token sets while the actors score; at the end
 it scores the result (held-out perplexity) with a one-candidate evaluator of the chosen
@@ -126,7 +134,11 @@ _BINARY = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 class MemoryPlanError(ValueError):
     """The run does not fit: the message names the bytes needed and available (GiB) and
-    the changes that would fit."""
+    the changes that would fit; ``plan`` is the :class:`MemoryPlan` that did not fit."""
+
+    def __init__(self, message: str, plan: MemoryPlan | None = None):
+        super().__init__(message)
+        self.plan = plan
 
 
 # --------------------------------------------------------------------------- parsing
@@ -300,6 +312,18 @@ class _Layout:
         """One level of unit ``u`` as weights of ``itemsize`` bytes."""
         return itemsize * sum(self.params[i].numel for i in self.unit_params[u])
 
+    def moved_bytes(self, n: int, s: int, a: int) -> int:
+        """The levels one block moves for ``n`` candidates, at most ``min(n, K_u)`` per
+        unit: dense variants in the storage dtype (``s``), nested ones in the model's."""
+        return sum(
+            min(n, k)
+            * sum(
+                (s if self.params[i].kind == "dense" else a) * self.params[i].numel
+                for i in self.unit_params[u]
+            )
+            for u, k in enumerate(self.unit_levels)
+        )
+
     def block_variants(self, n: int, itemsize: int) -> int:
         """``sum_u min(n, K_u) x unit bytes``: one block's variants for ``n`` candidates."""
         return sum(min(n, k) * self.unit_bytes(u, itemsize) for u, k in enumerate(self.unit_levels))
@@ -444,7 +468,11 @@ class MemoryPlan:
       mode: the chosen mode (``None``: nothing fits).
       store_bytes: the supernet store's size on disk.
       moved_per_generation: streaming: bytes brought to the device per search generation,
-        all actors together (0 for strategies without generations).
+        all actors together, if every candidate used a different level of every unit
+        (0 for strategies without generations).
+      moved_estimate: the same for EvoPress's children of one parent: each differs from
+        it in at most ``2 x max_switches`` units, so a query of ``n`` moves at most
+        ``L + 2 max_switches n`` distinct variants (``L`` units), at the mean unit size.
       notes: lines shown under the table.
     """
 
@@ -462,6 +490,7 @@ class MemoryPlan:
     store_bytes: int
     moved_per_generation: int
     notes: tuple[str, ...] = ()
+    moved_estimate: int = 0
 
     def need(self, mode: str) -> tuple[int, int]:
         """(device bytes of the largest process, host bytes of this machine) in ``mode``.
@@ -514,7 +543,8 @@ class MemoryPlan:
         if self.moved_per_generation:
             lines.append(
                 f"- streaming moves at most {format_bytes(self.moved_per_generation)} to the "
-                "device per generation (all actors)"
+                "device per generation (all actors), about "
+                f"{format_bytes(self.moved_estimate)} for EvoPress children of one parent"
             )
         lines.append(f"- chosen: **{self.mode or 'nothing fits'}**")
         lines += [f"- {n}" for n in self.notes]
@@ -736,14 +766,7 @@ def _streaming(
         per_actor = -(-n // workers)
         # the distinct levels read and moved for a block (at most min(n, K_u) per unit),
         # in the storage dtype for dense variants, the model's for nested ones
-        slabs = sum(
-            min(per_actor, k)
-            * sum(
-                (s if layout.params[i].kind == "dense" else a) * layout.params[i].numel
-                for i in layout.unit_params[u]
-            )
-            for u, k in enumerate(layout.unit_levels)
-        )
+        slabs = layout.moved_bytes(per_actor, s, a)
         # this block's stacks in use, the next block's stacks and slabs (prefetch)
         variants = max(variants, 2 * stacks + slabs)
         host_slabs = max(host_slabs, 2 * slabs)
@@ -961,6 +984,12 @@ def plan_memory(
     else:
         modes["resident"] = (_single_process(command, m, layout, a=a, cfg=cfg),)
 
+    def moved_query(n: int) -> int:
+        """Bytes one query of ``n`` candidates moves over all actors (every level used)."""
+        workers_ = max(nworkers, 1)
+        per_actor = -(-n // workers_)
+        return min(n, workers_) * blocks * layout.moved_bytes(per_actor, s, a)
+
     fits = {}
     for mode, procs in modes.items():
         d, h = _need(procs, device_kind)
@@ -993,6 +1022,20 @@ def plan_memory(
         "candidates per call (resident)": str(g),
         "workers": f"{nworkers} actor(s)" if nworkers else "none (the driver scores)",
     }
+    moved_estimate = 0
+    if generations and moved:
+        from allocsearch.search.evolutionary import EvolutionarySearcher
+
+        switches = int(
+            dict(cfg.search.settings or {}).get("max_switches", EvolutionarySearcher.max_switches)
+        )
+        units = blocks * len(layout.unit_levels)
+        mean_unit = blocks * layout.moved_bytes(1, s, a) / max(units, 1)
+        for n, tokens in queries:
+            if n == 1 and tokens == n_cal and len(queries) > 1:
+                continue
+            per_query = moved_query(n)
+            moved_estimate += min(per_query, int((units + 2 * switches * n) * mean_unit))
     result = MemoryPlan(
         model=model or str(hf_config.get("model_type")),
         command=command,
@@ -1008,10 +1051,12 @@ def plan_memory(
         store_bytes=store_bytes if store is not None else _store_bytes(m, layout, s, store_layout),
         moved_per_generation=moved,
         notes=tuple(notes),
+        moved_estimate=moved_estimate,
     )
     if chosen is None:
         overrides = {"storage_dtype": storage, "micro_batch_tokens": mb, "store": store}
-        raise MemoryPlanError(_shortfall(result, hf_config, cfg, execution, suggest, overrides))
+        message = _shortfall(result, hf_config, cfg, execution, suggest, overrides)
+        raise MemoryPlanError(message, result)
     return result
 
 
@@ -1080,17 +1125,17 @@ def _shortfall(
     parts = []
     if plan.device_kind != "cpu" and d > usable_d:
         parts.append(
-            f"{d / GIB:.1f} GiB of device memory per process, {usable_d / GIB:.1f} GiB "
-            f"available ({plan.device_memory / GIB:.1f} GiB less the {plan.margin:.0%} margin)"
+            f"{format_bytes(d)} of device memory per process, {format_bytes(usable_d)} "
+            f"available ({format_bytes(plan.device_memory)} less the {plan.margin:.0%} margin)"
         )
     if h > usable_h:
         where = " (the CPU device included)" if plan.device_kind == "cpu" else ""
         parts.append(
-            f"{h / GIB:.1f} GiB of host memory{where}, {usable_h / GIB:.1f} GiB available "
-            f"({plan.host_memory / GIB:.1f} GiB less the {plan.margin:.0%} margin)"
+            f"{format_bytes(h)} of host memory{where}, {format_bytes(usable_h)} available "
+            f"({format_bytes(plan.host_memory)} less the {plan.margin:.0%} margin)"
         )
     others = [m for m in plan.modes if m != best]
-    other = ", ".join(f"{m}: {plan.need(m)[0] / GIB:.1f} GiB per process" for m in others)
+    other = ", ".join(f"{m}: {format_bytes(plan.need(m)[0])} per process" for m in others)
     mode = f"{best} execution" if plan.command in ("search", "compare") else "it"
     head = (
         f"{plan.model} does not fit for `{plan.command}`: {mode} needs "

@@ -621,6 +621,15 @@ def no_ray_actor(env: Env) -> None:
     expect(env, _search(env, cfg, "run"), "WorkerStartError", "CUDA out of memory")
 
 
+def does_not_fit(env: Env) -> None:
+    # allocsearch.plan.check_run, before the model loads; sizes as if this were a machine
+    # with 1 MB of memory
+    env.monkeypatch.setenv("ALLOCSEARCH_DEVICE_MEMORY", "1MB")
+    env.monkeypatch.setenv("ALLOCSEARCH_HOST_MEMORY", "1MB")
+    args = _eval(env, env.workdir / "model")
+    expect(env, args, "MemoryPlanError", "does not fit for `eval`", "0.9 MiB available")
+
+
 CASES: dict[str, Callable[[Env], None]] = {
     "config file missing or not YAML; config key unknown, wrong type, out of range, min above "
     "max": config_errors,
@@ -658,6 +667,8 @@ CASES: dict[str, Callable[[Env], None]] = {
     "`--supernet`)": bad_option,
     "output path exists": output_exists,
     "`--resume` without a complete checkpoint, or of a different search": resume_errors,
+    "run that does not fit this machine's memory (bytes needed and available in GiB, what "
+    "would fit)": does_not_fit,
     "no Ray actor could start (factory error quoted) / actors keep dying": no_ray_actor,
 }
 
