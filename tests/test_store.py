@@ -671,3 +671,14 @@ def test_storage_dtype_in_config_and_command_line(tmp_path):
         assert r.exit_code == 2, r.output
         assert "supernet.storage_dtype = 'fp16' is not valid" in r.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_store_directory_gets_the_usual_permissions(layers, tmp_path):
+    """Issue 16.10: the store directory is 0777 & ~umask like every other output, not the
+    0700 of its temporary name."""
+    old = os.umask(0o022)
+    try:
+        path = write_store(tmp_path / "shared", layers)
+    finally:
+        os.umask(old)
+    assert (os.stat(path).st_mode & 0o777) == 0o755

@@ -518,6 +518,10 @@ class StoreWriter:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        # mkdtemp made it 0700; a store is shared like any other output (0777 & ~umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         if self.path.exists():
             if not self.overwrite:
                 raise FileExistsError(f"{self.path} appeared during the build; not replacing it")
