@@ -71,8 +71,17 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _CREATED_DIRS.clear()
         try:
             return fn(*args, **kwargs)
+        except BaseException:
+            _remove_empty_created_dirs()
+            raise
+
+    @functools.wraps(fn)
+    def reporting(*args, **kwargs):
+        try:
+            return wrapper(*args, **kwargs)
         except KeyboardInterrupt:
             console.print("[red]interrupted[/]")
             raise typer.Exit(130) from None
@@ -85,7 +94,21 @@ def handle_errors(fn):
             _print_error(e, str(e) if e.filename or out is None else f"{e} (writing {out})")
             raise typer.Exit(EXIT_USER_ERROR) from None
 
-    return wrapper
+    return reporting
+
+
+# Output directories the running command created: a command that fails removes those
+# still empty, so a failed run leaves nothing behind (a partial run keeps its files).
+_CREATED_DIRS: list[Path] = []
+
+
+def _remove_empty_created_dirs() -> None:
+    for path in reversed(_CREATED_DIRS):
+        try:
+            path.rmdir()  # only succeeds when empty
+        except OSError:
+            pass
+    _CREATED_DIRS.clear()
 
 
 ConfigOpt = Annotated[
@@ -184,10 +207,18 @@ def _check_memory(cfg: RunConfig, command: str, supernet: Path | None = None) ->
     check_run(cfg, command, store=supernet)
 
 
-def _fresh_dir(path: Path, overwrite: bool) -> Path:
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    """An output directory that holds files is refused (before any work) without
+    ``--overwrite``."""
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; pass --overwrite to reuse it")
+
+
+def _fresh_dir(path: Path, overwrite: bool) -> Path:
+    _refuse_existing(path, overwrite)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
     path.mkdir(parents=True, exist_ok=True)
+    _CREATED_DIRS.extend(reversed(missing))  # outermost first
     return path
 
 
@@ -316,6 +347,8 @@ def search(
     """Search an allocation on a supernet and write recipe.json, a log and plots."""
     from allocsearch.search_run import run_search_command
 
+    if not resume:
+        _refuse_existing(out, overwrite)
     cfg = _config(
         config,
         search__strategy=strategy,
@@ -329,6 +362,8 @@ def search(
     elif not out.exists():
         raise FileNotFoundError(f"--resume: run directory {out} does not exist")
     run_search_command(cfg, supernet, out, resume=resume, progress=progress, console=out_console)
+    if (out / "recipe.json").exists():  # a finished run supersedes an interrupted one's
+        (out / "recipe.partial.json").unlink(missing_ok=True)
 
 
 @app.command()
@@ -352,6 +387,7 @@ def compare(
     evaluations, wall time), chart and fitness curves."""
     from allocsearch.demo import run_compare
 
+    _refuse_existing(out, overwrite)
     cfg = _config(
         config,
         search__target=_default_target(target, config, supernet),

@@ -372,4 +372,5 @@ def test_ctrl_c_writes_partial_recipe_and_resume_finishes_the_same(workdir, supe
     assert r.exit_code == 0, r.output
     resumed = Recipe.load(out / "recipe.json")
     assert resumed.layers == whole.layers and not resumed.partial
+    assert not (out / "recipe.partial.json").exists()  # issue 16.8: no stale partial recipe
     assert resumed.provenance.fitness == whole.provenance.fitness
