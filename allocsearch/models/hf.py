@@ -29,6 +29,7 @@ from allocsearch.models.base import ModelAdapter
 from allocsearch.models.bert import BertAdapter
 from allocsearch.models.gpt2 import GPT2Adapter
 from allocsearch.models.llama import LlamaAdapter
+from allocsearch.models.phi3 import Phi3Adapter
 from allocsearch.models.safetensors_io import read_header, read_safetensors, write_safetensors
 
 FAMILIES: dict[str, type[ModelAdapter]] = {
@@ -41,6 +42,7 @@ FAMILIES: dict[str, type[ModelAdapter]] = {
     "gemma": LlamaAdapter,
     "gemma2": LlamaAdapter,
     "gemma3_text": LlamaAdapter,
+    "phi3": Phi3Adapter,
     "gpt2": GPT2Adapter,
     "bert": BertAdapter,
 }
@@ -54,6 +56,7 @@ ARCHITECTURES = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "bert": "BertModel",
 }

@@ -1,6 +1,7 @@
 """Llama-architecture decoders: Llama 2/3, Mistral, Qwen2, Qwen3, OLMo 2, Granite, Gemma,
-Gemma 2 and Gemma 3 (text). One module tree covers them all; a family differs only in
-config-derived traits (:class:`LlamaConfig`):
+Gemma 2 and Gemma 3 (text); Phi-3 reuses them with fused projections (``phi3.py``). One
+module tree covers them all; a family differs only in config-derived traits
+(:class:`LlamaConfig`):
 
 - RMSNorm, optionally stored as ``scale - 1`` (Gemma: ``1 + weight``);
 - norm placement: pre-norm (Llama), post-norm on each sublayer's output (OLMo 2), or
@@ -68,6 +69,7 @@ MODEL_TYPES = (
     "gemma",
     "gemma2",
     "gemma3_text",
+    "phi3",
 )
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 
@@ -216,9 +218,9 @@ def _attention_types(
     window = cfg.get("sliding_window")
     if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
         window = None
-    if model_type == "mistral" or model_type not in ("qwen2", "qwen3", "gemma2", "gemma3_text"):
-        # Mistral slides in every layer; the other families never slide.
-        window = window if model_type == "mistral" else None
+    if model_type not in ("qwen2", "qwen3", "gemma2", "gemma3_text"):
+        # Mistral and Phi-3 slide in every layer; the other families never slide.
+        window = window if model_type in ("mistral", "phi3") else None
         name = "sliding_attention" if window else "full_attention"
         return (0,) * n_layers, (name,), (int(window) if window else None,)
     layer_types = cfg.get("layer_types")
@@ -270,6 +272,8 @@ def _ropes(
             rope = dict(nested.get(name) or {})
         else:
             rope = dict(legacy) if legacy is not None and not params.get("rope_type") else params
+        if model_type == "phi3" and rope.get("rope_type", rope.get("type")) in ("su", "yarn"):
+            rope = {**rope, "rope_type": "longrope"}  # as transformers' Phi3Config renames them
         base = theta
         if model_type == "gemma3_text":
             if name == "sliding_attention":
@@ -358,18 +362,29 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, layer: int, rngs: nnx.Rngs):
+    """One block. ``attention_cls`` / ``mlp_cls`` swap in fused projections (Phi-3) with
+    the same call signatures."""
+
+    def __init__(
+        self,
+        cfg: LlamaConfig,
+        layer: int,
+        rngs: nnx.Rngs,
+        *,
+        attention_cls: type[nnx.Module] = LlamaAttention,
+        mlp_cls: type[nnx.Module] = LlamaMLP,
+    ):
         def norm():
             return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.norm_offset)
 
         layout = cfg.norm_layout
         # Attribute names are the Hugging Face ones of each layout.
         self.input_layernorm = norm() if layout in ("pre", "sandwich") else None
-        self.self_attn = LlamaAttention(cfg, rngs)
+        self.self_attn = attention_cls(cfg, rngs)
         self.post_attention_layernorm = norm()
         self.pre_feedforward_layernorm = norm() if layout == "sandwich" else None
         self.post_feedforward_layernorm = norm() if layout in ("post", "sandwich") else None
-        self.mlp = LlamaMLP(cfg, rngs)
+        self.mlp = mlp_cls(cfg, rngs)
         self.layout = layout
         self.residual_multiplier = cfg.residual_multiplier
         self.layer_type_id = (
@@ -397,17 +412,17 @@ class LlamaDecoderLayer(nnx.Module):
 
 
 class LlamaModel(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, **layer_kw: Any):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
         self.layers = nnx.List(
-            [LlamaDecoderLayer(cfg, i, rngs) for i in range(cfg.num_hidden_layers)]
+            [LlamaDecoderLayer(cfg, i, rngs, **layer_kw) for i in range(cfg.num_hidden_layers)]
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.norm_offset)
 
 
 class LlamaForCausalLM(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
-        self.model = LlamaModel(cfg, rngs)
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, **layer_kw: Any):
+        self.model = LlamaModel(cfg, rngs, **layer_kw)
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
@@ -415,19 +430,17 @@ class LlamaForCausalLM(nnx.Module):
         )
 
 
-class LlamaAdapter(ModelAdapter):
-    """Llama-architecture causal language models (see the module docstring for the
-    families and their traits)."""
+class RotaryDecoderAdapter(ModelAdapter):
+    """What every :class:`LlamaConfig` decoder shares: the ``model.layers.{i}`` layout,
+    embeddings with per-attention-type rope tables and masks, the final norm and head,
+    and the per-block ``layer_type_id`` constants. Subclasses build the module tree and
+    list the prunable layers."""
 
-    family = "llama"
     is_causal_lm = True
 
     def __init__(self, hf_config: Mapping[str, Any]):
         self.cfg = LlamaConfig.from_hf(hf_config)
         super().__init__(hf_config)
-
-    def build_module(self, rngs: nnx.Rngs) -> nnx.Module:
-        return LlamaForCausalLM(self.cfg, rngs)
 
     def block_module(self, module: nnx.Module, i: int) -> nnx.Module:
         return module.model.layers[i]
@@ -478,31 +491,15 @@ class LlamaAdapter(ModelAdapter):
             for i, t in enumerate(c.layer_type_ids)
         }
 
-    def layers(self, *, include_embeddings=False, include_head=False) -> list[LayerInfo]:
+    def _outer_layers(self, include_embeddings: bool, include_head: bool):
         c = self.cfg
-        d, hd, f = c.hidden_size, c.head_dim, c.intermediate_size
-        q_out, kv_out = c.num_attention_heads * hd, c.num_key_value_heads * hd
-        out: list[LayerInfo] = []
-        if include_embeddings:
-            out.append(LayerInfo("model.embed_tokens", "embed", -1, (c.vocab_size, d), 0, "embed"))
-        for i in range(c.num_hidden_layers):
-            p = f"model.layers.{i}."
-            spec = [
-                ("self_attn.q_proj", "q", (q_out, d), "self_attn.q_proj"),
-                ("self_attn.k_proj", "k", (kv_out, d), "self_attn.q_proj"),
-                ("self_attn.v_proj", "v", (kv_out, d), "self_attn.q_proj"),
-                ("self_attn.o_proj", "o", (d, q_out), "self_attn.o_proj"),
-                ("mlp.gate_proj", "gate", (f, d), "mlp.gate_proj"),
-                ("mlp.up_proj", "up", (f, d), "mlp.gate_proj"),
-                ("mlp.down_proj", "down", (d, f), "mlp.down_proj"),
-            ]
-            for rel, role, shape, group in spec:
-                out.append(LayerInfo(p + rel, role, i, shape, shape[0] * shape[1], p + group))
-        if include_head and not c.tie_word_embeddings:
-            out.append(
-                LayerInfo("lm_head", "lm_head", -1, (c.vocab_size, d), c.vocab_size * d, "lm_head")
-            )
-        return out
+        d = c.hidden_size
+        embed = LayerInfo("model.embed_tokens", "embed", -1, (c.vocab_size, d), 0, "embed")
+        head = LayerInfo("lm_head", "lm_head", -1, (c.vocab_size, d), c.vocab_size * d, "lm_head")
+        return (
+            [embed] if include_embeddings else [],
+            [head] if include_head and not c.tie_word_embeddings else [],
+        )
 
     def from_hf_tensors(self, tensors):
         params = dict(tensors)
@@ -519,3 +516,34 @@ class LlamaAdapter(ModelAdapter):
     def to_hf_tensors(self, params):
         consts = self.constant_params()
         return {k: v for k, v in params.items() if k not in consts}
+
+
+class LlamaAdapter(RotaryDecoderAdapter):
+    """Llama-architecture causal language models (see the module docstring for the
+    families and their traits)."""
+
+    family = "llama"
+
+    def build_module(self, rngs: nnx.Rngs) -> nnx.Module:
+        return LlamaForCausalLM(self.cfg, rngs)
+
+    def layers(self, *, include_embeddings=False, include_head=False) -> list[LayerInfo]:
+        c = self.cfg
+        d, hd, f = c.hidden_size, c.head_dim, c.intermediate_size
+        q_out, kv_out = c.num_attention_heads * hd, c.num_key_value_heads * hd
+        first, last = self._outer_layers(include_embeddings, include_head)
+        out: list[LayerInfo] = list(first)
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}."
+            spec = [
+                ("self_attn.q_proj", "q", (q_out, d), "self_attn.q_proj"),
+                ("self_attn.k_proj", "k", (kv_out, d), "self_attn.q_proj"),
+                ("self_attn.v_proj", "v", (kv_out, d), "self_attn.q_proj"),
+                ("self_attn.o_proj", "o", (d, q_out), "self_attn.o_proj"),
+                ("mlp.gate_proj", "gate", (f, d), "mlp.gate_proj"),
+                ("mlp.up_proj", "up", (f, d), "mlp.gate_proj"),
+                ("mlp.down_proj", "down", (d, f), "mlp.down_proj"),
+            ]
+            for rel, role, shape, group in spec:
+                out.append(LayerInfo(p + rel, role, i, shape, shape[0] * shape[1], p + group))
+        return out + last
