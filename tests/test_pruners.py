@@ -21,7 +21,15 @@ from allocsearch.pruners import (
     accumulate_stats,
     mask_from_rank,
 )
-from allocsearch.pruners.sparsegpt import block_prune_counts
+from allocsearch.pruners.sparsegpt import (
+    SweepFlops,
+    _lazy_update,
+    _select_keep,
+    _sweep_block,
+    block_prune_counts,
+    obs_prune_levels,
+    sparsegpt_flops,
+)
 
 
 def correlated_inputs(rng: np.random.Generator, tokens: int, width: int) -> np.ndarray:
@@ -421,3 +429,94 @@ def test_sparsegpt_rejects_bad_options():
         SparseGPTPruner(percdamp=-0.1)
     with pytest.raises(ValueError, match="levels_per_pass"):
         SparseGPTPruner(levels_per_pass=0)
+
+
+# --------------------------------------------------------------------------- SparseGPT sweep
+
+
+def test_sparsegpt_flops_hand_computed():
+    # out 2, in 5, 3 levels, blocks of 2: blocks 2, 2, 1 hold 1 + 1 + 0 = 2 column pairs of
+    # the 10; each pair costs 2 flops per row and level (12), so within 24 and across 96.
+    flops = sparsegpt_flops(2, 5, 3, 2)
+    assert flops == SweepFlops(factor=2 * 125 // 3, within=24, across=96, elementwise=90)
+    assert flops.total == 83 + 24 + 96 + 90
+    assert flops.within + flops.across == 3 * 2 * 5 * 4  # K out n (n - 1), any blocksize
+    with pytest.raises(ValueError, match="blocksize must be a positive int"):
+        sparsegpt_flops(2, 5, 3, 0)
+
+
+def test_select_keep_matches_a_stable_sort_with_ties():
+    rng = np.random.default_rng(8)
+    # [c=6 columns, K=3 levels, out=5 rows]; few distinct values, so many ties, and zeros.
+    scores = rng.integers(0, 4, size=(6, 3, 5)).astype(np.float32) / 4
+    counts = np.array([0, 13, 30], np.int32)
+    keep = np.asarray(_select_keep(jnp.asarray(scores), jnp.asarray(counts)))
+    for k, c in enumerate(counts):
+        flat = scores[:, k, :].T.ravel()  # row-major over (out, column): the tie order
+        pruned = np.zeros(flat.size, bool)
+        pruned[np.argsort(flat, kind="stable")[:c]] = True
+        np.testing.assert_array_equal(~keep[:, k, :].T.ravel(), pruned)
+
+
+def _reconstruction_error(weight, w_k, x) -> float:
+    """||(W - W_k) X^T||_F^2 in float64 (lower is better)."""
+    return output_error(weight, w_k, x) ** 2
+
+
+@pytest.fixture(scope="module")
+def odd_layer():
+    """48 x 300 layer (blocks of 64: four whole blocks and one of 44) with a dead input."""
+    rng = np.random.default_rng(9)
+    x = correlated_inputs(rng, 600, 300)
+    x[:, 11] = 0.0
+    weight = rng.normal(size=(48, 300)).astype(np.float32)
+    return weight, x, accumulate_stats(None, x)
+
+
+def test_sparsegpt_recursive_agrees_with_reference_impl(odd_layer):
+    weight, x, stats = odd_layer
+    numel = weight.size
+    counts = [0, 1, 1000, 4000, 7200, 9000, 11000, 14000, numel]
+    levels = np.array(counts) / numel
+    new = SparseGPTPruner(blocksize=64).prune(weight, stats, levels)
+    old = SparseGPTPruner(blocksize=64, impl="reference").prune(weight, stats, levels)
+    np.testing.assert_array_equal(np.asarray(new.weights[0]), weight)  # not swept
+    np.testing.assert_array_equal(np.asarray(new.weights[-1]), np.zeros_like(weight))
+    for k, c in enumerate(counts):
+        w_new, w_old = np.asarray(new.weights[k]), np.asarray(old.weights[k])
+        assert int(np.sum(w_new == 0)) == c
+        assert np.mean((w_new == 0) == (w_old == 0)) >= 0.999
+        if 0 < c < numel:
+            assert _reconstruction_error(weight, w_new, x) <= 1.0001 * _reconstruction_error(
+                weight, w_old, x
+            )
+
+
+def test_nm_sparsegpt_recursive_agrees_with_reference_impl(odd_layer):
+    weight, x, stats = odd_layer
+    w, h = jnp.asarray(weight), jnp.asarray(stats.hessian)
+    options = dict(counts=None, nm_prune=np.array([0, 1, 2, 4]), m=4, blocksize=64)
+    options.update(percdamp=0.01, levels_per_pass=None)
+    new = np.asarray(obs_prune_levels(w, h, **options))
+    old = np.asarray(obs_prune_levels(w, h, **options, impl="reference"))
+    np.testing.assert_array_equal(new[0], weight)
+    np.testing.assert_array_equal(new[3], np.zeros_like(weight))
+    for k in (1, 2):
+        assert np.mean((new[k] == 0) == (old[k] == 0)) >= 0.999
+        assert _reconstruction_error(weight, new[k], x) <= 1.0001 * _reconstruction_error(
+            weight, old[k], x
+        )
+
+
+def test_sparsegpt_reuses_compiled_programs_across_layers_of_one_shape(odd_layer):
+    weight, _, stats = odd_layer
+    levels = np.array([1000, 7200]) / weight.size
+    SparseGPTPruner(blocksize=64).prune(weight, stats, levels)
+    sizes = (_sweep_block._cache_size(), _lazy_update._cache_size())
+    SparseGPTPruner(blocksize=64).prune(-weight, stats, levels)  # another layer, same shape
+    assert (_sweep_block._cache_size(), _lazy_update._cache_size()) == sizes
+
+
+def test_sparsegpt_rejects_unknown_impl():
+    with pytest.raises(ValueError, match="impl must be one of"):
+        SparseGPTPruner(impl="fast")

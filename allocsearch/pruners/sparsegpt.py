@@ -11,27 +11,63 @@ The algorithm, for each level, restated from the paper:
    M columns is chosen when the sweep reaches the group.
 3. Column ``j`` is then pruned: the error ``e = (w_j - q_j) / U_jj`` is spread over the
    columns not yet processed, ``W[:, j:] -= e U[j, j:]``, which is the OBS update because
-   row ``j`` of ``U`` is ``H^-1`` restricted to the remaining columns, scaled. Updates to
-   later blocks are applied once per block as one matrix product.
+   row ``j`` of ``U`` is ``H^-1`` restricted to the remaining columns, scaled.
 
 The factorisation is computed once per layer and shared by all levels, which are swept
-together (batched over a leading level axis). Differences from the reference code, all so
-that every level has *exactly* its sparsity:
+together (batched over a level axis). Differences from the reference code, all so that
+every level has *exactly* its sparsity:
 
 * the number of weights pruned in each block is the level's exact total spread over the
   blocks by cumulative rounding (``round(c * N_b / numel)`` differences), and exactly that
-  many lowest scores are pruned (the reference thresholds ``int(s * block_numel)``);
+  many lowest scores are pruned (the reference thresholds ``int(s * block_numel)``); ties
+  are broken by position, row-major over the block's ``(out, column)`` entries;
 * weights of dead inputs (zero on every calibration token) are not zeroed up front: they
   get score 0 so they are pruned first, which costs nothing on the calibration data, and
   those a level keeps stay unchanged (no other column's update reaches them, since the
   unit diagonal decouples them in ``H``).
+
+**Arithmetic.** For a weight of ``out x n`` (``n`` inputs), ``K`` levels and blocks of
+``B`` columns, the necessary floating-point operations (a multiply and an add count as
+two) are (:func:`sparsegpt_flops`)::
+
+    factor      = 2 n^3 / 3                        once per layer, shared by all levels
+    obs updates = K * out * n * (n - 1)            every pair (j < i) of columns: 2 flops
+                                                   per row; split by blocks into
+                  within = K * 2 out * sum_b B_b (B_b - 1) / 2  and  across = the rest
+    elementwise = K * 3 out n                      scores w^2 / d^2 (2), errors (1)
+
+``factor`` is one Cholesky of ``H`` with its rows and columns reversed, ``J H J = M M^T``
+(``n^3 / 3``), and one triangular inverse (``n^3 / 3``): ``U = J M^-1 J`` is upper with
+``U^T U = H^-1``, so it *is* the Cholesky factor of ``H^-1``, without forming ``H^-1``
+(the code inverts ``M`` with a triangular solve against the identity, which performs
+``n^3``). Mask selection adds comparisons, not flops: 33 compare-and-count passes over
+the block's scores per level (a bisection on the scores' bit patterns for the exact
+``c``-th smallest, then the mask), ``33 K out n`` in all. For ``out = n`` the updates
+dominate: ``K n^3`` against ``2 n^3 / 3``. The errors are dense in this count (a kept
+weight's error is an exact 0 that the products still multiply).
+
+**Implementation** (``impl="recursive"``, the default). The sweep is the recursive form
+of the lazy batched update: a column range is split in two (at a block boundary while it
+spans several blocks, then at a multiple of ``LEAF_COLUMNS``), the left half is swept,
+its errors update the right half in *one* matrix product, ``W_R -= U_LR^T E_L``, and the
+right half is swept. Every product covers exactly the column pairs that need it (no work
+on finished columns, no padding), and most of the arithmetic runs in the few largest
+products (half of it in the first one), sized by the layer rather than by ``B``. A
+block's mask is chosen when the recursion reaches the block, i.e. after every earlier
+column's update, as in the sequential algorithm; only leaves of ``LEAF_COLUMNS`` columns
+are swept column by column. Levels that prune nothing or everything are not swept. Shapes
+are static, so every layer of one shape (and level count) runs one compiled program.
+``impl="reference"`` keeps the previous implementation (each block updates all columns
+of all levels in a ``fori_loop``: about twice the update arithmetic, four times the
+factorisation, and a full sort per block and level for the mask); it gives the same masks
+and weights up to float rounding, and serves as the test and benchmark reference.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import ClassVar
+from typing import ClassVar, Final, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +88,70 @@ from allocsearch.pruners.base import (
     rank_in_rows,
 )
 
+LEAF_COLUMNS: Final[int] = 16
+"""Columns swept one at a time (rank-1 updates) at the bottom of the recursion; all other
+OBS updates are matrix products. Rounded up to a multiple of M for N:M."""
+
+IMPLS: Final[tuple[str, ...]] = ("recursive", "reference")
+"""SparseGPT sweep implementations (see the module docstring)."""
+
+# Bit pattern of +inf: the largest key of a non-negative float32 score.
+_INF_BITS: Final[int] = 0x7F800000
+# Bisection steps from the range (-1, _INF_BITS] down to one key.
+_SELECT_STEPS: Final[int] = 31
+
+
+class SweepFlops(NamedTuple):
+    """Necessary floating-point operations of one layer's SparseGPT build (see the module
+    docstring); a multiply and an add count as two.
+
+    Attributes:
+      factor: Cholesky of the reversed ``H`` and the triangular inverse, ``2 n^3 / 3``.
+      within: OBS updates between columns of the same mask block, all levels.
+      across: OBS updates from a block's columns to later blocks, all levels.
+      elementwise: scores and errors, ``3 K out n``.
+    """
+
+    factor: int
+    within: int
+    across: int
+    elementwise: int
+
+    @property
+    def total(self) -> int:
+        return self.factor + self.within + self.across + self.elementwise
+
+
+def sparsegpt_flops(out_features: int, in_features: int, levels: int, blocksize: int) -> SweepFlops:
+    """Flops a SparseGPT build of an ``out x in`` weight at ``levels`` levels needs.
+
+    Args:
+      out_features, in_features: the weight's shape.
+      levels: levels swept (those pruning neither nothing nor everything).
+      blocksize: columns per mask block; it splits the updates into ``within`` and
+        ``across`` but does not change their sum.
+
+    Returns:
+      :class:`SweepFlops`; ``.total`` is the sum.
+    """
+    for key, value in dict(
+        out_features=out_features, in_features=in_features, blocksize=blocksize
+    ).items():
+        if not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{key} must be a positive int, got {value!r}")
+    if not isinstance(levels, int | np.integer) or levels < 0:
+        raise ValueError(f"levels must be a non-negative int, got {levels!r}")
+    n = int(in_features)
+    sizes = [min(blocksize, n - b) for b in range(0, n, blocksize)]
+    within_pairs = sum(s * (s - 1) // 2 for s in sizes)
+    per_pair = 2 * int(out_features) * int(levels)
+    return SweepFlops(
+        factor=2 * n**3 // 3,
+        within=per_pair * within_pairs,
+        across=per_pair * (n * (n - 1) // 2 - within_pairs),
+        elementwise=3 * int(levels) * int(out_features) * n,
+    )
+
 
 def block_prune_counts(
     counts: np.ndarray, out_features: int, in_features: int, blocksize: int
@@ -67,6 +167,413 @@ def block_prune_counts(
     cum = [min(b * blocksize, in_features) * out_features for b in range(n_blocks + 1)]
     table = [[(2 * int(c) * n + numel) // (2 * numel) for n in cum] for c in counts]
     return np.diff(np.asarray(table, dtype=np.int64), axis=1).astype(np.int32)
+
+
+# --------------------------------------------------------------------------- recursive sweep
+
+
+@jax.jit
+def _obs_factor(h: jax.Array) -> jax.Array:
+    """float32[n, n]: ``L = U^T`` (lower), where ``U`` is the upper Cholesky factor of
+    ``h^-1``: ``J h J = M M^T`` with ``J`` the reversal, ``U = J M^-1 J``."""
+    m = jnp.linalg.cholesky(h[::-1, ::-1])
+    eye = jnp.eye(h.shape[0], dtype=h.dtype)
+    m_inv = jax.scipy.linalg.solve_triangular(m, eye, lower=True)
+    return m_inv[::-1, ::-1].T
+
+
+def _block_scores(w: jax.Array, d: jax.Array, free: jax.Array) -> jax.Array:
+    """float32[c, K, out]: OBS saliency ``w^2 / d^2`` of columns ``w[c, K, out]``; free
+    (dead) inputs 0."""
+    s = jnp.square(w) / jnp.square(d)[:, None, None]
+    return jnp.where(free[:, None, None], 0.0, s)
+
+
+def _select_keep(scores: jax.Array, count: jax.Array) -> jax.Array:
+    """bool[c, K, out]: False on the ``count[k]`` lowest scores of each level ``k``.
+
+    Ties are broken by position, row-major over ``(out, c)``, the order of a stable sort
+    of the ``[out, c]`` block. Instead of sorting, the ``count``-th smallest score is
+    bracketed on the scores' bit patterns (monotone for non-negative floats), each pass
+    counting ``key <= t`` for one ``t`` per level; passes alternate a secant guess
+    (linear in the counts) and bisection, so they are at most about 62 and usually far
+    fewer, and stop once some ``t`` has exactly ``count`` keys at or below it.
+    """
+    n_levels = scores.shape[1]
+    key = lax.bitcast_convert_type(jnp.transpose(scores, (1, 2, 0)), jnp.int32)
+    key = key.reshape(n_levels, -1)  # [K, out * c], in tie order; scores >= 0 (never -0.0)
+    count = count.astype(jnp.int32)
+
+    def pending(state):
+        lo, hi, _, c_hi, _ = state
+        return jnp.any((c_hi != count) & (hi - lo > 1))
+
+    def step(state):  # invariant: n(key <= lo) = c_lo < count <= c_hi = n(key <= hi)
+        lo, hi, c_lo, c_hi, i = state
+        span = hi - lo
+        frac = (count - c_lo).astype(jnp.float32) / (c_hi - c_lo).astype(jnp.float32)
+        guess = jnp.floor(frac * span.astype(jnp.float32)).astype(jnp.int32)
+        guess = jnp.clip(guess, 1, jnp.maximum(span - 1, 1))
+        mid = lo + jnp.where(i % 2 == 0, guess, span // 2)
+        n_le = jnp.sum(key <= mid[:, None], axis=1, dtype=jnp.int32)
+        ok = n_le >= count
+        return (
+            jnp.where(ok, lo, mid),
+            jnp.where(ok, mid, hi),
+            jnp.where(ok, c_lo, n_le),
+            jnp.where(ok, n_le, c_hi),
+            i + 1,
+        )
+
+    total = jnp.full((n_levels,), key.shape[1], jnp.int32)
+    state = (
+        jnp.full((n_levels,), -1, jnp.int32),
+        jnp.full((n_levels,), _INF_BITS, jnp.int32),
+        jnp.zeros((n_levels,), jnp.int32),
+        total,
+        jnp.int32(0),
+    )
+    _, t, _, c_hi, _ = lax.while_loop(pending, step, state)
+    # Either exactly count keys are <= t, or t is the count-th smallest key and ties at t
+    # are split by position.
+    pruned = key <= t[:, None]
+
+    def split_ties(pruned):
+        equal = key == t[:, None]
+        n_below = jnp.sum(pruned & ~equal, axis=1, dtype=jnp.int32)
+        position = jnp.cumsum(equal, axis=1, dtype=jnp.int32)  # 1-based among ties
+        return pruned & ~(equal & (position > (count - n_below)[:, None]))
+
+    pruned = lax.cond(jnp.all(c_hi == count), lambda p: p, split_ties, pruned)
+    out = scores.shape[2]
+    return jnp.transpose(~pruned.reshape(n_levels, out, -1), (2, 0, 1))
+
+
+def _nm_keep(scores: jax.Array, n_prune: jax.Array) -> jax.Array:
+    """bool[m, K, out]: False on the ``n_prune[k]`` lowest of each group of ``m`` scores
+    ``[m, K, out]`` (ties: lower column first), by pairwise comparison."""
+    m = scores.shape[0]
+    a, b = scores[:, None], scores[None, :]  # [i, j, K, out]: does i come before j?
+    earlier = (jnp.arange(m)[:, None] < jnp.arange(m)[None, :])[:, :, None, None]
+    rank = jnp.sum((a < b) | ((a == b) & earlier), axis=0, dtype=jnp.int32)  # [m, K, out]
+    return rank >= n_prune[None, :, None]
+
+
+def _sweep_leaf(
+    w: jax.Array,
+    keep: jax.Array | None,
+    u: jax.Array,
+    free: jax.Array,
+    nm_prune: jax.Array,
+    m: int | None,
+) -> tuple[jax.Array, jax.Array]:
+    """Sweep ``c`` columns one by one: (pruned weights, errors), both float32[c, K, out].
+
+    ``u`` is the float32[c, c] upper diagonal block of ``U``. ``keep`` is the mask of the
+    columns (unstructured), or ``None`` for N:M, whose groups of ``m`` are chosen as the
+    sweep reaches them.
+    """
+    d = jnp.diagonal(u)
+    c = w.shape[0]
+
+    def column(i, carry):
+        w, err, keep = carry
+        x = lax.dynamic_index_in_dim(w, i, axis=0, keepdims=False)  # [K, out]
+        kept = lax.dynamic_index_in_dim(keep, i, axis=0, keepdims=False)
+        e = jnp.where(kept, 0.0, x) / d[i]
+        # U is upper triangular, so this leaves earlier columns alone and sets column i to
+        # (numerically) its pruned value; the final where() makes zeros exact.
+        w = w - e[None] * u[i][:, None, None]
+        return w, lax.dynamic_update_index_in_dim(err, e, i, axis=0), keep
+
+    err = jnp.zeros_like(w)
+    if m is None:
+        w, err, keep = lax.fori_loop(0, c, column, (w, err, keep))
+        return jnp.where(keep, w, 0.0), err
+
+    def group(g, carry):
+        w, err, keep = carry
+        g0 = g * m
+        scores = _block_scores(
+            lax.dynamic_slice_in_dim(w, g0, m, axis=0),
+            lax.dynamic_slice_in_dim(d, g0, m),
+            lax.dynamic_slice_in_dim(free, g0, m),
+        )
+        keep = lax.dynamic_update_slice_in_dim(keep, _nm_keep(scores, nm_prune), g0, axis=0)
+        return lax.fori_loop(g0, g0 + m, column, (w, err, keep))
+
+    keep = jnp.ones(w.shape, bool)
+    w, err, keep = lax.fori_loop(0, c // m, group, (w, err, keep))
+    return jnp.where(keep, w, 0.0), err
+
+
+def _leaf_columns(blocksize: int, leaf: int, m: int | None) -> int:
+    """Columns per leaf: the largest divisor of ``blocksize`` in whole groups of ``m`` (N:M)
+    that is at most ``leaf`` (and at least one group), so leaves tile every block."""
+    group = m or 1
+    groups = blocksize // group
+    fits = [g for g in range(1, groups + 1) if groups % g == 0 and g * group <= max(leaf, group)]
+    return fits[-1] * group
+
+
+@jax.jit
+def _factor_program(hessian: jax.Array, percdamp: jax.Array) -> tuple[jax.Array, ...]:
+    """(``L = U^T`` float32[in, in], dead inputs bool[in], bool[] whether ``L`` is finite)
+    of the damped Hessian: the factorisation every level and pass shares."""
+    lower = _obs_factor(damped_hessian(hessian, percdamp))
+    return lower, dead_inputs(hessian), jnp.all(jnp.isfinite(lower))
+
+
+@partial(jax.jit, static_argnames=("blocksize", "n_levels"))
+def _split_blocks(
+    weight: jax.Array, lower: jax.Array, free: jax.Array, *, blocksize: int, n_levels: int
+) -> tuple[tuple[jax.Array, ...], ...]:
+    """The layer cut into column blocks, padded to whole blocks (zero weights, unit
+    diagonal, never pruned): (weights float32[B, K, out] per block, ``U`` diagonal blocks
+    float32[B, B], free bool[B], padding bool[B], and ``L`` float32[n_p, n_p] padded)."""
+    out, n = weight.shape
+    n_p = -(-n // blocksize) * blocksize
+    pad = jnp.arange(n_p) >= n
+    lower = jnp.pad(lower, ((0, n_p - n), (0, n_p - n))) + jnp.diag(pad.astype(lower.dtype))
+    wt = jnp.pad(weight, ((0, 0), (0, n_p - n))).T
+    free = jnp.pad(free, (0, n_p - n))
+    starts = range(0, n_p, blocksize)
+    return (
+        tuple(
+            jnp.broadcast_to(wt[s : s + blocksize, None, :], (blocksize, n_levels, out))
+            for s in starts
+        ),
+        tuple(lower[s : s + blocksize, s : s + blocksize].T for s in starts),
+        tuple(free[s : s + blocksize] for s in starts),
+        tuple(pad[s : s + blocksize] for s in starts),
+        (lower,),
+    )
+
+
+@partial(jax.jit, static_argnames=("leaf", "m"))
+def _sweep_block(
+    w: jax.Array,
+    upper: jax.Array,
+    free: jax.Array,
+    pad: jax.Array,
+    block_counts: jax.Array,
+    block: jax.Array,
+    nm_prune: jax.Array,
+    *,
+    leaf: int,
+    m: int | None,
+) -> tuple[jax.Array, jax.Array]:
+    """One mask block, all levels: (pruned weights, errors), both float32[B, K, out].
+
+    ``w`` holds every update from earlier blocks. The mask is chosen first (unstructured:
+    ``block_counts[:, block]`` lowest scores per level), then leaves of ``leaf`` columns
+    are swept one at a time, each updating the rest of the block by one product with the
+    leaf's rows of ``upper`` (float32[B, B], ``U``'s diagonal block); columns before the
+    leaf get exact zeros there, since ``U`` is upper triangular.
+    """
+    bs = w.shape[0]
+    d = jnp.diagonal(upper)
+    if m is None:
+        scores = jnp.where(pad[:, None, None], jnp.inf, _block_scores(w, d, free))
+        count = lax.dynamic_index_in_dim(block_counts, block, axis=1, keepdims=False)
+        keep = _select_keep(scores, count)
+    else:
+        keep = jnp.ones(w.shape, bool)
+    after = jnp.arange(bs)[None, :]
+
+    def body(i, state):
+        w, err = state
+        c0 = i * leaf
+        w_leaf, e_leaf = _sweep_leaf(
+            lax.dynamic_slice_in_dim(w, c0, leaf),
+            None if m is not None else lax.dynamic_slice_in_dim(keep, c0, leaf),
+            lax.dynamic_slice(upper, (c0, c0), (leaf, leaf)),
+            lax.dynamic_slice_in_dim(free, c0, leaf),
+            nm_prune,
+            m,
+        )
+        rows = lax.dynamic_slice_in_dim(upper, c0, leaf)  # [leaf, B]
+        rows = jnp.where(after >= c0 + leaf, rows, 0.0)
+        update = jnp.matmul(rows.T, e_leaf.reshape(leaf, -1), precision=HIGHEST)
+        w = w - update.reshape(w.shape)
+        w = lax.dynamic_update_slice_in_dim(w, w_leaf, c0, axis=0)
+        return w, lax.dynamic_update_slice_in_dim(err, e_leaf, c0, axis=0)
+
+    return lax.fori_loop(0, bs // leaf, body, (w, jnp.zeros_like(w)))
+
+
+@partial(jax.jit, donate_argnums=0)
+def _lazy_update(
+    right: tuple[jax.Array, ...],
+    lower: jax.Array,
+    errors: tuple[jax.Array, ...],
+    c_right: jax.Array,
+    c_left: jax.Array,
+) -> tuple[jax.Array, ...]:
+    """``W_R -= L[R, L] E_L``: the errors of the left blocks (float32[B, K, out] each)
+    applied to the right blocks (same), one matrix product; ``c_right``, ``c_left`` are
+    the first columns of the two ranges."""
+    e = jnp.concatenate(errors).reshape(-1, errors[0][0].size)
+    rows = sum(r.shape[0] for r in right)
+    lo = lax.dynamic_slice(lower, (c_right, c_left), (rows, e.shape[0]))
+    update = jnp.matmul(lo, e, precision=HIGHEST)
+    out, r0 = [], 0
+    for r in right:
+        out.append(r - update[r0 : r0 + r.shape[0]].reshape(r.shape))
+        r0 += r.shape[0]
+    return tuple(out)
+
+
+@partial(jax.jit, static_argnames="n")
+def _join_blocks(blocks: tuple[jax.Array, ...], *, n: int) -> jax.Array:
+    """float32[K, out, n]: the swept blocks [B, K, out] joined, padding dropped."""
+    return jnp.transpose(jnp.concatenate(blocks)[:n], (1, 2, 0))
+
+
+def _recursive_sweep(
+    weight: jax.Array,
+    lower: jax.Array,
+    free: jax.Array,
+    block_counts: jax.Array,
+    nm_prune: jax.Array,
+    *,
+    blocksize: int,
+    leaf: int,
+    m: int | None,
+) -> jax.Array:
+    """float32[K, out, in]: pruned weights of all levels (see the module docstring).
+
+    The recursion over blocks runs here, in Python: every piece is a compiled program of
+    static shape (:func:`_sweep_block` per block shape, :func:`_lazy_update` per pair of
+    range widths), shared by all blocks and by all layers of the same width and level
+    count, so no work is spent on finished columns and nothing is recompiled per layer.
+
+    Args:
+      weight: float32[out, in], the dense weight.
+      lower: float32[in, in], ``L = U^T`` (:func:`_obs_factor`).
+      free: bool[in], dead inputs (pruned first, at no cost).
+      block_counts: int32[K, n_blocks], weights pruned per block (unstructured).
+      nm_prune: int32[K], zeros per group of ``m`` (N:M); ignored when ``m`` is None.
+    """
+    n_levels = block_counts.shape[0] if m is None else nm_prune.shape[0]
+    w, upper, free_b, pad_b, (lower_p,) = _split_blocks(
+        weight, lower, free, blocksize=blocksize, n_levels=n_levels
+    )
+    w, err = list(w), [None] * len(w)
+    lf = _leaf_columns(blocksize, leaf, m)
+
+    def solve(a: int, b: int) -> None:
+        if b - a == 1:
+            w[a], err[a] = _sweep_block(
+                w[a],
+                upper[a],
+                free_b[a],
+                pad_b[a],
+                block_counts,
+                jnp.int32(a),
+                nm_prune,
+                leaf=lf,
+                m=m,
+            )
+            return
+        mid = (a + b) // 2
+        solve(a, mid)
+        w[mid:b] = _lazy_update(
+            tuple(w[mid:b]),
+            lower_p,
+            tuple(err[a:mid]),
+            jnp.int32(mid * blocksize),
+            jnp.int32(a * blocksize),
+        )
+        solve(mid, b)
+
+    solve(0, len(w))
+    return _join_blocks(tuple(w), n=weight.shape[1])
+
+
+def obs_prune_levels(
+    weight: jax.Array,
+    hessian: jax.Array,
+    *,
+    counts: np.ndarray | None,
+    nm_prune: np.ndarray | None,
+    m: int | None,
+    blocksize: int,
+    percdamp: float,
+    levels_per_pass: int | None,
+    impl: str = "recursive",
+    leaf: int = LEAF_COLUMNS,
+) -> jax.Array:
+    """float32[K, out, in]: SparseGPT-pruned weights of every level.
+
+    Shared by :class:`SparseGPTPruner` (unstructured: ``counts`` int[K] total weights
+    pruned per level) and the N:M variant (``nm_prune`` int[K] zeros per group of ``m``).
+    One factorisation of the Hessian serves all levels; ``levels_per_pass`` bounds how
+    many levels are swept at once (memory: about 3 * levels * out * in floats). A level
+    that prunes nothing is the dense weight, one that prunes everything is zeros; neither
+    is swept. ``impl`` and ``leaf``: see the module docstring.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return _reference_prune_levels(
+            weight,
+            hessian,
+            counts=counts,
+            nm_prune=nm_prune,
+            m=m,
+            blocksize=blocksize,
+            percdamp=percdamp,
+            levels_per_pass=levels_per_pass,
+        )
+    if not isinstance(leaf, int) or leaf < 1:
+        raise ValueError(f"leaf must be a positive int, got {leaf!r}")
+    out, n_in = weight.shape
+    if m is None:
+        pruned, full = np.asarray(counts, np.int64), out * n_in
+    else:
+        pruned, full = np.asarray(nm_prune, np.int64), m
+        leaf = -(-leaf // m) * m  # whole groups in every leaf
+    active = np.flatnonzero((pruned > 0) & (pruned < full))
+    parts = []
+    if m is None:
+        bc = block_prune_counts(pruned[active], out, n_in, blocksize)
+        nmp = np.zeros(active.size, np.int32)
+    else:
+        bc = np.zeros((active.size, -(-n_in // blocksize)), np.int32)
+        nmp = pruned[active].astype(np.int32)
+    if active.size:
+        lower, free, finite = _factor_program(hessian, jnp.float32(percdamp))
+        if not bool(finite):
+            raise ValueError(
+                f"the damped Hessian is not positive definite (percdamp={percdamp}); "
+                f"use a larger percdamp or more calibration tokens"
+            )
+    step = active.size if levels_per_pass is None else levels_per_pass
+    for k0 in range(0, active.size, step):
+        sl = slice(k0, k0 + step)
+        parts.append(
+            _recursive_sweep(
+                weight,
+                lower,
+                free,
+                jnp.asarray(bc[sl]),
+                jnp.asarray(nmp[sl]),
+                blocksize=blocksize,
+                leaf=leaf,
+                m=m,
+            )
+        )
+    if active.size == len(pruned):
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+    # Unswept levels: index 0 is the dense weight, 1 all zeros, 2 + i the i-th swept level.
+    source = np.where(pruned == 0, 0, 1)
+    source[active] = 2 + np.arange(active.size)
+    stacked = jnp.concatenate([weight[None], jnp.zeros_like(weight)[None], *parts], axis=0)
+    return jnp.take(stacked, jnp.asarray(source), axis=0)
+
+
+# --------------------------------------------------------------------------- reference
 
 
 @jax.jit
@@ -170,7 +677,7 @@ def _obs_sweep(
     return jnp.where(keep_all, w_all, 0.0)
 
 
-def obs_prune_levels(
+def _reference_prune_levels(
     weight: jax.Array,
     hessian: jax.Array,
     *,
@@ -181,13 +688,9 @@ def obs_prune_levels(
     percdamp: float,
     levels_per_pass: int | None,
 ) -> jax.Array:
-    """float32[K, out, in]: SparseGPT-pruned weights of every level.
-
-    Shared by :class:`SparseGPTPruner` (unstructured: ``counts`` int[K] total weights
-    pruned per level) and the N:M variant (``nm_prune`` int[K] zeros per group of ``m``).
-    One factorisation of the Hessian serves all levels; ``levels_per_pass`` bounds how
-    many levels are swept at once (memory: about 3 * levels * out * in floats).
-    """
+    """float32[K, out, in]: the previous implementation (``impl="reference"``): every block
+    sweeps all ``in`` columns for all levels (fixed shapes, one ``fori_loop``), columns padded
+    to whole blocks, and ``U`` from a Cholesky of the explicit inverse."""
     out, n_in = weight.shape
     n_levels = len(counts) if m is None else len(nm_prune)
     in_p = -(-n_in // blocksize) * blocksize
@@ -242,16 +745,22 @@ class SparseGPTPruner:
         paper. Layers whose width is not a multiple are padded internally.
       percdamp: diagonal damping as a fraction of the Hessian's mean diagonal (0.01).
       levels_per_pass: levels swept together (None: all); lower it to save memory.
+      impl: ``"recursive"`` (recursive lazy updates, the necessary arithmetic) or
+        ``"reference"`` (the previous fixed-shape sweep, about twice the arithmetic; the
+        same masks and weights up to float rounding). See the module docstring.
     """
 
     blocksize: int = 128
     percdamp: float = 0.01
     levels_per_pass: int | None = None
+    impl: str = "recursive"
     name: ClassVar[str] = "sparsegpt"
     nested: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_obs_options(self.blocksize, self.percdamp, self.levels_per_pass)
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
 
     def prune(
         self, weight: ArrayLike, stats: LayerStats | None, sparsities: ArrayLike
@@ -275,5 +784,6 @@ class SparseGPTPruner:
             blocksize=self.blocksize,
             percdamp=self.percdamp,
             levels_per_pass=self.levels_per_pass,
+            impl=self.impl,
         )
         return DenseVariants(weights=weights, sparsity=s)
