@@ -107,6 +107,7 @@ __all__ = [
     "ProcessMemory",
     "check_run",
     "detect_memory",
+    "execution_for",
     "format_bytes",
     "load_hf_config",
     "parse_bytes",
@@ -997,7 +998,7 @@ def plan_memory(
     if command not in ("search", "compare"):
         chosen = "resident" if fits["resident"] else None
     elif execution == "auto":
-        chosen = next((m for m in ("resident", "streaming") if fits[m]), None)
+        chosen = next((mode for mode in ("resident", "streaming") if fits[mode]), None)
     else:
         chosen = execution if fits[execution] else None
     levels = sorted(set(layout.unit_levels))
@@ -1264,3 +1265,19 @@ def check_run(
         raise
     except (ModelLoadError, KeyError, TypeError, ValueError):
         return None
+
+
+def execution_for(
+    cfg: RunConfig, *, store: str | os.PathLike | None = None, model: str | None = None
+) -> str:
+    """``"resident"`` or ``"streaming"``: what ``evaluator.execution = "auto"`` should run
+    on this machine (:func:`check_run`'s plan; the detected memory, or the
+    ``ALLOCSEARCH_*_MEMORY`` overrides). Resident when the plan cannot be made (a model
+    without a config.json here); streaming when nothing fits (the smaller of the two).
+    """
+    probe = dataclasses.replace(cfg, evaluator=dataclasses.replace(cfg.evaluator, execution="auto"))
+    try:
+        plan = check_run(probe, "search", model=model, store=store)
+    except MemoryPlanError:
+        return "streaming"
+    return "resident" if plan is None or plan.mode is None else plan.mode

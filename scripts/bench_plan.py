@@ -1,6 +1,7 @@
 """The memory plan against measured peaks: building and using the resident evaluator on CPU.
 
     python scripts/bench_plan.py [--work /tmp/bench_plan] [--models demo,20M,60M,150M]
+        [--execution resident|streaming|both]
 
 For each model (the bundled demo model, and random Llamas of about 20M, 60M and 150M
 parameters with a byte vocabulary, written to ``--work``), a supernet store of random
@@ -171,8 +172,9 @@ class PeakSampler:
         self.peak = max(self.peak, _status("RssAnon"))
 
 
-def measure(name: str, model_dir: Path, store: Path) -> dict:
-    """In this (fresh) process: peak RssAnon growth of the resident evaluator's life."""
+def measure(name: str, model_dir: Path, store: Path, execution: str = "resident") -> dict:
+    """In this (fresh) process: peak RssAnon growth of the evaluator's life. Streaming
+    loads the model lazily (read from the safetensors mmap on access), as it is meant to."""
     import jax
     import jax.numpy as jnp
 
@@ -195,9 +197,15 @@ def measure(name: str, model_dir: Path, store: Path) -> dict:
     baseline = _status("RssAnon")
     t0 = time.perf_counter()
     with PeakSampler() as sampler:
-        ws = pipeline.load_workspace(cfg)
+        if execution == "streaming":
+            from allocsearch.models.hf import load_model
+
+            model = load_model(model_dir, dtype=dtype, lazy=True)
+            ws = pipeline.Workspace(cfg, model, *pipeline.load_tokensets(cfg.data, model))
+        else:
+            ws = pipeline.load_workspace(cfg)
         st = pipeline.open_store(ws, store)
-        ev = pipeline.make_evaluator(ws, st)
+        ev = pipeline.make_evaluator(ws, st, execution=execution)
         rng = np.random.default_rng(0)
         center = np.asarray(st.spec.center)
         levels = st.spec.num_levels
@@ -209,10 +217,11 @@ def measure(name: str, model_dir: Path, store: Path) -> dict:
             jax.block_until_ready(ev(c.astype(np.int32), fidelity=tokens, batch_seed=0))
     seconds = time.perf_counter() - t0
     measured = sampler.peak - baseline
-    device, host = plan.modes["resident"][0].device, plan.modes["resident"][0].host
-    planned = plan.need("resident")[1]
+    device, host = plan.modes[execution][0].device, plan.modes[execution][0].host
+    planned = plan.need(execution)[1]
     return {
         "model": name,
+        "execution": execution,
         "params": sum(int(np.prod(v.shape)) for v in ws.model.params.values()),
         "store_kind": MODELS[name][2],
         "levels": int(MODELS[name][3]),
@@ -229,34 +238,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_plan"))
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--child", nargs=3, metavar=("NAME", "MODEL", "STORE"))
+    parser.add_argument(
+        "--execution", default="resident", help="resident | streaming | both (evaluators)"
+    )
+    parser.add_argument("--child", nargs=4, metavar=("NAME", "MODEL", "STORE", "EXECUTION"))
     args = parser.parse_args()
     if args.child:
-        name, model_dir, store = args.child
-        print(json.dumps(measure(name, Path(model_dir), Path(store))))
+        name, model_dir, store, execution = args.child
+        print(json.dumps(measure(name, Path(model_dir), Path(store), execution)))
         return
+    modes = ["resident", "streaming"] if args.execution == "both" else [args.execution]
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.models.split(","):
         model_dir = write_model(name, args.work)
         store = write_store(name, args.work, model_dir)
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", name, str(model_dir), str(store)],
-            check=True,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        )
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
+        for execution in modes:
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", name, str(model_dir), str(store), execution],
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "JAX_PLATFORMS": "cpu"},
+            )
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
     mib = 2**20
-    print("\n| model | params | store | measured peak (MiB) | plan (MiB) | plan / measured |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "\n| model | params | store | evaluator | measured peak (MiB) | plan (MiB) "
+        "| plan / measured |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['params'] / 1e6:.1f} M {r['dtype']} | {r['store_kind']}, "
-            f"{r['levels']} levels | {r['measured'] / mib:,.0f} | {r['planned'] / mib:,.0f} | "
-            f"{r['ratio']:.2f} |"
+            f"{r['levels']} levels | {r['execution']} | {r['measured'] / mib:,.0f} | "
+            f"{r['planned'] / mib:,.0f} | {r['ratio']:.2f} |"
         )
 
 

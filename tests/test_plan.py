@@ -276,3 +276,18 @@ def test_plan_command(tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert lines[0].startswith("error: MemoryPlanError: "), r.stderr
     assert "7.20 GiB available" in r.stderr.replace("\n", "")
+
+
+def test_execution_for_picks_what_fits(tmp_path, monkeypatch):
+    from allocsearch.plan import execution_for
+
+    model = tmp_path / "tiny"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(TINY))
+    store = tiny_store(tmp_path / "store")
+    cfg = config_from_dict({**TINY_RUN, "model": str(model)})
+    monkeypatch.setenv("ALLOCSEARCH_HOST_MEMORY", "1GB")
+    # resident needs 46,624 bytes, streaming 29,152 (test_hand_counted_bytes...)
+    for device, mode in (("1GB", "resident"), ("40000", "streaming"), ("1000", "streaming")):
+        monkeypatch.setenv("ALLOCSEARCH_DEVICE_MEMORY", device)
+        assert execution_for(cfg, store=store) == mode, device
