@@ -401,6 +401,27 @@ def compare(
     )
 
 
+def _check_recipe_sources(recipe, model: str | None, supernet: Path | None):
+    """Check ``recipe`` against the model (fingerprint and layers, weights memory-mapped,
+    not loaded) and the supernet store (fingerprint, units and levels) where given;
+    returns the opened store or None."""
+    from allocsearch.recipe.apply import choice_for_recipe
+    from allocsearch.recipe.recipe import check_against_model
+    from allocsearch.supernet.store import SupernetStore
+
+    if model is not None:
+        from allocsearch.assets_paths import resolve_model_path
+        from allocsearch.models.hf import load_model
+
+        m = load_model(resolve_model_path(model), lazy=True)
+        check_against_model(recipe, m.adapter.layers(), m.fingerprint)
+    if supernet is None:
+        return None
+    store = SupernetStore.open(supernet, model_fingerprint=recipe.model.fingerprint)
+    choice_for_recipe(recipe, store)  # every recipe layer at one of the store's levels
+    return store
+
+
 def _model_matrices(model: str) -> list[str]:
     """Module paths of every 2-D parameter of a model, read from its config.json alone."""
     from allocsearch.assets_paths import resolve_model_path
@@ -428,7 +449,13 @@ def export(
         str, typer.Option(help="llm-compressor: SparseGPTModifier | WandaPruningModifier.")
     ] = "SparseGPTModifier",
     granularity: Annotated[str, typer.Option(help="llm-compressor: layer | block.")] = "layer",
-    supernet: Annotated[Path | None, typer.Option(help="evopress: the supernet store.")] = None,
+    supernet: Annotated[
+        Path | None,
+        typer.Option(
+            help="The supernet store the recipe was searched on: the recipe is checked "
+            "against it (any format); evopress needs it."
+        ),
+    ] = None,
     jaxpruner_paths: Annotated[
         str,
         typer.Option(
@@ -440,8 +467,9 @@ def export(
     model: Annotated[
         str | None,
         typer.Option(
-            help="jaxpruner: the model directory (or 'demo'); its config names the matrices "
-            "the map leaves to jaxpruner's global sparsity."
+            help="The model the recipe was made for (directory or 'demo'): the recipe is "
+            "checked against its weights and layers (any format); for jaxpruner its config "
+            "also names the matrices the map leaves to jaxpruner's global sparsity."
         ),
     ] = None,
     overwrite: OverwriteOpt = False,
@@ -453,15 +481,14 @@ def export(
     if format not in EXPORT_FORMATS:
         raise UserError(f"--format {format!r} is not valid; choose one of {list(EXPORT_FORMATS)}")
     r = Recipe.load(recipe)
+    store = _check_recipe_sources(r, model, supernet)
     if format == "llm-compressor":
         exp = exporters.to_llm_compressor(r, modifier=modifier, granularity=granularity)
     elif format == "evopress":
         if supernet is None:
             raise UserError("--format evopress needs --supernet (levels are relative to it)")
         from allocsearch.recipe.apply import choice_for_recipe
-        from allocsearch.supernet.store import SupernetStore
 
-        store = SupernetStore.open(supernet, model_fingerprint=r.model.fingerprint)
         exp = exporters.to_evopress(r, store.spec, choice_for_recipe(r, store))
     elif format == "owl":
         exp = exporters.to_owl(r)

@@ -520,6 +520,13 @@ def recipe_of_another_model(env: Env) -> None:
     renamed = _with_layer(env.recipe, 0, name=Q_PROJ.replace("q_proj", "qq_proj"))
     path = env.recipe_file("renamed.json", renamed)
     expect(env, _apply(env, path), "RecipeError", "'model.layers.0.self_attn.qq_proj'")
+    # issue 16.3: export checks the recipe against the model or supernet it is given
+    out = env.tmp / "owl.json"
+    model = env.workdir / "model"
+    name = "'model.layers.0.self_attn.qq_proj'"
+    owl = ("export", path, "--format", "owl", "--out", out)
+    expect(env, (*owl, "--model", model), "RecipeError", name, "is not a layer of the model")
+    expect(env, (*owl, "--supernet", env.supernet), "RecipeError", name)
     reshaped = _with_layer(env.recipe, 0, shape=(32, 48))
     path = env.recipe_file("reshaped.json", reshaped)
     expect(env, _apply(env, path), "RecipeError", f"'{Q_PROJ}'", "[32, 48]", "[32, 32]")
@@ -649,9 +656,8 @@ CASES: dict[str, Callable[[Env], None]] = {
     "`search.settings` a strategy does not take (key named)": bad_settings,
     "latency table that does not match the supernet (unit names missing / unknown, level "
     "counts) or cannot be parsed": bad_latency_table,
-    "supernet store of another model or other calibration data (both fingerprints shown)": (
-        store_of_another_model
-    ),
+    "supernet store of another model or other calibration data (both fingerprints shown, "
+    "and the path of the model it was built from)": store_of_another_model,
     "store file missing, truncated or with a bad checksum (file named)": damaged_store,
     "recipe with wrong schema version, unknown fields, bad sparsities, budget not reproduced": (
         bad_recipe

@@ -190,14 +190,14 @@ def test_bfloat16_storage_is_never_upcast(layers, tmp_path):
 def test_wrong_model_or_tokens_names_both_fingerprints(store_path):
     with pytest.raises(
         StoreError,
-        match=r"different model: the store's model_fingerprint is 'model-fingerprint-a' but "
-        r"the one given is 'other'",
+        match=r"different model \(its model_fingerprint is 'model-fingerprint-a', the one "
+        r"given has 'other'\): use the model it was built from, or rebuild",
     ):
         SupernetStore.open(store_path, model_fingerprint="other")
     with pytest.raises(
         StoreError,
-        match=r"different calibration token set: the store's tokens_fingerprint is "
-        r"'tokens-fingerprint-a' but the one given is 'b'",
+        match=r"different calibration token set \(its tokens_fingerprint is "
+        r"'tokens-fingerprint-a', the one given has 'b'\): use the calibration token set",
     ):
         SupernetStore.open(store_path, model_fingerprint=MODEL_FP, tokens_fingerprint="b")
 

@@ -653,10 +653,17 @@ class SupernetStore:
             ("calibration token set", tokens_fingerprint, "tokens_fingerprint"),
         ):
             if given is not None and manifest[key] != given:
+                built_from = manifest.get("model", {}).get("path") if what == "model" else None
+                hint = (
+                    f"pass the model it was built from ({built_from}) or rebuild the "
+                    f"supernet for this model"
+                    if built_from
+                    else f"use the {what} it was built from, or rebuild the supernet for this "
+                    f"{what}"
+                )
                 raise StoreError(
-                    f"{path} was built for a different {what}: the store's {key} is "
-                    f"{manifest[key]!r} but the one given is {given!r}; rebuild the supernet "
-                    f"for this {what}"
+                    f"{path} was built for a different {what} (its {key} is "
+                    f"{manifest[key]!r}, the one given has {given!r}): {hint}"
                 )
         store = cls(path, manifest, verify)
         for param, entry in store._files().items():
