@@ -698,6 +698,7 @@ class _ActorPool:
     def _lose(self, slot: int, cause: str) -> None:
         self._ray.kill(self.actors[slot], no_restart=True)
         self.actors[slot] = None
+        self.placement[slot]["lost"] = True
         left = len(self.live)
         self._note(
             f"{self.what} {slot} lost: {cause}; its work goes to the other actors; "
@@ -928,7 +929,8 @@ class RayEvaluate:
     Attributes:
       workers, cpus_per_worker, gpus_per_worker: the resolved :class:`WorkerPlan`.
       placement: per actor, its ``pid``, ``node``, ``ip``, ``host``, CPU ``slot`` and
-        pinned ``cpus`` (or ``None``); a replacement's entry replaces the dead actor's.
+        pinned ``cpus`` (or ``None``); a replacement's entry replaces the dead actor's,
+        and a lost actor's has ``lost`` True.
       events: the fault events so far (actor died, replaced, lost), one line each.
 
     Raises:

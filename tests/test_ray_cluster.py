@@ -1,0 +1,282 @@
+"""Ray faults on a real two-raylet cluster (``ray.cluster_utils.Cluster`` on this machine):
+with spare capacity a dead actor is replaced; a worker raylet killed mid-search on a
+full cluster ends with the identical result on fewer actors, never a hang; and a Týr
+search submitted as a Ray job (the CLI as a subprocess with ``RAY_ADDRESS``) builds and
+scores its rounds on actors and gives the in-process result.
+
+One cluster serves the module: a head and a worker raylet of 1 CPU each, on which the job
+runs first. The spare-capacity test then adds a raylet and kills one, which leaves the
+cluster full (two 1-CPU actors) for the lost-node test. Raylets on one machine
+share its cores, so the actors' CPU slots are counted per machine (0 and 1), not per
+raylet (0 and 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import resume_worker
+import yaml
+from resume_worker import BUDGET, SEED, AdditiveFactory, evo_searcher, result_json, tiny_spec
+from rich.console import Console
+
+from allocsearch import pipeline
+from allocsearch.config import config_from_dict
+from allocsearch.distributed.local import run_search
+from allocsearch.distributed.ray_backend import (
+    InProcessEvaluate,
+    RayEvaluate,
+    WorkerLostWarning,
+)
+from allocsearch.models import HFModel, adapter_for_config, save_model
+from allocsearch.search_run import HeldoutPerplexity, run_search_command
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": False,
+}
+GENERATIONS = 6
+SLEEP_S = 0.03  # per call: the raylet is killed while calls run
+REPLACE_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.cloudpickle.register_pickle_by_value(resume_worker)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _node_of(cluster, node_id: str):
+    return next(n for n in cluster.list_all_nodes() if n.node_id == node_id)
+
+
+def _search_killing(evaluate, kill) -> tuple:
+    """EvoPress on the additive evaluator; ``kill()`` runs 20 ms into generation 3's
+    calls (from a thread, so the raylet dies while an actor is scoring)."""
+    threads = []
+
+    def on_generation(state):
+        if state.generation == 2:
+            threads.append(threading.Timer(0.02, kill))
+            threads[-1].start()
+
+    t0 = time.monotonic()
+    got = run_search(
+        evo_searcher(GENERATIONS),
+        evaluate,
+        tiny_spec(),
+        BUDGET,
+        key=jax.random.key(SEED),
+        on_generation=on_generation,
+    )
+    for t in threads:
+        t.join()
+    return got, time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def expected():
+    with InProcessEvaluate(AdditiveFactory()) as local:
+        return result_json(
+            run_search(
+                evo_searcher(GENERATIONS), local, tiny_spec(), BUDGET, key=jax.random.key(SEED)
+            )
+        )
+
+
+# --------------------------------------------------------------------------- a Ray job
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny byte-level Llama, a corpus, a config and a magnitude supernet."""
+    root = tmp_path_factory.mktemp("job")
+    adapter = adapter_for_config(TINY)
+    save_model(HFModel(adapter, adapter.init_params(jax.random.key(0))), root / "model")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "pruning", "sparse", "layer", "budget"]
+    for i in range(3):
+        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 400)))
+    config = {
+        "model": str(root / "model"),
+        "data": {
+            "calibration": str(corpus),
+            "seq_len": 32,
+            "n_calibration_seqs": 8,
+            "n_heldout_seqs": 2,
+        },
+        "supernet": {"pruner": "magnitude", "center": 0.5, "steps_each_side": 2},
+        "search": {
+            "target": 0.5,
+            "strategy": "evopress",
+            "settings": {
+                "generations": 2,
+                "offspring": 4,
+                "survivors": [2, 1],
+                "tokens": [64, 256],
+            },
+        },
+        "backend": {"kind": "ray", "workers": 2},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    cfg = config_from_dict(config)
+    ws = pipeline.load_workspace(cfg)
+    pipeline.build(ws, root / "store", progress=False)
+    return root, config
+
+
+def _ppl(text: str) -> float:
+    return float(re.search(r"held-out perplexity ([0-9.]+)", text).group(1))
+
+
+def _local_run(root: Path, config: dict, out: Path, **search) -> str:
+    local = {**config, "backend": {"kind": "local"}, "search": {**config["search"], **search}}
+    console = Console(record=True, width=300)
+    run_search_command(
+        config_from_dict(local), root / "store", out, resume=False, progress=False, console=console
+    )
+    return console.export_text()
+
+
+def _layers(path: Path) -> dict:
+    return {x["name"]: x["sparsity"] for x in json.loads(path.read_text())["layers"]}
+
+
+TYR = {
+    "strategy": "tyr",
+    "settings": {
+        "rounds": 2,
+        "generations": 2,
+        "offspring": 4,
+        "survivors": [2, 1],
+        "tokens": [64, 256],
+    },
+}
+
+
+def test_tyr_search_submitted_as_a_ray_job(cluster, workspace, tmp_path):
+    """What ``ray job submit -- allocsearch search ...`` runs: the CLI in a new process
+    with ``RAY_ADDRESS`` set, joining the cluster. Týr's rounds are pruned by layer
+    actors and scored by evaluator actors (one set each per round), the held-out
+    perplexity is computed on an actor, and the result is the in-process one."""
+    root, config = workspace
+    job_config = tmp_path / "tyr.yaml"
+    job_config.write_text(yaml.safe_dump({**config, "search": {**config["search"], **TYR}}))
+    cmd = [
+        sys.executable,
+        "-c",
+        "from allocsearch.cli import app; app()",
+        "search",
+        "--config",
+        str(job_config),
+        "--supernet",
+        str(root / "store"),
+        "--out",
+        str(tmp_path / "job"),
+        "--no-progress",
+    ]
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stdout + job.stderr
+    assert job.stdout.count("pruning layers on 2 x 1 CPU on the Ray cluster") == 2, job.stdout
+    assert job.stdout.count("scoring on 2 x 1 CPU on the Ray cluster") == 2, job.stdout
+    local = _local_run(root, config, tmp_path / "local", **TYR)
+    assert _layers(tmp_path / "job" / "recipe.json") == _layers(tmp_path / "local" / "recipe.json")
+    assert _ppl(job.stdout) == pytest.approx(_ppl(local), rel=1e-4)
+
+
+# --------------------------------------------------------------------------- lost nodes
+
+
+def test_lost_node_with_spare_capacity_is_replaced(cluster, expected):
+    cluster.add_node(num_cpus=1)  # head + 2 workers: one raylet to spare
+    cluster.wait_for_nodes()
+    with RayEvaluate(
+        AdditiveFactory(sleep_s=SLEEP_S), workers=2, replace_timeout_s=30.0
+    ) as evaluate:
+        head = cluster.head_node.node_id
+        victim = next(p["node"] for p in evaluate.placement if p["node"] != head)
+        node = _node_of(cluster, victim)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", WorkerLostWarning)
+            got, wall = _search_killing(
+                evaluate, lambda: cluster.remove_node(node, allow_graceful=False)
+            )
+            deadline = time.monotonic() + 30
+            while not any("replaced" in e for e in evaluate.events):  # it may still start
+                assert time.monotonic() < deadline, evaluate.events
+                evaluate(np.zeros((2, 6), np.int32), fidelity=64, batch_seed=0)
+                time.sleep(0.2)
+        assert evaluate.live_workers == 2
+        assert victim not in {p["node"] for p in evaluate.placement}
+        assert sorted(p["slot"] for p in evaluate.placement) == [0, 1]
+    assert result_json(got) == expected
+    assert wall < 120  # bounded by the timeouts, with room for a loaded CI machine
+    assert len(cluster.worker_nodes) == 1  # full again for the next test
+
+
+def test_lost_node_on_a_full_cluster_goes_on_with_fewer_actors(cluster, expected):
+    [worker] = cluster.worker_nodes  # head + 1 worker: full with two 1-CPU actors
+    with RayEvaluate(
+        AdditiveFactory(sleep_s=SLEEP_S), workers=2, replace_timeout_s=REPLACE_S
+    ) as evaluate:
+        placement = evaluate.placement
+        assert {p["node"] for p in placement} == {cluster.head_node.node_id, worker.node_id}
+        # two raylets, one machine: CPU slots 0 and 1, so the actors pin different cores
+        assert sorted(p["slot"] for p in placement) == [0, 1]
+        assert len({p["host"] for p in placement}) == 1
+        with pytest.warns(WorkerLostWarning, match=r"evaluator actor \d lost: .*going on with 1"):
+            got, wall = _search_killing(
+                evaluate, lambda: cluster.remove_node(worker, allow_graceful=False)
+            )
+            # the search may end before the replacement's deadline; the next call gives up
+            time.sleep(REPLACE_S)
+            evaluate(np.zeros((2, 6), np.int32), fidelity=64, batch_seed=0)
+        assert evaluate.live_workers == 1
+        [lost] = [p for p in evaluate.placement if p.get("lost")]
+        assert lost["node"] == worker.node_id
+        events = "\n".join(evaluate.events)
+        assert f"node {worker.node_id[:12]}" in events and "died" in events
+    assert result_json(got) == expected
+    assert wall < 120  # bounded by the timeouts, with room for a loaded CI machine
+
+
+def test_final_perplexity_on_an_actor_is_the_evaluators(workspace):
+    root, config = workspace
+    cfg = config_from_dict({**config, "backend": {"kind": "local"}})
+    ws = pipeline.load_workspace(cfg)
+    store = pipeline.open_store(ws, root / "store")
+    choice = np.asarray(store.spec.center, np.int32)
+    choice[0] = 0
+    want = pipeline.make_evaluator(ws, store).perplexity(choice, ws.heldout)
+    assert HeldoutPerplexity(cfg, str(root / "store"))(choice) == pytest.approx(want, rel=1e-5)
