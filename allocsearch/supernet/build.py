@@ -74,6 +74,7 @@ from allocsearch.models.gpt2 import GPT2Adapter
 from allocsearch.models.hf import HFModel
 from allocsearch.models.layers import LayerInfo
 from allocsearch.models.llama import LlamaAdapter
+from allocsearch.models.streamed import block_on_device, embed_program, outer_on_device
 from allocsearch.pruners.base import (
     LayerStats,
     LocalPruner,
@@ -558,11 +559,6 @@ def _check_pruner(pruner: Any, structure: str) -> None:
 
 
 @partial(jax.jit, static_argnums=0)
-def _embed(adapter: ModelAdapter, params: Mapping[str, jax.Array], ids: jax.Array):
-    return adapter.embed(params, ids)
-
-
-@partial(jax.jit, static_argnums=0)
 def _capture_and_run(adapter: ModelAdapter, block_params, h, ctx):
     return adapter.block(block_params, h, ctx, capture=True)
 
@@ -700,7 +696,9 @@ def build_supernet(
     with StoreWriter(out_dir, overwrite=overwrite, storage_dtype=storage_dtype) as writer:
         with progress_bar:
             task = progress_bar.add_task("embedding", total=total_steps)
-            embedded = [_embed(adapter, params, ids) for ids in batches]
+            outer = outer_on_device(adapter, params)  # one block at a time after this
+            embedded = [embed_program(adapter, outer, ids) for ids in batches]
+            del outer
             hidden = [h for h, _ in embedded]
             contexts = [ctx for _, ctx in embedded]
             del embedded
@@ -708,7 +706,7 @@ def build_supernet(
                 t_block = time.perf_counter()
                 prefix = adapter.block_prefix(b)
                 block_plans = [(u, p) for u, p in enumerate(plans) if p.unit.block == b]
-                block_params = adapter.block_params(params, b)
+                block_params = block_on_device(adapter, params, b)
                 groups = sorted({p.primary.input_group[len(prefix) :] for _, p in block_plans})
                 keep_output = input_mode == "dense" and b < n_blocks - 1
 
