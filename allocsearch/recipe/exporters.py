@@ -233,7 +233,8 @@ def to_llm_compressor(
     if recipe.structure not in ("unstructured", "nm"):
         raise ExportError(
             f"llm-compressor's {modifier} prunes individual weights (unstructured or N:M); a "
-            f"{recipe.structure!r} recipe removes heads/neurons: use --format torch-pruning (to_torch_pruning) instead"
+            f"{recipe.structure!r} recipe removes heads/neurons: use --format torch-pruning "
+            f"(to_torch_pruning) instead"
         )
     extra = dict(modifier_args or {})
     clash = sorted(set(extra) & set(_LLMC_RESERVED_ARGS))

@@ -381,7 +381,8 @@ def load_latency_table(path: str | Path, spec: SupernetSpec) -> LatencyTable:
             ):
                 raise ValueError(f"{path}: unit {name!r} needs an object with a 'levels' list")
             values = [
-                _seconds(v, f"{path}: unit {name!r} level {k}") for k, v in enumerate(entry["levels"])
+                _seconds(v, f"{path}: unit {name!r} level {k}")
+                for k, v in enumerate(entry["levels"])
             ]
             dense = entry.get("dense")
             entries[name] = (
@@ -408,8 +409,7 @@ def _seconds(value: object, where: str) -> float:
             number = None
     if number is None or not np.isfinite(number) or number < 0:
         raise ValueError(
-            f"{where}: latency {value!r} is not a number of seconds; valid: a finite "
-            f"number >= 0"
+            f"{where}: latency {value!r} is not a number of seconds; valid: a finite number >= 0"
         )
     return number
 
