@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import allocsearch
@@ -39,9 +38,9 @@ from allocsearch.evaluate.metrics import (
     Metric,
     NegativeLogLikelihood,
     TopKKLDivergence,
-    next_token_nll,
 )
 from allocsearch.models.hf import ARCHITECTURES, HFModel, load_model
+from allocsearch.models.streamed import streamed_nll_sum
 from allocsearch.pruners import (
     MagnitudePruner,
     NMMagnitudePruner,
@@ -132,22 +131,14 @@ def _tokenizer_for(data: DataConfig, model: HFModel):
     )
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _nll_sum(adapter, params, tokens):
-    return jnp.sum(next_token_nll(adapter.forward(params, tokens), tokens))
-
-
 def heldout_perplexity(model: HFModel, tokenset: TokenSet, *, batch_rows: int = 16) -> float:
     """Perplexity (exp of the mean next-token NLL; lower is better) of ``model`` over
-    every sequence of ``tokenset`` (causal language models)."""
+    every sequence of ``tokenset`` (causal language models), streamed block by block
+    (:func:`~allocsearch.models.streamed.streamed_nll_sum`), so a lazily loaded model
+    never has to fit the device."""
     if not model.adapter.is_causal_lm:
         raise ValueError(f"perplexity needs a causal language model, not {model.adapter.family}")
-    tokens = np.asarray(tokenset.tokens)
-    total = 0.0
-    for i in range(0, len(tokens), batch_rows):
-        total += float(
-            _nll_sum(model.adapter, model.params, jnp.asarray(tokens[i : i + batch_rows]))
-        )
+    total = streamed_nll_sum(model.adapter, model.params, tokenset.tokens, batch_rows=batch_rows)
     return float(np.exp(total / (tokenset.n_seq * (tokenset.seq_len - 1))))
 
 
