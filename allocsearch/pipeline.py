@@ -21,6 +21,7 @@ import numpy as np
 import allocsearch
 from allocsearch.assets_paths import DEMO_NAME, resolve_model_path
 from allocsearch.config import (
+    EXECUTIONS,
     DataConfig,
     EvaluatorConfig,
     RunConfig,
@@ -39,6 +40,7 @@ from allocsearch.evaluate.metrics import (
     NegativeLogLikelihood,
     TopKKLDivergence,
 )
+from allocsearch.evaluate.streaming import StreamingEvaluator
 from allocsearch.models.hf import ARCHITECTURES, HFModel, load_model
 from allocsearch.models.streamed import streamed_nll_sum
 from allocsearch.pruners import (
@@ -251,15 +253,40 @@ def make_metric(cfg: EvaluatorConfig) -> Metric:
     return KLDivergence()
 
 
-def make_evaluator(ws: Workspace, store: SupernetStore) -> Evaluator:
-    """The JAX evaluator of ``store``'s allocations on the calibration set."""
+def choose_execution(ws: Workspace, store: SupernetStore) -> str:
+    """``"resident"`` or ``"streaming"``: how ``execution="auto"`` scores ``store``.
+
+    Resident for now; this is where the memory plan's choice plugs in."""
+    return "resident"
+
+
+def make_evaluator(
+    ws: Workspace, store: SupernetStore, execution: str | None = None
+) -> Evaluator | StreamingEvaluator:
+    """The JAX evaluator of ``store``'s allocations on the calibration set.
+
+    Args:
+      ws: the loaded model (lazily loaded parameters suit streaming) and token sets.
+      store: the supernet.
+      execution: ``"resident"`` (every variant on the device), ``"streaming"`` (block by
+        block from the memory-mapped store) or ``"auto"`` (:func:`choose_execution`);
+        None takes ``ws.config.evaluator.execution``. Both give the same scores.
+    """
+    execution = ws.config.evaluator.execution if execution is None else execution
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution {execution!r} is not valid; choose one of {list(EXECUTIONS)}")
+    if execution == "auto":
+        execution = choose_execution(ws, store)
+    metric = make_metric(ws.config.evaluator)
+    if execution == "streaming":
+        return StreamingEvaluator(ws.model, store, ws.calibration, metric=metric)
     return Evaluator(
         ws.model,
         store.spec,
         store.all_variants(),
         store.unit_params,
         ws.calibration,
-        metric=make_metric(ws.config.evaluator),
+        metric=metric,
     )
 
 

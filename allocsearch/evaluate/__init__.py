@@ -1,6 +1,7 @@
-"""Scoring allocations: fitness metrics and the JAX evaluator (see evaluator.py)."""
+"""Scoring allocations: fitness metrics and the JAX evaluators: resident (evaluator.py)
+and block-streaming (streaming.py), one protocol (protocol.py)."""
 
-from allocsearch.evaluate.evaluator import EvalStats, Evaluator
+from allocsearch.evaluate.evaluator import EvalStats, Evaluator, shard_rows
 from allocsearch.evaluate.metrics import (
     EmbeddingCosineDistance,
     HiddenStateMSE,
@@ -16,8 +17,11 @@ from allocsearch.evaluate.metrics import (
     top_k_kl_divergence,
     top_k_log_probs,
 )
+from allocsearch.evaluate.protocol import AllocationEvaluator
+from allocsearch.evaluate.streaming import StreamingEvaluator, StreamStats
 
 __all__ = [
+    "AllocationEvaluator",
     "EmbeddingCosineDistance",
     "EvalStats",
     "Evaluator",
@@ -25,12 +29,15 @@ __all__ = [
     "KLDivergence",
     "Metric",
     "NegativeLogLikelihood",
+    "StreamStats",
+    "StreamingEvaluator",
     "TopKKLDivergence",
     "cosine_distance",
     "kl_divergence",
     "log_probs",
     "next_token_nll",
     "normalized_mse",
+    "shard_rows",
     "top_k_kl_divergence",
     "top_k_log_probs",
 ]
