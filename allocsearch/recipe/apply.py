@@ -537,10 +537,13 @@ def _materialize(
                     f"(sparsity {entry[layer].sparsity!r}) but level {k} of its store variants "
                     f"removes {stored} (sparsity {float(v.sparsity[k])!r}); {mismatch}"
                 )
+            # on the host: the device holds one parameter's variants at a time, never the
+            # whole pruned model (a lazily loaded model's weights stay memory-mapped)
+            dense = np.asarray(dense)
             if isinstance(v, NestedVariants):
-                params[name] = jnp.where(v.mask(k), dense, jnp.zeros((), dense.dtype))
+                params[name] = np.where(np.asarray(v.mask(k)), dense, np.zeros((), dense.dtype))
             else:
-                params[name] = jnp.asarray(v.weights[k], dense.dtype)
+                params[name] = np.asarray(v.weights[k]).astype(dense.dtype)
                 if v.group_keep is not None:
                     keeps[u] = np.asarray(v.group_keep[k], bool)
     return params, keeps
