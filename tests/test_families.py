@@ -335,3 +335,110 @@ def test_evaluator_scores_gemma2_like_a_materialized_forward():
         want = float((jnp.exp(teacher) * (teacher - student)).sum(-1).mean())
         assert score == pytest.approx(want, rel=2e-5, abs=1e-7)
     assert scores[0] > 0
+
+
+# ------------------------------------------------------------------ CLI end to end
+
+E2E_BASE = {
+    "vocab_size": 256,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+}
+E2E_CASES = {
+    "qwen3": {"model_type": "qwen3"},
+    "olmo2": {"model_type": "olmo2"},
+    "granite": {"model_type": "granite", "embedding_multiplier": 2.0, "logits_scaling": 2.0},
+    "gemma2": {
+        "model_type": "gemma2",
+        "sliding_window": 8,
+        "query_pre_attn_scalar": 8,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+    "gemma3_text": {
+        "model_type": "gemma3_text",
+        "sliding_window": 8,
+        "query_pre_attn_scalar": 8,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+    "phi3": {"model_type": "phi3", "sliding_window": 8, "head_dim": None},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "family, structure",
+    [(f, "unstructured") for f in sorted(E2E_CASES)]
+    + [("qwen3", "heads_neurons"), ("gemma2", "heads_neurons"), ("olmo2", "heads_neurons")],
+)
+def test_cli_build_search_apply_eval(family, structure, tmp_path):
+    """build -> search -> apply -> eval through the CLI on a tiny random model of each
+    family; the applied model's per-layer zero fraction equals the recipe."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from allocsearch.cli import app
+    from allocsearch.models import HFModel, adapter_for_config
+    from allocsearch.recipe.recipe import Recipe
+
+    cfg = {k: v for k, v in {**E2E_BASE, **E2E_CASES[family]}.items() if v is not None}
+    adapter = adapter_for_config(cfg)
+    save_model(HFModel(adapter, adapter.init_params(jax.random.key(0))), tmp_path / "model")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "pruning", "sparse", "layer", "budget"]
+    for i in range(2):
+        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 400)))
+    config = {
+        "model": str(tmp_path / "model"),
+        "data": {
+            "calibration": str(corpus),
+            "seq_len": 16,
+            "n_calibration_seqs": 8,
+            "n_heldout_seqs": 2,
+        },
+        "supernet": {
+            "pruner": "magnitude" if structure == "unstructured" else "sparsegpt",
+            "structure": structure,
+            "center": 0.5 if structure == "unstructured" else 0.25,
+            "steps_each_side": 1,
+            "step_fraction": 0.1 if structure == "unstructured" else 0.25,
+        },
+        "search": {
+            "target": 0.5 if structure == "unstructured" else 0.25,
+            "strategy": "evopress",
+            "settings": {"generations": 2, "offspring": 4, "survivors": [2, 1], "tokens": [32, 64]},
+        },
+        "backend": {"kind": "local"},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    runner = CliRunner()
+
+    def run(*args):
+        r = runner.invoke(app, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+        return r
+
+    config_path = tmp_path / "config.yaml"
+    store, out = tmp_path / "store", tmp_path / "run"
+    run("build", "--config", config_path, "--out", store, "--no-progress")
+    run("search", "--config", config_path, "--supernet", store, "--out", out, "--no-progress")
+    recipe = Recipe.load(out / "recipe.json")
+    pruned = tmp_path / "pruned"
+    run(
+        "apply", out / "recipe.json", "--config", config_path, "--model", tmp_path / "model",
+        "--supernet", store, "--out", pruned,
+    )  # fmt: skip
+    model = load_model(pruned)
+    if structure == "unstructured":
+        for entry in recipe.layers:
+            w = np.asarray(model.params[f"{entry.name}.weight"])
+            assert np.mean(w == 0) == pytest.approx(entry.sparsity, abs=1e-9)
+    r = run("eval", "--config", config_path, "--model", pruned)
+    assert "perplexity" in r.output
