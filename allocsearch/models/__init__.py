@@ -13,6 +13,8 @@ from allocsearch.models.hf import (
 )
 from allocsearch.models.layers import LayerInfo
 from allocsearch.models.llama import LlamaAdapter
+from allocsearch.models.phi3 import Phi3Adapter
+from allocsearch.models.rope import ROPE_TYPES, RopeSpec
 
 __all__ = [
     "FAMILIES",
@@ -23,6 +25,9 @@ __all__ = [
     "LlamaAdapter",
     "ModelAdapter",
     "ModelLoadError",
+    "Phi3Adapter",
+    "ROPE_TYPES",
+    "RopeSpec",
     "adapter_for_config",
     "load_model",
     "mean_pool",
