@@ -51,8 +51,10 @@ against measured peaks by ``scripts/bench_plan.py``):
   R T (H + 2 H_kv) head_dim 2a`` / MLP ``3 R T F a`` (plus ``R T D (4 + a)``) and
   logits ``R T V (a + 8)``; and the call's teacher rows) or the construction (the
   dense copy the teacher forward uses ``a sum_p N_p``, the teacher data, one call),
-  whichever is larger; on a CPU device their sum (glibc keeps freed buffers, measured);
-  on a GPU the largest stack is assembled on the host first (host memory).
+  whichever is larger; on a CPU device their sum (glibc keeps freed buffers, measured),
+  and with a bfloat16 model a float32 copy of the block stacks per call (XLA's CPU
+  backend computes bf16 in float32); on a GPU the largest stack is assembled on the
+  host first (host memory).
 
 Streaming evaluator (:mod:`allocsearch.evaluate.streaming`), per process:
 
@@ -67,7 +69,8 @@ Streaming evaluator (:mod:`allocsearch.evaluate.streaming`), per process:
   the shared page cache, not in any process);
 * activations / hidden states: ``n x fidelity x D x a`` (the states of all of a
   query's candidates stay on the device between blocks) plus one call's working set
-  (``candidates_per_call`` candidates of one micro-batch, as resident);
+  (``candidates_per_call`` candidates of one micro-batch, as resident); on a CPU device
+  also the construction's (the teacher's streamed forward), as resident;
 * teacher: on the host (all calibration tokens); the query's rows on the device;
 * reference: as resident, on the device (the streaming evaluator keeps it there up to
   1 GiB).
@@ -706,6 +709,13 @@ def _resident(
         + max(_block_activation(m, rows, seq, a), _finish_activation(m, rows, seq, a))
     )
     scoring = g * per_candidate + _teacher_per_token(cfg, m) * rows * seq
+    if device_is_host and a == 2:
+        # XLA's CPU backend computes bfloat16 in float32 and hoists the conversion of the
+        # loop-invariant stacks out of the block loop: a float32 copy of every block
+        # stack per call (measured on the 150M bf16 model of scripts/bench_plan.py)
+        dense_levels = sum(p.levels * p.numel for p in layout.params if p.kind == "dense")
+        stacked_elems = B * (dense_levels + sum(m.block_params.values())) - stacked
+        scoring += 4 * stacked_elems
     reference = _reference(m, a, queries)
     # construction: the dense copy for the teacher forward, the teacher data, one
     # micro-batch's forward (a second copy of the teacher data while its chunks are
@@ -744,6 +754,7 @@ def _streaming(
     g: int,
     workers: int,
     generations: bool,
+    device_is_host: bool,
 ) -> tuple[dict[str, int], dict[str, int], int]:
     """(device, host, bytes moved per generation over all actors) of one streaming
     evaluator (:mod:`allocsearch.evaluate.streaming`; see the module docstring)."""
@@ -775,11 +786,17 @@ def _streaming(
         teacher_rows = max(teacher_rows, tokens // max(workers, 1) * per_token)
         if generations and not (n == 1 and tokens == n_cal and len(queries) > 1):
             moved += min(n, workers) * m.blocks * slabs
+    activations = hidden + call
+    if device_is_host:
+        # as resident on a CPU device: the construction's temporaries (the teacher's
+        # streamed dense forward: all calibration states, one call, the teacher before it
+        # moves to the host) stay in the process beside the scoring's
+        activations += n_cal * m.hidden * a + call + per_token * n_cal
     device = {
         "model": a * (m.outer_params + 2 * unowned),
         "variants": variants,
         "teacher": teacher_rows,
-        "activations": hidden + call,
+        "activations": activations,
         "reference": _reference(m, a, queries),
     }
     host = {"variants": host_slabs, "teacher": per_token * n_cal}
@@ -958,6 +975,7 @@ def plan_memory(
                 g=g,
                 workers=n_workers,
                 generations=generations,
+                device_is_host=device_is_host,
             )
 
         for mode in ("resident", "streaming"):
