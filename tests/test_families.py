@@ -442,3 +442,55 @@ def test_cli_build_search_apply_eval(family, structure, tmp_path):
             assert np.mean(w == 0) == pytest.approx(entry.sparsity, abs=1e-9)
     r = run("eval", "--config", config_path, "--model", pruned)
     assert "perplexity" in r.output
+
+
+@pytest.mark.parametrize(
+    "model_type, legacy",
+    [
+        (
+            "gemma3_text",
+            dict(
+                rope_theta=1_000_000.0,
+                rope_local_base_freq=10_000.0,
+                rope_scaling={"rope_type": "linear", "factor": 8.0},
+                sliding_window=4,
+                sliding_window_pattern=3,
+                num_hidden_layers=6,
+            ),
+        ),
+        (
+            "qwen2",
+            dict(use_sliding_window=True, sliding_window=4, max_window_layers=1, rope_theta=5e5),
+        ),
+        (
+            "phi3",
+            dict(
+                rope_scaling={
+                    "type": "su",
+                    "short_factor": [1.0] * 4,
+                    "long_factor": [2.0] * 4,
+                    "original_max_position_embeddings": 8,
+                },
+                original_max_position_embeddings=8,
+                max_position_embeddings=32,
+            ),
+        ),
+    ],
+)
+def test_legacy_configs_read_as_transformers_reads_them(model_type, legacy):
+    """Configs written by older transformers (no ``layer_types``, ``rope_scaling``,
+    ``rope_local_base_freq``, ``sliding_window_pattern``) give the attention types and
+    ropes transformers 5 derives from them."""
+    from allocsearch.models import adapter_for_config
+
+    raw = {"model_type": model_type, **_cfg(), **legacy}
+    cls = transformers.AutoConfig.for_model(model_type).__class__
+    normalized = cls(**{k: v for k, v in raw.items() if k != "model_type"}).to_dict()
+    ours, theirs = adapter_for_config(raw).cfg, adapter_for_config(normalized).cfg
+    assert ours.layer_type_ids == theirs.layer_type_ids
+    assert ours.windows == theirs.windows
+    assert [(r.rope_type, r.theta) for r in ours.ropes] == [
+        (r.rope_type, r.theta) for r in theirs.ropes
+    ]
+    for a, b in zip(ours.ropes, theirs.ropes, strict=True):
+        np.testing.assert_allclose(a.inv_freq(T)[0], b.inv_freq(T)[0], rtol=1e-6)
