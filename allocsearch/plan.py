@@ -360,18 +360,27 @@ def _adapter(config_json: str) -> Any:
 def _model(adapter: Any, blocks: int) -> _Model:
     from allocsearch.supernet.build import structured_layouts
 
-    heads, mlp = structured_layouts(adapter)
+    try:
+        heads, mlp = structured_layouts(adapter)
+        dims = (heads.hidden_size, mlp.intermediate_size, heads.num_heads)
+        dims += (heads.num_kv_heads, heads.head_dim)
+    except ValueError:  # a family without a structured layout: its config.json's names
+        c = adapter.hf_config
+        hidden, n_heads = int(c["hidden_size"]), int(c["num_attention_heads"])
+        dims = (hidden, int(c["intermediate_size"]), n_heads)
+        dims += (int(c.get("num_key_value_heads") or n_heads),)
+        dims += (int(c.get("head_dim") or hidden // n_heads),)
     prefix = adapter.block_prefix(0)
     shapes = adapter.param_shapes
     block = {n[len(prefix) :]: math.prod(s) for n, s in shapes.items() if n.startswith(prefix)}
     outer = sum(math.prod(s) for n, s in shapes.items() if not n.startswith(prefix))
     return _Model(
         blocks=blocks,
-        hidden=heads.hidden_size,
-        ffn=mlp.intermediate_size,
-        heads=heads.num_heads,
-        kv_heads=heads.num_kv_heads,
-        head_dim=heads.head_dim,
+        hidden=dims[0],
+        ffn=dims[1],
+        heads=dims[2],
+        kv_heads=dims[3],
+        head_dim=dims[4],
         vocab=int(adapter.hf_config.get("vocab_size") or 0),
         causal=bool(adapter.is_causal_lm),
         outer_params=outer,
