@@ -95,11 +95,6 @@ OBS updates are matrix products. Rounded up to a multiple of M for N:M."""
 IMPLS: Final[tuple[str, ...]] = ("recursive", "reference")
 """SparseGPT sweep implementations (see the module docstring)."""
 
-# Bit pattern of +inf: the largest key of a non-negative float32 score.
-_INF_BITS: Final[int] = 0x7F800000
-# Bisection steps from the range (-1, _INF_BITS] down to one key.
-_SELECT_STEPS: Final[int] = 31
-
 
 class SweepFlops(NamedTuple):
     """Necessary floating-point operations of one layer's SparseGPT build (see the module
@@ -189,64 +184,29 @@ def _block_scores(w: jax.Array, d: jax.Array, free: jax.Array) -> jax.Array:
     return jnp.where(free[:, None, None], 0.0, s)
 
 
-def _select_keep(scores: jax.Array, count: jax.Array) -> jax.Array:
-    """bool[c, K, out]: False on the ``count[k]`` lowest scores of each level ``k``.
+def _select_keep(scores: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """bool[K, out, c]: False on the ``count[k]`` lowest of each level's scores
+    ``[K, out, c]``, ties broken by position (row-major over ``(out, c)``), i.e. exactly
+    what a stable sort of the level's block would prune.
 
-    Ties are broken by position, row-major over ``(out, c)``, the order of a stable sort
-    of the ``[out, c]`` block. Instead of sorting, the ``count``-th smallest score is
-    bracketed on the scores' bit patterns (monotone for non-negative floats), each pass
-    counting ``key <= t`` for one ``t`` per level; passes alternate a secant guess
-    (linear in the counts) and bisection, so they are at most about 62 and usually far
-    fewer, and stop once some ``t`` has exactly ``count`` keys at or below it.
+    Runs on the host: a selection (``np.partition``, linear time) finds the ``count``-th
+    smallest score, then the ties equal to it are taken in index order. XLA has no
+    selection; its sorts cost 40-400 ns per element on a CPU, and an in-program bisection
+    costs more to compile per layer shape than the whole demo sweep runs.
     """
-    n_levels = scores.shape[1]
-    key = lax.bitcast_convert_type(jnp.transpose(scores, (1, 2, 0)), jnp.int32)
-    key = key.reshape(n_levels, -1)  # [K, out * c], in tie order; scores >= 0 (never -0.0)
-    count = count.astype(jnp.int32)
-
-    def pending(state):
-        lo, hi, _, c_hi, _ = state
-        return jnp.any((c_hi != count) & (hi - lo > 1))
-
-    def step(state):  # invariant: n(key <= lo) = c_lo < count <= c_hi = n(key <= hi)
-        lo, hi, c_lo, c_hi, i = state
-        span = hi - lo
-        frac = (count - c_lo).astype(jnp.float32) / (c_hi - c_lo).astype(jnp.float32)
-        guess = jnp.floor(frac * span.astype(jnp.float32)).astype(jnp.int32)
-        guess = jnp.clip(guess, 1, jnp.maximum(span - 1, 1))
-        mid = lo + jnp.where(i % 2 == 0, guess, span // 2)
-        n_le = jnp.sum(key <= mid[:, None], axis=1, dtype=jnp.int32)
-        ok = n_le >= count
-        return (
-            jnp.where(ok, lo, mid),
-            jnp.where(ok, mid, hi),
-            jnp.where(ok, c_lo, n_le),
-            jnp.where(ok, n_le, c_hi),
-            i + 1,
-        )
-
-    total = jnp.full((n_levels,), key.shape[1], jnp.int32)
-    state = (
-        jnp.full((n_levels,), -1, jnp.int32),
-        jnp.full((n_levels,), _INF_BITS, jnp.int32),
-        jnp.zeros((n_levels,), jnp.int32),
-        total,
-        jnp.int32(0),
-    )
-    _, t, _, c_hi, _ = lax.while_loop(pending, step, state)
-    # Either exactly count keys are <= t, or t is the count-th smallest key and ties at t
-    # are split by position.
-    pruned = key <= t[:, None]
-
-    def split_ties(pruned):
-        equal = key == t[:, None]
-        n_below = jnp.sum(pruned & ~equal, axis=1, dtype=jnp.int32)
-        position = jnp.cumsum(equal, axis=1, dtype=jnp.int32)  # 1-based among ties
-        return pruned & ~(equal & (position > (count - n_below)[:, None]))
-
-    pruned = lax.cond(jnp.all(c_hi == count), lambda p: p, split_ties, pruned)
-    out = scores.shape[2]
-    return jnp.transpose(~pruned.reshape(n_levels, out, -1), (2, 0, 1))
+    n_levels = scores.shape[0]
+    flat = scores.reshape(n_levels, -1)
+    keep = np.ones(flat.shape, bool)
+    for k in range(n_levels):
+        c = int(count[k])
+        if c == 0:
+            continue
+        row = flat[k]
+        t = np.partition(row, c - 1)[c - 1]
+        below = row < t
+        keep[k] = ~below
+        keep[k, np.flatnonzero(row == t)[: c - int(below.sum())]] = False
+    return keep.reshape(scores.shape)
 
 
 def _nm_keep(scores: jax.Array, n_prune: jax.Array) -> jax.Array:
@@ -316,48 +276,66 @@ def _leaf_columns(blocksize: int, leaf: int, m: int | None) -> int:
     return fits[-1] * group
 
 
-@jax.jit
-def _factor_program(hessian: jax.Array, percdamp: jax.Array) -> tuple[jax.Array, ...]:
-    """(``L = U^T`` float32[in, in], dead inputs bool[in], bool[] whether ``L`` is finite)
-    of the damped Hessian: the factorisation every level and pass shares."""
+@partial(jax.jit, static_argnames="blocksize")
+def _factor_program(
+    hessian: jax.Array, percdamp: jax.Array, *, blocksize: int
+) -> tuple[jax.Array, ...]:
+    """The factorisation every level and pass shares, padded to whole blocks (padding
+    columns are decoupled unit inputs): ``L = U^T`` float32[n_p, n_p], dead inputs
+    bool[n_p], padding bool[n_p], and bool[] whether ``L`` is finite."""
+    n = hessian.shape[0]
+    n_p = -(-n // blocksize) * blocksize
     lower = _obs_factor(damped_hessian(hessian, percdamp))
-    return lower, dead_inputs(hessian), jnp.all(jnp.isfinite(lower))
+    finite = jnp.all(jnp.isfinite(lower))
+    pad = jnp.arange(n_p) >= n
+    lower = jnp.pad(lower, ((0, n_p - n), (0, n_p - n))) + jnp.diag(pad.astype(lower.dtype))
+    return lower, jnp.pad(dead_inputs(hessian), (0, n_p - n)), pad, finite
+
+
+@partial(jax.jit, static_argnames="n_p")
+def _padded_columns(weight: jax.Array, *, n_p: int) -> jax.Array:
+    """float32[n_p, out]: the weight transposed, zero columns appended up to ``n_p``."""
+    return jnp.pad(weight, ((0, 0), (0, n_p - weight.shape[1]))).T
 
 
 @partial(jax.jit, static_argnames=("blocksize", "n_levels"))
-def _split_blocks(
-    weight: jax.Array, lower: jax.Array, free: jax.Array, *, blocksize: int, n_levels: int
-) -> tuple[tuple[jax.Array, ...], ...]:
-    """The layer cut into column blocks, padded to whole blocks (zero weights, unit
-    diagonal, never pruned): (weights float32[B, K, out] per block, ``U`` diagonal blocks
-    float32[B, B], free bool[B], padding bool[B], and ``L`` float32[n_p, n_p] padded)."""
-    out, n = weight.shape
-    n_p = -(-n // blocksize) * blocksize
-    pad = jnp.arange(n_p) >= n
-    lower = jnp.pad(lower, ((0, n_p - n), (0, n_p - n))) + jnp.diag(pad.astype(lower.dtype))
-    wt = jnp.pad(weight, ((0, 0), (0, n_p - n))).T
-    free = jnp.pad(free, (0, n_p - n))
-    starts = range(0, n_p, blocksize)
+def _block_inputs(
+    columns: jax.Array,
+    lower: jax.Array,
+    free: jax.Array,
+    pad: jax.Array,
+    start: jax.Array,
+    *,
+    blocksize: int,
+    n_levels: int,
+) -> tuple[jax.Array, ...]:
+    """Block ``[start, start + B)`` of a layer (``columns`` from :func:`_padded_columns`):
+    its dense weights for every level float32[B, K, out], ``U``'s diagonal block
+    float32[B, B], and its free and padding flags bool[B]."""
+    cols = lax.dynamic_slice_in_dim(columns, start, blocksize)
     return (
-        tuple(
-            jnp.broadcast_to(wt[s : s + blocksize, None, :], (blocksize, n_levels, out))
-            for s in starts
-        ),
-        tuple(lower[s : s + blocksize, s : s + blocksize].T for s in starts),
-        tuple(free[s : s + blocksize] for s in starts),
-        tuple(pad[s : s + blocksize] for s in starts),
-        (lower,),
+        jnp.broadcast_to(cols[:, None, :], (blocksize, n_levels, columns.shape[1])),
+        lax.dynamic_slice(lower, (start, start), (blocksize, blocksize)).T,
+        lax.dynamic_slice_in_dim(free, start, blocksize),
+        lax.dynamic_slice_in_dim(pad, start, blocksize),
     )
+
+
+@jax.jit
+def _scores_for_selection(
+    w: jax.Array, upper: jax.Array, free: jax.Array, pad: jax.Array
+) -> jax.Array:
+    """float32[K, out, B]: a block's OBS saliencies in tie order (padding +inf)."""
+    scores = _block_scores(w, jnp.diagonal(upper), free)
+    return jnp.transpose(jnp.where(pad[:, None, None], jnp.inf, scores), (1, 2, 0))
 
 
 @partial(jax.jit, static_argnames=("leaf", "m"))
 def _sweep_block(
     w: jax.Array,
+    keep: jax.Array | None,
     upper: jax.Array,
     free: jax.Array,
-    pad: jax.Array,
-    block_counts: jax.Array,
-    block: jax.Array,
     nm_prune: jax.Array,
     *,
     leaf: int,
@@ -365,20 +343,14 @@ def _sweep_block(
 ) -> tuple[jax.Array, jax.Array]:
     """One mask block, all levels: (pruned weights, errors), both float32[B, K, out].
 
-    ``w`` holds every update from earlier blocks. The mask is chosen first (unstructured:
-    ``block_counts[:, block]`` lowest scores per level), then leaves of ``leaf`` columns
-    are swept one at a time, each updating the rest of the block by one product with the
-    leaf's rows of ``upper`` (float32[B, B], ``U``'s diagonal block); columns before the
-    leaf get exact zeros there, since ``U`` is upper triangular.
+    ``w`` holds every update from earlier blocks and ``keep`` is the block's mask
+    bool[B, K, out] (unstructured; ``None`` for N:M, whose groups are chosen in the
+    leaves). Leaves of ``leaf`` columns are swept one at a time, each updating the rest
+    of the block by one product with the leaf's rows of ``upper`` (float32[B, B], ``U``'s
+    diagonal block); columns before the leaf get exact zeros there, since ``U`` is upper
+    triangular.
     """
     bs = w.shape[0]
-    d = jnp.diagonal(upper)
-    if m is None:
-        scores = jnp.where(pad[:, None, None], jnp.inf, _block_scores(w, d, free))
-        count = lax.dynamic_index_in_dim(block_counts, block, axis=1, keepdims=False)
-        keep = _select_keep(scores, count)
-    else:
-        keep = jnp.ones(w.shape, bool)
     after = jnp.arange(bs)[None, :]
 
     def body(i, state):
@@ -386,7 +358,7 @@ def _sweep_block(
         c0 = i * leaf
         w_leaf, e_leaf = _sweep_leaf(
             lax.dynamic_slice_in_dim(w, c0, leaf),
-            None if m is not None else lax.dynamic_slice_in_dim(keep, c0, leaf),
+            None if keep is None else lax.dynamic_slice_in_dim(keep, c0, leaf),
             lax.dynamic_slice(upper, (c0, c0), (leaf, leaf)),
             lax.dynamic_slice_in_dim(free, c0, leaf),
             nm_prune,
@@ -432,9 +404,8 @@ def _join_blocks(blocks: tuple[jax.Array, ...], *, n: int) -> jax.Array:
 
 def _recursive_sweep(
     weight: jax.Array,
-    lower: jax.Array,
-    free: jax.Array,
-    block_counts: jax.Array,
+    factor: tuple[jax.Array, jax.Array, jax.Array],
+    block_counts: np.ndarray,
     nm_prune: jax.Array,
     *,
     blocksize: int,
@@ -450,44 +421,51 @@ def _recursive_sweep(
 
     Args:
       weight: float32[out, in], the dense weight.
-      lower: float32[in, in], ``L = U^T`` (:func:`_obs_factor`).
-      free: bool[in], dead inputs (pruned first, at no cost).
-      block_counts: int32[K, n_blocks], weights pruned per block (unstructured).
+      factor: ``(L, free, pad)`` from :func:`_factor_program`.
+      block_counts: int[K, n_blocks] (host), weights pruned per block (unstructured).
       nm_prune: int32[K], zeros per group of ``m`` (N:M); ignored when ``m`` is None.
     """
+    lower, free, pad = factor
     n_levels = block_counts.shape[0] if m is None else nm_prune.shape[0]
-    w, upper, free_b, pad_b, (lower_p,) = _split_blocks(
-        weight, lower, free, blocksize=blocksize, n_levels=n_levels
-    )
-    w, err = list(w), [None] * len(w)
+    n_blocks = lower.shape[0] // blocksize
+    w: list[jax.Array | None] = [None] * n_blocks
+    err: list[jax.Array | None] = [None] * n_blocks
+    inputs = []
+    columns = _padded_columns(weight, n_p=lower.shape[0])
+    for j in range(n_blocks):
+        w[j], *rest = _block_inputs(
+            columns,
+            lower,
+            free,
+            pad,
+            jnp.int32(j * blocksize),
+            blocksize=blocksize,
+            n_levels=n_levels,
+        )
+        inputs.append(rest)
     lf = _leaf_columns(blocksize, leaf, m)
 
     def solve(a: int, b: int) -> None:
         if b - a == 1:
-            w[a], err[a] = _sweep_block(
-                w[a],
-                upper[a],
-                free_b[a],
-                pad_b[a],
-                block_counts,
-                jnp.int32(a),
-                nm_prune,
-                leaf=lf,
-                m=m,
-            )
+            upper, free_a, pad_a = inputs[a]
+            keep = None
+            if m is None:  # choose the block's mask from its weights as updated so far
+                scores = np.asarray(_scores_for_selection(w[a], upper, free_a, pad_a))
+                keep = jnp.asarray(_select_keep(scores, block_counts[:, a]).transpose(2, 0, 1))
+            w[a], err[a] = _sweep_block(w[a], keep, upper, free_a, nm_prune, leaf=lf, m=m)
             return
         mid = (a + b) // 2
         solve(a, mid)
         w[mid:b] = _lazy_update(
             tuple(w[mid:b]),
-            lower_p,
+            lower,
             tuple(err[a:mid]),
             jnp.int32(mid * blocksize),
             jnp.int32(a * blocksize),
         )
         solve(mid, b)
 
-    solve(0, len(w))
+    solve(0, n_blocks)
     return _join_blocks(tuple(w), n=weight.shape[1])
 
 
@@ -543,7 +521,9 @@ def obs_prune_levels(
         bc = np.zeros((active.size, -(-n_in // blocksize)), np.int32)
         nmp = pruned[active].astype(np.int32)
     if active.size:
-        lower, free, finite = _factor_program(hessian, jnp.float32(percdamp))
+        lower, free, pad, finite = _factor_program(
+            hessian, jnp.float32(percdamp), blocksize=blocksize
+        )
         if not bool(finite):
             raise ValueError(
                 f"the damped Hessian is not positive definite (percdamp={percdamp}); "
@@ -555,9 +535,8 @@ def obs_prune_levels(
         parts.append(
             _recursive_sweep(
                 weight,
-                lower,
-                free,
-                jnp.asarray(bc[sl]),
+                (lower, free, pad),
+                bc[sl],
                 jnp.asarray(nmp[sl]),
                 blocksize=blocksize,
                 leaf=leaf,
@@ -611,7 +590,7 @@ def _obs_sweep(
       u: float32[in_p, in_p], upper Cholesky factor of the damped inverse Hessian.
       free: bool[in_p], dead inputs (pruned first, at no cost).
       pad: bool[in_p], padding columns (never pruned).
-      block_counts: int32[K, n_blocks], weights pruned per block (unstructured).
+      block_counts: int[K, n_blocks] (host), weights pruned per block (unstructured).
       nm_prune: int32[K], zeros per group of ``m`` (N:M); ignored when ``m`` is None.
     """
     n_levels = block_counts.shape[0] if m is None else nm_prune.shape[0]
