@@ -240,7 +240,8 @@ def _sweep_leaf(
         w, err, keep = carry
         x = lax.dynamic_index_in_dim(w, i, axis=0, keepdims=False)  # [K, out]
         kept = lax.dynamic_index_in_dim(keep, i, axis=0, keepdims=False)
-        e = jnp.where(kept, 0.0, x) / d[i]
+        # The barrier keeps XLA from recomputing e for every element of the update below.
+        e = lax.optimization_barrier(jnp.where(kept, 0.0, x) / d[i])
         # U is upper triangular, so this leaves earlier columns alone and sets column i to
         # (numerically) its pruned value; the final where() makes zeros exact.
         w = w - e[None] * u[i][:, None, None]
@@ -341,37 +342,38 @@ def _sweep_block(
     leaf: int,
     m: int | None,
 ) -> tuple[jax.Array, jax.Array]:
-    """One mask block, all levels: (pruned weights, errors), both float32[B, K, out].
+    """One mask block, all levels: (pruned weights float32[K, out, B], errors
+    float32[B, K, out]).
 
     ``w`` holds every update from earlier blocks and ``keep`` is the block's mask
     bool[B, K, out] (unstructured; ``None`` for N:M, whose groups are chosen in the
-    leaves). Leaves of ``leaf`` columns are swept one at a time, each updating the rest
-    of the block by one product with the leaf's rows of ``upper`` (float32[B, B], ``U``'s
-    diagonal block); columns before the leaf get exact zeros there, since ``U`` is upper
-    triangular.
+    leaves). Leaves of ``leaf`` columns are swept one at a time; before its sweep, a
+    leaf receives the errors of all earlier leaves of the block in one product with its
+    columns of ``upper`` (float32[B, B], ``U``'s diagonal block; the error rows of later
+    leaves are still zero there).
     """
     bs = w.shape[0]
-    after = jnp.arange(bs)[None, :]
 
     def body(i, state):
-        w, err = state
+        w, err = state  # err: rows of leaves not swept yet are zero
         c0 = i * leaf
+        # Left-looking: the leaf takes the errors of every earlier leaf of the block in one
+        # product (later rows of err are zero); the block is not rewritten per leaf.
+        cols = lax.dynamic_slice_in_dim(upper, c0, leaf, axis=1)  # U[:, leaf]
+        pending = jnp.matmul(cols.T, err.reshape(bs, -1), precision=HIGHEST)
         w_leaf, e_leaf = _sweep_leaf(
-            lax.dynamic_slice_in_dim(w, c0, leaf),
+            lax.dynamic_slice_in_dim(w, c0, leaf) - pending.reshape((leaf, *w.shape[1:])),
             None if keep is None else lax.dynamic_slice_in_dim(keep, c0, leaf),
             lax.dynamic_slice(upper, (c0, c0), (leaf, leaf)),
             lax.dynamic_slice_in_dim(free, c0, leaf),
             nm_prune,
             m,
         )
-        rows = lax.dynamic_slice_in_dim(upper, c0, leaf)  # [leaf, B]
-        rows = jnp.where(after >= c0 + leaf, rows, 0.0)
-        update = jnp.matmul(rows.T, e_leaf.reshape(leaf, -1), precision=HIGHEST)
-        w = w - update.reshape(w.shape)
         w = lax.dynamic_update_slice_in_dim(w, w_leaf, c0, axis=0)
         return w, lax.dynamic_update_slice_in_dim(err, e_leaf, c0, axis=0)
 
-    return lax.fori_loop(0, bs // leaf, body, (w, jnp.zeros_like(w)))
+    w, err = lax.fori_loop(0, bs // leaf, body, (w, jnp.zeros_like(w)))
+    return jnp.transpose(w, (1, 2, 0)), err
 
 
 @partial(jax.jit, donate_argnums=0)
@@ -398,8 +400,8 @@ def _lazy_update(
 
 @partial(jax.jit, static_argnames="n")
 def _join_blocks(blocks: tuple[jax.Array, ...], *, n: int) -> jax.Array:
-    """float32[K, out, n]: the swept blocks [B, K, out] joined, padding dropped."""
-    return jnp.transpose(jnp.concatenate(blocks)[:n], (1, 2, 0))
+    """float32[K, out, n]: the swept blocks [K, out, B] joined, padding dropped."""
+    return jnp.concatenate(blocks, axis=2)[:, :, :n]
 
 
 def _recursive_sweep(
