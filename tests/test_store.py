@@ -682,3 +682,31 @@ def test_store_directory_gets_the_usual_permissions(layers, tmp_path):
     finally:
         os.umask(old)
     assert (os.stat(path).st_mode & 0o777) == 0o755
+
+
+@pytest.mark.parametrize("layout", ["dense", "packed"])
+def test_streaming_reads_check_only_the_levels_they_read(layers, tmp_path, layout):
+    """Per-level digests: a read of some levels hashes those levels' bytes (and the small
+    tensors), not the whole file, so the first pass of a streaming search reads the
+    distinct variants it uses and no more; a corrupt level is still caught before use."""
+    name = "a.sparsegpt.weight"
+    path = write_store(tmp_path / "s", layers, layout=layout)
+    f = path / f"{name}.safetensors"
+    header, offset = read_header(f)
+    tensor = "weights" if layout == "dense" else "mask"
+    begin, end = header[tensor]["data_offsets"]
+    per_level = (end - begin) // 4
+    raw = bytearray(f.read_bytes())
+    raw[offset + begin + 2 * per_level + 1] ^= 0x10  # inside level 2 only
+    f.write_bytes(bytes(raw))
+    store = SupernetStore.open(path)
+    w = layers[name][1].weights
+    got = store.read_levels(name, [0, 3, 0])  # untouched levels read and check fine
+    np.testing.assert_array_equal(got, np.asarray(w)[[0, 3, 0]])
+    for _ in range(2):
+        with pytest.raises(
+            StoreError, match=rf"checksum mismatch in '{name}.safetensors' \(level 2\)"
+        ):
+            store.read_levels(name, [1, 2])
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        store.variants(name)  # the whole file: its digest covers every level

@@ -321,6 +321,31 @@ def variants_to_tensors(
     raise TypeError(f"variants must be NestedVariants or DenseVariants, got {type(variants)}")
 
 
+def _level_parts(tensors: Mapping[str, np.ndarray], k: int) -> list[np.ndarray]:
+    """The arrays holding level ``k`` of a dense-kind file, in either layout (views of the
+    memory map when ``tensors`` are): ``weights[k]``, or ``mask[k]`` and level ``k``'s
+    slice of ``values``."""
+    if "weights" in tensors:
+        return [tensors["weights"][k]]
+    offsets = np.asarray(tensors["offsets"])
+    return [tensors["mask"][k], tensors["values"][int(offsets[k]) : int(offsets[k + 1])]]
+
+
+def _parts_digest(parts: Sequence[np.ndarray]) -> str:
+    """Hex blake2b of the bytes of ``parts`` in order (read in place, no copy)."""
+    h = hashlib.blake2b(digest_size=_DIGEST_BYTES)
+    for a in parts:
+        h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+    return h.hexdigest()
+
+
+def _small_parts(tensors: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """The tensors of a dense-kind file that are not per-level weights (sparsity, group
+    masks, the packed shape and offsets), in name order."""
+    big = {"weights", "mask", "values"}
+    return [tensors[n] for n in sorted(tensors) if n not in big]
+
+
 def _dense_levels(tensors: Mapping[str, np.ndarray], levels: Sequence[int]) -> np.ndarray:
     """[len(levels), out, in] host weights of some levels of a dense-kind file's tensors,
     in either layout, in the storage dtype; reads only those levels' bytes."""
@@ -434,6 +459,13 @@ class StoreWriter:
         }
         if meta["kind"] == "dense":
             entry.update(layout=meta["layout"], dtype=meta["storage_dtype"])
+            # per-level digests: a streaming read checks exactly the levels it reads
+            written = read_safetensors(target, mmap=True)
+            entry["level_blake2b"] = [
+                _parts_digest(_level_parts(written, k)) for k in range(entry["num_levels"])
+            ]
+            entry["small_blake2b"] = _parts_digest(_small_parts(written))
+            del written
         self._files[param] = entry
         return size
 
@@ -572,11 +604,12 @@ class SupernetStore:
     def _init_checks(self) -> None:
         """Per-process record of the files whose digest was checked, and their locks."""
         self._verified: set[str] = set()
+        self._verified_levels: set[tuple[str, int]] = set()
         self._locks = {e["file"]: threading.Lock() for e in self._files().values()}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        del state["_verified"], state["_locks"]  # another process checks for itself
+        del state["_verified"], state["_verified_levels"], state["_locks"]  # per process
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -701,6 +734,49 @@ class SupernetStore:
                 )
             self._verified.add(name)
 
+    def _check_levels(
+        self, entry: Mapping[str, Any], tensors: Mapping[str, np.ndarray], levels: Sequence[int]
+    ) -> None:
+        """Check the digests of some levels of a dense-kind file (and of its small tensors)
+        against the manifest, once per (file, level) and process: a streaming read hashes
+        only the bytes it reads. Files without level digests (format 1) are checked whole."""
+        name = entry["file"]
+        if self.verify == "none" or name in self._verified:
+            return
+        if "level_blake2b" not in entry:
+            self._check_digest(entry)
+            return
+        todo = [k for k in dict.fromkeys(levels) if (name, k) not in self._verified_levels]
+        if not todo:
+            return
+        with self._locks[name]:
+            checks = (
+                [(-1, entry["small_blake2b"], _small_parts(tensors))]
+                if (
+                    name,
+                    -1,
+                )
+                not in self._verified_levels
+                else []
+            )
+            checks += [
+                (k, entry["level_blake2b"][k], _level_parts(tensors, k))
+                for k in todo
+                if (name, k) not in self._verified_levels
+            ]
+            for k, want, parts in checks:
+                try:
+                    got = _parts_digest(parts)
+                except (OSError, KeyError, ValueError) as e:
+                    raise StoreError(f"{self.path}: cannot read {name!r} ({e})") from e
+                if got != want:
+                    what = "its small tensors" if k < 0 else f"level {k}"
+                    raise StoreError(
+                        f"{self.path}: checksum mismatch in {name!r} ({what}): the file is "
+                        f"corrupt (blake2b differs from the manifest); rebuild the supernet"
+                    )
+                self._verified_levels.add((name, k))
+
     # ----- what the evaluator and searchers read -------------------------------------
     @property
     def spec(self) -> SupernetSpec:
@@ -824,14 +900,16 @@ class SupernetStore:
             )
         if entry["kind"] != "dense" and dense is None:
             raise ValueError(f"{param_name} holds nested variants: pass its dense weight")
-        tensors = self._tensors(param_name, entry)
         if entry["kind"] == "dense":
+            tensors = self._mapped(param_name, entry)
             try:
+                self._check_levels(entry, tensors, levels)
                 return _dense_levels(tensors, levels)
             except (KeyError, ValueError) as e:
                 raise StoreError(
                     f"{self.path / entry['file']}: cannot read variants of {param_name} ({e})"
                 ) from e
+        tensors = self._tensors(param_name, entry)
         dense = np.asarray(dense)
         rank = np.asarray(tensors["rank"])
         counts = np.asarray(tensors["prune_counts"])
@@ -854,6 +932,10 @@ class SupernetStore:
     def _tensors(self, what: str, entry: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Memory-mapped tensors of a file, its digest checked first (once)."""
         self._check_digest(entry)
+        return self._mapped(what, entry)
+
+    def _mapped(self, what: str, entry: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Memory-mapped tensors of a file (no digest check)."""
         fpath = self.path / entry["file"]
         try:
             return read_safetensors(fpath, mmap=True)
