@@ -6,7 +6,7 @@
 Builds (once, cached in ``--work``) a random Llama and a supernet of all its linear layers
 (9 levels around 50%), loads the model lazily for the streaming evaluator, and scores
 EvoPress-like queries (12 offspring of a parent, 1-3 units moved, a fresh minibatch of
-2048 tokens each) and random queries (no reuse) with both evaluators, after one warm-up
+``--fidelity`` tokens each) and random queries (no reuse) with both evaluators, after one warm-up
 query each. Prints seconds per candidate, their ratio, compilations after the warm-up,
 and the streaming evaluator's bytes read from the store per query over the bytes of the
 distinct variants the query's candidates use. Ratios only, no verdicts.
@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--pruner", choices=["sparsegpt", "magnitude"], default="sparsegpt")
     ap.add_argument("--queries", type=int, default=4)
     ap.add_argument("--per-call", type=int, default=4)
+    ap.add_argument("--fidelity", type=int, default=FIDELITY, help="tokens per query")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     eager, lazy, calib, store = prepare(args.work, args.blocks, args.hidden, args.pruner)
@@ -119,13 +120,18 @@ def main() -> None:
         )
     )
     common = dict(metric=KLDivergence(), candidates_per_call=args.per_call)
+    before = len(compiles)
     t = time.perf_counter()
     resident = Evaluator(eager, spec, store.all_variants(), store.unit_params, calib, **common)
-    t_res = time.perf_counter() - t
+    t_res, c_res = time.perf_counter() - t, len(compiles) - before
+    before = len(compiles)
     t = time.perf_counter()
     streamed = StreamingEvaluator(lazy, store, calib, **common)
-    t_str = time.perf_counter() - t
-    results = {"construct_s": {"resident": t_res, "streaming": t_str}}
+    t_str, c_str = time.perf_counter() - t, len(compiles) - before
+    results = {
+        "construct_s": {"resident": t_res, "streaming": t_str},
+        "construct_compiles": {"resident": c_res, "streaming": c_str},
+    }
     shapes = lazy.adapter.param_shapes
     for kind in ("offspring", "random"):
         for name, ev in (("resident", resident), ("streaming", streamed)):
@@ -140,13 +146,15 @@ def main() -> None:
                     np.int32
                 )
 
-            ev(query(0), fidelity=FIDELITY, batch_seed=100)  # warm-up (compiles)
+            before = len(compiles)
+            ev(query(0), fidelity=args.fidelity, batch_seed=100)  # warm-up (compiles)
+            warmup = len(compiles) - before
             before = len(compiles)
             t = time.perf_counter()
             ratios = []
             for q in range(args.queries):
                 choices = query(q)
-                ev(choices, fidelity=FIDELITY, batch_seed=q)
+                ev(choices, fidelity=args.fidelity, batch_seed=q)
                 if name == "streaming":
                     # bytes of the distinct (unit, level) variants the candidates use
                     used = sum(
@@ -159,6 +167,7 @@ def main() -> None:
             dt = (time.perf_counter() - t) / (args.queries * OFFSPRING)
             results[f"{kind}/{name}"] = {
                 "s_per_candidate": dt,
+                "compiles_warmup": warmup,
                 "compiles_after_warmup": len(compiles) - before,
             }
             if name == "streaming":

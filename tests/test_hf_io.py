@@ -245,7 +245,7 @@ def _rss_anon() -> int:
 
 
 def test_lazy_load_holds_no_copy_of_the_model(tmp_path):
-    """A 128 MiB model: an eager load grows anonymous memory by about its size, a lazy
+    """A 120 MiB model: an eager load grows anonymous memory by about its size, a lazy
     load (reading every tensor through the mapping) by far less."""
     cfg = dict(CFG, hidden_size=1024, intermediate_size=4096, vocab_size=64)
     adapter = adapter_for_config(cfg)
@@ -269,5 +269,6 @@ def test_lazy_load_holds_no_copy_of_the_model(tmp_path):
     eager = load_model(path)
     grown_eager = _rss_anon() - before
     assert grown_eager > 0.8 * size, (grown_eager, size)
-    assert grown_lazy < 0.1 * size, (grown_lazy, size)
+    # (the fingerprint's sampled bytes and allocator slack, not the weights)
+    assert grown_lazy < 0.3 * size, (grown_lazy, size)
     del eager
