@@ -404,7 +404,11 @@ def test_pipeline_makes_either_evaluator(setup):
     cfg = RunConfig(evaluator=EvaluatorConfig(execution="streaming"))
     ws = pipeline.Workspace(cfg, lazy, calib, calib)
     assert isinstance(pipeline.make_evaluator(ws, store), StreamingEvaluator)
-    assert type(pipeline.make_evaluator(ws, store, "auto")) is Evaluator  # resident for now
+    auto = {"resident": Evaluator, "streaming": StreamingEvaluator}[
+        pipeline.choose_execution(ws, store)
+    ]
+    assert type(pipeline.make_evaluator(ws, store, "auto")) is auto
+    assert type(pipeline.make_evaluator(ws, store, "resident")) is Evaluator
     with pytest.raises(ValueError, match=r"execution 'gpu' is not valid; choose one of \['auto'"):
         pipeline.make_evaluator(ws, store, "gpu")
 
