@@ -89,8 +89,12 @@ class Workspace:
 
 
 def load_workspace(cfg: RunConfig) -> Workspace:
-    """Load the configured model (``"demo"``: the bundled one) and its token sets."""
-    model = load_model(resolve_model_path(cfg.model), dtype=cfg.dtype)
+    """Load the configured model (``"demo"``: the bundled one) and its token sets.
+
+    The weights stay memory-mapped on the host (``load_model(lazy=True)``): whatever runs
+    next moves what it needs to the device (one block at a time when streaming), so the
+    driver of a search never holds a whole model on its device."""
+    model = load_model(resolve_model_path(cfg.model), dtype=cfg.dtype, lazy=True)
     calibration, heldout = load_tokensets(cfg.data, model)
     return Workspace(cfg, model, calibration, heldout)
 
@@ -254,10 +258,12 @@ def make_metric(cfg: EvaluatorConfig) -> Metric:
 
 
 def choose_execution(ws: Workspace, store: SupernetStore) -> str:
-    """``"resident"`` or ``"streaming"``: how ``execution="auto"`` scores ``store``.
+    """``"resident"`` or ``"streaming"``: how ``execution="auto"`` scores ``store``: the
+    memory plan's choice for this machine (:func:`~allocsearch.plan.execution_for`:
+    resident when everything fits the device with a margin, else streaming)."""
+    from allocsearch.plan import execution_for
 
-    Resident for now; this is where the memory plan's choice plugs in."""
-    return "resident"
+    return execution_for(ws.config, store=store.path)
 
 
 def make_evaluator(

@@ -81,9 +81,10 @@ moves ``sum_u P_u`` levels of each unit; EvoPress asks ``offspring`` candidates 
 ``tokens[i]``. This is an upper bound: a query moves only the distinct levels its
 candidates use (an EvoPress child differs from its parent in a few units).
 
-The driver holds the loaded model and the token sets while the actors score; at the end
-it scores the result (held-out perplexity) with a one-candidate evaluator of the chosen
-mode. With ``backend.kind = "local"`` the driver is the evaluator.
+The driver keeps the model memory-mapped on the host (``load_workspace`` loads it
+lazily) and the search state while the actors score, the final held-out perplexity
+included (on an actor): it needs no device memory. With ``backend.kind = "local"`` the
+driver is the evaluator.
 """
 
 from __future__ import annotations
@@ -950,7 +951,6 @@ def plan_memory(
     g = _evaluator_setting(cfg, "candidates_per_call", _CANDIDATES_PER_CALL)
     nworkers = _resolve_workers(cfg, workers, device_kind)
     queries = _queries(cfg, command, n_cal, layout, blocks)
-    model_bytes = a * m.total_params
     generations = cfg.search.strategy in ("evopress", "tyr")
     device_is_host = device_kind == "cpu"
 
@@ -994,10 +994,11 @@ def plan_memory(
             if nworkers == 0:
                 modes[mode] = (ProcessMemory("driver", dev, host),)
                 continue
-            # While the actors score, the driver holds the loaded model; at the end it
-            # scores the result with a one-candidate evaluator of the same mode.
-            fdev, fhost, _ = evaluator(mode, [(1, n_cal)], 1)
-            fdev = {**fdev, "model": max(fdev["model"], model_bytes)}
+            # The driver keeps the model memory-mapped on the host (page cache, shared,
+            # not counted) and the search state; the actors score, the final held-out
+            # perplexity included, so it needs no device memory of its own.
+            fdev = dict.fromkeys(dev, 0)
+            fhost = dict.fromkeys(host, 0)
             modes[mode] = (
                 ProcessMemory("driver", fdev, fhost),
                 ProcessMemory("actor", dev, host, count=nworkers),

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from rich.console import Console
 
@@ -76,7 +75,7 @@ class HeldoutPerplexity:
             for name in names:
                 dense = np.asarray(params[name])
                 level = store.read_levels(name, [int(choice[u])], dense)[0]
-                params[name] = jnp.asarray(level, dense.dtype)
+                params[name] = level.astype(dense.dtype)  # host: perplexity streams blocks
         model = HFModel(ws.model.adapter, params)
         return pipeline.heldout_perplexity(model, ws.heldout)
 
