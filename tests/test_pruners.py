@@ -447,15 +447,15 @@ def test_sparsegpt_flops_hand_computed():
 
 def test_select_keep_matches_a_stable_sort_with_ties():
     rng = np.random.default_rng(8)
-    # [K=3 levels, out=5 rows, c=6 columns]; few distinct values, so many ties, and zeros.
-    scores = rng.integers(0, 4, size=(3, 5, 6)).astype(np.float32) / 4
+    # [c=6 columns, K=3 levels, out=5 rows]; few distinct values, so many ties, and zeros.
+    scores = rng.integers(0, 4, size=(6, 3, 5)).astype(np.float32) / 4
     counts = np.array([0, 13, 30])
     keep = _select_keep(scores, counts)
     for k, c in enumerate(counts):
-        flat = scores[k].ravel()  # row-major over (out, column): the tie order
+        flat = scores[:, k, :].T.ravel()  # row-major over (out, column): the tie order
         pruned = np.zeros(flat.size, bool)
         pruned[np.argsort(flat, kind="stable")[:c]] = True
-        np.testing.assert_array_equal(~keep[k].ravel(), pruned)
+        np.testing.assert_array_equal(~keep[:, k, :].T.ravel(), pruned)
 
 
 def _reconstruction_error(weight, w_k, x) -> float:

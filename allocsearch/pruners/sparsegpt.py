@@ -40,27 +40,35 @@ two) are (:func:`sparsegpt_flops`)::
 (``n^3 / 3``), and one triangular inverse (``n^3 / 3``): ``U = J M^-1 J`` is upper with
 ``U^T U = H^-1``, so it *is* the Cholesky factor of ``H^-1``, without forming ``H^-1``
 (the code inverts ``M`` with a triangular solve against the identity, which performs
-``n^3``). Mask selection adds comparisons, not flops: 33 compare-and-count passes over
-the block's scores per level (a bisection on the scores' bit patterns for the exact
-``c``-th smallest, then the mask), ``33 K out n`` in all. For ``out = n`` the updates
-dominate: ``K n^3`` against ``2 n^3 / 3``. The errors are dense in this count (a kept
-weight's error is an exact 0 that the products still multiply).
+``n^3``). Mask selection adds comparisons, not flops: a linear-time selection of the
+``c``-th smallest score per block and level, ``O(K out n)`` in all. For ``out = n`` the
+updates dominate: ``K n^3`` against ``2 n^3 / 3``. The errors are dense in this count (a
+kept weight's error is an exact 0 that the products still multiply).
 
-**Implementation** (``impl="recursive"``, the default). The sweep is the recursive form
-of the lazy batched update: a column range is split in two (at a block boundary while it
-spans several blocks, then at a multiple of ``LEAF_COLUMNS``), the left half is swept,
-its errors update the right half in *one* matrix product, ``W_R -= U_LR^T E_L``, and the
-right half is swept. Every product covers exactly the column pairs that need it (no work
-on finished columns, no padding), and most of the arithmetic runs in the few largest
-products (half of it in the first one), sized by the layer rather than by ``B``. A
-block's mask is chosen when the recursion reaches the block, i.e. after every earlier
-column's update, as in the sequential algorithm; only leaves of ``LEAF_COLUMNS`` columns
-are swept column by column. Levels that prune nothing or everything are not swept. Shapes
-are static, so every layer of one shape (and level count) runs one compiled program.
+**Implementation** (``impl="recursive"``, the default), the recursive form of the lazy
+batched update:
+
+* *Across blocks* (exact): a range of blocks is split in two, the left half is swept,
+  its errors update the right half in *one* matrix product, ``W_R -= U_LR^T E_L``, then
+  the right half is swept. Every column pair across blocks is computed once, most of the
+  arithmetic runs in the few largest products (half of it in the first one, sized by the
+  layer, not by ``B``), and nothing is done for finished columns. The recursion runs in
+  Python over compiled pieces of static shape (:func:`_sweep_block` per block shape,
+  :func:`_lazy_update` per pair of range widths), shared by every block and by every
+  layer of the same width and level count: nothing is recompiled per layer. The last
+  block is padded to ``B`` columns (zero weights, unit diagonal, never pruned).
+* *A block*: its mask is chosen when the recursion reaches it, i.e. after every earlier
+  column's update, as in the sequential algorithm (on the host, :func:`_select_keep`).
+  Then leaves of ``LEAF_COLUMNS`` columns: each receives the errors of the earlier
+  leaves of its block in one product with a ``B``-deep contraction (it multiplies the
+  still-zero errors of later leaves too, so the updates within blocks, a share of about
+  ``B / n`` of all, cost about twice their count) and is swept column by column.
+* Levels that prune nothing or everything are not swept.
+
 ``impl="reference"`` keeps the previous implementation (each block updates all columns
 of all levels in a ``fori_loop``: about twice the update arithmetic, four times the
-factorisation, and a full sort per block and level for the mask); it gives the same masks
-and weights up to float rounding, and serves as the test and benchmark reference.
+factorisation, and a stable sort per block and level for the mask); it gives the same
+masks and weights up to float rounding, and serves as the test and benchmark reference.
 """
 
 from __future__ import annotations
@@ -89,8 +97,9 @@ from allocsearch.pruners.base import (
 )
 
 LEAF_COLUMNS: Final[int] = 16
-"""Columns swept one at a time (rank-1 updates) at the bottom of the recursion; all other
-OBS updates are matrix products. Rounded up to a multiple of M for N:M."""
+"""Columns swept one at a time (rank-1 updates) inside a block; all other OBS updates are
+matrix products. The leaf is the largest divisor of the block size up to this, in whole
+groups of M for N:M."""
 
 IMPLS: Final[tuple[str, ...]] = ("recursive", "reference")
 """SparseGPT sweep implementations (see the module docstring)."""
@@ -185,28 +194,27 @@ def _block_scores(w: jax.Array, d: jax.Array, free: jax.Array) -> jax.Array:
 
 
 def _select_keep(scores: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """bool[K, out, c]: False on the ``count[k]`` lowest of each level's scores
-    ``[K, out, c]``, ties broken by position (row-major over ``(out, c)``), i.e. exactly
-    what a stable sort of the level's block would prune.
+    """bool[c, K, out]: False on the ``count[k]`` lowest of each level's scores
+    ``[c, K, out]``, ties broken by position, row-major over ``(out, c)``, i.e. exactly
+    what a stable sort of the level's ``[out, c]`` block would prune.
 
     Runs on the host: a selection (``np.partition``, linear time) finds the ``count``-th
-    smallest score, then the ties equal to it are taken in index order. XLA has no
+    smallest score, then the ties equal to it are taken in that order. XLA has no
     selection; its sorts cost 40-400 ns per element on a CPU, and an in-program bisection
     costs more to compile per layer shape than the whole demo sweep runs.
     """
-    n_levels = scores.shape[0]
-    flat = scores.reshape(n_levels, -1)
-    keep = np.ones(flat.shape, bool)
-    for k in range(n_levels):
+    by_level = np.ascontiguousarray(scores.transpose(1, 0, 2))  # [K, c, out], rows copied
+    keep = np.ones(by_level.shape, bool)
+    for k, level in enumerate(by_level):
         c = int(count[k])
         if c == 0:
             continue
-        row = flat[k]
-        t = np.partition(row, c - 1)[c - 1]
-        below = row < t
+        t = np.partition(level, c - 1, axis=None)[c - 1]
+        below = level < t
+        ties = np.flatnonzero((level == t).T)[: c - int(below.sum())]  # (out, c) order
+        below[ties % level.shape[0], ties // level.shape[0]] = True
         keep[k] = ~below
-        keep[k, np.flatnonzero(row == t)[: c - int(below.sum())]] = False
-    return keep.reshape(scores.shape)
+    return np.ascontiguousarray(keep.transpose(1, 0, 2))
 
 
 def _nm_keep(scores: jax.Array, n_prune: jax.Array) -> jax.Array:
@@ -326,9 +334,9 @@ def _block_inputs(
 def _scores_for_selection(
     w: jax.Array, upper: jax.Array, free: jax.Array, pad: jax.Array
 ) -> jax.Array:
-    """float32[K, out, B]: a block's OBS saliencies in tie order (padding +inf)."""
+    """float32[B, K, out]: a block's OBS saliencies (padding +inf)."""
     scores = _block_scores(w, jnp.diagonal(upper), free)
-    return jnp.transpose(jnp.where(pad[:, None, None], jnp.inf, scores), (1, 2, 0))
+    return jnp.where(pad[:, None, None], jnp.inf, scores)
 
 
 @partial(jax.jit, static_argnames=("leaf", "m"))
@@ -453,7 +461,7 @@ def _recursive_sweep(
             keep = None
             if m is None:  # choose the block's mask from its weights as updated so far
                 scores = np.asarray(_scores_for_selection(w[a], upper, free_a, pad_a))
-                keep = jnp.asarray(_select_keep(scores, block_counts[:, a]).transpose(2, 0, 1))
+                keep = jnp.asarray(_select_keep(scores, block_counts[:, a]))
             w[a], err[a] = _sweep_block(w[a], keep, upper, free_a, nm_prune, leaf=lf, m=m)
             return
         mid = (a + b) // 2
