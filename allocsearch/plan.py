@@ -60,8 +60,9 @@ Streaming evaluator (:mod:`allocsearch.evaluate.streaming`), per process:
 
 * model: the parameters outside the blocks (embeddings, head, final norm) on the
   device for the evaluator's lifetime, and two blocks' parameters that no unit owns;
-* variants: a block's stacks hold ``K_u`` level slots per unit in the model's dtype
-  (``a x sum_u K_u sum_{p in u} N_p``; unused slots repeat a moved level on the device),
+* variants: a block's stacks hold ``min(n + 1, K_u)`` level slots per unit in the
+  model's dtype (``n`` candidates and the reference riding along; ``a x sum_u
+  min(n + 1, K_u) sum_{p in u} N_p``; unused slots repeat a moved level on the device),
   two blocks of them (this one, and the next, prefetched) plus the next block's moved
   levels, at most ``P_u = min(n, K_u)`` per unit (``n`` the most candidates one actor
   scores in one query), in the storage dtype (nested variants: the model's); the same
@@ -781,11 +782,13 @@ def _streaming(
         + 2 * rows * seq * m.hidden * a
         + max(_block_activation(m, rows, seq, a), _finish_activation(m, rows, seq, a))
     )
-    # a block's stacks hold K_u level slots per unit (unused slots repeat a moved one)
-    stacks = layout.block_variants(max(layout.unit_levels, default=1), a)
     variants = hidden = teacher_rows = moved = host_slabs = 0
     for n, tokens in queries:
         per_actor = -(-n // workers)
+        # a block's stacks hold P_u = min(members, K_u) level slots per unit (members: the
+        # query's candidates and the reference riding along; unused slots repeat a moved
+        # level)
+        stacks = layout.block_variants(per_actor + 1, a)
         # the distinct levels read and moved for a block (at most min(n, K_u) per unit),
         # in the storage dtype for dense variants, the model's for nested ones
         slabs = layout.moved_bytes(per_actor, s, a)

@@ -12,7 +12,8 @@ candidates:
   (:meth:`~allocsearch.supernet.store.SupernetStore.read_levels`), with the block's
   dense weights from the (lazily loaded) model, and moved to the device in one
   ``device_put``. There they are assembled into per-parameter stacks of a fixed number
-  of level slots (the unit's number of levels; unused slots repeat a read level and
+  of level slots, P = min(the unit's number of levels, the query's members; a member
+  uses one level of each unit, so no query needs more; unused slots repeat a read level and
   cost no transfer), so one compiled block program serves every query and candidate:
   candidates index their slot inside ``jit`` (``vmap`` over candidates, as the
   resident ``_score_program``).
@@ -283,7 +284,7 @@ class StreamingEvaluator:
       ValueError: mismatched inputs (the message names the unit or parameter).
 
     Device memory: the parameters outside the blocks, two blocks' weights (their
-    parameters no unit changes, and a stack of the unit's number of levels for each
+    parameters no unit changes, and a stack of min(levels, query members) slots for each
     parameter a unit changes), the hidden states of all candidates of a query on its
     minibatch (up to ``max_device_state_bytes``; then one micro-batch's), one
     micro-batch's activations and, with reuse, the reference's states (up to
@@ -470,7 +471,9 @@ class StreamingEvaluator:
                     dense_bytes += int(dense.nbytes)
                 got = self.store.read_levels(n, levels.tolist(), dense)
                 slabs[k] = list(got)  # views: fixed-shape slabs whatever the count
-                n_slots[k] = int(self._num_levels[u])
+                # P = min(levels, members) slots: a member uses one level, so a query
+                # never needs more; fixed per query size, so one program per shape
+                n_slots[k] = min(int(self._num_levels[u]), len(members))
                 store_bytes += int(got.nbytes)
                 variants += len(levels)
         transfer = sum(_nbytes(v) for v in host_plain.values() if not isinstance(v, jax.Array))
