@@ -103,7 +103,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from allocsearch.config import AUTO_WORKERS, RunConfig
+from allocsearch.config import AUTO_WORKERS, EXECUTIONS, RunConfig
 
 __all__ = [
     "EXECUTION_MODES",
@@ -119,7 +119,7 @@ __all__ = [
     "plan_memory",
 ]
 
-EXECUTION_MODES: Final[tuple[str, ...]] = ("auto", "resident", "streaming")
+EXECUTION_MODES: Final[tuple[str, ...]] = EXECUTIONS  # one list, the config's
 """``auto`` picks resident when it fits the device with the margin, else streaming."""
 DEFAULT_MARGIN: Final[float] = 0.10
 """Fraction of the device (and host) memory left free for what the plan does not count

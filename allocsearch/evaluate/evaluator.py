@@ -276,6 +276,26 @@ def _checked_shard(shard: tuple[int, int]) -> tuple[int, int]:
     return int(index), int(count)
 
 
+def check_evaluator_args(adapter: ModelAdapter, metric: Metric, **positive: int) -> None:
+    """The checks every evaluator makes of its arguments: ``metric`` is a
+    :class:`~allocsearch.evaluate.metrics.Metric` for this kind of model (causal LM or
+    encoder), and each of ``positive`` (name -> value) is a positive int.
+
+    Raises:
+      TypeError: ``metric`` is not a Metric. ValueError: naming the bad value."""
+    if not isinstance(metric, Metric):
+        raise TypeError(f"metric must be a Metric instance, got {type(metric).__name__}")
+    if metric.causal_lm != adapter.is_causal_lm:
+        wanted = "causal language models" if metric.causal_lm else "encoders"
+        kind = "a causal language model" if adapter.is_causal_lm else "an encoder"
+        raise ValueError(
+            f"metric {metric.name!r} is for {wanted} but the model is {kind} ({adapter.model_type})"
+        )
+    for what, value in positive.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{what} must be a positive int, got {value!r}")
+
+
 class EvalStats(NamedTuple):
     """What the last :meth:`Evaluator.__call__` did (for benchmarks and tests).
 
@@ -347,23 +367,14 @@ class Evaluator:
         max_teacher_bytes: int = 2**33,
     ):
         adapter = model.adapter
-        if not isinstance(metric, Metric):
-            raise TypeError(f"metric must be a Metric instance, got {type(metric).__name__}")
-        if metric.causal_lm != adapter.is_causal_lm:
-            wanted = "causal language models" if metric.causal_lm else "encoders"
-            kind = "a causal language model" if adapter.is_causal_lm else "an encoder"
-            raise ValueError(
-                f"metric {metric.name!r} is for {wanted} but the model is {kind} "
-                f"({adapter.model_type})"
-            )
-        for what, value in (
-            ("candidates_per_call", candidates_per_call),
-            ("micro_batch_tokens", micro_batch_tokens),
-            ("max_reference_bytes", max_reference_bytes),
-            ("max_teacher_bytes", max_teacher_bytes),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-                raise ValueError(f"{what} must be a positive int, got {value!r}")
+        check_evaluator_args(
+            adapter,
+            metric,
+            candidates_per_call=candidates_per_call,
+            micro_batch_tokens=micro_batch_tokens,
+            max_reference_bytes=max_reference_bytes,
+            max_teacher_bytes=max_teacher_bytes,
+        )
         self.model = model
         self.spec = spec
         self.metric = metric

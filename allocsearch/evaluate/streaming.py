@@ -58,6 +58,7 @@ from allocsearch.evaluate.evaluator import (
     Evaluator,
     _balanced_chunks,
     _checked_shard,
+    check_evaluator_args,
 )
 from allocsearch.evaluate.metrics import Metric, TeacherData, next_token_nll
 from allocsearch.models.base import ModelAdapter
@@ -309,25 +310,16 @@ class StreamingEvaluator:
         max_teacher_bytes: int = 2**33,
     ):
         adapter = model.adapter
-        if not isinstance(metric, Metric):
-            raise TypeError(f"metric must be a Metric instance, got {type(metric).__name__}")
-        if metric.causal_lm != adapter.is_causal_lm:
-            wanted = "causal language models" if metric.causal_lm else "encoders"
-            kind = "a causal language model" if adapter.is_causal_lm else "an encoder"
-            raise ValueError(
-                f"metric {metric.name!r} is for {wanted} but the model is {kind} "
-                f"({adapter.model_type})"
-            )
-        for what, value in (
-            ("candidates_per_call", candidates_per_call),
-            ("micro_batch_tokens", micro_batch_tokens),
-            ("max_reference_bytes", max_reference_bytes),
-            ("max_device_reference_bytes", max_device_reference_bytes),
-            ("max_device_state_bytes", max_device_state_bytes),
-            ("max_teacher_bytes", max_teacher_bytes),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-                raise ValueError(f"{what} must be a positive int, got {value!r}")
+        check_evaluator_args(
+            adapter,
+            metric,
+            candidates_per_call=candidates_per_call,
+            micro_batch_tokens=micro_batch_tokens,
+            max_reference_bytes=max_reference_bytes,
+            max_device_reference_bytes=max_device_reference_bytes,
+            max_device_state_bytes=max_device_state_bytes,
+            max_teacher_bytes=max_teacher_bytes,
+        )
         self.model = model
         self.store = store
         self.spec: SupernetSpec = store.spec
