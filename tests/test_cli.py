@@ -252,6 +252,26 @@ def test_bad_backend_options_exit_2_before_anything_starts(workdir, tmp_path):
             assert "Traceback" not in r.output and not (tmp_path / "o").exists()
 
 
+def test_ray_address_where_nothing_listens_is_one_line_not_a_hang(workdir, tmp_path):
+    """Issue 16.2: --address 127.0.0.1:1 used to retry for minutes; the address is probed
+    first (ALLOCSEARCH_RAY_CONNECT_TIMEOUT_S, default 10 s) and refused in one line."""
+    import time
+
+    cfg = yaml.safe_load((workdir / "config.yaml").read_text())
+    cfg["backend"] = {"kind": "ray", "workers": 1}
+    (tmp_path / "ray.yaml").write_text(yaml.safe_dump(cfg))
+    t0 = time.monotonic()
+    r = run(
+        "build", "--config", tmp_path / "ray.yaml", "--workers", "1",
+        "--address", "127.0.0.1:1", "--out", tmp_path / "s", "--no-progress",
+    )  # fmt: skip
+    assert r.exit_code == 2, r.output
+    line = " ".join(r.output.split())
+    assert "WorkerStartError: no Ray cluster answers at '127.0.0.1:1'" in line, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "s").exists()
+    assert time.monotonic() - t0 < 60
+
+
 def test_errors_found_before_any_work_do_not_start_ray(workdir, supernet, tmp_path):
     """Ray starts at the first query or the first block's pruning, so a bad budget or
     grid is reported at once (a local Ray instance takes seconds to start)."""

@@ -293,6 +293,45 @@ def _check_workers(workers: int | str) -> None:
         raise ValueError(f"workers must be an integer >= 1 or {AUTO!r}, got {workers!r}")
 
 
+CONNECT_TIMEOUT_ENV = "ALLOCSEARCH_RAY_CONNECT_TIMEOUT_S"
+"""Seconds to wait for a Ray cluster's address to accept a connection (default 10)."""
+
+
+def check_reachable(address: str, timeout_s: float | None = None) -> None:
+    """Refuse an address where nothing listens, before ``ray.init`` (which retries an
+    unreachable cluster for minutes, printing warnings): a TCP connection to ``host:port``
+    (``ray://`` addresses too) must open within ``timeout_s`` (default: the environment's
+    ``ALLOCSEARCH_RAY_CONNECT_TIMEOUT_S``, else 10 s). ``auto`` and ``local`` are Ray's
+    own and not checked.
+
+    Raises:
+      WorkerStartError: naming the address, the timeout and the system's reason.
+    """
+    import socket
+
+    target = address.removeprefix("ray://")
+    if target in ("auto", "local") or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        port_number = int(port)
+    except ValueError:
+        raise WorkerStartError(
+            f"Ray address {address!r} is not host:port (e.g. 10.0.0.1:6379 or ray://head:10001)"
+        ) from None
+    if timeout_s is None:
+        timeout_s = float(os.environ.get(CONNECT_TIMEOUT_ENV, "10"))
+    try:
+        with socket.create_connection((host.strip("[]"), port_number), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise WorkerStartError(
+            f"no Ray cluster answers at {address!r}: cannot connect to {host}:{port_number} "
+            f"within {timeout_s:g} s ({e}); check --address / RAY_ADDRESS (or "
+            f"{CONNECT_TIMEOUT_ENV}), or leave it out to start a local Ray instance"
+        ) from None
+
+
 def _init_ray(
     workers: int | str, address: str | None, cpus_per_worker: float, gpus_per_worker: float | None
 ) -> bool:
@@ -305,6 +344,7 @@ def _init_ray(
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is not None:
+        check_reachable(address)
         ray.init(address=address, **_RAY_INIT)
         return True
     if workers != AUTO:
