@@ -64,7 +64,8 @@ def catalogue() -> list[tuple[str, list[str]]]:
 
 
 def package_exceptions() -> dict[str, list[type]]:
-    """Exception classes defined in allocsearch (every module imported), by name."""
+    """Exception classes defined in allocsearch (every module imported), by name; warnings
+    (e.g. ``WorkerLostWarning``: the run goes on) are not errors and not listed."""
     found: dict[str, list[type]] = {}
     for info in pkgutil.walk_packages(allocsearch.__path__, "allocsearch."):
         module = importlib.import_module(info.name)
@@ -72,6 +73,7 @@ def package_exceptions() -> dict[str, list[type]]:
             if (
                 inspect.isclass(obj)
                 and issubclass(obj, BaseException)
+                and not issubclass(obj, Warning)
                 and obj.__module__ == info.name
                 and not name.startswith("_")
             ):

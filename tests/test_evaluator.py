@@ -210,8 +210,10 @@ def test_one_compilation_for_fifty_candidates(llama):
             evaluator(choices[i : i + 1], fidelity=96 if i % 2 else 48, batch_seed=i)
     finally:
         monitoring.unregister_event_duration_listener(listener)
-    assert first == 1
-    assert len(compiles) == 1
+    # the first call compiles the scoring program (and, depending on what ran before in
+    # this process, JAX's own small transfer helpers); the next 49 compile nothing
+    assert first >= 1
+    assert len(compiles) == first
 
 
 def test_plain_batched_and_reuse_paths_agree(llama):

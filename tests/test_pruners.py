@@ -65,7 +65,10 @@ def test_accumulate_stats_sums_gram_matrices_over_batches():
     assert stats.n_tokens == 10
     assert stats.hessian.dtype == jnp.float32
     once = accumulate_stats(None, x)  # leading axes are all tokens
-    np.testing.assert_allclose(np.asarray(once.hessian), np.asarray(stats.hessian), rtol=1e-6)
+    # float32 sums in another order (one batch vs two): equal to float32 rounding
+    np.testing.assert_allclose(
+        np.asarray(once.hessian), np.asarray(stats.hessian), rtol=1e-5, atol=1e-6
+    )
     assert once.n_tokens == 10
 
 
