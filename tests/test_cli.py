@@ -6,16 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 import yaml
 from flax import nnx
+from tiny_workspace import write_model_and_corpus
 from typer.testing import CliRunner
 
 from allocsearch.cli import app
 from allocsearch.distributed.progress import read_log
-from allocsearch.models import HFModel, adapter_for_config, load_model, save_model
+from allocsearch.models import load_model
 from allocsearch.recipe.recipe import Recipe
 
 CFG = {
@@ -35,14 +35,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    adapter = adapter_for_config(CFG)
-    save_model(HFModel(adapter, adapter.init_params(jax.random.key(0))), root / "model")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "pruning", "sparse", "layer", "budget"]
-    for i in range(4):
-        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 600)))
+    _, corpus = write_model_and_corpus(root, CFG, docs=4, words_per_doc=600)
     config = {
         "model": str(root / "model"),
         "data": {

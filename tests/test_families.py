@@ -398,21 +398,14 @@ def test_cli_build_search_apply_eval(family, structure, tmp_path):
     """build -> search -> apply -> eval through the CLI on a tiny random model of each
     family; the applied model's per-layer zero fraction equals the recipe."""
     import yaml
+    from tiny_workspace import write_model_and_corpus
     from typer.testing import CliRunner
 
     from allocsearch.cli import app
-    from allocsearch.models import HFModel, adapter_for_config
     from allocsearch.recipe.recipe import Recipe
 
     cfg = {k: v for k, v in {**E2E_BASE, **E2E_CASES[family]}.items() if v is not None}
-    adapter = adapter_for_config(cfg)
-    save_model(HFModel(adapter, adapter.init_params(jax.random.key(0))), tmp_path / "model")
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "pruning", "sparse", "layer", "budget"]
-    for i in range(2):
-        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 400)))
+    _, corpus = write_model_and_corpus(tmp_path, cfg, docs=2, words_per_doc=400)
     config = {
         "model": str(tmp_path / "model"),
         "data": {

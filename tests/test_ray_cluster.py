@@ -30,6 +30,7 @@ import resume_worker
 import yaml
 from resume_worker import BUDGET, SEED, AdditiveFactory, evo_searcher, result_json, tiny_spec
 from rich.console import Console
+from tiny_workspace import write_model_and_corpus
 
 from allocsearch import pipeline
 from allocsearch.config import config_from_dict
@@ -39,7 +40,6 @@ from allocsearch.distributed.ray_backend import (
     RayEvaluate,
     WorkerLostWarning,
 )
-from allocsearch.models import HFModel, adapter_for_config, save_model
 from allocsearch.search_run import HeldoutPerplexity, run_search_command
 
 pytestmark = pytest.mark.slow
@@ -119,14 +119,7 @@ def expected():
 def workspace(tmp_path_factory):
     """A tiny byte-level Llama, a corpus, a config and a magnitude supernet."""
     root = tmp_path_factory.mktemp("job")
-    adapter = adapter_for_config(TINY)
-    save_model(HFModel(adapter, adapter.init_params(jax.random.key(0))), root / "model")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "pruning", "sparse", "layer", "budget"]
-    for i in range(3):
-        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 400)))
+    _, corpus = write_model_and_corpus(root, TINY, docs=3, words_per_doc=400)
     config = {
         "model": str(root / "model"),
         "data": {
