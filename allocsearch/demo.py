@@ -2,25 +2,33 @@
 on equal terms, written as a recipe, a markdown table and plots.
 
 The searches score candidates on the configured backend (``cfg.backend``: Ray actors or
-in process); the final scoring of every outcome on the whole calibration set and its
-held-out perplexity run in this process."""
+in process), and so do the final scoring of every outcome on the whole calibration set and
+its held-out perplexity: with Ray this process never holds the supernet's variants."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 
 from allocsearch import pipeline
 from allocsearch.atomic import atomic_write_text
 from allocsearch.config import STRATEGIES, RunConfig
+from allocsearch.distributed.ray_backend import ray_session
 from allocsearch.report import CompareRow, markdown_table
 from allocsearch.report.plots import plot_compare, plot_fitness_curves, plot_sparsity_profile
 from allocsearch.search.base import Evaluate
-from allocsearch.search.budget import Budget
-from allocsearch.search_run import ray_evaluate, ray_layer_map
+from allocsearch.search.budget import Budget, CostModel
+from allocsearch.search_run import (
+    HeldoutPerplexity,
+    no_shared_scoring,
+    ray_evaluate,
+    ray_layer_map,
+)
 
 
 def _settings_for(cfg: RunConfig, strategy: str, generations: int | None = None) -> dict:
@@ -70,6 +78,94 @@ def _run_strategies(
     return outcomes
 
 
+def _search_and_score_one(
+    cfg, ws, store, out, name, *, budget, progress, console, generations, shared, layer_map,
+    round_evaluate, rounds,
+) -> pipeline.Scored:  # fmt: skip
+    """One strategy of :func:`_search_and_score_on_ray`."""
+    t0 = time.perf_counter()
+    console.print(f"[bold]{name}[/]: searching ...")
+    tyr = name == "tyr"
+    outcome = pipeline.run_strategy(
+        name,
+        ws,
+        store,
+        budget,
+        evaluate=no_shared_scoring if tyr else shared,
+        seed=cfg.search.seed,
+        settings=_settings_for(cfg, name, generations),
+        work_dir=out / "work",
+        progress=progress,
+        map_layers=layer_map if tyr else None,
+        round_evaluate=round_evaluate if tyr else None,
+    )
+    console.print(f"  {name}: {outcome.evaluations} evaluations, {time.perf_counter() - t0:.1f} s")
+    own = outcome.store is not None
+    evaluate, path = (rounds[-1], outcome.store.path) if own else (shared, store.path)
+    fitness = evaluate(
+        outcome.choice[None].astype(np.int32), fidelity=ws.calibration.n_tokens, batch_seed=0
+    )[0]
+    ppl = evaluate.run(HeldoutPerplexity(cfg, str(Path(path).absolute())), outcome.choice)
+    achieved = CostModel.from_spec((outcome.store or store).spec, budget).achieved(outcome.choice)
+    return pipeline.Scored(outcome, float(fitness), float(ppl), float(achieved))
+
+
+def _search_and_score_on_ray(
+    cfg: RunConfig,
+    ws: pipeline.Workspace,
+    store,
+    out: Path,
+    strategies: Sequence[str],
+    *,
+    budget: Budget,
+    progress: bool,
+    console: Console,
+    generations: int | None,
+) -> list[pipeline.Scored]:
+    """Each strategy searched and then scored (fitness on the whole calibration set,
+    held-out perplexity) on Ray actors, as :func:`pipeline.score_outcomes` scores in
+    process: one set of evaluator actors for the supernet at ``store``, started at the
+    first query (lists of baselines never start Ray); Týr's rounds pruned by layer actors
+    and scored by actors of each round's supernet, its outcome scored on the last round's
+    actors. The shared actors are stopped while Týr runs, so that its actors get the
+    CPUs (a full cluster would otherwise wait for resources that never free)."""
+    shared = ray_evaluate(cfg, store.path, console)
+    layer_map = ray_layer_map(cfg, console)
+    rounds: list = []
+
+    def round_evaluate(round_store):
+        rounds.append(ray_evaluate(cfg, Path(round_store.path), console))
+        return rounds[-1]
+
+    scored = []
+    try:
+        for name in strategies:
+            if name == "tyr":
+                shared.close()  # started again at the next query that needs it
+            # Týr's many layer maps and evaluators share one connection
+            session = (
+                ray_session(workers=cfg.backend.workers, address=cfg.backend.address)
+                if name == "tyr"
+                else contextlib.nullcontext()
+            )
+            with session:
+                try:
+                    scored.append(
+                        _search_and_score_one(
+                            cfg, ws, store, out, name, budget=budget, progress=progress,
+                            console=console, generations=generations, shared=shared,
+                            layer_map=layer_map, round_evaluate=round_evaluate, rounds=rounds,
+                        )
+                    )  # fmt: skip
+                finally:  # inside the session their actors belong to
+                    layer_map.close()
+                    while rounds:
+                        rounds.pop().close()
+    finally:
+        shared.close()
+    return scored
+
+
 def compare_strategies(
     cfg: RunConfig,
     ws: pipeline.Workspace,
@@ -85,14 +181,16 @@ def compare_strategies(
     held-out set, write compare.md / compare.png / fitness.png and one recipe per
     strategy into ``out``. Returns the scored outcomes and the dense perplexity.
 
-    The searches score on Ray actors when ``cfg.backend.kind`` is ``"ray"`` (one set of
-    actors for all of them, started at the first query), else on this process's
-    evaluator."""
+    With ``cfg.backend.kind == "ray"`` everything that reads variants runs on Ray actors
+    (:func:`_search_and_score_on_ray`), else on this process's evaluator."""
     budget = pipeline.make_budget(cfg.search, store.spec)
-    evaluator = pipeline.make_evaluator(ws, store)
-    # Ray starts at the first query, so lists of baselines never start it
-    ray_eval = ray_evaluate(cfg, store.path, console) if cfg.backend.kind == "ray" else None
-    try:
+    if cfg.backend.kind == "ray":
+        scored = _search_and_score_on_ray(
+            cfg, ws, store, out, strategies, budget=budget, progress=progress,
+            console=console, generations=generations,
+        )  # fmt: skip
+    else:
+        evaluator = pipeline.make_evaluator(ws, store)
         outcomes = _run_strategies(
             cfg,
             ws,
@@ -100,15 +198,12 @@ def compare_strategies(
             out,
             strategies,
             budget=budget,
-            evaluate=ray_eval if ray_eval is not None else evaluator,
+            evaluate=evaluator,
             progress=progress,
             console=console,
             generations=generations,
         )
-    finally:
-        if ray_eval is not None:
-            ray_eval.close()
-    scored = pipeline.score_outcomes(ws, evaluator, outcomes, budget)
+        scored = pipeline.score_outcomes(ws, evaluator, outcomes, budget)
     dense_ppl = pipeline.heldout_perplexity(ws.model, ws.heldout)
     rows = [
         CompareRow(

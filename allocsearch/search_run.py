@@ -331,7 +331,7 @@ def _run_tyr_on_ray(cfg, ws, store, budget, settings, out: Path, progress: bool,
                 ws,
                 store,
                 budget,
-                evaluate=_no_shared_scoring,
+                evaluate=no_shared_scoring,
                 seed=cfg.search.seed,
                 settings=settings,
                 work_dir=out / "work",
@@ -350,7 +350,7 @@ def _run_tyr_on_ray(cfg, ws, store, budget, settings, out: Path, progress: bool,
     _finish(ws, store, budget, outcome, ppl, out, console)
 
 
-def _no_shared_scoring(choices: Any, *, fidelity: int, batch_seed: int) -> Any:
+def no_shared_scoring(choices: Any, *, fidelity: int, batch_seed: int) -> Any:
     raise AssertionError("tyr scores each round on its own supernet, never the shared one")
 
 
