@@ -38,21 +38,46 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-class _Counting:
-    """Wraps an evaluator: records the candidates of every query; raises
-    KeyboardInterrupt (a Ctrl-C) on query ``stop_at`` (1-based) if given."""
+class _Evaluators:
+    """Stands in for ``pipeline.make_evaluator``: one evaluator per store, made once and
+    shared by every command of this module (one compilation), that records the
+    candidates of every query in ``calls`` and raises KeyboardInterrupt (a Ctrl-C) on
+    query ``stop_at`` (1-based) when set."""
 
-    def __init__(self, inner, calls, stop_at=None):
-        self.inner, self.calls, self.stop_at = inner, calls, stop_at
+    def __init__(self, make):
+        self.make, self.made = make, {}
+        self.calls: list[int] = []
+        self.stop_at: int | None = None
+
+    def __call__(self, ws, store, *args):
+        key = str(store.path)
+        if key not in self.made:
+            self.made[key] = self.make(ws, store, *args)
+        return _Counting(self.made[key], self)
+
+
+class _Counting:
+    def __init__(self, inner, owner):
+        self.inner, self.owner = inner, owner
 
     def __call__(self, choices, **kwargs):
-        self.calls.append(int(np.asarray(choices).shape[0]))
-        if self.stop_at is not None and len(self.calls) == self.stop_at:
+        calls = self.owner.calls
+        calls.append(int(np.asarray(choices).shape[0]))
+        if self.owner.stop_at is not None and len(calls) == self.owner.stop_at:
             raise KeyboardInterrupt
         return self.inner(choices, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+
+@pytest.fixture(scope="module")
+def evaluators():
+    mp = pytest.MonkeyPatch()
+    shared = _Evaluators(pipeline.make_evaluator)
+    mp.setattr(pipeline, "make_evaluator", shared)
+    yield shared
+    mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -75,38 +100,33 @@ def workdir(tmp_path_factory):
     (root / "config-dp.yaml").write_text(yaml.safe_dump(config))
     config["search"] = {
         "strategy": "evopress",
-        "settings": {"generations": 2, "offspring": 4, "survivors": [2, 1], "tokens": [64, 256]},
+        # one stage at the table's fidelity: no evaluator program beyond the table's
+        "settings": {"generations": 2, "offspring": 4, "survivors": [1], "tokens": [256]},
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     return root
 
 
 @pytest.fixture(scope="module")
-def swept(workdir):
+def swept(workdir, evaluators):
     """One CLI sweep over 5 targets with EvoPress (2 generations), its evaluator calls
     counted: (output directory, candidates of each query)."""
-    mp = pytest.MonkeyPatch()
-    calls: list[int] = []
-    make = pipeline.make_evaluator
-    mp.setattr(pipeline, "make_evaluator", lambda ws, s, *a: _Counting(make(ws, s, *a), calls))
     out = workdir / "sweep"
-    try:
-        r = run(
-            "sweep",
-            "--config",
-            workdir / "config.yaml",
-            "--targets",
-            "0.3:0.5:0.05",
-            "--evopress-generations",
-            "2",
-            "--out",
-            out,
-            "--no-progress",
-        )
-    finally:
-        mp.undo()
+    evaluators.calls = []
+    r = run(
+        "sweep",
+        "--config",
+        workdir / "config.yaml",
+        "--targets",
+        "0.3:0.5:0.05",
+        "--evopress-generations",
+        "2",
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert r.exit_code == 0, r.output
-    return out, calls
+    return out, evaluators.calls
 
 
 def _rows(out):
@@ -129,6 +149,7 @@ def test_spanning_grid_covers_the_targets_with_room():
     assert cfg.center == pytest.approx(0.6) and cfg.steps_each_side == 6
 
 
+@pytest.mark.slow
 def test_one_table_for_all_targets(swept):
     out, calls = swept
     spec = SupernetStore.open(out / "supernet", verify="none").spec
@@ -187,7 +208,7 @@ def test_dp_recipes_equal_search_strategy_dp(swept, workdir):
 
 
 @pytest.mark.slow
-def test_resume_does_not_remeasure_the_table(swept, workdir):
+def test_resume_does_not_remeasure_the_table(swept, workdir, evaluators):
     whole, _ = swept
     args = (
         "sweep",
@@ -199,39 +220,31 @@ def test_resume_does_not_remeasure_the_table(swept, workdir):
         "0.3:0.5:0.05",
     )
     out = workdir / "interrupted"
-    make = pipeline.make_evaluator
-    mp = pytest.MonkeyPatch()
-    first: list[int] = []
     # query 1: the table; then 3 scorings per target (uniform, owl, dp's solution) at
     # most: stop inside the third target
-    mp.setattr(pipeline, "make_evaluator", lambda ws, s, *a: _Counting(make(ws, s, *a), first, 8))
+    evaluators.calls, evaluators.stop_at = [], 8
     try:
         r = run(*args, "--out", out, "--no-progress")
     finally:
-        mp.undo()
+        evaluators.stop_at = None
     assert r.exit_code == 130, r.output
     finished = sorted(p.parent.name for p in out.glob("target-*/rows.json"))
     assert 1 <= len(finished) < len(TARGETS)
-    table = first[0]
+    table = evaluators.calls[0]
 
-    again: list[int] = []
-    mp.setattr(pipeline, "make_evaluator", lambda ws, s, *a: _Counting(make(ws, s, *a), again))
-    try:
-        r = run(*args, "--out", out, "--resume", "--no-progress")
-    finally:
-        mp.undo()
+    evaluators.calls = []
+    r = run(*args, "--out", out, "--resume", "--no-progress")
     assert r.exit_code == 0, r.output
-    assert table not in again and all(n == 1 for n in again)
-    assert len(again) <= 3 * (len(TARGETS) - len(finished))
-    # the same rows as an uninterrupted sweep (EvoPress rows aside)
-    resumed = _rows(out)
-    reference = [r for r in _rows(whole) if r["strategy"] != "evopress"]
-    assert resumed == reference
+    assert table not in evaluators.calls and all(n == 1 for n in evaluators.calls)
+    assert len(evaluators.calls) <= 3 * (len(TARGETS) - len(finished))
+    # the same rows as the uninterrupted sweep (EvoPress rows aside)
+    assert _rows(out) == [r for r in _rows(whole) if r["strategy"] != "evopress"]
     # a resume of a different sweep is refused
     r = run(*args[:-1], "0.3,0.5", "--out", out, "--resume", "--no-progress")
     assert r.exit_code == 2 and "holds a different sweep (targets" in r.output
 
 
+@pytest.mark.slow
 def test_user_errors(workdir, swept, tmp_path):
     out, _ = swept
     cfg = workdir / "config.yaml"
