@@ -347,7 +347,9 @@ def run_sweep(
         done = tdir / "rows.json"
         if resume and done.exists():
             rows.extend(SweepRow(**r) for r in json.loads(done.read_text()))
-            console.print(f"target {target:g}: finished earlier ({done})", highlight=False)
+            console.print(
+                f"target {target:g}: finished earlier ({done})", highlight=False, soft_wrap=True
+            )
             continue
         tdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -392,6 +394,7 @@ def run_sweep(
             f"target {target:g} ({i + 1}/{len(targets)}): held-out ppl {shown} "
             f"({time.perf_counter() - t0:.1f} s)",
             highlight=False,
+            soft_wrap=True,
         )
     dense = _dense_ppl(ws, out)
     # the table query: the baseline and every allowed (unit, level > 0) probe
