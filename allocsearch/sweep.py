@@ -355,7 +355,9 @@ def run_sweep(
         t0 = time.perf_counter()
         budget = target_budget(cfg, store.spec, target)
         outcomes = [
-            pipeline.run_strategy(name, ws, store, budget, evaluate=cache, seed=seed, settings={})
+            pipeline.run_strategy(
+                name, ws, store, budget, evaluate=cache, seed=seed, settings=_settings(cfg, name)
+            )
             for name in REFERENCES
         ]
         dp = pipeline.run_strategy(

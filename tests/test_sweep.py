@@ -265,3 +265,19 @@ def test_user_errors(workdir, swept, tmp_path):
     assert r.exit_code == 2 and "targets ['0.95'] are outside" in r.output
     r = run("sweep", "--config", cfg, "--targets", "0.3", "--out", out)
     assert r.exit_code == 2 and "pass --overwrite" in r.output
+
+
+def test_quality_plot(tmp_path):
+    from allocsearch.report.plots import plot_quality_vs_sparsity
+
+    series = {"uniform": [(0.6, 6.0), (0.4, 5.6)], "dp": [(0.4, 5.55), (0.6, float("inf"))]}
+    a = plot_quality_vs_sparsity(series, tmp_path / "a.png", dense_ppl=5.5)
+    b = plot_quality_vs_sparsity(series, tmp_path / "b.png", dense_ppl=5.5)
+    assert a.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and a.read_bytes() == b.read_bytes()
+    with pytest.raises(ValueError, match="below 1 or NaN"):
+        plot_quality_vs_sparsity({"dp": [(0.5, 0.9)]}, tmp_path / "c.png")
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        plot_quality_vs_sparsity({"dp": [(50.0, 6.0)]}, tmp_path / "c.png")
+    with pytest.raises(FileExistsError):
+        plot_quality_vs_sparsity(series, tmp_path / "a.png")
+    assert not (tmp_path / "c.png").exists()
