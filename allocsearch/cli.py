@@ -1,4 +1,4 @@
-"""The ``allocsearch`` command line: demo, build, search, compare, export, apply, eval.
+"""The ``allocsearch`` command line: demo, build, search, compare, sweep, export, apply, eval.
 
 User errors (bad configs, files, budgets, recipes, stores) print one clear message and
 exit with status 2, without a traceback; outputs are written atomically and existing
@@ -20,7 +20,6 @@ from rich.console import Console
 from rich.markup import escape
 
 from allocsearch.config import (
-    AUTO_WORKERS,
     ConfigError,
     RunConfig,
     config_from_dict,
@@ -285,7 +284,7 @@ def build(
     process (all cores) on one machine; the layers of a block in parallel on Ray actors on
     a cluster (--address / RAY_ADDRESS) or with --workers N."""
     from allocsearch import pipeline
-    from allocsearch.search_run import ray_layer_map
+    from allocsearch.search_run import ray_layer_map, use_ray_build
 
     cfg = _config(
         config,
@@ -302,12 +301,7 @@ def build(
     _check_memory(cfg, "build")
     ws = pipeline.load_workspace(cfg)
     t0 = time.perf_counter()
-    # On one machine the in-process build already uses every core (XLA threads) and was
-    # faster than 2 pinned Ray actors (docs/RESULTS.md, 34.9 s vs 45.4 s): layers go to
-    # Ray actors on a cluster (an address, or RAY_ADDRESS) or when --workers is given.
-    on_cluster = bool(cfg.backend.address or os.environ.get("RAY_ADDRESS"))
-    use_ray = cfg.backend.kind == "ray" and (on_cluster or cfg.backend.workers != AUTO_WORKERS)
-    layer_map = ray_layer_map(cfg, out_console) if use_ray else None
+    layer_map = ray_layer_map(cfg, out_console) if use_ray_build(cfg) else None
     try:
         store = pipeline.build(
             ws, out, overwrite=overwrite, progress=progress, map_layers=layer_map
@@ -398,6 +392,61 @@ def compare(
     _check_memory(cfg, "compare", supernet)
     run_compare(
         cfg, supernet, _fresh_dir(out, overwrite), names, progress=progress, console=out_console
+    )
+
+
+@app.command()
+@handle_errors
+def sweep(
+    targets: Annotated[
+        str,
+        typer.Option(
+            help="Fractions to remove: start:stop:step (inclusive, e.g. 0.4:0.8:0.05) or a "
+            "comma list (0.5,0.6,0.7)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for the sweep.")],
+    supernet: Annotated[
+        Path | None,
+        typer.Option(help="Reuse this supernet (default: build one spanning the targets)."),
+    ] = None,
+    config: ConfigOpt = None,
+    evopress_generations: Annotated[
+        int, typer.Option(help="EvoPress per target from DP's allocation; 0 = off.")
+    ] = 0,
+    seed: Annotated[int | None, typer.Option(help="Seed of the searches.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted sweep in --out.")] = False,
+    backend: BackendOpt = None,
+    workers: WorkersOpt = None,
+    address: AddressOpt = None,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Recipes for many targets from one supernet: the per-layer error table is measured
+    once and DP solved at every target; uniform, OWL and optionally EvoPress (started from
+    DP) for reference; writes sweep.md, sweep.png and one recipe per target and strategy."""
+    from allocsearch.sweep import parse_targets, run_sweep_command
+
+    values = parse_targets(targets)
+    if evopress_generations < 0:
+        raise UserError(f"--evopress-generations {evopress_generations} must be >= 0 (0 = off)")
+    if not resume:
+        _refuse_existing(out, overwrite)
+    cfg = _config(config, search__seed=seed, **_backend(backend, workers, address))
+    _check_memory(cfg, "search" if supernet else "build", supernet)
+    if not resume:
+        _fresh_dir(out, overwrite)
+    elif not out.exists():
+        raise FileNotFoundError(f"--resume: sweep directory {out} does not exist")
+    run_sweep_command(
+        cfg,
+        supernet,
+        out,
+        values,
+        evopress_generations=evopress_generations,
+        resume=resume,
+        progress=progress,
+        console=out_console,
     )
 
 

@@ -571,6 +571,14 @@ def bad_option(env: Env) -> None:
     )
 
 
+def bad_sweep_targets(env: Env) -> None:
+    # more forms: test_sweep.py test_parse_targets
+    out = env.tmp / "sweep"
+    args = ("sweep", "--targets", "0.4:x:0.05", "--out", out)
+    expect(env, args, "ValueError", "'x' is not a number", "start:stop:step")
+    expect(env, ("sweep", "--targets", "0.5,1.5", "--out", out), "ValueError", "1.5")
+
+
 def output_exists(env: Env) -> None:
     # `search --out` onto a non-empty directory: test_cli.py
     # test_user_errors_exit_2_without_traceback
@@ -655,6 +663,8 @@ CASES: dict[str, Callable[[Env], None]] = {
     "N:M group size that does not divide a layer's width": nm_not_dividing,
     "budget target outside what the supernet can reach, or a unit with no level inside "
     "`min_sparsity`..`max_sparsity`": infeasible_budget,
+    "`sweep --targets` neither `start:stop:step` nor a comma list of fractions in (0, 1) (bad "
+    "value named)": bad_sweep_targets,
     "`search.settings` a strategy does not take (key named)": bad_settings,
     "latency table that does not match the supernet (unit names missing / unknown, level "
     "counts) or cannot be parsed": bad_latency_table,

@@ -494,6 +494,80 @@ def _draw_ppl_panel(
     ax.grid(True, axis="y", alpha=0.3)
 
 
+# ----------------------------------------------------------------------------- sweeps
+
+
+def plot_quality_vs_sparsity(
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | os.PathLike[str],
+    *,
+    dense_ppl: float | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Draw held-out perplexity against sparsity, one line per strategy (a sweep).
+
+    Args:
+      series: strategy -> points (sparsity achieved as a fraction removed in [0, 1],
+        held-out perplexity >= 1, lower is better; ``inf`` for a diverged allocation is
+        pinned above the largest finite value); points are drawn in order of sparsity.
+        Strategies keep their order of appearance and one colour each.
+      path: output ``.png`` path; its directory must exist.
+      dense_ppl: held-out perplexity of the unpruned model, drawn as a dashed line.
+      overwrite: replace an existing file instead of raising ``FileExistsError``.
+
+    Returns:
+      The path written (``COMPARE_SIZE_IN * DPI`` pixels, 800 x 500). The y axis is
+      logarithmic: perplexity grows about exponentially with sparsity.
+
+    Raises:
+      ValueError: no series, an empty series, a sparsity outside [0, 1] or a perplexity
+        below 1 or NaN.
+      FileNotFoundError, FileExistsError: as for :func:`plot_sparsity_profile`.
+    """
+    if not series:
+        raise ValueError("series is empty; give at least one strategy")
+    if dense_ppl is not None:
+        dense_ppl = check_perplexity(dense_ppl, "dense_ppl")
+    lines: list[tuple[str, np.ndarray, np.ndarray]] = []
+    for name, points in series.items():
+        arr = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        if arr.size == 0:
+            raise ValueError(f"strategy {name!r}: no points")
+        x, y = arr[:, 0], arr[:, 1]
+        if np.any(~((x >= 0.0) & (x <= 1.0))):
+            raise ValueError(f"strategy {name!r}: sparsities {x.tolist()} must lie in [0, 1]")
+        if np.any(~(y >= 1.0)):
+            raise ValueError(
+                f"strategy {name!r}: perplexities {y.tolist()} include values below 1 or NaN"
+            )
+        order = np.argsort(x, kind="stable")
+        lines.append((str(name), x[order], y[order]))
+    finite = [v for _, _, y in lines for v in y if math.isfinite(v)]
+    if dense_ppl is not None:
+        finite.append(dense_ppl)
+    ceiling = 1.1 * max(finite) if finite else 2.0
+    target = _check_target(path, overwrite)
+    with _figure(COMPARE_SIZE_IN) as fig:
+        ax = fig.subplots()
+        for i, (name, x, y) in enumerate(lines):
+            ax.plot(
+                100.0 * x,
+                np.minimum(y, ceiling),
+                color=f"C{i % 10}",
+                marker="osD^v<>ps*hX"[i % 12],
+                linewidth=1.5,
+                label=name,
+            )
+        if dense_ppl is not None:
+            ax.axhline(dense_ppl, color="k", linestyle="--", linewidth=1, label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity achieved (% removed)")
+        ax.set_ylabel(_PPL_LABEL)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+        return _save(fig, target, overwrite)
+
+
 __all__ = [
     "COMPARE_SIZE_IN",
     "DPI",
@@ -504,5 +578,6 @@ __all__ = [
     "plot_compare",
     "plot_fitness_curves",
     "plot_ppl_by_strategy",
+    "plot_quality_vs_sparsity",
     "plot_sparsity_profile",
 ]
