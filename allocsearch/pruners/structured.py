@@ -14,6 +14,12 @@ A structured unit removes whole *groups* of input columns of one "output" projec
 * MLP: single input channels ("neurons") of ``down_proj`` (``fc_out``); the matching rows
   of ``gate_proj`` and ``up_proj`` (``fc_in``) become dead.
 
+Fused input projections are one layer whose dead rows are the concatenation of the parts'
+(``dead_rows`` returns one entry): GPT-2's ``c_attn`` and Phi-3's ``qkv_proj`` (rows
+q | k | v, with grouped-query attention the k and v parts have ``num_kv_heads * head_dim``
+rows each), and Phi-3's ``gate_up_proj`` (rows gate | up, neuron ``n`` is rows ``n`` and
+``I + n``), so the groups of a fused layer keep q/k/v and gate/up consistent.
+
 Given ``H = sum_t x_t x_t^T`` of the output projection's input and its weight ``W``, the
 pruner (restating the OBS group formulation of ZipLM / Týr):
 
@@ -87,7 +93,8 @@ class HeadGroups:
       head_dim: features per head.
       qkv_bias: whether q/k/v have biases (their rows die with the head).
       o_bias: whether ``o_proj`` has a bias (never removed).
-      fused_qkv: q, k and v are one fused layer (GPT-2 ``c_attn``, rows q | k | v);
+      fused_qkv: q, k and v are one fused layer (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``;
+        rows q | k | v);
         ``dead_rows`` then returns one ``qkv`` entry.
       min_step: smallest level step and default removal round, in kv groups.
     """
@@ -181,6 +188,9 @@ class NeuronGroups:
       hidden_size: model width (rows of ``down_proj``).
       intermediate_size: neurons (columns of ``down_proj``).
       gated: Llama-style ``gate_proj`` and ``up_proj`` (True) or a single ``fc_in``.
+      fused_gate_up: gate and up are one fused layer (Phi-3 ``gate_up_proj``, role
+        ``fc_in``, rows gate | up); ``dead_rows`` then returns one ``fc_in`` entry of
+        ``2 * intermediate_size`` rows. Requires ``gated``.
       in_bias: whether the input projections have biases (removed with their rows).
       out_bias: whether ``down_proj`` has a bias (never removed).
       min_step: smallest level step and default removal round, in neurons.
@@ -189,6 +199,7 @@ class NeuronGroups:
     hidden_size: int
     intermediate_size: int
     gated: bool = True
+    fused_gate_up: bool = False
     in_bias: bool = False
     out_bias: bool = False
     min_step: int = MIN_NEURON_STEP
@@ -199,6 +210,8 @@ class NeuronGroups:
             intermediate_size=self.intermediate_size,
             min_step=self.min_step,
         )
+        if self.fused_gate_up and not self.gated:
+            raise ValueError("fused_gate_up=True needs gated=True (a fused gate | up layer)")
 
     @property
     def num_groups(self) -> int:
@@ -219,10 +232,13 @@ class NeuronGroups:
         return _keep_array(keep, self.num_groups).copy()
 
     def dead_rows(self, keep: ArrayLike) -> dict[str, np.ndarray]:
-        """``{"gate": bool[I], "up": bool[I]}`` (or ``{"fc_in": ...}``): True = dead row."""
+        """``{"gate": bool[I], "up": bool[I]}``, ``{"fc_in": bool[I]}`` (ungated) or
+        ``{"fc_in": bool[2I]}`` (fused gate | up): True = dead row."""
         keep = _keep_array(keep, self.num_groups)
         if keep.ndim != 1:
             raise ValueError(f"dead_rows takes one keep mask bool[G], got shape {keep.shape}")
+        if self.fused_gate_up:
+            return {"fc_in": np.concatenate([~keep, ~keep])}
         if self.gated:
             return {"gate": ~keep, "up": ~keep}
         return {"fc_in": ~keep}

@@ -29,9 +29,13 @@ zero values and zero ``o_proj`` columns; a zero neuron has zero ``down_proj`` co
 Heads are removed in whole key/value groups (see :mod:`allocsearch.pruners.structured`),
 so ``num_key_value_heads`` shrinks with ``num_attention_heads`` and their ratio is kept;
 ``head_dim`` is written explicitly because Llama configs otherwise derive it from the
-head count. Fewer heads can be expressed for the Llama family only (GPT-2 and BERT derive
-the head width from the model width); fewer neurons for Llama (``intermediate_size``),
-GPT-2 (``n_inner``) and BERT (``intermediate_size``). :class:`ApplyReport` gives the
+head count. Fewer heads can be expressed for the Llama family and Phi-3 only (GPT-2 and
+BERT derive the head width from the model width); fewer neurons for Llama and Phi-3
+(``intermediate_size``), GPT-2 (``n_inner``) and BERT (``intermediate_size``). Phi-3's
+fused ``qkv_proj`` and ``gate_up_proj`` lose the rows of their q, k, v (gate, up) parts
+together. OLMo 2 normalises q and k over the whole projection, so removing heads would
+change the norm's mean; the kept rows are rescaled so that the sliced model computes the
+same function (see :func:`_slice_projection_norms`). :class:`ApplyReport` gives the
 resulting parameter count and how far the padding leaves it above the recipe's.
 """
 
@@ -54,7 +58,7 @@ from allocsearch.models.bert import BertAdapter
 from allocsearch.models.gpt2 import GPT2Adapter
 from allocsearch.models.hf import HFModel, adapter_for_config, fingerprint_tensors, save_model
 from allocsearch.models.layers import LayerInfo
-from allocsearch.models.llama import LlamaAdapter
+from allocsearch.models.llama import RotaryDecoderAdapter
 from allocsearch.pruners.base import LocalPruner, NestedVariants, exact_counts
 from allocsearch.pruners.magnitude import MagnitudePruner
 from allocsearch.pruners.nm import NMMagnitudePruner
@@ -568,7 +572,7 @@ def _zero_dead_biases(
 
 def _mlp_width_key(adapter) -> str | None:
     """The config.json key of the MLP width, for families whose config can express it."""
-    if isinstance(adapter, LlamaAdapter | BertAdapter):
+    if isinstance(adapter, RotaryDecoderAdapter | BertAdapter):  # Llama family, Phi-3
         return "intermediate_size"
     if isinstance(adapter, GPT2Adapter):
         return "n_inner"
@@ -604,7 +608,7 @@ def _slice_structured(
         if width == g:
             continue
         if kind == "attn":
-            if not isinstance(adapter, LlamaAdapter):
+            if not isinstance(adapter, RotaryDecoderAdapter):
                 notes.append(
                     f"{adapter.model_type} configs derive the head width from the model width, "
                     f"so removed heads stay as zero rows / columns (shapes unchanged)"
@@ -643,6 +647,8 @@ def _slice_structured(
                         out[bias] = out[bias][rows]
                 elif layer.role in outputs:
                     out[w] = out[w][:, jnp.asarray(np.flatnonzero(cols))]
+            if kind == "attn":
+                _slice_projection_norms(adapter, out, b, dead)
         if padded:
             what = "kv groups" if kind == "attn" else "neurons"
             notes.append(
@@ -650,6 +656,40 @@ def _slice_structured(
                 f"{padded} removed {what} over the blocks stay as zero padding"
             )
     return out, updates, notes
+
+
+def _slice_projection_norms(
+    adapter, params: dict[str, jax.Array], block: int, dead: Mapping[str, np.ndarray]
+) -> None:
+    """Slice OLMo 2's q/k RMSNorms (over the whole projection) to the kept rows, exactly.
+
+    ``RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w`` averages over all ``n`` features of the
+    projection. The removed features of the pruned model are exact zeros (zero rows, zero
+    biases), so they add nothing to the sum but count in ``n``; dropping them would change
+    the mean to ``sum / n'``. Scaling the kept rows of the projection (and its bias) by
+    ``c = sqrt(n' / n)`` restores ``mean = sum / n`` exactly (eps included), and the norm's
+    scale divided by ``c`` undoes the factor ``c`` on its output, so the sliced model
+    computes the same function (up to float rounding) with ``n'`` features. ``params``
+    must already hold the sliced projections; the norms are updated in place.
+    """
+    cfg = getattr(adapter, "cfg", None)
+    if getattr(cfg, "qk_norm", None) != "proj":
+        return
+    prefix = adapter.block_prefix(block)
+    for proj, norm in (("q_proj", "q_norm"), ("k_proj", "k_norm")):
+        rows = dead[proj[0]]
+        c = math.sqrt(int((~rows).sum()) / rows.size)
+        w, bias, scale = (
+            f"{prefix}self_attn.{proj}.weight",
+            f"{prefix}self_attn.{proj}.bias",
+            f"{prefix}self_attn.{norm}.weight",
+        )
+        params[w] = params[w] * jnp.asarray(c, params[w].dtype)
+        if bias in params:
+            params[bias] = params[bias] * jnp.asarray(c, params[bias].dtype)
+        g = params[scale][jnp.asarray(np.flatnonzero(~rows))]
+        offset = cfg.norm_offset
+        params[scale] = ((offset + g.astype(jnp.float32)) / c - offset).astype(g.dtype)
 
 
 # --------------------------------------------------------------------------- public API

@@ -73,7 +73,8 @@ from allocsearch.models.bert import BertAdapter
 from allocsearch.models.gpt2 import GPT2Adapter
 from allocsearch.models.hf import HFModel
 from allocsearch.models.layers import LayerInfo
-from allocsearch.models.llama import LlamaAdapter
+from allocsearch.models.llama import RotaryDecoderAdapter
+from allocsearch.models.phi3 import Phi3Adapter
 from allocsearch.models.streamed import block_on_device, embed_program, outer_on_device
 from allocsearch.pruners.base import (
     LayerStats,
@@ -162,8 +163,9 @@ def structured_layouts(adapter: ModelAdapter) -> tuple[HeadGroups, NeuronGroups]
     Raises:
       ValueError: a model family without a structured layout (naming the valid ones).
     """
-    if isinstance(adapter, LlamaAdapter):
+    if isinstance(adapter, RotaryDecoderAdapter):  # the Llama family and Phi-3
         c = adapter.cfg
+        fused = isinstance(adapter, Phi3Adapter)  # qkv_proj and gate_up_proj
         heads = HeadGroups(
             hidden_size=c.hidden_size,
             num_heads=c.num_attention_heads,
@@ -171,11 +173,13 @@ def structured_layouts(adapter: ModelAdapter) -> tuple[HeadGroups, NeuronGroups]
             head_dim=c.head_dim,
             qkv_bias=c.qkv_bias,
             o_bias=c.o_bias,
+            fused_qkv=fused,
         )
         mlp = NeuronGroups(
             hidden_size=c.hidden_size,
             intermediate_size=c.intermediate_size,
             gated=True,
+            fused_gate_up=fused,
             in_bias=c.mlp_bias,
             out_bias=c.mlp_bias,
         )
@@ -202,7 +206,7 @@ def structured_layouts(adapter: ModelAdapter) -> tuple[HeadGroups, NeuronGroups]
         return heads, mlp
     raise ValueError(
         f"structured pruning has no layout for model family {adapter.family!r}; "
-        f"valid families: 'llama', 'gpt2', 'bert'"
+        f"valid families: 'llama', 'phi3', 'gpt2', 'bert'"
     )
 
 
