@@ -554,6 +554,7 @@ def apply(
         calibration=ws.calibration,
         pruner=None if store else pipeline.make_pruner(cfg.supernet),
         physical=physical,
+        query_heads=cfg.supernet.head_granularity == "query_head",
     )
     write_pruned(pruned, out, config_updates=updates, dtype=dtype, overwrite=overwrite)
     out_console.print(report.summary(), highlight=False)

@@ -69,7 +69,12 @@ from allocsearch.search.coarse_to_fine import centred_grid, coarse_to_fine
 from allocsearch.search.dp import TableSearcher, dp_solve
 from allocsearch.search.evolutionary import EvolutionarySearcher
 from allocsearch.search.knapsack import mckp_lagrangian, mckp_milp
-from allocsearch.supernet.build import build_supernet, supernet_units, unit_group_counts
+from allocsearch.supernet.build import (
+    build_supernet,
+    supernet_units,
+    unit_group_counts,
+    unit_removed_groups,
+)
 from allocsearch.supernet.levels import LevelGrid, equal_step_grid, nm_grid
 from allocsearch.supernet.spec import SupernetSpec
 from allocsearch.supernet.store import SupernetStore
@@ -180,6 +185,11 @@ def _nm_patterns(cfg: SupernetConfig) -> list[tuple[int, int]]:
     return pats
 
 
+def _query_heads(cfg: SupernetConfig) -> bool:
+    """Whether structured attention units remove single query heads (not kv groups)."""
+    return cfg.head_granularity == "query_head"
+
+
 def make_grid(cfg: SupernetConfig, model: HFModel, *, target: float) -> LevelGrid:
     """Level grid of every unit: EvoPress equal-weight steps around the target
     (unstructured), N:M patterns, or whole heads/neurons (structured)."""
@@ -191,7 +201,7 @@ def make_grid(cfg: SupernetConfig, model: HFModel, *, target: float) -> LevelGri
         widths = [layer.in_features for layer in adapter.layers()]
         return nm_grid(pats, in_features=widths, center=center)
     if cfg.structure == "heads_neurons":
-        groups = unit_group_counts(adapter, cfg.structure)
+        groups = unit_group_counts(adapter, cfg.structure, query_heads=_query_heads(cfg))
         return centred_grid(
             units,
             np.full(len(units), target),
@@ -233,6 +243,7 @@ def build(
         progress=progress,
         overwrite=overwrite,
         storage_dtype=cfg.storage_dtype,
+        query_heads=_query_heads(cfg),
         map_layers=map_layers,
     )
 
@@ -554,7 +565,7 @@ def _run_tyr(
     cfg = ws.config.supernet
     units = store.spec.units
     groups = (
-        unit_group_counts(ws.model.adapter, cfg.structure)
+        unit_group_counts(ws.model.adapter, cfg.structure, query_heads=_query_heads(cfg))
         if cfg.structure == "heads_neurons"
         else None
     )
@@ -579,6 +590,7 @@ def _run_tyr(
             progress=progress,
             overwrite=True,
             map_layers=map_layers,
+            query_heads=_query_heads(cfg),
         )
         if hasattr(map_layers, "close"):
             map_layers.close()
@@ -642,11 +654,16 @@ def recipe_from_choice(
     units = []
     member_kind: dict[str, str] = {}
     if structured:
-        counts = unit_group_counts(adapter, spec.structure)
+        # group counts as the store was built (kv groups or query heads), read from its
+        # keep masks: a query-head level's fraction of weights is not its fraction of heads
+        layouts = store.manifest["pruner"].get("layouts") or {}
+        query_heads = bool(layouts.get("attn", {}).get("query_heads", False))
+        counts = unit_group_counts(adapter, spec.structure, query_heads=query_heads)
+        removed_at = unit_removed_groups(store)
         for u, unit in enumerate(spec.units):
             kind = "heads" if unit.role == "attn" else "neurons"
             total = int(counts[u])
-            removed = int(round(spec.sparsity[u, int(choice[u])] * total))
+            removed = int(removed_at[u, int(choice[u])])
             units.append(StructuredUnit(unit.name, kind, unit.block, removed, total, unit.layers))
             member_kind.update(dict.fromkeys(unit.layers, kind))
     nm = spec.structure == "nm"
