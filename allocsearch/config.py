@@ -39,7 +39,8 @@ search:
   seed: 0
   settings: {}              # strategy hyperparameters (see `allocsearch search --help`)
 evaluator:
-  metric: kl                # kl | topk_kl | nll
+  metric: kl                # causal LMs: kl | topk_kl | nll; encoders: embedding_cosine
+                            # (mean-pooled sentence embeddings) | hidden_nmse
   topk: null
 backend:
   kind: ray                 # ray (default) | local (in process, no Ray: tests, debugging)
@@ -79,7 +80,8 @@ STRATEGIES = (
     "random",
 )
 BUDGET_KINDS = ("params", "flops", "latency")
-METRICS = ("kl", "topk_kl", "nll")
+METRICS = ("kl", "topk_kl", "nll", "embedding_cosine", "hidden_nmse")
+ENCODER_METRICS = ("embedding_cosine", "hidden_nmse")
 BACKENDS = ("local", "ray")
 EXECUTIONS = ("auto", "resident", "streaming")
 DTYPES = ("float32", "bfloat16")
