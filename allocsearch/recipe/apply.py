@@ -28,6 +28,9 @@ some removed groups as zero rows and columns, which changes no output (a zero he
 zero values and zero ``o_proj`` columns; a zero neuron has zero ``down_proj`` columns).
 Heads are removed in whole key/value groups (see :mod:`allocsearch.pruners.structured`),
 so ``num_key_value_heads`` shrinks with ``num_attention_heads`` and their ratio is kept;
+a query-head store (``HeadGroups.query_heads``) leaves kv heads with different numbers of
+query heads, and every block is sliced to ``n_kv`` kv heads of ``n_rep`` query heads (the
+most any block / kv head keeps), padded with zero heads (:func:`_query_head_selection`);
 ``head_dim`` is written explicitly because Llama configs otherwise derive it from the
 head count. Fewer heads can be expressed for the Llama family and Phi-3 only (GPT-2 and
 BERT derive the head width from the model width); fewer neurons for Llama and Phi-3
@@ -266,9 +269,13 @@ def _dead_bias_count(
     removed_groups: int,
     members: Sequence[LayerInfo],
     params: Mapping[str, jax.Array],
+    keep: np.ndarray | None = None,
 ) -> int:
-    """Bias entries of dead input-projection rows when ``removed_groups`` groups go."""
-    keep = np.arange(layout.num_groups) >= removed_groups
+    """Bias entries of dead input-projection rows when ``removed_groups`` groups go (the
+    groups ``keep`` bool[G] removes, when given: with query heads, how many k/v rows die
+    depends on which heads go)."""
+    if keep is None:
+        keep = np.arange(layout.num_groups) >= removed_groups
     dead = layout.dead_rows(keep)
     return sum(
         int(dead[m.role].sum()) for m in members if m.role in dead and f"{m.name}.bias" in params
@@ -925,11 +932,14 @@ def _finish(
 
     removed_biases = 0
     layouts = {}
+    keep_of = {store.spec.units[u].name: keep for u, keep in keeps.items()}
     for ru in recipe.units:
         role = "attn" if ru.kind == "heads" else "mlp"
         layout = layouts.setdefault(role, _layout_of(adapter, role, store))
         members = [info[x] for x in ru.layers]
-        removed_biases += _dead_bias_count(layout, _unit_groups(ru, layout), members, params)
+        removed_biases += _dead_bias_count(
+            layout, _unit_groups(ru, layout), members, params, keep_of.get(ru.name)
+        )
     dense_count = adapter.num_params()
     layers = tuple(
         AppliedLayer(
