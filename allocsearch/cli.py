@@ -603,6 +603,7 @@ def apply(
         calibration=ws.calibration,
         pruner=None if store else pipeline.make_pruner(cfg.supernet),
         physical=physical,
+        query_heads=cfg.supernet.head_granularity == "query_head",
     )
     write_pruned(pruned, out, config_updates=updates, dtype=dtype, overwrite=overwrite)
     out_console.print(report.summary(), highlight=False)
@@ -614,13 +615,33 @@ def apply(
 def eval_(
     model: Annotated[str, typer.Option(help="Model directory or 'demo'.")] = "demo",
     config: ConfigOpt = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            help="Encoders: the dense model the pruned one is measured against (default: "
+            "the config's model)."
+        ),
+    ] = None,
 ) -> None:
-    """Held-out perplexity of a (possibly pruned) model on the configured held-out set."""
+    """Held-out perplexity of a (possibly pruned) model on the configured held-out set;
+    for encoders, the held-out distance of its outputs to a reference (dense) model's."""
     from allocsearch import pipeline
+    from allocsearch.assets_paths import resolve_model_path
+    from allocsearch.models.hf import load_model
 
+    dense = reference or _config(config).model
     cfg = _config(config, model=model)
     _check_memory(cfg, "eval")
     ws = pipeline.load_workspace(cfg)
+    if not ws.model.adapter.is_causal_lm:
+        ref = load_model(resolve_model_path(dense))
+        score = pipeline.heldout_score(ws, ws.model, reference=ref)
+        out_console.print(
+            f"{cfg.model}: {pipeline.heldout_label(ws).replace('the dense model', dense)} "
+            f"{score:.6f} on {ws.heldout.n_seq:,} sequences ({ws.heldout.source})",
+            highlight=False,
+        )
+        return
     ppl = pipeline.heldout_perplexity(ws.model, ws.heldout)
     out_console.print(
         f"{cfg.model}: held-out perplexity {ppl:.4f} on {ws.heldout.n_tokens:,} tokens "

@@ -21,6 +21,8 @@ data:
 supernet:
   pruner: sparsegpt         # magnitude | wanda | sparsegpt
   structure: unstructured   # unstructured | nm | heads_neurons
+  head_granularity: kv_group  # heads_neurons: remove kv groups | query_head (one query
+                            # head at a time; k/v go with a kv head's last query head)
   center: 0.6               # centre sparsity of the level grid (usually the target)
   steps_each_side: 4        # levels on each side of the centre (9 levels in all)
   step_fraction: 0.05       # one step = this fraction of the mean layer size
@@ -37,7 +39,8 @@ search:
   seed: 0
   settings: {}              # strategy hyperparameters (see `allocsearch search --help`)
 evaluator:
-  metric: kl                # kl | topk_kl | nll
+  metric: kl                # causal LMs: kl | topk_kl | nll; encoders: embedding_cosine
+                            # (mean-pooled sentence embeddings) | hidden_nmse
   topk: null
 backend:
   kind: ray                 # ray (default) | local (in process, no Ray: tests, debugging)
@@ -61,6 +64,7 @@ import yaml
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
 STRUCTURES = ("unstructured", "nm", "heads_neurons")
+HEAD_GRANULARITIES = ("kv_group", "query_head")
 INPUT_MODES = ("dense", "expected", "centre")
 STRATEGIES = (
     "evopress",
@@ -76,7 +80,8 @@ STRATEGIES = (
     "random",
 )
 BUDGET_KINDS = ("params", "flops", "latency")
-METRICS = ("kl", "topk_kl", "nll")
+METRICS = ("kl", "topk_kl", "nll", "embedding_cosine", "hidden_nmse")
+ENCODER_METRICS = ("embedding_cosine", "hidden_nmse")
 BACKENDS = ("local", "ray")
 EXECUTIONS = ("auto", "resident", "streaming")
 DTYPES = ("float32", "bfloat16")
@@ -120,6 +125,7 @@ class DataConfig:
 class SupernetConfig:
     pruner: str = "sparsegpt"
     structure: str = "unstructured"
+    head_granularity: str = "kv_group"
     center: float = 0.6
     steps_each_side: int = 4
     step_fraction: float = 0.05
@@ -130,6 +136,7 @@ class SupernetConfig:
     def validate(self) -> None:
         _choice("supernet", "pruner", self.pruner, PRUNERS)
         _choice("supernet", "structure", self.structure, STRUCTURES)
+        _choice("supernet", "head_granularity", self.head_granularity, HEAD_GRANULARITIES)
         _choice("supernet", "input_mode", self.input_mode, INPUT_MODES)
         _choice("supernet", "storage_dtype", self.storage_dtype, STORAGE_DTYPES)
         _range("supernet", "center", self.center, 0.0, 1.0)

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from numpy.typing import ArrayLike
 
 import allocsearch
 from allocsearch.assets_paths import DEMO_NAME, resolve_model_path
@@ -35,6 +37,8 @@ from allocsearch.data.tokenset import TokenSet, build_tokensets
 from allocsearch.distributed.local import run_search
 from allocsearch.evaluate.evaluator import Evaluator
 from allocsearch.evaluate.metrics import (
+    EmbeddingCosineDistance,
+    HiddenStateMSE,
     KLDivergence,
     Metric,
     NegativeLogLikelihood,
@@ -69,7 +73,12 @@ from allocsearch.search.coarse_to_fine import centred_grid, coarse_to_fine
 from allocsearch.search.dp import TableSearcher, dp_solve
 from allocsearch.search.evolutionary import EvolutionarySearcher
 from allocsearch.search.knapsack import mckp_lagrangian, mckp_milp
-from allocsearch.supernet.build import build_supernet, supernet_units, unit_group_counts
+from allocsearch.supernet.build import (
+    build_supernet,
+    supernet_units,
+    unit_group_counts,
+    unit_removed_groups,
+)
 from allocsearch.supernet.levels import LevelGrid, equal_step_grid, nm_grid
 from allocsearch.supernet.spec import SupernetSpec
 from allocsearch.supernet.store import SupernetStore
@@ -148,6 +157,69 @@ def heldout_perplexity(model: HFModel, tokenset: TokenSet, *, batch_rows: int = 
     return float(np.exp(total / (tokenset.n_seq * (tokenset.seq_len - 1))))
 
 
+def heldout_metric(ws: Workspace) -> Metric:
+    """The encoder metric of held-out scores: the configured one when it is an encoder
+    metric, else the embedding cosine distance."""
+    metric = make_metric(ws.config.evaluator)
+    return metric if not metric.causal_lm else EmbeddingCosineDistance()
+
+
+def heldout_label(ws: Workspace) -> str:
+    """What :func:`heldout_score` measures, for reports: ``"held-out perplexity"`` (causal
+    language models) or ``"held-out <metric> to the dense model"`` (encoders)."""
+    if ws.model.adapter.is_causal_lm:
+        return "held-out perplexity"
+    return f"held-out {heldout_metric(ws).name} to the dense model"
+
+
+def heldout_score(
+    ws: Workspace, model: HFModel, *, reference: HFModel | None = None, batch_rows: int = 16
+) -> float:
+    """Held-out quality of ``model`` (lower is better): :func:`heldout_perplexity` for a
+    causal language model; for an encoder, the mean over held-out sequences of
+    :func:`heldout_metric` between ``reference`` (default: the workspace's dense model)
+    and ``model`` (e.g. embedding cosine distance; 0 = the dense model's outputs). Encoders
+    have no perplexity; they are judged by how far their outputs move."""
+    if model.adapter.is_causal_lm:
+        return heldout_perplexity(model, ws.heldout, batch_rows=batch_rows)
+    reference = ws.model if reference is None else reference
+    metric = heldout_metric(ws)
+    forward = jax.jit(model.adapter.forward)
+    ref_forward = (
+        forward if reference.adapter is model.adapter else jax.jit(reference.adapter.forward)
+    )
+    tokens = ws.heldout.tokens
+    # encoders are small: both models resident (lazily loaded weights read once here)
+    ref_params, params = dict(reference.params), dict(model.params)
+    losses = []
+    for i in range(0, len(tokens), batch_rows):
+        ids = jnp.asarray(tokens[i : i + batch_rows])
+        teacher = metric.teacher_data(ref_forward(ref_params, ids), ids)
+        losses.append(np.asarray(metric.sequence_losses(teacher, forward(params, ids), ids)))
+    return float(np.mean(np.concatenate(losses)))
+
+
+def pruned_model(ws: Workspace, store: SupernetStore, choice: ArrayLike) -> HFModel:
+    """The model with every pruned parameter at ``choice``'s level of ``store`` (on the
+    host; only the chosen level of each parameter is read)."""
+    choice = np.asarray(choice)
+    params = dict(ws.model.params)
+    for u, names in enumerate(store.unit_params):
+        for name in names:
+            dense = np.asarray(params[name])
+            level = store.read_levels(name, [int(choice[u])], dense)[0]
+            params[name] = level.astype(dense.dtype)  # host: perplexity streams blocks
+    return HFModel(ws.model.adapter, params)
+
+
+def evaluated_model(ws: Workspace, evaluator: Any, choice: ArrayLike) -> HFModel:
+    """The model an evaluator scores for ``choice``: its materialised parameters
+    (resident) or the chosen levels read from its store (streaming)."""
+    if hasattr(evaluator, "materialize"):
+        return HFModel(ws.model.adapter, evaluator.materialize(choice))
+    return pruned_model(ws, evaluator.store, choice)
+
+
 # --------------------------------------------------------------------------- supernet
 
 
@@ -180,6 +252,11 @@ def _nm_patterns(cfg: SupernetConfig) -> list[tuple[int, int]]:
     return pats
 
 
+def _query_heads(cfg: SupernetConfig) -> bool:
+    """Whether structured attention units remove single query heads (not kv groups)."""
+    return cfg.head_granularity == "query_head"
+
+
 def make_grid(cfg: SupernetConfig, model: HFModel, *, target: float) -> LevelGrid:
     """Level grid of every unit: EvoPress equal-weight steps around the target
     (unstructured), N:M patterns, or whole heads/neurons (structured)."""
@@ -191,7 +268,7 @@ def make_grid(cfg: SupernetConfig, model: HFModel, *, target: float) -> LevelGri
         widths = [layer.in_features for layer in adapter.layers()]
         return nm_grid(pats, in_features=widths, center=center)
     if cfg.structure == "heads_neurons":
-        groups = unit_group_counts(adapter, cfg.structure)
+        groups = unit_group_counts(adapter, cfg.structure, query_heads=_query_heads(cfg))
         return centred_grid(
             units,
             np.full(len(units), target),
@@ -233,6 +310,7 @@ def build(
         progress=progress,
         overwrite=overwrite,
         storage_dtype=cfg.storage_dtype,
+        query_heads=_query_heads(cfg),
         map_layers=map_layers,
     )
 
@@ -250,10 +328,16 @@ def open_store(ws: Workspace, path: str | Path) -> SupernetStore:
 
 
 def make_metric(cfg: EvaluatorConfig) -> Metric:
+    """The metric object of ``evaluator.metric`` (KL, top-k KL and NLL for causal language
+    models; embedding cosine distance and hidden-state NMSE for encoders)."""
     if cfg.metric == "topk_kl":
         return TopKKLDivergence(k=int(cfg.topk))
     if cfg.metric == "nll":
         return NegativeLogLikelihood()
+    if cfg.metric == "embedding_cosine":
+        return EmbeddingCosineDistance()
+    if cfg.metric == "hidden_nmse":
+        return HiddenStateMSE()
     return KLDivergence()
 
 
@@ -554,7 +638,7 @@ def _run_tyr(
     cfg = ws.config.supernet
     units = store.spec.units
     groups = (
-        unit_group_counts(ws.model.adapter, cfg.structure)
+        unit_group_counts(ws.model.adapter, cfg.structure, query_heads=_query_heads(cfg))
         if cfg.structure == "heads_neurons"
         else None
     )
@@ -579,6 +663,7 @@ def _run_tyr(
             progress=progress,
             overwrite=True,
             map_layers=map_layers,
+            query_heads=_query_heads(cfg),
         )
         if hasattr(map_layers, "close"):
             map_layers.close()
@@ -642,11 +727,16 @@ def recipe_from_choice(
     units = []
     member_kind: dict[str, str] = {}
     if structured:
-        counts = unit_group_counts(adapter, spec.structure)
+        # group counts as the store was built (kv groups or query heads), read from its
+        # keep masks: a query-head level's fraction of weights is not its fraction of heads
+        layouts = store.manifest["pruner"].get("layouts") or {}
+        query_heads = bool(layouts.get("attn", {}).get("query_heads", False))
+        counts = unit_group_counts(adapter, spec.structure, query_heads=query_heads)
+        removed_at = unit_removed_groups(store)
         for u, unit in enumerate(spec.units):
             kind = "heads" if unit.role == "attn" else "neurons"
             total = int(counts[u])
-            removed = int(round(spec.sparsity[u, int(choice[u])] * total))
+            removed = int(removed_at[u, int(choice[u])])
             units.append(StructuredUnit(unit.name, kind, unit.block, removed, total, unit.layers))
             member_kind.update(dict.fromkeys(unit.layers, kind))
     nm = spec.structure == "nm"
@@ -717,6 +807,9 @@ def score_outcomes(
         ev = evaluator if o.store is None else make_evaluator(ws, o.store)
         costs = CostModel.from_spec(ev.spec, budget)
         f = ev(o.choice[None].astype(np.int32), fidelity=fidelity, batch_seed=0)[0]
-        ppl = ev.perplexity(o.choice, ws.heldout)
+        if ws.model.adapter.is_causal_lm:
+            ppl = ev.perplexity(o.choice, ws.heldout)
+        else:  # encoders: held-out distance to the dense model's outputs
+            ppl = heldout_score(ws, evaluated_model(ws, ev, o.choice))
         out.append(Scored(o, float(f), float(ppl), float(costs.achieved(o.choice))))
     return out

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from rich.console import Console
 
 from allocsearch import pipeline
@@ -27,7 +26,6 @@ from allocsearch.distributed.checkpoint import (
     search_fingerprint,
 )
 from allocsearch.distributed.progress import make_callbacks
-from allocsearch.models.hf import HFModel
 from allocsearch.report.plots import plot_fitness_curves, plot_sparsity_profile
 from allocsearch.search.budget import check_feasible_target
 
@@ -60,7 +58,8 @@ class HeldoutPerplexity:
     Calling it with ``choice`` int[L] loads the model and token sets, reads only the
     chosen level of each pruned parameter from the store, and returns
     :func:`~allocsearch.pipeline.heldout_perplexity` of the model with those weights
-    (what ``Evaluator.perplexity`` gives, to float rounding).
+    (what ``Evaluator.perplexity`` gives, to float rounding); for encoders, the held-out
+    distance to the dense model (:func:`~allocsearch.pipeline.heldout_score`).
     """
 
     config: RunConfig
@@ -69,15 +68,7 @@ class HeldoutPerplexity:
     def __call__(self, choice: Any) -> float:
         ws = pipeline.load_workspace(self.config)
         store = pipeline.open_store(ws, self.supernet)
-        choice = np.asarray(choice)
-        params = dict(ws.model.params)
-        for u, names in enumerate(store.unit_params):
-            for name in names:
-                dense = np.asarray(params[name])
-                level = store.read_levels(name, [int(choice[u])], dense)[0]
-                params[name] = level.astype(dense.dtype)  # host: perplexity streams blocks
-        model = HFModel(ws.model.adapter, params)
-        return pipeline.heldout_perplexity(model, ws.heldout)
+        return pipeline.heldout_score(ws, pipeline.pruned_model(ws, store, choice))
 
 
 def _where(backend: Any, cfg: RunConfig) -> str:
@@ -366,6 +357,8 @@ def no_shared_scoring(choices: Any, *, fidelity: int, batch_seed: int) -> Any:
 def _local_ppl(ws, outcome, evaluator) -> float:
     """Held-out perplexity of ``outcome`` in this process (``--backend local``)."""
     ev = evaluator if outcome.store is None else pipeline.make_evaluator(ws, outcome.store)
+    if not ws.model.adapter.is_causal_lm:
+        return pipeline.heldout_score(ws, pipeline.evaluated_model(ws, ev, outcome.choice))
     return float(ev.perplexity(outcome.choice, ws.heldout))
 
 
@@ -395,9 +388,10 @@ def _finish(ws, store, budget, outcome, ppl: float, out: Path, console, *, parti
             metric_name=ws.config.evaluator.metric,
             overwrite=True,
         )
+    held = f"{ppl:.4f}" if ws.model.adapter.is_causal_lm else f"{ppl:.6g}"
     console.print(
         f"{outcome.strategy}: fitness {outcome.fitness if outcome.fitness is not None else '-'}"
-        f", held-out perplexity {ppl:.4f}, removes {recipe.budget.achieved:.2%} of "
+        f", {pipeline.heldout_label(ws)} {held}, removes {recipe.budget.achieved:.2%} of "
         f"{budget.kind}, {outcome.evaluations} evaluations, {outcome.wall_time_s:.1f} s "
         f"-> {path}",
         highlight=False,

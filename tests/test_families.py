@@ -392,6 +392,7 @@ _E2E_ALL = os.environ.get("ALLOCSEARCH_ALL_FAMILIES_E2E") == "1"
         )
         for f, s in [(f, "unstructured") for f in sorted(E2E_CASES)]
         + [("qwen3", "heads_neurons"), ("gemma2", "heads_neurons"), ("olmo2", "heads_neurons")]
+        + [("phi3", "heads_neurons"), ("qwen3", "heads_neurons:query_head")]
     ],
 )
 def test_cli_build_search_apply_eval(family, structure, tmp_path):
@@ -404,6 +405,7 @@ def test_cli_build_search_apply_eval(family, structure, tmp_path):
     from allocsearch.cli import app
     from allocsearch.recipe.recipe import Recipe
 
+    structure, _, granularity = structure.partition(":")
     cfg = {k: v for k, v in {**E2E_BASE, **E2E_CASES[family]}.items() if v is not None}
     _, corpus = write_model_and_corpus(tmp_path, cfg, docs=2, words_per_doc=400)
     config = {
@@ -420,6 +422,7 @@ def test_cli_build_search_apply_eval(family, structure, tmp_path):
             "center": 0.5 if structure == "unstructured" else 0.25,
             "steps_each_side": 1,
             "step_fraction": 0.1 if structure == "unstructured" else 0.25,
+            **({"head_granularity": granularity} if granularity else {}),
         },
         "search": {
             "target": 0.5 if structure == "unstructured" else 0.25,
@@ -451,6 +454,9 @@ def test_cli_build_search_apply_eval(family, structure, tmp_path):
         for entry in recipe.layers:
             w = np.asarray(model.params[f"{entry.name}.weight"])
             assert np.mean(w == 0) == pytest.approx(entry.sparsity, abs=1e-9)
+    elif granularity == "query_head":  # units count query heads, levels one head apart
+        heads = [u for u in recipe.units if u.kind == "heads"]
+        assert {u.total for u in heads} == {cfg["num_attention_heads"]}
     r = run("eval", "--config", config_path, "--model", pruned)
     assert "perplexity" in r.output
 

@@ -108,7 +108,10 @@ class ByteTokenizer:
 class HFTokenizer:
     """A Hugging Face ``tokenizer.json`` run by the ``tokenizers`` package (offline).
 
-    ``encode`` adds no special tokens (no BOS/EOS): token sets are plain text streams.
+    ``encode`` adds no special tokens (no BOS/EOS): token sets are plain text streams. A
+    tokenizer.json's own padding and truncation (sentence-transformers checkpoints such as
+    all-MiniLM-L6-v2 ship "pad to 128, truncate at 128") are switched off: they would turn
+    every calibration document into one fixed-length, mostly padded piece.
     Whether ``decode(encode(text)) == text`` depends on the tokenizer (byte-level BPE
     round-trips exactly; normalising tokenizers may not).
 
@@ -127,6 +130,8 @@ class HFTokenizer:
             self._tokenizer = _HFTokenizer.from_str(data.decode("utf-8"))
         except Exception as err:  # the Rust side raises plain Exception subclasses
             raise ValueError(f"{p} is not a valid tokenizer.json: {err}") from err
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
         self._path = p
         self._identity = "hf-tokenizer-json:" + hashlib.sha256(data).hexdigest()[:16]
         self._vocab_size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))

@@ -288,8 +288,10 @@ def check_evaluator_args(adapter: ModelAdapter, metric: Metric, **positive: int)
     if metric.causal_lm != adapter.is_causal_lm:
         wanted = "causal language models" if metric.causal_lm else "encoders"
         kind = "a causal language model" if adapter.is_causal_lm else "an encoder"
+        fits = "kl, topk_kl, nll" if adapter.is_causal_lm else "embedding_cosine, hidden_nmse"
         raise ValueError(
-            f"metric {metric.name!r} is for {wanted} but the model is {kind} ({adapter.model_type})"
+            f"metric {metric.name!r} is for {wanted} but the model is {kind} "
+            f"({adapter.model_type}); metrics for it (evaluator.metric): {fits}"
         )
     for what, value in positive.items():
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:

@@ -74,8 +74,10 @@ class Phi3MLP(nnx.Module):
 class Phi3Adapter(RotaryDecoderAdapter):
     """Phi-3 causal language models (fused qkv and gate/up projections).
 
-    Structured (heads / neurons) pruning has no layout for the fused layers yet; the
-    prunable layers take unstructured and N:M recipes.
+    Structured (heads / neurons) pruning removes kv groups and neurons as in Llama; the
+    fused layers lose the rows of all their parts together
+    (:class:`~allocsearch.pruners.structured.HeadGroups` ``fused_qkv``,
+    :class:`~allocsearch.pruners.structured.NeuronGroups` ``fused_gate_up``).
     """
 
     family = "phi3"

@@ -11,8 +11,23 @@ A structured unit removes whole *groups* of input columns of one "output" projec
   a regular GQA layer (same number of query heads per kv head) that standard attention
   kernels and the Hugging Face layout can run. For multi-head attention
   (``num_kv_heads == num_heads``) a group is exactly one head.
+
+  With ``HeadGroups(query_heads=True)`` a group is one **query head** instead (``head_dim``
+  contiguous ``o_proj`` columns), as Týr and Torch-Pruning remove them: the k and v rows of
+  a kv head stay while any of its query heads lives and die with the last one. Levels can
+  then step by one query head (with Llama-3's 8 kv heads a kv group is 12.5% of the
+  attention, too coarse for coarse-to-fine rounds to refine); the saliency and refit are
+  the same OBS group formulas on ``head_dim``-wide groups. Such a layer can have different
+  numbers of query heads per kv head; :mod:`allocsearch.recipe.apply` pads it back to a
+  regular layout with zero heads when slicing.
 * MLP: single input channels ("neurons") of ``down_proj`` (``fc_out``); the matching rows
   of ``gate_proj`` and ``up_proj`` (``fc_in``) become dead.
+
+Fused input projections are one layer whose dead rows are the concatenation of the parts'
+(``dead_rows`` returns one entry): GPT-2's ``c_attn`` and Phi-3's ``qkv_proj`` (rows
+q | k | v, with grouped-query attention the k and v parts have ``num_kv_heads * head_dim``
+rows each), and Phi-3's ``gate_up_proj`` (rows gate | up, neuron ``n`` is rows ``n`` and
+``I + n``), so the groups of a fused layer keep q/k/v and gate/up consistent.
 
 Given ``H = sum_t x_t x_t^T`` of the output projection's input and its weight ``W``, the
 pruner (restating the OBS group formulation of ZipLM / Týr):
@@ -58,7 +73,8 @@ from allocsearch.pruners.base import (
 )
 
 MIN_HEAD_STEP = 1
-"""Default smallest step of attention levels and removal rounds, in kv groups."""
+"""Default smallest step of attention levels and removal rounds, in groups (kv groups or
+query heads)."""
 MIN_NEURON_STEP = 32
 """Default smallest step of MLP levels and removal rounds, in neurons."""
 
@@ -87,7 +103,10 @@ class HeadGroups:
       head_dim: features per head.
       qkv_bias: whether q/k/v have biases (their rows die with the head).
       o_bias: whether ``o_proj`` has a bias (never removed).
-      fused_qkv: q, k and v are one fused layer (GPT-2 ``c_attn``, rows q | k | v);
+      query_heads: groups are single query heads (True) instead of kv groups (False,
+        the default); see the module docstring.
+      fused_qkv: q, k and v are one fused layer (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``;
+        rows q | k | v);
         ``dead_rows`` then returns one ``qkv`` entry.
       min_step: smallest level step and default removal round, in kv groups.
     """
@@ -98,6 +117,7 @@ class HeadGroups:
     head_dim: int
     qkv_bias: bool = False
     o_bias: bool = False
+    query_heads: bool = False
     fused_qkv: bool = False
     min_step: int = MIN_HEAD_STEP
 
@@ -116,17 +136,30 @@ class HeadGroups:
 
     @property
     def num_groups(self) -> int:
-        """G: removable groups (kv groups)."""
-        return self.num_kv_heads
+        """G: removable groups (kv groups, or query heads with ``query_heads``)."""
+        return self.num_heads if self.query_heads else self.num_kv_heads
 
     @property
     def heads_per_group(self) -> int:
+        """Query heads per kv head (``num_heads / num_kv_heads``)."""
         return self.num_heads // self.num_kv_heads
 
     @property
     def group_width(self) -> int:
-        """``o_proj`` input columns per group (``heads_per_group * head_dim``)."""
-        return self.heads_per_group * self.head_dim
+        """``o_proj`` input columns per group (``heads_per_group * head_dim``, or
+        ``head_dim`` with ``query_heads``)."""
+        return self.head_dim if self.query_heads else self.heads_per_group * self.head_dim
+
+    def head_keep(self, keep: ArrayLike) -> np.ndarray:
+        """bool[..., num_heads]: kept query heads for a group keep mask bool[..., G]."""
+        k = _keep_array(keep, self.num_groups)
+        return k.copy() if self.query_heads else np.repeat(k, self.heads_per_group, axis=-1)
+
+    def kv_keep(self, keep: ArrayLike) -> np.ndarray:
+        """bool[..., num_kv_heads]: kv heads alive (with at least one kept query head)."""
+        heads = self.head_keep(keep)
+        grouped = heads.reshape(*heads.shape[:-1], self.num_kv_heads, self.heads_per_group)
+        return grouped.any(axis=-1)
 
     @property
     def in_features(self) -> int:
@@ -143,13 +176,14 @@ class HeadGroups:
         Returns:
           ``{"q": bool[num_heads*head_dim], "k": bool[num_kv_heads*head_dim], "v": ...}``
           (or ``{"qkv": ...}`` for a fused layer), True where the row (and its bias) is
-          removed. Query head ``h`` belongs to kv group ``h // heads_per_group``.
+          removed. Query head ``h`` belongs to kv group ``h // heads_per_group``; a kv
+          head's rows die when all its query heads are removed.
         """
         keep = _keep_array(keep, self.num_groups)
         if keep.ndim != 1:
             raise ValueError(f"dead_rows takes one keep mask bool[G], got shape {keep.shape}")
-        q = ~np.repeat(keep, self.group_width)
-        kv = ~np.repeat(keep, self.head_dim)
+        q = ~np.repeat(self.head_keep(keep), self.head_dim)
+        kv = ~np.repeat(self.kv_keep(keep), self.head_dim)
         if self.fused_qkv:
             return {"qkv": np.concatenate([q, kv, kv])}
         return {"q": q, "k": kv, "v": kv.copy()}
@@ -160,8 +194,8 @@ class HeadGroups:
         Counts the dead q/k/v rows (and their biases) as removed; the ``o_proj`` bias
         always stays. Higher = less pruned.
         """
-        groups = _keep_array(keep, self.num_groups).sum(axis=-1).astype(np.int64)
-        heads = groups * self.heads_per_group
+        heads = self.head_keep(keep).sum(axis=-1).astype(np.int64)
+        groups = self.kv_keep(keep).sum(axis=-1).astype(np.int64)
         row = self.hidden_size + int(self.qkv_bias)
         qkv = (heads + 2 * groups) * self.head_dim * row
         o = self.hidden_size * heads * self.head_dim + self.hidden_size * int(self.o_bias)
@@ -181,6 +215,9 @@ class NeuronGroups:
       hidden_size: model width (rows of ``down_proj``).
       intermediate_size: neurons (columns of ``down_proj``).
       gated: Llama-style ``gate_proj`` and ``up_proj`` (True) or a single ``fc_in``.
+      fused_gate_up: gate and up are one fused layer (Phi-3 ``gate_up_proj``, role
+        ``fc_in``, rows gate | up); ``dead_rows`` then returns one ``fc_in`` entry of
+        ``2 * intermediate_size`` rows. Requires ``gated``.
       in_bias: whether the input projections have biases (removed with their rows).
       out_bias: whether ``down_proj`` has a bias (never removed).
       min_step: smallest level step and default removal round, in neurons.
@@ -189,6 +226,7 @@ class NeuronGroups:
     hidden_size: int
     intermediate_size: int
     gated: bool = True
+    fused_gate_up: bool = False
     in_bias: bool = False
     out_bias: bool = False
     min_step: int = MIN_NEURON_STEP
@@ -199,6 +237,8 @@ class NeuronGroups:
             intermediate_size=self.intermediate_size,
             min_step=self.min_step,
         )
+        if self.fused_gate_up and not self.gated:
+            raise ValueError("fused_gate_up=True needs gated=True (a fused gate | up layer)")
 
     @property
     def num_groups(self) -> int:
@@ -219,10 +259,13 @@ class NeuronGroups:
         return _keep_array(keep, self.num_groups).copy()
 
     def dead_rows(self, keep: ArrayLike) -> dict[str, np.ndarray]:
-        """``{"gate": bool[I], "up": bool[I]}`` (or ``{"fc_in": ...}``): True = dead row."""
+        """``{"gate": bool[I], "up": bool[I]}``, ``{"fc_in": bool[I]}`` (ungated) or
+        ``{"fc_in": bool[2I]}`` (fused gate | up): True = dead row."""
         keep = _keep_array(keep, self.num_groups)
         if keep.ndim != 1:
             raise ValueError(f"dead_rows takes one keep mask bool[G], got shape {keep.shape}")
+        if self.fused_gate_up:
+            return {"fc_in": np.concatenate([~keep, ~keep])}
         if self.gated:
             return {"gate": ~keep, "up": ~keep}
         return {"fc_in": ~keep}
@@ -303,7 +346,8 @@ def _refit(w: jax.Array, h_damped: jax.Array, kept: jax.Array) -> jax.Array:
 
 @dataclass(frozen=True, kw_only=True)
 class StructuredPruner:
-    """Removes whole heads (kv groups) or neurons from ``o_proj`` / ``down_proj``.
+    """Removes whole heads (kv groups or query heads) or neurons from ``o_proj`` /
+    ``down_proj``.
 
     ``prune(weight, stats, sparsities)`` takes the output projection's weight
     float[hidden, layout.in_features], the statistics of its input, and sparsities that

@@ -28,10 +28,17 @@ some removed groups as zero rows and columns, which changes no output (a zero he
 zero values and zero ``o_proj`` columns; a zero neuron has zero ``down_proj`` columns).
 Heads are removed in whole key/value groups (see :mod:`allocsearch.pruners.structured`),
 so ``num_key_value_heads`` shrinks with ``num_attention_heads`` and their ratio is kept;
+a query-head store (``HeadGroups.query_heads``) leaves kv heads with different numbers of
+query heads, and every block is sliced to ``n_kv`` kv heads of ``n_rep`` query heads (the
+most any block / kv head keeps), padded with zero heads (:func:`_query_head_selection`);
 ``head_dim`` is written explicitly because Llama configs otherwise derive it from the
-head count. Fewer heads can be expressed for the Llama family only (GPT-2 and BERT derive
-the head width from the model width); fewer neurons for Llama (``intermediate_size``),
-GPT-2 (``n_inner``) and BERT (``intermediate_size``). :class:`ApplyReport` gives the
+head count. Fewer heads can be expressed for the Llama family and Phi-3 only (GPT-2 and
+BERT derive the head width from the model width); fewer neurons for Llama and Phi-3
+(``intermediate_size``), GPT-2 (``n_inner``) and BERT (``intermediate_size``). Phi-3's
+fused ``qkv_proj`` and ``gate_up_proj`` lose the rows of their q, k, v (gate, up) parts
+together. OLMo 2 normalises q and k over the whole projection, so removing heads would
+change the norm's mean; the kept rows are rescaled so that the sliced model computes the
+same function (see :func:`_slice_projection_norms`). :class:`ApplyReport` gives the
 resulting parameter count and how far the padding leaves it above the recipe's.
 """
 
@@ -54,7 +61,7 @@ from allocsearch.models.bert import BertAdapter
 from allocsearch.models.gpt2 import GPT2Adapter
 from allocsearch.models.hf import HFModel, adapter_for_config, fingerprint_tensors, save_model
 from allocsearch.models.layers import LayerInfo
-from allocsearch.models.llama import LlamaAdapter
+from allocsearch.models.llama import RotaryDecoderAdapter
 from allocsearch.pruners.base import LocalPruner, NestedVariants, exact_counts
 from allocsearch.pruners.magnitude import MagnitudePruner
 from allocsearch.pruners.nm import NMMagnitudePruner
@@ -67,6 +74,7 @@ from allocsearch.supernet.build import (
     structured_layouts,
     supernet_units,
     unit_group_counts,
+    unit_removed_groups,
 )
 from allocsearch.supernet.levels import LevelGrid
 from allocsearch.supernet.store import SupernetStore
@@ -218,19 +226,25 @@ def _pruner_name(pruner: Any) -> str:
 def _unit_groups(unit: StructuredUnit, layout: HeadGroups | NeuronGroups) -> int:
     """Groups (kv groups or neurons) a recipe unit removes.
 
-    Attention units may count kv groups (``total == num_kv_heads``, as allocsearch writes)
-    or query heads (``total == num_heads``), in which case whole kv groups must go.
+    Attention units may count kv groups (``total == num_kv_heads``, as allocsearch writes
+    for kv-group supernets) or query heads (``total == num_heads``). Under a kv-group
+    layout query-head counts must be whole kv groups; under a query-head layout
+    (``HeadGroups.query_heads``) a kv-group count is that many heads per group times.
     """
     groups = layout.num_groups
     if unit.total == groups:
         return unit.removed
+    if isinstance(layout, HeadGroups) and layout.query_heads and unit.total == layout.num_kv_heads:
+        return unit.removed * layout.heads_per_group
     if isinstance(layout, HeadGroups) and unit.total == layout.num_heads:
         per_group = layout.heads_per_group
         if unit.removed % per_group:
             raise RecipeError(
                 f"unit {unit.name!r} removes {unit.removed} of {unit.total} query heads; with "
                 f"{layout.num_kv_heads} key/value heads, heads are removed in whole kv groups "
-                f"of {per_group}, so valid counts are multiples of {per_group}"
+                f"of {per_group}, so valid counts are multiples of {per_group} (or apply with "
+                f"query_heads=True, supernet.head_granularity: query_head, to remove single "
+                f"query heads)"
             )
         return unit.removed // per_group
     valid = [groups] + ([layout.num_heads] if isinstance(layout, HeadGroups) else [])
@@ -240,7 +254,12 @@ def _unit_groups(unit: StructuredUnit, layout: HeadGroups | NeuronGroups) -> int
     )
 
 
-def _layout_of(adapter, role: str) -> HeadGroups | NeuronGroups:
+def _layout_of(adapter, role: str, store: SupernetStore | None = None) -> HeadGroups | NeuronGroups:
+    """The geometry of ``role`` (``attn`` / ``mlp``) units: as recorded in ``store``'s
+    manifest (kv groups or query heads), else the model's default (kv groups)."""
+    recorded = _store_layouts(store) if store is not None else {}
+    if role in recorded:
+        return recorded[role]
     heads, neurons = structured_layouts(adapter)
     return heads if role == "attn" else neurons
 
@@ -250,9 +269,13 @@ def _dead_bias_count(
     removed_groups: int,
     members: Sequence[LayerInfo],
     params: Mapping[str, jax.Array],
+    keep: np.ndarray | None = None,
 ) -> int:
-    """Bias entries of dead input-projection rows when ``removed_groups`` groups go."""
-    keep = np.arange(layout.num_groups) >= removed_groups
+    """Bias entries of dead input-projection rows when ``removed_groups`` groups go (the
+    groups ``keep`` bool[G] removes, when given: with query heads, how many k/v rows die
+    depends on which heads go)."""
+    if keep is None:
+        keep = np.arange(layout.num_groups) >= removed_groups
     dead = layout.dead_rows(keep)
     return sum(
         int(dead[m.role].sum()) for m in members if m.role in dead and f"{m.name}.bias" in params
@@ -313,6 +336,7 @@ def _levels_from_store(recipe: Recipe, store: SupernetStore) -> dict[int, int]:
             )
     recipe_units = {x.name: x for x in recipe.units}
     layouts = _store_layouts(store) if recipe.structure in _STRUCTURED else {}
+    removed_at = None  # unit_removed_groups(store), read when first needed
     levels: dict[int, int] = {}
     for u in sorted({unit_of[name] for name in entry}):
         unit = spec.units[u]
@@ -345,7 +369,9 @@ def _levels_from_store(recipe: Recipe, store: SupernetStore) -> dict[int, int]:
             what = f"unit {unit.name!r} ({ru.removed} of {ru.total} {ru.kind} removed)"
         if len(match) == 1 and groups is not None:
             # a structured level's fraction of the unit's weights is its fraction of groups
-            at_level = round(float(spec.sparsity[u, match[0]]) * groups[1])
+            if removed_at is None:
+                removed_at = unit_removed_groups(store)
+            at_level = int(removed_at[u, match[0]])
             if at_level != groups[0]:
                 raise RecipeError(
                     f"{what}: its layers' sparsities are those of store level {match[0]}, "
@@ -400,16 +426,21 @@ def choice_for_recipe(recipe: Recipe, store: SupernetStore) -> np.ndarray:
 # --------------------------------------------------------------------------- one-level store
 
 
-def _exact_grid(recipe: Recipe, adapter, counts: Mapping[str, int]) -> tuple[LevelGrid, list[int]]:
+def _exact_grid(
+    recipe: Recipe, adapter, counts: Mapping[str, int], *, query_heads: bool = False
+) -> tuple[LevelGrid, list[int]]:
     """One level per unit at the recipe's exact count (0 for units the recipe lacks), and
-    the indices of the units the recipe covers."""
+    the indices of the units the recipe covers (attention units in query heads with
+    ``query_heads``)."""
     units = supernet_units(adapter, recipe.structure)
     entry = {x.name: x for x in recipe.layers}
     sparsity = np.zeros((len(units), 1), np.float64)
     covered: list[int] = []
     labels = None
     if recipe.structure in _STRUCTURED:
-        groups = unit_group_counts(adapter, recipe.structure)
+        groups = unit_group_counts(adapter, recipe.structure, query_heads=query_heads)
+        heads, neurons = structured_layouts(adapter, query_heads=query_heads)
+        layouts = {"attn": heads, "mlp": neurons}
         by_name = {x.name: x for x in recipe.units}
         names = {u.name for u in units}
         for ru in recipe.units:
@@ -427,7 +458,7 @@ def _exact_grid(recipe: Recipe, adapter, counts: Mapping[str, int]) -> tuple[Lev
                     f"recipe unit {ru.name!r} lists layers {list(ru.layers)}, but the model's "
                     f"sublayer has {list(unit.layers)}"
                 )
-            removed = _unit_groups(ru, _layout_of(adapter, unit.role))
+            removed = _unit_groups(ru, layouts[unit.role])
             sparsity[u, 0] = removed / int(groups[u])
             covered.append(u)
     else:
@@ -557,7 +588,7 @@ def _zero_dead_biases(
     info = {x.name: x for x in adapter.layers()}
     for u, keep in keeps.items():
         unit = store.spec.units[u]
-        dead = _layout_of(adapter, unit.role).dead_rows(keep)
+        dead = _layout_of(adapter, unit.role, store).dead_rows(keep)
         for layer in unit.layers:
             bias = f"{layer}.bias"
             role = info[layer].role
@@ -568,7 +599,7 @@ def _zero_dead_biases(
 
 def _mlp_width_key(adapter) -> str | None:
     """The config.json key of the MLP width, for families whose config can express it."""
-    if isinstance(adapter, LlamaAdapter | BertAdapter):
+    if isinstance(adapter, RotaryDecoderAdapter | BertAdapter):  # Llama family, Phi-3
         return "intermediate_size"
     if isinstance(adapter, GPT2Adapter):
         return "n_inner"
@@ -597,22 +628,29 @@ def _slice_structured(
         }
         if not units:
             continue
-        layout = _layout_of(adapter, kind)
+        layout = _layout_of(adapter, kind, store)
         g = layout.num_groups
         block_keep = [units.get(b, np.ones(g, bool)) for b in range(nb)]
-        width = max(1, max(int(k.sum()) for k in block_keep))
+        if isinstance(layout, HeadGroups) and layout.query_heads:
+            selections, n_kv, n_rep = _query_head_selection(layout, block_keep)
+            width = n_kv * n_rep  # query heads per block
+        else:
+            width = max(1, max(int(k.sum()) for k in block_keep))
+            selections = [_pad_groups(k, width) for k in block_keep]
+            n_kv = width
+            n_rep = layout.heads_per_group if isinstance(layout, HeadGroups) else 1
         if width == g:
             continue
         if kind == "attn":
-            if not isinstance(adapter, LlamaAdapter):
+            if not isinstance(adapter, RotaryDecoderAdapter):
                 notes.append(
                     f"{adapter.model_type} configs derive the head width from the model width, "
                     f"so removed heads stay as zero rows / columns (shapes unchanged)"
                 )
                 continue
             updates.update(
-                num_attention_heads=width * layout.heads_per_group,
-                num_key_value_heads=width,
+                num_attention_heads=n_kv * n_rep,
+                num_key_value_heads=n_kv,
                 head_dim=layout.head_dim,
             )
         else:
@@ -627,10 +665,7 @@ def _slice_structured(
         outputs = _OUTPUT_ROLES[kind]
         padded = 0
         for b in range(nb):
-            keep = block_keep[b]
-            removed = np.flatnonzero(~keep)
-            sel = keep.copy()
-            sel[removed[: width - int(keep.sum())]] = True  # zero groups kept as padding
+            keep, sel = block_keep[b], selections[b]
             padded += int(sel.sum() - keep.sum())
             dead = layout.dead_rows(sel)
             cols = layout.column_keep(sel)
@@ -643,13 +678,99 @@ def _slice_structured(
                         out[bias] = out[bias][rows]
                 elif layer.role in outputs:
                     out[w] = out[w][:, jnp.asarray(np.flatnonzero(cols))]
+            if kind == "attn":
+                _slice_projection_norms(adapter, out, b, dead)
         if padded:
-            what = "kv groups" if kind == "attn" else "neurons"
+            what = "neurons"
+            if kind == "attn":
+                what = "query heads" if layout.query_heads else "kv groups"
+            shape = f"{width} of {g} {what}"
+            if kind == "attn" and layout.query_heads:
+                shape = f"{n_kv} kv heads with {n_rep} query heads each"
             notes.append(
-                f"{kind}: every block keeps {width} of {g} {what} (the most any block keeps); "
+                f"{kind}: every block keeps {shape} (the most any block keeps); "
                 f"{padded} removed {what} over the blocks stay as zero padding"
             )
     return out, updates, notes
+
+
+def _pad_groups(keep: np.ndarray, width: int) -> np.ndarray:
+    """bool[G]: the kept groups plus the first removed ones, ``width`` in all (the removed
+    ones stay as zero padding)."""
+    sel = keep.copy()
+    sel[np.flatnonzero(~keep)[: width - int(keep.sum())]] = True
+    return sel
+
+
+def _query_head_selection(
+    layout: HeadGroups, block_keep: Sequence[np.ndarray]
+) -> tuple[list[np.ndarray], int, int]:
+    """Query heads each block keeps when sliced to one regular GQA layout.
+
+    A query-head supernet leaves kv heads with different numbers of query heads (and
+    blocks with different numbers of kv heads), but a config has one
+    ``num_key_value_heads`` and one ratio. Every block keeps ``n_kv`` kv heads (the most
+    any block keeps alive) with ``n_rep`` query heads each (the most any live kv head
+    keeps): its live kv heads padded with dead ones, and in each its kept query heads
+    padded with removed ones. A padded query head has zero q rows and zero ``o_proj``
+    columns, so it adds nothing (its attention averages live values, which meet zero
+    columns); a padded kv head only serves padded query heads.
+
+    Args:
+      layout: a query-head layout (``layout.query_heads``).
+      block_keep: per block, the kept query heads bool[num_heads].
+
+    Returns:
+      ``(selections, n_kv, n_rep)``: per block bool[num_heads], the heads kept after
+      slicing (exactly ``n_rep`` in each of ``n_kv`` kv groups, in Hugging Face's
+      ``repeat_kv`` order), and the two counts.
+    """
+    kv, per = layout.num_kv_heads, layout.heads_per_group
+    grouped = [k.reshape(kv, per) for k in block_keep]
+    n_kv = max(1, max(int(k.any(axis=1).sum()) for k in grouped))
+    n_rep = max(1, max(int(k.sum(axis=1).max()) for k in grouped))
+    selections = []
+    for k in grouped:
+        groups = _pad_groups(k.any(axis=1), n_kv)
+        sel = np.zeros_like(k)
+        for j in np.flatnonzero(groups):
+            sel[j] = _pad_groups(k[j], n_rep)
+        selections.append(sel.reshape(-1))
+    return selections, n_kv, n_rep
+
+
+def _slice_projection_norms(
+    adapter, params: dict[str, jax.Array], block: int, dead: Mapping[str, np.ndarray]
+) -> None:
+    """Slice OLMo 2's q/k RMSNorms (over the whole projection) to the kept rows, exactly.
+
+    ``RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w`` averages over all ``n`` features of the
+    projection. The removed features of the pruned model are exact zeros (zero rows, zero
+    biases), so they add nothing to the sum but count in ``n``; dropping them would change
+    the mean to ``sum / n'``. Scaling the kept rows of the projection (and its bias) by
+    ``c = sqrt(n' / n)`` restores ``mean = sum / n`` exactly (eps included), and the norm's
+    scale divided by ``c`` undoes the factor ``c`` on its output, so the sliced model
+    computes the same function (up to float rounding) with ``n'`` features. ``params``
+    must already hold the sliced projections; the norms are updated in place.
+    """
+    cfg = getattr(adapter, "cfg", None)
+    if getattr(cfg, "qk_norm", None) != "proj":
+        return
+    prefix = adapter.block_prefix(block)
+    for proj, norm in (("q_proj", "q_norm"), ("k_proj", "k_norm")):
+        rows = dead[proj[0]]
+        c = math.sqrt(int((~rows).sum()) / rows.size)
+        w, bias, scale = (
+            f"{prefix}self_attn.{proj}.weight",
+            f"{prefix}self_attn.{proj}.bias",
+            f"{prefix}self_attn.{norm}.weight",
+        )
+        params[w] = params[w] * jnp.asarray(c, params[w].dtype)
+        if bias in params:
+            params[bias] = params[bias] * jnp.asarray(c, params[bias].dtype)
+        g = params[scale][jnp.asarray(np.flatnonzero(~rows))]
+        offset = cfg.norm_offset
+        params[scale] = ((offset + g.astype(jnp.float32)) / c - offset).astype(g.dtype)
 
 
 # --------------------------------------------------------------------------- public API
@@ -664,6 +785,7 @@ def apply_recipe(
     pruner: LocalPruner | Callable[..., Any] | None = None,
     physical: bool = True,
     input_mode: InputMode = "dense",
+    query_heads: bool = False,
     batch_size: int = 8,
     work_dir: str | os.PathLike | None = None,
     progress: bool = False,
@@ -684,6 +806,9 @@ def apply_recipe(
       physical: make structured matrices physically smaller (see the module docstring);
         False keeps the dense shapes with zeros. No effect on unstructured / N:M recipes.
       input_mode: without a store: ``"dense"`` or ``"centre"`` (see the module docstring).
+      query_heads: without a store: the re-run structured pruner removes single query
+        heads (the recipe's attention units count query heads, ``total == num_heads``)
+        instead of whole kv groups. A store records its own granularity.
       batch_size: without a store: calibration sequences per forward batch.
       work_dir: without a store: where the temporary one-level supernet is built (default:
         the system's temporary directory); it is removed afterwards.
@@ -730,7 +855,7 @@ def apply_recipe(
         raise ValueError(f"input_mode {input_mode!r} is not supported; valid: {INPUT_MODES}")
     _check_pruner(recipe, pruner)
     tokens = _calibration_for(pruner, calibration)
-    grid, covered = _exact_grid(recipe, adapter, counts)
+    grid, covered = _exact_grid(recipe, adapter, counts, query_heads=query_heads)
     with tempfile.TemporaryDirectory(prefix=".allocsearch-apply-", dir=work_dir) as tmp:
         one_level = build_supernet(
             model,
@@ -742,6 +867,7 @@ def apply_recipe(
             out_dir=Path(tmp) / "supernet",
             batch_size=batch_size,
             progress=progress,
+            query_heads=query_heads,
         )
         levels = dict.fromkeys(covered, 0)
         params, keeps = _materialize(
@@ -806,11 +932,14 @@ def _finish(
 
     removed_biases = 0
     layouts = {}
+    keep_of = {store.spec.units[u].name: keep for u, keep in keeps.items()}
     for ru in recipe.units:
         role = "attn" if ru.kind == "heads" else "mlp"
-        layout = layouts.setdefault(role, _layout_of(adapter, role))
+        layout = layouts.setdefault(role, _layout_of(adapter, role, store))
         members = [info[x] for x in ru.layers]
-        removed_biases += _dead_bias_count(layout, _unit_groups(ru, layout), members, params)
+        removed_biases += _dead_bias_count(
+            layout, _unit_groups(ru, layout), members, params, keep_of.get(ru.name)
+        )
     dense_count = adapter.num_params()
     layers = tuple(
         AppliedLayer(

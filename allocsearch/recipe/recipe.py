@@ -287,11 +287,17 @@ class StructuredUnit:
         members = tuple(_as_str(x, f"{what}: member layer name") for x in members)
         if len(set(members)) != len(members):
             raise RecipeError(f"{what}: member layers listed twice in {list(members)}")
+        # An MLP without a module of its own (BERT's intermediate.dense and output.dense
+        # are siblings in the block) is a unit named "<block>.mlp": its neurons' layers
+        # may lie anywhere in the block.
+        parent = name.rpartition(".")[0] + "."
+        virtual_mlp = kind == "neurons" and name.endswith(".mlp")
         for member in members:
-            if not member.startswith(name + "."):
+            if not (member.startswith(name + ".") or virtual_mlp and member.startswith(parent)):
                 raise RecipeError(
                     f"{what}: member layer {member!r} is not inside the sublayer (its module "
-                    f"path must start with {name + '.'!r})"
+                    f"path must start with {name + '.'!r}"
+                    + (f" or, for an MLP unit, {parent!r})" if virtual_mlp else ")")
                 )
         object.__setattr__(self, "block", block)
         object.__setattr__(self, "total", total)

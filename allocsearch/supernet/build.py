@@ -73,7 +73,8 @@ from allocsearch.models.bert import BertAdapter
 from allocsearch.models.gpt2 import GPT2Adapter
 from allocsearch.models.hf import HFModel
 from allocsearch.models.layers import LayerInfo
-from allocsearch.models.llama import LlamaAdapter
+from allocsearch.models.llama import RotaryDecoderAdapter
+from allocsearch.models.phi3 import Phi3Adapter
 from allocsearch.models.streamed import block_on_device, embed_program, outer_on_device
 from allocsearch.pruners.base import (
     LayerStats,
@@ -101,6 +102,7 @@ __all__ = [
     "structured_layouts",
     "supernet_units",
     "unit_group_counts",
+    "unit_removed_groups",
 ]
 
 INPUT_MODES: Final[tuple[str, ...]] = ("dense", "expected", "centre")
@@ -152,18 +154,26 @@ class _UnitPlan:
         return tuple(layer.weight_name for layer in self.layers)
 
 
-def structured_layouts(adapter: ModelAdapter) -> tuple[HeadGroups, NeuronGroups]:
+def structured_layouts(
+    adapter: ModelAdapter, *, query_heads: bool = False
+) -> tuple[HeadGroups, NeuronGroups]:
     """Group geometry of the attention and MLP sublayers of a model (same in every block).
+
+    Args:
+      adapter: the model family adapter.
+      query_heads: attention groups are single query heads instead of kv groups (see
+        :mod:`allocsearch.pruners.structured`; the same for multi-head attention).
 
     Returns:
       ``(HeadGroups, NeuronGroups)`` with the model's widths, head counts and biases and
-      the default minimum steps (1 kv group, 32 neurons).
+      the default minimum steps (1 kv group or query head, 32 neurons).
 
     Raises:
       ValueError: a model family without a structured layout (naming the valid ones).
     """
-    if isinstance(adapter, LlamaAdapter):
+    if isinstance(adapter, RotaryDecoderAdapter):  # the Llama family and Phi-3
         c = adapter.cfg
+        fused = isinstance(adapter, Phi3Adapter)  # qkv_proj and gate_up_proj
         heads = HeadGroups(
             hidden_size=c.hidden_size,
             num_heads=c.num_attention_heads,
@@ -171,11 +181,14 @@ def structured_layouts(adapter: ModelAdapter) -> tuple[HeadGroups, NeuronGroups]
             head_dim=c.head_dim,
             qkv_bias=c.qkv_bias,
             o_bias=c.o_bias,
+            query_heads=query_heads,
+            fused_qkv=fused,
         )
         mlp = NeuronGroups(
             hidden_size=c.hidden_size,
             intermediate_size=c.intermediate_size,
             gated=True,
+            fused_gate_up=fused,
             in_bias=c.mlp_bias,
             out_bias=c.mlp_bias,
         )
@@ -194,6 +207,7 @@ def structured_layouts(adapter: ModelAdapter) -> tuple[HeadGroups, NeuronGroups]
             head_dim=d // n_heads,
             qkv_bias=True,
             o_bias=True,
+            query_heads=query_heads,
             fused_qkv=isinstance(adapter, GPT2Adapter),
         )
         mlp = NeuronGroups(
@@ -202,7 +216,7 @@ def structured_layouts(adapter: ModelAdapter) -> tuple[HeadGroups, NeuronGroups]
         return heads, mlp
     raise ValueError(
         f"structured pruning has no layout for model family {adapter.family!r}; "
-        f"valid families: 'llama', 'gpt2', 'bert'"
+        f"valid families: 'llama', 'phi3', 'gpt2', 'bert'"
     )
 
 
@@ -219,7 +233,9 @@ def _common_module(names: Sequence[str], block_path: str, fallback: str) -> str:
     return name if name != block_path else f"{block_path}.{fallback}"
 
 
-def _plans(adapter: ModelAdapter, structure: str) -> tuple[_UnitPlan, ...]:
+def _plans(
+    adapter: ModelAdapter, structure: str, *, query_heads: bool = False
+) -> tuple[_UnitPlan, ...]:
     if structure not in BUILD_STRUCTURES:
         raise ValueError(f"structure {structure!r} is not supported; valid: {BUILD_STRUCTURES}")
     layers = adapter.layers()
@@ -239,7 +255,7 @@ def _plans(adapter: ModelAdapter, structure: str) -> tuple[_UnitPlan, ...]:
             )
             for layer in layers
         )
-    heads, neurons = structured_layouts(adapter)
+    heads, neurons = structured_layouts(adapter, query_heads=query_heads)
     kinds = []
     if structure in ("heads", "heads_neurons"):
         kinds.append(("attn", _ATTN_ROLES, heads))
@@ -291,16 +307,43 @@ def supernet_units(adapter: ModelAdapter, structure: str) -> tuple[Unit, ...]:
     return tuple(p.unit for p in _plans(adapter, structure))
 
 
-def unit_group_counts(adapter: ModelAdapter, structure: str) -> np.ndarray:
-    """int64[L]: removable groups per structured unit (kv groups for ``attn`` units,
-    neurons for ``mlp`` units), the ``groups`` argument of
-    :func:`~allocsearch.supernet.levels.structured_grid`."""
+def unit_group_counts(
+    adapter: ModelAdapter, structure: str, *, query_heads: bool = False
+) -> np.ndarray:
+    """int64[L]: removable groups per structured unit (kv groups, or query heads with
+    ``query_heads``, for ``attn`` units; neurons for ``mlp`` units), the ``groups``
+    argument of :func:`~allocsearch.supernet.levels.structured_grid`."""
     if structure not in _STRUCTURED:
         raise ValueError(
             f"group counts exist for structured supernets only; structure {structure!r} is "
             f"not one of {sorted(_STRUCTURED)}"
         )
-    return np.array([p.layout.num_groups for p in _plans(adapter, structure)], dtype=np.int64)
+    plans = _plans(adapter, structure, query_heads=query_heads)
+    return np.array([p.layout.num_groups for p in plans], dtype=np.int64)
+
+
+def unit_removed_groups(store: SupernetStore) -> np.ndarray:
+    """int64[L, K]: groups each level of a structured store removes (-1 past a unit's
+    levels), read from the stored group keep masks of each unit's output projection.
+
+    With kv-group units this is ``round(sparsity * groups)``; with query-head units the
+    fraction of weights a level removes is not its fraction of heads (k/v rows die only
+    with a kv head's last query head), so the count is read, not derived.
+    """
+    spec = store.spec
+    if spec.structure not in _STRUCTURED:
+        raise ValueError(
+            f"removed groups exist for structured stores only; {store.path} holds a "
+            f"{spec.structure!r} supernet"
+        )
+    out = np.full(spec.sparsity.shape, -1, np.int64)
+    for u, params in enumerate(store.unit_params):
+        keeps = [getattr(store.variants(p), "group_keep", None) for p in params]
+        keep = next((np.asarray(k, bool) for k in keeps if k is not None), None)
+        if keep is None:
+            raise ValueError(f"{store.path}: unit {spec.units[u].name!r} has no group keep masks")
+        out[u, : keep.shape[0]] = (~keep).sum(axis=1)
+    return out
 
 
 # --------------------------------------------------------------------------- variants
@@ -587,6 +630,7 @@ def build_supernet(
     overwrite: bool = False,
     storage_dtype: str = "auto",
     map_layers: LayerMap | None = None,
+    query_heads: bool = False,
 ) -> SupernetStore:
     """Prune every unit of ``model`` at every level of ``grid`` and write the store.
 
@@ -620,6 +664,10 @@ def build_supernet(
         the same whichever map runs the tasks, as long as the pruner computes the same
         result in another process (which, for XLA on CPU, takes the same thread-pool
         sizes: ``RayLayerMap(like_driver=True)``).
+      query_heads: structured attention units remove single query heads instead of kv
+        groups (the grid's attention rows then count query heads:
+        ``unit_group_counts(adapter, structure, query_heads=True)``); recorded in the
+        manifest's layouts.
 
     Returns:
       The opened store. Its ``spec`` holds the exact sparsity of every stored level; its
@@ -643,7 +691,7 @@ def build_supernet(
         )
     if not isinstance(calibration, TokenSet):
         raise ValueError(f"calibration must be a TokenSet, got {type(calibration).__name__}")
-    plans = _plans(model.adapter, structure)
+    plans = _plans(model.adapter, structure, query_heads=query_heads)
     units = tuple(p.unit for p in plans)
     layer_map: LayerMap = map if map_layers is None else map_layers
     if not callable(layer_map):
@@ -672,7 +720,7 @@ def build_supernet(
     structured = structure in _STRUCTURED
     pruner_record = _pruner_record(pruner(layout=plans[0].layout) if structured else pruner)
     if structured:
-        heads, neurons = structured_layouts(adapter)
+        heads, neurons = structured_layouts(adapter, query_heads=query_heads)
         pruner_record["layouts"] = {"attn": _json_value(heads), "mlp": _json_value(neurons)}
 
     seconds_per_block: list[float] = []
