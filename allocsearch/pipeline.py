@@ -69,7 +69,12 @@ from allocsearch.search.coarse_to_fine import centred_grid, coarse_to_fine
 from allocsearch.search.dp import TableSearcher, dp_solve
 from allocsearch.search.evolutionary import EvolutionarySearcher
 from allocsearch.search.knapsack import mckp_lagrangian, mckp_milp
-from allocsearch.supernet.build import build_supernet, supernet_units, unit_group_counts
+from allocsearch.supernet.build import (
+    build_supernet,
+    routing_frequencies,
+    supernet_units,
+    unit_group_counts,
+)
 from allocsearch.supernet.levels import LevelGrid, equal_step_grid, nm_grid
 from allocsearch.supernet.spec import SupernetSpec
 from allocsearch.supernet.store import SupernetStore
@@ -184,11 +189,12 @@ def make_grid(cfg: SupernetConfig, model: HFModel, *, target: float) -> LevelGri
     """Level grid of every unit: EvoPress equal-weight steps around the target
     (unstructured), N:M patterns, or whole heads/neurons (structured)."""
     adapter = model.adapter
-    units = supernet_units(adapter, cfg.structure)
+    units = supernet_units(adapter, cfg.structure, tie_experts=cfg.tie_experts)
     if cfg.structure == "nm":
         pats = _nm_patterns(cfg)
         center = min(pats, key=lambda p: abs(p[0] / p[1] - target))
-        widths = [layer.in_features for layer in adapter.layers()]
+        in_features = {layer.name: layer.in_features for layer in adapter.layers()}
+        widths = [in_features[u.layers[0]] for u in units]
         return nm_grid(pats, in_features=widths, center=center)
     if cfg.structure == "heads_neurons":
         groups = unit_group_counts(adapter, cfg.structure)
@@ -234,6 +240,7 @@ def build(
         overwrite=overwrite,
         storage_dtype=cfg.storage_dtype,
         map_layers=map_layers,
+        tie_experts=cfg.tie_experts,
     )
 
 
@@ -579,6 +586,7 @@ def _run_tyr(
             progress=progress,
             overwrite=True,
             map_layers=map_layers,
+            tie_experts=cfg.tie_experts,
         )
         if hasattr(map_layers, "close"):
             map_layers.close()
@@ -651,9 +659,12 @@ def recipe_from_choice(
             member_kind.update(dict.fromkeys(unit.layers, kind))
     nm = spec.structure == "nm"
     unit_of_layer = {layer: u for u, unit in enumerate(spec.units) for layer in unit.layers}
+    frequency = routing_frequencies(store)
     for name, layer in info.items():
         s = layer_sparsity.get(name, 0.0)
         kw: dict[str, Any] = {}
+        if name in frequency:
+            kw["routing_frequency"] = frequency[name]
         if structured:
             kw["structure"] = member_kind.get(name, "heads")
         elif nm:

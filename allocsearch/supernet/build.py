@@ -113,6 +113,7 @@ __all__ = [
     "NoCalibrationTokensWarning",
     "build_supernet",
     "structured_layouts",
+    "routing_frequencies",
     "supernet_units",
     "unit_group_counts",
 ]
@@ -621,6 +622,13 @@ def _routed_stats(
     }
 
 
+def routing_frequencies(store: SupernetStore) -> dict[str, float]:
+    """Layer name -> measured routing frequency (share of calibration tokens routed to the
+    layer's expert) of every expert layer of a mixture-of-experts supernet; empty for
+    other models."""
+    return {k: float(v) for k, v in store.manifest.get("routing", {}).get("frequency", {}).items()}
+
+
 def _with_routing_frequency(
     adapter: MoEAdapter, units: Sequence[Unit], counts: Sequence[np.ndarray], n_tokens: int
 ) -> tuple[Unit, ...]:
@@ -1008,6 +1016,11 @@ def build_supernet(
                     "counts": [c.tolist() for c in routed_counts],
                     "no_tokens": no_tokens,
                     "tie_experts": bool(tie_experts),
+                    "frequency": {
+                        layer.name: int(routed_counts[where[0]][where[1]]) / calibration.n_tokens
+                        for layer in adapter.layers()
+                        if (where := moe.expert_of(layer.name)) is not None
+                    },
                 }
             }
         try:
