@@ -289,14 +289,14 @@ def test_cli_build_search_apply_eval(tmp_path):
         "data": {
             "calibration": str(corpus),
             "seq_len": 16,
-            "n_calibration_seqs": 8,
+            "n_calibration_seqs": 4,
             "n_heldout_seqs": 2,
         },
         "supernet": {"pruner": "wanda", "center": 0.5, "steps_each_side": 1, "step_fraction": 0.1},
         "search": {
             "target": 0.5,
             "strategy": "evopress",
-            "settings": {"generations": 2, "offspring": 4, "survivors": [2, 1], "tokens": [32, 64]},
+            "settings": {"generations": 1, "offspring": 4, "survivors": [2, 1], "tokens": [32, 64]},
         },
         "backend": {"kind": "local"},
     }
@@ -313,17 +313,19 @@ def test_cli_build_search_apply_eval(tmp_path):
     run("build", "--config", config_path, "--out", store, "--no-progress")
     run("search", "--config", config_path, "--supernet", store, "--out", tmp_path / "evo",
         "--no-progress")  # fmt: skip
-    config["search"] = {"target": 0.4, "strategy": "dp", "budget_kind": "flops"}
+    config["search"] = {"target": 0.45, "strategy": "dp", "budget_kind": "flops"}
     config_path.write_text(yaml.safe_dump(config))
     run("search", "--config", config_path, "--supernet", store, "--out", tmp_path / "dp",
         "--no-progress")  # fmt: skip
-    for out, kind, target in [("evo", "params", 0.5), ("dp", "flops", 0.4)]:
+    for out, kind, target in [("evo", "params", 0.5), ("dp", "flops", 0.45)]:
         recipe = Recipe.load(tmp_path / out / "recipe.json")
         assert recipe.budget.kind == kind
         assert fraction_removed(recipe.layers, kind) == pytest.approx(
             recipe.budget.achieved, rel=1e-12
         )
-        assert recipe.budget.achieved >= target - 0.02
+        # EvoPress's equal-step swaps keep the uniform cost; DP may overshoot on coarse levels
+        assert target - 0.01 < recipe.budget.achieved < target + (0.01 if out == "evo" else 0.05)
+        assert recipe.budget.achieved >= target - 0.01
         experts = [x for x in recipe.layers if ".experts." in x.name]
         assert len(experts) == 2 * 4 * 3
         freq = {x.name: x.routing_frequency for x in experts}
