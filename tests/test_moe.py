@@ -263,6 +263,19 @@ def test_tied_experts_share_one_level_per_block_and_projection(tmp_path):
         )
     spec = store.spec
     assert spec.units[4].routing_frequency == pytest.approx(2 / 4)  # top-2 of 4
+    # both evaluators score MoE candidates, identically
+    from allocsearch.evaluate import Evaluator, KLDivergence, StreamingEvaluator
+
+    rng = np.random.default_rng(0)
+    choices = np.stack([rng.integers(0, n, size=3) for n in spec.num_levels], 1).astype(np.int32)
+    resident = Evaluator(
+        model, spec, store.all_variants(), store.unit_params, calib, metric=KLDivergence()
+    )(choices, fidelity=16, batch_seed=0)
+    streamed = StreamingEvaluator(model, store, calib, metric=KLDivergence())(
+        choices, fidelity=16, batch_seed=0
+    )
+    np.testing.assert_allclose(resident, streamed, rtol=1e-5, atol=1e-7)
+    assert np.all(resident > 0)
     for k in range(spec.num_levels[4]):  # every expert at the unit's exact sparsity
         for e in range(4):
             v = store.variants(f"model.layers.0.mlp.experts.{e}.gate_proj.weight")
