@@ -255,7 +255,7 @@ def _layer_plan(layer: LayerInfo) -> _UnitPlan:
 def _tied_plans(adapter: MoEAdapter, layers: Sequence[LayerInfo]) -> tuple[_UnitPlan, ...]:
     """One unit per (block, projection) over all routed experts, at its first member's
     place in forward order; every other layer is its own unit."""
-    plans: list[_UnitPlan] = []
+    plans: list[_UnitPlan | tuple[int, str]] = []  # (block, projection) of a tied unit
     tied: dict[tuple[int, str], list[LayerInfo]] = {}
     for layer in layers:
         if adapter.expert_of(layer.name) is None:
@@ -265,7 +265,7 @@ def _tied_plans(adapter: MoEAdapter, layers: Sequence[LayerInfo]) -> tuple[_Unit
         key = (layer.block, proj)
         if key not in tied:
             tied[key] = []
-            plans.append(key)  # placeholder, filled below
+            plans.append(key)
         tied[key].append(layer)
     out = []
     for p in plans:
