@@ -29,6 +29,7 @@ supernet:
   nm_patterns: ["2:4", "4:8"]
   input_mode: dense         # dense | expected | centre
   storage_dtype: auto       # auto (the model's dtype) | float32 | bfloat16: dense variants
+  tie_experts: false        # MoE models: one unit per block and projection over all experts
 search:
   strategy: evopress        # evopress | tyr | dp | knapsack | uniform | owl | ...
   budget_kind: params       # params | flops | latency
@@ -132,8 +133,12 @@ class SupernetConfig:
     nm_patterns: tuple[str, ...] = ("2:4", "4:8")
     input_mode: str = "dense"
     storage_dtype: str = "auto"
+    # Mixture-of-experts models: one unit per (block, projection) over all experts.
+    tie_experts: bool = False
 
     def validate(self) -> None:
+        if not isinstance(self.tie_experts, bool):
+            raise ConfigError(f"supernet.tie_experts = {self.tie_experts!r} must be true or false")
         _choice("supernet", "pruner", self.pruner, PRUNERS)
         _choice("supernet", "structure", self.structure, STRUCTURES)
         _choice("supernet", "head_granularity", self.head_granularity, HEAD_GRANULARITIES)

@@ -75,6 +75,7 @@ from allocsearch.search.evolutionary import EvolutionarySearcher
 from allocsearch.search.knapsack import mckp_lagrangian, mckp_milp
 from allocsearch.supernet.build import (
     build_supernet,
+    routing_frequencies,
     supernet_units,
     unit_group_counts,
     unit_removed_groups,
@@ -261,11 +262,12 @@ def make_grid(cfg: SupernetConfig, model: HFModel, *, target: float) -> LevelGri
     """Level grid of every unit: EvoPress equal-weight steps around the target
     (unstructured), N:M patterns, or whole heads/neurons (structured)."""
     adapter = model.adapter
-    units = supernet_units(adapter, cfg.structure)
+    units = supernet_units(adapter, cfg.structure, tie_experts=cfg.tie_experts)
     if cfg.structure == "nm":
         pats = _nm_patterns(cfg)
         center = min(pats, key=lambda p: abs(p[0] / p[1] - target))
-        widths = [layer.in_features for layer in adapter.layers()]
+        in_features = {layer.name: layer.in_features for layer in adapter.layers()}
+        widths = [in_features[u.layers[0]] for u in units]
         return nm_grid(pats, in_features=widths, center=center)
     if cfg.structure == "heads_neurons":
         groups = unit_group_counts(adapter, cfg.structure, query_heads=_query_heads(cfg))
@@ -312,6 +314,7 @@ def build(
         storage_dtype=cfg.storage_dtype,
         query_heads=_query_heads(cfg),
         map_layers=map_layers,
+        tie_experts=cfg.tie_experts,
     )
 
 
@@ -664,6 +667,7 @@ def _run_tyr(
             overwrite=True,
             map_layers=map_layers,
             query_heads=_query_heads(cfg),
+            tie_experts=cfg.tie_experts,
         )
         if hasattr(map_layers, "close"):
             map_layers.close()
@@ -741,9 +745,12 @@ def recipe_from_choice(
             member_kind.update(dict.fromkeys(unit.layers, kind))
     nm = spec.structure == "nm"
     unit_of_layer = {layer: u for u, unit in enumerate(spec.units) for layer in unit.layers}
+    frequency = routing_frequencies(store)
     for name, layer in info.items():
         s = layer_sparsity.get(name, 0.0)
         kw: dict[str, Any] = {}
+        if name in frequency:
+            kw["routing_frequency"] = frequency[name]
         if structured:
             kw["structure"] = member_kind.get(name, "heads")
         elif nm:

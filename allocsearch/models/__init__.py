@@ -13,6 +13,7 @@ from allocsearch.models.hf import (
 )
 from allocsearch.models.layers import LayerInfo
 from allocsearch.models.llama import LlamaAdapter
+from allocsearch.models.moe import MoEAdapter
 from allocsearch.models.phi3 import Phi3Adapter
 from allocsearch.models.rope import ROPE_TYPES, RopeSpec
 
@@ -25,6 +26,7 @@ __all__ = [
     "LlamaAdapter",
     "ModelAdapter",
     "ModelLoadError",
+    "MoEAdapter",
     "Phi3Adapter",
     "ROPE_TYPES",
     "RopeSpec",

@@ -29,6 +29,7 @@ from allocsearch.models.base import ModelAdapter
 from allocsearch.models.bert import BertAdapter
 from allocsearch.models.gpt2 import GPT2Adapter
 from allocsearch.models.llama import LlamaAdapter
+from allocsearch.models.moe import MoEAdapter
 from allocsearch.models.phi3 import Phi3Adapter
 from allocsearch.models.safetensors_io import read_header, read_safetensors, write_safetensors
 
@@ -43,6 +44,10 @@ FAMILIES: dict[str, type[ModelAdapter]] = {
     "gemma2": LlamaAdapter,
     "gemma3_text": LlamaAdapter,
     "phi3": Phi3Adapter,
+    "mixtral": MoEAdapter,
+    "qwen2_moe": MoEAdapter,
+    "qwen3_moe": MoEAdapter,
+    "olmoe": MoEAdapter,
     "gpt2": GPT2Adapter,
     "bert": BertAdapter,
 }
@@ -57,6 +62,10 @@ ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "bert": "BertModel",
 }

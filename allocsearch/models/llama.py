@@ -362,8 +362,9 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
-    """One block. ``attention_cls`` / ``mlp_cls`` swap in fused projections (Phi-3) with
-    the same call signatures."""
+    """One block. ``attention_cls`` / ``mlp_cls`` swap in fused projections (Phi-3) or a
+    mixture of experts with the same call signatures; ``mlp_name`` is the MLP's attribute
+    (Mixtral's checkpoints call it ``block_sparse_moe``)."""
 
     def __init__(
         self,
@@ -373,6 +374,7 @@ class LlamaDecoderLayer(nnx.Module):
         *,
         attention_cls: type[nnx.Module] = LlamaAttention,
         mlp_cls: type[nnx.Module] = LlamaMLP,
+        mlp_name: str = "mlp",
     ):
         def norm():
             return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.norm_offset)
@@ -384,7 +386,8 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = norm()
         self.pre_feedforward_layernorm = norm() if layout == "sandwich" else None
         self.post_feedforward_layernorm = norm() if layout in ("post", "sandwich") else None
-        self.mlp = mlp_cls(cfg, rngs)
+        setattr(self, mlp_name, mlp_cls(cfg, rngs))
+        self.mlp_name = mlp_name
         self.layout = layout
         self.residual_multiplier = cfg.residual_multiplier
         self.layer_type_id = (
@@ -403,12 +406,12 @@ class LlamaDecoderLayer(nnx.Module):
         if self.layout == "pre":
             a = self.self_attn(self.input_layernorm(h), cos, sin, allowed, taps)
             h = h + a * r if r != 1.0 else h + a
-            m = self.mlp(self.post_attention_layernorm(h), taps)
+            m = getattr(self, self.mlp_name)(self.post_attention_layernorm(h), taps)
             return h + m * r if r != 1.0 else h + m
         x = h if self.input_layernorm is None else self.input_layernorm(h)
         h = h + self.post_attention_layernorm(self.self_attn(x, cos, sin, allowed, taps))
         x = h if self.pre_feedforward_layernorm is None else self.pre_feedforward_layernorm(h)
-        return h + self.post_feedforward_layernorm(self.mlp(x, taps))
+        return h + self.post_feedforward_layernorm(getattr(self, self.mlp_name)(x, taps))
 
 
 class LlamaModel(nnx.Module):

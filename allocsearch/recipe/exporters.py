@@ -48,6 +48,39 @@ LLMC_GRANULARITIES = ("layer", "block")
 # llm-compressor matches "re:" targets with re.match on module names; lm_head is ignored.
 LLMC_IGNORE = ("re:.*lm_head",)
 _LLMC_RESERVED_ARGS = ("sparsity", "mask_structure", "targets", "ignore")
+# Mixture-of-experts checkpoints store one tensor per expert, but transformers 5 fuses the
+# experts in memory and llm-compressor linearizes them back into per-expert modules
+# ``<mlp>.experts.<e>.{gate,up,down}_proj`` whose up_proj is registered before gate_proj.
+# Mixtral's checkpoint keys (block_sparse_moe, w1/w3/w2) name those modules differently.
+_LLMC_EXPERT = re.compile(r"^(.*)\.(block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)$")
+_MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_LLMC_EXPERT_ORDER = {"up_proj": 0, "gate_proj": 1, "down_proj": 2}
+
+
+def llm_compressor_modules(recipe: Recipe) -> tuple[list[str], list[int]]:
+    """llm-compressor's module name of every recipe layer, and the recipe layer indices in
+    the order its ``named_modules()`` yields them.
+
+    Equal to the recipe's names and forward order except for routed experts of
+    mixture-of-experts models (see ``_LLMC_EXPERT``): Mixtral's
+    ``block_sparse_moe.experts.<e>.w1`` is ``mlp.experts.<e>.gate_proj`` (w3 up, w2 down),
+    and within each expert ``up_proj`` comes before ``gate_proj``.
+    """
+    names: list[str] = []
+    keys: list[tuple[int, int]] = []
+    first: dict[tuple[str, str], int] = {}  # (block path, expert) -> its first layer index
+    for i, x in enumerate(recipe.layers):
+        m = _LLMC_EXPERT.match(x.name)
+        if m is None:
+            names.append(x.name)
+            keys.append((i, 0))
+            continue
+        head, _, expert, proj = m.groups()
+        proj = _MIXTRAL_PROJ.get(proj, proj)
+        names.append(f"{head}.mlp.experts.{expert}.{proj}")
+        start = first.setdefault((head, expert), i)
+        keys.append((start, _LLMC_EXPERT_ORDER.get(proj, 3)))
+    return names, sorted(range(len(recipe.layers)), key=lambda i: keys[i])
 
 
 class ExportError(ValueError):
@@ -223,8 +256,9 @@ def to_llm_compressor(
     Returns:
       Export whose content is the YAML text. llm-compressor assigns the list entries to
       the matched modules in the order the model's ``named_modules()`` yields them; the
-      list is in the recipe's forward order, which is that order for the supported
-      (Llama / GPT-2 / BERT) families.
+      list is in that order (:func:`llm_compressor_modules`: the recipe's forward order,
+      except that mixture-of-experts experts carry llm-compressor's module names and
+      order).
     """
     if modifier not in LLMC_MODIFIERS:
         raise ExportError(f"modifier {modifier!r} is not one of {LLMC_MODIFIERS}")
@@ -273,12 +307,15 @@ def to_llm_compressor(
                 f"patterns {sorted(f'{n}:{m}' for n, m in patterns)}, so the stage has one "
                 "modifier group per pattern"
             )
+        modules, order = llm_compressor_modules(recipe)
+        position = {i: p for p, i in enumerate(order)}
         for (n, m), idx in sorted(patterns.items()):
             name = "sparsity_modifiers" if len(patterns) == 1 else f"sparsity_{n}of{m}_modifiers"
+            idx = sorted(idx, key=position.__getitem__)
             args: dict[str, Any] = {
                 "sparsity": [float(per_layer[i]) for i in idx],
                 "mask_structure": f"{n}:{m}",
-                "targets": ["re:" + re.escape(recipe.layers[i].name) + "$" for i in idx],
+                "targets": ["re:" + re.escape(modules[i]) + "$" for i in idx],
                 "ignore": list(LLMC_IGNORE),
             }
             args.update(extra)
@@ -690,6 +727,7 @@ __all__ = [
     "jaxpruner_key",
     "to_evopress",
     "to_jaxpruner",
+    "llm_compressor_modules",
     "to_llm_compressor",
     "to_owl",
     "to_torch_pruning",

@@ -176,6 +176,9 @@ class LayerEntry:
       n: N:M only: number of ZEROS in every group of ``m`` consecutive weights along the
         input dimension (the Wanda / SparseGPT / llm-compressor convention); 0 <= n < m.
       m: N:M only: group size; must divide ``in_features``.
+      routing_frequency: fraction of tokens that reach the layer, in [0, 1]: 1 for dense
+        layers; for a mixture-of-experts expert's layer, the share of calibration tokens
+        routed to it (weights its FLOPs; written only when below 1).
     """
 
     name: str
@@ -186,6 +189,7 @@ class LayerEntry:
     structure: str = "unstructured"
     n: int | None = None
     m: int | None = None
+    routing_frequency: float = 1.0
 
     def __post_init__(self) -> None:
         name = _as_str(self.name, "layer name")
@@ -229,6 +233,11 @@ class LayerEntry:
         object.__setattr__(self, "sparsity", sparsity)
         object.__setattr__(self, "n", n)
         object.__setattr__(self, "m", m)
+        object.__setattr__(
+            self,
+            "routing_frequency",
+            _as_float(self.routing_frequency, f"{what}: routing_frequency", lo=0.0, hi=1.0),
+        )
 
     @property
     def numel(self) -> int:
@@ -236,9 +245,10 @@ class LayerEntry:
         return self.shape[0] * self.shape[1]
 
     @property
-    def flops_per_token(self) -> int:
-        """Dense multiply-accumulates per token (out * in), as in ``LayerInfo``."""
-        return self.shape[0] * self.shape[1]
+    def flops_per_token(self) -> float:
+        """Dense multiply-accumulates per token (out * in, as in ``LayerInfo``) times the
+        routing frequency (the expected MACs of an average token)."""
+        return self.shape[0] * self.shape[1] * self.routing_frequency
 
     @property
     def in_features(self) -> int:
@@ -663,6 +673,8 @@ class Recipe:
             if x.structure == "nm":
                 item["n"] = x.n
                 item["m"] = x.m
+            if x.routing_frequency != 1.0:
+                item["routing_frequency"] = x.routing_frequency
             layers.append(item)
         units = [
             {
@@ -840,7 +852,7 @@ def _parse_recipe(data: Any) -> Recipe:
             item,
             f"layers[{i}]",
             ("name", "role", "block", "shape", "sparsity", "structure"),
-            ("n", "m"),
+            ("n", "m", "routing_frequency"),
         )
         if x["structure"] != "nm" and ("n" in x or "m" in x):
             raise RecipeError(f"layers[{i}]: fields n/m are only valid with structure 'nm'")
@@ -854,6 +866,7 @@ def _parse_recipe(data: Any) -> Recipe:
                 structure=x["structure"],
                 n=x.get("n"),
                 m=x.get("m"),
+                routing_frequency=x.get("routing_frequency", 1.0),
             )
         )
     units = []

@@ -9,7 +9,9 @@ budget checks through this module and nowhere else (STYLE.md habit 2).
 
 Conventions: ``L`` units, ``K`` levels (padded); a *choice* is a level vector ``int[L]``
 (or ``int[n, L]`` for ``n`` candidates); level index increases sparsity. Costs are *kept*
-costs, lower is cheaper. Fractions are of the dense cost, in ``[0, 1]``.
+costs, lower is cheaper. Fractions are of the dense cost, in ``[0, 1]``. MACs per token
+are those of an average token: a mixture-of-experts expert's are weighted by its measured
+routing frequency (``SupernetSpec.flops_per_token``).
 """
 
 from __future__ import annotations

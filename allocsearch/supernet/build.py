@@ -41,6 +41,15 @@ as nested masks of the input projections, so a unit's sparsity (and cost) counts
 and the spec records the *exact* achieved sparsity of every level: the number of weights
 the stored variants remove (zero entries of dense variants, pruned positions of nested
 ones) divided by the unit's dense weight count.
+
+**Mixtures of experts** (:class:`~allocsearch.models.moe.MoEAdapter`): every expert layer
+is a unit (or, with ``tie_experts``, one unit per block and projection covers all experts).
+An expert's statistics come from the tokens routed to it, weighted by its routing weight
+(the adapter's taps; ``n_tokens`` is the routed count). An expert that receives no
+calibration token has no statistics: it is reported (a :class:`NoCalibrationTokensWarning`
+and the manifest's ``routing.no_tokens``) and its layers are pruned by magnitude. Each
+expert unit's ``routing_frequency`` is its measured share of calibration tokens, which
+weights its FLOPs in the cost tables; the manifest's ``routing`` entry keeps the counts.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -74,6 +84,8 @@ from allocsearch.models.gpt2 import GPT2Adapter
 from allocsearch.models.hf import HFModel
 from allocsearch.models.layers import LayerInfo
 from allocsearch.models.llama import RotaryDecoderAdapter
+from allocsearch.models.moe import MOE_MODEL_TYPES as MOE_TYPES
+from allocsearch.models.moe import MoEAdapter
 from allocsearch.models.phi3 import Phi3Adapter
 from allocsearch.models.streamed import block_on_device, embed_program, outer_on_device
 from allocsearch.pruners.base import (
@@ -83,6 +95,7 @@ from allocsearch.pruners.base import (
     Variants,
     accumulate_stats,
 )
+from allocsearch.pruners.magnitude import MagnitudePruner
 from allocsearch.pruners.structured import HeadGroups, NeuronGroups, StructuredPruner
 from allocsearch.supernet.levels import LevelGrid
 from allocsearch.supernet.spec import Unit
@@ -98,8 +111,10 @@ __all__ = [
     "BUILD_STRUCTURES",
     "INPUT_MODES",
     "LayerMap",
+    "NoCalibrationTokensWarning",
     "build_supernet",
     "structured_layouts",
+    "routing_frequencies",
     "supernet_units",
     "unit_group_counts",
     "unit_removed_groups",
@@ -132,6 +147,11 @@ _OUTPUT_ROLES: Final = frozenset({"o", "down", "fc_out"})
 _STRUCTURED: Final = frozenset({"heads", "neurons", "heads_neurons"})
 
 
+class NoCalibrationTokensWarning(UserWarning):
+    """A mixture-of-experts expert received no calibration token; its layers were pruned
+    by magnitude instead of the requested pruner."""
+
+
 # --------------------------------------------------------------------------- units
 
 
@@ -148,6 +168,7 @@ class _UnitPlan:
     primary: LayerInfo
     layers: tuple[LayerInfo, ...]
     layout: HeadGroups | NeuronGroups | None = None
+    tied: bool = False  # experts tied to one level: each layer pruned on its own
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -171,8 +192,8 @@ def structured_layouts(
     Raises:
       ValueError: a model family without a structured layout (naming the valid ones).
     """
-    if isinstance(adapter, RotaryDecoderAdapter):  # the Llama family and Phi-3
-        c = adapter.cfg
+    if isinstance(adapter, RotaryDecoderAdapter) and not isinstance(adapter, MoEAdapter):
+        c = adapter.cfg  # the Llama family and Phi-3
         fused = isinstance(adapter, Phi3Adapter)  # qkv_proj and gate_up_proj
         heads = HeadGroups(
             hidden_size=c.hidden_size,
@@ -233,28 +254,71 @@ def _common_module(names: Sequence[str], block_path: str, fallback: str) -> str:
     return name if name != block_path else f"{block_path}.{fallback}"
 
 
+def _layer_plan(layer: LayerInfo) -> _UnitPlan:
+    unit = Unit(
+        name=layer.name,
+        role=layer.role,
+        block=layer.block,
+        layers=(layer.name,),
+        numel=layer.numel,
+        flops_per_token=layer.flops_per_token,
+    )
+    return _UnitPlan(unit=unit, primary=layer, layers=(layer,))
+
+
+def _tied_plans(adapter: MoEAdapter, layers: Sequence[LayerInfo]) -> tuple[_UnitPlan, ...]:
+    """One unit per (block, projection) over all routed experts, at its first member's
+    place in forward order; every other layer is its own unit."""
+    plans: list[_UnitPlan | tuple[int, str]] = []  # (block, projection) of a tied unit
+    tied: dict[tuple[int, str], list[LayerInfo]] = {}
+    for layer in layers:
+        if adapter.expert_of(layer.name) is None:
+            plans.append(_layer_plan(layer))
+            continue
+        proj = layer.name.rsplit(".", 1)[1]
+        key = (layer.block, proj)
+        if key not in tied:
+            tied[key] = []
+            plans.append(key)
+        tied[key].append(layer)
+    out = []
+    for p in plans:
+        if isinstance(p, _UnitPlan):
+            out.append(p)
+            continue
+        members = tuple(tied[p])
+        first = members[0]
+        unit = Unit(
+            name=f"{adapter.block_prefix(p[0])}{adapter.moe.module}.experts.{p[1]}",
+            role=first.role,
+            block=first.block,
+            layers=tuple(m.name for m in members),
+            numel=sum(m.numel for m in members),
+            flops_per_token=sum(m.flops_per_token for m in members),
+        )
+        out.append(_UnitPlan(unit=unit, primary=first, layers=members, tied=True))
+    return tuple(out)
+
+
 def _plans(
-    adapter: ModelAdapter, structure: str, *, query_heads: bool = False
+    adapter: ModelAdapter, structure: str, *, query_heads: bool = False, tie_experts: bool = False
 ) -> tuple[_UnitPlan, ...]:
     if structure not in BUILD_STRUCTURES:
         raise ValueError(f"structure {structure!r} is not supported; valid: {BUILD_STRUCTURES}")
     layers = adapter.layers()
-    if structure in ("unstructured", "nm"):
-        return tuple(
-            _UnitPlan(
-                unit=Unit(
-                    name=layer.name,
-                    role=layer.role,
-                    block=layer.block,
-                    layers=(layer.name,),
-                    numel=layer.numel,
-                    flops_per_token=layer.flops_per_token,
-                ),
-                primary=layer,
-                layers=(layer,),
+    if tie_experts:
+        if not isinstance(adapter, MoEAdapter):
+            raise ValueError(
+                f"tie_experts needs a mixture-of-experts model (one of {sorted(MOE_TYPES)}), "
+                f"got model_type {adapter.model_type!r}"
             )
-            for layer in layers
-        )
+        if structure not in ("unstructured", "nm"):
+            raise ValueError(
+                f"tie_experts works with structure 'unstructured' or 'nm', not {structure!r}"
+            )
+        return _tied_plans(adapter, layers)
+    if structure in ("unstructured", "nm"):
+        return tuple(_layer_plan(layer) for layer in layers)
     heads, neurons = structured_layouts(adapter, query_heads=query_heads)
     kinds = []
     if structure in ("heads", "heads_neurons"):
@@ -291,7 +355,9 @@ def _plans(
     return tuple(plans)
 
 
-def supernet_units(adapter: ModelAdapter, structure: str) -> tuple[Unit, ...]:
+def supernet_units(
+    adapter: ModelAdapter, structure: str, *, tie_experts: bool = False
+) -> tuple[Unit, ...]:
     """The units a supernet of ``structure`` has, in forward order (the rows a grid for
     :func:`build_supernet` must have).
 
@@ -302,9 +368,10 @@ def supernet_units(adapter: ModelAdapter, structure: str) -> tuple[Unit, ...]:
     Returns:
       ``Unit`` per prunable layer (``"unstructured"``, ``"nm"``), or per attention
       sublayer (role ``"attn"``, covering q/k/v/o) and/or MLP sublayer (role ``"mlp"``,
-      covering gate/up/down) for the structured kinds.
+      covering gate/up/down) for the structured kinds. With ``tie_experts`` (MoE models)
+      one unit per block and expert projection covers every routed expert.
     """
-    return tuple(p.unit for p in _plans(adapter, structure))
+    return tuple(p.unit for p in _plans(adapter, structure, tie_experts))
 
 
 def unit_group_counts(
@@ -452,6 +519,7 @@ def _prune_unit(
     levels: np.ndarray,
 ) -> dict[str, Variants]:
     """All levels of one unit, keyed by parameter name in the unit's layer order."""
+    assert not plan.tied, "tied units are pruned layer by layer (_UnitTask.members)"
     if plan.layout is None:
         by_param = {plan.primary.weight_name: pruner.prune(weight, stats, levels)}
     else:
@@ -483,18 +551,48 @@ class _UnitTask:
 
     ``weight`` is the primary layer's dense weight, ``stats`` the statistics of its input
     (``None`` for pruners that need none), ``levels`` float64[K] the requested sparsities.
+    ``fallback``: prune by magnitude (an expert that received no calibration token).
+    ``members``: for a tied unit, one task per layer (then ``weight`` and ``stats`` are
+    None).
     """
 
     plan: _UnitPlan
-    weight: jax.Array
+    weight: jax.Array | None
     stats: LayerStats | None
     levels: np.ndarray
+    fallback: bool = False
+    members: tuple[_UnitTask, ...] = ()
+
+
+def _layer_task(
+    plan: _UnitPlan,
+    block_params: Mapping[str, jax.Array],
+    prefix: str,
+    stats: Mapping[str, LayerStats | None],
+    fallback: set[str],
+    levels: np.ndarray,
+) -> _UnitTask:
+    """The task of a unit pruned from its primary layer's weight and input statistics."""
+    return _UnitTask(
+        plan=plan,
+        weight=block_params[plan.primary.weight_name[len(prefix) :]],
+        stats=stats[plan.primary.input_group[len(prefix) :]],
+        levels=levels,
+        fallback=plan.primary.name in fallback,
+    )
 
 
 def _prune_task(
     pruner: LocalPruner | StructuredPrunerFactory, task: _UnitTask
 ) -> dict[str, Variants]:
     """:func:`_prune_unit` of one task (module level, so it pickles for ``map_layers``)."""
+    if task.members:
+        by_param: dict[str, Variants] = {}
+        for member in task.members:
+            by_param.update(_prune_task(pruner, member))
+        return by_param
+    if task.fallback:
+        pruner = MagnitudePruner()
     return _prune_unit(task.plan, pruner, task.weight, task.stats, task.levels)
 
 
@@ -528,6 +626,64 @@ def _advance_weights(
             w = _level_weight(variants, weight, center)
         out[rel] = w.astype(weight.dtype)
     return out
+
+
+# --------------------------------------------------------------------------- experts
+
+
+def _routed_stats(
+    adapter: MoEAdapter,
+    block: int,
+    counts: np.ndarray,
+    stats: dict[str, LayerStats | None],
+    n_tokens: int,
+) -> set[str]:
+    """Give each expert input group of block ``block`` its routed token count
+    (``counts`` int64[E]) as ``n_tokens``; returns the names of the layers of experts that
+    received no token (warned about), which are to be pruned by magnitude."""
+    prefix = adapter.block_prefix(block)
+    for g, st in stats.items():
+        where = adapter.expert_of(prefix + g)
+        if where is not None and st is not None:
+            stats[g] = st._replace(n_tokens=int(counts[where[1]]))
+    empty = [int(e) for e in np.flatnonzero(counts == 0)]
+    if not empty:
+        return set()
+    warnings.warn(
+        f"block {block}: expert(s) {empty} of {adapter.moe.num_experts} received no "
+        f"calibration token (of {n_tokens}); their layers are pruned by magnitude. Use more "
+        f"or more varied calibration data for routing-aware statistics",
+        NoCalibrationTokensWarning,
+        stacklevel=3,
+    )
+    return {
+        layer.name
+        for layer in adapter.layers()
+        if layer.block == block and (adapter.expert_of(layer.name) or (-1, -1))[1] in empty
+    }
+
+
+def routing_frequencies(store: SupernetStore) -> dict[str, float]:
+    """Layer name -> measured routing frequency (share of calibration tokens routed to the
+    layer's expert) of every expert layer of a mixture-of-experts supernet; empty for
+    other models."""
+    return {k: float(v) for k, v in store.manifest.get("routing", {}).get("frequency", {}).items()}
+
+
+def _with_routing_frequency(
+    adapter: MoEAdapter, units: Sequence[Unit], counts: Sequence[np.ndarray], n_tokens: int
+) -> tuple[Unit, ...]:
+    """Units whose expert layers carry their measured routing frequency (the mean share of
+    calibration tokens routed to the unit's experts)."""
+    out = []
+    for unit in units:
+        freqs = []
+        for name in unit.layers:
+            where = adapter.expert_of(name)
+            freqs.append(1.0 if where is None else counts[where[0]][where[1]] / n_tokens)
+        freq = float(np.mean(freqs))
+        out.append(unit if freq == 1.0 else dataclasses.replace(unit, routing_frequency=freq))
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- provenance
@@ -631,6 +787,7 @@ def build_supernet(
     storage_dtype: str = "auto",
     map_layers: LayerMap | None = None,
     query_heads: bool = False,
+    tie_experts: bool = False,
 ) -> SupernetStore:
     """Prune every unit of ``model`` at every level of ``grid`` and write the store.
 
@@ -655,6 +812,10 @@ def build_supernet(
       storage_dtype: dtype of dense variant weights (SparseGPT, structured): ``"auto"``
         (default: the model's parameter dtype), ``"float32"`` or ``"bfloat16"``; the
         manifest records the resolved one.
+      tie_experts: for mixture-of-experts models, one unit per block and expert
+        projection covering every routed expert (all experts of a block share one level;
+        each is still pruned from its own statistics) instead of one unit per expert
+        layer, for search spaces that must stay small (see :func:`supernet_units`).
       map_layers: runs the pruning of one block's units, which are independent (all
         levels of one unit, from its dense weight and input statistics, are one task):
         ``None`` or ``map``, one after the other in this process; a
@@ -691,7 +852,7 @@ def build_supernet(
         )
     if not isinstance(calibration, TokenSet):
         raise ValueError(f"calibration must be a TokenSet, got {type(calibration).__name__}")
-    plans = _plans(model.adapter, structure, query_heads=query_heads)
+    plans = _plans(model.adapter, structure, query_heads=query_heads, tie_experts=tie_experts)
     units = tuple(p.unit for p in plans)
     layer_map: LayerMap = map if map_layers is None else map_layers
     if not callable(layer_map):
@@ -723,6 +884,9 @@ def build_supernet(
         heads, neurons = structured_layouts(adapter, query_heads=query_heads)
         pruner_record["layouts"] = {"attn": _json_value(heads), "mlp": _json_value(neurons)}
 
+    moe = adapter if isinstance(adapter, MoEAdapter) else None
+    routed_counts: list[np.ndarray] = []  # per block: int64[E] calibration tokens per expert
+    no_tokens: list[str] = []  # module paths of experts that received none
     seconds_per_block: list[float] = []
     input_norms: dict[str, np.ndarray] = {}
     block_layers: dict[int, list] = {}
@@ -755,11 +919,18 @@ def build_supernet(
                 prefix = adapter.block_prefix(b)
                 block_plans = [(u, p) for u, p in enumerate(plans) if p.unit.block == b]
                 block_params = block_on_device(adapter, params, b)
-                groups = sorted({p.primary.input_group[len(prefix) :] for _, p in block_plans})
+                groups = sorted(
+                    {
+                        layer.input_group[len(prefix) :]
+                        for _, p in block_plans
+                        for layer in (p.layers if p.tied else (p.primary,))
+                    }
+                )
                 keep_output = input_mode == "dense" and b < n_blocks - 1
 
                 # 1. capture: Gram matrices of the needed inputs, with dense weights
                 stats: dict[str, LayerStats | None] = dict.fromkeys(groups)
+                counts = None if moe is None else np.zeros(moe.moe.num_experts, np.int64)
                 # Inputs no unit prunes along (e.g. q/k/v and gate/up inputs of a
                 # structured supernet): only their squared channel sums, for OWL.
                 squares: dict[str, jax.Array] = {}
@@ -773,6 +944,9 @@ def build_supernet(
                         next_hidden.append(out)
                     else:
                         taps = _capture(adapter, block_params, h, ctx)
+                    if moe is not None:
+                        routed = taps.pop(moe.routed_tap)
+                        counts += np.asarray(jnp.sum(routed, axis=(0, 1))).round().astype(np.int64)
                     for g in groups:
                         stats[g] = accumulate_stats(stats[g], taps[g])
                     for g, x in taps.items():
@@ -781,6 +955,12 @@ def build_supernet(
                             squares[g] = squares.get(g, 0.0) + jnp.sum(jnp.square(x), axis=0)
                     del taps
                     progress_bar.advance(task)
+
+                fallback: set[str] = set()
+                if moe is not None:
+                    fallback = _routed_stats(moe, b, counts, stats, calibration.n_tokens)
+                    routed_counts.append(counts)
+                    no_tokens += sorted({n.rsplit(".", 1)[0] for n in fallback})
 
                 # Wanda/OWL input norms ||X_j||_2 of every layer of the block
                 for layer in block_layers[b]:
@@ -796,12 +976,28 @@ def build_supernet(
                 # 2. prune every unit at all its levels (independent tasks, run by
                 # map_layers) and write the variants in unit order
                 advance: dict[str, jax.Array] = {}
+
                 tasks = [
                     _UnitTask(
                         plan=plan,
-                        weight=block_params[plan.primary.weight_name[len(prefix) :]],
-                        stats=stats[plan.primary.input_group[len(prefix) :]],
+                        weight=None,
+                        stats=None,
                         levels=sparsity_grid[u, valid[u]],
+                        members=tuple(
+                            _layer_task(
+                                _layer_plan(layer),
+                                block_params,
+                                prefix,
+                                stats,
+                                fallback,
+                                sparsity_grid[u, valid[u]],
+                            )
+                            for layer in plan.layers
+                        ),
+                    )
+                    if plan.tied
+                    else _layer_task(
+                        plan, block_params, prefix, stats, fallback, sparsity_grid[u, valid[u]]
                     )
                     for u, plan in block_plans
                 ]
@@ -856,6 +1052,23 @@ def build_supernet(
                 seconds_per_block.append(time.perf_counter() - t_block)
 
         del hidden, contexts
+        routing_extra = {}
+        if moe is not None:
+            units = _with_routing_frequency(moe, units, routed_counts, calibration.n_tokens)
+            routing_extra = {
+                "routing": {
+                    "n_tokens": calibration.n_tokens,
+                    "top_k": moe.moe.top_k,
+                    "counts": [c.tolist() for c in routed_counts],
+                    "no_tokens": no_tokens,
+                    "tie_experts": bool(tie_experts),
+                    "frequency": {
+                        layer.name: int(routed_counts[where[0]][where[1]]) / calibration.n_tokens
+                        for layer in adapter.layers()
+                        if (where := moe.expert_of(layer.name)) is not None
+                    },
+                }
+            }
         try:
             spec = make_spec(units, achieved, valid, center, structure, grid.labels)
         except ValueError as e:
@@ -883,6 +1096,7 @@ def build_supernet(
                 "structure": structure,
                 "within_block_inputs": "dense",
                 "storage_dtype": storage_dtype,
+                **routing_extra,
                 "build": {
                     "batch_size": batch_size,
                     "n_tokens": calibration.n_tokens,

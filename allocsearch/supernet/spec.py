@@ -30,7 +30,13 @@ class Unit:
       block: transformer block index.
       layers: module paths of the linear layers the unit covers.
       numel: dense weight count of those layers together.
-      flops_per_token: dense multiply-accumulates per token of those layers together.
+      flops_per_token: dense multiply-accumulates per token of those layers together, for
+        a token that reaches them.
+      routing_frequency: mean over the unit's layers of the fraction of tokens that reach
+        each: 1 for dense layers; for a mixture-of-experts expert, the share of calibration
+        tokens routed to it (measured when the supernet is built). A unit below 1 has
+        layers of equal shape, so its expected MACs per token are
+        ``flops_per_token * routing_frequency``.
     """
 
     name: str
@@ -39,6 +45,7 @@ class Unit:
     layers: tuple[str, ...]
     numel: int
     flops_per_token: int
+    routing_frequency: float = 1.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,8 +111,11 @@ class SupernetSpec:
 
     @property
     def flops_per_token(self) -> np.ndarray:
-        """int64[L]: dense MACs per token per unit."""
-        return np.array([u.flops_per_token for u in self.units], dtype=np.int64)
+        """float64[L]: dense MACs per token per unit, experts' weighted by their routing
+        frequency (the expected MACs of an average token)."""
+        return np.array(
+            [u.flops_per_token * u.routing_frequency for u in self.units], dtype=np.float64
+        )
 
     def kept_params(self) -> np.ndarray:
         """float64[L, K]: weights kept at each level (``inf`` at invalid levels)."""

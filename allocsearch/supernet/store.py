@@ -194,6 +194,9 @@ def spec_to_json(spec: SupernetSpec) -> dict[str, Any]:
                 "layers": list(u.layers),
                 "numel": u.numel,
                 "flops_per_token": u.flops_per_token,
+                **(
+                    {} if u.routing_frequency == 1.0 else {"routing_frequency": u.routing_frequency}
+                ),
             }
             for u in spec.units
         ],
@@ -236,6 +239,7 @@ def spec_from_json(d: Mapping[str, Any]) -> SupernetSpec:
             layers=tuple(u["layers"]),
             numel=int(u["numel"]),
             flops_per_token=int(u["flops_per_token"]),
+            routing_frequency=float(u.get("routing_frequency", 1.0)),
         )
         for u in d["units"]
     )
