@@ -38,6 +38,7 @@ from allocsearch.search.evolutionary import EvolutionarySearcher
 from allocsearch.search.knapsack import mckp_milp
 from allocsearch.supernet.build import build_supernet, supernet_units, unit_group_counts
 from allocsearch.supernet.depth import (
+    block_units,
     check_depth_supported,
     depth_grid,
     dropped_levels,
@@ -110,10 +111,17 @@ def stores(model, calib, tmp_path_factory):
     return get
 
 
+_EVALUATORS: dict[str, Evaluator] = {}
+
+
 def evaluator(model, calib, store) -> Evaluator:
-    return Evaluator(
-        model, store.spec, store.all_variants(), store.unit_params, calib, metric=KLDivergence()
-    )
+    """The resident evaluator of a store (one per store: compiled once per module)."""
+    key = str(store.path)
+    if key not in _EVALUATORS:
+        _EVALUATORS[key] = Evaluator(
+            model, store.spec, store.all_variants(), store.unit_params, calib, metric=KLDivergence()
+        )
+    return _EVALUATORS[key]
 
 
 def all_subsets(n: int) -> np.ndarray:
@@ -150,18 +158,19 @@ def test_depth_refuses_families_where_zero_is_not_a_skip():
 
 
 def test_dropped_levels_cost_nothing(model, stores):
-    spec = stores("sublayers").spec
+    spec = stores("drop").spec
     dropped = dropped_levels(spec)
-    last = spec.num_levels - 1
-    assert dropped.sum() == spec.num_units
-    assert dropped[np.arange(spec.num_units), last].all()
+    np.testing.assert_array_equal(dropped, [[False, True]] * spec.num_units)
     for kind in ("params", "flops"):
         cost = CostModel.from_spec(spec, Budget(kind=kind, target=0.1)).cost
-        np.testing.assert_array_equal(cost[dropped], 0.0)
-        assert np.all(cost[spec.valid & ~dropped] > 0)
+        np.testing.assert_array_equal(cost[:, 1], 0.0)
+        np.testing.assert_array_equal(
+            cost[:, 0], spec.numel if kind == "params" else spec.flops_per_token
+        )
+    # attention 4 x 16 x 16 (q, o) + 2 x 8 x 16 (k, v); MLP 3 x 16 x 64
+    np.testing.assert_array_equal(spec.numel[:2], [2 * 256 + 2 * 128, 3 * 1024])
     count = sublayer_count_table(spec)
-    np.testing.assert_array_equal(count.kept[dropped], 0.0)
-    np.testing.assert_array_equal(count.kept[spec.valid & ~dropped], 1.0)
+    np.testing.assert_array_equal(count.kept, [[1.0, 0.0]] * spec.num_units)
 
 
 def test_dropped_sublayer_is_a_skipped_sublayer(model, calib, stores):
@@ -172,7 +181,7 @@ def test_dropped_sublayer_is_a_skipped_sublayer(model, calib, stores):
     resident = evaluator(model, calib, store)
     lazy = load_model(model.path, lazy=True)
     streamed = StreamingEvaluator(lazy, store, calib, metric=KLDivergence())
-    choices = all_subsets(spec.num_units)[::5]
+    choices = all_subsets(spec.num_units)[[0, 21, 63]]
     fid = calib.n_tokens
     np.testing.assert_allclose(
         streamed(choices, fidelity=fid, batch_seed=0),
@@ -241,6 +250,31 @@ def test_evopress_finds_the_brute_force_best_drop_set(model, calib, stores, budg
         assert res.best_fitness >= float(scores.min()) - 1e-6
 
 
+def test_block_units_tie_both_sublayers(model, calib, stores):
+    store = stores("drop")
+    bspec, owner = block_units(store.spec)
+    assert [u.name for u in bspec.units] == [f"model.layers.{b}" for b in range(3)]
+    np.testing.assert_array_equal(owner, [0, 0, 1, 1, 2, 2])
+    assert bspec.numel.sum() == store.spec.numel.sum()
+    ev = evaluator(model, calib, store)
+    fid = calib.n_tokens
+
+    def score_blocks(choices, **kw):
+        return ev(np.asarray(choices)[:, owner], **kw)
+
+    blocks = all_subsets(3)
+    scores = score_blocks(blocks, fidelity=fid, batch_seed=0)
+    budget = Budget(kind="latency", target=1 / 3, latency=sublayer_count_table(bspec))
+    feasible = CostModel.from_spec(bspec, budget).is_feasible(blocks)
+    best = blocks[feasible][int(np.argmin(scores[feasible]))]
+    searcher = EvolutionarySearcher(
+        generations=4, offspring=4, survivors=(2, 1), tokens=(fid, fid), max_switches=1
+    )
+    result = run_search(searcher, score_blocks, bspec, budget, key=jax.random.key(0))
+    np.testing.assert_array_equal(result.best_choice, best)
+
+
+@pytest.mark.slow
 def test_mixed_allocation_drops_some_and_prunes_others(model, calib, stores):
     store = stores("sublayers")
     spec = store.spec
@@ -251,6 +285,14 @@ def test_mixed_allocation_drops_some_and_prunes_others(model, calib, stores):
     )
     assert result.info["achieved"] >= 0.4 - 1e-9
     assert CostModel.from_spec(spec, budget).is_feasible(result.best_choice)
+    dropped = dropped_levels(spec)
+    last = spec.num_levels - 1
+    assert dropped.sum() == spec.num_units and dropped[np.arange(spec.num_units), last].all()
+    cost = CostModel.from_spec(spec, Budget(kind="flops", target=0.1)).cost
+    np.testing.assert_array_equal(cost[dropped], 0.0)
+    assert np.all(cost[spec.valid & ~dropped] > 0)
+    with pytest.raises(ValueError, match="depth 'drop' supernet"):
+        block_units(spec)
 
 
 # --------------------------------------------------------------------------- apply, export

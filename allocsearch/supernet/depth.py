@@ -37,11 +37,12 @@ from typing import Any, Final
 import numpy as np
 
 from allocsearch.supernet.levels import LevelGrid
-from allocsearch.supernet.spec import SupernetSpec
+from allocsearch.supernet.spec import SupernetSpec, Unit
 
 __all__ = [
     "DEPTH_MODES",
     "DROPPED_LABEL",
+    "block_units",
     "check_depth_supported",
     "depth_grid",
     "dropped_levels",
@@ -176,3 +177,63 @@ def sublayer_count_table(spec: SupernetSpec) -> Any:
         )
     kept = np.where(spec.valid, np.where(dropped, 0.0, 1.0), np.inf)
     return LatencyTable(kept=kept, dense=np.ones(spec.num_units))
+
+
+def block_units(spec: SupernetSpec) -> tuple[SupernetSpec, np.ndarray]:
+    """Whole blocks as units (levels dense and dropped) over a depth ``"drop"`` supernet.
+
+    EvoPress's block dropping searches which *blocks* to remove; its units are blocks,
+    not sublayers. Tying a block's attention and MLP units into one unit gives that space
+    from the same store: search the returned spec like any other, and score (or write a
+    recipe of) a block choice ``c`` int[n, B] as the sublayer choice ``c[:, owner]``
+    with the store's evaluator (resident or streaming).
+
+    Args:
+      spec: the store's spec; every unit has exactly the levels dense and dropped.
+
+    Returns:
+      ``(block spec, owner)``: B block units (role ``"block"``, named after the block,
+      covering both sublayers' layers and weights) and owner int32[L], the block unit of
+      each sublayer unit.
+
+    Raises:
+      ValueError: a unit has other levels than dense and dropped.
+    """
+    dropped = dropped_levels(spec)
+    ok = (spec.num_levels == 2) & (np.nan_to_num(spec.sparsity[:, 0], nan=1.0) == 0.0)
+    if spec.valid.shape[1] == 2:
+        ok &= dropped[:, 1]
+    if spec.valid.shape[1] != 2 or not np.all(ok):
+        i = int(np.argmin(ok)) if not np.all(ok) else 0
+        levels = spec.sparsity[i, spec.valid[i]].tolist()
+        raise ValueError(
+            f"block units need a depth 'drop' supernet (levels dense and dropped only); "
+            f"unit {spec.units[i].name!r} has levels {levels}"
+        )
+    blocks = sorted({u.block for u in spec.units})
+    owner = np.array([blocks.index(u.block) for u in spec.units], np.int32)
+    units = []
+    for j, b in enumerate(blocks):
+        members = [u for i, u in enumerate(spec.units) if owner[i] == j]
+        parts = [m.name.split(".") for m in members]
+        common = [p[0] for p in zip(*parts, strict=False) if len(set(p)) == 1]
+        units.append(
+            Unit(
+                name=".".join(common),
+                role="block",
+                block=b,
+                layers=tuple(x for m in members for x in m.layers),
+                numel=sum(m.numel for m in members),
+                flops_per_token=sum(m.flops_per_token for m in members),
+            )
+        )
+    n = len(units)
+    block_spec = SupernetSpec(
+        units=tuple(units),
+        sparsity=np.tile(np.array([[0.0, 1.0]]), (n, 1)),
+        valid=np.ones((n, 2), bool),
+        center=np.zeros(n, np.int32),
+        structure=spec.structure,
+        level_labels=(("dense", DROPPED_LABEL),) * n,
+    )
+    return block_spec, owner
