@@ -13,6 +13,8 @@ sublayers (a sublayer-count budget, :func:`~allocsearch.supernet.depth.sublayer_
 * **brute force**: every set of k sublayers scored on the whole calibration set (KL), the
   best kept (12 and 66 candidates);
 * **last k**: the last k sublayers (k = 2: the last block);
+* **EvoPress over blocks** (k = 2): the same search over whole blocks as units
+  (:func:`~allocsearch.supernet.depth.block_units`), one block dropped;
 * **best block** (k = 2): the best whole block, brute force over the 6 blocks;
 * **uniform neurons**: every MLP loses the same number of neurons (OBS structured pruner,
   its own one-level supernet), as many weights as the EvoPress row removes or just more
@@ -21,7 +23,10 @@ sublayers (a sublayer-count budget, :func:`~allocsearch.supernet.depth.sublayer_
 Every allocation becomes a recipe and is applied (``apply_recipe`` with its store): the
 table gives the held-out perplexity of the applied model, the weights removed, and the
 forward time of the applied model against the dense one on the same 4 x 128 held-out
-tokens (JAX on this machine's CPU, median of ``--repeats`` runs after a compile run).
+tokens (JAX on this machine's CPU, fastest of ``--repeats`` runs after a compile run,
+the dense model timed right before each pruned one). "params removed" counts the weights
+the recipe removes (dropped sublayers included), "params stored" what the checkpoint
+holds (a dropped sublayer in a kept block stays as zeros).
 A dropped sublayer whose block keeps the other one stays in the checkpoint as zeros
 (see allocsearch/recipe/depth.py), so only removed blocks and narrower MLPs are faster.
 """
@@ -35,19 +40,22 @@ import platform
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from allocsearch import pipeline
 from allocsearch.atomic import atomic_write_text
 from allocsearch.config import DataConfig, RunConfig, SearchConfig, SupernetConfig
+from allocsearch.distributed.local import run_search
 from allocsearch.evaluate.evaluator import Evaluator
 from allocsearch.evaluate.metrics import KLDivergence
 from allocsearch.pruners import StructuredPruner
 from allocsearch.recipe.apply import apply_recipe
 from allocsearch.recipe.timing import forward_seconds
 from allocsearch.search.budget import Budget, CostModel
+from allocsearch.search.evolutionary import EvolutionarySearcher
 from allocsearch.supernet.build import build_supernet, supernet_units, unit_group_counts
-from allocsearch.supernet.depth import sublayer_count_table
+from allocsearch.supernet.depth import block_units, sublayer_count_table
 from allocsearch.supernet.levels import structured_grid
 
 
@@ -122,9 +130,12 @@ def main() -> None:
         pruned, _, report = apply_recipe(ws.model, recipe, store=st)
         kl = float(ev(choice[None].astype(np.int32), fidelity=fid, batch_seed=0)[0])
         ppl = pipeline.heldout_perplexity(pruned, ws.heldout)
+        # dense and pruned timed back to back, so both see the same load
+        dense = forward_seconds(ws.model, tokens, repeats=args.repeats)
         s = forward_seconds(pruned, tokens, repeats=args.repeats)
-        removed = 1.0 - report.num_params / report.num_params_dense
-        rows.append((k, label, what, removed, kl, ppl, 1e3 * s, dense_s / s))
+        removed = 1.0 - report.num_params_recipe / report.num_params_dense
+        stored = report.num_params / report.num_params_dense
+        rows.append((k, label, what, removed, stored, kl, ppl, 1e3 * s, 1e3 * dense, dense / s))
         print(rows[-1], flush=True)
 
     for k in (1, 2):
@@ -162,6 +173,22 @@ def main() -> None:
         measure(f"last {k}", k, store, last, evaluator, budget, dropped(last))
 
         if k == 2:
+            # whole blocks as units (block_units), EvoPress over them, and all 6 blocks
+            bspec, owner = block_units(spec)
+            bbudget = Budget(kind="latency", target=1 / 6, latency=sublayer_count_table(bspec))
+
+            def score_blocks(choices, *, owner=owner, **kw):
+                return evaluator(np.asarray(choices)[:, owner], **kw)
+
+            result = run_search(
+                EvolutionarySearcher(**pipeline.DEMO_EVOPRESS),
+                score_blocks,
+                bspec,
+                bbudget,
+                key=jax.random.key(0),
+            )
+            choice = np.asarray(result.best_choice)[owner]
+            measure("EvoPress over blocks", k, store, choice, evaluator, budget, dropped(choice))
             blocks = np.kron(np.eye(6, dtype=np.int32), np.ones(2, np.int32))
             scores = evaluator(blocks, fidelity=fid, batch_seed=0)
             best = blocks[int(np.argmin(scores))]
@@ -189,21 +216,21 @@ def main() -> None:
         measure("uniform neurons", k, ustore, zero, uev, ub, f"{n} of 704 neurons per MLP")
 
     lines = [
-        "| sublayers removed | allocation | dropped / pruned | params removed | calib KL | "
-        "held-out ppl | forward ms | speedup |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| 0 | dense | - | 0.00% | 0 | {dense_ppl:.3f} | {1e3 * dense_s:.2f} | 1.00x |",
+        "| sublayers removed | allocation | dropped / pruned | params removed (recipe) | "
+        "params stored | calib KL | held-out ppl | forward ms (dense ms) | speedup |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| 0 | dense | - | 0.00% | 100.00% | 0 | {dense_ppl:.3f} | {1e3 * dense_s:.2f} | 1.00x |",
     ]
-    for k, label, what, removed, kl, ppl, ms, speed in rows:
+    for k, label, what, removed, stored, kl, ppl, ms, dense_ms, speed in rows:
         lines.append(
-            f"| {k} | {label} | {what} | {100 * removed:.2f}% | {kl:.4f} | {ppl:.3f} | "
-            f"{ms:.2f} | {speed:.2f}x |"
+            f"| {k} | {label} | {what} | {100 * removed:.2f}% | {100 * stored:.2f}% | "
+            f"{kl:.4f} | {ppl:.3f} | {ms:.2f} ({dense_ms:.2f}) | {speed:.2f}x |"
         )
     meta = (
         f"\nSupernet build {build_s:.1f} s (0 if reused); forward times: JAX "
         f"{platform.machine()} CPU, {os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.1f} at the end; {tokens.shape[0]} x {tokens.shape[1]} held-out "
-        f"tokens, median of {args.repeats}.\n"
+        f"tokens, fastest of {args.repeats} runs, dense and pruned back to back.\n"
     )
     text = "\n".join(lines) + "\n" + meta
     atomic_write_text(text, args.out / "depth.md", overwrite=True)

@@ -93,9 +93,10 @@ def stores(model, calib, tmp_path_factory):
     def get(mode: str):
         grid = None
         if mode == "sublayers":
-            steps = np.array([1 if u.role == "attn" else 16 for u in units])
+            # attention: 0, 1, 2 (all: dropped) of 2 kv groups; MLP: 0, 32, 64 (all) neurons
+            steps = np.array([1 if u.role == "attn" else 32 for u in units])
             groups = unit_group_counts(model.adapter, "heads_neurons")
-            grid = structured_grid(groups, steps, center=0.25, steps_each_side=1, max_sparsity=0.5)
+            grid = structured_grid(groups, steps, center=0.5, steps_each_side=1)
         return build_supernet(
             model,
             calib,
@@ -173,6 +174,7 @@ def test_dropped_levels_cost_nothing(model, stores):
     np.testing.assert_array_equal(count.kept, [[1.0, 0.0]] * spec.num_units)
 
 
+@pytest.mark.slow
 def test_dropped_sublayer_is_a_skipped_sublayer(model, calib, stores):
     """Scoring a dropped MLP equals running the model with that MLP's output zeroed by
     hand (down_proj = 0), on both evaluators; the dropped level holds all-zero weights."""
@@ -181,7 +183,7 @@ def test_dropped_sublayer_is_a_skipped_sublayer(model, calib, stores):
     resident = evaluator(model, calib, store)
     lazy = load_model(model.path, lazy=True)
     streamed = StreamingEvaluator(lazy, store, calib, metric=KLDivergence())
-    choices = all_subsets(spec.num_units)[[0, 21, 63]]
+    choices = all_subsets(spec.num_units)[[21, 63]]
     fid = calib.n_tokens
     np.testing.assert_allclose(
         streamed(choices, fidelity=fid, batch_seed=0),
@@ -339,6 +341,7 @@ def depth_recipe(model, calib, dropped: set[str]) -> Recipe:
     )
 
 
+@pytest.mark.slow
 def test_apply_removes_a_dropped_block(model, calib, stores, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -384,6 +387,7 @@ def test_apply_removes_a_dropped_block(model, calib, stores, tmp_path):
     mlp = 3 * 16 * 64
     assert report.num_params_recipe == report.num_params - mlp  # the zeroed MLP is padding
     assert any("blocks [1] dropped" in note for note in report.notes)
+    assert any("['model.layers.2.mlp'] stay as zero weights" in note for note in report.notes)
 
 
 def test_exports_of_depth_recipes(model, calib, stores):

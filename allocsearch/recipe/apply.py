@@ -59,7 +59,7 @@ from allocsearch.pruners.base import LocalPruner, NestedVariants, exact_counts
 from allocsearch.pruners.magnitude import MagnitudePruner
 from allocsearch.pruners.nm import NMMagnitudePruner
 from allocsearch.pruners.structured import HeadGroups, NeuronGroups
-from allocsearch.recipe.depth import dropped_blocks, remove_blocks
+from allocsearch.recipe.depth import apply_depth
 from allocsearch.recipe.recipe import Recipe, RecipeError, StructuredUnit, check_against_model
 from allocsearch.supernet.build import (
     INPUT_MODES,
@@ -839,7 +839,7 @@ def _finish(
         notes=tuple(notes),
     )
     if physical:  # dropped blocks leave the model (allocsearch.recipe.depth)
-        return remove_blocks(pruned, updates, report, dropped_blocks(recipe))
+        return apply_depth(pruned, updates, report, recipe)
     return pruned, dict(updates), report
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from allocsearch.models.hf import HFModel, adapter_for_config, fingerprint_tensors
 from allocsearch.recipe.recipe import Recipe, StructuredUnit
 
-__all__ = ["dropped_blocks", "dropped_units", "remove_blocks"]
+__all__ = ["apply_depth", "dropped_blocks", "dropped_units", "remove_blocks"]
 
 PER_LAYER_KEYS: Final = ("layer_types", "no_rope_layers")
 """config.json lists with one entry per decoder block."""
@@ -153,3 +153,22 @@ def remove_blocks(
         notes=(*report.notes, note),
     )
     return pruned, updates, new_report
+
+
+def apply_depth(
+    model: HFModel, config_updates: Mapping[str, Any], report: Any, recipe: Recipe
+) -> tuple[HFModel, dict[str, Any], Any]:
+    """What ``apply_recipe`` does for a depth recipe after slicing: remove its dropped
+    blocks (:func:`remove_blocks`) and note the dropped sublayers that stay as zeros.
+    A recipe that drops nothing is returned unchanged."""
+    blocks = dropped_blocks(recipe)
+    model, updates, report = remove_blocks(model, config_updates, report, blocks)
+    lone = [u.name for u in dropped_units(recipe) if u.block not in blocks]
+    if lone:
+        note = (
+            f"dropped sublayers {lone} stay as zero weights (their output is zero, the residual "
+            f"passes): Hugging Face decoder layers cannot skip one sublayer, so transformers "
+            f"still computes them"
+        )
+        report = dataclasses.replace(report, notes=(*report.notes, note))
+    return model, updates, report

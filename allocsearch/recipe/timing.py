@@ -14,7 +14,8 @@ __all__ = ["forward_seconds"]
 
 
 def forward_seconds(model: HFModel, tokens: np.ndarray, *, repeats: int = 5) -> float:
-    """Median wall-clock seconds of one full forward pass of ``model`` on ``tokens``.
+    """Wall-clock seconds of one full forward pass of ``model`` on ``tokens``: the fastest
+    of ``repeats`` runs (the least disturbed by other work on the machine).
 
     The forward is compiled once and run once untimed, then ``repeats`` times; the
     parameters are on JAX's default device (CPU here), each run waits for its result.
@@ -40,4 +41,4 @@ def forward_seconds(model: HFModel, tokens: np.ndarray, *, repeats: int = 5) -> 
         t0 = time.perf_counter()
         jax.block_until_ready(run(params, ids))
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.min(times))
