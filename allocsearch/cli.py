@@ -568,10 +568,10 @@ def apply(
     if timing:
         import jax
 
-        from allocsearch.recipe.timing import forward_seconds
+        from allocsearch.recipe.timing import forward_times
 
         ids = ws.heldout.tokens[:1]
-        before, after = forward_seconds(ws.model, ids), forward_seconds(pruned, ids)
+        before, after = forward_times([ws.model, pruned], ids, repeats=20)
         out_console.print(
             f"forward ({jax.default_backend()}, {ids.size} tokens): dense {1e3 * before:.2f} ms, "
             f"pruned {1e3 * after:.2f} ms ({before / after:.2f}x); parameters "

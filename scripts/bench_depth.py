@@ -1,7 +1,7 @@
 """Depth pruning on the demo model: which sublayers to drop, against simple alternatives.
 
     python scripts/bench_depth.py                  # writes bench-depth/depth.md
-    python scripts/bench_depth.py --out DIR --repeats 20
+    python scripts/bench_depth.py --out DIR --repeats 200
 
 The demo model has 6 blocks = 12 sublayers (6 attention, 163,840 weights each; 6 MLP,
 540,672 each). One ``heads_neurons`` supernet with depth ``drop`` (levels dense and
@@ -22,11 +22,12 @@ sublayers (a sublayer-count budget, :func:`~allocsearch.supernet.depth.sublayer_
 
 Every allocation becomes a recipe and is applied (``apply_recipe`` with its store): the
 table gives the held-out perplexity of the applied model, the weights removed, and the
-forward time of the applied model against the dense one on the same 4 x 128 held-out
+forward time of the applied model against the dense one on the same 1 x 128 held-out
 tokens (JAX on this machine's CPU, fastest of ``--repeats`` runs after a compile run,
-the dense model timed right before each pruned one). "params removed" counts the weights
-the recipe removes (dropped sublayers included), "params stored" what the checkpoint
-holds (a dropped sublayer in a kept block stays as zeros).
+dense and pruned run in turn: :func:`~allocsearch.recipe.timing.forward_times`).
+"params removed" counts the weights the recipe removes (dropped sublayers included),
+"params stored" what the checkpoint holds (a dropped sublayer in a kept block stays as
+zeros).
 A dropped sublayer whose block keeps the other one stays in the checkpoint as zeros
 (see allocsearch/recipe/depth.py), so only removed blocks and narrower MLPs are faster.
 """
@@ -51,7 +52,7 @@ from allocsearch.evaluate.evaluator import Evaluator
 from allocsearch.evaluate.metrics import KLDivergence
 from allocsearch.pruners import StructuredPruner
 from allocsearch.recipe.apply import apply_recipe
-from allocsearch.recipe.timing import forward_seconds
+from allocsearch.recipe.timing import forward_seconds, forward_times
 from allocsearch.search.budget import Budget, CostModel
 from allocsearch.search.evolutionary import EvolutionarySearcher
 from allocsearch.supernet.build import build_supernet, supernet_units, unit_group_counts
@@ -103,7 +104,7 @@ def uniform_neuron_store(ws, path: Path, neurons: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench-depth"))
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=100)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = run_config()
@@ -117,7 +118,7 @@ def main() -> None:
     names = [u.name.removeprefix("model.layers.") for u in spec.units]
     evaluator = pipeline.make_evaluator(ws, store, "resident")
     fid = ws.calibration.n_tokens
-    tokens = ws.heldout.tokens[:4]
+    tokens = ws.heldout.tokens[:1]
     dense_s = forward_seconds(ws.model, tokens, repeats=args.repeats)
     dense_ppl = pipeline.heldout_perplexity(ws.model, ws.heldout)
     numel = spec.numel.astype(np.float64)
@@ -130,9 +131,8 @@ def main() -> None:
         pruned, _, report = apply_recipe(ws.model, recipe, store=st)
         kl = float(ev(choice[None].astype(np.int32), fidelity=fid, batch_seed=0)[0])
         ppl = pipeline.heldout_perplexity(pruned, ws.heldout)
-        # dense and pruned timed back to back, so both see the same load
-        dense = forward_seconds(ws.model, tokens, repeats=args.repeats)
-        s = forward_seconds(pruned, tokens, repeats=args.repeats)
+        # dense and pruned timed in turn, so both see the same load
+        dense, s = forward_times([ws.model, pruned], tokens, repeats=args.repeats)
         removed = 1.0 - report.num_params_recipe / report.num_params_dense
         stored = report.num_params / report.num_params_dense
         rows.append((k, label, what, removed, stored, kl, ppl, 1e3 * s, 1e3 * dense, dense / s))
@@ -230,7 +230,7 @@ def main() -> None:
         f"\nSupernet build {build_s:.1f} s (0 if reused); forward times: JAX "
         f"{platform.machine()} CPU, {os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.1f} at the end; {tokens.shape[0]} x {tokens.shape[1]} held-out "
-        f"tokens, fastest of {args.repeats} runs, dense and pruned back to back.\n"
+        f"tokens, fastest of {args.repeats} runs each, dense and pruned in turn.\n"
     )
     text = "\n".join(lines) + "\n" + meta
     atomic_write_text(text, args.out / "depth.md", overwrite=True)
