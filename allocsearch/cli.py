@@ -273,6 +273,10 @@ def build(
     ] = None,
     center: Annotated[float | None, typer.Option(help="Centre sparsity of the grid.")] = None,
     input_mode: Annotated[str | None, typer.Option(help="dense | expected | centre.")] = None,
+    depth: Annotated[
+        str | None,
+        typer.Option(help="none | sublayers (levels + dropped) | drop (dense or dropped)."),
+    ] = None,
     storage_dtype: StorageDtypeOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
@@ -294,6 +298,7 @@ def build(
         supernet__center=center,
         supernet__input_mode=input_mode,
         supernet__storage_dtype=storage_dtype,
+        supernet__depth=depth,
         **_backend(backend, workers, address),
     )
     if out.exists() and not overwrite:
@@ -579,6 +584,9 @@ def apply(
     config: ConfigOpt = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 storage.")] = "float32",
     physical: Annotated[bool, typer.Option(help="Structured: slice matrices physically.")] = True,
+    timing: Annotated[
+        bool, typer.Option(help="Time a forward pass (one held-out sequence) before and after.")
+    ] = True,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Prune a Hugging Face checkpoint with a recipe and write a Hugging Face checkpoint."""
@@ -607,6 +615,19 @@ def apply(
     )
     write_pruned(pruned, out, config_updates=updates, dtype=dtype, overwrite=overwrite)
     out_console.print(report.summary(), highlight=False)
+    if timing:
+        import jax
+
+        from allocsearch.recipe.timing import forward_times
+
+        ids = ws.heldout.tokens[:1]
+        before, after = forward_times([ws.model, pruned], ids, repeats=20)
+        out_console.print(
+            f"forward ({jax.default_backend()}, {ids.size} tokens): dense {1e3 * before:.2f} ms, "
+            f"pruned {1e3 * after:.2f} ms ({before / after:.2f}x); parameters "
+            f"{report.num_params_dense:,} -> {report.num_params:,}",
+            highlight=False,
+        )
     out_console.print(f"wrote {out}")
 
 

@@ -63,6 +63,8 @@ from typing import Any, get_args, get_type_hints
 
 import yaml
 
+from allocsearch.supernet.depth import DEPTH_MODES
+
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
 STRUCTURES = ("unstructured", "nm", "heads_neurons")
 HEAD_GRANULARITIES = ("kv_group", "query_head")
@@ -135,6 +137,7 @@ class SupernetConfig:
     storage_dtype: str = "auto"
     # Mixture-of-experts models: one unit per (block, projection) over all experts.
     tie_experts: bool = False
+    depth: str = "none"  # supernet.depth.DEPTH_MODES: a "dropped" level per sublayer
 
     def validate(self) -> None:
         if not isinstance(self.tie_experts, bool):
@@ -144,6 +147,12 @@ class SupernetConfig:
         _choice("supernet", "head_granularity", self.head_granularity, HEAD_GRANULARITIES)
         _choice("supernet", "input_mode", self.input_mode, INPUT_MODES)
         _choice("supernet", "storage_dtype", self.storage_dtype, STORAGE_DTYPES)
+        _choice("supernet", "depth", self.depth, DEPTH_MODES)
+        if self.depth != "none" and self.structure != "heads_neurons":
+            raise ConfigError(
+                f"supernet.depth = {self.depth!r} drops attention / MLP sublayers, the units "
+                f"of structure 'heads_neurons'; supernet.structure is {self.structure!r}"
+            )
         _range("supernet", "center", self.center, 0.0, 1.0)
         _range("supernet", "step_fraction", self.step_fraction, 1e-6, 1.0)
         if self.steps_each_side < 1:

@@ -80,6 +80,7 @@ from allocsearch.supernet.build import (
     unit_group_counts,
     unit_removed_groups,
 )
+from allocsearch.supernet.depth import check_depth_supported, depth_grid
 from allocsearch.supernet.levels import LevelGrid, equal_step_grid, nm_grid
 from allocsearch.supernet.spec import SupernetSpec
 from allocsearch.supernet.store import SupernetStore
@@ -270,14 +271,19 @@ def make_grid(cfg: SupernetConfig, model: HFModel, *, target: float) -> LevelGri
         widths = [in_features[u.layers[0]] for u in units]
         return nm_grid(pats, in_features=widths, center=center)
     if cfg.structure == "heads_neurons":
+        if cfg.depth != "none":
+            check_depth_supported(adapter)
+        if cfg.depth == "drop":
+            return depth_grid("drop", None, len(units))
         groups = unit_group_counts(adapter, cfg.structure, query_heads=_query_heads(cfg))
-        return centred_grid(
+        grid = centred_grid(
             units,
             np.full(len(units), target),
             cfg.step_fraction,
             groups=groups,
             steps_each_side=cfg.steps_each_side,
         )
+        return depth_grid(cfg.depth, grid, len(units))
     numel = np.array([u.numel for u in units], np.int64)
     step = max(1, int(round(cfg.step_fraction * float(numel.mean()))))
     return equal_step_grid(

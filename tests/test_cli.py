@@ -160,6 +160,7 @@ def test_search_export_apply_eval(workdir, supernet):
         workdir / "pruned",
     )
     assert r.exit_code == 0, r.output
+    assert "forward (cpu, " in r.output and "parameters " in r.output  # apply's timing
     pruned = load_model(workdir / "pruned")
     for entry in recipe.layers:
         w = np.asarray(pruned.params[f"{entry.name}.weight"])

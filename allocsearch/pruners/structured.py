@@ -403,11 +403,12 @@ class StructuredPruner:
                 f"the damped Hessian is not positive definite (percdamp={self.percdamp}); "
                 f"use a larger percdamp or more calibration tokens"
             )
-        order = self._removal_order(w, h, hinv, removed_counts)
+        # Removing every group needs no order (a dropped sublayer): rounds stop below it.
+        order = self._removal_order(w, h, hinv, removed_counts[removed_counts < lay.num_groups])
         keep = np.ones((len(s), lay.num_groups), dtype=bool)
         variants = []
         for k, r in enumerate(removed_counts):
-            keep[k, order[:r]] = False
+            keep[k, order[:r] if r < lay.num_groups else slice(None)] = False
             if r == 0:
                 variants.append(w)
             elif r == lay.num_groups:

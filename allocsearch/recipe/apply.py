@@ -66,6 +66,7 @@ from allocsearch.pruners.base import LocalPruner, NestedVariants, exact_counts
 from allocsearch.pruners.magnitude import MagnitudePruner
 from allocsearch.pruners.nm import NMMagnitudePruner
 from allocsearch.pruners.structured import HeadGroups, NeuronGroups
+from allocsearch.recipe.depth import apply_depth
 from allocsearch.recipe.recipe import Recipe, RecipeError, StructuredUnit, check_against_model
 from allocsearch.supernet.build import (
     INPUT_MODES,
@@ -803,8 +804,10 @@ def apply_recipe(
       pruner: without a store: a ``LocalPruner`` (unstructured / N:M, with the recipe's M)
         or, for structured recipes, a factory called as ``pruner(layout=...)`` such as
         ``StructuredPruner``.
-      physical: make structured matrices physically smaller (see the module docstring);
-        False keeps the dense shapes with zeros. No effect on unstructured / N:M recipes.
+      physical: make structured matrices physically smaller (see the module docstring)
+        and remove blocks whose two sublayers the recipe drops
+        (:mod:`allocsearch.recipe.depth`); False keeps the dense shapes with zeros. No
+        effect on unstructured / N:M recipes.
       input_mode: without a store: ``"dense"`` or ``"centre"`` (see the module docstring).
       query_heads: without a store: the re-run structured pruner removes single query
         heads (the recipe's attention units count query heads, ``total == num_heads``)
@@ -964,6 +967,8 @@ def _finish(
         config_updates=dict(updates),
         notes=tuple(notes),
     )
+    if physical:  # dropped blocks leave the model (allocsearch.recipe.depth)
+        return apply_depth(pruned, updates, report, recipe)
     return pruned, dict(updates), report
 
 

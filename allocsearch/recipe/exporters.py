@@ -12,7 +12,11 @@ Targets (see docs/recipe.md for the formats and the sources they were matched ag
   - :func:`to_llm_compressor`: llm-compressor YAML (SparseGPTModifier /
     WandaPruningModifier, list form of ``sparsity``), per linear layer or per block.
   - :func:`to_evopress`: EvoPress ``module.name: level`` lines, levels relative to the
-    supernet's uniform (center) level.
+    supernet's uniform (center) level; for a depth recipe (dropped sublayers, see
+    :mod:`allocsearch.recipe.depth`) EvoPress's drop configuration, one line per block.
+
+The other formats have no way to remove a sublayer: they refuse a depth recipe, naming a
+dropped unit.
   - :func:`to_owl`: OWL-style list, one sparsity per decoder block.
   - :func:`to_torch_pruning`: Torch-Pruning ``pruning_ratio_dict`` (fractions of
     channels), structured recipes only.
@@ -33,6 +37,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import yaml
 
+from allocsearch.recipe.depth import dropped_units
 from allocsearch.recipe.recipe import (
     BUDGET_RTOL,
     Recipe,
@@ -155,6 +160,39 @@ def _layer_budget(recipe: Recipe, per_layer: np.ndarray) -> Callable[[str], floa
     return lambda kind: fraction_removed(recipe.layers, kind, per_layer)
 
 
+def _refuse_depth(recipe: Recipe, target: str) -> None:
+    """Raise when ``recipe`` drops sublayers, which ``target`` cannot express."""
+    dropped = dropped_units(recipe)
+    if dropped:
+        more = f" (and {len(dropped) - 1} more)" if len(dropped) > 1 else ""
+        raise ExportError(
+            f"{target} cannot remove a whole sublayer; the recipe drops {dropped[0].name!r}"
+            f"{more}. Use --format evopress (its depth format) or `allocsearch apply`"
+        )
+
+
+def _evopress_depth(recipe: Recipe) -> Export[str]:
+    """EvoPress's drop configuration: line ``b`` is ``none``, ``attn``, ``mlp`` or
+    ``attn+mlp``, the sublayers of block ``b`` dropped (its depth search's format)."""
+    partial = [u for u in recipe.units if 0 < u.removed < u.total]
+    if partial:
+        u = partial[0]
+        raise ExportError(
+            f"EvoPress's depth format drops whole sublayers only; unit {u.name!r} removes "
+            f"{u.removed} of {u.total} {u.kind} (use `allocsearch apply` for mixed recipes)"
+        )
+    n_blocks = _require_blocks(recipe, "EvoPress's drop configuration")
+    dropped: list[list[str]] = [[] for _ in range(n_blocks)]
+    for u in dropped_units(recipe):
+        dropped[u.block].append("attn" if u.kind == "heads" else "mlp")
+    text = "".join(("+".join(sorted(d)) or "none") + "\n" for d in dropped)
+    kind, ref, got, notes = _budget_check(
+        recipe, lambda k: fraction_removed(recipe.layers, k), "the drop configuration"
+    )
+    first = "line b is block b: none, attn, mlp or attn+mlp (the sublayers dropped)"
+    return Export(text, (first, *notes), kind, ref, got)
+
+
 def _require_blocks(recipe: Recipe, what: str) -> int:
     """Check every layer sits in a block and blocks are 0..B-1 without gaps; return B."""
     outside = [x.name for x in recipe.layers if x.block < 0]
@@ -260,6 +298,7 @@ def to_llm_compressor(
       except that mixture-of-experts experts carry llm-compressor's module names and
       order).
     """
+    _refuse_depth(recipe, "llm-compressor")
     if modifier not in LLMC_MODIFIERS:
         raise ExportError(f"modifier {modifier!r} is not one of {LLMC_MODIFIERS}")
     if granularity not in LLMC_GRANULARITIES:
@@ -409,6 +448,8 @@ def to_evopress(recipe: Recipe, spec: SupernetSpec, choice: np.ndarray) -> Expor
         not a valid level vector, or the spec's sparsity at a chosen level differs from
         the recipe's (the recipe was not made from this supernet and choice).
     """
+    if dropped_units(recipe):
+        return _evopress_depth(recipe)
     if recipe.units:
         raise ExportError(
             f"EvoPress has no head/neuron pruning (its databases hold unstructured or N:M "
@@ -493,6 +534,7 @@ def to_owl(recipe: Recipe) -> Export[list[float]]:
     Returns:
       Export whose content is a list of B floats (fraction of weights zero per block).
     """
+    _refuse_depth(recipe, "an OWL-style per-block list")
     if recipe.structure != "unstructured":
         raise ExportError(
             f"an OWL-style per-block list holds unstructured sparsities; this recipe is "
@@ -527,6 +569,7 @@ def to_torch_pruning(recipe: Recipe) -> Export[dict[str, dict[str, float]]]:
     Raises:
       ExportError: the recipe is not structured.
     """
+    _refuse_depth(recipe, "Torch-Pruning")
     if not recipe.units:
         raise ExportError(
             f"Torch-Pruning ratios are fractions of channels, which only a structured "
@@ -629,6 +672,7 @@ def to_jaxpruner(
     head) are named in the notes, since jaxpruner prunes every matrix outside
     ``custom_sparsity_map`` at its global ``sparsity``.
     """
+    _refuse_depth(recipe, "jaxpruner")
     if not kernel_leaf:
         raise ExportError("kernel_leaf must be a non-empty string, e.g. 'kernel'")
     content = {
