@@ -371,7 +371,7 @@ def supernet_units(
       covering gate/up/down) for the structured kinds. With ``tie_experts`` (MoE models)
       one unit per block and expert projection covers every routed expert.
     """
-    return tuple(p.unit for p in _plans(adapter, structure, tie_experts))
+    return tuple(p.unit for p in _plans(adapter, structure, tie_experts=tie_experts))
 
 
 def unit_group_counts(
