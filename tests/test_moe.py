@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 from allocsearch.data.tokenset import TokenSet  # noqa: E402
 from allocsearch.models import HFModel, adapter_for_config, load_model, save_model  # noqa: E402
 from allocsearch.models.hf import fingerprint_tensors  # noqa: E402
-from allocsearch.pruners import MagnitudePruner, SparseGPTPruner  # noqa: E402
+from allocsearch.pruners import MagnitudePruner, SparseGPTPruner, WandaPruner  # noqa: E402
 from allocsearch.search.budget import Budget, CostModel  # noqa: E402
 from allocsearch.supernet.build import (  # noqa: E402
     NoCalibrationTokensWarning,
@@ -252,7 +252,7 @@ def test_tied_experts_share_one_level_per_block_and_projection(tmp_path):
         store = build_supernet(
             model,
             calib,
-            pruner=SparseGPTPruner(),
+            pruner=WandaPruner(),
             grid=grid,
             structure="unstructured",
             input_mode="expected",
