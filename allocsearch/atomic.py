@@ -1,8 +1,13 @@
-"""Atomic file writes: readers see the old file or the new one, never half of one."""
+"""Atomic file writes: readers see the old file or the new one, never half of one.
+
+Directories are written the same way: assembled under a temporary sibling
+(:func:`temporary_sibling_dir`) and moved into place whole (:func:`commit_directory`).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -71,3 +76,58 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def temporary_sibling_dir(path: str | os.PathLike[str]) -> Path:
+    """A new empty directory beside ``path`` (``.<name>.XXXX.tmp``; the parents of ``path``
+    are created) in which to assemble what :func:`commit_directory` moves to ``path``.
+
+    Raises:
+      NotADirectoryError: a parent of ``path`` is a file.
+    """
+    target = Path(path)
+    for parent in (target.parent, *target.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(
+                    f"{os.fspath(parent)!r} is a file, expected a directory (it holds "
+                    f"{os.fspath(target)!r})"
+                )
+            break
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+
+
+def commit_directory(tmp: Path, path: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Move the finished directory ``tmp`` (from :func:`temporary_sibling_dir`) to ``path``.
+
+    ``tmp`` gets the mode an ordinary new directory gets (``0777 & ~umask``; ``mkdtemp``
+    made it 0700). An existing ``path`` is refused unless ``overwrite``; then it is moved
+    aside first and deleted only after ``tmp`` took its place (a failed move puts it
+    back), so ``path`` always holds the old directory or the new one.
+
+    Raises:
+      FileExistsError: ``path`` exists and ``overwrite`` is False (``tmp`` is kept: the
+        caller removes it).
+    """
+    target = Path(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    if not target.exists():
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        return target
+    if not overwrite:
+        raise FileExistsError(f"{os.fspath(target)!r} exists; pass --overwrite to replace it")
+    backup = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    os.replace(target, backup / "old")
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(backup / "old", target)  # a failed commit keeps the old directory
+        os.rmdir(backup)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+    _fsync_dir(target.parent)
+    return target

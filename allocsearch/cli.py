@@ -404,11 +404,12 @@ def compare(
 def _check_recipe_sources(recipe, model: str | None, supernet: Path | None):
     """Check ``recipe`` against the model (fingerprint and layers, weights memory-mapped,
     not loaded) and the supernet store (fingerprint, units and levels) where given;
-    returns the opened store or None."""
+    returns the (lazily) loaded model and the opened store, each None when not given."""
     from allocsearch.recipe.apply import choice_for_recipe
     from allocsearch.recipe.recipe import check_against_model
     from allocsearch.supernet.store import SupernetStore
 
+    m = None
     if model is not None:
         from allocsearch.assets_paths import resolve_model_path
         from allocsearch.models.hf import load_model
@@ -416,10 +417,10 @@ def _check_recipe_sources(recipe, model: str | None, supernet: Path | None):
         m = load_model(resolve_model_path(model), lazy=True)
         check_against_model(recipe, m.adapter.layers(), m.fingerprint)
     if supernet is None:
-        return None
+        return m, None
     store = SupernetStore.open(supernet, model_fingerprint=recipe.model.fingerprint)
     choice_for_recipe(recipe, store)  # every recipe layer at one of the store's levels
-    return store
+    return m, store
 
 
 def _model_matrices(model: str) -> list[str]:
@@ -436,7 +437,14 @@ def _model_matrices(model: str) -> list[str]:
     return [n.rsplit(".", 1)[0] for n, shape in shapes.items() if len(shape) == 2]
 
 
-EXPORT_FORMATS = ("llm-compressor", "evopress", "owl", "torch-pruning", "jaxpruner")
+EXPORT_FORMATS = (
+    "llm-compressor",
+    "evopress",
+    "evopress-db",
+    "owl",
+    "torch-pruning",
+    "jaxpruner",
+)
 
 
 @app.command()
@@ -444,7 +452,12 @@ EXPORT_FORMATS = ("llm-compressor", "evopress", "owl", "torch-pruning", "jaxprun
 def export(
     recipe: Annotated[Path, typer.Argument(help="recipe.json from a search.")],
     format: Annotated[str, typer.Option("--format", "-f", help=" | ".join(EXPORT_FORMATS))],
-    out: Annotated[Path, typer.Option("--out", "-o", help="File to write.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="File to write (evopress-db: the database directory to create)."
+        ),
+    ],
     modifier: Annotated[
         str, typer.Option(help="llm-compressor: SparseGPTModifier | WandaPruningModifier.")
     ] = "SparseGPTModifier",
@@ -453,7 +466,7 @@ def export(
         Path | None,
         typer.Option(
             help="The supernet store the recipe was searched on: the recipe is checked "
-            "against it (any format); evopress needs it."
+            "against it (any format); evopress and evopress-db need it."
         ),
     ] = None,
     jaxpruner_paths: Annotated[
@@ -469,19 +482,37 @@ def export(
         typer.Option(
             help="The model the recipe was made for (directory or 'demo'): the recipe is "
             "checked against its weights and layers (any format); for jaxpruner its config "
-            "also names the matrices the map leaves to jaxpruner's global sparsity."
+            "also names the matrices the map leaves to jaxpruner's global sparsity; "
+            "evopress-db needs it (dense weights, module names)."
         ),
     ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Export a recipe to another pruner's format; prints what had to be averaged."""
+    """Export a recipe to another pruner's format; prints what had to be averaged.
+    evopress-db writes EvoPress's database (<out>/<module>/<level>.pth for every level of
+    the supernet, and <out>/evopress_levels.txt, the recipe)."""
     from allocsearch.recipe import exporters
     from allocsearch.recipe.recipe import Recipe
 
     if format not in EXPORT_FORMATS:
         raise UserError(f"--format {format!r} is not valid; choose one of {list(EXPORT_FORMATS)}")
+    if format == "evopress-db" and (supernet is None or model is None):
+        raise UserError(
+            "--format evopress-db needs --supernet (the variants it writes) and --model (the "
+            "model the supernet was built from: dense weights and module names)"
+        )
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     r = Recipe.load(recipe)
-    store = _check_recipe_sources(r, model, supernet)
+    loaded, store = _check_recipe_sources(r, model, supernet)
+    if format == "evopress-db":
+        from allocsearch.recipe.evopress_db import write_evopress_database
+
+        db = write_evopress_database(r, store, loaded, out, overwrite=overwrite)
+        for note in db.export.notes:
+            out_console.print(f"note: {note}", highlight=False)
+        out_console.print(f"wrote {out}")
+        return
     if format == "llm-compressor":
         exp = exporters.to_llm_compressor(r, modifier=modifier, granularity=granularity)
     elif format == "evopress":

@@ -1,0 +1,154 @@
+"""What a pruning engineer meets in the first hour (issue 16): the EvoPress database export
+read the way EvoPress's loader reads it, Týr's defaults, --model and the calibration options
+on every command, fitness labelled with its token counts, and paths that are files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from tiny_workspace import write_model_and_corpus
+from typer.testing import CliRunner
+
+from allocsearch import pipeline
+from allocsearch.cli import app
+from allocsearch.config import load_config
+from allocsearch.models import load_model
+from allocsearch.recipe.evopress_db import EVOPRESS_LEVELS_FILE
+from allocsearch.recipe.recipe import Recipe
+from allocsearch.supernet.store import SupernetStore
+
+CFG = {
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": False,
+}
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line(output: str) -> str:
+    return " ".join(output.split())
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A tiny model, its corpus, a config, a magnitude supernet and a random recipe on it."""
+    root = tmp_path_factory.mktemp("first_hour")
+    _, corpus = write_model_and_corpus(root, CFG, docs=4, words_per_doc=400)
+    config = {
+        "model": str(root / "model"),
+        "data": {
+            "calibration": str(corpus),
+            "seq_len": 32,
+            "n_calibration_seqs": 8,
+            "n_heldout_seqs": 4,
+        },
+        "supernet": {"pruner": "magnitude", "center": 0.5, "steps_each_side": 2},
+        "search": {"target": 0.5, "strategy": "random"},
+        "backend": {"kind": "local"},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    r = run("build", "-c", root / "config.yaml", "--out", root / "store", "--no-progress")
+    assert r.exit_code == 0, r.output
+    # a recipe off the centre (no search: it would compile the evaluator): block 0's q_proj
+    # one level sparser, its o_proj (same size, equal-weight steps) one level denser
+    work = pipeline.load_workspace(load_config(root / "config.yaml"))
+    store = SupernetStore.open(root / "store")
+    names = [u.name for u in store.spec.units]
+    choice = store.spec.center.astype(np.int32)
+    choice[names.index("model.layers.0.self_attn.q_proj")] += 1
+    choice[names.index("model.layers.0.self_attn.o_proj")] -= 1
+    budget = pipeline.make_budget(work.config.search, store.spec)
+    outcome = pipeline.Outcome("random", choice, None, 0, 0, 0.0, {})
+    (root / "run").mkdir()
+    pipeline.recipe_from_choice(work, store, budget, outcome).save(root / "run" / "recipe.json")
+    return root
+
+
+# ----------------------------------------------------------------------------- EvoPress database
+
+
+def evopress_style_load(model, database: Path, level_file: str | None, default_level: int = 0):
+    """What EvoPress's ``load_sparse_weights`` does with a database (its documented
+    behaviour, restated): with a level file, each ``name: level`` line puts
+    ``torch.load(<db>/<name>/<level>.pth)`` into ``model.get_submodule(name).weight``, cast
+    to the weight's dtype; without one, every directory of the database gets
+    ``default_level``."""
+    import torch
+
+    if level_file is not None:
+        pairs = [line.split(":") for line in (database / level_file).read_text().splitlines()]
+    else:
+        pairs = [(d.name, default_level) for d in sorted(database.iterdir()) if d.is_dir()]
+    for name, level in pairs:
+        layer = model.get_submodule(name.strip(" "))
+        loaded = torch.load(database / name / f"{int(level)}.pth")
+        assert loaded.shape == layer.weight.shape, name  # EvoPress assigns without a check
+        layer.weight.data = loaded.to(layer.weight.dtype)
+
+
+def test_evopress_database_is_what_evopress_loads(ws):
+    """Issue 16.7: the database has one directory per module with one .pth per level
+    (relative to the centre), each the supernet's variant in the HF weight's shape; the
+    level file, read as EvoPress reads it, gives every layer the recipe's sparsity."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    db = ws / "evopress_db"
+    args = ("export", ws / "run" / "recipe.json", "--format", "evopress-db", "--out", db)
+    r = run(*args, "--supernet", ws / "store")
+    assert r.exit_code == 2 and "needs --supernet" in one_line(r.output) and not db.exists()
+    r = run(*args, "--supernet", ws / "store", "--model", ws / "model")
+    assert r.exit_code == 0, r.output
+    assert f"load_sparse_weights(model, '{db}', '{EVOPRESS_LEVELS_FILE}')" in one_line(r.output)
+
+    recipe = Recipe.load(ws / "run" / "recipe.json")
+    store = SupernetStore.open(ws / "store")
+    model = load_model(ws / "model")
+    spec = store.spec
+    assert sorted(p.name for p in db.iterdir()) == sorted(
+        [EVOPRESS_LEVELS_FILE, *(u.name for u in spec.units)]
+    )
+    for u, unit in enumerate(spec.units):
+        (param,) = store.unit_params[u]
+        c, k_levels = int(spec.center[u]), int(spec.num_levels[u])
+        files = sorted(p.name for p in (db / unit.name).iterdir())
+        assert files == sorted(f"{k - c}.pth" for k in range(k_levels))
+        dense = np.asarray(model.params[param])
+        for k in range(k_levels):
+            w = torch.load(db / unit.name / f"{k - c}.pth", weights_only=True)
+            assert w.dtype == torch.float32 and tuple(w.shape) == dense.shape
+            want = store.read_levels(param, [k], dense)[0]
+            np.testing.assert_array_equal(w.numpy(), want)
+            assert float(np.mean(want == 0)) == pytest.approx(spec.sparsity[u, k], abs=1e-12)
+    lines = (db / EVOPRESS_LEVELS_FILE).read_text().splitlines()
+    assert [line.split(": ")[0] for line in lines] == [x.name for x in recipe.layers]
+    assert sorted(int(line.split(": ")[1]) for line in lines)[::13] == [-1, 1]
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ws / "model", dtype=torch.float32)
+    evopress_style_load(hf, db, EVOPRESS_LEVELS_FILE)
+    for x in recipe.layers:
+        w = hf.get_submodule(x.name).weight.detach().numpy()
+        assert float(np.mean(w == 0)) == pytest.approx(x.sparsity, abs=1e-12), x.name
+    evopress_style_load(hf, db, None)  # no level file: level 0 everywhere, the uniform one
+    for u, unit in enumerate(spec.units):
+        w = hf.get_submodule(unit.name).weight.detach().numpy()
+        assert float(np.mean(w == 0)) == pytest.approx(spec.sparsity[u, spec.center[u]])
+
+    before = sorted(p.name for p in ws.iterdir())
+    r = run(*args, "--supernet", ws / "store", "--model", ws / "model")
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    r = run(*args, "--supernet", ws / "store", "--model", ws / "model", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in ws.iterdir()) == before  # no temporary directory left
