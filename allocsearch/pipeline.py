@@ -65,11 +65,22 @@ from allocsearch.recipe.recipe import (
 from allocsearch.search import baselines
 from allocsearch.search.base import Evaluate, HistoryEntry, Searcher
 from allocsearch.search.budget import Budget, CostModel, load_latency_table
-from allocsearch.search.coarse_to_fine import centred_grid, coarse_to_fine
+from allocsearch.search.coarse_to_fine import (
+    TYR_INITIAL_STEP,
+    TYR_MIN_STEP,
+    TYR_ROUNDS,
+    centred_grid,
+    coarse_to_fine,
+)
 from allocsearch.search.dp import TableSearcher, dp_solve
 from allocsearch.search.evolutionary import EvolutionarySearcher
 from allocsearch.search.knapsack import mckp_lagrangian, mckp_milp
-from allocsearch.supernet.build import build_supernet, supernet_units, unit_group_counts
+from allocsearch.supernet.build import (
+    build_supernet,
+    supernet_units,
+    unit_group_counts,
+    unit_min_steps,
+)
 from allocsearch.supernet.levels import LevelGrid, equal_step_grid, nm_grid
 from allocsearch.supernet.spec import SupernetSpec
 from allocsearch.supernet.store import SupernetStore
@@ -191,13 +202,13 @@ def make_grid(cfg: SupernetConfig, model: HFModel, *, target: float) -> LevelGri
         widths = [layer.in_features for layer in adapter.layers()]
         return nm_grid(pats, in_features=widths, center=center)
     if cfg.structure == "heads_neurons":
-        groups = unit_group_counts(adapter, cfg.structure)
         return centred_grid(
             units,
             np.full(len(units), target),
             cfg.step_fraction,
-            groups=groups,
+            groups=unit_group_counts(adapter, cfg.structure),
             steps_each_side=cfg.steps_each_side,
+            min_items=unit_min_steps(adapter, cfg.structure),  # 1 kv group, 32 neurons
         )
     numel = np.array([u.numel for u in units], np.int64)
     step = max(1, int(round(cfg.step_fraction * float(numel.mean()))))
@@ -544,20 +555,20 @@ def _run_tyr(
     last round's evaluate is left open for its caller (it scored ``outcome.store``)."""
     t0 = time.perf_counter()
     settings = dict(settings)
-    rounds = int(settings.pop("rounds", 3))
-    initial_step = float(settings.pop("initial_step", 0.125))
-    min_step = float(settings.pop("min_step", 0.015625))
+    # Týr's schedule by default: 4 rounds, 12.5% -> 1.5625% of a sublayer (reached in round 4)
+    rounds = int(settings.pop("rounds", TYR_ROUNDS))
+    initial_step = float(settings.pop("initial_step", TYR_INITIAL_STEP))
+    min_step = float(settings.pop("min_step", TYR_MIN_STEP))
     input_mode = str(settings.pop("input_mode", "expected"))
     inner = EvolutionarySearcher(**_searcher_settings(settings or DEMO_EVOPRESS))
     if work_dir is None:
         raise ValueError("the tyr strategy needs a work directory for its per-round supernets")
     cfg = ws.config.supernet
     units = store.spec.units
-    groups = (
-        unit_group_counts(ws.model.adapter, cfg.structure)
-        if cfg.structure == "heads_neurons"
-        else None
-    )
+    structured = cfg.structure == "heads_neurons"
+    groups = unit_group_counts(ws.model.adapter, cfg.structure) if structured else None
+    # never below the pruner's smallest step (Týr: 1 kv group, 32 neurons)
+    min_items = unit_min_steps(ws.model.adapter, cfg.structure) if structured else 1
     counter = iter(range(1_000_000))
     rounds_evaluate: list[Any] = []
 
@@ -565,7 +576,12 @@ def _run_tyr(
         if rounds_evaluate and hasattr(rounds_evaluate[-1], "close"):
             rounds_evaluate[-1].close()  # its actors' CPUs go to this round's build
         grid = centred_grid(
-            units, centers, step, groups=groups, steps_each_side=cfg.steps_each_side
+            units,
+            centers,
+            step,
+            groups=groups,
+            steps_each_side=cfg.steps_each_side,
+            min_items=min_items,
         )
         round_store = build_supernet(
             ws.model,

@@ -99,6 +99,7 @@ def evopress_style_load(model, database: Path, level_file: str | None, default_l
         layer.weight.data = loaded.to(layer.weight.dtype)
 
 
+@pytest.mark.slow
 def test_evopress_database_is_what_evopress_loads(ws):
     """Issue 16.7: the database has one directory per module with one .pth per level
     (relative to the centre), each the supernet's variant in the HF weight's shape; the
@@ -152,3 +153,67 @@ def test_evopress_database_is_what_evopress_loads(ws):
     r = run(*args, "--supernet", ws / "store", "--model", ws / "model", "--overwrite")
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in ws.iterdir()) == before  # no temporary directory left
+
+
+# ----------------------------------------------------------------------------- Týr defaults
+
+
+def demo_adapter():
+    import json
+
+    from allocsearch.assets_paths import demo_model_dir
+    from allocsearch.models.hf import adapter_for_config
+
+    return adapter_for_config(json.loads((demo_model_dir() / "config.json").read_text()))
+
+
+def test_tyr_defaults_are_four_rounds_and_32_neuron_steps(monkeypatch, tmp_path):
+    """Issue 16.9: the pipeline's Týr runs the paper's 4 rounds (12.5% -> 1.5625% of a
+    sublayer) and its grids never step by fewer than 32 neurons: round 4 on the demo
+    model's 704-neuron MLPs would step by round(0.015625 * 704) = 11 neurons."""
+    from types import SimpleNamespace
+
+    from allocsearch.config import config_from_dict
+    from allocsearch.models.hf import HFModel
+    from allocsearch.search.coarse_to_fine import step_schedule
+    from allocsearch.supernet.build import supernet_units
+
+    adapter = demo_adapter()
+    units = supernet_units(adapter, "heads_neurons")
+    seen: dict = {}
+
+    class Built(Exception):
+        pass
+
+    def fake_build(model, calibration, *, grid, **kw):
+        seen["grid"] = grid
+        raise Built
+
+    def fake_coarse_to_fine(*, rebuild, rounds, initial_step, min_step, **kw):
+        seen["steps"] = step_schedule(initial_step=initial_step, min_step=min_step, rounds=rounds)
+        rebuild(np.full(len(units), 0.25), seen["steps"][-1])  # the last round's grid
+
+    monkeypatch.setattr(pipeline, "build_supernet", fake_build)
+    monkeypatch.setattr(pipeline, "coarse_to_fine", fake_coarse_to_fine)
+    cfg = config_from_dict({"supernet": {"structure": "heads_neurons"}})
+    work = SimpleNamespace(config=cfg, model=HFModel(adapter, {}), calibration=None)
+    store = SimpleNamespace(spec=SimpleNamespace(units=units))
+    with pytest.raises(Built):
+        pipeline._run_tyr(
+            work, store, None, seed=0, settings={}, work_dir=tmp_path, progress=False
+        )
+    assert seen["steps"] == (0.125, 0.0625, 0.03125, 0.015625)
+    grid = seen["grid"]
+    for u, unit in enumerate(units):
+        levels = grid.sparsity[u][grid.valid[u]]
+        if unit.role == "mlp":  # centre 176 of 704 neurons, steps of 32: 48 .. 304
+            np.testing.assert_allclose(levels, (176 + 32 * np.arange(-4, 5)) / 704)
+        else:  # 2 kv groups: centre round(0.5) = 1 group removed, steps of one group
+            np.testing.assert_allclose(levels, [0.0, 0.5, 1.0])
+
+    # the first supernet (`build`) keeps the same floor
+    fine = config_from_dict({"supernet": {"structure": "heads_neurons", "center": 0.25,
+                                          "step_fraction": 0.015625}})  # fmt: skip
+    grid = pipeline.make_grid(fine.supernet, HFModel(adapter, {}), target=0.25)
+    mlp = [u for u, unit in enumerate(units) if unit.role == "mlp"]
+    np.testing.assert_allclose(np.diff(grid.sparsity[mlp][:, :2], axis=1), 32 / 704)

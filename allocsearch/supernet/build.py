@@ -303,6 +303,18 @@ def unit_group_counts(adapter: ModelAdapter, structure: str) -> np.ndarray:
     return np.array([p.layout.num_groups for p in _plans(adapter, structure)], dtype=np.int64)
 
 
+def unit_min_steps(adapter: ModelAdapter, structure: str) -> np.ndarray:
+    """int64[L]: the smallest level step of each structured unit, in its groups (Týr: one
+    kv group for ``attn`` units, ``MIN_NEURON_STEP`` = 32 neurons for ``mlp`` units), the
+    ``min_items`` argument of :func:`~allocsearch.search.coarse_to_fine.centred_grid`."""
+    if structure not in _STRUCTURED:
+        raise ValueError(
+            f"minimum steps exist for structured supernets only; structure {structure!r} is "
+            f"not one of {sorted(_STRUCTURED)}"
+        )
+    return np.array([p.layout.min_step for p in _plans(adapter, structure)], dtype=np.int64)
+
+
 # --------------------------------------------------------------------------- variants
 
 
