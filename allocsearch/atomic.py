@@ -25,12 +25,11 @@ def atomic_write_bytes(
 
     Raises:
       FileExistsError: ``path`` exists and ``overwrite`` is False.
-      FileNotFoundError: the parent directory does not exist.
+      FileNotFoundError, NotADirectoryError: see :func:`require_parent_directory`.
     """
     target = Path(path)
     parent = target.parent
-    if not parent.is_dir():
-        raise FileNotFoundError(f"directory {os.fspath(parent)!r} does not exist")
+    require_parent_directory(target)
     exists = f"{os.fspath(target)!r} exists; pass overwrite=True (--overwrite) to replace it"
     if not overwrite and target.exists():
         raise FileExistsError(exists)
@@ -60,6 +59,28 @@ def atomic_write_bytes(
     return target
 
 
+def refuse_file_above(target: Path) -> None:
+    """NotADirectoryError when the nearest existing parent of ``target`` is a file."""
+    above = next((p for p in target.parents if os.path.lexists(p)), None)
+    if above is not None and not above.is_dir():
+        raise NotADirectoryError(
+            f"{os.fspath(above)!r} is a file, expected a directory (to hold {os.fspath(target)!r})"
+        )
+
+
+def require_parent_directory(path: str | os.PathLike[str]) -> None:
+    """Check that the directory ``path`` is to be written into exists and is a directory.
+
+    Raises:
+      NotADirectoryError: the parent (or the nearest existing one above it) is a file.
+      FileNotFoundError: the parent directory does not exist.
+    """
+    target = Path(path)
+    refuse_file_above(target)
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"directory {os.fspath(target.parent)!r} does not exist")
+
+
 def atomic_write_text(text: str, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """:func:`atomic_write_bytes` of UTF-8 ``text`` (newlines written as ``\\n``)."""
     return atomic_write_bytes(text.encode("utf-8"), path, overwrite=overwrite)
@@ -86,14 +107,7 @@ def temporary_sibling_dir(path: str | os.PathLike[str]) -> Path:
       NotADirectoryError: a parent of ``path`` is a file.
     """
     target = Path(path)
-    for parent in (target.parent, *target.parent.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise NotADirectoryError(
-                    f"{os.fspath(parent)!r} is a file, expected a directory (it holds "
-                    f"{os.fspath(target)!r})"
-                )
-            break
+    refuse_file_above(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
 

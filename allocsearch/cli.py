@@ -54,6 +54,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ValueError,
         FileExistsError,
         FileNotFoundError,
+        NotADirectoryError,
         KeyError,
         SafetensorsError,
     )
@@ -139,15 +140,60 @@ StorageDtypeOpt = Annotated[
         "float32 | bfloat16."
     ),
 ]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Model directory or 'demo' [default: the config's model, else demo]; overrides "
+        "the config's `model`."
+    ),
+]
+CalibrationOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Calibration text: demo, a text file, a directory, a glob or a .jsonl file "
+        "[default: the config's data.calibration, else demo]."
+    ),
+]
+SeqLenOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Tokens per calibration and held-out sequence [default: the config's "
+        "data.seq_len, else 128]."
+    ),
+]
+CalibrationSeqsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Calibration sequences; calibration tokens = this x --seq-len [default: the "
+        "config's data.n_calibration_seqs, else 64]."
+    ),
+]
+GenerationsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="EvoPress generations (evopress and tyr's inner search) [default: the config's "
+        "search.settings, else 30]."
+    ),
+]
 AddressOpt = Annotated[
     str | None,
     typer.Option(help="Existing Ray cluster (or RAY_ADDRESS); default: a local Ray instance."),
 ]
 
 
+# Config keys the command line sets, and the option that sets each (named in errors).
+_OPTION_OF_KEY = {
+    "model": "--model",
+    "data.calibration": "--calibration",
+    "data.seq_len": "--seq-len",
+    "data.n_calibration_seqs": "--calibration-seqs",
+}
+
+
 def _config(path: Path | None, **overrides) -> RunConfig:
     cfg = load_config(path) if path else config_from_dict({})
     data = cfg.to_dict()
+    given = set()
     for dotted, value in overrides.items():
         if value is None:
             continue
@@ -156,8 +202,48 @@ def _config(path: Path | None, **overrides) -> RunConfig:
             data[section][key] = value
         else:
             data[section] = value
+        given.add(f"{section}.{key}" if key else section)
     data["supernet"]["nm_patterns"] = list(data["supernet"]["nm_patterns"])
-    return config_from_dict(data)
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        for key in given & set(_OPTION_OF_KEY):
+            if str(e).startswith(f"{key} ="):
+                raise ConfigError(f"{_OPTION_OF_KEY[key]}: {e}") from None
+        raise
+
+
+def _data(calibration: str | None, seq_len: int | None, calibration_seqs: int | None) -> dict:
+    """Config overrides of the calibration options."""
+    return {
+        "data__calibration": calibration,
+        "data__seq_len": seq_len,
+        "data__n_calibration_seqs": calibration_seqs,
+    }
+
+
+def _with_generations(cfg: RunConfig, generations: int | None) -> RunConfig:
+    """``cfg`` whose search settings run ``generations`` EvoPress generations (the
+    strategy's default settings otherwise kept)."""
+    if generations is None:
+        return cfg
+    import dataclasses
+
+    from allocsearch.search_run import default_settings
+
+    if cfg.search.strategy not in ("evopress", "tyr"):
+        raise UserError(
+            f"--generations sets EvoPress generations, which strategy "
+            f"{cfg.search.strategy!r} does not run; use it with evopress or tyr"
+        )
+    _check_generations(generations)
+    settings = {**default_settings(cfg), "generations": generations}
+    return dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, settings=settings))
+
+
+def _check_generations(generations: int | None) -> None:
+    if generations is not None and generations < 1:
+        raise UserError(f"--generations must be an integer >= 1, got {generations}")
 
 
 def _backend(backend: str | None, workers: str | None, address: str | None) -> dict:
@@ -209,7 +295,12 @@ def _check_memory(cfg: RunConfig, command: str, supernet: Path | None = None) ->
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
     """An output directory that holds files is refused (before any work) without
-    ``--overwrite``."""
+    ``--overwrite``; one that is a file (or lies under one) always."""
+    from allocsearch.atomic import refuse_file_above
+
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{str(path)!r} is a file, expected a directory")
+    refuse_file_above(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; pass --overwrite to reuse it")
 
@@ -245,6 +336,7 @@ def demo(
     search, recipe, plots, and a table against uniform and OWL."""
     from allocsearch.demo import run_demo
 
+    _check_generations(generations)
     cfg = _config(
         None,
         search__target=target,
@@ -267,7 +359,7 @@ def demo(
 def build(
     out: Annotated[Path, typer.Option("--out", "-o", help="Supernet store directory.")],
     config: ConfigOpt = None,
-    model: Annotated[str | None, typer.Option(help="Model directory or 'demo'.")] = None,
+    model: ModelOpt = None,
     pruner: Annotated[str | None, typer.Option(help="magnitude | wanda | sparsegpt.")] = None,
     structure: Annotated[
         str | None, typer.Option(help="unstructured | nm | heads_neurons.")
@@ -275,6 +367,9 @@ def build(
     center: Annotated[float | None, typer.Option(help="Centre sparsity of the grid.")] = None,
     input_mode: Annotated[str | None, typer.Option(help="dense | expected | centre.")] = None,
     storage_dtype: StorageDtypeOpt = None,
+    calibration: CalibrationOpt = None,
+    seq_len: SeqLenOpt = None,
+    calibration_seqs: CalibrationSeqsOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
@@ -295,6 +390,7 @@ def build(
         supernet__center=center,
         supernet__input_mode=input_mode,
         supernet__storage_dtype=storage_dtype,
+        **_data(calibration, seq_len, calibration_seqs),
         **_backend(backend, workers, address),
     )
     if out.exists() and not overwrite:
@@ -338,6 +434,11 @@ def search(
     target: Annotated[float | None, typer.Option(help="Fraction of the budget to remove.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the search.")] = None,
     resume: Annotated[bool, typer.Option(help="Resume from the run's last checkpoint.")] = False,
+    model: ModelOpt = None,
+    calibration: CalibrationOpt = None,
+    seq_len: SeqLenOpt = None,
+    calibration_seqs: CalibrationSeqsOpt = None,
+    generations: GenerationsOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
@@ -349,13 +450,17 @@ def search(
 
     if not resume:
         _refuse_existing(out, overwrite)
+    _check_generations(generations)
     cfg = _config(
         config,
+        model=model,
         search__strategy=strategy,
         search__target=_default_target(target, config, supernet),
         search__seed=seed,
+        **_data(calibration, seq_len, calibration_seqs),
         **_backend(backend, workers, address),
     )
+    cfg = _with_generations(cfg, generations)
     _check_memory(cfg, "search", supernet)
     if not resume:
         _fresh_dir(out, overwrite)
@@ -377,6 +482,11 @@ def compare(
     config: ConfigOpt = None,
     target: Annotated[float | None, typer.Option(help="Fraction of the budget to remove.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    model: ModelOpt = None,
+    calibration: CalibrationOpt = None,
+    seq_len: SeqLenOpt = None,
+    calibration_seqs: CalibrationSeqsOpt = None,
+    generations: GenerationsOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
@@ -388,16 +498,30 @@ def compare(
     from allocsearch.demo import run_compare
 
     _refuse_existing(out, overwrite)
+    _check_generations(generations)
     cfg = _config(
         config,
+        model=model,
         search__target=_default_target(target, config, supernet),
         search__seed=seed,
+        **_data(calibration, seq_len, calibration_seqs),
         **_backend(backend, workers, address),
     )
     names = [s.strip() for s in strategies.split(",") if s.strip()]
+    if generations is not None and not {"evopress", "tyr"} & set(names):
+        raise UserError(
+            f"--generations sets EvoPress generations, which none of {names} runs; add "
+            f"evopress or tyr to --strategies"
+        )
     _check_memory(cfg, "compare", supernet)
     run_compare(
-        cfg, supernet, _fresh_dir(out, overwrite), names, progress=progress, console=out_console
+        cfg,
+        supernet,
+        _fresh_dir(out, overwrite),
+        names,
+        progress=progress,
+        console=out_console,
+        generations=generations,
     )
 
 
@@ -556,7 +680,7 @@ def export(
 def apply(
     recipe: Annotated[Path, typer.Argument(help="recipe.json from a search.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Pruned model directory.")],
-    model: Annotated[str, typer.Option(help="Model directory or 'demo'.")] = "demo",
+    model: ModelOpt = None,
     supernet: Annotated[Path | None, typer.Option(help="Use this supernet's variants.")] = None,
     config: ConfigOpt = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 storage.")] = "float32",
@@ -594,13 +718,16 @@ def apply(
 @app.command(name="eval")
 @handle_errors
 def eval_(
-    model: Annotated[str, typer.Option(help="Model directory or 'demo'.")] = "demo",
+    model: ModelOpt = None,
     config: ConfigOpt = None,
+    calibration: CalibrationOpt = None,
+    seq_len: SeqLenOpt = None,
 ) -> None:
-    """Held-out perplexity of a (possibly pruned) model on the configured held-out set."""
+    """Held-out perplexity of a (possibly pruned) model on the configured held-out set (for
+    sources other than demo: the end of the calibration corpus unless data.heldout)."""
     from allocsearch import pipeline
 
-    cfg = _config(config, model=model)
+    cfg = _config(config, model=model, **_data(calibration, seq_len, None))
     _check_memory(cfg, "eval")
     ws = pipeline.load_workspace(cfg)
     ppl = pipeline.heldout_perplexity(ws.model, ws.heldout)

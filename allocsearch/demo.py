@@ -20,18 +20,21 @@ from allocsearch.report import CompareRow, markdown_table
 from allocsearch.report.plots import plot_compare, plot_fitness_curves, plot_sparsity_profile
 from allocsearch.search.base import Evaluate
 from allocsearch.search.budget import Budget
-from allocsearch.search_run import ray_evaluate, ray_layer_map
+from allocsearch.search_run import check_target_before_loading, ray_evaluate, ray_layer_map
 
 
 def _settings_for(cfg: RunConfig, strategy: str, generations: int | None = None) -> dict:
+    """The config's settings for its own strategy, else the demo's EvoPress settings for
+    evopress and tyr; ``generations`` (``--generations``) replaces theirs."""
     if strategy == cfg.search.strategy and cfg.search.settings:
-        return dict(cfg.search.settings)
-    if strategy == "evopress":
+        s = dict(cfg.search.settings)
+    elif strategy in ("evopress", "tyr"):
         s = dict(pipeline.DEMO_EVOPRESS)
-        if generations is not None:
-            s["generations"] = generations
-        return s
-    return {}
+    else:
+        return {}
+    if generations is not None and strategy in ("evopress", "tyr"):
+        s["generations"] = generations
+    return s
 
 
 def _run_strategies(
@@ -149,13 +152,19 @@ def run_compare(
     *,
     progress: bool,
     console: Console,
+    generations: int | None = None,
 ) -> None:
+    """`allocsearch compare`: ``strategies`` on the store at ``supernet`` (``generations``:
+    EvoPress generations of evopress and tyr, None: their settings')."""
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
         raise ValueError(f"unknown strategies {bad}; valid: {list(STRATEGIES)}")
+    check_target_before_loading(cfg, supernet)
     ws = pipeline.load_workspace(cfg)
     store = pipeline.open_store(ws, supernet)
-    compare_strategies(cfg, ws, store, out, strategies, progress=progress, console=console)
+    compare_strategies(
+        cfg, ws, store, out, strategies, progress=progress, console=console, generations=generations
+    )
     console.print(f"wrote {out}/compare.md, compare.png, recipes")
 
 

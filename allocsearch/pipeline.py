@@ -29,7 +29,7 @@ from allocsearch.config import (
     SupernetConfig,
 )
 from allocsearch.data.demo_corpus import demo_tokensets
-from allocsearch.data.sources import load_documents
+from allocsearch.data.sources import check_source, load_documents
 from allocsearch.data.tokenizers import ByteTokenizer, load_tokenizer
 from allocsearch.data.tokenset import TokenSet, build_tokensets
 from allocsearch.distributed.local import run_search
@@ -83,7 +83,7 @@ from allocsearch.supernet.build import (
 )
 from allocsearch.supernet.levels import LevelGrid, equal_step_grid, nm_grid
 from allocsearch.supernet.spec import SupernetSpec
-from allocsearch.supernet.store import SupernetStore
+from allocsearch.supernet.store import StoreError, SupernetStore
 
 # Calibration sequences per forward batch while building a supernet.
 BUILD_BATCH = 16
@@ -104,7 +104,11 @@ def load_workspace(cfg: RunConfig) -> Workspace:
 
     The weights stay memory-mapped on the host (``load_model(lazy=True)``): whatever runs
     next moves what it needs to the device (one block at a time when streaming), so the
-    driver of a search never holds a whole model on its device."""
+    driver of a search never holds a whole model on its device. Text sources that do not
+    exist are reported before the model is read."""
+    for source in (cfg.data.calibration, cfg.data.heldout):
+        if source is not None and source != DEMO_NAME:
+            check_source(source)
     model = load_model(resolve_model_path(cfg.model), dtype=cfg.dtype, lazy=True)
     calibration, heldout = load_tokensets(cfg.data, model)
     return Workspace(cfg, model, calibration, heldout)
@@ -249,7 +253,21 @@ def build(
 
 
 def open_store(ws: Workspace, path: str | Path) -> SupernetStore:
-    """Open a store, refusing one built for another model or other calibration data."""
+    """Open a store, refusing one built for another model (saying which model it was built
+    from and how to pass it) or other calibration data."""
+    built = SupernetStore.open(path, verify="none")  # the manifest only
+    if built.model_fingerprint != ws.model.fingerprint:
+        source = built.manifest.get("model", {}).get("path")
+        if source is not None and Path(source) == resolve_model_path(DEMO_NAME):
+            source = DEMO_NAME
+        origin = f"the model {source!r}" if source else "another model"
+        fix = f"pass --model {source}" if source else "pass the model it was built from"
+        raise StoreError(
+            f"the supernet {str(path)!r} was built from {origin}, not from the model this run "
+            f"loads ({ws.config.model!r}: other weights, fingerprint {ws.model.fingerprint!r} "
+            f"instead of {built.model_fingerprint!r}); {fix} (or set `model:` in the config), "
+            f"or build a supernet for this model"
+        )
     return SupernetStore.open(
         path,
         model_fingerprint=ws.model.fingerprint,

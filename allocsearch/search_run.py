@@ -30,6 +30,7 @@ from allocsearch.distributed.progress import make_callbacks
 from allocsearch.models.hf import HFModel
 from allocsearch.report.plots import plot_fitness_curves, plot_sparsity_profile
 from allocsearch.search.budget import check_feasible_target
+from allocsearch.supernet.store import SupernetStore
 
 SCORED_STRATEGIES = ("evopress", *pipeline.TABLE_STRATEGIES)
 """Ask/tell strategies that score candidates with the evaluator (on the configured
@@ -167,12 +168,27 @@ def ray_layer_map(cfg: RunConfig, console: Console) -> StartedOnFirstCall:
     return StartedOnFirstCall(start)
 
 
-def _default_settings(cfg: RunConfig) -> dict[str, Any]:
+def default_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The search settings of ``cfg``'s strategy: the config's ``search.settings``, else
+    the demo's EvoPress settings for ``evopress`` and ``tyr`` (its inner search), else
+    none."""
     if cfg.search.settings:
         return dict(cfg.search.settings)
-    if cfg.search.strategy == "evopress":
+    if cfg.search.strategy in ("evopress", "tyr"):
         return dict(pipeline.DEMO_EVOPRESS)
     return {}
+
+
+def check_target_before_loading(cfg: RunConfig, supernet: Path) -> None:
+    """Refuse an unreachable budget target from the store's manifest alone, before the
+    model and the calibration data load (minutes for a large model).
+
+    Raises:
+      StoreError: ``supernet`` is not a store. InfeasibleBudgetError: the target is outside
+      what the store's levels can remove (the message states the range).
+    """
+    spec = SupernetStore.open(supernet, verify="none").spec
+    check_feasible_target(spec, pipeline.make_budget(cfg.search, spec))
 
 
 def run_search_command(
@@ -185,8 +201,9 @@ def run_search_command(
     console: Console,
 ) -> None:
     strategy = cfg.search.strategy
-    settings = _default_settings(cfg)
+    settings = default_settings(cfg)
     pipeline.check_settings(strategy, settings)  # before anything loads
+    check_target_before_loading(cfg, supernet)
     ws = pipeline.load_workspace(cfg)
     store = pipeline.open_store(ws, supernet)
     budget = pipeline.make_budget(cfg.search, store.spec)

@@ -199,9 +199,7 @@ def test_tyr_defaults_are_four_rounds_and_32_neuron_steps(monkeypatch, tmp_path)
     work = SimpleNamespace(config=cfg, model=HFModel(adapter, {}), calibration=None)
     store = SimpleNamespace(spec=SimpleNamespace(units=units))
     with pytest.raises(Built):
-        pipeline._run_tyr(
-            work, store, None, seed=0, settings={}, work_dir=tmp_path, progress=False
-        )
+        pipeline._run_tyr(work, store, None, seed=0, settings={}, work_dir=tmp_path, progress=False)
     assert seen["steps"] == (0.125, 0.0625, 0.03125, 0.015625)
     grid = seen["grid"]
     for u, unit in enumerate(units):
@@ -217,3 +215,73 @@ def test_tyr_defaults_are_four_rounds_and_32_neuron_steps(monkeypatch, tmp_path)
     grid = pipeline.make_grid(fine.supernet, HFModel(adapter, {}), target=0.25)
     mlp = [u for u, unit in enumerate(units) if unit.role == "mlp"]
     np.testing.assert_allclose(np.diff(grid.sparsity[mlp][:, :2], axis=1), 32 / 704)
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_model_and_calibration_options_are_validated_before_loading(ws, tmp_path, monkeypatch):
+    """Issue 16: search/compare/eval take --model (overriding the config's), the calibration
+    source, sequence length and count and EvoPress generations; bad values are one line
+    naming the option, and a missing source or an unreachable target is reported before
+    the model loads."""
+    import jax
+
+    from allocsearch.models import HFModel, adapter_for_config, save_model
+
+    cfg = ws / "config.yaml"
+    search = ("search", "-c", cfg, "--supernet", ws / "store", "--no-progress")
+    cases = [
+        (("eval", "-c", cfg, "--seq-len", "0"), "--seq-len: data.seq_len = 0 must be >= 1"),
+        (("build", "-c", cfg, "--out", tmp_path / "s", "--calibration-seqs", "0"),
+         "--calibration-seqs: data.n_calibration_seqs = 0 must be >= 1"),
+        ((*search, "--out", tmp_path / "r", "--generations", "0"),
+         "--generations must be an integer >= 1, got 0"),
+        ((*search, "--out", tmp_path / "r", "--strategy", "dp", "--generations", "5"),
+         "strategy 'dp' does not run; use it with evopress or tyr"),
+        (("compare", "-c", cfg, "--supernet", ws / "store", "--out", tmp_path / "r",
+          "--strategies", "uniform,dp", "--generations", "5"), "none of ['uniform', 'dp'] runs"),
+        ((*search, "--out", tmp_path / "r", "--calibration", tmp_path / "nowhere.txt"),
+         f"text source '{tmp_path / 'nowhere.txt'}' does not exist"),
+        ((*search, "--out", tmp_path / "r", "--target", "0.95"),
+         "InfeasibleBudgetError: target 0.95 (params removed) is not achievable"),
+        (("compare", "-c", cfg, "--supernet", ws / "store", "--out", tmp_path / "r",
+          "--strategies", "uniform", "--target", "0.95"), "target 0.95 (params removed)"),
+    ]  # fmt: skip
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error was found")
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "load_model", no_model)
+        for args, message in cases:
+            r = run(*args)
+            assert r.exit_code == 2, (args, r.output)
+            assert message in one_line(r.output), (args, r.output)
+            assert "Traceback" not in r.output and not (tmp_path / "r").exists()
+
+    # a supernet searched with another model says which model it was built from
+    adapter = adapter_for_config(CFG)
+    save_model(HFModel(adapter, adapter.init_params(jax.random.key(1))), tmp_path / "other")
+    r = run(*search, "--out", tmp_path / "r", "--model", tmp_path / "other")
+    assert r.exit_code == 2, r.output
+    assert (
+        f"was built from the model '{ws / 'model'}', not from the model this run loads "
+        f"('{tmp_path / 'other'}'" in one_line(r.output)
+    )
+    assert f"pass --model {ws / 'model'}" in one_line(r.output)
+
+    # eval uses the config's model (not the demo) and the options' sequence length
+    r = run("eval", "-c", cfg, "--seq-len", "16")
+    assert r.exit_code == 0, r.output
+    assert one_line(r.output).startswith(f"{ws / 'model'}: held-out perplexity")
+    assert "on 64 tokens" in one_line(r.output)  # 4 held-out sequences x 16
+
+    # --help states the new options' defaults (what the config gives, else the demo's)
+    import typer
+
+    new = {"model", "calibration", "seq_len", "calibration_seqs", "generations"}
+    for command in ("search", "compare", "eval", "build"):
+        params = typer.main.get_command(app).commands[command].params
+        helps = {p.name: p.help for p in params if p.name in new}
+        assert len(helps) >= 3 and all("[default: the config's " in h for h in helps.values())

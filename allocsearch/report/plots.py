@@ -31,7 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from allocsearch.atomic import atomic_write_bytes
+from allocsearch.atomic import atomic_write_bytes, require_parent_directory
 from allocsearch.models.layers import ROLES
 from allocsearch.recipe.recipe import Recipe
 from allocsearch.report.tables import (
@@ -70,8 +70,7 @@ def _check_target(path: str | os.PathLike[str], overwrite: bool) -> Path:
     target = Path(path)
     if target.suffix.lower() != ".png":
         raise ValueError(f"{os.fspath(target)!r}: figures are written as PNG; use a .png path")
-    if not target.parent.is_dir():
-        raise FileNotFoundError(f"directory {os.fspath(target.parent)!r} does not exist")
+    require_parent_directory(target)
     if not overwrite and target.exists():
         raise FileExistsError(f"{os.fspath(target)!r} exists; pass overwrite=True to replace it")
     return target

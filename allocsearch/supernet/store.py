@@ -644,6 +644,13 @@ class SupernetStore:
         _check_choice("verify", verify, VERIFY_MODES)
         path = Path(path)
         mpath = path / MANIFEST_NAME
+        if not path.exists():
+            raise StoreError(f"supernet store {os.fspath(path)!r} does not exist")
+        if not path.is_dir():
+            raise StoreError(
+                f"{os.fspath(path)!r} is a file, expected a supernet store directory (from "
+                f"`allocsearch build`)"
+            )
         if not mpath.is_file():
             raise StoreError(
                 f"{path} is not a supernet store: {MANIFEST_NAME} is missing (a build that "
