@@ -134,8 +134,16 @@ def compare_strategies(
     plot_compare(rows, out / "compare.png", dense_ppl=dense_ppl, overwrite=True)
     histories = {s.outcome.strategy: s.outcome.history for s in scored if s.outcome.history}
     if histories:
+        tokens = {
+            name: pipeline.fitness_tokens(name, _settings_for(cfg, name, generations))
+            for name in histories
+        }
         plot_fitness_curves(
-            histories, out / "fitness.png", metric_name=cfg.evaluator.metric, overwrite=True
+            histories,
+            out / "fitness.png",
+            metric_name=cfg.evaluator.metric,
+            tokens={k: v for k, v in tokens.items() if v is not None},
+            overwrite=True,
         )
     for s in scored:
         recipe = pipeline.recipe_from_choice(ws, store, budget, s.outcome)

@@ -392,6 +392,22 @@ def make_searcher(strategy: str, settings: Mapping[str, Any]) -> Searcher:
     raise ValueError(f"strategy {strategy!r} is not an ask/tell search")
 
 
+def fitness_tokens(strategy: str, settings: Mapping[str, Any]) -> int | None:
+    """Calibration tokens the best fitness a ``strategy`` search reports is measured on:
+    EvoPress's last stage (the parent is re-scored there on a fresh minibatch every
+    generation; Týr's inner search likewise) or a table search's per-candidate tokens;
+    None for allocators, which score nothing."""
+    if strategy == "tyr":
+        inner = {k: v for k, v in settings.items() if k not in TYR_SETTINGS}
+        searcher: Any = EvolutionarySearcher(**_searcher_settings(inner or DEMO_EVOPRESS))
+    elif strategy == "evopress" or strategy in TABLE_STRATEGIES:
+        searcher = make_searcher(strategy, settings)
+    else:
+        return None
+    tokens = searcher.tokens
+    return int(tokens[-1] if isinstance(tokens, tuple | list) else tokens)
+
+
 TABLE_STRATEGIES = ("dp", "knapsack", "knapsack_lagrange")
 ALLOCATORS = ("uniform", "owl", "lamp", "erk", "global_magnitude", "random")
 TYR_SETTINGS = ("rounds", "initial_step", "min_step", "input_mode")

@@ -275,6 +275,7 @@ def run_search_command(
                 progress=progress,
                 total_generations=getattr(searcher, "generations", None),
                 start_state=state,
+                fitness_label=_fitness_label(cfg, strategy),
             )
 
             def on_generation(s: Any) -> None:
@@ -392,19 +393,29 @@ def _write_recipe(ws, store, budget, outcome, out: Path, *, partial: bool) -> Pa
     return path
 
 
+def _fitness_label(cfg: RunConfig, strategy: str) -> str | None:
+    """``"kl on 2,048 tokens"``: what the search's best fitness is measured on."""
+    tokens = pipeline.fitness_tokens(strategy, default_settings(cfg))
+    return None if tokens is None else f"{cfg.evaluator.metric} on {tokens:,} tokens"
+
+
 def _finish(ws, store, budget, outcome, ppl: float, out: Path, console, *, partial=False) -> None:
     path = _write_recipe(ws, store, budget, outcome, out, partial=partial)
     recipe = pipeline.recipe_from_choice(ws, store, budget, outcome, partial=partial)
     plot_sparsity_profile(recipe, out / "profile.png", overwrite=True)
+    tokens = pipeline.fitness_tokens(outcome.strategy, default_settings(ws.config))
     if outcome.history:
         plot_fitness_curves(
             {outcome.strategy: outcome.history},
             out / "fitness.png",
             metric_name=ws.config.evaluator.metric,
+            tokens=None if tokens is None else {outcome.strategy: tokens},
             overwrite=True,
         )
+    label = _fitness_label(ws.config, outcome.strategy)
+    fitness = "-" if outcome.fitness is None else f"{outcome.fitness:.6g}"
     console.print(
-        f"{outcome.strategy}: fitness {outcome.fitness if outcome.fitness is not None else '-'}"
+        f"{outcome.strategy}: fitness {fitness}{f' ({label})' if label else ''}"
         f", held-out perplexity {ppl:.4f}, removes {recipe.budget.achieved:.2%} of "
         f"{budget.kind}, {outcome.evaluations} evaluations, {outcome.wall_time_s:.1f} s "
         f"-> {path}",

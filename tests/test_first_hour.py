@@ -285,3 +285,57 @@ def test_model_and_calibration_options_are_validated_before_loading(ws, tmp_path
         params = typer.main.get_command(app).commands[command].params
         helps = {p.name: p.help for p in params if p.name in new}
         assert len(helps) >= 3 and all("[default: the config's " in h for h in helps.values())
+
+
+# ----------------------------------------------------------------------------- fitness labels
+
+
+def test_fitness_is_labelled_with_its_token_count(tmp_path, monkeypatch):
+    """Issue 16: a search's best fitness is measured on its last stage's tokens (2,048 in
+    the demo settings), the demo table's on the whole set; progress lines and fitness.png
+    say which."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from allocsearch.distributed.progress import make_callbacks
+    from allocsearch.report import plots
+    from allocsearch.search.base import HistoryEntry
+
+    assert pipeline.fitness_tokens("evopress", pipeline.DEMO_EVOPRESS) == 2048
+    assert pipeline.fitness_tokens("evopress", {"tokens": [64, 256], "survivors": [2, 1]}) == 256
+    assert pipeline.fitness_tokens("tyr", {"rounds": 2}) == 2048  # its inner search's
+    assert pipeline.fitness_tokens("dp", {"tokens": 512}) == 512
+    assert pipeline.fitness_tokens("uniform", {}) is None
+
+    # plain progress lines (stdout not a terminal) carry the label after the fitness
+    out = io.StringIO()
+    result = SimpleNamespace(best_fitness=0.25, evaluations=12, tokens=99, history=())
+    searcher = SimpleNamespace(result=lambda state: result)
+    with make_callbacks(
+        searcher, progress=True, total_generations=2, fitness_label="kl on 2,048 tokens",
+        console=Console(file=out, width=200),
+    ) as callbacks:  # fmt: skip
+        callbacks(SimpleNamespace(generation=1, step=2))
+    assert "best 0.25 (kl on 2,048 tokens)" in out.getvalue(), out.getvalue()
+
+    # fitness.png: the token count on the axis (one count) or in the legend (several)
+    figures = []
+    monkeypatch.setattr(plots, "_png_bytes", lambda fig: figures.append(fig) or b"png")
+    history = (HistoryEntry(1, 12, 99, 0.5), HistoryEntry(2, 24, 198, 0.4))
+    plots.plot_fitness_curves(
+        {"evopress": history}, tmp_path / "a.png", metric_name="kl", tokens={"evopress": 2048}
+    )
+    ax = figures[-1].axes[0]
+    assert ax.get_ylabel() == "best kl on 2,048 tokens (lower is better)"
+    assert "fresh minibatch each generation" in ax.get_title()
+    plots.plot_fitness_curves(
+        {"evopress": history, "dp": history}, tmp_path / "b.png", metric_name="kl",
+        tokens={"evopress": 2048, "dp": 512},
+    )  # fmt: skip
+    ax = figures[-1].axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "evopress (2,048 tokens)", "dp (512 tokens)"
+    ]  # fmt: skip
+    assert ax.get_ylabel() == "best kl (lower is better)"
