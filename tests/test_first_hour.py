@@ -339,3 +339,39 @@ def test_fitness_is_labelled_with_its_token_count(tmp_path, monkeypatch):
         "evopress (2,048 tokens)", "dp (512 tokens)"
     ]  # fmt: skip
     assert ax.get_ylabel() == "best kl (lower is better)"
+
+
+# ----------------------------------------------------------------------------- Ray start noise
+
+
+def test_ray_start_drops_only_the_fork_warning_and_the_auth_notice():
+    """Issue 16: ``ray.init`` (inside ``_ray_starts_processes``) printed JAX's os.fork()
+    warning and Ray's token-authentication notice on every run; exactly those two are
+    dropped there, and nothing else is."""
+    import logging
+    import warnings
+
+    from allocsearch.distributed import ray_backend
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    auth = logging.getLogger(ray_backend._RAY_AUTH_LOGGER)
+    auth.addHandler(handler)
+    fork = "os.fork() was called. os.fork() is incompatible with multithreaded code"
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with ray_backend._ray_starts_processes():
+                warnings.warn(fork, RuntimeWarning, stacklevel=1)
+                warnings.warn("another warning", RuntimeWarning, stacklevel=1)
+                auth.warning("Token authentication is enabled for this Ray cluster. Set ...")
+                auth.warning("Token authentication is disabled for this Ray cluster. ...")
+            warnings.warn(fork, RuntimeWarning, stacklevel=1)  # outside ray.init: kept
+            auth.warning("Token authentication is enabled for this Ray cluster (later)")
+    finally:
+        auth.removeHandler(handler)
+    assert [str(w.message)[:40] for w in seen] == ["another warning", fork[:40]]
+    assert [r.getMessage()[:40] for r in records] == [
+        "Token authentication is disabled for thi", "Token authentication is enabled for this"
+    ]  # fmt: skip
