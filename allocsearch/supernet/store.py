@@ -645,7 +645,10 @@ class SupernetStore:
         path = Path(path)
         mpath = path / MANIFEST_NAME
         if not path.exists():
-            raise StoreError(f"supernet store {os.fspath(path)!r} does not exist")
+            raise StoreError(
+                f"{path} is not a supernet store: it does not exist (a build that was "
+                f"interrupted leaves no store; build it with `allocsearch build`)"
+            )
         if not path.is_dir():
             raise StoreError(
                 f"{os.fspath(path)!r} is a file, expected a supernet store directory (from "
