@@ -236,7 +236,6 @@ def _with_generations(cfg: RunConfig, generations: int | None) -> RunConfig:
             f"--generations sets EvoPress generations, which strategy "
             f"{cfg.search.strategy!r} does not run; use it with evopress or tyr"
         )
-    _check_generations(generations)
     settings = {**default_settings(cfg), "generations": generations}
     return dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, settings=settings))
 
