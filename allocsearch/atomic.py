@@ -1,8 +1,13 @@
-"""Atomic file writes: readers see the old file or the new one, never half of one."""
+"""Atomic file writes: readers see the old file or the new one, never half of one.
+
+Directories are written the same way: assembled under a temporary sibling
+(:func:`temporary_sibling_dir`) and moved into place whole (:func:`commit_directory`).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,12 +25,11 @@ def atomic_write_bytes(
 
     Raises:
       FileExistsError: ``path`` exists and ``overwrite`` is False.
-      FileNotFoundError: the parent directory does not exist.
+      FileNotFoundError, NotADirectoryError: see :func:`require_parent_directory`.
     """
     target = Path(path)
     parent = target.parent
-    if not parent.is_dir():
-        raise FileNotFoundError(f"directory {os.fspath(parent)!r} does not exist")
+    require_parent_directory(target)
     exists = f"{os.fspath(target)!r} exists; pass overwrite=True (--overwrite) to replace it"
     if not overwrite and target.exists():
         raise FileExistsError(exists)
@@ -55,6 +59,28 @@ def atomic_write_bytes(
     return target
 
 
+def refuse_file_above(target: Path) -> None:
+    """NotADirectoryError when the nearest existing parent of ``target`` is a file."""
+    above = next((p for p in target.parents if os.path.lexists(p)), None)
+    if above is not None and not above.is_dir():
+        raise NotADirectoryError(
+            f"{os.fspath(above)!r} is a file, expected a directory (to hold {os.fspath(target)!r})"
+        )
+
+
+def require_parent_directory(path: str | os.PathLike[str]) -> None:
+    """Check that the directory ``path`` is to be written into exists and is a directory.
+
+    Raises:
+      NotADirectoryError: the parent (or the nearest existing one above it) is a file.
+      FileNotFoundError: the parent directory does not exist.
+    """
+    target = Path(path)
+    refuse_file_above(target)
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"directory {os.fspath(target.parent)!r} does not exist")
+
+
 def atomic_write_text(text: str, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """:func:`atomic_write_bytes` of UTF-8 ``text`` (newlines written as ``\\n``)."""
     return atomic_write_bytes(text.encode("utf-8"), path, overwrite=overwrite)
@@ -71,3 +97,51 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def temporary_sibling_dir(path: str | os.PathLike[str]) -> Path:
+    """A new empty directory beside ``path`` (``.<name>.XXXX.tmp``; the parents of ``path``
+    are created) in which to assemble what :func:`commit_directory` moves to ``path``.
+
+    Raises:
+      NotADirectoryError: a parent of ``path`` is a file.
+    """
+    target = Path(path)
+    refuse_file_above(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+
+
+def commit_directory(tmp: Path, path: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Move the finished directory ``tmp`` (from :func:`temporary_sibling_dir`) to ``path``.
+
+    ``tmp`` gets the mode an ordinary new directory gets (``0777 & ~umask``; ``mkdtemp``
+    made it 0700). An existing ``path`` is refused unless ``overwrite``; then it is moved
+    aside first and deleted only after ``tmp`` took its place (a failed move puts it
+    back), so ``path`` always holds the old directory or the new one.
+
+    Raises:
+      FileExistsError: ``path`` exists and ``overwrite`` is False (``tmp`` is kept: the
+        caller removes it).
+    """
+    target = Path(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    if not target.exists():
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        return target
+    if not overwrite:
+        raise FileExistsError(f"{os.fspath(target)!r} exists; pass --overwrite to replace it")
+    backup = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    os.replace(target, backup / "old")
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(backup / "old", target)  # a failed commit keeps the old directory
+        os.rmdir(backup)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+    _fsync_dir(target.parent)
+    return target

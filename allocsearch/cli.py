@@ -53,6 +53,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ValueError,
         FileExistsError,
         FileNotFoundError,
+        NotADirectoryError,
         KeyError,
         SafetensorsError,
     )
@@ -138,15 +139,60 @@ StorageDtypeOpt = Annotated[
         "float32 | bfloat16."
     ),
 ]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Model directory or 'demo' [default: the config's model, else demo]; overrides "
+        "the config's `model`."
+    ),
+]
+CalibrationOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Calibration text: demo, a text file, a directory, a glob or a .jsonl file "
+        "[default: the config's data.calibration, else demo]."
+    ),
+]
+SeqLenOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Tokens per calibration and held-out sequence [default: the config's "
+        "data.seq_len, else 128]."
+    ),
+]
+CalibrationSeqsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Calibration sequences; calibration tokens = this x --seq-len [default: the "
+        "config's data.n_calibration_seqs, else 64]."
+    ),
+]
+GenerationsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="EvoPress generations (evopress and tyr's inner search) [default: the config's "
+        "search.settings, else 30]."
+    ),
+]
 AddressOpt = Annotated[
     str | None,
     typer.Option(help="Existing Ray cluster (or RAY_ADDRESS); default: a local Ray instance."),
 ]
 
 
+# Config keys the command line sets, and the option that sets each (named in errors).
+_OPTION_OF_KEY = {
+    "model": "--model",
+    "data.calibration": "--calibration",
+    "data.seq_len": "--seq-len",
+    "data.n_calibration_seqs": "--calibration-seqs",
+}
+
+
 def _config(path: Path | None, **overrides) -> RunConfig:
     cfg = load_config(path) if path else config_from_dict({})
     data = cfg.to_dict()
+    given = set()
     for dotted, value in overrides.items():
         if value is None:
             continue
@@ -155,8 +201,47 @@ def _config(path: Path | None, **overrides) -> RunConfig:
             data[section][key] = value
         else:
             data[section] = value
+        given.add(f"{section}.{key}" if key else section)
     data["supernet"]["nm_patterns"] = list(data["supernet"]["nm_patterns"])
-    return config_from_dict(data)
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        for key in given & set(_OPTION_OF_KEY):
+            if str(e).startswith(f"{key} ="):
+                raise ConfigError(f"{_OPTION_OF_KEY[key]}: {e}") from None
+        raise
+
+
+def _data(calibration: str | None, seq_len: int | None, calibration_seqs: int | None) -> dict:
+    """Config overrides of the calibration options."""
+    return {
+        "data__calibration": calibration,
+        "data__seq_len": seq_len,
+        "data__n_calibration_seqs": calibration_seqs,
+    }
+
+
+def _with_generations(cfg: RunConfig, generations: int | None) -> RunConfig:
+    """``cfg`` whose search settings run ``generations`` EvoPress generations (the
+    strategy's default settings otherwise kept)."""
+    if generations is None:
+        return cfg
+    import dataclasses
+
+    from allocsearch.search_run import default_settings
+
+    if cfg.search.strategy not in ("evopress", "tyr"):
+        raise UserError(
+            f"--generations sets EvoPress generations, which strategy "
+            f"{cfg.search.strategy!r} does not run; use it with evopress or tyr"
+        )
+    settings = {**default_settings(cfg), "generations": generations}
+    return dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, settings=settings))
+
+
+def _check_generations(generations: int | None) -> None:
+    if generations is not None and generations < 1:
+        raise UserError(f"--generations must be an integer >= 1, got {generations}")
 
 
 def _backend(backend: str | None, workers: str | None, address: str | None) -> dict:
@@ -208,7 +293,12 @@ def _check_memory(cfg: RunConfig, command: str, supernet: Path | None = None) ->
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
     """An output directory that holds files is refused (before any work) without
-    ``--overwrite``."""
+    ``--overwrite``; one that is a file (or lies under one) always."""
+    from allocsearch.atomic import refuse_file_above
+
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{str(path)!r} is a file, expected a directory")
+    refuse_file_above(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; pass --overwrite to reuse it")
 
@@ -244,6 +334,7 @@ def demo(
     search, recipe, plots, and a table against uniform and OWL."""
     from allocsearch.demo import run_demo
 
+    _check_generations(generations)
     cfg = _config(
         None,
         search__target=target,
@@ -266,7 +357,7 @@ def demo(
 def build(
     out: Annotated[Path, typer.Option("--out", "-o", help="Supernet store directory.")],
     config: ConfigOpt = None,
-    model: Annotated[str | None, typer.Option(help="Model directory or 'demo'.")] = None,
+    model: ModelOpt = None,
     pruner: Annotated[str | None, typer.Option(help="magnitude | wanda | sparsegpt.")] = None,
     structure: Annotated[
         str | None, typer.Option(help="unstructured | nm | heads_neurons.")
@@ -278,6 +369,9 @@ def build(
         typer.Option(help="none | sublayers (levels + dropped) | drop (dense or dropped)."),
     ] = None,
     storage_dtype: StorageDtypeOpt = None,
+    calibration: CalibrationOpt = None,
+    seq_len: SeqLenOpt = None,
+    calibration_seqs: CalibrationSeqsOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
@@ -299,6 +393,7 @@ def build(
         supernet__input_mode=input_mode,
         supernet__storage_dtype=storage_dtype,
         supernet__depth=depth,
+        **_data(calibration, seq_len, calibration_seqs),
         **_backend(backend, workers, address),
     )
     if out.exists() and not overwrite:
@@ -337,6 +432,11 @@ def search(
     target: Annotated[float | None, typer.Option(help="Fraction of the budget to remove.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the search.")] = None,
     resume: Annotated[bool, typer.Option(help="Resume from the run's last checkpoint.")] = False,
+    model: ModelOpt = None,
+    calibration: CalibrationOpt = None,
+    seq_len: SeqLenOpt = None,
+    calibration_seqs: CalibrationSeqsOpt = None,
+    generations: GenerationsOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
@@ -348,13 +448,17 @@ def search(
 
     if not resume:
         _refuse_existing(out, overwrite)
+    _check_generations(generations)
     cfg = _config(
         config,
+        model=model,
         search__strategy=strategy,
         search__target=_default_target(target, config, supernet),
         search__seed=seed,
+        **_data(calibration, seq_len, calibration_seqs),
         **_backend(backend, workers, address),
     )
+    cfg = _with_generations(cfg, generations)
     _check_memory(cfg, "search", supernet)
     if not resume:
         _fresh_dir(out, overwrite)
@@ -376,6 +480,11 @@ def compare(
     config: ConfigOpt = None,
     target: Annotated[float | None, typer.Option(help="Fraction of the budget to remove.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    model: ModelOpt = None,
+    calibration: CalibrationOpt = None,
+    seq_len: SeqLenOpt = None,
+    calibration_seqs: CalibrationSeqsOpt = None,
+    generations: GenerationsOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
@@ -387,16 +496,30 @@ def compare(
     from allocsearch.demo import run_compare
 
     _refuse_existing(out, overwrite)
+    _check_generations(generations)
     cfg = _config(
         config,
+        model=model,
         search__target=_default_target(target, config, supernet),
         search__seed=seed,
+        **_data(calibration, seq_len, calibration_seqs),
         **_backend(backend, workers, address),
     )
     names = [s.strip() for s in strategies.split(",") if s.strip()]
+    if generations is not None and not {"evopress", "tyr"} & set(names):
+        raise UserError(
+            f"--generations sets EvoPress generations, which none of {names} runs; add "
+            f"evopress or tyr to --strategies"
+        )
     _check_memory(cfg, "compare", supernet)
     run_compare(
-        cfg, supernet, _fresh_dir(out, overwrite), names, progress=progress, console=out_console
+        cfg,
+        supernet,
+        _fresh_dir(out, overwrite),
+        names,
+        progress=progress,
+        console=out_console,
+        generations=generations,
     )
 
 
@@ -458,11 +581,12 @@ def sweep(
 def _check_recipe_sources(recipe, model: str | None, supernet: Path | None):
     """Check ``recipe`` against the model (fingerprint and layers, weights memory-mapped,
     not loaded) and the supernet store (fingerprint, units and levels) where given;
-    returns the opened store or None."""
+    returns the (lazily) loaded model and the opened store, each None when not given."""
     from allocsearch.recipe.apply import choice_for_recipe
     from allocsearch.recipe.recipe import check_against_model
     from allocsearch.supernet.store import SupernetStore
 
+    m = None
     if model is not None:
         from allocsearch.assets_paths import resolve_model_path
         from allocsearch.models.hf import load_model
@@ -470,10 +594,10 @@ def _check_recipe_sources(recipe, model: str | None, supernet: Path | None):
         m = load_model(resolve_model_path(model), lazy=True)
         check_against_model(recipe, m.adapter.layers(), m.fingerprint)
     if supernet is None:
-        return None
+        return m, None
     store = SupernetStore.open(supernet, model_fingerprint=recipe.model.fingerprint)
     choice_for_recipe(recipe, store)  # every recipe layer at one of the store's levels
-    return store
+    return m, store
 
 
 def _model_matrices(model: str) -> list[str]:
@@ -490,7 +614,14 @@ def _model_matrices(model: str) -> list[str]:
     return [n.rsplit(".", 1)[0] for n, shape in shapes.items() if len(shape) == 2]
 
 
-EXPORT_FORMATS = ("llm-compressor", "evopress", "owl", "torch-pruning", "jaxpruner")
+EXPORT_FORMATS = (
+    "llm-compressor",
+    "evopress",
+    "evopress-db",
+    "owl",
+    "torch-pruning",
+    "jaxpruner",
+)
 
 
 @app.command()
@@ -498,7 +629,12 @@ EXPORT_FORMATS = ("llm-compressor", "evopress", "owl", "torch-pruning", "jaxprun
 def export(
     recipe: Annotated[Path, typer.Argument(help="recipe.json from a search.")],
     format: Annotated[str, typer.Option("--format", "-f", help=" | ".join(EXPORT_FORMATS))],
-    out: Annotated[Path, typer.Option("--out", "-o", help="File to write.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="File to write (evopress-db: the database directory to create)."
+        ),
+    ],
     modifier: Annotated[
         str, typer.Option(help="llm-compressor: SparseGPTModifier | WandaPruningModifier.")
     ] = "SparseGPTModifier",
@@ -507,7 +643,7 @@ def export(
         Path | None,
         typer.Option(
             help="The supernet store the recipe was searched on: the recipe is checked "
-            "against it (any format); evopress needs it."
+            "against it (any format); evopress and evopress-db need it."
         ),
     ] = None,
     jaxpruner_paths: Annotated[
@@ -523,19 +659,37 @@ def export(
         typer.Option(
             help="The model the recipe was made for (directory or 'demo'): the recipe is "
             "checked against its weights and layers (any format); for jaxpruner its config "
-            "also names the matrices the map leaves to jaxpruner's global sparsity."
+            "also names the matrices the map leaves to jaxpruner's global sparsity; "
+            "evopress-db needs it (dense weights, module names)."
         ),
     ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Export a recipe to another pruner's format; prints what had to be averaged."""
+    """Export a recipe to another pruner's format; prints what had to be averaged.
+    evopress-db writes EvoPress's database (<out>/<module>/<level>.pth for every level of
+    the supernet, and <out>/evopress_levels.txt, the recipe)."""
     from allocsearch.recipe import exporters
     from allocsearch.recipe.recipe import Recipe
 
     if format not in EXPORT_FORMATS:
         raise UserError(f"--format {format!r} is not valid; choose one of {list(EXPORT_FORMATS)}")
+    if format == "evopress-db" and (supernet is None or model is None):
+        raise UserError(
+            "--format evopress-db needs --supernet (the variants it writes) and --model (the "
+            "model the supernet was built from: dense weights and module names)"
+        )
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     r = Recipe.load(recipe)
-    store = _check_recipe_sources(r, model, supernet)
+    loaded, store = _check_recipe_sources(r, model, supernet)
+    if format == "evopress-db":
+        from allocsearch.recipe.evopress_db import write_evopress_database
+
+        db = write_evopress_database(r, store, loaded, out, overwrite=overwrite)
+        for note in db.export.notes:
+            out_console.print(f"note: {note}", highlight=False)
+        out_console.print(f"wrote {out}")
+        return
     if format == "llm-compressor":
         exp = exporters.to_llm_compressor(r, modifier=modifier, granularity=granularity)
     elif format == "evopress":
@@ -579,7 +733,7 @@ def export(
 def apply(
     recipe: Annotated[Path, typer.Argument(help="recipe.json from a search.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Pruned model directory.")],
-    model: Annotated[str, typer.Option(help="Model directory or 'demo'.")] = "demo",
+    model: ModelOpt = None,
     supernet: Annotated[Path | None, typer.Option(help="Use this supernet's variants.")] = None,
     config: ConfigOpt = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 storage.")] = "float32",
@@ -634,7 +788,7 @@ def apply(
 @app.command(name="eval")
 @handle_errors
 def eval_(
-    model: Annotated[str, typer.Option(help="Model directory or 'demo'.")] = "demo",
+    model: ModelOpt = None,
     config: ConfigOpt = None,
     reference: Annotated[
         str | None,
@@ -643,15 +797,19 @@ def eval_(
             "the config's model)."
         ),
     ] = None,
+    calibration: CalibrationOpt = None,
+    seq_len: SeqLenOpt = None,
 ) -> None:
-    """Held-out perplexity of a (possibly pruned) model on the configured held-out set;
-    for encoders, the held-out distance of its outputs to a reference (dense) model's."""
+    """Held-out perplexity of a (possibly pruned) model on the configured held-out set (for
+    sources other than demo: the end of the calibration corpus unless data.heldout); for
+    encoders, the held-out distance of its outputs to a reference (dense) model's."""
     from allocsearch import pipeline
     from allocsearch.assets_paths import resolve_model_path
     from allocsearch.models.hf import load_model
 
-    dense = reference or _config(config).model
-    cfg = _config(config, model=model)
+    data = _data(calibration, seq_len, None)
+    dense = reference or _config(config, **data).model
+    cfg = _config(config, model=model, **data)
     _check_memory(cfg, "eval")
     ws = pipeline.load_workspace(cfg)
     if not ws.model.adapter.is_causal_lm:

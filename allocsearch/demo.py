@@ -25,6 +25,7 @@ from allocsearch.search.base import Evaluate
 from allocsearch.search.budget import Budget, CostModel
 from allocsearch.search_run import (
     HeldoutPerplexity,
+    check_target_before_loading,
     no_shared_scoring,
     ray_evaluate,
     ray_layer_map,
@@ -32,14 +33,17 @@ from allocsearch.search_run import (
 
 
 def _settings_for(cfg: RunConfig, strategy: str, generations: int | None = None) -> dict:
+    """The config's settings for its own strategy, else the demo's EvoPress settings for
+    evopress and tyr; ``generations`` (``--generations``) replaces theirs."""
     if strategy == cfg.search.strategy and cfg.search.settings:
-        return dict(cfg.search.settings)
-    if strategy == "evopress":
+        s = dict(cfg.search.settings)
+    elif strategy in ("evopress", "tyr"):
         s = dict(pipeline.DEMO_EVOPRESS)
-        if generations is not None:
-            s["generations"] = generations
-        return s
-    return {}
+    else:
+        return {}
+    if generations is not None and strategy in ("evopress", "tyr"):
+        s["generations"] = generations
+    return s
 
 
 def _run_strategies(
@@ -226,8 +230,16 @@ def compare_strategies(
     plot_compare(rows, out / "compare.png", dense_ppl=dense_ppl, overwrite=True)
     histories = {s.outcome.strategy: s.outcome.history for s in scored if s.outcome.history}
     if histories:
+        tokens = {
+            name: pipeline.fitness_tokens(name, _settings_for(cfg, name, generations))
+            for name in histories
+        }
         plot_fitness_curves(
-            histories, out / "fitness.png", metric_name=cfg.evaluator.metric, overwrite=True
+            histories,
+            out / "fitness.png",
+            metric_name=cfg.evaluator.metric,
+            tokens={k: v for k, v in tokens.items() if v is not None},
+            overwrite=True,
         )
     for s in scored:
         recipe = pipeline.recipe_from_choice(ws, store, budget, s.outcome)
@@ -244,13 +256,19 @@ def run_compare(
     *,
     progress: bool,
     console: Console,
+    generations: int | None = None,
 ) -> None:
+    """`allocsearch compare`: ``strategies`` on the store at ``supernet`` (``generations``:
+    EvoPress generations of evopress and tyr, None: their settings')."""
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
         raise ValueError(f"unknown strategies {bad}; valid: {list(STRATEGIES)}")
+    check_target_before_loading(cfg, supernet)
     ws = pipeline.load_workspace(cfg)
     store = pipeline.open_store(ws, supernet)
-    compare_strategies(cfg, ws, store, out, strategies, progress=progress, console=console)
+    compare_strategies(
+        cfg, ws, store, out, strategies, progress=progress, console=console, generations=generations
+    )
     console.print(f"wrote {out}/compare.md, compare.png, recipes")
 
 

@@ -31,7 +31,7 @@ from allocsearch.config import (
     SupernetConfig,
 )
 from allocsearch.data.demo_corpus import demo_tokensets
-from allocsearch.data.sources import load_documents
+from allocsearch.data.sources import check_source, load_documents
 from allocsearch.data.tokenizers import ByteTokenizer, load_tokenizer
 from allocsearch.data.tokenset import TokenSet, build_tokensets
 from allocsearch.distributed.local import run_search
@@ -69,7 +69,13 @@ from allocsearch.recipe.recipe import (
 from allocsearch.search import baselines
 from allocsearch.search.base import Evaluate, HistoryEntry, Searcher
 from allocsearch.search.budget import Budget, CostModel, load_latency_table
-from allocsearch.search.coarse_to_fine import centred_grid, coarse_to_fine
+from allocsearch.search.coarse_to_fine import (
+    TYR_INITIAL_STEP,
+    TYR_MIN_STEP,
+    TYR_ROUNDS,
+    centred_grid,
+    coarse_to_fine,
+)
 from allocsearch.search.dp import TableSearcher, dp_solve
 from allocsearch.search.evolutionary import EvolutionarySearcher
 from allocsearch.search.knapsack import mckp_lagrangian, mckp_milp
@@ -78,12 +84,13 @@ from allocsearch.supernet.build import (
     routing_frequencies,
     supernet_units,
     unit_group_counts,
+    unit_min_steps,
     unit_removed_groups,
 )
 from allocsearch.supernet.depth import check_depth_supported, depth_grid
 from allocsearch.supernet.levels import LevelGrid, equal_step_grid, nm_grid
 from allocsearch.supernet.spec import SupernetSpec
-from allocsearch.supernet.store import SupernetStore
+from allocsearch.supernet.store import StoreError, SupernetStore
 
 # Calibration sequences per forward batch while building a supernet.
 BUILD_BATCH = 16
@@ -104,7 +111,11 @@ def load_workspace(cfg: RunConfig) -> Workspace:
 
     The weights stay memory-mapped on the host (``load_model(lazy=True)``): whatever runs
     next moves what it needs to the device (one block at a time when streaming), so the
-    driver of a search never holds a whole model on its device."""
+    driver of a search never holds a whole model on its device. Text sources that do not
+    exist are reported before the model is read."""
+    for source in (cfg.data.calibration, cfg.data.heldout):
+        if source is not None and source != DEMO_NAME:
+            check_source(source)
     model = load_model(resolve_model_path(cfg.model), dtype=cfg.dtype, lazy=True)
     calibration, heldout = load_tokensets(cfg.data, model)
     return Workspace(cfg, model, calibration, heldout)
@@ -275,13 +286,15 @@ def make_grid(cfg: SupernetConfig, model: HFModel, *, target: float) -> LevelGri
             check_depth_supported(adapter)
         if cfg.depth == "drop":
             return depth_grid("drop", None, len(units))
-        groups = unit_group_counts(adapter, cfg.structure, query_heads=_query_heads(cfg))
+        query_heads = _query_heads(cfg)
         grid = centred_grid(
             units,
             np.full(len(units), target),
             cfg.step_fraction,
-            groups=groups,
+            groups=unit_group_counts(adapter, cfg.structure, query_heads=query_heads),
             steps_each_side=cfg.steps_each_side,
+            # 1 kv group (or query head), 32 neurons
+            min_items=unit_min_steps(adapter, cfg.structure, query_heads=query_heads),
         )
         return depth_grid(cfg.depth, grid, len(units))
     numel = np.array([u.numel for u in units], np.int64)
@@ -325,7 +338,21 @@ def build(
 
 
 def open_store(ws: Workspace, path: str | Path) -> SupernetStore:
-    """Open a store, refusing one built for another model or other calibration data."""
+    """Open a store, refusing one built for another model (saying which model it was built
+    from and how to pass it) or other calibration data."""
+    built = SupernetStore.open(path, verify="none")  # the manifest only
+    if built.model_fingerprint != ws.model.fingerprint:
+        source = built.manifest.get("model", {}).get("path")
+        if source is not None and Path(source) == resolve_model_path(DEMO_NAME):
+            source = DEMO_NAME
+        origin = f"the model {source!r}" if source else "another model"
+        fix = f"pass --model {source}" if source else "pass the model it was built from"
+        raise StoreError(
+            f"the supernet {str(path)!r} was built from {origin}, not from the model this run "
+            f"loads ({ws.config.model!r}: other weights, fingerprint {ws.model.fingerprint!r} "
+            f"instead of {built.model_fingerprint!r}); {fix} (or set `model:` in the config), "
+            f"or build a supernet for this model"
+        )
     return SupernetStore.open(
         path,
         model_fingerprint=ws.model.fingerprint,
@@ -454,6 +481,22 @@ def make_searcher(strategy: str, settings: Mapping[str, Any]) -> Searcher:
     except TypeError as e:
         raise ValueError(f"bad settings for strategy {strategy!r}: {e}") from None
     raise ValueError(f"strategy {strategy!r} is not an ask/tell search")
+
+
+def fitness_tokens(strategy: str, settings: Mapping[str, Any]) -> int | None:
+    """Calibration tokens the best fitness a ``strategy`` search reports is measured on:
+    EvoPress's last stage (the parent is re-scored there on a fresh minibatch every
+    generation; Týr's inner search likewise) or a table search's per-candidate tokens;
+    None for allocators, which score nothing."""
+    if strategy == "tyr":
+        inner = {k: v for k, v in settings.items() if k not in TYR_SETTINGS}
+        searcher: Any = EvolutionarySearcher(**_searcher_settings(inner or DEMO_EVOPRESS))
+    elif strategy == "evopress" or strategy in TABLE_STRATEGIES:
+        searcher = make_searcher(strategy, settings)
+    else:
+        return None
+    tokens = searcher.tokens
+    return int(tokens[-1] if isinstance(tokens, tuple | list) else tokens)
 
 
 TABLE_STRATEGIES = ("dp", "knapsack", "knapsack_lagrange")
@@ -637,20 +680,23 @@ def _run_tyr(
     last round's evaluate is left open for its caller (it scored ``outcome.store``)."""
     t0 = time.perf_counter()
     settings = dict(settings)
-    rounds = int(settings.pop("rounds", 3))
-    initial_step = float(settings.pop("initial_step", 0.125))
-    min_step = float(settings.pop("min_step", 0.015625))
+    # Týr's schedule by default: 4 rounds, 12.5% -> 1.5625% of a sublayer (reached in round 4)
+    rounds = int(settings.pop("rounds", TYR_ROUNDS))
+    initial_step = float(settings.pop("initial_step", TYR_INITIAL_STEP))
+    min_step = float(settings.pop("min_step", TYR_MIN_STEP))
     input_mode = str(settings.pop("input_mode", "expected"))
     inner = EvolutionarySearcher(**_searcher_settings(settings or DEMO_EVOPRESS))
     if work_dir is None:
         raise ValueError("the tyr strategy needs a work directory for its per-round supernets")
     cfg = ws.config.supernet
     units = store.spec.units
+    structured = cfg.structure == "heads_neurons"
+    qh = _query_heads(cfg)
     groups = (
-        unit_group_counts(ws.model.adapter, cfg.structure, query_heads=_query_heads(cfg))
-        if cfg.structure == "heads_neurons"
-        else None
+        unit_group_counts(ws.model.adapter, cfg.structure, query_heads=qh) if structured else None
     )
+    # never below the pruner's smallest step (Týr: 1 kv group or query head, 32 neurons)
+    min_items = unit_min_steps(ws.model.adapter, cfg.structure, query_heads=qh) if structured else 1
     counter = iter(range(1_000_000))
     rounds_evaluate: list[Any] = []
 
@@ -658,7 +704,12 @@ def _run_tyr(
         if rounds_evaluate and hasattr(rounds_evaluate[-1], "close"):
             rounds_evaluate[-1].close()  # its actors' CPUs go to this round's build
         grid = centred_grid(
-            units, centers, step, groups=groups, steps_each_side=cfg.steps_each_side
+            units,
+            centers,
+            step,
+            groups=groups,
+            steps_each_side=cfg.steps_each_side,
+            min_items=min_items,
         )
         round_store = build_supernet(
             ws.model,

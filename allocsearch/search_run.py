@@ -28,6 +28,7 @@ from allocsearch.distributed.checkpoint import (
 from allocsearch.distributed.progress import make_callbacks
 from allocsearch.report.plots import plot_fitness_curves, plot_sparsity_profile
 from allocsearch.search.budget import check_feasible_target
+from allocsearch.supernet.store import SupernetStore
 
 SCORED_STRATEGIES = ("evopress", *pipeline.TABLE_STRATEGIES)
 """Ask/tell strategies that score candidates with the evaluator (on the configured
@@ -167,12 +168,27 @@ def ray_layer_map(cfg: RunConfig, console: Console) -> StartedOnFirstCall:
     return StartedOnFirstCall(start)
 
 
-def _default_settings(cfg: RunConfig) -> dict[str, Any]:
+def default_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The search settings of ``cfg``'s strategy: the config's ``search.settings``, else
+    the demo's EvoPress settings for ``evopress`` and ``tyr`` (its inner search), else
+    none."""
     if cfg.search.settings:
         return dict(cfg.search.settings)
-    if cfg.search.strategy == "evopress":
+    if cfg.search.strategy in ("evopress", "tyr"):
         return dict(pipeline.DEMO_EVOPRESS)
     return {}
+
+
+def check_target_before_loading(cfg: RunConfig, supernet: Path) -> None:
+    """Refuse an unreachable budget target from the store's manifest alone, before the
+    model and the calibration data load (minutes for a large model).
+
+    Raises:
+      StoreError: ``supernet`` is not a store. InfeasibleBudgetError: the target is outside
+      what the store's levels can remove (the message states the range).
+    """
+    spec = SupernetStore.open(supernet, verify="none").spec
+    check_feasible_target(spec, pipeline.make_budget(cfg.search, spec))
 
 
 def run_search_command(
@@ -185,8 +201,9 @@ def run_search_command(
     console: Console,
 ) -> None:
     strategy = cfg.search.strategy
-    settings = _default_settings(cfg)
+    settings = default_settings(cfg)
     pipeline.check_settings(strategy, settings)  # before anything loads
+    check_target_before_loading(cfg, supernet)
     ws = pipeline.load_workspace(cfg)
     store = pipeline.open_store(ws, supernet)
     budget = pipeline.make_budget(cfg.search, store.spec)
@@ -258,6 +275,7 @@ def run_search_command(
                 progress=progress,
                 total_generations=getattr(searcher, "generations", None),
                 start_state=state,
+                fitness_label=_fitness_label(cfg, strategy),
             )
 
             def on_generation(s: Any) -> None:
@@ -377,20 +395,30 @@ def _write_recipe(ws, store, budget, outcome, out: Path, *, partial: bool) -> Pa
     return path
 
 
+def _fitness_label(cfg: RunConfig, strategy: str) -> str | None:
+    """``"kl on 2,048 tokens"``: what the search's best fitness is measured on."""
+    tokens = pipeline.fitness_tokens(strategy, default_settings(cfg))
+    return None if tokens is None else f"{cfg.evaluator.metric} on {tokens:,} tokens"
+
+
 def _finish(ws, store, budget, outcome, ppl: float, out: Path, console, *, partial=False) -> None:
     path = _write_recipe(ws, store, budget, outcome, out, partial=partial)
     recipe = pipeline.recipe_from_choice(ws, store, budget, outcome, partial=partial)
     plot_sparsity_profile(recipe, out / "profile.png", overwrite=True)
+    tokens = pipeline.fitness_tokens(outcome.strategy, default_settings(ws.config))
     if outcome.history:
         plot_fitness_curves(
             {outcome.strategy: outcome.history},
             out / "fitness.png",
             metric_name=ws.config.evaluator.metric,
+            tokens=None if tokens is None else {outcome.strategy: tokens},
             overwrite=True,
         )
     held = f"{ppl:.4f}" if ws.model.adapter.is_causal_lm else f"{ppl:.6g}"
+    label = _fitness_label(ws.config, outcome.strategy)
+    fitness = "-" if outcome.fitness is None else f"{outcome.fitness:.6g}"
     console.print(
-        f"{outcome.strategy}: fitness {outcome.fitness if outcome.fitness is not None else '-'}"
+        f"{outcome.strategy}: fitness {fitness}{f' ({label})' if label else ''}"
         f", {pipeline.heldout_label(ws)} {held}, removes {recipe.budget.achieved:.2%} of "
         f"{budget.kind}, {outcome.evaluations} evaluations, {outcome.wall_time_s:.1f} s "
         f"-> {path}",

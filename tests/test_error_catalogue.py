@@ -247,7 +247,7 @@ def _eval(env: Env, model: Path, config: Path | None = None) -> tuple:
 
 def model_dir_errors(env: Env) -> None:
     nope = env.tmp / "nope"
-    expect(env, _eval(env, nope), "ModelLoadError", str(nope), "is not a directory")
+    expect(env, _eval(env, nope), "ModelLoadError", str(nope), "does not exist")
     no_config = env.model("no-config", lambda p: (p / "config.json").unlink())
     expect(env, _eval(env, no_config), "ModelLoadError", str(no_config), "config.json")
     no_weights = env.model("no-weights", lambda p: (p / "model.safetensors").unlink())
@@ -645,6 +645,22 @@ def does_not_fit(env: Env) -> None:
     expect(env, args, "MemoryPlanError", "does not fit for `eval`", "0.9 MiB available")
 
 
+def file_where_a_directory_is_needed(env: Env) -> None:
+    """Issue 16: a path that exists as a file is said to be a file, not "does not exist"."""
+    f = env.tmp / "a-file"
+    f.write_text("mine")
+    cfg = env.workdir / "config.yaml"
+    expect(env, _eval(env, f), "ModelLoadError", str(f), "is a file, expected a directory")
+    search = ("search", "--config", cfg, "--no-progress")
+    expect(env, (*search, "--supernet", f, "--out", env.tmp / "run"), "StoreError", str(f),
+           "is a file, expected a supernet store directory")  # fmt: skip
+    expect(env, (*search, "--supernet", env.supernet, "--out", f), "NotADirectoryError",
+           str(f), "is a file, expected a directory")  # fmt: skip
+    recipe = env.recipe_file("recipe.json")
+    args = ("export", recipe, "--format", "owl", "--out", f / "owl.json")
+    expect(env, args, "NotADirectoryError", repr(str(f)), "is a file, expected a directory")
+
+
 CASES: dict[str, Callable[[Env], None]] = {
     "config file missing or not YAML; config key unknown, wrong type, out of range, min above "
     "max": config_errors,
@@ -682,6 +698,8 @@ CASES: dict[str, Callable[[Env], None]] = {
     "command-line option value not valid (`--format`, `--format evopress` without "
     "`--supernet`)": bad_option,
     "output path exists": output_exists,
+    "path that is a file where a directory is needed (model, supernet store, output "
+    "directory, or a directory above an output)": file_where_a_directory_is_needed,
     "`--resume` without a complete checkpoint, or of a different search": resume_errors,
     "run that does not fit this machine's memory (bytes needed and available in GiB, what "
     "would fit)": does_not_fit,

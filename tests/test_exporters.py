@@ -282,11 +282,11 @@ def test_latency_recipe_is_checked_on_params():
 def test_torch_pruning_ratios():
     out = to_torch_pruning(structured_recipe())
     assert out.content == {
-        "pruning_ratio_dict": {
-            "model.layers.0.self_attn": 0.5,
-            "model.layers.0.mlp": 0.25,
-            "model.layers.1.self_attn": 0.0,
-            "model.layers.1.mlp": 0.5,
+        "pruning_ratio_dict": {  # the input projections: the hidden size stays
+            "model.layers.0.self_attn.q_proj": 0.5,
+            "model.layers.0.mlp.gate_proj": 0.25,
+            "model.layers.1.self_attn.q_proj": 0.0,
+            "model.layers.1.mlp.gate_proj": 0.5,
         },
         "head_pruning_ratio_dict": {
             "model.layers.0.self_attn": 0.5,

@@ -90,7 +90,7 @@ def test_nan_weights_refused(tiny):
 
 
 def test_missing_files(tmp_path):
-    with pytest.raises(ModelLoadError, match="not a directory"):
+    with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(tmp_path / "nope")
     (tmp_path / "d").mkdir()
     with pytest.raises(ModelLoadError, match="config.json is missing"):

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 __all__ = [
     "Document",
+    "check_source",
     "describe_documents",
     "load_documents",
     "read_directory",
@@ -182,12 +183,24 @@ def load_documents(
       FileNotFoundError: the path does not exist (and is not a glob), or nothing matches.
     """
     p = Path(source)
+    check_source(source)
     if p.is_dir():
         return read_directory(p, pattern=pattern, text_field=text_field)
     if p.is_file():
         return _read_file(p, text_field)
-    if _GLOB_CHARS.intersection(str(source)):
-        return read_glob(str(source), text_field=text_field)
+    return read_glob(str(source), text_field=text_field)
+
+
+def check_source(source: str | Path) -> None:
+    """Check, reading nothing, that ``source`` is something :func:`load_documents` reads:
+    an existing file or directory, or a glob pattern (matches are checked when read).
+
+    Raises:
+      FileNotFoundError: the path does not exist and is not a glob pattern.
+    """
+    p = Path(source)
+    if p.exists() or _GLOB_CHARS.intersection(str(source)):
+        return
     raise FileNotFoundError(
         f"text source {str(source)!r} does not exist; expected a file, a directory or a "
         "glob pattern containing * ? or ["

@@ -48,8 +48,10 @@ class SearchCallbacks:
         total_generations: int | None,
         start_state: Any,
         console: Any,
+        fitness_label: str | None = None,
     ) -> None:
         self._searcher = searcher
+        self._fitness_label = fitness_label
         self._checkpointer = checkpointer
         start_generation = 0 if start_state is None else int(start_state.generation)
         if checkpointer is not None and checkpointer.last_generation != start_generation:
@@ -120,7 +122,8 @@ class SearchCallbacks:
             self._progress.update(
                 self._task,
                 completed=int(state.generation),
-                best=f"{best:.6g}" if math.isfinite(best) else "-",
+                best=(f"{best:.6g}" if math.isfinite(best) else "-")
+                + (f" ({self._fitness_label})" if self._fitness_label else ""),
             )
         self._last = time.perf_counter()
 
@@ -154,6 +157,7 @@ def make_callbacks(
     total_generations: int | None = None,
     start_state: Any = None,
     console: Any = None,
+    fitness_label: str | None = None,
 ) -> SearchCallbacks:
     """The ``on_generation`` callback of ``run_search``: JSONL log, checkpoint, progress bar.
 
@@ -169,6 +173,8 @@ def make_callbacks(
         None if unknown.
       start_state: the state the search resumes from (None for a fresh search).
       console: a ``rich.console.Console`` for the bar (default: stderr).
+      fitness_label: what the best fitness is, shown after it (e.g. ``"kl on 2,048
+        tokens"``: a score on a minibatch, not comparable with one on the whole set).
     """
     if total_generations is not None and total_generations < 1:
         raise ValueError(f"total_generations must be >= 1 or None, got {total_generations}")
@@ -180,6 +186,7 @@ def make_callbacks(
         total_generations=total_generations,
         start_state=start_state,
         console=console,
+        fitness_label=fitness_label,
     )
 
 

@@ -50,6 +50,7 @@ tested on one layer of its widths).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import inspect
 import logging
@@ -345,7 +346,8 @@ def _init_ray(
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is not None:
         check_reachable(address)
-        ray.init(address=address, **_RAY_INIT)
+        with _ray_starts_processes():
+            ray.init(address=address, **_RAY_INIT)
         return True
     if workers != AUTO:
         cpus = math.ceil(int(workers) * cpus_per_worker)
@@ -354,8 +356,52 @@ def _init_ray(
         # "auto" on a local instance: the cores this process may use; GPUs only when
         # asked for (None lets Ray detect them)
         cpus, gpus = local_cpu_count(), None if gpus_per_worker else 0
-    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, **_RAY_INIT)
+    with _ray_starts_processes():
+        ray.init(address="local", num_cpus=cpus, num_gpus=gpus, **_RAY_INIT)
     return True
+
+
+# Ray's logger of token-authentication setup, and the notice it logs at every start of a
+# local instance when RAY_AUTH_MODE is unset: that it enabled token authentication (its
+# default, kept) and how to opt out.
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_RAY_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+class _DropMessage(logging.Filter):
+    """Drops the records whose message starts with ``prefix``; others pass."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _ray_starts_processes() -> Iterator[None]:
+    """Around ``ray.init``: no JAX fork warning and no token-authentication notice.
+
+    JAX warns "os.fork() was called ... will likely lead to a deadlock" at every fork once
+    its backend is up. ``ray.init`` starts Ray's own executables (GCS server, raylet, log
+    monitor) with ``subprocess.Popen`` and a ``preexec_fn`` (parent-death signal), so each
+    child runs that one function and then ``exec``s: it never touches JAX's threads or
+    locks and cannot deadlock on them. Only that warning, only inside ``ray.init``, is
+    ignored; forks elsewhere still warn. Ray's notice that it enabled token
+    authentication (its default for a local instance) is dropped the same way; the
+    authentication itself is Ray's choice, or the user's ``RAY_AUTH_MODE``."""
+    notice = _DropMessage(_RAY_AUTH_NOTICE)
+    auth_logger = logging.getLogger(_RAY_AUTH_LOGGER)
+    auth_logger.addFilter(notice)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning
+            )
+            yield
+    finally:
+        auth_logger.removeFilter(notice)
 
 
 class ray_session:  # noqa: N801  (a context manager used like a function)

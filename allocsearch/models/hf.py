@@ -265,8 +265,13 @@ def load_model(
     path = Path(path)
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} not supported; valid: {list(DTYPES)}")
+    if not path.exists():
+        raise ModelLoadError(f"model directory {str(path)!r} does not exist")
     if not path.is_dir():
-        raise ModelLoadError(f"model path {str(path)!r} is not a directory")
+        raise ModelLoadError(
+            f"model path {str(path)!r} is a file, expected a directory (config.json and "
+            f"*.safetensors)"
+        )
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise ModelLoadError(f"{path}: config.json is missing")

@@ -558,11 +558,15 @@ def to_torch_pruning(recipe: Recipe) -> Export[dict[str, dict[str, float]]]:
     """Torch-Pruning ratios for a structured (heads / neurons) recipe.
 
     Returns:
-      Export whose content is ``{"pruning_ratio_dict": {sublayer: ratio},
-      "head_pruning_ratio_dict": {attention sublayer: ratio}}``. Keys are module names
-      (``model.layers.3.mlp``); Torch-Pruning wants module objects:
-      ``{modules[k]: v for k, v in d.items()}`` with ``modules =
-      dict(model.named_modules())``. A ratio is the fraction of CHANNELS removed
+      Export whose content is ``{"pruning_ratio_dict": {input projection: ratio},
+      "head_pruning_ratio_dict": {attention sublayer: ratio}}``. Keys are module names;
+      Torch-Pruning wants module objects: ``{modules[k]: v for k, v in d.items()}`` with
+      ``modules = dict(model.named_modules())``. ``pruning_ratio_dict`` is keyed by each
+      unit's first input projection (``model.layers.3.self_attn.q_proj``,
+      ``model.layers.3.mlp.gate_proj``), whose output channels are the unit's heads or
+      neurons: Torch-Pruning applies a key's ratio to every linear layer inside the key,
+      so a sublayer key (``model.layers.3.mlp``) would also prune ``down_proj``'s output
+      channels, i.e. the model's hidden size. A ratio is the fraction of CHANNELS removed
       (neurons of the MLP, or heads times head_dim of the attention: the same fraction
       as of heads), not of weights.
 
@@ -576,7 +580,7 @@ def to_torch_pruning(recipe: Recipe) -> Export[dict[str, dict[str, float]]]:
             f"(heads / neurons) recipe has; this recipe is {recipe.structure!r}. Use "
             f"--format llm-compressor, owl or jaxpruner for unstructured / N:M recipes"
         )
-    ratios = {u.name: u.fraction for u in recipe.units}
+    ratios = {u.layers[0]: u.fraction for u in recipe.units}  # q_proj / gate_proj (fc_in)
     heads = {u.name: u.fraction for u in recipe.units if u.kind == "heads"}
     index = {x.name: i for i, x in enumerate(recipe.layers)}
     per_layer = recipe.sparsities().copy()
@@ -585,6 +589,9 @@ def to_torch_pruning(recipe: Recipe) -> Export[dict[str, dict[str, float]]]:
             per_layer[index[name]] = u.fraction  # Torch-Pruning removes it from every member
     notes = [
         "keys are module names; map them to modules with dict(model.named_modules())",
+        "pruning_ratio_dict is keyed by each unit's first input projection (q_proj, "
+        "gate_proj): keyed by a whole sublayer, Torch-Pruning would also prune o_proj's / "
+        "down_proj's output channels, the hidden size; pass pruning_ratio=0 for the rest",
         "ratios are fractions of channels removed (removed/total heads or neurons), not of "
         "weights; Torch-Pruning turns them into channel counts, so check the pruned counts "
         "match units[].removed",

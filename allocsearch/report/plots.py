@@ -31,7 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from allocsearch.atomic import atomic_write_bytes
+from allocsearch.atomic import atomic_write_bytes, require_parent_directory
 from allocsearch.models.layers import ROLES
 from allocsearch.recipe.recipe import Recipe
 from allocsearch.report.tables import (
@@ -70,8 +70,7 @@ def _check_target(path: str | os.PathLike[str], overwrite: bool) -> Path:
     target = Path(path)
     if target.suffix.lower() != ".png":
         raise ValueError(f"{os.fspath(target)!r}: figures are written as PNG; use a .png path")
-    if not target.parent.is_dir():
-        raise FileNotFoundError(f"directory {os.fspath(target.parent)!r} does not exist")
+    require_parent_directory(target)
     if not overwrite and target.exists():
         raise FileExistsError(f"{os.fspath(target)!r} exists; pass overwrite=True to replace it")
     return target
@@ -238,9 +237,16 @@ def plot_fitness_curves(
     path: str | os.PathLike[str],
     *,
     metric_name: str,
+    tokens: Mapping[str, int] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Draw best fitness against evaluations used, one line per strategy.
+
+    Each point is the best allocation's fitness as its search measured it: EvoPress
+    re-scores its parent on a fresh minibatch every generation, so the curve may rise as
+    well as fall. ``tokens`` (strategy -> calibration tokens per score, see
+    :func:`~allocsearch.pipeline.fitness_tokens`) puts the token counts in the axis label
+    (one count) or the legend (several), and the title says what a point is.
 
     Args:
       histories: strategy name -> its ``SearchResult.history`` (entries with
@@ -249,6 +255,7 @@ def plot_fitness_curves(
         scored) are left out; every strategy needs at least one finite entry.
       path: output ``.png`` path; its directory must exist.
       metric_name: name of the fitness metric for the y label, e.g. ``"KL per token"``.
+      tokens: calibration tokens each strategy's scores are measured on; None: unlabelled.
       overwrite: replace an existing file instead of raising ``FileExistsError``.
 
     Returns:
@@ -281,17 +288,30 @@ def plot_fitness_curves(
                 f"({len(fitness)} entries); leave strategies without a score out"
             )
         curves[str(name)] = (evals[keep], fitness[keep])
+    tokens = dict(tokens or {})
+    bad = {k: v for k, v in tokens.items() if k not in curves or int(v) < 1}
+    if bad:
+        raise ValueError(f"tokens must map plotted strategies to counts >= 1, got {bad}")
     target = _check_target(path, overwrite)
     log_y = all(np.all(y > 0) for _, y in curves.values())
+    counts = set(tokens.values())
+    one_count = len(counts) == 1 and len(tokens) == len(curves)
     with _figure(FITNESS_SIZE_IN) as fig:
         ax = fig.subplots()
         for i, (name, (x, y)) in enumerate(curves.items()):
             marker = "o" if len(x) <= 50 else None
-            ax.plot(x, y, color=f"C{i % 10}", marker=marker, markersize=3, label=name)
+            label = name if one_count or name not in tokens else f"{name} ({tokens[name]:,} tokens)"
+            ax.plot(x, y, color=f"C{i % 10}", marker=marker, markersize=3, label=label)
         if log_y:
             ax.set_yscale("log")
         ax.set_xlabel("evaluations (candidate scorings)")
-        ax.set_ylabel(f"best {metric_name} (lower is better)")
+        on = f" on {next(iter(counts)):,} tokens" if one_count else ""
+        ax.set_ylabel(f"best {metric_name}{on} (lower is better)")
+        if tokens:
+            ax.set_title(
+                "best allocation so far, as its search scored it (fresh minibatch each generation)",
+                fontsize="small",
+            )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
         return _save(fig, target, overwrite)

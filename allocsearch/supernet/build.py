@@ -413,6 +413,21 @@ def unit_removed_groups(store: SupernetStore) -> np.ndarray:
     return out
 
 
+def unit_min_steps(
+    adapter: ModelAdapter, structure: str, *, query_heads: bool = False
+) -> np.ndarray:
+    """int64[L]: the smallest level step of each structured unit, in its groups (Týr: one
+    kv group for ``attn`` units, ``MIN_NEURON_STEP`` = 32 neurons for ``mlp`` units), the
+    ``min_items`` argument of :func:`~allocsearch.search.coarse_to_fine.centred_grid`."""
+    if structure not in _STRUCTURED:
+        raise ValueError(
+            f"minimum steps exist for structured supernets only; structure {structure!r} is "
+            f"not one of {sorted(_STRUCTURED)}"
+        )
+    plans = _plans(adapter, structure, query_heads=query_heads)
+    return np.array([p.layout.min_step for p in plans], dtype=np.int64)
+
+
 # --------------------------------------------------------------------------- variants
 
 

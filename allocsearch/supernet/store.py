@@ -50,7 +50,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -60,6 +59,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from allocsearch.atomic import commit_directory, temporary_sibling_dir
 from allocsearch.models.safetensors_io import (
     SafetensorsError,
     read_header,
@@ -421,10 +421,7 @@ class StoreWriter:
         self.overwrite = overwrite
         self.storage_dtype = storage_dtype
         self.layout = layout
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp: Path | None = Path(
-            tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        )
+        self._tmp: Path | None = temporary_sibling_dir(self.path)
         self._files: dict[str, dict[str, Any]] = {}
         self._norms: dict[str, Any] | None = None
 
@@ -554,24 +551,9 @@ class StoreWriter:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        # mkdtemp made it 0700; a store is shared like any other output (0777 & ~umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        if self.path.exists():
-            if not self.overwrite:
-                raise FileExistsError(f"{self.path} appeared during the build; not replacing it")
-            backup = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}."))
-            os.replace(self.path, backup / "old")
-            try:
-                os.replace(tmp, self.path)
-            except BaseException:
-                os.replace(backup / "old", self.path)  # a failed commit keeps the old store
-                os.rmdir(backup)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, self.path)
+        if self.path.exists() and not self.overwrite:
+            raise FileExistsError(f"{self.path} appeared during the build; not replacing it")
+        commit_directory(tmp, self.path, overwrite=self.overwrite)  # mode 0777 & ~umask
         self._tmp = None
         return self.path
 
@@ -666,6 +648,16 @@ class SupernetStore:
         _check_choice("verify", verify, VERIFY_MODES)
         path = Path(path)
         mpath = path / MANIFEST_NAME
+        if not path.exists():
+            raise StoreError(
+                f"{path} is not a supernet store: it does not exist (a build that was "
+                f"interrupted leaves no store; build it with `allocsearch build`)"
+            )
+        if not path.is_dir():
+            raise StoreError(
+                f"{os.fspath(path)!r} is a file, expected a supernet store directory (from "
+                f"`allocsearch build`)"
+            )
         if not mpath.is_file():
             raise StoreError(
                 f"{path} is not a supernet store: {MANIFEST_NAME} is missing (a build that "

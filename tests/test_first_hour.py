@@ -1,0 +1,377 @@
+"""What a pruning engineer meets in the first hour (issue 16): the EvoPress database export
+read the way EvoPress's loader reads it, Týr's defaults, --model and the calibration options
+on every command, fitness labelled with its token counts, and paths that are files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from tiny_workspace import write_model_and_corpus
+from typer.testing import CliRunner
+
+from allocsearch import pipeline
+from allocsearch.cli import app
+from allocsearch.config import load_config
+from allocsearch.models import load_model
+from allocsearch.recipe.evopress_db import EVOPRESS_LEVELS_FILE
+from allocsearch.recipe.recipe import Recipe
+from allocsearch.supernet.store import SupernetStore
+
+CFG = {
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": False,
+}
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line(output: str) -> str:
+    return " ".join(output.split())
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A tiny model, its corpus, a config, a magnitude supernet and a random recipe on it."""
+    root = tmp_path_factory.mktemp("first_hour")
+    _, corpus = write_model_and_corpus(root, CFG, docs=4, words_per_doc=400)
+    config = {
+        "model": str(root / "model"),
+        "data": {
+            "calibration": str(corpus),
+            "seq_len": 32,
+            "n_calibration_seqs": 8,
+            "n_heldout_seqs": 4,
+        },
+        "supernet": {"pruner": "magnitude", "center": 0.5, "steps_each_side": 2},
+        "search": {"target": 0.5, "strategy": "random"},
+        "backend": {"kind": "local"},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    r = run("build", "-c", root / "config.yaml", "--out", root / "store", "--no-progress")
+    assert r.exit_code == 0, r.output
+    # a recipe off the centre (no search: it would compile the evaluator): block 0's q_proj
+    # one level sparser, its o_proj (same size, equal-weight steps) one level denser
+    work = pipeline.load_workspace(load_config(root / "config.yaml"))
+    store = SupernetStore.open(root / "store")
+    names = [u.name for u in store.spec.units]
+    choice = store.spec.center.astype(np.int32)
+    choice[names.index("model.layers.0.self_attn.q_proj")] += 1
+    choice[names.index("model.layers.0.self_attn.o_proj")] -= 1
+    budget = pipeline.make_budget(work.config.search, store.spec)
+    outcome = pipeline.Outcome("random", choice, None, 0, 0, 0.0, {})
+    (root / "run").mkdir()
+    pipeline.recipe_from_choice(work, store, budget, outcome).save(root / "run" / "recipe.json")
+    return root
+
+
+# ----------------------------------------------------------------------------- EvoPress database
+
+
+def evopress_style_load(model, database: Path, level_file: str | None, default_level: int = 0):
+    """What EvoPress's ``load_sparse_weights`` does with a database (its documented
+    behaviour, restated): with a level file, each ``name: level`` line puts
+    ``torch.load(<db>/<name>/<level>.pth)`` into ``model.get_submodule(name).weight``, cast
+    to the weight's dtype; without one, every directory of the database gets
+    ``default_level``."""
+    import torch
+
+    if level_file is not None:
+        pairs = [line.split(":") for line in (database / level_file).read_text().splitlines()]
+    else:
+        pairs = [(d.name, default_level) for d in sorted(database.iterdir()) if d.is_dir()]
+    for name, level in pairs:
+        layer = model.get_submodule(name.strip(" "))
+        loaded = torch.load(database / name / f"{int(level)}.pth")
+        assert loaded.shape == layer.weight.shape, name  # EvoPress assigns without a check
+        layer.weight.data = loaded.to(layer.weight.dtype)
+
+
+@pytest.mark.slow
+def test_evopress_database_is_what_evopress_loads(ws):
+    """Issue 16.7: the database has one directory per module with one .pth per level
+    (relative to the centre), each the supernet's variant in the HF weight's shape; the
+    level file, read as EvoPress reads it, gives every layer the recipe's sparsity."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    db = ws / "evopress_db"
+    args = ("export", ws / "run" / "recipe.json", "--format", "evopress-db", "--out", db)
+    r = run(*args, "--supernet", ws / "store")
+    assert r.exit_code == 2 and "needs --supernet" in one_line(r.output) and not db.exists()
+    r = run(*args, "--supernet", ws / "store", "--model", ws / "model")
+    assert r.exit_code == 0, r.output
+    assert f"load_sparse_weights(model, '{db}', '{EVOPRESS_LEVELS_FILE}')" in one_line(r.output)
+
+    recipe = Recipe.load(ws / "run" / "recipe.json")
+    store = SupernetStore.open(ws / "store")
+    model = load_model(ws / "model")
+    spec = store.spec
+    assert sorted(p.name for p in db.iterdir()) == sorted(
+        [EVOPRESS_LEVELS_FILE, *(u.name for u in spec.units)]
+    )
+    for u, unit in enumerate(spec.units):
+        (param,) = store.unit_params[u]
+        c, k_levels = int(spec.center[u]), int(spec.num_levels[u])
+        files = sorted(p.name for p in (db / unit.name).iterdir())
+        assert files == sorted(f"{k - c}.pth" for k in range(k_levels))
+        dense = np.asarray(model.params[param])
+        for k in range(k_levels):
+            w = torch.load(db / unit.name / f"{k - c}.pth", weights_only=True)
+            assert w.dtype == torch.float32 and tuple(w.shape) == dense.shape
+            want = store.read_levels(param, [k], dense)[0]
+            np.testing.assert_array_equal(w.numpy(), want)
+            assert float(np.mean(want == 0)) == pytest.approx(spec.sparsity[u, k], abs=1e-12)
+    lines = (db / EVOPRESS_LEVELS_FILE).read_text().splitlines()
+    assert [line.split(": ")[0] for line in lines] == [x.name for x in recipe.layers]
+    assert sorted(int(line.split(": ")[1]) for line in lines)[::13] == [-1, 1]
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ws / "model", dtype=torch.float32)
+    evopress_style_load(hf, db, EVOPRESS_LEVELS_FILE)
+    for x in recipe.layers:
+        w = hf.get_submodule(x.name).weight.detach().numpy()
+        assert float(np.mean(w == 0)) == pytest.approx(x.sparsity, abs=1e-12), x.name
+    evopress_style_load(hf, db, None)  # no level file: level 0 everywhere, the uniform one
+    for u, unit in enumerate(spec.units):
+        w = hf.get_submodule(unit.name).weight.detach().numpy()
+        assert float(np.mean(w == 0)) == pytest.approx(spec.sparsity[u, spec.center[u]])
+
+    before = sorted(p.name for p in ws.iterdir())
+    r = run(*args, "--supernet", ws / "store", "--model", ws / "model")
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    r = run(*args, "--supernet", ws / "store", "--model", ws / "model", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in ws.iterdir()) == before  # no temporary directory left
+
+
+# ----------------------------------------------------------------------------- Týr defaults
+
+
+def demo_adapter():
+    import json
+
+    from allocsearch.assets_paths import demo_model_dir
+    from allocsearch.models.hf import adapter_for_config
+
+    return adapter_for_config(json.loads((demo_model_dir() / "config.json").read_text()))
+
+
+def test_tyr_defaults_are_four_rounds_and_32_neuron_steps(monkeypatch, tmp_path):
+    """Issue 16.9: the pipeline's Týr runs the paper's 4 rounds (12.5% -> 1.5625% of a
+    sublayer) and its grids never step by fewer than 32 neurons: round 4 on the demo
+    model's 704-neuron MLPs would step by round(0.015625 * 704) = 11 neurons."""
+    from types import SimpleNamespace
+
+    from allocsearch.config import config_from_dict
+    from allocsearch.models.hf import HFModel
+    from allocsearch.search.coarse_to_fine import step_schedule
+    from allocsearch.supernet.build import supernet_units
+
+    adapter = demo_adapter()
+    units = supernet_units(adapter, "heads_neurons")
+    seen: dict = {}
+
+    class Built(Exception):
+        pass
+
+    def fake_build(model, calibration, *, grid, **kw):
+        seen["grid"] = grid
+        raise Built
+
+    def fake_coarse_to_fine(*, rebuild, rounds, initial_step, min_step, **kw):
+        seen["steps"] = step_schedule(initial_step=initial_step, min_step=min_step, rounds=rounds)
+        rebuild(np.full(len(units), 0.25), seen["steps"][-1])  # the last round's grid
+
+    monkeypatch.setattr(pipeline, "build_supernet", fake_build)
+    monkeypatch.setattr(pipeline, "coarse_to_fine", fake_coarse_to_fine)
+    cfg = config_from_dict({"supernet": {"structure": "heads_neurons"}})
+    work = SimpleNamespace(config=cfg, model=HFModel(adapter, {}), calibration=None)
+    store = SimpleNamespace(spec=SimpleNamespace(units=units))
+    with pytest.raises(Built):
+        pipeline._run_tyr(work, store, None, seed=0, settings={}, work_dir=tmp_path, progress=False)
+    assert seen["steps"] == (0.125, 0.0625, 0.03125, 0.015625)
+    grid = seen["grid"]
+    for u, unit in enumerate(units):
+        levels = grid.sparsity[u][grid.valid[u]]
+        if unit.role == "mlp":  # centre 176 of 704 neurons, steps of 32: 48 .. 304
+            np.testing.assert_allclose(levels, (176 + 32 * np.arange(-4, 5)) / 704)
+        else:  # 2 kv groups: centre round(0.5) = 1 group removed, steps of one group
+            np.testing.assert_allclose(levels, [0.0, 0.5, 1.0])
+
+    # the first supernet (`build`) keeps the same floor
+    fine = config_from_dict({"supernet": {"structure": "heads_neurons", "center": 0.25,
+                                          "step_fraction": 0.015625}})  # fmt: skip
+    grid = pipeline.make_grid(fine.supernet, HFModel(adapter, {}), target=0.25)
+    mlp = [u for u, unit in enumerate(units) if unit.role == "mlp"]
+    np.testing.assert_allclose(np.diff(grid.sparsity[mlp][:, :2], axis=1), 32 / 704)
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_model_and_calibration_options_are_validated_before_loading(ws, tmp_path, monkeypatch):
+    """Issue 16: search/compare/eval take --model (overriding the config's), the calibration
+    source, sequence length and count and EvoPress generations; bad values are one line
+    naming the option, and a missing source or an unreachable target is reported before
+    the model loads."""
+    import jax
+
+    from allocsearch.models import HFModel, adapter_for_config, save_model
+
+    cfg = ws / "config.yaml"
+    search = ("search", "-c", cfg, "--supernet", ws / "store", "--no-progress")
+    cases = [
+        (("eval", "-c", cfg, "--seq-len", "0"), "--seq-len: data.seq_len = 0 must be >= 1"),
+        (("build", "-c", cfg, "--out", tmp_path / "s", "--calibration-seqs", "0"),
+         "--calibration-seqs: data.n_calibration_seqs = 0 must be >= 1"),
+        ((*search, "--out", tmp_path / "r", "--generations", "0"),
+         "--generations must be an integer >= 1, got 0"),
+        ((*search, "--out", tmp_path / "r", "--strategy", "dp", "--generations", "5"),
+         "strategy 'dp' does not run; use it with evopress or tyr"),
+        (("compare", "-c", cfg, "--supernet", ws / "store", "--out", tmp_path / "r",
+          "--strategies", "uniform,dp", "--generations", "5"), "none of ['uniform', 'dp'] runs"),
+        ((*search, "--out", tmp_path / "r", "--calibration", tmp_path / "nowhere.txt"),
+         f"text source '{tmp_path / 'nowhere.txt'}' does not exist"),
+        ((*search, "--out", tmp_path / "r", "--target", "0.95"),
+         "InfeasibleBudgetError: target 0.95 (params removed) is not achievable"),
+        (("compare", "-c", cfg, "--supernet", ws / "store", "--out", tmp_path / "r",
+          "--strategies", "uniform", "--target", "0.95"), "target 0.95 (params removed)"),
+    ]  # fmt: skip
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error was found")
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "load_model", no_model)
+        for args, message in cases:
+            r = run(*args)
+            assert r.exit_code == 2, (args, r.output)
+            assert message in one_line(r.output), (args, r.output)
+            assert "Traceback" not in r.output and not (tmp_path / "r").exists()
+
+    # a supernet searched with another model says which model it was built from
+    adapter = adapter_for_config(CFG)
+    save_model(HFModel(adapter, adapter.init_params(jax.random.key(1))), tmp_path / "other")
+    r = run(*search, "--out", tmp_path / "r", "--model", tmp_path / "other")
+    assert r.exit_code == 2, r.output
+    assert (
+        f"was built from the model '{ws / 'model'}', not from the model this run loads "
+        f"('{tmp_path / 'other'}'" in one_line(r.output)
+    )
+    assert f"pass --model {ws / 'model'}" in one_line(r.output)
+
+    # eval uses the config's model (not the demo) and the options' sequence length
+    r = run("eval", "-c", cfg, "--seq-len", "16")
+    assert r.exit_code == 0, r.output
+    assert one_line(r.output).startswith(f"{ws / 'model'}: held-out perplexity")
+    assert "on 64 tokens" in one_line(r.output)  # 4 held-out sequences x 16
+
+    # --help states the new options' defaults (what the config gives, else the demo's)
+    import typer
+
+    new = {"model", "calibration", "seq_len", "calibration_seqs", "generations"}
+    for command in ("search", "compare", "eval", "build"):
+        params = typer.main.get_command(app).commands[command].params
+        helps = {p.name: p.help for p in params if p.name in new}
+        assert len(helps) >= 3 and all("[default: the config's " in h for h in helps.values())
+
+
+# ----------------------------------------------------------------------------- fitness labels
+
+
+def test_fitness_is_labelled_with_its_token_count(tmp_path, monkeypatch):
+    """Issue 16: a search's best fitness is measured on its last stage's tokens (2,048 in
+    the demo settings), the demo table's on the whole set; progress lines and fitness.png
+    say which."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from allocsearch.distributed.progress import make_callbacks
+    from allocsearch.report import plots
+    from allocsearch.search.base import HistoryEntry
+
+    assert pipeline.fitness_tokens("evopress", pipeline.DEMO_EVOPRESS) == 2048
+    assert pipeline.fitness_tokens("evopress", {"tokens": [64, 256], "survivors": [2, 1]}) == 256
+    assert pipeline.fitness_tokens("tyr", {"rounds": 2}) == 2048  # its inner search's
+    assert pipeline.fitness_tokens("dp", {"tokens": 512}) == 512
+    assert pipeline.fitness_tokens("uniform", {}) is None
+
+    # plain progress lines (stdout not a terminal) carry the label after the fitness
+    out = io.StringIO()
+    result = SimpleNamespace(best_fitness=0.25, evaluations=12, tokens=99, history=())
+    searcher = SimpleNamespace(result=lambda state: result)
+    with make_callbacks(
+        searcher, progress=True, total_generations=2, fitness_label="kl on 2,048 tokens",
+        console=Console(file=out, width=200),
+    ) as callbacks:  # fmt: skip
+        callbacks(SimpleNamespace(generation=1, step=2))
+    assert "best 0.25 (kl on 2,048 tokens)" in out.getvalue(), out.getvalue()
+
+    # fitness.png: the token count on the axis (one count) or in the legend (several)
+    figures = []
+    monkeypatch.setattr(plots, "_png_bytes", lambda fig: figures.append(fig) or b"png")
+    history = (HistoryEntry(1, 12, 99, 0.5), HistoryEntry(2, 24, 198, 0.4))
+    plots.plot_fitness_curves(
+        {"evopress": history}, tmp_path / "a.png", metric_name="kl", tokens={"evopress": 2048}
+    )
+    ax = figures[-1].axes[0]
+    assert ax.get_ylabel() == "best kl on 2,048 tokens (lower is better)"
+    assert "fresh minibatch each generation" in ax.get_title()
+    plots.plot_fitness_curves(
+        {"evopress": history, "dp": history}, tmp_path / "b.png", metric_name="kl",
+        tokens={"evopress": 2048, "dp": 512},
+    )  # fmt: skip
+    ax = figures[-1].axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "evopress (2,048 tokens)", "dp (512 tokens)"
+    ]  # fmt: skip
+    assert ax.get_ylabel() == "best kl (lower is better)"
+
+
+# ----------------------------------------------------------------------------- Ray start noise
+
+
+def test_ray_start_drops_only_the_fork_warning_and_the_auth_notice():
+    """Issue 16: ``ray.init`` (inside ``_ray_starts_processes``) printed JAX's os.fork()
+    warning and Ray's token-authentication notice on every run; exactly those two are
+    dropped there, and nothing else is."""
+    import logging
+    import warnings
+
+    from allocsearch.distributed import ray_backend
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    auth = logging.getLogger(ray_backend._RAY_AUTH_LOGGER)
+    auth.addHandler(handler)
+    fork = "os.fork() was called. os.fork() is incompatible with multithreaded code"
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with ray_backend._ray_starts_processes():
+                warnings.warn(fork, RuntimeWarning, stacklevel=1)
+                warnings.warn("another warning", RuntimeWarning, stacklevel=1)
+                auth.warning("Token authentication is enabled for this Ray cluster. Set ...")
+                auth.warning("Token authentication is disabled for this Ray cluster. ...")
+            warnings.warn(fork, RuntimeWarning, stacklevel=1)  # outside ray.init: kept
+            auth.warning("Token authentication is enabled for this Ray cluster (later)")
+    finally:
+        auth.removeHandler(handler)
+    assert [str(w.message)[:40] for w in seen] == ["another warning", fork[:40]]
+    assert [r.getMessage()[:40] for r in records] == [
+        "Token authentication is disabled for thi", "Token authentication is enabled for this"
+    ]  # fmt: skip
