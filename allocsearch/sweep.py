@@ -216,13 +216,14 @@ class SweepRow:
 class SweepResult:
     """Everything a sweep wrote: rows per target and strategy, the dense perplexity, and
     what was scored (``table_rows`` once, ``scorings`` single allocations, ``evopress``
-    EvoPress candidates)."""
+    EvoPress candidates); ``fidelity``: calibration tokens of the common minibatch."""
 
     rows: list[SweepRow]
     dense_ppl: float
     table_rows: int
     scorings: int
     evopress: int
+    fidelity: int
 
 
 def target_dir(out: Path, target: float) -> Path:
@@ -407,6 +408,7 @@ def run_sweep(
         table_rows=1 + int(np.count_nonzero(allowed[:, 1:])),
         scorings=sum(1 for n in cache.query_sizes() if n == 1),
         evopress=sum(r.evaluations for r in rows if r.strategy == "evopress"),
+        fidelity=fidelity,
     )
     write_report(cfg, ws, result, out, targets)
     return result
@@ -516,8 +518,8 @@ def write_report(
     )
     head = (
         f"# {cfg.model}: {cfg.search.budget_kind} budget sweep over {n} targets\n\n"
-        f"{cfg.evaluator.metric}: on {ws.calibration.n_tokens:,} calibration tokens at most "
-        f"(lower is better); held-out perplexity on {ws.heldout.n_tokens:,} tokens.\n\n"
+        f"{cfg.evaluator.metric}: on one minibatch of {result.fidelity:,} calibration tokens "
+        f"(DP's; lower is better); held-out perplexity on {ws.heldout.n_tokens:,} tokens.\n\n"
     )
     table = markdown(result, cfg.evaluator.metric)
     atomic_write_text(head + table + "\n\n" + note, out / "sweep.md", overwrite=True)
@@ -607,5 +609,9 @@ def run_sweep_command(
     console.print(
         markdown(result, cfg.evaluator.metric), soft_wrap=True, highlight=False, markup=False
     )
-    console.print(f"wrote {out}/sweep.md, sweep.png and one recipe per target and strategy")
+    console.print(
+        f"wrote {out}/sweep.md, sweep.png and one recipe per target and strategy",
+        soft_wrap=True,
+        highlight=False,
+    )
     return result

@@ -21,7 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 from allocsearch.data.tokenset import TokenSet  # noqa: E402
 from allocsearch.models import load_model  # noqa: E402
 from allocsearch.pruners import LayerStats, StructuredPruner  # noqa: E402
-from allocsearch.pruners.structured import HeadGroups  # noqa: E402
+from allocsearch.pruners.structured import HeadGroups, NeuronGroups  # noqa: E402
 from allocsearch.recipe.apply import apply_recipe, choice_for_recipe, write_pruned  # noqa: E402
 from allocsearch.recipe.recipe import (  # noqa: E402
     Calibration,
@@ -301,6 +301,15 @@ def test_query_head_layout_counts_by_hand():
     np.testing.assert_array_equal(
         fused.dead_rows(keep)["qkv"], np.concatenate([dead["q"], dead["k"], dead["v"]])
     )
+
+
+def test_fused_gate_up_rows_by_hand():
+    """Phi-3's gate_up_proj: neuron n is rows n (gate) and I + n (up)."""
+    lay = NeuronGroups(hidden_size=4, intermediate_size=3, fused_gate_up=True)
+    np.testing.assert_array_equal(lay.dead_rows([True, False, True])["fc_in"], [0, 1, 0, 0, 1, 0])
+    assert int(lay.kept_params([True, False, True])) == 2 * (2 * 4) + 2 * 4
+    with pytest.raises(ValueError, match="fused_gate_up=True needs gated=True"):
+        NeuronGroups(hidden_size=4, intermediate_size=3, gated=False, fused_gate_up=True)
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import FuncFormatter, PercentFormatter
 
 from allocsearch.atomic import atomic_write_bytes, require_parent_directory
 from allocsearch.models.layers import ROLES
@@ -581,6 +581,9 @@ def plot_quality_vs_sparsity(
         if dense_ppl is not None:
             ax.axhline(dense_ppl, color="k", linestyle="--", linewidth=1, label="dense")
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 6, 7, 10, 20 rather than 6 x 10^0
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel("sparsity achieved (% removed)")
         ax.set_ylabel(_PPL_LABEL)
         ax.grid(True, which="both", alpha=0.3)
