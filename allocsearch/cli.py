@@ -743,9 +743,10 @@ def apply(
     ] = True,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Prune a Hugging Face checkpoint with a recipe and write a Hugging Face checkpoint."""
+    """Prune a Hugging Face checkpoint with a recipe and write a Hugging Face checkpoint
+    (with the source directory's tokenizer files)."""
     from allocsearch import pipeline
-    from allocsearch.recipe.apply import apply_recipe, write_pruned
+    from allocsearch.recipe.apply import apply_recipe, tokenizer_files, write_pruned
     from allocsearch.recipe.recipe import Recipe
     from allocsearch.supernet.store import SupernetStore
 
@@ -767,7 +768,14 @@ def apply(
         physical=physical,
         query_heads=cfg.supernet.head_granularity == "query_head",
     )
-    write_pruned(pruned, out, config_updates=updates, dtype=dtype, overwrite=overwrite)
+    write_pruned(
+        pruned,
+        out,
+        config_updates=updates,
+        dtype=dtype,
+        overwrite=overwrite,
+        copy_files=tokenizer_files(ws.model.path),  # the pruned model keeps its tokenizer
+    )
     out_console.print(report.summary(), highlight=False)
     if timing:
         import jax

@@ -98,7 +98,6 @@ def test_cli_bert_build_search_apply_eval(structure, tmp_path):
         "model": str(model_dir),
         "data": {
             "calibration": str(corpus),
-            "tokenizer": str(tok),  # the pruned directory has no tokenizer.json
             "seq_len": 16,
             "n_calibration_seqs": 8,
             "n_heldout_seqs": 4,
@@ -145,6 +144,8 @@ def test_cli_bert_build_search_apply_eval(structure, tmp_path):
         "apply", out / "recipe.json", "--config", config_path, "--model", model_dir,
         "--supernet", store, "--out", pruned,
     )  # fmt: skip
+    # the pruned directory keeps the tokenizer, so eval reads it as it read the dense one
+    assert (pruned / "tokenizer.json").read_bytes() == tok.read_bytes()
     r = run("eval", "--config", config_path, "--model", pruned)
     assert f"held-out embedding_cosine to {model_dir}" in " ".join(r.output.split())
 

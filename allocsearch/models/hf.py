@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -327,11 +327,13 @@ def save_model(
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
     config_updates: Mapping[str, Any] | None = None,
+    copy_files: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """Write ``model`` as a Hugging Face directory (config.json + safetensors, sharded with
-    an index above ``max_shard_bytes``). The directory is assembled under a temporary name
-    and renamed into place, so an interrupted save never leaves a complete-looking model.
-    An existing ``path`` is refused unless ``overwrite``."""
+    an index above ``max_shard_bytes``), plus a copy of each of ``copy_files`` (e.g. the
+    source directory's tokenizer files) under its own name. The directory is assembled
+    under a temporary name and renamed into place, so an interrupted save never leaves a
+    complete-looking model. An existing ``path`` is refused unless ``overwrite``."""
     path = Path(path)
     if dtype not in SAFETENSORS_DTYPE_NAMES:
         raise ValueError(f"dtype {dtype!r} not supported; valid: {list(SAFETENSORS_DTYPE_NAMES)}")
@@ -360,6 +362,8 @@ def save_model(
                 size = 0
             shards[-1][name] = tensors[name]
             size += nbytes
+        for extra in copy_files:
+            shutil.copyfile(extra, tmp / Path(extra).name)
         meta = {"format": "pt"}
         if len(shards) == 1:
             write_safetensors(tmp / "model.safetensors", shards[0], meta)

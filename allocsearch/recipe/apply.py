@@ -80,7 +80,15 @@ from allocsearch.supernet.build import (
 from allocsearch.supernet.levels import LevelGrid
 from allocsearch.supernet.store import SupernetStore
 
-__all__ = ["AppliedLayer", "ApplyReport", "apply_recipe", "choice_for_recipe", "write_pruned"]
+__all__ = [
+    "TOKENIZER_FILES",
+    "AppliedLayer",
+    "ApplyReport",
+    "apply_recipe",
+    "choice_for_recipe",
+    "tokenizer_files",
+    "write_pruned",
+]
 
 _STRUCTURED: Final = frozenset({"heads", "neurons", "heads_neurons"})
 # Pruners whose variants depend on the weights only; they get a placeholder token set.
@@ -979,6 +987,7 @@ def write_pruned(
     config_updates: Mapping[str, Any] | None = None,
     dtype: str = "float32",
     overwrite: bool = False,
+    copy_files: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """Save a model returned by :func:`apply_recipe` as a Hugging Face directory
     (config.json with ``config_updates`` + safetensors in ``dtype``), with
@@ -992,6 +1001,8 @@ def write_pruned(
         describe ``model``'s parameter shapes.
       dtype: ``"float32"`` or ``"bfloat16"`` storage.
       overwrite: replace an existing ``path``; otherwise it is refused before writing.
+      copy_files: files copied into the directory under their own names (e.g.
+        :func:`tokenizer_files` of the source model, so the pruned one has its tokenizer).
 
     Returns:
       The written directory.
@@ -1013,4 +1024,31 @@ def write_pruned(
                 f"{tuple(value.shape)}, the updated config gives {shapes.get(name)}; pass the "
                 f"updates apply_recipe returned with this model"
             )
-    return save_model(model, target, dtype=dtype, overwrite=overwrite, config_updates=updates)
+    return save_model(
+        model,
+        target,
+        dtype=dtype,
+        overwrite=overwrite,
+        config_updates=updates,
+        copy_files=copy_files,
+    )
+
+
+TOKENIZER_FILES: Final = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+"""Tokenizer files of a Hugging Face model directory that a pruned copy keeps."""
+
+
+def tokenizer_files(model_dir: str | os.PathLike | None) -> list[Path]:
+    """The :data:`TOKENIZER_FILES` present in ``model_dir`` (none for ``None``)."""
+    if model_dir is None:
+        return []
+    return [Path(model_dir) / n for n in TOKENIZER_FILES if (Path(model_dir) / n).is_file()]
