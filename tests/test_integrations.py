@@ -101,6 +101,7 @@ def export(*args: object) -> None:
 
 TORCH_PRUNING_SCRIPT = """
 import json, sys
+from importlib.metadata import version
 import torch, torch_pruning as tp
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -138,6 +139,7 @@ for b, layer in enumerate(model.model.layers):
     kept[f"model.layers.{b}.self_attn"] = layer.self_attn.q_proj.out_features // cfg.head_dim
     kept[f"model.layers.{b}.mlp"] = layer.mlp.down_proj.in_features
 kept["hidden"] = model.model.norm.weight.shape[0]
+kept["version"] = version("torch-pruning")
 print(json.dumps(kept))
 """
 
@@ -158,6 +160,7 @@ def test_torch_pruning_removes_the_recipes_heads_and_neurons(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     kept = json.loads(run.stdout.strip().splitlines()[-1])
+    print("Torch-Pruning integration: torch-pruning", kept.pop("version"))
     assert kept.pop("hidden") == 8
     assert kept == {u.name: u.total - u.removed for u in recipe.units}
     heads = {u.name: u.total - u.removed for u in recipe.units if u.kind == "heads"}
