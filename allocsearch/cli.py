@@ -118,65 +118,80 @@ ConfigOpt = Annotated[
     ),
 ]
 OverwriteOpt = Annotated[
-    bool, typer.Option("--overwrite", help="Replace existing outputs instead of refusing.")
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace existing outputs instead of refusing (default: refuse existing outputs).",
+    ),
 ]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 BackendOpt = Annotated[
     str | None,
-    typer.Option(help="ray (Ray actors; the config default) | local (in process, no Ray)."),
+    typer.Option(
+        help="ray (Ray actors) | local (in process, no Ray) (default: the config's "
+        "backend.kind, else ray)."
+    ),
 ]
 WorkersOpt = Annotated[
     str | None,
     typer.Option(
         help="Ray actors: an integer, or auto (one per CPU core; on a cluster with GPUs, "
-        "one per GPU)."
+        "one per GPU) (default: the config's backend.workers, else auto)."
     ),
 ]
 StorageDtypeOpt = Annotated[
     str | None,
     typer.Option(
-        help="Dense variants' storage: auto (the model's dtype; the config default) | "
-        "float32 | bfloat16."
+        help="Dense variants' storage: auto (the model's dtype) | float32 | bfloat16 "
+        "(default: the config's supernet.storage_dtype, else auto)."
     ),
 ]
 ModelOpt = Annotated[
     str | None,
     typer.Option(
-        help="Model directory or 'demo' [default: the config's model, else demo]; overrides "
-        "the config's `model`."
+        help="Model directory or 'demo'; overrides the config's `model` (default: the config's "
+        "model, else demo)."
     ),
 ]
 CalibrationOpt = Annotated[
     str | None,
     typer.Option(
         help="Calibration text: demo, a text file, a directory, a glob or a .jsonl file "
-        "[default: the config's data.calibration, else demo]."
+        "(default: the config's data.calibration, else demo)."
     ),
 ]
 SeqLenOpt = Annotated[
     int | None,
     typer.Option(
-        help="Tokens per calibration and held-out sequence [default: the config's "
-        "data.seq_len, else 128]."
+        help="Tokens per calibration and held-out sequence (default: the config's "
+        "data.seq_len, else 128)."
     ),
 ]
 CalibrationSeqsOpt = Annotated[
     int | None,
     typer.Option(
-        help="Calibration sequences; calibration tokens = this x --seq-len [default: the "
-        "config's data.n_calibration_seqs, else 64]."
+        help="Calibration sequences; calibration tokens = this x --seq-len (default: the "
+        "config's data.n_calibration_seqs, else 64)."
     ),
 ]
 GenerationsOpt = Annotated[
     int | None,
     typer.Option(
-        help="EvoPress generations (evopress and tyr's inner search) [default: the config's "
-        "search.settings, else 30]."
+        help="EvoPress generations (evopress and tyr's inner search) (default: the config's "
+        "search.settings, else 30)."
     ),
 ]
 AddressOpt = Annotated[
     str | None,
     typer.Option(help="Existing Ray cluster (or RAY_ADDRESS); default: a local Ray instance."),
+]
+
+TargetOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Fraction of the budget to remove (default: the config's search.target if it "
+        "sets one, else the supernet's centre: what a uniform allocation on it removes)."
+    ),
 ]
 
 
@@ -358,15 +373,39 @@ def build(
     out: Annotated[Path, typer.Option("--out", "-o", help="Supernet store directory.")],
     config: ConfigOpt = None,
     model: ModelOpt = None,
-    pruner: Annotated[str | None, typer.Option(help="magnitude | wanda | sparsegpt.")] = None,
-    structure: Annotated[
-        str | None, typer.Option(help="unstructured | nm | heads_neurons.")
+    pruner: Annotated[
+        str | None,
+        typer.Option(
+            help="magnitude | wanda | sparsegpt (default: the config's supernet.pruner, else "
+            "sparsegpt)."
+        ),
     ] = None,
-    center: Annotated[float | None, typer.Option(help="Centre sparsity of the grid.")] = None,
-    input_mode: Annotated[str | None, typer.Option(help="dense | expected | centre.")] = None,
+    structure: Annotated[
+        str | None,
+        typer.Option(
+            help="unstructured | nm | heads_neurons (default: the config's supernet.structure, "
+            "else unstructured)."
+        ),
+    ] = None,
+    center: Annotated[
+        float | None,
+        typer.Option(
+            help="Centre sparsity of the grid (default: the config's supernet.center, else 0.6)."
+        ),
+    ] = None,
+    input_mode: Annotated[
+        str | None,
+        typer.Option(
+            help="dense | expected | centre (default: the config's supernet.input_mode, else "
+            "dense)."
+        ),
+    ] = None,
     depth: Annotated[
         str | None,
-        typer.Option(help="none | sublayers (levels + dropped) | drop (dense or dropped)."),
+        typer.Option(
+            help="none | sublayers (levels + dropped) | drop (dense or dropped) (default: the "
+            "config's supernet.depth, else none)."
+        ),
     ] = None,
     storage_dtype: StorageDtypeOpt = None,
     calibration: CalibrationOpt = None,
@@ -426,11 +465,15 @@ def search(
         typer.Option(
             help="evopress | tyr | dp | knapsack | "
             "knapsack_lagrange | uniform | owl | lamp | "
-            "erk | global_magnitude | random."
+            "erk | global_magnitude | random (default: the config's search.strategy, else "
+            "evopress)."
         ),
     ] = None,
-    target: Annotated[float | None, typer.Option(help="Fraction of the budget to remove.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the search.")] = None,
+    target: TargetOpt = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Seed of the search (default: the config's search.seed, else 0)."),
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Resume from the run's last checkpoint.")] = False,
     model: ModelOpt = None,
     calibration: CalibrationOpt = None,
@@ -478,8 +521,11 @@ def compare(
         "uniform,owl,lamp,erk,dp,knapsack,evopress"
     ),
     config: ConfigOpt = None,
-    target: Annotated[float | None, typer.Option(help="Fraction of the budget to remove.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    target: TargetOpt = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Seed (default: the config's search.seed, else 0)."),
+    ] = None,
     model: ModelOpt = None,
     calibration: CalibrationOpt = None,
     seq_len: SeqLenOpt = None,
@@ -542,7 +588,10 @@ def sweep(
     evopress_generations: Annotated[
         int, typer.Option(help="EvoPress per target from DP's allocation; 0 = off.")
     ] = 0,
-    seed: Annotated[int | None, typer.Option(help="Seed of the searches.")] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Seed of the searches (default: the config's search.seed, else 0)."),
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted sweep in --out.")] = False,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
@@ -643,7 +692,8 @@ def export(
         Path | None,
         typer.Option(
             help="The supernet store the recipe was searched on: the recipe is checked "
-            "against it (any format); evopress and evopress-db need it."
+            "against it (any format); evopress and evopress-db need it (default: none, no "
+            "store check)."
         ),
     ] = None,
     jaxpruner_paths: Annotated[
@@ -660,7 +710,8 @@ def export(
             help="The model the recipe was made for (directory or 'demo'): the recipe is "
             "checked against its weights and layers (any format); for jaxpruner its config "
             "also names the matrices the map leaves to jaxpruner's global sparsity; "
-            "evopress-db needs it (dense weights, module names)."
+            "evopress-db needs it (dense weights, module names) (default: none, no model "
+            "check)."
         ),
     ] = None,
     overwrite: OverwriteOpt = False,
@@ -734,7 +785,13 @@ def apply(
     recipe: Annotated[Path, typer.Argument(help="recipe.json from a search.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Pruned model directory.")],
     model: ModelOpt = None,
-    supernet: Annotated[Path | None, typer.Option(help="Use this supernet's variants.")] = None,
+    supernet: Annotated[
+        Path | None,
+        typer.Option(
+            help="Use this supernet's variants (default: none, the config's pruner prunes "
+            "the dense model at the recipe's sparsities)."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 storage.")] = "float32",
     physical: Annotated[bool, typer.Option(help="Structured: slice matrices physically.")] = True,
@@ -842,11 +899,18 @@ def eval_(
 def plan(
     model: Annotated[
         str | None,
-        typer.Option(help="Model directory (a config.json alone is enough) or 'demo'."),
+        typer.Option(
+            help="Model directory (a config.json alone is enough) or 'demo' (default: the "
+            "config's model, else demo)."
+        ),
     ] = None,
     config: ConfigOpt = None,
     supernet: Annotated[
-        Path | None, typer.Option(help="An existing store: its levels instead of the config's.")
+        Path | None,
+        typer.Option(
+            help="An existing store: its levels instead of the config's (default: none, the "
+            "config's levels)."
+        ),
     ] = None,
     device_memory: Annotated[
         str | None,

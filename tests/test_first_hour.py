@@ -284,7 +284,7 @@ def test_model_and_calibration_options_are_validated_before_loading(ws, tmp_path
     for command in ("search", "compare", "eval", "build"):
         params = typer.main.get_command(app).commands[command].params
         helps = {p.name: p.help for p in params if p.name in new}
-        assert len(helps) >= 3 and all("[default: the config's " in h for h in helps.values())
+        assert len(helps) >= 3 and all("(default: the config's " in h for h in helps.values())
 
 
 # ----------------------------------------------------------------------------- fitness labels

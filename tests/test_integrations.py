@@ -2,20 +2,25 @@
 environment (issue 16, "Exports checked by the tools that read them").
 
 These install a tool from the package index, so they need the network and are skipped
-unless ``ALLOCSEARCH_INTEGRATION=1``::
+unless ``ALLOCSEARCH_INTEGRATION=1``; CI runs them after the main suite (.ci/run)::
 
-    ALLOCSEARCH_INTEGRATION=1 python -m pytest -q -m integration tests/test_integrations.py
+    ALLOCSEARCH_INTEGRATION=1 python -m pytest -q -rs -m integration tests/test_integrations.py
 
 Each test makes a virtual environment under its tmp_path, installs the tool there with
-``--no-deps`` and lets the environment see the test environment's packages (torch,
-transformers) through a ``.pth`` file, so the tool's pins cannot change the environment
-the other tests run in; the tool then reads what allocsearch exported, in a subprocess.
+``--no-deps`` (plus the few small packages it imports that the test environment lacks)
+and lets the environment see the test environment's packages (torch, transformers, jax,
+flax, allocsearch) through a ``.pth`` file, so the tool's pins cannot change the
+environment the other tests run in; the tool then reads what ``allocsearch export``
+wrote, in a subprocess. A test is skipped, quoting pip, only when pip cannot install the
+tool (e.g. the index does not carry it); any mismatch is a failure.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sysconfig
 import textwrap
@@ -23,9 +28,12 @@ import venv
 from pathlib import Path
 
 import pytest
-from test_recipe import structured_recipe
+from test_recipe import nm_recipe, provenance, structured_recipe, unstructured_recipe
+from typer.testing import CliRunner
 
-from allocsearch.recipe.exporters import to_torch_pruning
+from allocsearch.cli import app
+from allocsearch.recipe import LayerEntry, ModelIdentity, Recipe, RecipeBudget, fraction_removed
+from allocsearch.recipe.exporters import llm_compressor_modules, to_torch_pruning
 
 pytestmark = [
     pytest.mark.integration,
@@ -35,11 +43,13 @@ pytestmark = [
     ),
 ]
 
+REPO = Path(__file__).resolve().parents[1]
 
-def tool_python(root: Path, package: str) -> Path:
-    """A virtual environment at ``root`` with ``package`` installed (without its
+
+def tool_python(root: Path, *packages: str) -> Path:
+    """A virtual environment at ``root`` with ``packages`` installed (without their
     dependencies, which come from this test environment); its python. Skips the test,
-    quoting pip, when the package cannot be installed (e.g. not on the index)."""
+    quoting pip, when they cannot be installed (e.g. the index does not carry them)."""
     venv.EnvBuilder(with_pip=True).create(root)
     python = root / "bin" / "python"
     purelib = subprocess.run(
@@ -52,18 +62,46 @@ def tool_python(root: Path, package: str) -> Path:
         sysconfig.get_paths()["purelib"] + "\n"
     )
     pip = subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", "--no-deps", package],
+        [python, "-m", "pip", "install", "--quiet", "--no-deps", *packages],
         capture_output=True,
         text=True,
     )
     if pip.returncode != 0:
-        last = (pip.stderr.strip().splitlines() or ["(no output)"])[-1]
-        pytest.skip(f"pip cannot install {package}: {last}")
+        errors = [ln for ln in pip.stderr.splitlines() if ln.startswith("ERROR")]
+        reason = " / ".join(errors) or (pip.stderr.strip().splitlines() or ["(no output)"])[-1]
+        print(f"pip cannot install {' '.join(packages)}: {reason}")
+        pytest.skip(f"pip cannot install {' '.join(packages)}: {reason}")
     return python
+
+
+def run_tool(python: Path, script: str, *args: object, cwd: Path) -> dict:
+    """Run ``script`` (dedented) with the tool environment's ``python``, allocsearch and
+    tests/ importable, no hub access; its last stdout line, parsed as JSON."""
+    path = cwd / "check.py"
+    path.write_text(textwrap.dedent(script))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "JAX_PLATFORMS": "cpu",
+    }
+    run = subprocess.run(
+        [python, path, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def export(*args: object) -> None:
+    """``allocsearch export ARGS`` through the command line (in process)."""
+    r = CliRunner().invoke(app, ["export", *map(str, args)])
+    assert r.exit_code == 0, r.output
 
 
 TORCH_PRUNING_SCRIPT = """
 import json, sys
+from importlib.metadata import version
 import torch, torch_pruning as tp
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -101,6 +139,7 @@ for b, layer in enumerate(model.model.layers):
     kept[f"model.layers.{b}.self_attn"] = layer.self_attn.q_proj.out_features // cfg.head_dim
     kept[f"model.layers.{b}.mlp"] = layer.mlp.down_proj.in_features
 kept["hidden"] = model.model.norm.weight.shape[0]
+kept["version"] = version("torch-pruning")
 print(json.dumps(kept))
 """
 
@@ -121,9 +160,256 @@ def test_torch_pruning_removes_the_recipes_heads_and_neurons(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     kept = json.loads(run.stdout.strip().splitlines()[-1])
+    print("Torch-Pruning integration: torch-pruning", kept.pop("version"))
     assert kept.pop("hidden") == 8
     assert kept == {u.name: u.total - u.removed for u in recipe.units}
     heads = {u.name: u.total - u.removed for u in recipe.units if u.kind == "heads"}
     neurons = {u.name: u.total - u.removed for u in recipe.units if u.kind == "neurons"}
     assert heads == {"model.layers.0.self_attn": 1, "model.layers.1.self_attn": 2}
     assert neurons == {"model.layers.0.mlp": 12, "model.layers.1.mlp": 8}
+
+
+# ----------------------------------------------------------------------------- llm-compressor
+
+# The release measured; compressed-tensors is its exact pin. Its other pins (transformers
+# <= 5.17, datasets, auto-round, ...) are not installed: the test environment's torch and
+# transformers 5.x serve (see the test's docstring), plus the small packages it imports.
+LLM_COMPRESSOR_PACKAGES = (
+    "llmcompressor==0.14.0.1",
+    "compressed-tensors==0.19.0",
+    "loguru",
+    "accelerate",
+    "datasets",
+    "pyarrow",
+    "pandas",
+    "dill",
+    "multiprocess",
+    "xxhash",
+)
+
+LLM_COMPRESSOR_SCRIPT = """
+import json, sys
+from importlib.metadata import version
+
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from llmcompressor import oneshot
+from llmcompressor.recipe import Recipe
+
+# A tiny random Llama written locally (oneshot reads the model and its tokenizer from a
+# directory); q/k/v/o 128x128, gate/up 256x128, down 128x256 as in the recipe.
+cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+                  tie_word_embeddings=False)
+torch.manual_seed(0)
+LlamaForCausalLM(cfg).save_pretrained("tiny-llama")
+vocab = {f"t{i}": i for i in range(cfg.vocab_size)}
+PreTrainedTokenizerFast(
+    tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+    unk_token="t0", pad_token="t0",
+).save_pretrained("tiny-llama")
+ids = torch.randint(0, cfg.vocab_size, (16, 32), generator=torch.Generator().manual_seed(1))
+calibration = Dataset.from_dict(
+    {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
+)
+
+out = {"versions": {p: version(p) for p in ("llmcompressor", "compressed-tensors",
+                                            "transformers", "torch")}}
+for path in sys.argv[1:]:
+    parsed = [
+        {"type": type(m).__name__, "sparsity": m.sparsity, "targets": list(m.targets),
+         "mask_structure": m.mask_structure, "ignore": list(m.ignore)}
+        for m in Recipe.create_instance(path).modifiers
+    ]
+    model = oneshot(model="tiny-llama", dataset=calibration, recipe=path,
+                    num_calibration_samples=16, max_seq_length=32)
+    zeros, two_of_four = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            w = module.weight.detach()
+            zeros[name] = (w == 0).double().mean().item()
+            groups = (w.reshape(w.shape[0], -1, 4) == 0).sum(-1)  # along the input axis
+            two_of_four[name] = bool((groups == 2).all())
+    out[path] = {"parsed": parsed, "zeros": zeros, "two_of_four": two_of_four}
+print(json.dumps(out))
+"""
+
+
+def scaled(recipe, factor: int):
+    """``recipe`` with every layer ``factor`` times taller and wider: the same sparsities
+    and budget on a model big enough for llm-compressor's SparseGPT (see below)."""
+    layers = tuple(
+        dataclasses.replace(x, shape=(x.shape[0] * factor, x.shape[1] * factor))
+        for x in recipe.layers
+    )
+    return dataclasses.replace(recipe, layers=layers)
+
+
+def test_llm_compressor_parses_and_applies_the_exported_recipes(tmp_path):
+    """llm-compressor's own ``Recipe`` parser reads what ``allocsearch export --format
+    llm-compressor`` writes (per layer with SparseGPT or Wanda, per block, and 2:4), and
+    ``oneshot`` with it on a tiny random Llama (hidden 128, intermediate 256, 2 blocks,
+    written locally; 16 random sequences of 32 tokens; CPU, offline) gives every layer
+    the recipe's sparsity to 1e-4 (per block: the block's weight-weighted mean; 2:4:
+    exactly 2 zeros in every 4 consecutive inputs) and leaves lm_head dense.
+
+    Why 1e-4 and not exact: llm-compressor's SparseGPT zeroes the weights whose score is
+    ``<=`` the k-th smallest of each 128-column block (``sgpt_sparsify.py``), one weight
+    more than the fraction asks; hence layers of >= 128 x 128 here, where that is below
+    1e-4 (on the 8 x 8 layers of the unit-test recipe it would be 1/64). Wanda is exact.
+
+    Measured with llmcompressor 0.14.0.1 (compressed-tensors 0.19.0), torch 2.13 and
+    transformers 5.24, although llmcompressor 0.14.0.1 pins transformers <= 5.17: the
+    pin is not installed (``--no-deps``) and this path works with 5.24; a newer
+    llm-compressor that needs its pinned transformers would fail here, not silently."""
+    python = tool_python(tmp_path / "venv", *LLM_COMPRESSOR_PACKAGES)
+    recipe, nm = scaled(unstructured_recipe(), 16), scaled(nm_recipe(), 16)
+    recipe.save(tmp_path / "recipe.json")
+    nm.save(tmp_path / "nm.json")
+    exports = {
+        "sparsegpt.yaml": ("recipe.json", ()),
+        "wanda.yaml": ("recipe.json", ("--modifier", "WandaPruningModifier")),
+        "block.yaml": ("recipe.json", ("--granularity", "block")),
+        "nm.yaml": ("nm.json", ()),
+    }
+    for name, (source, args) in exports.items():
+        export(tmp_path / source, "--format", "llm-compressor", "--out", tmp_path / name, *args)
+    got = run_tool(python, LLM_COMPRESSOR_SCRIPT, *exports, cwd=tmp_path)
+    print("llm-compressor integration:", got.pop("versions"))
+
+    names, order = llm_compressor_modules(recipe)
+    per_layer = [recipe.layers[i].sparsity for i in order]
+    block_mean = {0: 0.5, 1: 0.55}  # test_recipe: 320/640 and 352/640 of the weights
+    want = {
+        "sparsegpt.yaml": ("SparseGPTModifier", per_layer, "0:0"),
+        "wanda.yaml": ("WandaPruningModifier", per_layer, "0:0"),
+        "block.yaml": ("SparseGPTModifier", [0.5, 0.55], "0:0"),
+        "nm.yaml": ("SparseGPTModifier", [0.5] * len(nm.layers), "2:4"),
+    }
+    for name, (modifier, sparsity, mask) in want.items():
+        (parsed,) = got[name]["parsed"]
+        assert parsed["type"] == modifier, name
+        assert parsed["sparsity"] == pytest.approx(sparsity, abs=1e-12), name
+        assert parsed["mask_structure"] == mask and parsed["ignore"] == ["re:.*lm_head"], name
+        zeros = got[name]["zeros"]
+        assert zeros.pop("lm_head") == 0.0, name
+        assert set(zeros) == set(names), name
+        for x in recipe.layers:
+            expected = {"block.yaml": block_mean[x.block], "nm.yaml": 0.5}.get(name, x.sparsity)
+            assert abs(zeros[x.name] - expected) <= 1e-4, (name, x.name, zeros[x.name], expected)
+    targets = [f"re:{re.escape(n)}$" for n in names]
+    assert got["sparsegpt.yaml"]["parsed"][0]["targets"] == targets
+    assert got["block.yaml"]["parsed"][0]["targets"] == [r"re:model.layers.\d+$"]  # as documented
+    assert all(got["nm.yaml"]["two_of_four"][x.name] for x in nm.layers)
+
+
+# ----------------------------------------------------------------------------- jaxpruner
+
+# jaxpruner's own imports that the test environment lacks (it brings jax, flax, optax).
+JAXPRUNER_PACKAGES = ("jaxpruner", "chex", "toolz", "ml_collections")
+
+JAXPRUNER_SCRIPT = """
+import functools, json, sys
+from importlib.metadata import version
+
+import jax
+import numpy as np
+
+if not hasattr(jax, "tree_map"):  # jaxpruner calls jax.tree_map, an alias JAX 0.6 removed
+    jax.tree_map = jax.tree_util.tree_map
+
+import jaxpruner
+from flax import nnx, traverse_util
+from jaxpruner import sparsity_distributions
+
+from allocsearch.models import load_model
+
+model_dir, map_path = sys.argv[1:]
+with open(map_path) as f:  # the loader of docs/recipe.md
+    custom_sparsity_map = {
+        tuple(e["path"]): e["sparsity"] for e in json.load(f)["custom_sparsity_map"]
+    }
+model = load_model(model_dir)
+params = nnx.state(model.adapter.module(model.params)).to_pure_dict()
+updater = jaxpruner.MagnitudePruning(
+    sparsity_distribution_fn=functools.partial(
+        sparsity_distributions.uniform, sparsity=0.0, custom_sparsity_map=custom_sparsity_map
+    )
+)
+pruned, _ = updater.instant_sparsify(params)
+flat = traverse_util.flatten_dict(params)
+zeros = {
+    json.dumps(list(k)): float(np.mean(np.asarray(v) == 0))
+    for k, v in traverse_util.flatten_dict(pruned).items()
+    if np.ndim(v) == 2
+}
+unmatched = [list(k) for k in custom_sparsity_map if k not in flat]
+print(json.dumps({"version": version("jaxpruner"), "unmatched": unmatched, "zeros": zeros}))
+"""
+
+JAXPRUNER_MODEL = {
+    "model_type": "llama",
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": False,
+}
+
+
+def test_jaxpruner_prunes_allocsearchs_own_flax_tree_as_exported(tmp_path):
+    """jaxpruner's ``MagnitudePruning`` with the ``custom_sparsity_map`` that ``allocsearch
+    export --format jaxpruner --jaxpruner-paths nnx`` wrote (loaded with docs/recipe.md's
+    three lines), applied by ``instant_sparsify`` to allocsearch's own Flax parameter tree
+    (``nnx.state(...).to_pure_dict()`` of a tiny random Llama with grouped-query
+    attention), matches every exported path and gives every layer exactly the recipe's
+    sparsity; the embeddings and the LM head, outside the map, get jaxpruner's global
+    sparsity (0 here). jaxpruner is installed from the package index when the index has
+    it, else the test is skipped with pip's reason. jaxpruner calls ``jax.tree_map``,
+    which JAX 0.6 removed; the script restores that alias (jax.tree_util.tree_map) first."""
+    import jax
+
+    from allocsearch.models import HFModel, adapter_for_config, load_model, save_model
+
+    python = tool_python(tmp_path / "venv", *JAXPRUNER_PACKAGES)
+    adapter = adapter_for_config(JAXPRUNER_MODEL)
+    save_model(HFModel(adapter, adapter.init_params(jax.random.key(0))), tmp_path / "model")
+    model = load_model(tmp_path / "model")
+    # eighths: every layer's weight count (>= 512) times its sparsity is an integer
+    layers = tuple(
+        LayerEntry(name=i.name, role=i.role, block=i.block, shape=i.shape, sparsity=s)
+        for k, i in enumerate(model.adapter.layers())
+        for s in [((3 * k) % 7 + 1) / 8]
+    )
+    achieved = fraction_removed(layers, "params")
+    recipe = Recipe(
+        model=ModelIdentity(
+            name_or_path=str(tmp_path / "model"),
+            architecture="LlamaForCausalLM",
+            model_type="llama",
+            fingerprint=model.fingerprint,
+        ),
+        layers=layers,
+        budget=RecipeBudget(kind="params", target=achieved, achieved=achieved),
+        provenance=provenance(),
+    )
+    recipe.save(tmp_path / "recipe.json")
+    export(
+        tmp_path / "recipe.json", "--format", "jaxpruner", "--jaxpruner-paths", "nnx",
+        "--model", tmp_path / "model", "--out", tmp_path / "map.json",
+    )  # fmt: skip
+    got = run_tool(
+        python, JAXPRUNER_SCRIPT, tmp_path / "model", tmp_path / "map.json", cwd=tmp_path
+    )
+    print("jaxpruner integration: jaxpruner", got["version"])
+    assert got["unmatched"] == []
+    zeros = {tuple(json.loads(k)): v for k, v in got["zeros"].items()}
+    for x in recipe.layers:
+        key = (*(int(p) if p.isdigit() else p for p in x.name.split(".")), "weight")
+        assert zeros.pop(key) == x.sparsity, x.name
+    assert zeros == {("model", "embed_tokens", "weight"): 0.0, ("lm_head", "weight"): 0.0}
