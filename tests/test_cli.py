@@ -336,20 +336,20 @@ def _ray_commands(workdir, supernet, tmp_path):
     # compare scores every outcome on the actors (no evaluator in this process) and
     # writes the in-process numbers
     args = ("compare", "--config", default, "--supernet", store, "--no-progress")
-    args = (*args, "--strategies", "uniform,dp")
+    args = (*args, "--strategies", "uniform")
     r = run(*args, "--out", tmp_path / "cmp-ray", "--workers", "2")
     assert r.exit_code == 0, r.output
     r = run(*args, "--out", tmp_path / "cmp-local", "--backend", "local")
     assert r.exit_code == 0, r.output
     tables = [_numbers(tmp_path / d / "compare.md") for d in ("cmp-ray", "cmp-local")]
-    assert len(tables[0]) == len(tables[1]) > 6
+    assert len(tables[0]) == len(tables[1]) >= 3
     np.testing.assert_allclose(tables[0], tables[1], rtol=1e-4)  # as printed
 
 
 def _numbers(path: Path) -> list[float]:
     """The numbers of a compare table's strategy rows, wall times left out."""
     rows = [line.split("|")[1:-1] for line in path.read_text().splitlines()]
-    rows = [r for r in rows if r and r[0].strip() in ("uniform", "dp")]
+    rows = [r for r in rows if r and r[0].strip() == "uniform"]
     header = next(
         line.split("|")[1:-1] for line in path.read_text().splitlines() if "strategy" in line
     )
