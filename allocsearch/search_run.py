@@ -191,6 +191,23 @@ def check_target_before_loading(cfg: RunConfig, supernet: Path) -> None:
     check_feasible_target(spec, pipeline.make_budget(cfg.search, spec))
 
 
+def run_fingerprint(cfg: RunConfig, ws, store, budget, searcher, key) -> str:
+    """What identifies a search for its checkpoints: the searcher, supernet, budget and key,
+    and the model, calibration tokens and metric it scores with (a checkpoint of any
+    other search is not resumed)."""
+    return search_fingerprint(
+        searcher=searcher,
+        spec=store.spec,
+        budget=budget,
+        key=key,
+        extra={
+            "model": ws.model.fingerprint,
+            "calibration": ws.calibration.fingerprint,
+            "metric": cfg.evaluator.metric,
+        },
+    )
+
+
 def run_search_command(
     cfg: RunConfig,
     supernet: Path,
@@ -232,17 +249,7 @@ def run_search_command(
 
     searcher = pipeline.make_searcher(strategy, settings)
     key = jax.random.key(cfg.search.seed)
-    fingerprint = search_fingerprint(
-        searcher=searcher,
-        spec=store.spec,
-        budget=budget,
-        key=key,
-        extra={
-            "model": ws.model.fingerprint,
-            "calibration": ws.calibration.fingerprint,
-            "metric": cfg.evaluator.metric,
-        },
-    )
+    fingerprint = run_fingerprint(cfg, ws, store, budget, searcher, key)
     ckpt_dir = out / "checkpoints"
     state = latest_state(ckpt_dir, fingerprint=fingerprint) if resume else None
     if resume and state is None:

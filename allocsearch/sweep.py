@@ -31,6 +31,7 @@ from allocsearch.report.plots import plot_quality_vs_sparsity
 from allocsearch.report.tables import format_column, format_value
 from allocsearch.search.base import Evaluate, draw_batch_seed, numpy_rng
 from allocsearch.search.budget import Budget, CostModel, InfeasibleBudgetError
+from allocsearch.search_run import run_fingerprint
 from allocsearch.supernet.spec import SupernetSpec
 from allocsearch.supernet.store import MANIFEST_NAME, SupernetStore
 
@@ -430,17 +431,7 @@ def _evopress(cfg, ws, store, budget, evaluate, tdir: Path, settings, start) -> 
     settings = {**settings, "start": np.asarray(start, dtype=np.int32)}
     searcher = pipeline.make_searcher("evopress", settings)
     key = jax.random.key(cfg.search.seed)
-    fingerprint = search_fingerprint(
-        searcher=searcher,
-        spec=store.spec,
-        budget=budget,
-        key=key,
-        extra={
-            "model": ws.model.fingerprint,
-            "calibration": ws.calibration.fingerprint,
-            "metric": cfg.evaluator.metric,
-        },
-    )
+    fingerprint = run_fingerprint(cfg, ws, store, budget, searcher, key)
     ckpt = tdir / "checkpoints"
     state = latest_state(ckpt, fingerprint=fingerprint) if ckpt.exists() else None
     with SearchCheckpointer(ckpt, fingerprint=fingerprint) as checkpointer:
