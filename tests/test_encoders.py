@@ -33,6 +33,20 @@ def test_fixed_padding_and_truncation_of_a_tokenizer_json_are_not_applied(tmp_pa
     np.testing.assert_array_equal(tok.encode("the cat sat on the mat"), [2, 3, 4, 5, 2, 6])
 
 
+def test_nearest_neighbour_agreement_by_hand():
+    """Dense neighbours: a<->b, c<->d. Pruned: b moves to (0.5, 0.5), whose nearest is
+    now d (cos 0.78 against 0.71 for a and c); a (b at 0.71 > d at 0.11), c and d keep
+    theirs: 3 of 4 agree. Scaling embeddings changes no cosine: full agreement."""
+    from allocsearch.evaluate.metrics import nearest_neighbour_agreement
+
+    dense = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    pruned = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.1, 0.9]])
+    assert nearest_neighbour_agreement(dense, pruned) == 0.75
+    assert nearest_neighbour_agreement(dense, dense * np.array([[2.0], [3.0], [4.0], [5.0]])) == 1.0
+    with pytest.raises(ValueError, match="N >= 2"):
+        nearest_neighbour_agreement(dense[:1], pruned[:1])
+
+
 BERT = {
     "model_type": "bert",
     "architectures": ["BertModel"],
@@ -148,6 +162,16 @@ def test_cli_bert_build_search_apply_eval(structure, tmp_path):
     assert (pruned / "tokenizer.json").read_bytes() == tok.read_bytes()
     r = run("eval", "--config", config_path, "--model", pruned)
     assert f"held-out embedding_cosine to {model_dir}" in " ".join(r.output.split())
+    assert "nearest-neighbour agreement" in " ".join(r.output.split())
+    # compare: the table reports distance and NN agreement, never a perplexity
+    run(
+        "compare", "--config", config_path, "--supernet", store, "--out", tmp_path / "cmp",
+        "--strategies", "uniform,owl", "--no-progress",
+    )  # fmt: skip
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "held-out distance" in table and "NN agreement" in table
+    assert "ppl" not in table and "perplexity" not in table
+    assert (tmp_path / "cmp" / "compare.png").exists()
 
     ours = load_model(pruned)
     if unstructured:
