@@ -31,6 +31,7 @@ from allocsearch.config import (
     SupernetConfig,
 )
 from allocsearch.data.demo_corpus import demo_tokensets
+from allocsearch.data.encoder_sets import encoder_tokensets
 from allocsearch.data.sources import check_source, load_documents
 from allocsearch.data.tokenizers import ByteTokenizer, load_tokenizer
 from allocsearch.data.tokenset import TokenSet, build_tokensets
@@ -124,7 +125,9 @@ def load_workspace(cfg: RunConfig) -> Workspace:
 
 
 def load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, TokenSet]:
-    """Calibration and held-out token sets (disjoint) for ``model``."""
+    """Calibration and held-out token sets (disjoint) for ``model``: windows of the token
+    stream for a causal language model, sentence-aligned rows wrapped in the tokenizer's
+    own special tokens for an encoder (:func:`~allocsearch.data.encoder_sets.encoder_tokensets`)."""
     if data.calibration == DEMO_NAME:
         return demo_tokensets(
             data.seq_len, data.n_calibration_seqs, data.seed, n_heldout_seqs=data.n_heldout_seqs
@@ -136,7 +139,9 @@ def load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, TokenSet
         if data.heldout
         else None
     )
-    return build_tokensets(
+    # encoders read single wrapped inputs ([CLS] ... [SEP]), not windows of a stream
+    make = build_tokensets if model.adapter.is_causal_lm else encoder_tokensets
+    return make(
         docs,
         tokenizer,
         seq_len=data.seq_len,
