@@ -867,7 +867,8 @@ def eval_(
 ) -> None:
     """Held-out perplexity of a (possibly pruned) model on the configured held-out set (for
     sources other than demo: the end of the calibration corpus unless data.heldout); for
-    encoders, the held-out distance of its outputs to a reference (dense) model's."""
+    encoders, the held-out distance of its outputs to a reference (dense) model's and the
+    nearest-neighbour agreement of their pooled embeddings."""
     from allocsearch import pipeline
     from allocsearch.assets_paths import resolve_model_path
     from allocsearch.models.hf import load_model
@@ -879,10 +880,16 @@ def eval_(
     ws = pipeline.load_workspace(cfg)
     if not ws.model.adapter.is_causal_lm:
         ref = load_model(resolve_model_path(dense))
-        score = pipeline.heldout_score(ws, ws.model, reference=ref)
+        held = pipeline.heldout_scores(ws, ws.model, reference=ref)
+        agreement = (
+            ""
+            if held.nn_agreement is None
+            else f", nearest-neighbour agreement {held.nn_agreement:.1%}"
+        )
         out_console.print(
             f"{cfg.model}: {pipeline.heldout_label(ws).replace('the dense model', dense)} "
-            f"{score:.6f} on {ws.heldout.n_seq:,} sequences ({ws.heldout.source})",
+            f"{held.score:.6f}{agreement} on {ws.heldout.n_seq:,} sequences "
+            f"({ws.heldout.source})",
             highlight=False,
         )
         return

@@ -3,7 +3,8 @@ on equal terms, written as a recipe, a markdown table and plots.
 
 The searches score candidates on the configured backend (``cfg.backend``: Ray actors or
 in process), and so do the final scoring of every outcome on the whole calibration set and
-its held-out perplexity: with Ray this process never holds the supernet's variants."""
+its held-out perplexity (encoders: distance to the dense model and nearest-neighbour
+agreement): with Ray this process never holds the supernet's variants."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from allocsearch.report.plots import plot_compare, plot_fitness_curves, plot_spa
 from allocsearch.search.base import Evaluate
 from allocsearch.search.budget import Budget, CostModel
 from allocsearch.search_run import (
-    HeldoutPerplexity,
+    HeldoutScoring,
     check_target_before_loading,
     no_shared_scoring,
     ray_evaluate,
@@ -109,9 +110,11 @@ def _search_and_score_one(
     fitness = evaluate(
         outcome.choice[None].astype(np.int32), fidelity=ws.calibration.n_tokens, batch_seed=0
     )[0]
-    ppl = evaluate.run(HeldoutPerplexity(cfg, str(Path(path).absolute())), outcome.choice)
+    held = evaluate.run(HeldoutScoring(cfg, str(Path(path).absolute())), outcome.choice)
     achieved = CostModel.from_spec((outcome.store or store).spec, budget).achieved(outcome.choice)
-    return pipeline.Scored(outcome, float(fitness), float(ppl), float(achieved))
+    return pipeline.Scored(
+        outcome, float(fitness), float(held.score), float(achieved), held.nn_agreement
+    )
 
 
 def _search_and_score_on_ray(
@@ -180,10 +183,11 @@ def compare_strategies(
     progress: bool,
     console: Console,
     generations: int | None = None,
-) -> tuple[list[pipeline.Scored], float]:
+) -> tuple[list[pipeline.Scored], float | None]:
     """Run ``strategies`` on ``store``, score them on the whole calibration set and the
     held-out set, write compare.md / compare.png / fitness.png and one recipe per
-    strategy into ``out``. Returns the scored outcomes and the dense perplexity.
+    strategy into ``out``. Returns the scored outcomes and the dense perplexity (None for
+    encoders: their held-out scores are distances to the dense model, which has none).
 
     With ``cfg.backend.kind == "ray"`` everything that reads variants runs on Ray actors
     (:func:`_search_and_score_on_ray`), else on this process's evaluator."""
@@ -208,26 +212,44 @@ def compare_strategies(
             generations=generations,
         )
         scored = pipeline.score_outcomes(ws, evaluator, outcomes, budget)
-    dense_ppl = pipeline.heldout_perplexity(ws.model, ws.heldout)
+    causal = ws.model.adapter.is_causal_lm
+    dense_ppl = pipeline.heldout_perplexity(ws.model, ws.heldout) if causal else None
     rows = [
         CompareRow(
             strategy=s.outcome.strategy,
             fitness=s.fitness,
-            heldout_ppl=s.heldout_ppl,
+            heldout_ppl=s.heldout if causal else None,
             evaluations=s.outcome.evaluations,
             wall_time_s=s.outcome.wall_time_s,
             achieved=s.achieved,
+            heldout_distance=None if causal else s.heldout,
+            nn_agreement=s.nn_agreement,
         )
         for s in scored
     ]
     table = markdown_table(rows, dense_ppl=dense_ppl)
+    if causal:
+        held = f"held-out perplexity on {ws.heldout.n_tokens:,} tokens"
+    else:
+        held = (
+            f"held-out distance: {pipeline.heldout_metric(ws).name} to the dense model "
+            f"(lower is better); NN agreement: share of the {ws.heldout.n_seq:,} held-out "
+            f"sequences whose nearest neighbour (pooled embedding cosine) is the dense "
+            f"model's (higher is better)"
+        )
     header = (
         f"# {cfg.model}: {cfg.search.budget_kind} budget, remove {cfg.search.target:.0%}\n\n"
         f"Fitness: {cfg.evaluator.metric} on {ws.calibration.n_tokens:,} calibration tokens "
-        f"(lower is better); held-out perplexity on {ws.heldout.n_tokens:,} tokens.\n\n"
+        f"(lower is better); {held}.\n\n"
     )
     atomic_write_text(header + table + "\n", out / "compare.md", overwrite=True)
-    plot_compare(rows, out / "compare.png", dense_ppl=dense_ppl, overwrite=True)
+    plot_compare(
+        rows,
+        out / "compare.png",
+        metric="heldout_ppl" if causal else "heldout_distance",
+        dense_ppl=dense_ppl,
+        overwrite=True,
+    )
     histories = {s.outcome.strategy: s.outcome.history for s in scored if s.outcome.history}
     if histories:
         tokens = {
@@ -317,8 +339,9 @@ def run_demo(
         title=f"EvoPress allocation, {cfg.search.target:.0%} sparsity",
     )
     uniform = next(s for s in scored if s.outcome.strategy == "uniform")
+    dense = "" if dense_ppl is None else f" (dense {dense_ppl:.3f})"
     console.print(
-        f"\nEvoPress held-out perplexity {best.heldout_ppl:.3f} vs uniform "
-        f"{uniform.heldout_ppl:.3f} (dense {dense_ppl:.3f}); recipe: {out / 'recipe.json'}; "
+        f"\nEvoPress {pipeline.heldout_label(ws)} {best.heldout:.3f} vs uniform "
+        f"{uniform.heldout:.3f}{dense}; recipe: {out / 'recipe.json'}; "
         f"plots: profile.png, fitness.png, compare.png; total {time.perf_counter() - t0:.0f} s"
     )

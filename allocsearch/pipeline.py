@@ -31,6 +31,7 @@ from allocsearch.config import (
     SupernetConfig,
 )
 from allocsearch.data.demo_corpus import demo_tokensets
+from allocsearch.data.encoder_sets import encoder_tokensets
 from allocsearch.data.sources import check_source, load_documents
 from allocsearch.data.tokenizers import ByteTokenizer, load_tokenizer
 from allocsearch.data.tokenset import TokenSet, build_tokensets
@@ -43,8 +44,10 @@ from allocsearch.evaluate.metrics import (
     Metric,
     NegativeLogLikelihood,
     TopKKLDivergence,
+    nearest_neighbour_agreement,
 )
 from allocsearch.evaluate.streaming import StreamingEvaluator
+from allocsearch.models.bert import mean_pool
 from allocsearch.models.hf import ARCHITECTURES, HFModel, load_model
 from allocsearch.models.streamed import streamed_nll_sum
 from allocsearch.pruners import (
@@ -122,7 +125,9 @@ def load_workspace(cfg: RunConfig) -> Workspace:
 
 
 def load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, TokenSet]:
-    """Calibration and held-out token sets (disjoint) for ``model``."""
+    """Calibration and held-out token sets (disjoint) for ``model``: windows of the token
+    stream for a causal language model, sentence-aligned rows wrapped in the tokenizer's
+    own special tokens for an encoder (:func:`~allocsearch.data.encoder_sets.encoder_tokensets`)."""
     if data.calibration == DEMO_NAME:
         return demo_tokensets(
             data.seq_len, data.n_calibration_seqs, data.seed, n_heldout_seqs=data.n_heldout_seqs
@@ -134,7 +139,9 @@ def load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, TokenSet
         if data.heldout
         else None
     )
-    return build_tokensets(
+    # encoders read single wrapped inputs ([CLS] ... [SEP]), not windows of a stream
+    make = build_tokensets if model.adapter.is_causal_lm else encoder_tokensets
+    return make(
         docs,
         tokenizer,
         seq_len=data.seq_len,
@@ -185,16 +192,34 @@ def heldout_label(ws: Workspace) -> str:
     return f"held-out {heldout_metric(ws).name} to the dense model"
 
 
-def heldout_score(
+@dataclass(frozen=True)
+class HeldoutScores:
+    """Held-out quality of a model, as reports show it.
+
+    Attributes:
+      score: what :func:`heldout_label` names, lower is better: perplexity (causal
+        language models) or the mean per-sequence :func:`heldout_metric` to the dense
+        model (encoders; 0 = the dense model's outputs).
+      nn_agreement: encoders only (else None, and None with fewer than 2 held-out
+        sequences): :func:`~allocsearch.evaluate.metrics.nearest_neighbour_agreement` of
+        the mean-pooled embeddings of the held-out sequences, in [0, 1], higher is better.
+    """
+
+    score: float
+    nn_agreement: float | None = None
+
+
+def heldout_scores(
     ws: Workspace, model: HFModel, *, reference: HFModel | None = None, batch_rows: int = 16
-) -> float:
-    """Held-out quality of ``model`` (lower is better): :func:`heldout_perplexity` for a
-    causal language model; for an encoder, the mean over held-out sequences of
-    :func:`heldout_metric` between ``reference`` (default: the workspace's dense model)
-    and ``model`` (e.g. embedding cosine distance; 0 = the dense model's outputs). Encoders
-    have no perplexity; they are judged by how far their outputs move."""
+) -> HeldoutScores:
+    """Held-out quality of ``model``: :func:`heldout_perplexity` for a causal language
+    model; for an encoder, the mean over held-out sequences of :func:`heldout_metric`
+    between ``reference`` (default: the workspace's dense model) and ``model`` (e.g.
+    embedding cosine distance), and the nearest-neighbour agreement of their mean-pooled
+    embeddings. Encoders have no perplexity; they are judged by how far their outputs
+    move and whether their embeddings still retrieve the same neighbours."""
     if model.adapter.is_causal_lm:
-        return heldout_perplexity(model, ws.heldout, batch_rows=batch_rows)
+        return HeldoutScores(heldout_perplexity(model, ws.heldout, batch_rows=batch_rows))
     reference = ws.model if reference is None else reference
     metric = heldout_metric(ws)
     forward = jax.jit(model.adapter.forward)
@@ -204,12 +229,28 @@ def heldout_score(
     tokens = ws.heldout.tokens
     # encoders are small: both models resident (lazily loaded weights read once here)
     ref_params, params = dict(reference.params), dict(model.params)
-    losses = []
+    losses, ref_pooled, pooled = [], [], []
     for i in range(0, len(tokens), batch_rows):
         ids = jnp.asarray(tokens[i : i + batch_rows])
-        teacher = metric.teacher_data(ref_forward(ref_params, ids), ids)
-        losses.append(np.asarray(metric.sequence_losses(teacher, forward(params, ids), ids)))
-    return float(np.mean(np.concatenate(losses)))
+        ref_out, out = ref_forward(ref_params, ids), forward(params, ids)
+        teacher = metric.teacher_data(ref_out, ids)
+        losses.append(np.asarray(metric.sequence_losses(teacher, out, ids)))
+        # held-out rows have no padding: every position counts in the pooled embedding
+        ref_pooled.append(np.asarray(mean_pool(ref_out.astype(jnp.float32), None)))
+        pooled.append(np.asarray(mean_pool(out.astype(jnp.float32), None)))
+    agreement = (
+        nearest_neighbour_agreement(np.concatenate(ref_pooled), np.concatenate(pooled))
+        if len(tokens) >= 2
+        else None
+    )
+    return HeldoutScores(float(np.mean(np.concatenate(losses))), agreement)
+
+
+def heldout_score(
+    ws: Workspace, model: HFModel, *, reference: HFModel | None = None, batch_rows: int = 16
+) -> float:
+    """:attr:`HeldoutScores.score` of :func:`heldout_scores` (lower is better)."""
+    return heldout_scores(ws, model, reference=reference, batch_rows=batch_rows).score
 
 
 def pruned_model(ws: Workspace, store: SupernetStore, choice: ArrayLike) -> HFModel:
@@ -848,10 +889,16 @@ def recipe_from_choice(
 
 @dataclass
 class Scored:
+    """One outcome scored for a compare table: ``fitness`` on the common minibatch,
+    ``heldout`` the :attr:`HeldoutScores.score` (perplexity, or for encoders the distance
+    to the dense model; lower is better), ``nn_agreement`` (encoders; higher is better)
+    and the budget ``achieved``."""
+
     outcome: Outcome
     fitness: float
-    heldout_ppl: float
+    heldout: float
     achieved: float
+    nn_agreement: float | None = None
 
 
 def score_outcomes(
@@ -863,8 +910,9 @@ def score_outcomes(
     fidelity: int | None = None,
 ) -> list[Scored]:
     """Score every outcome on one common minibatch (the whole calibration set by default)
-    and measure its held-out perplexity, so strategies compare on equal terms. Outcomes
-    on their own supernet (Týr's last round) are scored by an evaluator of it."""
+    and measure its held-out perplexity (encoders: :func:`heldout_scores`), so strategies
+    compare on equal terms. Outcomes on their own supernet (Týr's last round) are scored
+    by an evaluator of it."""
     fidelity = fidelity or evaluator.calibration.n_tokens
     out = []
     for o in outcomes:
@@ -872,8 +920,9 @@ def score_outcomes(
         costs = CostModel.from_spec(ev.spec, budget)
         f = ev(o.choice[None].astype(np.int32), fidelity=fidelity, batch_seed=0)[0]
         if ws.model.adapter.is_causal_lm:
-            ppl = ev.perplexity(o.choice, ws.heldout)
+            held = HeldoutScores(float(ev.perplexity(o.choice, ws.heldout)))
         else:  # encoders: held-out distance to the dense model's outputs
-            ppl = heldout_score(ws, evaluated_model(ws, ev, o.choice))
-        out.append(Scored(o, float(f), float(ppl), float(costs.achieved(o.choice))))
+            held = heldout_scores(ws, evaluated_model(ws, ev, o.choice))
+        achieved = float(costs.achieved(o.choice))
+        out.append(Scored(o, float(f), held.score, achieved, held.nn_agreement))
     return out

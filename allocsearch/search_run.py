@@ -72,6 +72,21 @@ class HeldoutPerplexity:
         return pipeline.heldout_score(ws, pipeline.pruned_model(ws, store, choice))
 
 
+@dataclass(frozen=True)
+class HeldoutScoring:
+    """:func:`~allocsearch.pipeline.heldout_scores` of an allocation of the store at
+    ``supernet`` (held-out score and, for encoders, nearest-neighbour agreement), computed
+    wherever it is called, as :class:`HeldoutPerplexity` is (picklable)."""
+
+    config: RunConfig
+    supernet: str
+
+    def __call__(self, choice: Any) -> pipeline.HeldoutScores:
+        ws = pipeline.load_workspace(self.config)
+        store = pipeline.open_store(ws, self.supernet)
+        return pipeline.heldout_scores(ws, pipeline.pruned_model(ws, store, choice))
+
+
 def _where(backend: Any, cfg: RunConfig) -> str:
     address = cfg.backend.address or os.environ.get("RAY_ADDRESS")
     cores = [p["cpus"] for p in backend.placement]

@@ -232,7 +232,7 @@ def run_setting(setting: str, seeds: list[int], strategies: list[str], args, con
                 "seed": seed,
                 "data_seed": data_seed,
                 "strategy": strategy,
-                "heldout_ppl": scored.heldout_ppl,
+                "heldout_ppl": scored.heldout,
                 "kl": scored.fitness,
                 "achieved": scored.achieved,
                 "evaluations": outcome.evaluations,
@@ -246,7 +246,7 @@ def run_setting(setting: str, seeds: list[int], strategies: list[str], args, con
             }
             append_result(results_path, row)
             console.print(
-                f"  held-out ppl {scored.heldout_ppl:.4f} (dense {dense_ppl:.4f}), KL "
+                f"  held-out ppl {scored.heldout:.4f} (dense {dense_ppl:.4f}), KL "
                 f"{scored.fitness:.4f}, {outcome.evaluations} evaluations, "
                 f"{outcome.wall_time_s:.0f} s"
             )

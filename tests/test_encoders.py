@@ -33,6 +33,20 @@ def test_fixed_padding_and_truncation_of_a_tokenizer_json_are_not_applied(tmp_pa
     np.testing.assert_array_equal(tok.encode("the cat sat on the mat"), [2, 3, 4, 5, 2, 6])
 
 
+def test_nearest_neighbour_agreement_by_hand():
+    """Dense neighbours: a<->b, c<->d. Pruned: b moves to (0.5, 0.5), whose nearest is
+    now d (cos 0.78 against 0.71 for a and c); a (b at 0.71 > d at 0.11), c and d keep
+    theirs: 3 of 4 agree. Scaling embeddings changes no cosine: full agreement."""
+    from allocsearch.evaluate.metrics import nearest_neighbour_agreement
+
+    dense = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    pruned = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.1, 0.9]])
+    assert nearest_neighbour_agreement(dense, pruned) == 0.75
+    assert nearest_neighbour_agreement(dense, dense * np.array([[2.0], [3.0], [4.0], [5.0]])) == 1.0
+    with pytest.raises(ValueError, match="N >= 2"):
+        nearest_neighbour_agreement(dense[:1], pruned[:1])
+
+
 BERT = {
     "model_type": "bert",
     "architectures": ["BertModel"],
@@ -52,10 +66,80 @@ def _word_tokenizer(path: Path, words: list[str]) -> int:
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
     raw = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     raw.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    raw.post_processor = tokenizers.processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
     raw.enable_padding(length=128, pad_id=0, pad_token="[PAD]")
     raw.enable_truncation(max_length=128)
     raw.save(str(path))
     return len(vocab)
+
+
+def test_encoder_rows_are_wrapped_in_the_tokenizers_own_cls_and_sep(tmp_path: Path):
+    """Rows of an encoder's token sets: [CLS] + a body from a sentence start + [SEP],
+    with the ids the tokenizer.json's post-processor adds (here [CLS] = 2, [SEP] = 3)."""
+    from allocsearch.data.encoder_sets import document_rows, encoder_tokensets, split_sentences
+    from allocsearch.data.sources import Document
+
+    path = tmp_path / "tokenizer.json"
+    _word_tokenizer(path, ["the", "cat", "sat", "on", "mat", "."])  # ids 4..9
+    tok = HFTokenizer(path)
+    prefix, suffix = tok.special_wrapping()
+    assert prefix.tolist() == [2] and suffix.tolist() == [3]
+
+    assert split_sentences("The cat sat. On the mat!\n\nThe end") == [
+        "The cat sat.", "On the mat!", "The end",
+    ]  # fmt: skip
+    # stream 1..9, sentences start at 0, 3, 5; body 4: [1 2 3 4], then the next sentence
+    # start at or after 4 is 5: [6 7 8 9]; then the document is done.
+    rows = document_rows([np.array([1, 2, 3]), np.array([4, 5]), np.array([6, 7, 8, 9])], 4)
+    assert [r.tolist() for r in rows] == [[1, 2, 3, 4], [6, 7, 8, 9]]
+    # one long sentence continues from row to row; the short tail is dropped
+    rows = document_rows([np.arange(1, 11)], 4)
+    assert [r.tolist() for r in rows] == [[1, 2, 3, 4], [5, 6, 7, 8]]
+
+    # the: 4, cat: 5, sat: 6, on: 7, mat: 8, ".": 9; seq_len 5 = [CLS] + 3 + [SEP]
+    docs = [
+        Document("a", "the cat sat. the mat. on the cat sat on the mat."),
+        Document("b", "cat cat cat cat. mat mat mat mat mat mat mat."),
+    ]
+    cal, held = encoder_tokensets(docs, tok, seq_len=5, n_calibration_seqs=3, seed=0,
+                                  n_heldout_seqs=2)  # fmt: skip
+    # doc a: sentences [4 5 6 9] [4 8 9] [7 4 5 6 7 4 8 9] start at 0, 4, 7. Rows:
+    # [4 5 6] (end 3; next start 4), [4 8 9] (end 7; start 7), [7 4 5], [6 7 4], and the
+    # tail [8 9] is dropped. doc b: [5 5 5 5 9] [8 8 8 8 8 8 8 9] start at 0, 5: [5 5 5]
+    # (end 3; next start 5), [8 8 8], [8 8 8], tail [8 9] dropped.
+    a_rows = [[4, 5, 6], [4, 8, 9], [7, 4, 5], [6, 7, 4]]
+    b_rows = [[5, 5, 5], [8, 8, 8], [8, 8, 8]]
+    all_rows = [[2, *r, 3] for r in a_rows + b_rows]
+    assert held.tokens.tolist() == all_rows[-2:]  # the last rows of the one corpus
+    chosen = np.sort(np.random.default_rng(0).choice(5, size=3, replace=False))
+    assert cal.tokens.tolist() == [all_rows[i] for i in chosen]
+    assert "rows [2] + 3 tokens from a sentence start + [3]" in cal.source
+
+
+def test_an_encoder_workspace_uses_wrapped_rows(tmp_path: Path):
+    """load_workspace of a BERT model gives [CLS] ... [SEP] rows, not stream windows."""
+    from tiny_workspace import WORDS, write_model_and_corpus
+
+    from allocsearch.config import config_from_dict
+    from allocsearch.pipeline import load_workspace
+
+    tok = tmp_path / "tokenizer.json"
+    cfg = {**BERT, "vocab_size": _word_tokenizer(tok, WORDS)}
+    model_dir, corpus = write_model_and_corpus(tmp_path, cfg, docs=2, words_per_doc=40)
+    (model_dir / "tokenizer.json").write_bytes(tok.read_bytes())
+    ws = load_workspace(
+        config_from_dict(
+            {
+                "model": str(model_dir),
+                "data": {"calibration": str(corpus), "seq_len": 8, "n_calibration_seqs": 4,
+                         "n_heldout_seqs": 2},
+                "evaluator": {"metric": "embedding_cosine"},
+            }
+        )
+    )  # fmt: skip
+    for tokens in (ws.calibration.tokens, ws.heldout.tokens):
+        assert (tokens[:, 0] == 2).all() and (tokens[:, -1] == 3).all()
+        assert not np.isin(tokens[:, 1:-1], [0, 1, 2, 3]).any()  # text only inside
 
 
 @pytest.mark.slow
@@ -148,6 +232,16 @@ def test_cli_bert_build_search_apply_eval(structure, tmp_path):
     assert (pruned / "tokenizer.json").read_bytes() == tok.read_bytes()
     r = run("eval", "--config", config_path, "--model", pruned)
     assert f"held-out embedding_cosine to {model_dir}" in " ".join(r.output.split())
+    assert "nearest-neighbour agreement" in " ".join(r.output.split())
+    # compare: the table reports distance and NN agreement, never a perplexity
+    run(
+        "compare", "--config", config_path, "--supernet", store, "--out", tmp_path / "cmp",
+        "--strategies", "uniform,owl", "--no-progress",
+    )  # fmt: skip
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "held-out distance" in table and "NN agreement" in table
+    assert "ppl" not in table and "perplexity" not in table
+    assert (tmp_path / "cmp" / "compare.png").exists()
 
     ours = load_model(pruned)
     if unstructured:

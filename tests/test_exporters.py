@@ -378,3 +378,102 @@ def test_write_export(tmp_path):
     blob = json.dumps(to_torch_pruning(structured_recipe()).content)
     write_export(blob, tmp_path / "tp.json")
     assert [p.name for p in sorted(tmp_path.iterdir())] == ["recipe.yaml", "tp.json"]
+
+
+def _attention_recipe(
+    names: dict[str, tuple[str, tuple[int, int]]],
+    unit: str,
+    removed: int,
+    total: int,
+    sparsity: dict[str, float],
+    kind: str = "heads",
+) -> Recipe:
+    """One structured unit ``unit`` whose member layers are ``names`` (name -> (role,
+    shape)), each removing ``sparsity[role]`` of its weights."""
+    from test_recipe import model_identity, provenance
+
+    from allocsearch.recipe import StructuredUnit
+
+    layers = tuple(
+        LayerEntry(name=n, role=r, block=0, shape=s, sparsity=sparsity[r], structure=kind)
+        for n, (r, s) in names.items()
+    )
+    achieved = fraction_removed(layers, "params")
+    return Recipe(
+        model=model_identity(),
+        layers=layers,
+        budget=RecipeBudget(kind="params", target=achieved, achieved=achieved),
+        provenance=provenance(strategy="dp"),
+        structure=kind,
+        units=(StructuredUnit(unit, kind, 0, removed, total, tuple(names)),),
+    )
+
+
+# 4 query heads, 2 k/v heads, head_dim 2, hidden 8: q/o 64 weights, k/v 32; 192 in all.
+GQA = {
+    "model.layers.0.self_attn.q_proj": ("q", (8, 8)),
+    "model.layers.0.self_attn.k_proj": ("k", (4, 8)),
+    "model.layers.0.self_attn.v_proj": ("v", (4, 8)),
+    "model.layers.0.self_attn.o_proj": ("o", (8, 8)),
+}
+
+
+@pytest.mark.parametrize(
+    "removed, total, q, kv, tp_fraction, reproduced",
+    [
+        # query heads, one of each group's two: Torch-Pruning removes exactly that
+        (2, 4, 0.5, 0.0, 64 / 192, True),
+        # one query head: Torch-Pruning removes ceil(0.25 * 2) = 1 from EACH group
+        (1, 4, 0.25, 0.0, 64 / 192, False),
+        # a whole kv group (kv-group granularity): Torch-Pruning keeps its k/v rows
+        (1, 2, 0.5, 0.5, 64 / 192, False),
+    ],
+)
+def test_torch_pruning_under_gqa_keeps_kv_and_removes_evenly(
+    removed, total, q, kv, tp_fraction, reproduced
+):
+    r = _attention_recipe(
+        GQA, "model.layers.0.self_attn", removed, total, {"q": q, "o": q, "k": kv, "v": kv}
+    )
+    out = to_torch_pruning(r)
+    assert out.content == {
+        "pruning_ratio_dict": {"model.layers.0.self_attn.q_proj": removed / total},
+        "head_pruning_ratio_dict": {"model.layers.0.self_attn": removed / total},
+    }
+    assert out.budget_exported == pytest.approx(tp_fraction, abs=1e-15)  # q, o: 32 each
+    assert r.budget.achieved == pytest.approx((64 * 2 * q + 32 * 2 * kv) / 192, abs=1e-15)
+    [note] = [n for n in out.notes if n.startswith("grouped-query attention")]
+    assert "keeps every k/v head" in note
+    if reproduced:
+        assert "the counts match" in note and out.budget_error == pytest.approx(0, abs=1e-15)
+    else:
+        assert "cannot reproduce 1 attention unit(s): model.layers.0.self_attn" in note
+        assert "Torch-Pruning: 1 of 2 per kv group = 0.5, k/v 0" in note
+
+
+def test_torch_pruning_keys_of_a_bert_recipe_are_bert_modules():
+    """BERT's MLP unit is named <block>.mlp, which is no module; Torch-Pruning's keys
+    must be modules of transformers' BertModel (intermediate.dense, attention)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, max_position_embeddings=8,
+    )  # fmt: skip
+    modules = dict(transformers.BertModel(config).named_modules())
+    p = "encoder.layer.0."
+    mlp = {p + "intermediate.dense": ("fc_in", (16, 8)), p + "output.dense": ("fc_out", (8, 16))}
+    sparsity = {"fc_in": 0.25, "fc_out": 0.25}
+    out = to_torch_pruning(_attention_recipe(mlp, p + "mlp", 4, 16, sparsity, "neurons"))
+    assert out.content["pruning_ratio_dict"] == {p + "intermediate.dense": 0.25}
+    attn = {
+        p + "attention.self." + n: (r, (8, 8))
+        for n, r in (("query", "q"), ("key", "k"), ("value", "v"))
+    } | {p + "attention.output.dense": ("o", (8, 8))}
+    out = to_torch_pruning(
+        _attention_recipe(attn, p + "attention", 1, 2, dict.fromkeys("qkvo", 0.5))
+    )
+    keys = [*out.content["pruning_ratio_dict"], *out.content["head_pruning_ratio_dict"]]
+    assert keys == [p + "attention.self.query", p + "attention"]
+    assert not any(n.startswith("grouped-query") for n in out.notes)  # MHA: heads with k/v
+    for key in keys:
+        assert key in modules, key

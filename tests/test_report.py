@@ -177,6 +177,45 @@ def test_markdown_table_ties_as_displayed_and_pipe_escaped():
     )
 
 
+def test_markdown_table_of_encoders_shows_distance_and_nn_agreement_not_ppl():
+    """Encoder rows (held-out distance to the dense model, NN agreement) replace the
+    held-out ppl column; NN agreement is bold where highest, the distance where lowest."""
+    rows = [
+        CompareRow("uniform", 0.02, None, 0, 0.5, 0.5, heldout_distance=0.0123, nn_agreement=0.75),
+        CompareRow("dp", 0.01, None, 40, 2.0, 0.5, heldout_distance=0.00456, nn_agreement=1.0),
+    ]
+    assert markdown_table(rows) == (
+        "| strategy |     fitness | held-out distance | NN agreement | evaluations "
+        "| wall time (s) | achieved |\n"
+        "| :------- | ----------: | ----------------: | -----------: | ----------: "
+        "| ------------: | -------: |\n"
+        "| uniform  |     0.02000 |          0.012300 |        75.0% |       **0** "
+        "|       **0.5** |   50.00% |\n"
+        "| dp       | **0.01000** |      **0.004560** |   **100.0%** |          40 "
+        "|           2.0 |   50.00% |\n"
+    )
+    with pytest.raises(ValueError, match="rows mix held-out perplexity"):
+        markdown_table(rows, dense_ppl=5.0)
+    with pytest.raises(ValueError, match="rows mix held-out perplexity"):
+        markdown_table([*rows, ROWS[2]])
+    with pytest.raises(ValueError, match="not both"):
+        CompareRow("x", 0.1, 5.0, 0, 0.1, 0.5, heldout_distance=0.1)
+    with pytest.raises(ValueError, match=r"nn_agreement = 1.5; it is a fraction in \[0, 1\]"):
+        CompareRow("x", 0.1, None, 0, 0.1, 0.5, nn_agreement=1.5)
+    with pytest.raises(ValueError, match="heldout_distance = -0.1"):
+        CompareRow("x", 0.1, None, 0, 0.1, 0.5, heldout_distance=-0.1)
+
+
+def test_plot_compare_of_encoder_rows(tmp_path):
+    rows = [
+        CompareRow("uniform", 0.02, None, 0, 0.5, 0.5, heldout_distance=0.0123, nn_agreement=0.75),
+        CompareRow("dp", 0.01, None, 40, 2.0, 0.5, heldout_distance=0.00456, nn_agreement=1.0),
+    ]
+    for metric in ("heldout_distance", "nn_agreement"):
+        path = plot_compare(rows, tmp_path / f"{metric}.png", metric=metric)
+        assert_png(path, plots.COMPARE_SIZE_IN)
+
+
 @pytest.mark.parametrize(
     "metric, value, text",
     [
@@ -188,6 +227,8 @@ def test_markdown_table_ties_as_displayed_and_pipe_escaped():
         ("fitness", 123.456, "123.5"),
         ("fitness", None, "n/a"),
         ("heldout_ppl", math.inf, "inf"),
+        ("nn_agreement", 0.875, "87.5%"),
+        ("heldout_distance", 0.0012346, "0.001235"),
     ],
 )
 def test_format_value(metric, value, text):

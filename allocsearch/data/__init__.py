@@ -16,6 +16,7 @@ from allocsearch.data.demo_corpus import (
     demo_tokensets,
     module_source_path,
 )
+from allocsearch.data.encoder_sets import encoder_tokensets
 from allocsearch.data.sources import (
     Document,
     describe_documents,
@@ -52,6 +53,7 @@ __all__ = [
     "demo_tokensets",
     "describe_documents",
     "encode_documents",
+    "encoder_tokensets",
     "heldout_tokenset",
     "load_documents",
     "load_tokenizer",

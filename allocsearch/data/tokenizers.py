@@ -159,6 +159,19 @@ class HFTokenizer:
         arr = _check_ids(ids, self._vocab_size)
         return self._tokenizer.decode(arr.tolist(), skip_special_tokens=False)
 
+    def special_wrapping(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ids this tokenizer's post-processor puts before and after one sequence,
+        int32[p] and int32[s]: ``[CLS]`` and ``[SEP]`` for BERT (``BertProcessing`` or a
+        ``TemplateProcessing`` "[CLS] $A [SEP]"), ``<s>`` and ``</s>`` for RoBERTa; both
+        empty when the file has no post-processor. Read by encoding a probe text with and
+        without special tokens (the post-processor's own output, whatever its type)."""
+        enc = self._tokenizer.encode("a", add_special_tokens=True)
+        plain = [i for i, special in enumerate(enc.special_tokens_mask) if not special]
+        if not plain:
+            raise ValueError(f"{self._path}: the probe text 'a' encodes to special tokens only")
+        ids = np.asarray(enc.ids, dtype=np.int32)
+        return ids[: plain[0]], ids[plain[-1] + 1 :]
+
     def __repr__(self) -> str:
         return f"HFTokenizer({str(self._path)!r})"
 

@@ -26,6 +26,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from allocsearch.models.bert import mean_pool
 
@@ -145,6 +146,38 @@ def cosine_distance(teacher_embedding: jax.Array, student_embedding: jax.Array) 
     dot = jnp.sum(t * s, axis=-1)
     norms = jnp.sqrt(jnp.sum(t * t, axis=-1) * jnp.sum(s * s, axis=-1))
     return 1.0 - dot / jnp.maximum(norms, _TINY)
+
+
+def nearest_neighbour_agreement(reference: np.ndarray, embeddings: np.ndarray) -> float:
+    """Fraction of sequences whose nearest neighbour is the same under both embeddings
+    (higher is better; 1 = the pruned model ranks the held-out set as the dense one does).
+
+    Sequence ``i``'s nearest neighbour is the ``j != i`` of highest cosine similarity among
+    the same set, ties to the lowest ``j``. A retrieval check beside the mean cosine
+    distance: small embedding moves can still reorder neighbours.
+
+    Args:
+      reference: float[N, D] pooled embeddings of the dense model, N >= 2.
+      embeddings: float[N, D] pooled embeddings of the pruned model, same sequences.
+
+    Returns:
+      The agreement in [0, 1].
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    emb = np.asarray(embeddings, dtype=np.float64)
+    if ref.ndim != 2 or ref.shape != emb.shape or ref.shape[0] < 2:
+        raise ValueError(
+            f"reference {ref.shape} and embeddings {emb.shape} must be the same [N, D] "
+            "shape with N >= 2 sequences"
+        )
+
+    def neighbours(x: np.ndarray) -> np.ndarray:
+        unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _TINY)
+        sim = unit @ unit.T
+        np.fill_diagonal(sim, -np.inf)
+        return np.argmax(sim, axis=1)
+
+    return float(np.mean(neighbours(ref) == neighbours(emb)))
 
 
 # --------------------------------------------------------------------------- metric objects
@@ -300,6 +333,7 @@ __all__ = [
     "cosine_distance",
     "kl_divergence",
     "log_probs",
+    "nearest_neighbour_agreement",
     "next_token_nll",
     "normalized_mse",
     "top_k_kl_divergence",

@@ -27,6 +27,7 @@ dropped unit.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +41,7 @@ import yaml
 from allocsearch.recipe.depth import dropped_units
 from allocsearch.recipe.recipe import (
     BUDGET_RTOL,
+    LayerEntry,
     Recipe,
     atomic_write_text,
     fraction_removed,
@@ -570,6 +572,15 @@ def to_torch_pruning(recipe: Recipe) -> Export[dict[str, dict[str, float]]]:
       (neurons of the MLP, or heads times head_dim of the attention: the same fraction
       as of heads), not of weights.
 
+    Grouped-query attention (separate q and k projections, ``g = q rows / k rows > 1``
+    query heads per k/v head): Torch-Pruning's head pruning removes ``ceil(ratio * g)``
+    query heads from EVERY kv group and keeps every k/v head (``k_proj`` / ``v_proj``
+    keep their rows; its Llama-3 example halves q_proj and leaves k/v at 1024 rows). So it
+    reproduces an attention unit only where ``ratio * g`` is whole and the recipe removes
+    no k/v rows; the notes name the units where it does not (a kv-group recipe removes
+    whole groups with their k/v; a query-head recipe may remove unevenly, or a group's
+    last query head with its k/v), and the budget check counts what Torch-Pruning removes.
+
     Raises:
       ExportError: the recipe is not structured.
     """
@@ -584,9 +595,26 @@ def to_torch_pruning(recipe: Recipe) -> Export[dict[str, dict[str, float]]]:
     heads = {u.name: u.fraction for u in recipe.units if u.kind == "heads"}
     index = {x.name: i for i, x in enumerate(recipe.layers)}
     per_layer = recipe.sparsities().copy()
+    gqa: list[str] = []
     for u in recipe.units:
-        for name in u.layers:
-            per_layer[index[name]] = u.fraction  # Torch-Pruning removes it from every member
+        members = [recipe.layers[index[name]] for name in u.layers]
+        g = _query_heads_per_kv_head(members) if u.kind == "heads" else 1
+        if g == 1:
+            for name in u.layers:
+                per_layer[index[name]] = u.fraction  # Torch-Pruning removes it from every member
+            continue
+        # Torch-Pruning: ceil(ratio * num_heads) query heads, spread as ceil(. / kv heads)
+        # per kv group, i.e. ceil(ratio * g) of each group's g; k/v untouched.
+        per_group = math.ceil(round(u.fraction * g, 9))
+        kv_removed = max(m.sparsity for m in members if m.role in ("k", "v"))
+        for m in members:
+            per_layer[index[m.name]] = 0.0 if m.role in ("k", "v") else per_group / g
+        if per_group != round(u.fraction * g, 9) or kv_removed > 0:
+            gqa.append(
+                f"{u.name} (recipe: {u.fraction:.4g} of the query heads, k/v rows "
+                f"{kv_removed:.4g}; Torch-Pruning: {per_group} of {g} per kv group = "
+                f"{per_group / g:.4g}, k/v 0)"
+            )
     notes = [
         "keys are module names; map them to modules with dict(model.named_modules())",
         "pruning_ratio_dict is keyed by each unit's first input projection (q_proj, "
@@ -602,10 +630,27 @@ def to_torch_pruning(recipe: Recipe) -> Export[dict[str, dict[str, float]]]:
             "prune_head_dims=False and head_pruning_ratio_dict (the attention entries of "
             "pruning_ratio_dict hold the same values)"
         )
+    if any(
+        _query_heads_per_kv_head([recipe.layers[index[n]] for n in u.layers]) > 1
+        for u in recipe.units
+        if u.kind == "heads"
+    ):
+        notes.append(
+            "grouped-query attention: Torch-Pruning removes query heads only, ceil(ratio * g) "
+            "of the g query heads of EVERY kv group (chosen by its own importance), and keeps "
+            "every k/v head; "
+            + (
+                f"it cannot reproduce {len(gqa)} attention unit(s): {'; '.join(gqa[:4])}"
+                + (f" and {len(gqa) - 4} more" if len(gqa) > 4 else "")
+                if gqa
+                else "every attention unit's ratio is whole query heads per kv group and the "
+                "recipe removes no k/v rows, so the counts match (not which heads)"
+            )
+        )
     differs = [
         x.name for i, x in enumerate(recipe.layers) if abs(per_layer[i] - x.sparsity) > 1e-12
     ]
-    if differs:
+    if differs and not gqa:
         notes.append(
             f"{len(differs)} member layer(s) lose fewer weights in the recipe than the unit's "
             f"channel ratio (e.g. k/v under grouped-query attention): {differs[:4]}"
@@ -615,6 +660,16 @@ def to_torch_pruning(recipe: Recipe) -> Export[dict[str, dict[str, float]]]:
     )
     content = {"pruning_ratio_dict": ratios, "head_pruning_ratio_dict": heads}
     return Export(content, tuple(notes + budget_notes), kind, ref, got)
+
+
+def _query_heads_per_kv_head(members: Sequence[LayerEntry]) -> int:
+    """Query heads per k/v head of an attention unit with separate q and k projections
+    (rows of q / rows of k); 1 without them (fused qkv, MLP units) or without GQA."""
+    q = [m for m in members if m.role == "q"]
+    k = [m for m in members if m.role == "k"]
+    if len(q) != 1 or len(k) != 1 or q[0].out_features % k[0].out_features:
+        return 1
+    return q[0].out_features // k[0].out_features
 
 
 # ----------------------------------------------------------------------------- jaxpruner

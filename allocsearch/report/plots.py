@@ -323,6 +323,8 @@ def plot_fitness_curves(
 _METRIC_LABEL = {
     "fitness": "fitness (lower is better)",
     "heldout_ppl": _PPL_LABEL,
+    "heldout_distance": "held-out distance to the dense model (lower is better)",
+    "nn_agreement": "nearest-neighbour agreement with the dense model (%, higher is better)",
     "evaluations": "evaluations (candidate scorings)",
     "wall_time_s": "search wall time (s)",
     "achieved": "budget achieved (% removed)",
@@ -374,7 +376,8 @@ def plot_compare(
     target = _check_target(path, overwrite)
     x = np.arange(len(rows))
     labels = format_column(metric, raw)
-    scale = 100.0 if metric == "achieved" else 1.0  # achieved is drawn in percent
+    # fractions are drawn in percent
+    scale = 100.0 if metric in ("achieved", "nn_agreement") else 1.0
     heights = np.where(drawn, values * scale, 0.0)
     with _figure(COMPARE_SIZE_IN) as fig:
         ax = fig.subplots()

@@ -1,8 +1,9 @@
 """Markdown tables of strategy comparisons, and the median/spread summary over seeds.
 
 A *compare table* has one :class:`CompareRow` per allocation strategy run on the same
-model, budget and data: its search fitness, held-out perplexity, cost and the budget
-it achieved. :func:`markdown_table` turns the rows into aligned Markdown (what
+model, budget and data: its search fitness, held-out perplexity (encoders: held-out
+distance to the dense model and nearest-neighbour agreement), cost and the budget it
+achieved. :func:`markdown_table` turns the rows into aligned Markdown (what
 ``docs/RESULTS.md`` shows); :mod:`allocsearch.report.plots` draws the same rows. The
 number formats live here once (:func:`format_value`) and both modules use them.
 """
@@ -15,18 +16,30 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Columns of the compare table: (CompareRow field, header, right-aligned, lower is better).
-# "achieved" is neither better nor worse when lower: it should match the target.
+# Columns of the compare table: (CompareRow field, header, right-aligned, better) with
+# better -1: lower is better, +1: higher is better, 0: neither ("achieved" should match
+# the target). A table shows either held-out ppl (causal LMs) or the two encoder columns.
 _COLUMNS = (
-    ("strategy", "strategy", False, False),
-    ("fitness", "fitness", True, True),
-    ("heldout_ppl", "held-out ppl", True, True),
-    ("evaluations", "evaluations", True, True),
-    ("wall_time_s", "wall time (s)", True, True),
-    ("achieved", "achieved", True, False),
+    ("strategy", "strategy", False, 0),
+    ("fitness", "fitness", True, -1),
+    ("heldout_ppl", "held-out ppl", True, -1),
+    ("heldout_distance", "held-out distance", True, -1),
+    ("nn_agreement", "NN agreement", True, 1),
+    ("evaluations", "evaluations", True, -1),
+    ("wall_time_s", "wall time (s)", True, -1),
+    ("achieved", "achieved", True, 0),
 )
+_ENCODER_FIELDS = ("heldout_distance", "nn_agreement")
 # The numeric fields of a CompareRow, i.e. the metrics a plot or table can show.
-METRICS = ("fitness", "heldout_ppl", "evaluations", "wall_time_s", "achieved")
+METRICS = (
+    "fitness",
+    "heldout_ppl",
+    "heldout_distance",
+    "nn_agreement",
+    "evaluations",
+    "wall_time_s",
+    "achieved",
+)
 # Shown where a value is missing (not measured) or does not apply (the dense row).
 MISSING = "n/a"
 # Significant digits of the smallest fitness value (KL per token spans decades).
@@ -45,13 +58,19 @@ class CompareRow:
         token on calibration data), lower is better; ``None`` if it was not scored, and
         ``inf`` if scoring diverged.
       heldout_ppl: perplexity of the pruned model on the held-out set, lower is better;
-        ``None`` if not measured.
+        ``None`` if not measured (always for encoders).
       evaluations: candidate scorings the search used (>= 0; 0 for closed-form
         baselines such as uniform); lower is cheaper.
       wall_time_s: search wall-clock time in seconds (>= 0); lower is cheaper.
       achieved: fraction of the budgeted cost actually removed, in [0, 1] (the recipe's
         ``budget.achieved``); it should equal the target, neither lower nor higher is
         better.
+      heldout_distance: encoders: mean distance of the pruned model's held-out outputs
+        to the dense model's (e.g. embedding cosine distance, >= 0, ``inf`` if diverged),
+        lower is better; ``None`` for causal language models or if not measured.
+      nn_agreement: encoders: fraction of held-out sequences whose nearest neighbour
+        (pooled embedding cosine) is the same for the pruned and the dense model, in
+        [0, 1], higher is better; ``None`` if not measured.
     """
 
     strategy: str
@@ -60,6 +79,8 @@ class CompareRow:
     evaluations: int
     wall_time_s: float
     achieved: float
+    heldout_distance: float | None = None
+    nn_agreement: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.strategy, str) or not self.strategy:
@@ -80,6 +101,29 @@ class CompareRow:
                     f"(+inf if diverged), or None if not measured"
                 )
             object.__setattr__(self, "heldout_ppl", value)
+        if self.heldout_distance is not None:
+            value = _as_number(self.heldout_distance, f"{self.strategy}: heldout_distance")
+            if not value >= 0.0:  # also rejects NaN
+                raise ValueError(
+                    f"{self.strategy}: heldout_distance = {value!r}; a distance is a number "
+                    f">= 0 (+inf if diverged), or None if not measured"
+                )
+            object.__setattr__(self, "heldout_distance", value)
+        if self.nn_agreement is not None:
+            value = _as_number(self.nn_agreement, f"{self.strategy}: nn_agreement")
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(
+                    f"{self.strategy}: nn_agreement = {value!r}; it is a fraction in [0, 1], "
+                    f"or None if not measured"
+                )
+            object.__setattr__(self, "nn_agreement", value)
+        if self.heldout_ppl is not None and (
+            self.heldout_distance is not None or self.nn_agreement is not None
+        ):
+            raise ValueError(
+                f"{self.strategy}: a row has held-out perplexity (causal language models) or "
+                f"held-out distance / NN agreement (encoders), not both"
+            )
         if isinstance(self.evaluations, bool) or not isinstance(self.evaluations, int | np.integer):
             raise ValueError(
                 f"{self.strategy}: evaluations must be an integer >= 0, got {self.evaluations!r}"
@@ -156,13 +200,15 @@ def format_value(metric: str, value: float | None, *, decimals: int | None = Non
     Args:
       metric: one of :data:`METRICS`.
       value: the value; ``None`` gives :data:`MISSING`.
-      decimals: fitness only: decimal places (``markdown_table`` picks one per column so
-        the smallest value keeps 4 significant digits); default 4 significant digits.
+      decimals: fitness and heldout_distance only: decimal places (``markdown_table``
+        picks one per column so the smallest value keeps 4 significant digits); default
+        4 significant digits.
 
     Returns:
       ``heldout_ppl`` with 2 decimals (``"28.76"``), ``evaluations`` with thousands
       separators (``"25,600"``), ``wall_time_s`` with 1 decimal, ``achieved`` as a
-      percentage with 2 decimals (``"52.50%"``), non-finite values as ``"inf"``.
+      percentage with 2 decimals (``"52.50%"``), ``nn_agreement`` as a percentage with 1
+      decimal (``"75.0%"``), non-finite values as ``"inf"``.
     """
     if metric not in METRICS:
         raise ValueError(f"metric {metric!r} is not one of {METRICS}")
@@ -170,7 +216,7 @@ def format_value(metric: str, value: float | None, *, decimals: int | None = Non
         return MISSING
     if not math.isfinite(value):
         return "inf" if value > 0 else str(value)
-    if metric == "fitness":
+    if metric in ("fitness", "heldout_distance"):
         if decimals is None:
             decimals = _fitness_decimals([value])
         return f"{value:.{decimals}f}"
@@ -180,17 +226,20 @@ def format_value(metric: str, value: float | None, *, decimals: int | None = Non
         return f"{int(value):,}"
     if metric == "wall_time_s":
         return f"{value:.1f}"
+    if metric == "nn_agreement":
+        return f"{100.0 * value:.1f}%"
     return f"{100.0 * value:.2f}%"
 
 
 def format_column(metric: str, values: Sequence[float | None]) -> list[str]:
     """Texts of one compare-table column, as :func:`markdown_table` prints them.
 
-    Like :func:`format_value`, except that fitness values share one number of decimals:
-    enough for the smallest non-zero finite |value| to keep 4 significant digits.
+    Like :func:`format_value`, except that fitness (and heldout_distance) values share one
+    number of decimals: enough for the smallest non-zero finite |value| to keep 4
+    significant digits.
     """
     decimals = None
-    if metric == "fitness":
+    if metric in ("fitness", "heldout_distance"):
         decimals = _fitness_decimals([v for v in values if v is not None])
     return [format_value(metric, v, decimals=decimals) for v in values]
 
@@ -198,10 +247,13 @@ def format_column(metric: str, values: Sequence[float | None]) -> list[str]:
 def markdown_table(rows: Sequence[CompareRow], *, dense_ppl: float | None = None) -> str:
     """A Markdown table of a strategy comparison, columns aligned in plain text.
 
-    Columns: strategy, fitness, held-out ppl, evaluations, wall time (s), achieved. In
-    every column where lower is better (all but strategy and achieved), the best value
-    is in bold, ties included (compared as displayed, so values that print the same tie);
-    a column with fewer than two values has no bold. Missing values show as ``n/a``.
+    Columns: strategy, fitness, held-out ppl, evaluations, wall time (s), achieved. When
+    any row is an encoder's (has ``heldout_distance`` or ``nn_agreement``), the held-out
+    ppl column is replaced by held-out distance (to the dense model) and NN agreement:
+    an encoder has no perplexity. In every column where lower is better (higher for NN
+    agreement; neither for strategy and achieved), the best value is in bold, ties
+    included (compared as displayed, so values that print the same tie); a column with
+    fewer than two values has no bold. Missing values show as ``n/a``.
 
     Args:
       rows: one row per strategy, in the order to show them (unique names).
@@ -214,39 +266,48 @@ def markdown_table(rows: Sequence[CompareRow], *, dense_ppl: float | None = None
       newline. Numbers are right-aligned; see :func:`format_value` for their formats.
 
     Raises:
-      ValueError: no rows, duplicate strategies, or ``dense_ppl`` that is not >= 1.
+      ValueError: no rows, duplicate strategies, ``dense_ppl`` that is not >= 1, or
+        rows that mix perplexities (causal LMs) and encoder values.
     """
     rows = check_rows(rows)
+    encoder = any(getattr(r, f) is not None for r in rows for f in _ENCODER_FIELDS)
+    if encoder and (dense_ppl is not None or any(r.heldout_ppl is not None for r in rows)):
+        raise ValueError(
+            "rows mix held-out perplexity (causal language models; or dense_ppl given) "
+            "with held-out distance / NN agreement (encoders); one table holds one kind"
+        )
     if dense_ppl is not None:
         dense_ppl = check_perplexity(dense_ppl, "dense_ppl")
+    dropped = ("heldout_ppl",) if encoder else _ENCODER_FIELDS
+    shown = [c for c in _COLUMNS if c[0] not in dropped]
     columns = [[row.strategy.replace("|", "\\|") for row in rows]]
-    for field, _, _, lower_better in _COLUMNS[1:]:
+    for field, _, _, better in shown[1:]:
         values = [getattr(row, field) for row in rows]
         texts = format_column(field, values)
         finite = [i for i, v in enumerate(values) if v is not None and math.isfinite(v)]
-        if lower_better and finite and sum(v is not None for v in values) >= 2:
-            best = texts[min(finite, key=lambda i: values[i])]
+        if better and finite and sum(v is not None for v in values) >= 2:
+            best = texts[min(finite, key=lambda i: -better * values[i])]
             texts = [f"**{t}**" if t == best else t for t in texts]
         columns.append(texts)
     body = [list(line) for line in zip(*columns, strict=True)]
     if dense_ppl is not None:
         ppl = format_value("heldout_ppl", dense_ppl)
         body.insert(0, ["dense", MISSING, ppl, MISSING, MISSING, format_value("achieved", 0.0)])
-    header = [title for _, title, _, _ in _COLUMNS]
-    widths = [max(len(line[c]) for line in [header, *body]) for c in range(len(_COLUMNS))]
+    header = [title for _, title, _, _ in shown]
+    widths = [max(len(line[c]) for line in [header, *body]) for c in range(len(shown))]
     # A Markdown alignment cell needs at least 3 characters (":--" / "--:").
     widths = [max(w, 3) for w in widths]
 
     def render(cells: Sequence[str]) -> str:
         padded = [
             cell.rjust(w) if right else cell.ljust(w)
-            for cell, w, (_, _, right, _) in zip(cells, widths, _COLUMNS, strict=True)
+            for cell, w, (_, _, right, _) in zip(cells, widths, shown, strict=True)
         ]
         return "| " + " | ".join(padded) + " |\n"
 
     rule = [
         "-" * (w - 1) + ":" if right else ":" + "-" * (w - 1)
-        for w, (_, _, right, _) in zip(widths, _COLUMNS, strict=True)
+        for w, (_, _, right, _) in zip(widths, shown, strict=True)
     ]
     return render(header) + render(rule) + "".join(render(line) for line in body)
 
