@@ -537,6 +537,11 @@ def run_sweep_command(
     from allocsearch.search_run import HeldoutPerplexity, ray_evaluate, ray_layer_map, use_ray_build
 
     ws = pipeline.load_workspace(cfg)
+    if not ws.model.adapter.is_causal_lm:
+        raise ValueError(
+            f"sweep reports held-out perplexity, which an encoder ({cfg.model!r}, model_type "
+            f"{ws.model.adapter.model_type!r}) has not; run compare (or search) at each target"
+        )
     if supernet is None:
         spanning = spanning_config(cfg.supernet, targets)
         path = out / "supernet"

@@ -212,6 +212,10 @@ def test_cli_bert_build_search_apply_eval(structure, tmp_path):
 
     store = tmp_path / "store"
     run("build", "--config", config_path, "--out", store, "--no-progress")
+    r = runner.invoke(app, ["sweep", "--config", str(config_path), "--supernet", str(store),
+                            "--targets", "0.2,0.3", "--out", str(tmp_path / "sweep")])  # fmt: skip
+    assert r.exit_code == 2 and "sweep reports held-out perplexity" in r.output, r.output
+    assert not (tmp_path / "sweep").exists()
     dp_config = tmp_path / "dp.yaml"
     config["search"] |= {"strategy": "dp", "settings": {}}
     dp_config.write_text(yaml.safe_dump(config))
