@@ -12,11 +12,12 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_workspace import scaled_random_model
 
 from allocsearch.data.tokenset import TokenSet
 from allocsearch.evaluate.evaluator import Evaluator
 from allocsearch.evaluate.metrics import KLDivergence
-from allocsearch.models import HFModel, adapter_for_config, load_model, save_model
+from allocsearch.models import HFModel, load_model
 from allocsearch.pruners import (
     MagnitudePruner,
     NestedVariants,
@@ -65,19 +66,7 @@ IDS = np.random.default_rng(7).integers(0, 50, size=(2, 10))
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> HFModel:
     """A tiny random Llama written by allocsearch's save_model and loaded back."""
-    adapter = adapter_for_config(CFG)
-    rng = np.random.default_rng(0)
-    params = {}
-    for name, shape in adapter.param_shapes.items():
-        if "norm" in name:
-            w = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif "embed" in name:
-            w = rng.standard_normal(shape)
-        else:
-            w = rng.uniform(-1, 1, size=shape) / np.sqrt(shape[-1])
-        params[name] = jnp.asarray(w, jnp.float32)
-    path = save_model(HFModel(adapter, params), tmp_path_factory.mktemp("dense") / "m")
-    return load_model(path)
+    return scaled_random_model(CFG, tmp_path_factory.mktemp("dense") / "m")
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_workspace import scaled_random_model
 
 from allocsearch.data.tokenset import TokenSet
 from allocsearch.distributed.local import run_search
 from allocsearch.evaluate.evaluator import Evaluator
 from allocsearch.evaluate.metrics import KLDivergence
 from allocsearch.evaluate.streaming import StreamingEvaluator
-from allocsearch.models import HFModel, adapter_for_config, load_model, save_model
+from allocsearch.models import HFModel, adapter_for_config, load_model
 from allocsearch.pruners import StructuredPruner
 from allocsearch.recipe import exporters
 from allocsearch.recipe.apply import apply_recipe, write_pruned
@@ -63,19 +64,7 @@ IDS = np.random.default_rng(7).integers(0, 50, size=(2, 10))
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> HFModel:
     """A tiny random Llama (3 blocks = 6 sublayers), written and loaded back."""
-    adapter = adapter_for_config(CFG)
-    rng = np.random.default_rng(0)
-    params = {}
-    for name, shape in adapter.param_shapes.items():
-        if "norm" in name:
-            w = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif "embed" in name:
-            w = rng.standard_normal(shape)
-        else:
-            w = rng.uniform(-1, 1, size=shape) / np.sqrt(shape[-1])
-        params[name] = jnp.asarray(w, jnp.float32)
-    path = save_model(HFModel(adapter, params), tmp_path_factory.mktemp("dense") / "m")
-    return load_model(path)
+    return scaled_random_model(CFG, tmp_path_factory.mktemp("dense") / "m")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from allocsearch.models import HFModel, adapter_for_config, save_model
+from allocsearch.models import HFModel, adapter_for_config, load_model, save_model
 
 WORDS = ["alpha", "beta", "gamma", "delta", "pruning", "sparse", "layer", "budget"]
 
@@ -25,3 +25,23 @@ def write_model_and_corpus(
     for i in range(docs):
         (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS, words_per_doc)))
     return root / "model", corpus
+
+
+def scaled_random_model(hf_config: dict, path: Path) -> HFModel:
+    """A random model of ``hf_config`` scaled like a trained one (norm weights near 1,
+    embeddings N(0, 1), linears uniform over +-1/sqrt(fan-in); numpy seed 0), written by
+    ``save_model`` to ``path`` and loaded back in float32."""
+    import jax.numpy as jnp
+
+    adapter = adapter_for_config(hf_config)
+    rng = np.random.default_rng(0)
+    params = {}
+    for name, shape in adapter.param_shapes.items():
+        if "norm" in name:
+            w = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif "embed" in name:
+            w = rng.standard_normal(shape)
+        else:
+            w = rng.uniform(-1, 1, size=shape) / np.sqrt(shape[-1])
+        params[name] = jnp.asarray(w, jnp.float32)
+    return load_model(save_model(HFModel(adapter, params), path))
