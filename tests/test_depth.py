@@ -16,6 +16,7 @@ from allocsearch.data.tokenset import TokenSet
 from allocsearch.distributed.local import run_search
 from allocsearch.evaluate.evaluator import Evaluator
 from allocsearch.evaluate.metrics import KLDivergence
+from allocsearch.evaluate import streaming as streaming_mod
 from allocsearch.evaluate.streaming import StreamingEvaluator
 from allocsearch.models import HFModel, adapter_for_config, load_model
 from allocsearch.pruners import StructuredPruner
@@ -43,6 +44,7 @@ from allocsearch.supernet.depth import (
     check_depth_supported,
     depth_grid,
     dropped_levels,
+    skippable_sublayers,
     sublayer_count_table,
     with_dropped_level,
 )
@@ -193,6 +195,53 @@ def test_dropped_sublayer_is_a_skipped_sublayer(model, calib, stores):
         np.asarray(model.adapter.forward(by_hand, jnp.asarray(IDS))),
         atol=1e-6,
     )
+
+
+def test_dropped_sublayers_are_skipped_not_computed(model, calib, stores):
+    """Both evaluators branch around each sublayer a candidate drops (lax.cond, candidates
+    one after another), which gives the scores of running its zero weights."""
+    store = stores("drop")
+    spec = store.spec
+    names = [u.name for u in spec.units]
+    table = skippable_sublayers(model.adapter, spec, store.unit_params)
+    assert table.tolist() == [
+        [names.index(f"model.layers.{i}.self_attn"), names.index(f"model.layers.{i}.mlp")]
+        for i in range(3)
+    ]
+    mixed = stores("sublayers")  # structured levels and dropped: the same table
+    assert (
+        skippable_sublayers(model.adapter, mixed.spec, mixed.unit_params).tolist() == table.tolist()
+    )
+    choices = all_subsets(spec.num_units)[[0, 21, 42, 63, 5]]
+    fid = calib.n_tokens
+    kw = dict(metric=KLDivergence(), candidates_per_call=3)
+    skipping = Evaluator(model, spec, store.all_variants(), store.unit_params, calib, **kw)
+    computing = Evaluator(model, spec, store.all_variants(), store.unit_params, calib, **kw)
+    del computing._arrays["depth"]  # the zero weights run through vmap, as before
+    want = computing(choices, fidelity=fid, batch_seed=0)
+    np.testing.assert_allclose(
+        skipping(choices, fidelity=fid, batch_seed=0), want, rtol=1e-6, atol=1e-7
+    )
+    lazy = load_model(model.path, lazy=True)
+    streamed = StreamingEvaluator(lazy, store, calib, **kw)
+    np.testing.assert_allclose(
+        streamed(choices, fidelity=fid, batch_seed=0), want, rtol=1e-5, atol=1e-7
+    )
+    assert np.ptp(want) > 1e-3
+
+    # The streamed block program holds one real branch per sublayer, not a select.
+    loaded = streamed._load(streamed._blocks[1], choices[:3], np.ones(3, bool))
+    rows = jnp.arange(2, dtype=jnp.int32)
+    ctx = streaming_mod._ctx_program(model.adapter, streamed._dtype, streamed._tokens, rows)
+    h = jnp.zeros((3, 2, calib.seq_len, CFG["hidden_size"]), streamed._dtype)
+    skip = streamed._skip_flags(1, choices[:3])
+    assert skip.tolist() == [[False, False], [False, True], [True, False]]  # none, MLP, attention
+    program = str(
+        jax.make_jaxpr(streaming_mod._block_program, static_argnums=(0,))(
+            model.adapter, loaded.plain, loaded.stacks, loaded.slots, h, ctx, skip
+        )
+    )
+    assert program.count(" cond[") == 2 and " scan[" in program  # lax.map: a scan
 
 
 # --------------------------------------------------------------------------- search

@@ -22,7 +22,9 @@ search: ``evaluator(choices int32[n, L], fidelity=..., batch_seed=...) -> float3
 * **Multi-fidelity.** ``fidelity`` tokens are the minibatch
   :func:`~allocsearch.data.tokenset.minibatch` draws with ``batch_seed``: the same
   (fidelity, batch_seed) is the same fixed set of sequences, in every process.
-* **Batching.** ``candidates_per_call`` candidates are ``vmap``-ed through one call.
+* **Batching.** ``candidates_per_call`` candidates are ``vmap``-ed through one call
+  (``lax.map``-ed on depth supernets, so that each candidate's dropped sublayers are
+  skipped: :func:`~allocsearch.supernet.depth.skippable_sublayers`).
 * **Reference reuse.** The reference's hidden state at the input of every block is cached
   per minibatch, and a candidate starts at the first block where its levels differ from
   the reference's. The reference is the allocation given to
@@ -55,6 +57,7 @@ from allocsearch.evaluate.metrics import Metric, TeacherData, next_token_nll
 from allocsearch.models.base import ModelAdapter
 from allocsearch.models.hf import HFModel
 from allocsearch.pruners.base import NestedVariants, Variants, mask_from_rank
+from allocsearch.supernet.depth import dropped_levels, skippable_sublayers
 from allocsearch.supernet.spec import SupernetSpec
 
 # How many (fidelity, batch_seed) minibatch index sets to remember.
@@ -169,6 +172,19 @@ def _block_params(arrays, i: jax.Array, choice: jax.Array | None) -> dict[str, j
     return {rel: _select(src, i, choice) for rel, src in arrays["blocks"].items()}
 
 
+def _depth_skip(adapter: ModelAdapter, arrays, i: jax.Array, choice) -> dict | None:
+    """{sublayer name: bool scalar} of the sublayers ``choice`` drops in block ``i``, or
+    None without a depth table (``arrays["depth"]``: the unit of each block's sublayer,
+    int32[nb, S] with -1 for none, and the dropped levels bool[L, K])."""
+    if choice is None or "depth" not in arrays:
+        return None
+    table, dropped = arrays["depth"]
+    units = table[i]
+    safe = jnp.maximum(units, 0)
+    flags = (units >= 0) & dropped[safe, choice[safe]]
+    return {name: flags[s] for s, name in enumerate(adapter.sublayer_names)}
+
+
 def _run(adapter: ModelAdapter, arrays, choice, tokens, start=None, lo=None, ref=None):
     """Model outputs for one candidate (``choice`` int32[L]; None for all-plain arrays).
 
@@ -181,7 +197,8 @@ def _run(adapter: ModelAdapter, arrays, choice, tokens, start=None, lo=None, ref
         h = jnp.where(lo == 0, h, ref[lo])
 
     def body(i, h):
-        out = adapter.block(_block_params(arrays, i, choice), h, ctx)
+        skip = _depth_skip(adapter, arrays, i, choice)
+        out = adapter.block(_block_params(arrays, i, choice), h, ctx, skip=skip)
         if ref is not None:
             out = jnp.where(start > i, ref[i + 1], out)
         return out
@@ -203,6 +220,8 @@ def _score_program(adapter, metric, arrays, teacher, calib, choices, starts, lo,
 
     if choices.shape[0] == 1:  # no batch axis in the matmuls
         return one(choices[0], starts[0])[None]
+    if "depth" in arrays:  # one at a time, so that dropped sublayers are really skipped
+        return jax.lax.map(lambda a: one(*a), (choices, starts))
     return jax.vmap(one)(choices, starts)
 
 
@@ -214,7 +233,8 @@ def _states_program(adapter, arrays, calib, choice, rows):
     h, ctx = adapter.embed(_full_params(adapter, arrays, choice), tokens)
 
     def body(h, i):
-        out = adapter.block(_block_params(arrays, i, choice), h, ctx)
+        skip = _depth_skip(adapter, arrays, i, choice)
+        out = adapter.block(_block_params(arrays, i, choice), h, ctx, skip=skip)
         return out, out
 
     _, hs = jax.lax.scan(body, h, jnp.arange(adapter.num_blocks))
@@ -409,6 +429,12 @@ class Evaluator:
 
         host = {name: np.asarray(value) for name, value in model.params.items()}
         self._arrays = self._build_arrays(host, owner)
+        skippable = skippable_sublayers(adapter, spec, self._unit_params)
+        if skippable is not None:  # depth supernet: dropped sublayers are skipped
+            self._arrays["depth"] = (
+                jnp.asarray(skippable),
+                jnp.asarray(dropped_levels(spec)),
+            )
         self._tokens = jnp.asarray(calibration.tokens)
         self._teacher = self._compute_teacher(self._build_arrays(host, {}), max_teacher_bytes)
         del host

@@ -16,7 +16,13 @@ candidates:
   uses one level of each unit, so no query needs more; unused slots repeat a read level and
   cost no transfer), so one compiled block program serves every query and candidate:
   candidates index their slot inside ``jit`` (``vmap`` over candidates, as the
-  resident ``_score_program``).
+  resident ``_score_program``). Stacks stay in the store's dtype; a candidate's slot is
+  cast to the compute dtype when it is used. On a CPU backend, where device memory is
+  host memory, the levels are read straight into aligned [P, ...] host buffers that
+  ``device_put`` aliases: one copy of a block's variants, no assembly.
+* **Dropped sublayers are skipped.** On depth supernets a candidate's dropped sublayers
+  are branched around (``lax.cond``, candidates ``lax.map``-ed instead of ``vmap``-ed;
+  :func:`~allocsearch.supernet.depth.skippable_sublayers`).
 * **All candidates advance together.** The hidden states of all ``n`` candidates stay on
   the device between blocks, in micro-batches of ``candidates_per_call`` candidates x
   ``micro_batch_tokens`` tokens (one program call each), so a block's weights are read
@@ -63,6 +69,7 @@ from allocsearch.evaluate.evaluator import (
 from allocsearch.evaluate.metrics import Metric, TeacherData, next_token_nll
 from allocsearch.models.base import ModelAdapter
 from allocsearch.models.hf import HFModel, LazyParams
+from allocsearch.supernet.depth import dropped_levels, skippable_sublayers
 from allocsearch.supernet.spec import SupernetSpec
 from allocsearch.supernet.store import SupernetStore
 
@@ -110,11 +117,12 @@ class StreamStats(NamedTuple):
 # slot of each stack (columns in sorted name order).
 
 
-def _pick(plain, stacks, slot: jax.Array) -> dict[str, jax.Array]:
-    """One candidate's parameters: ``plain`` plus its slot of every stack."""
+def _pick(plain, stacks, slot: jax.Array, dtype) -> dict[str, jax.Array]:
+    """One candidate's parameters: ``plain`` plus its slot of every stack, cast to the
+    compute ``dtype`` (stacks stay in the store's dtype; one slot is cast at a time)."""
     params = dict(plain)
     for j, name in enumerate(sorted(stacks)):
-        params[name] = stacks[name][slot[j]]
+        params[name] = stacks[name][slot[j]].astype(dtype)
     return params
 
 
@@ -130,17 +138,22 @@ def _placeholders(adapter: ModelAdapter, dtype) -> dict[str, jax.Array]:
     return out
 
 
-def _per_candidate(fn, slots: jax.Array, *args):
-    """``fn(slot, *args)`` for every candidate's slot row (args batched on axis 0)."""
+def _per_candidate(fn, slots: jax.Array, *args, sequential: bool = False):
+    """``fn(slot, *args)`` for every candidate's slot row (args batched on axis 0);
+    ``vmap``-ed, or one candidate after another with ``sequential`` (what lets a branch
+    inside ``fn`` skip work)."""
     if slots.shape[0] == 1:  # no batch axis in the matmuls
         return jax.tree.map(lambda x: x[None], fn(slots[0], *(a[0] for a in args)))
+    if sequential:
+        return jax.lax.map(lambda a: fn(*a), (slots, *args))
     return jax.vmap(fn)(slots, *args)
 
 
-@partial(jax.jit, static_argnums=(0,))
-def _assemble_program(dtype, slabs):
-    """{name: tuple of P [*shape] slabs} -> {name: [P, *shape] in ``dtype``}."""
-    return {name: jnp.stack(parts).astype(dtype) for name, parts in slabs.items()}
+@jax.jit
+def _assemble_program(slabs):
+    """{name: tuple of P [*shape] slabs} -> {name: [P, *shape]}, in the slabs' (storage)
+    dtype: the compute-dtype copy is made per candidate, one slot at a time."""
+    return {name: jnp.stack(parts) for name, parts in slabs.items()}
 
 
 @partial(jax.jit, static_argnums=(0, 1))
@@ -160,7 +173,7 @@ def _embed_program(adapter, dtype, plain, stacks, slots, tokens, rows):
     toks = tokens[rows]
 
     def one(slot):
-        return adapter.embed(_pick(base, stacks, slot), toks)[0]
+        return adapter.embed(_pick(base, stacks, slot, dtype), toks)[0]
 
     if not stacks:
         h = one(slots[0])
@@ -169,13 +182,22 @@ def _embed_program(adapter, dtype, plain, stacks, slots, tokens, rows):
 
 
 @partial(jax.jit, static_argnums=(0,))
-def _block_program(adapter, plain, stacks, slots, h, ctx):
-    """float[G, R, T, D]: one block applied to every candidate's hidden states."""
+def _block_program(adapter, plain, stacks, slots, h, ctx, skip=None):
+    """float[G, R, T, D]: one block applied to every candidate's hidden states; ``skip``
+    bool[G, S] (or None) marks each candidate's dropped sublayers
+    (``adapter.sublayer_names``), which are then not computed."""
+    if skip is None:
 
-    def one(slot, x):
-        return adapter.block(_pick(plain, stacks, slot), x, ctx)
+        def one(slot, x):
+            return adapter.block(_pick(plain, stacks, slot, x.dtype), x, ctx)
 
-    return _per_candidate(one, slots, h)
+        return _per_candidate(one, slots, h)
+
+    def one_skipping(slot, flags, x):
+        names = {name: flags[s] for s, name in enumerate(adapter.sublayer_names)}
+        return adapter.block(_pick(plain, stacks, slot, x.dtype), x, ctx, skip=names)
+
+    return _per_candidate(one_skipping, slots, skip, h, sequential=True)
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
@@ -187,7 +209,7 @@ def _score_finish_program(
     toks = tokens[rows]
 
     def one(slot, x):
-        out = adapter.finish(_pick(base, stacks, slot), x, ctx)
+        out = adapter.finish(_pick(base, stacks, slot, dtype), x, ctx)
         return metric.sequence_losses(teacher, out, toks)
 
     return _per_candidate(one, slots, h)
@@ -206,7 +228,7 @@ def _nll_finish_program(adapter, dtype, plain, stacks, slots, h, ctx, tokens, ro
     """Sum over sequences (weighted by float32[R]) of next-token NLL of one candidate."""
     base = {**_placeholders(adapter, dtype), **plain}
     toks = tokens[rows]
-    out = adapter.finish(_pick(base, stacks, slots[0]), h[0], ctx)
+    out = adapter.finish(_pick(base, stacks, slots[0], dtype), h[0], ctx)
     return jnp.sum(weights[:, None] * next_token_nll(out, toks))
 
 
@@ -245,6 +267,16 @@ class _Loaded(NamedTuple):
     dense_bytes: int
     transfer_bytes: int
     variants_read: int
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous host array whose data starts on an ``align``-byte
+    boundary (what lets ``jax.device_put`` on CPU alias it instead of copying)."""
+    dtype = np.dtype(dtype)
+    n = math.prod(shape) * dtype.itemsize
+    raw = np.empty(n + align, np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset : offset + n].view(dtype).reshape(shape)
 
 
 def _nbytes(a: Any) -> int:
@@ -374,6 +406,13 @@ class StreamingEvaluator:
         )
         self._state_bytes_per_token = int(probe.shape[-1]) * probe.dtype.itemsize
         self._executor: ThreadPoolExecutor | None = None
+        # On a CPU backend the "device" is host memory: stacks are read into aligned host
+        # buffers that device_put aliases (no second copy, no assembly program).
+        self._host_is_device = jax.default_backend() == "cpu"
+        self._layouts: dict[str, tuple[tuple[int, ...], Any]] = {}
+        # Depth supernets: each block's dropped sublayers are skipped per candidate.
+        self._skippable = skippable_sublayers(adapter, self.spec, store.unit_params)
+        self._dropped = dropped_levels(self.spec)
         self._teacher = self._compute_teacher(int(max_teacher_bytes))
 
         n_seq, seq_len = calibration.n_seq, calibration.seq_len
@@ -450,6 +489,7 @@ class StreamingEvaluator:
         dense_bytes = sum(_nbytes(v) for v in host_plain.values())
         slots = np.zeros((1 if members is None else len(members), 0), np.int32)
         slabs: dict[str, list[np.ndarray]] = {}
+        host_stacks: dict[str, np.ndarray] = {}
         n_slots: dict[str, int] = {}
         store_bytes = variants = 0
         if members is not None:
@@ -461,24 +501,42 @@ class StreamingEvaluator:
                 if n in self._nested:
                     dense = np.asarray(params[n])
                     dense_bytes += int(dense.nbytes)
-                got = self.store.read_levels(n, levels.tolist(), dense)
-                slabs[k] = list(got)  # views: fixed-shape slabs whatever the count
                 # P = min(levels, members) slots: a member uses one level, so a query
                 # never needs more; fixed per query size, so one program per shape
                 n_slots[k] = min(int(self._num_levels[u]), len(members))
+                if self._host_is_device:
+                    # Read straight into the first slots of an aligned [P, ...] buffer
+                    # that device_put aliases: one copy of the block, no assembly.
+                    shape, dtype = self._slot_layout(n, dense)
+                    host_stacks[k] = _aligned_empty((n_slots[k], *shape), dtype)
+                    got = self.store.read_levels(
+                        n, levels.tolist(), dense, out=host_stacks[k][: len(levels)]
+                    )
+                else:
+                    got = self.store.read_levels(n, levels.tolist(), dense)
+                    slabs[k] = list(got)  # views: fixed-shape slabs whatever the count
                 store_bytes += int(got.nbytes)
                 variants += len(levels)
         transfer = sum(_nbytes(v) for v in host_plain.values() if not isinstance(v, jax.Array))
         transfer += store_bytes
-        dev_plain, dev_slabs = jax.device_put((host_plain, slabs))
-        stacks = {}
+        dev_plain, dev_slabs, stacks = jax.device_put((host_plain, slabs, host_stacks))
         if dev_slabs:
             padded = {}
             for k, parts in dev_slabs.items():
                 # Unused slots repeat a moved slab (never selected; no transfer).
                 padded[k] = tuple(parts) + (parts[0],) * (n_slots[k] - len(parts))
-            stacks = _assemble_program(self._dtype, padded)
+            stacks = _assemble_program(padded)
         return _Loaded(dev_plain, stacks, slots, store_bytes, dense_bytes, transfer, variants)
+
+    def _slot_layout(self, name: str, dense: np.ndarray | None) -> tuple[tuple[int, ...], Any]:
+        """(shape, dtype) of one level of parameter ``name`` as ``read_levels`` returns it."""
+        if name not in self._layouts:
+            if dense is not None:  # nested: the dense weight's shape and dtype
+                self._layouts[name] = (tuple(dense.shape), dense.dtype)
+            else:
+                empty = self.store.read_levels(name, [])
+                self._layouts[name] = (tuple(empty.shape[1:]), empty.dtype)
+        return self._layouts[name]
 
     def _loader(self, stages: Sequence[int], load: Callable[[int], _Loaded]):
         """Yield ``load(i)`` for each block ``i`` of ``stages``, the next one prefetched."""
@@ -606,11 +664,19 @@ class StreamingEvaluator:
                 activate(int(g), i)
             if i == 0:
                 keep(0)
+            skip = self._skip_flags(i, members)
             for g in np.flatnonzero(gstart <= i):
                 slots = loaded.slots[groups[g]]
+                flags = None if skip is None else skip[groups[g]]
                 for c in range(len(chunks)):
                     h[g, c] = _block_program(
-                        adapter, loaded.plain, loaded.stacks, slots, device(h[g, c]), ctxs[c]
+                        adapter,
+                        loaded.plain,
+                        loaded.stacks,
+                        slots,
+                        device(h[g, c]),
+                        ctxs[c],
+                        flags,
                     )
             keep(i + 1)
             park_all()
@@ -621,6 +687,15 @@ class StreamingEvaluator:
             for g, q in enumerate(groups)
         ]
         return outputs, counts, groups
+
+    def _skip_flags(self, i: int, members: np.ndarray | None) -> np.ndarray | None:
+        """bool[m, S]: the sublayers of block ``i`` each member drops (None: nothing to
+        skip in this block, or the dense model)."""
+        if members is None or self._skippable is None or (self._skippable[i] < 0).all():
+            return None
+        units = self._skippable[i]
+        safe = np.maximum(units, 0)
+        return (units >= 0) & self._dropped[safe, members[:, safe]]
 
     @property
     def _states_on_device(self) -> bool:

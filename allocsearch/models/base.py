@@ -259,6 +259,12 @@ class ModelAdapter(abc.ABC):
         :meth:`from_hf_tensors` adds them and :meth:`to_hf_tensors` drops them."""
         return {}
 
+    @property
+    def sublayer_names(self) -> tuple[str, ...]:
+        """Names (relative to a block) of the sublayers :meth:`block` can skip; empty for
+        families without depth pruning."""
+        return ()
+
     # ----- shared machinery ----------------------------------------------------------
     @property
     def param_names(self) -> list[str]:
@@ -298,11 +304,24 @@ class ModelAdapter(abc.ABC):
         ctx: Any,
         *,
         capture: bool = False,
+        skip: Mapping[str, jax.Array] | None = None,
     ) -> jax.Array | tuple[jax.Array, Taps]:
         """Run one block. All blocks share one graph, so a jitted call of this method
         compiles once for every block. With ``capture`` also returns the inputs of every
-        linear layer keyed by input group (relative name of the group's first layer)."""
+        linear layer keyed by input group (relative name of the group's first layer).
+        ``skip`` ({sublayer name in :attr:`sublayer_names`: bool scalar}) leaves the
+        sublayers marked true out (dropped sublayers: the residual passes unchanged)."""
         mod = self._block.merge(block_params)
+        if skip is not None:
+            if capture:
+                raise ValueError("capture and skip cannot be combined")
+            bad = sorted(set(skip) - set(self.sublayer_names))
+            if bad:
+                raise ValueError(
+                    f"cannot skip {bad} in a {self.model_type} block; valid: "
+                    f"{list(self.sublayer_names) or 'none (this family has no dropped sublayers)'}"
+                )
+            return mod(h, ctx, None, skip=skip)
         taps: Taps | None = {} if capture else None
         out = mod(h, ctx, taps)
         return (out, taps) if capture else out

@@ -396,7 +396,16 @@ class LlamaDecoderLayer(nnx.Module):
             else None
         )
 
-    def __call__(self, h: jax.Array, ctx: LlamaContext, taps: Taps | None = None) -> jax.Array:
+    def __call__(
+        self,
+        h: jax.Array,
+        ctx: LlamaContext,
+        taps: Taps | None = None,
+        skip: Mapping[str, jax.Array] | None = None,
+    ) -> jax.Array:
+        """One block; ``skip`` maps sublayer names (``self_attn``, the MLP's name) to bool
+        scalars: a true one is not computed and the residual passes unchanged (dropped
+        sublayers; pre-norm layout only)."""
         if self.layer_type_id is None:
             cos, sin, allowed = ctx.cos[0], ctx.sin[0], ctx.allowed[0]
         else:
@@ -404,14 +413,33 @@ class LlamaDecoderLayer(nnx.Module):
             cos, sin, allowed = ctx.cos[idx], ctx.sin[idx], ctx.allowed[idx]
         r = self.residual_multiplier
         if self.layout == "pre":
-            a = self.self_attn(self.input_layernorm(h), cos, sin, allowed, taps)
-            h = h + a * r if r != 1.0 else h + a
-            m = getattr(self, self.mlp_name)(self.post_attention_layernorm(h), taps)
-            return h + m * r if r != 1.0 else h + m
+
+            def attention(h: jax.Array) -> jax.Array:
+                a = self.self_attn(self.input_layernorm(h), cos, sin, allowed, taps)
+                return h + a * r if r != 1.0 else h + a
+
+            def mlp(h: jax.Array) -> jax.Array:
+                m = getattr(self, self.mlp_name)(self.post_attention_layernorm(h), taps)
+                return h + m * r if r != 1.0 else h + m
+
+            h = _unless_skipped(skip, "self_attn", attention, h)
+            return _unless_skipped(skip, self.mlp_name, mlp, h)
+        if skip:
+            raise ValueError(
+                f"sublayers can be skipped in pre-norm blocks only, not {self.layout!r}"
+            )
         x = h if self.input_layernorm is None else self.input_layernorm(h)
         h = h + self.post_attention_layernorm(self.self_attn(x, cos, sin, allowed, taps))
         x = h if self.pre_feedforward_layernorm is None else self.pre_feedforward_layernorm(h)
         return h + self.post_feedforward_layernorm(getattr(self, self.mlp_name)(x, taps))
+
+
+def _unless_skipped(skip, name: str, sublayer, h: jax.Array) -> jax.Array:
+    """``sublayer(h)``, or ``h`` when ``skip[name]`` is true: a real branch (its compute
+    is not spent) when the caller runs candidates one at a time, a select under vmap."""
+    if skip is None or name not in skip:
+        return sublayer(h)
+    return jax.lax.cond(skip[name], lambda x: x, sublayer, h)
 
 
 class LlamaModel(nnx.Module):
@@ -526,6 +554,10 @@ class LlamaAdapter(RotaryDecoderAdapter):
     families and their traits)."""
 
     family = "llama"
+
+    @property
+    def sublayer_names(self) -> tuple[str, ...]:
+        return ("self_attn", "mlp")
 
     def build_module(self, rngs: nnx.Rngs) -> nnx.Module:
         return LlamaForCausalLM(self.cfg, rngs)

@@ -14,10 +14,12 @@ level, and one allocation can drop some sublayers and prune others' heads / neur
   sublayer also saves its attention-score MACs (``2 * context * heads * head_dim`` per
   token), which no level's cost includes. Latency tables (``--latency-table``) give the
   dropped level its own measured column like any other level.
-* Evaluation: both evaluators run a dropped sublayer with its zero weights (one compiled
-  program for every candidate, nothing recompiles), so the search still *spends* the
-  sublayer's compute; the score is exact. The pruned checkpoint does not
-  (:mod:`allocsearch.recipe.depth`).
+* Evaluation: both evaluators skip a candidate's dropped sublayers
+  (:func:`skippable_sublayers`; a ``lax.cond`` per sublayer inside the one compiled
+  program, so nothing recompiles): on a depth supernet they run candidates one after
+  another (``lax.map``) instead of ``vmap``, under which a branch would become a select
+  that computes both sides. Skipping gives exactly the scores of running the zero
+  weights. The pruned checkpoint removes whole blocks (:mod:`allocsearch.recipe.depth`).
 * Search: attention and MLP units differ in size, so dropping one and keeping another does
   not keep the cost equal; EvoPress picks its repair mutation for such tables
   (``mutation="auto"``), DP and knapsack take the cost table as it is.
@@ -32,6 +34,7 @@ Modes (``supernet.depth`` / ``build --depth``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -46,6 +49,7 @@ __all__ = [
     "check_depth_supported",
     "depth_grid",
     "dropped_levels",
+    "skippable_sublayers",
     "sublayer_count_table",
     "with_dropped_level",
 ]
@@ -237,3 +241,42 @@ def block_units(spec: SupernetSpec) -> tuple[SupernetSpec, np.ndarray]:
         level_labels=(("dense", DROPPED_LABEL),) * n,
     )
     return block_spec, owner
+
+
+def skippable_sublayers(
+    adapter: Any, spec: SupernetSpec, unit_params: Sequence[Sequence[str]]
+) -> np.ndarray | None:
+    """Which unit drops each sublayer an evaluator can skip.
+
+    Args:
+      adapter: the model adapter (its ``sublayer_names``: e.g. ``("self_attn", "mlp")``).
+      spec: the supernet spec (its dropped levels: :func:`dropped_levels`).
+      unit_params: the parameter names of each unit.
+
+    Returns:
+      int32[num_blocks, len(adapter.sublayer_names)]: the unit whose dropped level removes
+      that sublayer of that block (every parameter of the unit lies in it), -1 where none
+      does; None when no unit has a dropped level or the family has no skippable
+      sublayers. An evaluator skips sublayer ``s`` of block ``i`` for a candidate whose
+      level of unit ``u = table[i, s]`` is dropped: its output is exactly zero, so the
+      scores are those of running it, without its compute.
+    """
+    names = tuple(getattr(adapter, "sublayer_names", ()))
+    dropped = dropped_levels(spec)
+    if not names or not dropped.any():
+        return None
+    prefixes = [adapter.block_prefix(i) for i in range(adapter.num_blocks)]
+    table = np.full((len(prefixes), len(names)), -1, np.int32)
+    for u, params in enumerate(unit_params):
+        if not dropped[u].any():
+            continue
+        places = set()
+        for name in params:
+            block = next((i for i, pre in enumerate(prefixes) if name.startswith(pre)), None)
+            sub = None if block is None else name[len(prefixes[block]) :].split(".")[0]
+            places.add((block, names.index(sub) if sub in names else None))
+        if len(places) == 1:
+            block, s = places.pop()
+            if block is not None and s is not None:
+                table[block, s] = u
+    return table if (table >= 0).any() else None

@@ -79,14 +79,21 @@ def pack(weights: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def unpack_levels(tensors: Mapping[str, np.ndarray], levels: Sequence[int]) -> np.ndarray:
+def unpack_levels(
+    tensors: Mapping[str, np.ndarray], levels: Sequence[int], out: np.ndarray | None = None
+) -> np.ndarray:
     """[len(levels), out, in] host weights of ``levels`` (repeats allowed) in the values'
-    dtype, reading only those levels' bytes of ``tensors`` (e.g. memory-mapped views)."""
-    _, out, n_in = (int(x) for x in np.asarray(tensors["shape"]))
+    dtype, reading only those levels' bytes of ``tensors`` (e.g. memory-mapped views);
+    written into ``out`` (C-contiguous, that shape and dtype) when given."""
+    _, rows, n_in = (int(x) for x in np.asarray(tensors["shape"]))
     mask, values = tensors["mask"], tensors["values"]
     offsets = np.asarray(tensors["offsets"])
-    result = np.zeros((len(levels), out, n_in), values.dtype)
-    flat = _bits(result).reshape(len(levels), out * n_in)
+    if out is None:
+        result = np.zeros((len(levels), rows, n_in), values.dtype)
+    else:
+        result = out
+        result[...] = 0
+    flat = _bits(result).reshape(len(levels), rows * n_in)
     for i, k in enumerate(levels):
         keep = np.unpackbits(np.asarray(mask[k]), axis=-1, count=n_in).reshape(-1).view(bool)
         kept = _bits(np.asarray(values[offsets[k] : offsets[k + 1]]))

@@ -350,13 +350,20 @@ def _small_parts(tensors: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     return [tensors[n] for n in sorted(tensors) if n not in big]
 
 
-def _dense_levels(tensors: Mapping[str, np.ndarray], levels: Sequence[int]) -> np.ndarray:
+def _dense_levels(
+    tensors: Mapping[str, np.ndarray], levels: Sequence[int], out: np.ndarray | None = None
+) -> np.ndarray:
     """[len(levels), out, in] host weights of some levels of a dense-kind file's tensors,
-    in either layout, in the storage dtype; reads only those levels' bytes."""
-    if "weights" in tensors:
-        w = tensors["weights"]
+    in either layout, in the storage dtype; reads only those levels' bytes (into ``out``
+    when given)."""
+    if "weights" not in tensors:
+        return packed.unpack_levels(tensors, levels, out)
+    w = tensors["weights"]
+    if out is None:
         return np.stack([np.asarray(w[k]) for k in levels]) if len(levels) else w[:0].copy()
-    return packed.unpack_levels(tensors, levels)
+    for i, k in enumerate(levels):
+        out[i] = w[k]
+    return out
 
 
 def variants_from_tensors(tensors: Mapping[str, np.ndarray], kind: str, per_row: bool) -> Variants:
@@ -863,7 +870,12 @@ class SupernetStore:
         return result
 
     def read_levels(
-        self, param_name: str, levels: Sequence[int], dense: np.ndarray | None = None
+        self,
+        param_name: str,
+        levels: Sequence[int],
+        dense: np.ndarray | None = None,
+        *,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Host weights of some levels of one parameter, read from the memory-mapped file.
 
@@ -876,6 +888,8 @@ class SupernetStore:
           levels: level indices (each in ``0..num_levels-1``; repeats allowed).
           dense: the dense weight [out, in] (host array); required for nested variants,
             whose kept weights are the dense ones.
+          out: write the result into this C-contiguous host array of the result's shape
+            and dtype instead of a new one (e.g. the first slots of a padded stack).
 
         Returns:
           [len(levels), out, in]: dense variants in their storage dtype; nested variants
@@ -900,7 +914,7 @@ class SupernetStore:
             tensors = self._mapped(param_name, entry)
             try:
                 self._check_levels(entry, tensors, levels)
-                return _dense_levels(tensors, levels)
+                return _dense_levels(tensors, levels, out)
             except (KeyError, ValueError) as e:
                 raise StoreError(
                     f"{self.path / entry['file']}: cannot read variants of {param_name} ({e})"
@@ -909,7 +923,8 @@ class SupernetStore:
         dense = np.asarray(dense)
         rank = np.asarray(tensors["rank"])
         counts = np.asarray(tensors["prune_counts"])
-        out = np.empty((len(levels), *rank.shape), dense.dtype)
+        if out is None:
+            out = np.empty((len(levels), *rank.shape), dense.dtype)
         for i, k in enumerate(levels):
             c = counts[k]
             keep = rank >= (c[:, None] if c.ndim == 1 else c)
