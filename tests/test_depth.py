@@ -216,8 +216,9 @@ def test_dropped_sublayers_are_skipped_not_computed(model, calib, stores):
     fid = calib.n_tokens
     kw = dict(metric=KLDivergence(), candidates_per_call=3)
     skipping = Evaluator(model, spec, store.all_variants(), store.unit_params, calib, **kw)
-    computing = Evaluator(model, spec, store.all_variants(), store.unit_params, calib, **kw)
-    del computing._arrays["depth"]  # the zero weights run through vmap, as before
+    computing = Evaluator(
+        model, spec, store.all_variants(), store.unit_params, calib, skip_dropped=False, **kw
+    )  # the zero weights run through vmap
     want = computing(choices, fidelity=fid, batch_seed=0)
     np.testing.assert_allclose(
         skipping(choices, fidelity=fid, batch_seed=0), want, rtol=1e-6, atol=1e-7

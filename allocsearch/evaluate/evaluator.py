@@ -362,6 +362,9 @@ class Evaluator:
       max_teacher_bytes: refuse (before computing anything) a metric whose teacher data
         for the whole calibration set would exceed this, e.g. full-vocabulary KL of a
         large vocabulary (use :class:`~allocsearch.evaluate.metrics.TopKKLDivergence`).
+      skip_dropped: on depth supernets, branch around each candidate's dropped sublayers
+        (candidates run one after another); False runs their zero weights (``vmap``),
+        for comparison: the scores are the same.
 
     Raises:
       ValueError: mismatched inputs (the message names the unit or parameter, what it
@@ -387,6 +390,7 @@ class Evaluator:
         auto_reference: bool = True,
         max_reference_bytes: int = 2**30,
         max_teacher_bytes: int = 2**33,
+        skip_dropped: bool = True,
     ):
         adapter = model.adapter
         check_evaluator_args(
@@ -430,7 +434,7 @@ class Evaluator:
         host = {name: np.asarray(value) for name, value in model.params.items()}
         self._arrays = self._build_arrays(host, owner)
         skippable = skippable_sublayers(adapter, spec, self._unit_params)
-        if skippable is not None:  # depth supernet: dropped sublayers are skipped
+        if skippable is not None and skip_dropped:  # depth supernet: skip dropped sublayers
             self._arrays["depth"] = (
                 jnp.asarray(skippable),
                 jnp.asarray(dropped_levels(spec)),

@@ -312,6 +312,9 @@ class StreamingEvaluator:
         parked in host memory between blocks (each micro-batch moved in and out).
       max_teacher_bytes: refuse a metric whose teacher data for the whole calibration set
         would exceed this (host memory).
+      skip_dropped: on depth supernets, branch around each candidate's dropped sublayers
+        (candidates run one after another); False runs their zero weights (``vmap``),
+        for comparison: the scores are the same.
 
     Raises:
       ValueError: mismatched inputs (the message names the unit or parameter).
@@ -340,6 +343,7 @@ class StreamingEvaluator:
         max_device_reference_bytes: int = 2**30,
         max_device_state_bytes: int = 2**32,
         max_teacher_bytes: int = 2**33,
+        skip_dropped: bool = True,
     ):
         adapter = model.adapter
         check_evaluator_args(
@@ -411,7 +415,9 @@ class StreamingEvaluator:
         self._host_is_device = jax.default_backend() == "cpu"
         self._layouts: dict[str, tuple[tuple[int, ...], Any]] = {}
         # Depth supernets: each block's dropped sublayers are skipped per candidate.
-        self._skippable = skippable_sublayers(adapter, self.spec, store.unit_params)
+        self._skippable = (
+            skippable_sublayers(adapter, self.spec, store.unit_params) if skip_dropped else None
+        )
         self._dropped = dropped_levels(self.spec)
         self._teacher = self._compute_teacher(int(max_teacher_bytes))
 
