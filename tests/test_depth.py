@@ -10,8 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_workspace import scaled_random_model
+import yaml
+from tiny_workspace import scaled_random_model, write_corpus
+from typer.testing import CliRunner
 
+from allocsearch import pipeline
+from allocsearch.cli import app
+from allocsearch.config import config_from_dict
 from allocsearch.data.tokenset import TokenSet
 from allocsearch.distributed.local import run_search
 from allocsearch.evaluate.evaluator import Evaluator
@@ -39,18 +44,19 @@ from allocsearch.search.evolutionary import EvolutionarySearcher
 from allocsearch.search.knapsack import mckp_milp
 from allocsearch.supernet.build import build_supernet, supernet_units, unit_group_counts
 from allocsearch.supernet.depth import (
+    TiedBlocks,
     block_units,
     check_depth_supported,
     depth_grid,
     dropped_levels,
-    sublayer_count_table,
     with_dropped_level,
 )
 from allocsearch.supernet.levels import structured_grid
+from allocsearch.supernet.store import SupernetStore
 
 CFG = {
     "model_type": "llama",
-    "vocab_size": 50,
+    "vocab_size": 256,  # the byte tokenizer's, for the CLI tests' text corpus
     "hidden_size": 16,
     "intermediate_size": 64,
     "num_hidden_layers": 3,
@@ -159,8 +165,13 @@ def test_dropped_levels_cost_nothing(model, stores):
         )
     # attention 4 x 16 x 16 (q, o) + 2 x 8 x 16 (k, v); MLP 3 x 16 x 64
     np.testing.assert_array_equal(spec.numel[:2], [2 * 256 + 2 * 128, 3 * 1024])
-    count = sublayer_count_table(spec)
-    np.testing.assert_array_equal(count.kept, [[1.0, 0.0]] * spec.num_units)
+    count = CostModel.from_spec(spec, Budget(kind="sublayers", target=0.5))
+    np.testing.assert_array_equal(count.cost, [[1.0, 0.0]] * spec.num_units)
+    assert count.dense == 6 and count.capacity == 3
+    # a block unit counts its 2 sublayers
+    bcount = CostModel.from_spec(block_units(spec)[0], Budget(kind="sublayers", target=0.5))
+    np.testing.assert_array_equal(bcount.cost, [[2.0, 0.0]] * 3)
+    assert bcount.dense == 6
 
 
 @pytest.mark.slow
@@ -204,7 +215,7 @@ def test_dropped_sublayer_is_a_skipped_sublayer(model, calib, stores):
         pytest.param(lambda spec: Budget(kind="params", target=0.05), id="params-5%"),
         pytest.param(lambda spec: Budget(kind="params", target=0.3), id="params-30%"),
         pytest.param(
-            lambda spec: Budget(kind="latency", target=2 / 6, latency=sublayer_count_table(spec)),
+            lambda spec: Budget(kind="sublayers", target=2 / 6),
             id="drop-2-of-6",
         ),
     ],
@@ -255,7 +266,7 @@ def test_block_units_tie_both_sublayers(model, calib, stores):
 
     blocks = all_subsets(3)
     scores = score_blocks(blocks, fidelity=fid, batch_seed=0)
-    budget = Budget(kind="latency", target=1 / 3, latency=sublayer_count_table(bspec))
+    budget = Budget(kind="sublayers", target=1 / 3)  # 2 of 6 sublayers: one block
     feasible = CostModel.from_spec(bspec, budget).is_feasible(blocks)
     best = blocks[feasible][int(np.argmin(scores[feasible]))]
     searcher = EvolutionarySearcher(
@@ -405,3 +416,171 @@ def test_exports_of_depth_recipes(model, calib, stores):
     mixed = dataclasses.replace(mixed, units=(attn0, *mixed.units[1:]))
     with pytest.raises(exporters.ExportError, match="removes 1 of 2 heads"):
         exporters.to_evopress(mixed, store.spec, choice)
+
+
+# --------------------------------------------------------------------------- Týr
+
+
+@pytest.mark.slow
+def test_tyr_keeps_the_dropped_level_and_drops_the_brute_force_best(model, calib, stores, tmp_path):
+    """Týr (2 rounds, 3 levels per unit around the centre) on a depth supernet: every
+    round's rebuilt grid has a dropped level for every unit (MLP units' centred levels
+    stop at 43 of 64 neurons, so it is added, not reached), and under "drop at least 1 of
+    6 sublayers" the final recipe drops the sublayer that the brute-force best allocation
+    of the last round's grid drops."""
+    cfg = config_from_dict(
+        {
+            "supernet": {"structure": "heads_neurons", "depth": "sublayers", "steps_each_side": 1},
+            "backend": {"kind": "local"},
+        }
+    )
+    ws = pipeline.Workspace(cfg, model, calib, calib)
+    store = stores("sublayers")
+    budget = Budget(kind="sublayers", target=1 / 6)
+    fid = calib.n_tokens
+    settings = {
+        "rounds": 2,
+        "input_mode": "dense",
+        "generations": 10,
+        "offspring": 8,
+        "survivors": [2, 1],
+        "tokens": [fid, fid],
+    }
+    out = pipeline.run_strategy(
+        "tyr", ws, store, budget, evaluate=None, seed=0, settings=settings,
+        work_dir=tmp_path, progress=False,
+    )  # fmt: skip
+    mlp = np.array([u.role == "mlp" for u in store.spec.units])
+    for r in range(2):
+        spec = SupernetStore.open(tmp_path / f"tyr-round-{r}").spec
+        last = spec.num_levels - 1
+        assert dropped_levels(spec)[np.arange(spec.num_units), last].all(), f"round {r + 1}"
+        assert all(labels[-1] == "dropped" for labels in spec.level_labels)
+        below = spec.sparsity[np.arange(spec.num_units), last - 1]
+        assert np.all(below[mlp] <= 43 / 64 + 1e-12)
+
+    final = out.store.spec
+    grid = np.array(list(itertools.product(*(range(k) for k in final.num_levels))), np.int32)
+    grid = grid[CostModel.from_spec(final, budget).is_feasible(grid)]
+    scores = evaluator(model, calib, out.store)(grid, fidelity=fid, batch_seed=0)
+    best = grid[int(np.argmin(scores))]
+    rows = np.arange(final.num_units)
+    names = np.array([u.name for u in final.units])
+    want = set(names[dropped_levels(final)[rows, best]])
+    assert len(want) == 1  # the budget's one sublayer; nothing else is worth dropping
+    recipe = pipeline.recipe_from_choice(ws, store, budget, out)
+    assert {u.name for u in dropped_units(recipe)} == want
+    assert recipe.budget.kind == "sublayers" and recipe.budget.achieved == pytest.approx(1 / 6)
+    assert out.fitness == pytest.approx(float(scores.min()), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- CLI
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, *parts: str) -> None:
+    """Exit status 2 and a single line naming ``parts``."""
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    for part in parts:
+        assert part in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def cli_stores(model, tmp_path_factory):
+    """The model fixture's directory, a word corpus, a config (the byte tokenizer; EvoPress
+    scoring every candidate on all 96 calibration tokens) and two stores built by the
+    CLI: depth "drop" and a plain heads_neurons one. Returns (root, config path)."""
+    root = tmp_path_factory.mktemp("cli")
+    corpus = write_corpus(root / "corpus", docs=3, words_per_doc=200)
+    config = {
+        "model": str(model.path),
+        "data": {"calibration": str(corpus), "seq_len": 16, "n_calibration_seqs": 6,
+                 "n_heldout_seqs": 2},
+        "supernet": {"structure": "heads_neurons", "steps_each_side": 1},
+        "search": {"settings": {"generations": 8, "offspring": 6, "survivors": [1],
+                                "tokens": [96]}},
+        "backend": {"kind": "local"},
+    }  # fmt: skip
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    for depth in ("drop", "none"):
+        r = cli("build", "-c", root / "config.yaml", "--depth", depth, "--out", root / depth,
+                "--no-progress")  # fmt: skip
+        assert r.exit_code == 0, r.output
+    return root, root / "config.yaml"
+
+
+def brute_force(config, store_path, choices: np.ndarray) -> np.ndarray:
+    """The best of sublayer allocations ``choices`` int[n, 6] on all calibration tokens."""
+    ws = pipeline.load_workspace(config)
+    store = pipeline.open_store(ws, store_path)
+    ev = pipeline.make_evaluator(ws, store)
+    scores = ev(choices, fidelity=ws.calibration.n_tokens, batch_seed=0)
+    return choices[int(np.argmin(scores))]
+
+
+@pytest.mark.slow
+def test_cli_drops_the_brute_force_best_sublayers_and_block(cli_stores):
+    root, config = cli_stores
+    cfg = config_from_dict(yaml.safe_load(config.read_text()))
+    names = [u.name for u in SupernetStore.open(root / "drop", verify="none").spec.units]
+    pairs = all_subsets(6)[all_subsets(6).sum(axis=1) == 2]
+    blocks = TiedBlocks.of(SupernetStore.open(root / "drop", verify="none").spec)
+
+    r = cli("search", "--supernet", root / "drop", "-o", root / "two", "-c", config,
+            "--budget", "sublayers", "--target", 2, "--no-progress")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "target: drop 2 of 6 sublayers" in r.output and "drops 2 of 6 sublayers" in r.output
+    recipe = Recipe.load(root / "two" / "recipe.json")
+    best = brute_force(cfg, root / "drop", pairs)
+    assert {u.name for u in dropped_units(recipe)} == set(np.array(names)[best == 1])
+    assert (recipe.budget.kind, recipe.budget.target) == ("sublayers", pytest.approx(2 / 6))
+    assert recipe.budget.achieved == pytest.approx(2 / 6)
+
+    r = cli("search", "--supernet", root / "drop", "-o", root / "block", "-c", config,
+            "--tie-blocks", "--budget", "sublayers", "--target", 2, "--no-progress")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    recipe = Recipe.load(root / "block" / "recipe.json")
+    best = brute_force(cfg, root / "drop", blocks.expand(np.eye(3, dtype=np.int32)))
+    assert {u.name for u in dropped_units(recipe)} == set(np.array(names)[best == 1])
+    assert len(dropped_blocks(recipe)) == 1 and recipe.provenance.settings["tie_blocks"]
+    # the per-sublayer recipe exports as any depth recipe: the dropped block is attn+mlp
+    r = cli("export", root / "block" / "recipe.json", "-f", "evopress", "--supernet",
+            root / "drop", "-o", root / "block.txt")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    lines = (root / "block.txt").read_text().splitlines()
+    assert lines[dropped_blocks(recipe)[0]] == "attn+mlp" and lines.count("none") == 2
+
+
+@pytest.mark.parametrize(
+    "store, args, parts",
+    [
+        pytest.param("none", ["--budget", "sublayers", "--target", 2],
+                     ["has no dropped level", "--depth drop"], id="sublayers-no-drop-level"),
+        pytest.param("none", ["--tie-blocks", "--target", 0.3],
+                     ["--tie-blocks", "depth 'drop' supernet", "--depth drop"],
+                     id="blocks-not-drop"),
+        pytest.param("drop", ["--budget", "sublayers", "--target", 2.5],
+                     ["--target 2.5", "whole number from 1 to 6"], id="fractional-count"),
+        pytest.param("drop", ["--budget", "sublayers", "--target", 7],
+                     ["--target 7", "whole number from 1 to 6"], id="too-many"),
+        pytest.param("drop", ["--budget", "sublayers"], ["needs --target"], id="no-target"),
+        pytest.param("drop", ["--tie-blocks", "--budget", "sublayers", "--target", 3],
+                     ["--tie-blocks", "even --target"], id="odd-count-of-blocks"),
+        pytest.param("drop", ["--tie-blocks", "--strategy", "owl", "--target", 0.3],
+                     ["--tie-blocks", "'owl'"], id="blocks-with-an-allocator"),
+        pytest.param("drop", ["--budget", "size", "--target", 0.3],
+                     ["--budget", "'size' is not valid"], id="unknown-budget"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_bad_depth_combinations(cli_stores, store, args, parts):
+    root, config = cli_stores
+    r = cli("search", "--supernet", root / store, "-o", root / "bad", "-c", config, *args)
+    one_line_error(r, *parts)
+    assert not (root / "bad").exists()
