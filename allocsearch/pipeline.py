@@ -742,7 +742,9 @@ def _run_tyr(
     round_evaluate=None,
 ) -> Outcome:
     """Týr-the-Pruner: rounds of supernets rebuilt around the current best (expected
-    inputs by default), each searched by EvoPress with same-role swaps.
+    inputs by default), each searched by EvoPress with same-role swaps. On a depth
+    supernet every round's grid keeps the dropped level of each unit that had one, and
+    EvoPress trades budget across roles (attention or MLP is what it drops).
 
     ``map_layers`` runs each round's layer pruning (``None``: here) and
     ``round_evaluate(round_store)`` builds the round's ``Evaluate`` (``None``: an
@@ -819,6 +821,10 @@ def _run_tyr(
         rounds=rounds,
         initial_step=initial_step,
         min_step=min_step,
+        # Týr swaps within a role; on a depth supernet dropping an attention or an MLP
+        # sublayer is a choice *between* roles (a same-role search keeps the role of
+        # the round-1 start's drops)
+        same_role=not droppable.any(),
     )
     return Outcome(
         "tyr",

@@ -273,8 +273,8 @@ def run_search_command(
 ) -> None:
     strategy = cfg.search.strategy
     settings = default_settings(cfg)
-    pipeline.check_settings(strategy, settings)  # before anything loads
-    check_tie_blocks(cfg)
+    check_tie_blocks(cfg)  # before anything loads
+    pipeline.check_settings(strategy, settings)
     check_target_before_loading(cfg, supernet)
     ws = pipeline.load_workspace(cfg)
     store = pipeline.open_store(ws, supernet)

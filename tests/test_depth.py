@@ -496,7 +496,17 @@ def one_line_error(result, *parts: str) -> None:
 def cli_stores(model, tmp_path_factory):
     """The model fixture's directory, a word corpus, a config (the byte tokenizer; EvoPress
     scoring every candidate on all 96 calibration tokens) and two stores built by the
-    CLI: depth "drop" and a plain heads_neurons one. Returns (root, config path)."""
+    CLI: depth "drop" and an unstructured one (no dropped level). Returns (root, config
+    path). Every command of the module scores with one evaluator per store (compiled
+    once)."""
+    mp = pytest.MonkeyPatch()
+    made: dict[str, Evaluator] = {}
+    make = pipeline.make_evaluator
+
+    def shared(ws, store, *args):
+        return made.setdefault(str(store.path), make(ws, store, *args))
+
+    mp.setattr(pipeline, "make_evaluator", shared)
     root = tmp_path_factory.mktemp("cli")
     corpus = write_corpus(root / "corpus", docs=3, words_per_doc=200)
     config = {
@@ -509,11 +519,13 @@ def cli_stores(model, tmp_path_factory):
         "backend": {"kind": "local"},
     }  # fmt: skip
     (root / "config.yaml").write_text(yaml.safe_dump(config))
-    for depth in ("drop", "none"):
-        r = cli("build", "-c", root / "config.yaml", "--depth", depth, "--out", root / depth,
+    builds = {"drop": ["--depth", "drop"], "plain": ["--structure", "unstructured"]}
+    for name, options in builds.items():
+        r = cli("build", "-c", root / "config.yaml", *options, "--out", root / name,
                 "--no-progress")  # fmt: skip
         assert r.exit_code == 0, r.output
-    return root, root / "config.yaml"
+    yield root, root / "config.yaml"
+    mp.undo()
 
 
 def brute_force(config, store_path, choices: np.ndarray) -> np.ndarray:
@@ -558,12 +570,13 @@ def test_cli_drops_the_brute_force_best_sublayers_and_block(cli_stores):
     assert lines[dropped_blocks(recipe)[0]] == "attn+mlp" and lines.count("none") == 2
 
 
+@pytest.mark.slow  # the stores' builds
 @pytest.mark.parametrize(
     "store, args, parts",
     [
-        pytest.param("none", ["--budget", "sublayers", "--target", 2],
+        pytest.param("plain", ["--budget", "sublayers", "--target", 2],
                      ["has no dropped level", "--depth drop"], id="sublayers-no-drop-level"),
-        pytest.param("none", ["--tie-blocks", "--target", 0.3],
+        pytest.param("plain", ["--tie-blocks", "--target", 0.3],
                      ["--tie-blocks", "depth 'drop' supernet", "--depth drop"],
                      id="blocks-not-drop"),
         pytest.param("drop", ["--budget", "sublayers", "--target", 2.5],
