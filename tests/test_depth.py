@@ -441,8 +441,8 @@ def test_tyr_keeps_the_dropped_level_and_drops_the_brute_force_best(model, calib
     settings = {
         "rounds": 2,
         "input_mode": "dense",
-        "generations": 10,
-        "offspring": 8,
+        "generations": 5,
+        "offspring": 6,
         "survivors": [2, 1],
         "tokens": [fid, fid],
     }
