@@ -35,6 +35,7 @@ from allocsearch.recipe.recipe import (
     Provenance,
     Recipe,
     RecipeBudget,
+    RecipeError,
     StructuredUnit,
     fraction_removed,
 )
@@ -135,6 +136,10 @@ def test_grid_gets_a_dropped_level():
     np.testing.assert_array_equal(out.sparsity[1], [0.25, 0.5, 0.75, 1.0])
     assert out.labels[0] == ("2 groups", "1 groups", "dropped")
     assert out.labels[1][-1] == "dropped" and out.valid.sum() == 3 + 4
+    # Týr's rebuilt grids: only the rows given (their units had a dropped level)
+    some = with_dropped_level(grid, rows=np.array([False, True]))
+    assert some.labels[0] == grid.labels[0] and some.labels[1][-1] == "dropped"
+    np.testing.assert_array_equal(some.valid.sum(axis=1), [3, 4])
     drop = depth_grid("drop", None, 3)
     np.testing.assert_array_equal(drop.sparsity, [[0.0, 1.0]] * 3)
     with pytest.raises(ValueError, match="not one of"):
@@ -388,6 +393,14 @@ def test_apply_removes_a_dropped_block(model, calib, stores, tmp_path):
     assert report.num_params_recipe == report.num_params - mlp  # the zeroed MLP is padding
     assert any("blocks [1] dropped" in note for note in report.notes)
     assert any("['model.layers.2.mlp'] stay as zero weights" in note for note in report.notes)
+
+
+def test_sublayers_budget_is_recomputed_from_the_units(model, calib):
+    recipe = depth_recipe(model, calib, {"model.layers.0.mlp", "model.layers.2.self_attn"})
+    counted = dataclasses.replace(recipe, budget=RecipeBudget("sublayers", 2 / 6, 2 / 6))
+    assert Recipe.from_dict(counted.to_dict()).budget.achieved == pytest.approx(2 / 6)
+    with pytest.raises(RecipeError, match="does not match"):
+        dataclasses.replace(recipe, budget=RecipeBudget("sublayers", 2 / 6, 3 / 6))
 
 
 def test_exports_of_depth_recipes(model, calib, stores):
