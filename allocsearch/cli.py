@@ -194,6 +194,34 @@ TargetOpt = Annotated[
     ),
 ]
 
+SearchTargetOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Fraction of the budget to remove; with --budget sublayers, the number of "
+        "sublayers to drop (a whole number; a value below 1 is a fraction of them, as "
+        "EvoPress's --sparsity) (default: the config's search.target if it sets one, else "
+        "the supernet's centre: what a uniform allocation on it removes)."
+    ),
+]
+BudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--budget",
+        help="params | flops | latency (a measured table: search.latency_table) | "
+        "sublayers (depth supernets: drop --target of the attention / MLP sublayers, "
+        "EvoPress's 'drop k of L') (default: the config's search.budget_kind, else params).",
+    ),
+]
+TieBlocksOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--tie-blocks/--no-tie-blocks",
+        help="Search whole blocks (attention and MLP dropped together) on a depth 'drop' "
+        "supernet; the recipe lists both sublayers of each block (default: the config's "
+        "search.tie_blocks, else off).",
+    ),
+]
+
 
 # Config keys the command line sets, and the option that sets each (named in errors).
 _OPTION_OF_KEY = {
@@ -201,6 +229,7 @@ _OPTION_OF_KEY = {
     "data.calibration": "--calibration",
     "data.seq_len": "--seq-len",
     "data.n_calibration_seqs": "--calibration-seqs",
+    "search.budget_kind": "--budget",
 }
 
 
@@ -282,12 +311,9 @@ def _default_target(target: float | None, config: Path | None, supernet: Path) -
     if target is not None:
         return target
     import numpy as np
-    import yaml
 
-    if config is not None:
-        raw = yaml.safe_load(Path(config).read_text()) or {}
-        if isinstance(raw, dict) and "target" in (raw.get("search") or {}):
-            return None
+    if _config_sets_target(config):
+        return None
     from allocsearch.supernet.store import SupernetStore
 
     spec = SupernetStore.open(supernet, verify="none").spec
@@ -296,6 +322,63 @@ def _default_target(target: float | None, config: Path | None, supernet: Path) -
     value = round(float(np.dot(centre, numel) / numel.sum()), 6)
     out_console.print(f"target {value:g}: the supernet's centre (--target to change)")
     return value
+
+
+def _sublayer_target(
+    target: float | None, config: Path | None, supernet: Path, *, tie_blocks: bool
+) -> float | None:
+    """The ``search.target`` of a ``--budget sublayers`` search: ``--target k`` (a whole
+    number of sublayers) as ``k / n`` of the supernet's ``n`` sublayers, a ``--target``
+    below 1 as given (a fraction of them, taken down to whole sublayers), else None when the
+    config sets ``search.target``.
+
+    Raises:
+      UserError: no target, a count that is not a whole number in 1..n, or an odd count
+        with ``--tie-blocks``. ValueError: the supernet has no dropped level (the message
+        names how to build one)."""
+    if target is None:
+        if _config_sets_target(config):
+            return None
+        raise UserError(
+            "--budget sublayers needs --target: the number of sublayers to drop (e.g. "
+            "--target 2), or a fraction of them below 1"
+        )
+    from allocsearch.supernet.depth import sublayers_per_unit
+    from allocsearch.supernet.store import SupernetStore
+
+    n = int(sublayers_per_unit(SupernetStore.open(supernet, verify="none").spec).sum())
+    if target < 1:
+        return target
+    if target != int(target) or target > n:
+        raise UserError(
+            f"--target {target:g} with --budget sublayers is the number of sublayers to drop: "
+            f"a whole number from 1 to {n} (this supernet's sublayers), or a fraction below 1"
+        )
+    if tie_blocks and int(target) % 2:
+        raise UserError(
+            f"--tie-blocks drops whole blocks of 2 sublayers: --target {int(target)} sublayers "
+            f"is not a whole number of blocks; use an even --target"
+        )
+    out_console.print(f"target: drop {int(target)} of {n} sublayers")
+    return int(target) / n
+
+
+def _config_sets_target(config: Path | None) -> bool:
+    """Whether the config file sets ``search.target``."""
+    import yaml
+
+    if config is None:
+        return False
+    raw = yaml.safe_load(Path(config).read_text()) or {}
+    return isinstance(raw, dict) and "target" in (raw.get("search") or {})
+
+
+def _refuse_tie_blocks(cfg: RunConfig, command: str) -> None:
+    if cfg.search.tie_blocks:
+        raise UserError(
+            f"search.tie_blocks (whole blocks as units) is for `allocsearch search`; "
+            f"`{command}` searches the supernet's own sublayer units: set it to false"
+        )
 
 
 def _check_memory(cfg: RunConfig, command: str, supernet: Path | None = None) -> None:
@@ -469,7 +552,9 @@ def search(
             "evopress)."
         ),
     ] = None,
-    target: TargetOpt = None,
+    target: SearchTargetOpt = None,
+    budget: BudgetOpt = None,
+    tie_blocks: TieBlocksOpt = None,
     seed: Annotated[
         int | None,
         typer.Option(help="Seed of the search (default: the config's search.seed, else 0)."),
@@ -492,11 +577,18 @@ def search(
     if not resume:
         _refuse_existing(out, overwrite)
     _check_generations(generations)
+    base = _config(config, search__budget_kind=budget, search__tie_blocks=tie_blocks)
+    if base.search.budget_kind == "sublayers":
+        value = _sublayer_target(target, config, supernet, tie_blocks=base.search.tie_blocks)
+    else:
+        value = _default_target(target, config, supernet)
     cfg = _config(
         config,
         model=model,
         search__strategy=strategy,
-        search__target=_default_target(target, config, supernet),
+        search__target=value,
+        search__budget_kind=budget,
+        search__tie_blocks=tie_blocks,
         search__seed=seed,
         **_data(calibration, seq_len, calibration_seqs),
         **_backend(backend, workers, address),
@@ -551,6 +643,7 @@ def compare(
         **_data(calibration, seq_len, calibration_seqs),
         **_backend(backend, workers, address),
     )
+    _refuse_tie_blocks(cfg, "compare")
     names = [s.strip() for s in strategies.split(",") if s.strip()]
     if generations is not None and not {"evopress", "tyr"} & set(names):
         raise UserError(
@@ -610,6 +703,7 @@ def sweep(
     if not resume:
         _refuse_existing(out, overwrite)
     cfg = _config(config, search__seed=seed, **_backend(backend, workers, address))
+    _refuse_tie_blocks(cfg, "sweep")
     _check_memory(cfg, "search" if supernet else "build", supernet)
     if not resume:
         _fresh_dir(out, overwrite)

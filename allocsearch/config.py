@@ -32,8 +32,12 @@ supernet:
   tie_experts: false        # MoE models: one unit per block and projection over all experts
 search:
   strategy: evopress        # evopress | tyr | dp | knapsack | uniform | owl | ...
-  budget_kind: params       # params | flops | latency
-  target: 0.6               # fraction of the dense cost removed
+  budget_kind: params       # params | flops | latency | sublayers (depth supernets: a
+                            # number of sublayers dropped, EvoPress's "drop k of L")
+  target: 0.6               # fraction of the dense cost removed (sublayers: k / L, at
+                            # least floor(target * L) of the L sublayers dropped)
+  tie_blocks: false         # depth "drop" supernets: search whole blocks (a block's
+                            # attention and MLP dropped together)
   latency_table: null       # file, for budget_kind latency
   min_sparsity: 0.0
   max_sparsity: 1.0
@@ -82,7 +86,7 @@ STRATEGIES = (
     "global_magnitude",
     "random",
 )
-BUDGET_KINDS = ("params", "flops", "latency")
+BUDGET_KINDS = ("params", "flops", "latency", "sublayers")
 METRICS = ("kl", "topk_kl", "nll", "embedding_cosine", "hidden_nmse")
 ENCODER_METRICS = ("embedding_cosine", "hidden_nmse")
 BACKENDS = ("local", "ray")
@@ -179,9 +183,12 @@ class SearchConfig:
     max_sparsity: float = 1.0
     seed: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    tie_blocks: bool = False  # supernet.depth.TiedBlocks: whole blocks as units
 
     def validate(self) -> None:
         _choice("search", "strategy", self.strategy, STRATEGIES)
+        if not isinstance(self.tie_blocks, bool):
+            raise ConfigError(f"search.tie_blocks = {self.tie_blocks!r} must be true or false")
         _choice("search", "budget_kind", self.budget_kind, BUDGET_KINDS)
         _range("search", "target", self.target, 0.0, 1.0)
         _range("search", "min_sparsity", self.min_sparsity, 0.0, 1.0)

@@ -90,7 +90,13 @@ from allocsearch.supernet.build import (
     unit_min_steps,
     unit_removed_groups,
 )
-from allocsearch.supernet.depth import check_depth_supported, depth_grid
+from allocsearch.supernet.depth import (
+    check_depth_supported,
+    depth_grid,
+    dropped_levels,
+    sublayers_per_unit,
+    with_dropped_level,
+)
 from allocsearch.supernet.levels import LevelGrid, equal_step_grid, nm_grid
 from allocsearch.supernet.spec import SupernetSpec
 from allocsearch.supernet.store import StoreError, SupernetStore
@@ -458,10 +464,19 @@ def make_evaluator(
 
 
 def make_budget(cfg: SearchConfig, spec: SupernetSpec) -> Budget:
+    """The search's budget on ``spec`` (the store's, or its :class:`TiedBlocks` spec).
+
+    A ``"sublayers"`` target is a fraction of the ``n`` sublayers, taken down to a whole
+    number as EvoPress does (``int(sparsity * n)`` sublayers dropped): the budget's target
+    is ``k / n`` exactly. Raises ValueError when ``spec`` has no dropped level."""
     latency = load_latency_table(cfg.latency_table, spec) if cfg.budget_kind == "latency" else None
+    target = cfg.target
+    if cfg.budget_kind == "sublayers":
+        n = int(sublayers_per_unit(spec).sum())
+        target = np.floor(target * n + 1e-9) / n
     return Budget(
         kind=cfg.budget_kind,
-        target=cfg.target,
+        target=target,
         min_sparsity=cfg.min_sparsity,
         max_sparsity=cfg.max_sparsity,
         latency=latency,
@@ -640,9 +655,13 @@ def run_strategy(
     progress: bool = True,
     map_layers: Callable[..., Any] | None = None,
     round_evaluate: Callable[[SupernetStore], Evaluate] | None = None,
+    spec: SupernetSpec | None = None,
 ) -> Outcome:
     """Run one strategy on ``store`` under ``budget``; ``evaluate`` scores candidates (the
     in-process evaluator or a Ray backend). ``state`` resumes an ask/tell search.
+    ``spec`` (ask/tell strategies only) searches another spec over the store, e.g. a
+    :class:`~allocsearch.supernet.depth.TiedBlocks` spec with its ``scorer(evaluate)``;
+    ``Outcome.choice`` then indexes ``spec``.
 
     Týr (``"tyr"``) builds a supernet per round: ``map_layers`` prunes its layers (a
     :data:`~allocsearch.supernet.build.LayerMap`; ``None``: here) and
@@ -650,6 +669,11 @@ def run_strategy(
     (``None``: :func:`make_evaluator` here), e.g. Ray backends (see :func:`_run_tyr`)."""
     settings = dict(settings or {})
     t0 = time.perf_counter()
+    if spec is not None and strategy not in ("evopress", *TABLE_STRATEGIES):
+        raise ValueError(
+            f"strategy {strategy!r} allocates over the store's own units; a spec of tied "
+            f"blocks is searched by evopress, {', '.join(TABLE_STRATEGIES)}"
+        )
     if strategy in ALLOCATORS:
         choice = allocate_baseline(strategy, ws, store, budget, seed=seed, settings=settings)
         return Outcome(strategy, choice, None, 0, 0, time.perf_counter() - t0, settings)
@@ -668,7 +692,14 @@ def run_strategy(
     if strategy == "evopress" and "seed_from" in settings:
         # DP / knapsack results can seed the evolutionary search (issue: strategy seeding)
         first = run_strategy(
-            settings.pop("seed_from"), ws, store, budget, evaluate=evaluate, seed=seed, settings={}
+            settings.pop("seed_from"),
+            ws,
+            store,
+            budget,
+            evaluate=evaluate,
+            seed=seed,
+            settings={},
+            spec=spec,
         )
         settings["start"] = first.choice
     if strategy in TABLE_STRATEGIES and "tokens" not in settings:
@@ -678,7 +709,7 @@ def run_strategy(
     result = run_search(
         searcher,
         evaluate,
-        store.spec,
+        store.spec if spec is None else spec,
         budget,
         key=jax.random.key(seed),
         on_generation=on_generation,
@@ -711,7 +742,9 @@ def _run_tyr(
     round_evaluate=None,
 ) -> Outcome:
     """Týr-the-Pruner: rounds of supernets rebuilt around the current best (expected
-    inputs by default), each searched by EvoPress with same-role swaps.
+    inputs by default), each searched by EvoPress with same-role swaps. On a depth
+    supernet every round's grid keeps the dropped level of each unit that had one, and
+    EvoPress trades budget across roles (attention or MLP is what it drops).
 
     ``map_layers`` runs each round's layer pruning (``None``: here) and
     ``round_evaluate(round_store)`` builds the round's ``Evaluate`` (``None``: an
@@ -738,6 +771,9 @@ def _run_tyr(
     )
     # never below the pruner's smallest step (Týr: 1 kv group or query head, 32 neurons)
     min_items = unit_min_steps(ws.model.adapter, cfg.structure, query_heads=qh) if structured else 1
+    # a depth supernet's units keep their dropped level in every round (a sublayer can
+    # be dropped in a later round, and one dropped in round r stays droppable)
+    droppable = dropped_levels(store.spec).any(axis=1)
     counter = iter(range(1_000_000))
     rounds_evaluate: list[Any] = []
 
@@ -752,6 +788,8 @@ def _run_tyr(
             steps_each_side=cfg.steps_each_side,
             min_items=min_items,
         )
+        if droppable.any():
+            grid = with_dropped_level(grid, rows=droppable)
         round_store = build_supernet(
             ws.model,
             ws.calibration,
@@ -783,6 +821,10 @@ def _run_tyr(
         rounds=rounds,
         initial_step=initial_step,
         min_step=min_step,
+        # Týr swaps within a role; on a depth supernet dropping an attention or an MLP
+        # sublayer is a choice *between* roles (a same-role search keeps the role of
+        # the round-1 start's drops)
+        same_role=not droppable.any(),
     )
     return Outcome(
         "tyr",

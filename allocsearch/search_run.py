@@ -7,6 +7,7 @@ start on first use, for this and the other commands."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -28,6 +29,7 @@ from allocsearch.distributed.checkpoint import (
 from allocsearch.distributed.progress import make_callbacks
 from allocsearch.report.plots import plot_fitness_curves, plot_sparsity_profile
 from allocsearch.search.budget import check_feasible_target
+from allocsearch.supernet.depth import TiedBlocks
 from allocsearch.supernet.store import SupernetStore
 
 SCORED_STRATEGIES = ("evopress", *pipeline.TABLE_STRATEGIES)
@@ -202,17 +204,54 @@ def check_target_before_loading(cfg: RunConfig, supernet: Path) -> None:
       StoreError: ``supernet`` is not a store. InfeasibleBudgetError: the target is outside
       what the store's levels can remove (the message states the range).
     """
-    spec = SupernetStore.open(supernet, verify="none").spec
+    spec = search_spec(cfg, SupernetStore.open(supernet, verify="none").spec)
     check_feasible_target(spec, pipeline.make_budget(cfg.search, spec))
 
 
-def run_fingerprint(cfg: RunConfig, ws, store, budget, searcher, key) -> str:
-    """What identifies a search for its checkpoints: the searcher, supernet, budget and key,
-    and the model, calibration tokens and metric it scores with (a checkpoint of any
-    other search is not resumed)."""
+def check_tie_blocks(cfg: RunConfig) -> None:
+    """Refuse ``search.tie_blocks`` (``--tie-blocks``) with what it cannot run, before
+    anything loads: allocators and Týr work on the store's own units, and a latency
+    table names sublayer units, not blocks.
+
+    Raises:
+      ValueError: naming the strategy or budget kind and what is valid."""
+    if not cfg.search.tie_blocks:
+        return
+    if cfg.search.strategy not in SCORED_STRATEGIES:
+        raise ValueError(
+            f"--tie-blocks (search.tie_blocks) searches whole blocks with one of "
+            f"{list(SCORED_STRATEGIES)}; strategy {cfg.search.strategy!r} works on the "
+            f"supernet's own sublayer units"
+        )
+    if cfg.search.budget_kind == "latency":
+        raise ValueError(
+            "--tie-blocks (search.tie_blocks) takes a params, flops or sublayers budget; a "
+            "latency table times sublayer units, not blocks"
+        )
+
+
+def search_spec(cfg: RunConfig, spec: Any) -> Any:
+    """The spec a search runs on: the store's, or its whole blocks with
+    ``search.tie_blocks`` (raises ValueError unless the store is a depth ``"drop"``
+    supernet, naming how to build one)."""
+    if not cfg.search.tie_blocks:
+        return spec
+    try:
+        return TiedBlocks.of(spec).spec
+    except ValueError as e:
+        raise ValueError(
+            f"--tie-blocks (search.tie_blocks): {e}; build one with `allocsearch build "
+            f"--structure heads_neurons --depth drop`"
+        ) from None
+
+
+def run_fingerprint(cfg: RunConfig, ws, store, budget, searcher, key, *, spec=None) -> str:
+    """What identifies a search for its checkpoints: the searcher, supernet (``spec``: the
+    spec searched, default the store's), budget and key, and the model, calibration tokens
+    and metric it scores with (a checkpoint of any other search is not resumed)."""
     return search_fingerprint(
         searcher=searcher,
-        spec=store.spec,
+        spec=store.spec if spec is None else spec,
         budget=budget,
         key=key,
         extra={
@@ -234,12 +273,24 @@ def run_search_command(
 ) -> None:
     strategy = cfg.search.strategy
     settings = default_settings(cfg)
-    pipeline.check_settings(strategy, settings)  # before anything loads
+    check_tie_blocks(cfg)  # before anything loads
+    pipeline.check_settings(strategy, settings)
     check_target_before_loading(cfg, supernet)
     ws = pipeline.load_workspace(cfg)
     store = pipeline.open_store(ws, supernet)
-    budget = pipeline.make_budget(cfg.search, store.spec)
+    # --tie-blocks: the search runs over whole blocks; everything after it (held-out
+    # score, recipe) sees the per-sublayer allocation (tied.expand)
+    tied = TiedBlocks.of(store.spec) if cfg.search.tie_blocks else None
+    spec = store.spec if tied is None else tied.spec
+    budget = pipeline.make_budget(cfg.search, spec)
     t0 = time.perf_counter()
+
+    def sublayer_outcome(o: pipeline.Outcome) -> pipeline.Outcome:
+        if tied is None:
+            return o
+        return dataclasses.replace(
+            o, choice=tied.expand(o.choice), settings={**o.settings, "tie_blocks": True}
+        )
 
     if strategy not in SCORED_STRATEGIES:
         if resume:
@@ -264,7 +315,7 @@ def run_search_command(
 
     searcher = pipeline.make_searcher(strategy, settings)
     key = jax.random.key(cfg.search.seed)
-    fingerprint = run_fingerprint(cfg, ws, store, budget, searcher, key)
+    fingerprint = run_fingerprint(cfg, ws, store, budget, searcher, key, spec=spec)
     ckpt_dir = out / "checkpoints"
     state = latest_state(ckpt_dir, fingerprint=fingerprint) if resume else None
     if resume and state is None:
@@ -276,7 +327,7 @@ def run_search_command(
     # driver never builds an evaluator (nor holds the variants).
     ray_eval = None
     # An unreachable target is reported before Ray starts or any file is written.
-    check_feasible_target(store.spec, budget)
+    check_feasible_target(spec, budget)
     # A search that fails before its first generation (e.g. a fidelity the calibration
     # set cannot give) removes the log and checkpoint directory it created, so the same
     # command can be run again without --overwrite.
@@ -287,6 +338,7 @@ def run_search_command(
         ray_eval = ray_evaluate(cfg, supernet, console)
         ray_eval.start()
     evaluate: Any = ray_eval if ray_eval is not None else pipeline.make_evaluator(ws, store)
+    search_evaluate = evaluate if tied is None else tied.scorer(evaluate)
     last: list[Any] = [state]
     try:
         with SearchCheckpointer(ckpt_dir, fingerprint=fingerprint) as checkpointer:
@@ -310,12 +362,14 @@ def run_search_command(
                     ws,
                     store,
                     budget,
-                    evaluate=evaluate,
+                    evaluate=search_evaluate,
                     seed=cfg.search.seed,
                     settings=settings,
                     on_generation=on_generation,
                     state=state,
+                    spec=None if tied is None else spec,
                 )
+                outcome = sublayer_outcome(outcome)
                 if ray_eval is not None:
                     ppl = ray_eval.run(
                         HeldoutPerplexity(cfg, str(Path(supernet).absolute())), outcome.choice
@@ -323,15 +377,17 @@ def run_search_command(
             except KeyboardInterrupt:
                 if last[0] is not None:
                     result = searcher.result(last[0])
-                    partial = pipeline.Outcome(
-                        strategy,
-                        result.best_choice,
-                        float(result.best_fitness),
-                        int(result.evaluations),
-                        int(result.tokens),
-                        time.perf_counter() - t0,
-                        settings,
-                        tuple(result.history),
+                    partial = sublayer_outcome(
+                        pipeline.Outcome(
+                            strategy,
+                            result.best_choice,
+                            float(result.best_fitness),
+                            int(result.evaluations),
+                            int(result.tokens),
+                            time.perf_counter() - t0,
+                            settings,
+                            tuple(result.history),
+                        )
                     )
                     path = _write_recipe(ws, store, budget, partial, out, partial=True)
                     console.print(
@@ -441,8 +497,17 @@ def _finish(ws, store, budget, outcome, ppl: float, out: Path, console, *, parti
     fitness = "-" if outcome.fitness is None else f"{outcome.fitness:.6g}"
     console.print(
         f"{outcome.strategy}: fitness {fitness}{f' ({label})' if label else ''}"
-        f", {pipeline.heldout_label(ws)} {held}, removes {recipe.budget.achieved:.2%} of "
-        f"{budget.kind}, {outcome.evaluations} evaluations, {outcome.wall_time_s:.1f} s "
+        f", {pipeline.heldout_label(ws)} {held}, {_removes(recipe, budget)}, "
+        f"{outcome.evaluations} evaluations, {outcome.wall_time_s:.1f} s "
         f"-> {path}",
         highlight=False,
     )
+
+
+def _removes(recipe, budget) -> str:
+    """``"removes 41.20% of params"``, or for a sublayers budget ``"drops 2 of 6
+    sublayers"``."""
+    if budget.kind == "sublayers":
+        n = len(recipe.units)
+        return f"drops {round(recipe.budget.achieved * n)} of {n} sublayers"
+    return f"removes {recipe.budget.achieved:.2%} of {budget.kind}"

@@ -6,7 +6,7 @@
 The demo model has 6 blocks = 12 sublayers (6 attention, 163,840 weights each; 6 MLP,
 540,672 each). One ``heads_neurons`` supernet with depth ``drop`` (levels dense and
 dropped per sublayer) is built from the calibration set; for k = 1 and 2 dropped
-sublayers (a sublayer-count budget, :func:`~allocsearch.supernet.depth.sublayer_count_table`):
+sublayers (a sublayer-count budget, ``Budget(kind="sublayers")``):
 
 * **EvoPress**: the demo's settings (30 generations, 12 offspring, survivors 3 -> 1 on
   512 -> 2,048 tokens), seed 0;
@@ -56,7 +56,7 @@ from allocsearch.recipe.timing import forward_seconds, forward_times
 from allocsearch.search.budget import Budget, CostModel
 from allocsearch.search.evolutionary import EvolutionarySearcher
 from allocsearch.supernet.build import build_supernet, supernet_units, unit_group_counts
-from allocsearch.supernet.depth import block_units, sublayer_count_table
+from allocsearch.supernet.depth import block_units
 from allocsearch.supernet.levels import structured_grid
 
 
@@ -139,7 +139,7 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     for k in (1, 2):
-        budget = Budget(kind="latency", target=k / 12, latency=sublayer_count_table(spec))
+        budget = Budget(kind="sublayers", target=k / 12)
         costs = CostModel.from_spec(spec, budget)
 
         def dropped(choice, *, names=names):
@@ -175,7 +175,7 @@ def main() -> None:
         if k == 2:
             # whole blocks as units (block_units), EvoPress over them, and all 6 blocks
             bspec, owner = block_units(spec)
-            bbudget = Budget(kind="latency", target=1 / 6, latency=sublayer_count_table(bspec))
+            bbudget = Budget(kind="sublayers", target=2 / 12)
 
             def score_blocks(choices, *, owner=owner, **kw):
                 return evaluator(np.asarray(choices)[:, owner], **kw)

@@ -63,9 +63,7 @@ def main() -> None:
             skip_dropped=skip,
             **kw,
         ),
-        "streaming": lambda skip: StreamingEvaluator(
-            lazy, store, calib, skip_dropped=skip, **kw
-        ),
+        "streaming": lambda skip: StreamingEvaluator(lazy, store, calib, skip_dropped=skip, **kw),
     }
     print(f"demo depth supernet: {spec.num_units} sublayers, {fid} tokens, {n} per call")
     print("| evaluator | dropped k | skip s/cand | compute s/cand | skip / compute |")

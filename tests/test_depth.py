@@ -10,13 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_workspace import scaled_random_model
+import yaml
+from tiny_workspace import scaled_random_model, write_corpus
+from typer.testing import CliRunner
 
+from allocsearch import pipeline
+from allocsearch.cli import app
+from allocsearch.config import config_from_dict
 from allocsearch.data.tokenset import TokenSet
 from allocsearch.distributed.local import run_search
+from allocsearch.evaluate import streaming as streaming_mod
 from allocsearch.evaluate.evaluator import Evaluator
 from allocsearch.evaluate.metrics import KLDivergence
-from allocsearch.evaluate import streaming as streaming_mod
 from allocsearch.evaluate.streaming import StreamingEvaluator
 from allocsearch.models import HFModel, adapter_for_config, load_model
 from allocsearch.pruners import StructuredPruner
@@ -31,6 +36,7 @@ from allocsearch.recipe.recipe import (
     Provenance,
     Recipe,
     RecipeBudget,
+    RecipeError,
     StructuredUnit,
     fraction_removed,
 )
@@ -40,19 +46,20 @@ from allocsearch.search.evolutionary import EvolutionarySearcher
 from allocsearch.search.knapsack import mckp_milp
 from allocsearch.supernet.build import build_supernet, supernet_units, unit_group_counts
 from allocsearch.supernet.depth import (
+    TiedBlocks,
     block_units,
     check_depth_supported,
     depth_grid,
     dropped_levels,
     skippable_sublayers,
-    sublayer_count_table,
     with_dropped_level,
 )
 from allocsearch.supernet.levels import structured_grid
+from allocsearch.supernet.store import SupernetStore
 
 CFG = {
     "model_type": "llama",
-    "vocab_size": 50,
+    "vocab_size": 256,  # the byte tokenizer's, for the CLI tests' text corpus
     "hidden_size": 16,
     "intermediate_size": 64,
     "num_hidden_layers": 3,
@@ -131,6 +138,10 @@ def test_grid_gets_a_dropped_level():
     np.testing.assert_array_equal(out.sparsity[1], [0.25, 0.5, 0.75, 1.0])
     assert out.labels[0] == ("2 groups", "1 groups", "dropped")
     assert out.labels[1][-1] == "dropped" and out.valid.sum() == 3 + 4
+    # Týr's rebuilt grids: only the rows given (their units had a dropped level)
+    some = with_dropped_level(grid, rows=np.array([False, True]))
+    assert some.labels[0] == grid.labels[0] and some.labels[1][-1] == "dropped"
+    np.testing.assert_array_equal(some.valid.sum(axis=1), [3, 4])
     drop = depth_grid("drop", None, 3)
     np.testing.assert_array_equal(drop.sparsity, [[0.0, 1.0]] * 3)
     with pytest.raises(ValueError, match="not one of"):
@@ -161,8 +172,13 @@ def test_dropped_levels_cost_nothing(model, stores):
         )
     # attention 4 x 16 x 16 (q, o) + 2 x 8 x 16 (k, v); MLP 3 x 16 x 64
     np.testing.assert_array_equal(spec.numel[:2], [2 * 256 + 2 * 128, 3 * 1024])
-    count = sublayer_count_table(spec)
-    np.testing.assert_array_equal(count.kept, [[1.0, 0.0]] * spec.num_units)
+    count = CostModel.from_spec(spec, Budget(kind="sublayers", target=0.5))
+    np.testing.assert_array_equal(count.cost, [[1.0, 0.0]] * spec.num_units)
+    assert count.dense == 6 and count.capacity == 3
+    # a block unit counts its 2 sublayers
+    bcount = CostModel.from_spec(block_units(spec)[0], Budget(kind="sublayers", target=0.5))
+    np.testing.assert_array_equal(bcount.cost, [[2.0, 0.0]] * 3)
+    assert bcount.dense == 6
 
 
 @pytest.mark.slow
@@ -254,7 +270,7 @@ def test_dropped_sublayers_are_skipped_not_computed(model, calib, stores):
         pytest.param(lambda spec: Budget(kind="params", target=0.05), id="params-5%"),
         pytest.param(lambda spec: Budget(kind="params", target=0.3), id="params-30%"),
         pytest.param(
-            lambda spec: Budget(kind="latency", target=2 / 6, latency=sublayer_count_table(spec)),
+            lambda spec: Budget(kind="sublayers", target=2 / 6),
             id="drop-2-of-6",
         ),
     ],
@@ -305,7 +321,7 @@ def test_block_units_tie_both_sublayers(model, calib, stores):
 
     blocks = all_subsets(3)
     scores = score_blocks(blocks, fidelity=fid, batch_seed=0)
-    budget = Budget(kind="latency", target=1 / 3, latency=sublayer_count_table(bspec))
+    budget = Budget(kind="sublayers", target=1 / 3)  # 2 of 6 sublayers: one block
     feasible = CostModel.from_spec(bspec, budget).is_feasible(blocks)
     best = blocks[feasible][int(np.argmin(scores[feasible]))]
     searcher = EvolutionarySearcher(
@@ -429,6 +445,14 @@ def test_apply_removes_a_dropped_block(model, calib, stores, tmp_path):
     assert any("['model.layers.2.mlp'] stay as zero weights" in note for note in report.notes)
 
 
+def test_sublayers_budget_is_recomputed_from_the_units(model, calib):
+    recipe = depth_recipe(model, calib, {"model.layers.0.mlp", "model.layers.2.self_attn"})
+    counted = dataclasses.replace(recipe, budget=RecipeBudget("sublayers", 2 / 6, 2 / 6))
+    assert Recipe.from_dict(counted.to_dict()).budget.achieved == pytest.approx(2 / 6)
+    with pytest.raises(RecipeError, match="does not match"):
+        dataclasses.replace(recipe, budget=RecipeBudget("sublayers", 2 / 6, 3 / 6))
+
+
 def test_exports_of_depth_recipes(model, calib, stores):
     store = stores("drop")
     recipe = depth_recipe(model, calib, {"model.layers.0.mlp", "model.layers.2.self_attn"})
@@ -455,3 +479,184 @@ def test_exports_of_depth_recipes(model, calib, stores):
     mixed = dataclasses.replace(mixed, units=(attn0, *mixed.units[1:]))
     with pytest.raises(exporters.ExportError, match="removes 1 of 2 heads"):
         exporters.to_evopress(mixed, store.spec, choice)
+
+
+# --------------------------------------------------------------------------- Týr
+
+
+@pytest.mark.slow
+def test_tyr_keeps_the_dropped_level_and_drops_the_brute_force_best(model, calib, stores, tmp_path):
+    """Týr (2 rounds, 3 levels per unit around the centre) on a depth supernet: every
+    round's rebuilt grid has a dropped level for every unit (MLP units' centred levels
+    stop at 43 of 64 neurons, so it is added, not reached), and under "drop at least 1 of
+    6 sublayers" the final recipe drops the sublayer that the brute-force best allocation
+    of the last round's grid drops."""
+    cfg = config_from_dict(
+        {
+            "supernet": {"structure": "heads_neurons", "depth": "sublayers", "steps_each_side": 1},
+            "backend": {"kind": "local"},
+        }
+    )
+    ws = pipeline.Workspace(cfg, model, calib, calib)
+    store = stores("sublayers")
+    budget = Budget(kind="sublayers", target=1 / 6)
+    fid = calib.n_tokens
+    settings = {
+        "rounds": 2,
+        "input_mode": "dense",
+        "generations": 5,
+        "offspring": 6,
+        "survivors": [2, 1],
+        "tokens": [fid, fid],
+    }
+    out = pipeline.run_strategy(
+        "tyr", ws, store, budget, evaluate=None, seed=0, settings=settings,
+        work_dir=tmp_path, progress=False,
+    )  # fmt: skip
+    mlp = np.array([u.role == "mlp" for u in store.spec.units])
+    for r in range(2):
+        spec = SupernetStore.open(tmp_path / f"tyr-round-{r}").spec
+        last = spec.num_levels - 1
+        assert dropped_levels(spec)[np.arange(spec.num_units), last].all(), f"round {r + 1}"
+        assert all(labels[-1] == "dropped" for labels in spec.level_labels)
+        below = spec.sparsity[np.arange(spec.num_units), last - 1]
+        assert np.all(below[mlp] <= 43 / 64 + 1e-12)
+
+    final = out.store.spec
+    grid = np.array(list(itertools.product(*(range(k) for k in final.num_levels))), np.int32)
+    grid = grid[CostModel.from_spec(final, budget).is_feasible(grid)]
+    scores = evaluator(model, calib, out.store)(grid, fidelity=fid, batch_seed=0)
+    best = grid[int(np.argmin(scores))]
+    rows = np.arange(final.num_units)
+    names = np.array([u.name for u in final.units])
+    want = set(names[dropped_levels(final)[rows, best]])
+    assert len(want) == 1  # the budget's one sublayer; nothing else is worth dropping
+    recipe = pipeline.recipe_from_choice(ws, store, budget, out)
+    assert {u.name for u in dropped_units(recipe)} == want
+    assert recipe.budget.kind == "sublayers" and recipe.budget.achieved == pytest.approx(1 / 6)
+    assert out.fitness == pytest.approx(float(scores.min()), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- CLI
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, *parts: str) -> None:
+    """Exit status 2 and a single line naming ``parts``."""
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    for part in parts:
+        assert part in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def cli_stores(model, tmp_path_factory):
+    """The model fixture's directory, a word corpus, a config (the byte tokenizer; EvoPress
+    scoring every candidate on all 96 calibration tokens) and two stores built by the
+    CLI: depth "drop" and an unstructured one (no dropped level). Returns (root, config
+    path). Every command of the module scores with one evaluator per store (compiled
+    once)."""
+    mp = pytest.MonkeyPatch()
+    made: dict[str, Evaluator] = {}
+    make = pipeline.make_evaluator
+
+    def shared(ws, store, *args):
+        return made.setdefault(str(store.path), make(ws, store, *args))
+
+    mp.setattr(pipeline, "make_evaluator", shared)
+    root = tmp_path_factory.mktemp("cli")
+    corpus = write_corpus(root / "corpus", docs=3, words_per_doc=200)
+    config = {
+        "model": str(model.path),
+        "data": {"calibration": str(corpus), "seq_len": 16, "n_calibration_seqs": 6,
+                 "n_heldout_seqs": 2},
+        "supernet": {"structure": "heads_neurons", "steps_each_side": 1},
+        "search": {"settings": {"generations": 8, "offspring": 6, "survivors": [1],
+                                "tokens": [96]}},
+        "backend": {"kind": "local"},
+    }  # fmt: skip
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    builds = {"drop": ["--depth", "drop"], "plain": ["--structure", "unstructured"]}
+    for name, options in builds.items():
+        r = cli("build", "-c", root / "config.yaml", *options, "--out", root / name,
+                "--no-progress")  # fmt: skip
+        assert r.exit_code == 0, r.output
+    yield root, root / "config.yaml"
+    mp.undo()
+
+
+def brute_force(config, store_path, choices: np.ndarray) -> np.ndarray:
+    """The best of sublayer allocations ``choices`` int[n, 6] on all calibration tokens."""
+    ws = pipeline.load_workspace(config)
+    store = pipeline.open_store(ws, store_path)
+    ev = pipeline.make_evaluator(ws, store)
+    scores = ev(choices, fidelity=ws.calibration.n_tokens, batch_seed=0)
+    return choices[int(np.argmin(scores))]
+
+
+@pytest.mark.slow
+def test_cli_drops_the_brute_force_best_sublayers_and_block(cli_stores):
+    root, config = cli_stores
+    cfg = config_from_dict(yaml.safe_load(config.read_text()))
+    names = [u.name for u in SupernetStore.open(root / "drop", verify="none").spec.units]
+    pairs = all_subsets(6)[all_subsets(6).sum(axis=1) == 2]
+    blocks = TiedBlocks.of(SupernetStore.open(root / "drop", verify="none").spec)
+
+    r = cli("search", "--supernet", root / "drop", "-o", root / "two", "-c", config,
+            "--budget", "sublayers", "--target", 2, "--no-progress")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "target: drop 2 of 6 sublayers" in r.output and "drops 2 of 6 sublayers" in r.output
+    recipe = Recipe.load(root / "two" / "recipe.json")
+    best = brute_force(cfg, root / "drop", pairs)
+    assert {u.name for u in dropped_units(recipe)} == set(np.array(names)[best == 1])
+    assert (recipe.budget.kind, recipe.budget.target) == ("sublayers", pytest.approx(2 / 6))
+    assert recipe.budget.achieved == pytest.approx(2 / 6)
+
+    r = cli("search", "--supernet", root / "drop", "-o", root / "block", "-c", config,
+            "--tie-blocks", "--budget", "sublayers", "--target", 2, "--no-progress")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    recipe = Recipe.load(root / "block" / "recipe.json")
+    best = brute_force(cfg, root / "drop", blocks.expand(np.eye(3, dtype=np.int32)))
+    assert {u.name for u in dropped_units(recipe)} == set(np.array(names)[best == 1])
+    assert len(dropped_blocks(recipe)) == 1 and recipe.provenance.settings["tie_blocks"]
+    # the per-sublayer recipe exports as any depth recipe: the dropped block is attn+mlp
+    r = cli("export", root / "block" / "recipe.json", "-f", "evopress", "--supernet",
+            root / "drop", "-o", root / "block.txt")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    lines = (root / "block.txt").read_text().splitlines()
+    assert lines[dropped_blocks(recipe)[0]] == "attn+mlp" and lines.count("none") == 2
+
+
+@pytest.mark.slow  # the stores' builds
+@pytest.mark.parametrize(
+    "store, args, parts",
+    [
+        pytest.param("plain", ["--budget", "sublayers", "--target", 2],
+                     ["has no dropped level", "--depth drop"], id="sublayers-no-drop-level"),
+        pytest.param("plain", ["--tie-blocks", "--target", 0.3],
+                     ["--tie-blocks", "depth 'drop' supernet", "--depth drop"],
+                     id="blocks-not-drop"),
+        pytest.param("drop", ["--budget", "sublayers", "--target", 2.5],
+                     ["--target 2.5", "whole number from 1 to 6"], id="fractional-count"),
+        pytest.param("drop", ["--budget", "sublayers", "--target", 7],
+                     ["--target 7", "whole number from 1 to 6"], id="too-many"),
+        pytest.param("drop", ["--budget", "sublayers"], ["needs --target"], id="no-target"),
+        pytest.param("drop", ["--tie-blocks", "--budget", "sublayers", "--target", 3],
+                     ["--tie-blocks", "even --target"], id="odd-count-of-blocks"),
+        pytest.param("drop", ["--tie-blocks", "--strategy", "owl", "--target", 0.3],
+                     ["--tie-blocks", "'owl'"], id="blocks-with-an-allocator"),
+        pytest.param("drop", ["--budget", "size", "--target", 0.3],
+                     ["--budget", "'size' is not valid"], id="unknown-budget"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_bad_depth_combinations(cli_stores, store, args, parts):
+    root, config = cli_stores
+    r = cli("search", "--supernet", root / store, "-o", root / "bad", "-c", config, *args)
+    one_line_error(r, *parts)
+    assert not (root / "bad").exists()

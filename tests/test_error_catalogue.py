@@ -422,6 +422,25 @@ def infeasible_budget(env: Env) -> None:
     )
 
 
+def no_depth_levels(env: Env) -> None:
+    cfg = env.workdir / "config.yaml"  # the CLI's supernet: unstructured, no dropped level
+    expect(
+        env,
+        _search(env, cfg, "run", "--budget", "sublayers", "--target", "2"),
+        "ValueError",
+        "has no dropped level",
+        "--depth drop",
+    )
+    expect(
+        env,
+        _search(env, cfg, "run2", "--tie-blocks", "--target", "0.5"),
+        "ValueError",
+        "--tie-blocks",
+        "depth 'drop' supernet",
+        "--depth drop",
+    )
+
+
 def bad_settings(env: Env) -> None:
     cfg = env.config(search={"settings": {"generationz": 3}})
     expect(env, _search(env, cfg, "run"), "ValueError", "'evopress'", "'generationz'")
@@ -679,6 +698,8 @@ CASES: dict[str, Callable[[Env], None]] = {
     "N:M group size that does not divide a layer's width": nm_not_dividing,
     "budget target outside what the supernet can reach, or a unit with no level inside "
     "`min_sparsity`..`max_sparsity`": infeasible_budget,
+    "depth search on a supernet without it: `--budget sublayers` where no unit has a dropped "
+    "level, `--tie-blocks` on a supernet that is not depth `drop`": no_depth_levels,
     "`sweep --targets` neither `start:stop:step` nor a comma list of fractions in (0, 1) (bad "
     "value named)": bad_sweep_targets,
     "`search.settings` a strategy does not take (key named)": bad_settings,

@@ -19,12 +19,17 @@ def write_model_and_corpus(
     text files of ``words_per_doc`` words drawn from :data:`WORDS`, seed 0)."""
     adapter = adapter_for_config(hf_config)
     save_model(HFModel(adapter, adapter.init_params(jax.random.key(0))), root / "model")
-    corpus = root / "corpus"
+    return root / "model", write_corpus(root / "corpus", docs=docs, words_per_doc=words_per_doc)
+
+
+def write_corpus(corpus: Path, *, docs: int, words_per_doc: int) -> Path:
+    """``corpus``: a new directory of ``docs`` text files of ``words_per_doc`` words drawn
+    from :data:`WORDS` (seed 0)."""
     corpus.mkdir()
     rng = np.random.default_rng(0)
     for i in range(docs):
         (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS, words_per_doc)))
-    return root / "model", corpus
+    return corpus
 
 
 def scaled_random_model(hf_config: dict, path: Path) -> HFModel:

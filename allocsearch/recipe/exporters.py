@@ -133,13 +133,13 @@ def _budget_check(
     """
     notes: list[str] = []
     kind = recipe.budget.kind
-    if kind == "latency":
+    if kind in ("latency", "sublayers"):
+        notes.append(
+            f"the recipe's budget is {kind}, which cannot be recomputed from shapes; the "
+            f"budget check below compares the fraction of parameters removed instead"
+        )
         kind = "params"
         reference = fraction_removed(recipe.layers, "params")
-        notes.append(
-            "the recipe's budget is latency, which cannot be recomputed from shapes; the "
-            "budget check below compares the fraction of parameters removed instead"
-        )
     else:
         reference = recipe.budget.achieved
     got = exported(kind)

@@ -30,7 +30,7 @@ from allocsearch.supernet.spec import STRUCTURES
 
 SCHEMA_VERSION = 1
 NAMING_CONVENTION = "huggingface-module-path"
-BUDGET_KINDS = ("params", "flops", "latency")
+BUDGET_KINDS = ("params", "flops", "latency", "sublayers")
 # Structure of one layer entry. "heads" / "neurons" mark member layers of a structured unit.
 LAYER_STRUCTURES = ("unstructured", "nm", "heads", "neurons")
 UNIT_KINDS = ("heads", "neurons")
@@ -325,11 +325,14 @@ class RecipeBudget:
     """The global budget the allocation was searched under.
 
     Attributes:
-      kind: ``"params"`` (weights), ``"flops"`` (multiply-accumulates per token) or
-        ``"latency"`` (from a measured table).
-      target: fraction of the dense cost of the recipe's layers to remove, in [0, 1].
+      kind: ``"params"`` (weights), ``"flops"`` (multiply-accumulates per token),
+        ``"latency"`` (from a measured table) or ``"sublayers"`` (attention / MLP
+        sublayers dropped, whatever their sizes: a structured recipe's units).
+      target: fraction of the dense cost of the recipe's layers to remove, in [0, 1]
+        (``"sublayers"``: ``k / n``, drop at least ``k`` of the ``n`` units).
       achieved: fraction actually removed by the recipe, in [0, 1]. For params / flops
-        it is recomputed from the layer shapes and sparsities on validation.
+        it is recomputed from the layer shapes and sparsities on validation, for
+        sublayers from the units (those with ``removed == total`` over all).
     """
 
     kind: str
@@ -630,7 +633,15 @@ class Recipe:
     def _check_budget(self) -> None:
         if self.budget.kind == "latency":
             return  # needs the latency table; stated value is trusted (docs/recipe.md)
-        computed = fraction_removed(self.layers, self.budget.kind)
+        if self.budget.kind == "sublayers":
+            if not self.units:
+                raise RecipeError(
+                    "budget.kind 'sublayers' counts dropped sublayers, the units of a "
+                    "structured recipe; this recipe has no units"
+                )
+            computed = sum(u.removed == u.total for u in self.units) / len(self.units)
+        else:
+            computed = fraction_removed(self.layers, self.budget.kind)
         if not _isclose_rel(computed, self.budget.achieved, BUDGET_RTOL):
             raise RecipeError(
                 f"budget.achieved = {self.budget.achieved!r} does not match the layer "

@@ -1,11 +1,12 @@
 """All budget arithmetic: what an allocation costs, which levels it may use, whether it fits.
 
 A :class:`Budget` says how much of the dense model's cost must be *removed* (params,
-MACs per token, or measured latency) and which sparsities each unit may take. Bound to a
-:class:`~allocsearch.supernet.spec.SupernetSpec` it becomes a :class:`CostModel`: a kept
-cost table ``float64[L, K]`` (``inf`` at levels a unit may not use) and the capacity, the
-largest kept cost an allocation may have. Every searcher, solver and baseline does its
-budget checks through this module and nowhere else (STYLE.md habit 2).
+MACs per token, measured latency, or a number of dropped sublayers) and which
+sparsities each unit may take. Bound to a :class:`~allocsearch.supernet.spec.SupernetSpec`
+it becomes a :class:`CostModel`: a kept cost table ``float64[L, K]`` (``inf`` at levels a
+unit may not use) and the capacity, the largest kept cost an allocation may have. Every
+searcher, solver and baseline does its budget checks through this module and nowhere else
+(STYLE.md habit 2).
 
 Conventions: ``L`` units, ``K`` levels (padded); a *choice* is a level vector ``int[L]``
 (or ``int[n, L]`` for ``n`` candidates); level index increases sparsity. Costs are *kept*
@@ -24,10 +25,11 @@ from typing import Literal
 
 import numpy as np
 
+from allocsearch.supernet.depth import kept_sublayers, sublayers_per_unit
 from allocsearch.supernet.spec import SupernetSpec
 
-BudgetKind = Literal["params", "flops", "latency"]
-BUDGET_KINDS: tuple[str, ...] = ("params", "flops", "latency")
+BudgetKind = Literal["params", "flops", "latency", "sublayers"]
+BUDGET_KINDS: tuple[str, ...] = ("params", "flops", "latency", "sublayers")
 
 # Relative slack allowed when comparing a kept cost with the capacity: sums of float64
 # costs taken in different orders differ by a few ulps, which must not flip feasibility.
@@ -60,10 +62,14 @@ class Budget:
     """A global budget on the pruned model.
 
     Attributes:
-      kind: ``"params"`` (weights kept), ``"flops"`` (MACs per token kept) or
-        ``"latency"`` (seconds kept, from ``latency``).
+      kind: ``"params"`` (weights kept), ``"flops"`` (MACs per token kept),
+        ``"latency"`` (seconds kept, from ``latency``) or ``"sublayers"`` (attention and
+        MLP sublayers kept, whatever their sizes: a depth supernet's units cost 1, or 2
+        for a whole block, and 0 at their dropped level; see
+        :func:`~allocsearch.supernet.depth.kept_sublayers`).
       target: fraction of the dense cost to remove, in ``[0, 1]`` (0.7 = remove 70% of
-        the weights for ``kind="params"``). An allocation is feasible when its kept cost
+        the weights for ``kind="params"``; ``k / n`` = drop at least ``k`` of ``n``
+        sublayers for ``kind="sublayers"``). An allocation is feasible when its kept cost
         is at most ``(1 - target)`` times the dense cost.
       min_sparsity: lowest sparsity a unit may take: a scalar for all units or float[L].
       max_sparsity: highest sparsity a unit may take: a scalar or float[L].
@@ -135,13 +141,16 @@ class Budget:
 def cost_table(spec: SupernetSpec, budget: Budget) -> np.ndarray:
     """float64[L, K]: kept cost of each unit at each level; ``inf`` where not allowed.
 
-    Units: weights (params), MACs per token (flops) or seconds (latency); lower is cheaper.
+    Units: weights (params), MACs per token (flops), seconds (latency) or sublayers;
+    lower is cheaper.
     A level is not allowed when it is invalid or outside the unit's min/max sparsity.
     """
     if budget.kind == "params":
         kept = spec.kept_params()
     elif budget.kind == "flops":
         kept = spec.kept_flops()
+    elif budget.kind == "sublayers":
+        kept = kept_sublayers(spec)
     else:
         kept = _checked_latency(spec, budget).kept
     return np.where(allowed_levels(spec, budget), kept, np.inf)
@@ -162,11 +171,14 @@ def allowed_levels(spec: SupernetSpec, budget: Budget) -> np.ndarray:
 
 
 def dense_cost(spec: SupernetSpec, budget: Budget) -> float:
-    """Cost of the dense units (weights, MACs per token or seconds): what fractions refer to."""
+    """Cost of the dense units (weights, MACs per token, seconds or sublayers): what
+    fractions refer to."""
     if budget.kind == "params":
         return float(spec.numel.sum())
     if budget.kind == "flops":
         return float(spec.flops_per_token.sum())
+    if budget.kind == "sublayers":
+        return float(sublayers_per_unit(spec).sum())
     return float(_checked_latency(spec, budget).dense.sum())
 
 

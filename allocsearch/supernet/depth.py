@@ -22,7 +22,14 @@ level, and one allocation can drop some sublayers and prune others' heads / neur
   weights. The pruned checkpoint removes whole blocks (:mod:`allocsearch.recipe.depth`).
 * Search: attention and MLP units differ in size, so dropping one and keeping another does
   not keep the cost equal; EvoPress picks its repair mutation for such tables
-  (``mutation="auto"``), DP and knapsack take the cost table as it is.
+  (``mutation="auto"``), DP and knapsack take the cost table as it is. A ``"sublayers"``
+  budget (:func:`kept_sublayers`; ``search --budget sublayers --target k``) counts
+  sublayers instead, whatever their sizes: EvoPress's "drop k of L". Týr's rebuilt grids
+  keep the dropped level of every unit that had one (``with_dropped_level(rows=)``).
+* Blocks: :func:`block_units` / :class:`TiedBlocks` tie a block's two sublayers into one
+  unit of a ``"drop"`` supernet (``search --tie-blocks``); the result is written as the
+  per-sublayer allocation (both sublayers dropped), so recipes, ``apply`` and exports
+  are those of any depth search.
 
 Modes (``supernet.depth`` / ``build --depth``):
 
@@ -34,7 +41,9 @@ Modes (``supernet.depth`` / ``build --depth``):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
@@ -45,12 +54,14 @@ from allocsearch.supernet.spec import SupernetSpec, Unit
 __all__ = [
     "DEPTH_MODES",
     "DROPPED_LABEL",
+    "TiedBlocks",
     "block_units",
     "check_depth_supported",
     "depth_grid",
     "dropped_levels",
+    "kept_sublayers",
     "skippable_sublayers",
-    "sublayer_count_table",
+    "sublayers_per_unit",
     "with_dropped_level",
 ]
 
@@ -92,32 +103,38 @@ def check_depth_supported(adapter: Any) -> None:
         )
 
 
-def with_dropped_level(grid: LevelGrid) -> LevelGrid:
+def with_dropped_level(grid: LevelGrid, rows: np.ndarray | None = None) -> LevelGrid:
     """``grid`` with a last level at sparsity 1.0 (every group removed) labelled
-    ``"dropped"`` in every row; a row whose last level already removes everything is
-    only relabelled.
+    ``"dropped"`` in every row (or the ``rows`` given); a row whose last level already
+    removes everything is only relabelled.
 
     Args:
       grid: a structured grid (``sparsity`` float64[L, K] as fractions of groups).
+      rows: bool[L], the units that get the dropped level (None: all). Týr's rebuilt
+        grids (:func:`allocsearch.pipeline.run_strategy`) keep it for the units whose
+        supernet had it.
 
     Returns:
       LevelGrid with K or K + 1 levels; ``center`` unchanged.
     """
     s = np.asarray(grid.sparsity, np.float64)
     valid = np.asarray(grid.valid, bool)
+    add = np.ones(len(s), bool) if rows is None else np.asarray(rows, bool)
+    if add.shape != (len(s),):
+        raise ValueError(f"rows must be bool[L={len(s)}], got shape {add.shape}")
     n_valid = valid.sum(axis=1)
     last = s[np.arange(len(s)), n_valid - 1]
     has = np.abs(last - 1.0) <= _DROP_ATOL
-    k = int(np.max(n_valid + ~has))
+    k = int(max(np.max(n_valid + (add & ~has)), s.shape[1]))
     sparsity = np.full((len(s), k), np.nan)
     new_valid = np.zeros((len(s), k), bool)
     labels = []
     for i in range(len(s)):
         row = list(s[i, : n_valid[i]])
         old = list(grid.labels[i]) if grid.labels is not None else [f"{100 * x:g}%" for x in row]
-        if has[i]:
+        if add[i] and has[i]:
             old[-1] = DROPPED_LABEL
-        else:
+        elif add[i]:
             row.append(1.0)
             old.append(DROPPED_LABEL)
         sparsity[i, : len(row)] = row
@@ -161,26 +178,34 @@ def dropped_levels(spec: SupernetSpec) -> np.ndarray:
         return spec.valid & (np.abs(np.where(spec.valid, spec.sparsity, 0.0) - 1.0) <= _DROP_ATOL)
 
 
-def sublayer_count_table(spec: SupernetSpec) -> Any:
-    """A :class:`~allocsearch.search.budget.LatencyTable` that counts kept sublayers: every
-    unit costs 1 at each level but its dropped one (0), dense 1. With
-    ``Budget(kind="latency", target=k / L, latency=table)`` an allocation must drop at
-    least ``k`` of the ``L`` sublayers, EvoPress's depth budget (a number of sublayers,
-    whatever their sizes).
+def sublayers_per_unit(spec: SupernetSpec) -> np.ndarray:
+    """int64[L]: the sublayers each unit covers: 2 for a whole-block unit of
+    :func:`block_units` (role ``"block"``: attention and MLP), else 1.
+
+    Raises:
+      ValueError: the spec has no dropped level (names how to build one).
+    """
+    if not dropped_levels(spec).any():
+        raise ValueError(
+            f"this {spec.structure!r} supernet has no dropped level, so it cannot drop "
+            f"sublayers; build one with `allocsearch build --structure heads_neurons --depth "
+            f"{DEPTH_MODES[2]}` (or --depth {DEPTH_MODES[1]})"
+        )
+    return np.array([2 if u.role == "block" else 1 for u in spec.units], np.int64)
+
+
+def kept_sublayers(spec: SupernetSpec) -> np.ndarray:
+    """float64[L, K]: the sublayers each unit keeps at each level (its
+    :func:`sublayers_per_unit` count, 0 at its dropped level, ``inf`` at invalid levels):
+    the cost table of a ``"sublayers"`` budget (:mod:`allocsearch.search.budget`), whose
+    target ``k / n`` (n sublayers) asks to drop ``k`` of them whatever their sizes,
+    EvoPress's depth budget.
 
     Raises:
       ValueError: the spec has no dropped level.
     """
-    from allocsearch.search.budget import LatencyTable  # search imports supernet
-
-    dropped = dropped_levels(spec)
-    if not dropped.any():
-        raise ValueError(
-            f"this {spec.structure!r} supernet has no dropped level; build it with depth "
-            f"{DEPTH_MODES[1]!r} or {DEPTH_MODES[2]!r}"
-        )
-    kept = np.where(spec.valid, np.where(dropped, 0.0, 1.0), np.inf)
-    return LatencyTable(kept=kept, dense=np.ones(spec.num_units))
+    count = sublayers_per_unit(spec).astype(np.float64)[:, None]
+    return np.where(spec.valid, np.where(dropped_levels(spec), 0.0, count), np.inf)
 
 
 def block_units(spec: SupernetSpec) -> tuple[SupernetSpec, np.ndarray]:
@@ -280,3 +305,36 @@ def skippable_sublayers(
             if block is not None and s is not None:
                 table[block, s] = u
     return table if (table >= 0).any() else None
+
+
+@dataclass(frozen=True)
+class TiedBlocks:
+    """A search over whole blocks of a depth ``"drop"`` supernet (:func:`block_units`),
+    scored and written as the per-sublayer allocation it stands for.
+
+    Attributes:
+      spec: the block spec to search (B units, levels dense and dropped).
+      owner: int32[L], the block unit of each sublayer unit of the store's spec.
+    """
+
+    spec: SupernetSpec
+    owner: np.ndarray
+
+    @classmethod
+    def of(cls, spec: SupernetSpec) -> TiedBlocks:
+        """Tie the blocks of a store's ``spec`` (raises as :func:`block_units` does)."""
+        return cls(*block_units(spec))
+
+    def expand(self, choices: Any) -> np.ndarray:
+        """int32[..., L]: the sublayer allocation of block choices int[..., B] (both
+        sublayers of a block take its level)."""
+        return np.asarray(choices)[..., self.owner].astype(np.int32)
+
+    def scorer(self, evaluate: Any) -> Any:
+        """An ``Evaluate`` of block choices that scores their sublayer allocations with
+        ``evaluate`` (any evaluator of the store: resident, streaming or Ray)."""
+        return functools.partial(_score_expanded, evaluate, self)
+
+
+def _score_expanded(evaluate: Any, tied: TiedBlocks, choices: Any, **kwargs: Any) -> Any:
+    return evaluate(tied.expand(choices), **kwargs)
