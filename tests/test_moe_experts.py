@@ -233,36 +233,103 @@ def test_searches_keep_top_k_experts_and_meet_the_budget(tmp_path):
 
 
 @pytest.mark.slow
-def test_removal_and_router_units_through_evaluators_and_apply(tmp_path):
-    """A store with removed levels and router units: resident and streaming evaluators
-    agree and see the masking (a candidate removing an expert scores as the masked model),
-    the router is a unit, and an applied choice reloads in transformers."""
-    from allocsearch.evaluate import Evaluator, KLDivergence, StreamingEvaluator
+def test_cli_build_search_apply_with_removal_and_router_units(tmp_path):
+    """build --expert-removal --prune-router -> search (DP) -> apply -> reload on a tiny
+    random Qwen3-MoE: the router is a unit and a recipe layer, the resident and streaming
+    evaluators agree on a candidate that removes experts, the budget recomputes exactly
+    from the recipe, every block keeps >= top_k experts, and the applied checkpoint has the
+    recipe's zeros (or, when every block removes as many experts, fewer experts) and
+    matches transformers."""
+    import yaml
+    from tiny_workspace import write_model_and_corpus
+    from typer.testing import CliRunner
 
-    cfg = {**QWEN3_MOE, "num_hidden_layers": 2}
-    model, store, calib = _removal_store(tmp_path, cfg, prune_router=True)
-    spec = store.spec
-    names = [u.name for u in spec.units]
-    assert "model.layers.0.mlp.gate" in names
-    router = spec.units[names.index("model.layers.1.mlp.gate")]
-    assert router.role == "router" and router.numel == 4 * 16 and router.routing_frequency == 1
-    removed = removed_levels(spec)
-    choice = np.zeros(spec.num_units, np.int32)
-    for u in range(spec.num_units):
-        if removed[u].any():
-            choice[u] = int(np.flatnonzero(removed[u])[0])  # remove what may be removed
-            break
-    choice[names.index("model.layers.0.mlp.gate")] = 2
-    choices = np.stack([choice, np.zeros_like(choice)])
-    resident = Evaluator(
-        model, spec, store.all_variants(), store.unit_params, calib, metric=KLDivergence()
+    from allocsearch.cli import app
+    from allocsearch.config import config_from_dict
+    from allocsearch.evaluate import Evaluator, KLDivergence, StreamingEvaluator
+    from allocsearch.pipeline import load_workspace, open_store
+
+    cfg = {**QWEN3_MOE, "vocab_size": 256, "num_hidden_layers": 2, "max_position_embeddings": 64}
+    model_dir, corpus = write_model_and_corpus(tmp_path, cfg, docs=2, words_per_doc=300)
+    config = {
+        "model": str(model_dir),
+        "data": {
+            "calibration": str(corpus),
+            "seq_len": 16,
+            "n_calibration_seqs": 4,
+            "n_heldout_seqs": 2,
+        },
+        "supernet": {"pruner": "wanda", "center": 0.5, "steps_each_side": 1, "step_fraction": 0.1},
+        "search": {"target": 0.55, "strategy": "dp"},
+        "backend": {"kind": "local"},
+    }
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    runner = CliRunner()
+
+    def run(*args, code=0):
+        r = runner.invoke(app, [str(a) for a in args])
+        assert r.exit_code == code, r.output
+        return r
+
+    store_dir = tmp_path / "store"
+    run("build", "--config", config_path, "--out", store_dir, "--no-progress",
+        "--expert-removal", "--prune-router")  # fmt: skip
+    run("search", "--config", config_path, "--supernet", store_dir, "--out", tmp_path / "dp",
+        "--no-progress")  # fmt: skip
+    recipe = Recipe.load(tmp_path / "dp" / "recipe.json")
+    assert "model.layers.1.mlp.gate" in {x.name for x in recipe.layers}
+    assert fraction_removed(recipe.layers, "params") == pytest.approx(
+        recipe.budget.achieved, rel=1e-12
     )
-    streamed = StreamingEvaluator(model, store, calib, metric=KLDivergence())
-    a = resident(choices, fidelity=32, batch_seed=0)
-    np.testing.assert_allclose(a, streamed(choices, fidelity=32, batch_seed=0), rtol=1e-5)
-    assert a[0] > 0 and a[1] == pytest.approx(0, abs=1e-6)
-    # the candidate's weights, forwarded by the model, give the same logits as transformers
-    # on the applied checkpoint (the removed expert gone when the blocks match, else masked)
-    params = resident.materialize(choice)
-    u_removed = int(np.flatnonzero(removed[np.arange(spec.num_units), choice])[0])
-    assert not np.asarray(params[f"{spec.units[u_removed].layers[2]}.weight"]).any()
+    assert recipe.budget.achieved >= 0.55 - 1e-9
+    removed = removed_experts(recipe)
+    assert all(len(v) <= 4 - 2 for v in removed.values())
+
+    sn = {**config["supernet"], "expert_removal": True, "prune_router": True}
+    ws = load_workspace(config_from_dict({**config, "supernet": sn}))
+    store = open_store(ws, store_dir)
+    spec = store.spec
+    assert [u.role for u in spec.units].count("router") == 2
+    assert store.manifest["routing"]["expert_removal"] is True
+    # the recipe's choice scored by both evaluators, with and without its removed experts
+    from allocsearch.recipe.apply import choice_for_recipe
+
+    choice = choice_for_recipe(recipe, store)
+    removable = removed_levels(spec)
+    kept = choice.copy()
+    for u in np.flatnonzero(removable[np.arange(spec.num_units), choice]):
+        kept[u] -= 1  # the expert at its sparsest pruned level instead
+    choices = np.stack([choice, kept])
+    resident = Evaluator(
+        ws.model, spec, store.all_variants(), store.unit_params, ws.calibration,
+        metric=KLDivergence(),
+    )  # fmt: skip
+    got = resident(choices, fidelity=32, batch_seed=0)
+    streamed = StreamingEvaluator(ws.model, store, ws.calibration, metric=KLDivergence())
+    np.testing.assert_allclose(got, streamed(choices, fidelity=32, batch_seed=0), rtol=1e-5)
+    assert (got[0] != got[1]) == bool(removed)
+
+    pruned = tmp_path / "pruned"
+    even = len({len(removed.get(b, ())) for b in range(2)}) == 1
+    run("apply", tmp_path / "dp" / "recipe.json", "--config", config_path, "--model", model_dir,
+        "--supernet", store_dir, "--out", pruned, "--no-timing",
+        *(() if even else ("--no-physical",)))  # fmt: skip
+    ours = load_model(pruned)
+    if not even or not removed:
+        for entry in recipe.layers:
+            w = np.asarray(ours.params[f"{entry.name}.weight"])
+            assert np.mean(w == 0) == pytest.approx(entry.sparsity, abs=1e-9)
+    if even:  # transformers computes what allocsearch does
+        hf = transformers.Qwen3MoeForCausalLM.from_pretrained(pruned).eval()
+        assert hf.config.num_local_experts == 4 - len(removed.get(0, ()))
+        ids = np.random.default_rng(0).integers(0, 256, size=(2, 8))
+        np.testing.assert_allclose(
+            np.asarray(ours.adapter.forward(ours.params, jnp.asarray(ids))),
+            _logits(hf, ids),
+            atol=TOL,
+            rtol=TOL,
+        )
+    if removed:
+        run("export", tmp_path / "dp" / "recipe.json", "--format", "llm-compressor", "--out",
+            tmp_path / "lc.yaml", code=2)  # fmt: skip

@@ -176,13 +176,20 @@ def _refuse_depth(recipe: Recipe, target: str) -> None:
 
 def _refuse_removed_experts(recipe: Recipe, target: str) -> None:
     """Raise when ``recipe`` removes whole experts, which ``target`` cannot express (its
-    router would still route tokens to a zero expert)."""
+    router would still route tokens to a zero expert), or prunes a router (transformers 5's
+    routers are not ``nn.Linear`` modules, which the target's modifiers prune)."""
     removed = [e for v in removed_experts(recipe).values() for e in v]
     if removed:
         more = f" (and {len(removed) - 1} more)" if len(removed) > 1 else ""
         raise ExportError(
             f"{target} cannot remove a whole expert (the router would still route tokens to "
             f"it); the recipe removes {removed[0]!r}{more}. Use `allocsearch apply`"
+        )
+    routers = [x.name for x in recipe.layers if x.role == "router" and x.sparsity > 0]
+    if routers:
+        raise ExportError(
+            f"{target} prunes Linear modules; transformers' MoE router is not one, and the "
+            f"recipe prunes router {routers[0]!r}. Use `allocsearch apply`"
         )
 
 
