@@ -746,6 +746,11 @@ def _run_tyr(
     inner = EvolutionarySearcher(**_searcher_settings(settings or DEMO_EVOPRESS))
     if work_dir is None:
         raise ValueError("the tyr strategy needs a work directory for its per-round supernets")
+    if ws.config.supernet.expert_removal:
+        raise ValueError(
+            "the tyr strategy rebuilds each round's grid around the current best, without "
+            "the removed level of supernet.expert_removal; use evopress, dp or knapsack"
+        )
     cfg = ws.config.supernet
     units = store.spec.units
     structured = cfg.structure == "heads_neurons"

@@ -85,7 +85,7 @@ def _remove(model, experts: dict[int, list[int]], extra=None) -> dict[str, float
     return out
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", [pytest.param("mixtral", marks=pytest.mark.slow), "qwen3_moe"])
 def test_masked_router_equals_transformers_on_removed_checkpoint(family, tmp_path):
     """Experts 1 (block 0) and 3 (block 1) removed: our model with their weights zeroed
     (router logits masked) equals transformers on the checkpoint apply writes without
@@ -137,6 +137,9 @@ def test_uneven_removal_is_refused_or_kept_as_zeros():
     assert same is model and updates == {} and "transformers still routes" in report.notes[-1]
     with pytest.raises(ExportError, match=r"removes 'model.layers.0.mlp.experts.2'"):
         to_llm_compressor(recipe)
+    too_many = _recipe(model, _remove(model, {1: [0, 1, 3]}))
+    with pytest.raises(RecipeError, match=r"block 1 with 1 of 4 experts, fewer than top_k=2"):
+        apply_experts(model, {}, _report(model), too_many, physical=False)
 
 
 def test_protected_experts_are_the_most_routed():
@@ -333,3 +336,27 @@ def test_cli_build_search_apply_with_removal_and_router_units(tmp_path):
     if removed:
         run("export", tmp_path / "dp" / "recipe.json", "--format", "llm-compressor", "--out",
             tmp_path / "lc.yaml", code=2)  # fmt: skip
+
+
+def test_router_unit_only_when_enabled_and_option_checks():
+    from allocsearch.config import ConfigError, config_from_dict
+
+    model = _tiny_model()
+    plain = supernet_units(model.adapter, "unstructured")
+    units = supernet_units(model.adapter, "unstructured", prune_router=True)
+    assert [u.name for u in units if u.role == "router"] == ["model.layers.0.mlp.gate"]
+    assert not any(u.role == "router" for u in plain) and len(units) == len(plain) + 1
+    router = units[[u.name for u in units].index("model.layers.0.mlp.gate")]
+    assert router.layers == ("model.layers.0.mlp.gate",) and router.numel == 4 * 16
+    # the router comes before the block's experts, in forward order
+    assert [u.name for u in units][4:6] == [
+        "model.layers.0.mlp.gate",
+        "model.layers.0.mlp.experts.0.gate_proj",
+    ]
+    with pytest.raises(ValueError, match="exclude each other"):
+        supernet_units(model.adapter, "unstructured", expert_removal=True, tie_experts=True)
+    with pytest.raises(ConfigError, match="supernet.expert_removal needs supernet.structure"):
+        config_from_dict({"supernet": {"expert_removal": True, "structure": "nm"}})
+    dense = _tiny_model({**QWEN3_MOE, "model_type": "qwen3"})
+    with pytest.raises(ValueError, match="prune_router needs a mixture-of-experts model"):
+        supernet_units(dense.adapter, "unstructured", prune_router=True)

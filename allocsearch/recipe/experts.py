@@ -182,6 +182,16 @@ def apply_experts(
     removed = removed_experts(recipe)
     if not removed:
         return model, dict(config_updates), report
+    moe = model.adapter.moe
+    few = {b: moe.num_experts - len(v) for b, v in removed.items()}
+    few = {b: k for b, k in few.items() if k < moe.top_k}
+    if few:
+        b, k = next(iter(few.items()))
+        raise RecipeError(
+            f"the recipe leaves block {b} with {k} of {moe.num_experts} experts, fewer than "
+            f"top_k={moe.top_k} (every token is routed to top_k experts); blocks short of "
+            f"experts: {sorted(few)}"
+        )
     if physical:
         return remove_experts(model, config_updates, report, recipe)
     note = (
