@@ -384,9 +384,17 @@ def _refuse_tie_blocks(cfg: RunConfig, command: str) -> None:
 def _check_memory(cfg: RunConfig, command: str, supernet: Path | None = None) -> None:
     """Refuse, before anything loads, a run the memory plan finds cannot fit this machine
     (``MemoryPlanError``: one line, exit 2; see ``allocsearch plan``)."""
+    import dataclasses
+
     from allocsearch.plan import check_run
 
-    check_run(cfg, command, store=supernet)
+    # The plan lays out the supernet's units without the MoE unit options (tie_experts,
+    # expert_removal, prune_router); it is sized on the plain per-layer units: the same
+    # weights, with at most one more level per expert and a router per block.
+    sn = dataclasses.replace(
+        cfg.supernet, tie_experts=False, expert_removal=False, prune_router=False
+    )
+    check_run(dataclasses.replace(cfg, supernet=sn), command, store=supernet)
 
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
@@ -490,6 +498,23 @@ def build(
             "config's supernet.depth, else none)."
         ),
     ] = None,
+    expert_removal: Annotated[
+        bool | None,
+        typer.Option(
+            "--expert-removal/--no-expert-removal",
+            help="Mixture-of-experts models: one unit per expert (gate, up, down) with a last "
+            "'removed' level (router logit masked; the top_k most routed experts of each "
+            "block keep theirs) (default: the config's supernet.expert_removal, else off).",
+        ),
+    ] = None,
+    prune_router: Annotated[
+        bool | None,
+        typer.Option(
+            "--prune-router/--no-prune-router",
+            help="Mixture-of-experts models: each block's router linear is a unit too "
+            "(default: the config's supernet.prune_router, else off).",
+        ),
+    ] = None,
     storage_dtype: StorageDtypeOpt = None,
     calibration: CalibrationOpt = None,
     seq_len: SeqLenOpt = None,
@@ -515,6 +540,8 @@ def build(
         supernet__input_mode=input_mode,
         supernet__storage_dtype=storage_dtype,
         supernet__depth=depth,
+        supernet__expert_removal=expert_removal,
+        supernet__prune_router=prune_router,
         **_data(calibration, seq_len, calibration_seqs),
         **_backend(backend, workers, address),
     )
@@ -727,6 +754,7 @@ def _check_recipe_sources(recipe, model: str | None, supernet: Path | None):
     returns the (lazily) loaded model and the opened store, each None when not given."""
     from allocsearch.recipe.apply import choice_for_recipe
     from allocsearch.recipe.recipe import check_against_model
+    from allocsearch.supernet.experts import model_layers
     from allocsearch.supernet.store import SupernetStore
 
     m = None
@@ -735,7 +763,7 @@ def _check_recipe_sources(recipe, model: str | None, supernet: Path | None):
         from allocsearch.models.hf import load_model
 
         m = load_model(resolve_model_path(model), lazy=True)
-        check_against_model(recipe, m.adapter.layers(), m.fingerprint)
+        check_against_model(recipe, model_layers(m.adapter, routers=True), m.fingerprint)
     if supernet is None:
         return m, None
     store = SupernetStore.open(supernet, model_fingerprint=recipe.model.fingerprint)
@@ -888,7 +916,14 @@ def apply(
     ] = None,
     config: ConfigOpt = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 storage.")] = "float32",
-    physical: Annotated[bool, typer.Option(help="Structured: slice matrices physically.")] = True,
+    physical: Annotated[
+        bool,
+        typer.Option(
+            help="Structured: slice matrices physically. MoE: remove the experts the recipe "
+            "removes (refused unless every block removes as many; --no-physical keeps them "
+            "as zeros, which transformers still routes to)."
+        ),
+    ] = True,
     timing: Annotated[
         bool, typer.Option(help="Time a forward pass (one held-out sequence) before and after.")
     ] = True,

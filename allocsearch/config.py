@@ -30,6 +30,10 @@ supernet:
   input_mode: dense         # dense | expected | centre
   storage_dtype: auto       # auto (the model's dtype) | float32 | bfloat16: dense variants
   tie_experts: false        # MoE models: one unit per block and projection over all experts
+  expert_removal: false     # MoE models: one unit per expert, whose last level removes it
+                            # (router logit masked; the top_k most routed experts of a
+                            # block never are)
+  prune_router: false       # MoE models: each block's router linear is a unit too
 search:
   strategy: evopress        # evopress | tyr | dp | knapsack | uniform | owl | ...
   budget_kind: params       # params | flops | latency | sublayers (depth supernets: a
@@ -141,11 +145,26 @@ class SupernetConfig:
     storage_dtype: str = "auto"
     # Mixture-of-experts models: one unit per (block, projection) over all experts.
     tie_experts: bool = False
+    # Mixture-of-experts models: a removed level per expert (supernet.experts).
+    expert_removal: bool = False
+    # Mixture-of-experts models: each block's router is a unit.
+    prune_router: bool = False
     depth: str = "none"  # supernet.depth.DEPTH_MODES: a "dropped" level per sublayer
 
     def validate(self) -> None:
-        if not isinstance(self.tie_experts, bool):
-            raise ConfigError(f"supernet.tie_experts = {self.tie_experts!r} must be true or false")
+        for key in ("tie_experts", "expert_removal", "prune_router"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"supernet.{key} = {getattr(self, key)!r} must be true or false")
+        if self.expert_removal and self.tie_experts:
+            raise ConfigError(
+                "supernet.expert_removal and supernet.tie_experts exclude each other (tied "
+                "units give all experts of a block one level); set one of them"
+            )
+        if self.expert_removal and self.structure != "unstructured":
+            raise ConfigError(
+                f"supernet.expert_removal needs supernet.structure 'unstructured', not "
+                f"{self.structure!r}"
+            )
         _choice("supernet", "pruner", self.pruner, PRUNERS)
         _choice("supernet", "structure", self.structure, STRUCTURES)
         _choice("supernet", "head_granularity", self.head_granularity, HEAD_GRANULARITIES)

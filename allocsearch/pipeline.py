@@ -97,6 +97,7 @@ from allocsearch.supernet.depth import (
     sublayers_per_unit,
     with_dropped_level,
 )
+from allocsearch.supernet.experts import model_layers, removal_grid
 from allocsearch.supernet.levels import LevelGrid, equal_step_grid, nm_grid
 from allocsearch.supernet.spec import SupernetSpec
 from allocsearch.supernet.store import StoreError, SupernetStore
@@ -321,11 +322,20 @@ def make_grid(cfg: SupernetConfig, model: HFModel, *, target: float) -> LevelGri
     """Level grid of every unit: EvoPress equal-weight steps around the target
     (unstructured), N:M patterns, or whole heads/neurons (structured)."""
     adapter = model.adapter
-    units = supernet_units(adapter, cfg.structure, tie_experts=cfg.tie_experts)
+    units = supernet_units(
+        adapter,
+        cfg.structure,
+        tie_experts=cfg.tie_experts,
+        expert_removal=cfg.expert_removal,
+        prune_router=cfg.prune_router,
+    )
     if cfg.structure == "nm":
         pats = _nm_patterns(cfg)
         center = min(pats, key=lambda p: abs(p[0] / p[1] - target))
-        in_features = {layer.name: layer.in_features for layer in adapter.layers()}
+        in_features = {
+            layer.name: layer.in_features
+            for layer in model_layers(adapter, routers=cfg.prune_router)
+        }
         widths = [in_features[u.layers[0]] for u in units]
         return nm_grid(pats, in_features=widths, center=center)
     if cfg.structure == "heads_neurons":
@@ -346,6 +356,10 @@ def make_grid(cfg: SupernetConfig, model: HFModel, *, target: float) -> LevelGri
         return depth_grid(cfg.depth, grid, len(units))
     numel = np.array([u.numel for u in units], np.int64)
     step = max(1, int(round(cfg.step_fraction * float(numel.mean()))))
+    if cfg.expert_removal:
+        return removal_grid(
+            units, center=target, step_weights=step, steps_each_side=cfg.steps_each_side
+        )
     return equal_step_grid(
         numel, center=target, step_weights=step, steps_each_side=cfg.steps_each_side
     )
@@ -381,6 +395,8 @@ def build(
         query_heads=_query_heads(cfg),
         map_layers=map_layers,
         tie_experts=cfg.tie_experts,
+        expert_removal=cfg.expert_removal,
+        prune_router=cfg.prune_router,
     )
 
 
@@ -620,7 +636,8 @@ def allocate_baseline(
 ) -> np.ndarray:
     """int32[L]: a baseline allocation snapped to the store's levels within the budget."""
     spec = store.spec
-    layers = ws.model.adapter.layers()
+    routers = any(u.role == "router" for u in spec.units)
+    layers = model_layers(ws.model.adapter, routers=routers)
     weights = {layer.name: np.asarray(ws.model.params[layer.weight_name]) for layer in layers}
     if strategy == "uniform":
         return baselines.uniform(spec, budget)
@@ -762,6 +779,11 @@ def _run_tyr(
     inner = EvolutionarySearcher(**_searcher_settings(settings or DEMO_EVOPRESS))
     if work_dir is None:
         raise ValueError("the tyr strategy needs a work directory for its per-round supernets")
+    if ws.config.supernet.expert_removal:
+        raise ValueError(
+            "the tyr strategy rebuilds each round's grid around the current best, without "
+            "the removed level of supernet.expert_removal; use evopress, dp or knapsack"
+        )
     cfg = ws.config.supernet
     units = store.spec.units
     structured = cfg.structure == "heads_neurons"
@@ -804,6 +826,8 @@ def _run_tyr(
             map_layers=map_layers,
             query_heads=_query_heads(cfg),
             tie_experts=cfg.tie_experts,
+            expert_removal=cfg.expert_removal,
+            prune_router=cfg.prune_router,
         )
         if hasattr(map_layers, "close"):
             map_layers.close()
@@ -860,7 +884,8 @@ def recipe_from_choice(
     spec = store.spec
     choice = np.asarray(outcome.choice)
     adapter = ws.model.adapter
-    info = {layer.name: layer for layer in adapter.layers()}
+    routers = any(u.role == "router" for u in spec.units)
+    info = {layer.name: layer for layer in model_layers(adapter, routers=routers)}
     layer_sparsity: dict[str, float] = {}
     for u, params in enumerate(store.unit_params):
         for p in params:

@@ -12,7 +12,22 @@ from dataclasses import dataclass
 
 # Roles a layer can have. Decoder LLMs (Llama family): q k v o gate up down.
 # GPT-2: qkv (fused c_attn) o fc_in fc_out. BERT: q k v o fc_in fc_out.
-ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc_in", "fc_out", "embed", "lm_head")
+# Mixture-of-experts routers (opt-in units): router.
+ROLES = (
+    "q",
+    "k",
+    "v",
+    "qkv",
+    "o",
+    "gate",
+    "up",
+    "down",
+    "fc_in",
+    "fc_out",
+    "embed",
+    "lm_head",
+    "router",
+)
 
 
 @dataclass(frozen=True)

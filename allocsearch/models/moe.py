@@ -10,14 +10,17 @@ parameters in memory (``mlp.experts.gate_up_proj``) but reads and writes one ten
 expert and projection; parameters, layers and recipe entries here use those keys:
 ``model.layers.3.mlp.experts.7.gate_proj`` (Qwen, OLMoE) and
 ``model.layers.3.block_sparse_moe.experts.7.w1`` (Mixtral: ``w1`` gate, ``w3`` up,
-``w2`` down). The router (``...mlp.gate``, float[E, D]) and the shared-expert gate are
-not prunable layers.
+``w2`` down). The router (``...mlp.gate``, float[E, D]) is a prunable layer only on
+request (``layers(include_router=True)``); the shared-expert gate never is.
 
 **Routing** (as transformers): ``p = softmax(router(x))`` in float32, the ``top_k``
 largest are kept, renormalised to sum 1 when the family does (Mixtral always; the others
 when ``norm_topk_prob``), and expert ``e``'s output is scaled by its weight ``g_e``
-(0 for unrouted tokens). Every expert runs on every token and is weighted by ``g_e``: the
-result equals the sparse dispatch exactly, and one program serves every block.
+(0 for unrouted tokens). An expert whose weights are all zero is *removed*: its router
+logit is -inf, so the others are renormalised as if it did not exist (the checkpoint with
+the expert physically removed computes the same). Every expert runs on every token and
+is weighted by ``g_e``: the result equals the sparse dispatch exactly, and one program
+serves every block.
 
 **Calibration taps.** With ``capture`` an expert's input taps are its inputs *scaled by
 the weight its output gets* (``g_e x`` and ``g_e z`` for the down projection's input ``z``;
@@ -195,10 +198,23 @@ class SparseMoeBlock(nnx.Module):
             self.shared_expert_gate = None
         self.moe = moe
 
+    def expert_kept(self) -> jax.Array:
+        """bool[E]: False for a removed expert, one whose gate, up and down weights are all
+        zero (the "removed" level of :mod:`allocsearch.supernet.experts`)."""
+        return jnp.stack(
+            [
+                jnp.any(jnp.stack([jnp.any(getattr(e, n).weight[...] != 0) for n in e.names]))
+                for e in self.experts
+            ]
+        )
+
     def routing(self, x: jax.Array) -> jax.Array:
-        """float32[B, T, E]: each token's weight on each expert (0 where not routed)."""
+        """float32[B, T, E]: each token's weight on each expert (0 where not routed). The
+        logits of removed experts (:meth:`expert_kept`) are -inf, so the softmax and top-k
+        run over the kept experts as if the removed ones did not exist."""
         m = self.moe
-        probs = jax.nn.softmax(self.gate(x).astype(jnp.float32), axis=-1)
+        logits = jnp.where(self.expert_kept(), self.gate(x).astype(jnp.float32), -jnp.inf)
+        probs = jax.nn.softmax(logits, axis=-1)
         top, idx = jax.lax.top_k(probs, m.top_k)
         if m.norm_topk_prob:
             top = top / jnp.sum(top, axis=-1, keepdims=True)
@@ -264,7 +280,11 @@ class MoEAdapter(RotaryDecoderAdapter):
             return int(parts[2]), int(parts[5])
         return None
 
-    def layers(self, *, include_embeddings=False, include_head=False) -> list[LayerInfo]:
+    def layers(
+        self, *, include_embeddings=False, include_head=False, include_router=False
+    ) -> list[LayerInfo]:
+        """The prunable layers; ``include_router`` adds each block's router
+        (``{module}.gate``, role ``"router"``, float[E, D]) before its experts."""
         c, m = self.cfg, self.moe
         d, hd = c.hidden_size, c.head_dim
         q_out, kv_out = c.num_attention_heads * hd, c.num_key_value_heads * hd
@@ -279,6 +299,8 @@ class MoEAdapter(RotaryDecoderAdapter):
                 ("self_attn.v_proj", "v", (kv_out, d), "self_attn.q_proj"),
                 ("self_attn.o_proj", "o", (d, q_out), "self_attn.o_proj"),
             ]
+            if include_router:
+                spec.append((f"{m.module}.gate", "router", (m.num_experts, d), f"{m.module}.gate"))
             experts = [(f"{m.module}.experts.{e}.", m.expert_size) for e in range(m.num_experts)]
             if m.shared_expert_size:
                 experts.append((f"{m.module}.shared_expert.", m.shared_expert_size))

@@ -67,6 +67,7 @@ from allocsearch.pruners.magnitude import MagnitudePruner
 from allocsearch.pruners.nm import NMMagnitudePruner
 from allocsearch.pruners.structured import HeadGroups, NeuronGroups
 from allocsearch.recipe.depth import apply_depth
+from allocsearch.recipe.experts import apply_experts
 from allocsearch.recipe.recipe import Recipe, RecipeError, StructuredUnit, check_against_model
 from allocsearch.supernet.build import (
     INPUT_MODES,
@@ -77,6 +78,7 @@ from allocsearch.supernet.build import (
     unit_group_counts,
     unit_removed_groups,
 )
+from allocsearch.supernet.experts import model_layers
 from allocsearch.supernet.levels import LevelGrid
 from allocsearch.supernet.store import SupernetStore
 
@@ -441,7 +443,8 @@ def _exact_grid(
     """One level per unit at the recipe's exact count (0 for units the recipe lacks), and
     the indices of the units the recipe covers (attention units in query heads with
     ``query_heads``)."""
-    units = supernet_units(adapter, recipe.structure)
+    routers = any(x.role == "router" for x in recipe.layers)
+    units = supernet_units(adapter, recipe.structure, prune_router=routers)
     entry = {x.name: x for x in recipe.layers}
     sparsity = np.zeros((len(units), 1), np.float64)
     covered: list[int] = []
@@ -812,10 +815,10 @@ def apply_recipe(
       pruner: without a store: a ``LocalPruner`` (unstructured / N:M, with the recipe's M)
         or, for structured recipes, a factory called as ``pruner(layout=...)`` such as
         ``StructuredPruner``.
-      physical: make structured matrices physically smaller (see the module docstring)
-        and remove blocks whose two sublayers the recipe drops
-        (:mod:`allocsearch.recipe.depth`); False keeps the dense shapes with zeros. No
-        effect on unstructured / N:M recipes.
+      physical: make structured matrices physically smaller (see the module docstring),
+        remove blocks whose two sublayers the recipe drops
+        (:mod:`allocsearch.recipe.depth`) and experts it removes
+        (:mod:`allocsearch.recipe.experts`); False keeps the dense shapes with zeros.
       input_mode: without a store: ``"dense"`` or ``"centre"`` (see the module docstring).
       query_heads: without a store: the re-run structured pruner removes single query
         heads (the recipe's attention units count query heads, ``total == num_heads``)
@@ -839,7 +842,7 @@ def apply_recipe(
         data without it, a pruner of the wrong kind, a store built for another model.
     """
     adapter = model.adapter
-    check_against_model(recipe, adapter.layers(), model.fingerprint)
+    check_against_model(recipe, model_layers(adapter, routers=True), model.fingerprint)
     counts = _recipe_counts(recipe)
     notes: list[str] = []
     if recipe.partial:
@@ -879,6 +882,7 @@ def apply_recipe(
             batch_size=batch_size,
             progress=progress,
             query_heads=query_heads,
+            prune_router=any(x.role == "router" for x in recipe.layers),
         )
         levels = dict.fromkeys(covered, 0)
         params, keeps = _materialize(
@@ -918,7 +922,7 @@ def _finish(
     notes: list[str],
 ) -> tuple[HFModel, dict[str, Any], ApplyReport]:
     adapter = model.adapter
-    info = {x.name: x for x in adapter.layers()}
+    info = {x.name: x for x in model_layers(adapter, routers=True)}
     level_of = {layer: levels[u] for u in levels for layer in store.spec.units[u].layers}
     applied = {x.name: int(jnp.sum(params[info[x.name].weight_name] == 0)) for x in recipe.layers}
     _zero_dead_biases(adapter, store, params, keeps)
@@ -976,8 +980,9 @@ def _finish(
         notes=tuple(notes),
     )
     if physical:  # dropped blocks leave the model (allocsearch.recipe.depth)
-        return apply_depth(pruned, updates, report, recipe)
-    return pruned, dict(updates), report
+        pruned, updates, report = apply_depth(pruned, updates, report, recipe)
+    # removed experts leave it too, or stay as zeros (allocsearch.recipe.experts)
+    return apply_experts(pruned, updates, report, recipe, physical=physical)
 
 
 def write_pruned(

@@ -39,6 +39,7 @@ import numpy as np
 import yaml
 
 from allocsearch.recipe.depth import dropped_units
+from allocsearch.recipe.experts import removed_experts
 from allocsearch.recipe.recipe import (
     BUDGET_RTOL,
     LayerEntry,
@@ -173,6 +174,25 @@ def _refuse_depth(recipe: Recipe, target: str) -> None:
         )
 
 
+def _refuse_removed_experts(recipe: Recipe, target: str) -> None:
+    """Raise when ``recipe`` removes whole experts, which ``target`` cannot express (its
+    router would still route tokens to a zero expert), or prunes a router (transformers 5's
+    routers are not ``nn.Linear`` modules, which the target's modifiers prune)."""
+    removed = [e for v in removed_experts(recipe).values() for e in v]
+    if removed:
+        more = f" (and {len(removed) - 1} more)" if len(removed) > 1 else ""
+        raise ExportError(
+            f"{target} cannot remove a whole expert (the router would still route tokens to "
+            f"it); the recipe removes {removed[0]!r}{more}. Use `allocsearch apply`"
+        )
+    routers = [x.name for x in recipe.layers if x.role == "router" and x.sparsity > 0]
+    if routers:
+        raise ExportError(
+            f"{target} prunes Linear modules; transformers' MoE router is not one, and the "
+            f"recipe prunes router {routers[0]!r}. Use `allocsearch apply`"
+        )
+
+
 def _evopress_depth(recipe: Recipe) -> Export[str]:
     """EvoPress's drop configuration: line ``b`` is ``none``, ``attn``, ``mlp`` or
     ``attn+mlp``, the sublayers of block ``b`` dropped (its depth search's format)."""
@@ -301,6 +321,7 @@ def to_llm_compressor(
       order).
     """
     _refuse_depth(recipe, "llm-compressor")
+    _refuse_removed_experts(recipe, "llm-compressor")
     if modifier not in LLMC_MODIFIERS:
         raise ExportError(f"modifier {modifier!r} is not one of {LLMC_MODIFIERS}")
     if granularity not in LLMC_GRANULARITIES:

@@ -57,7 +57,7 @@ PPL_PANEL_SIZE_IN = (8.0, 3.5)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # One colour and marker per role, the same in every figure (tab10 cycles after 10).
-_ROLE_STYLE = {role: (f"C{i % 10}", "osD^v<>ps*hX"[i]) for i, role in enumerate(ROLES)}
+_ROLE_STYLE = {role: (f"C{i % 10}", "osD^v<>ps*hXP"[i]) for i, role in enumerate(ROLES)}
 _UNIT_SERIES = {"heads": ("attn (heads)", "C0", "o"), "neurons": ("mlp (neurons)", "C5", "s")}
 _PPL_LABEL = "held-out perplexity (lower is better)"
 

@@ -97,6 +97,13 @@ from allocsearch.pruners.base import (
 )
 from allocsearch.pruners.magnitude import MagnitudePruner
 from allocsearch.pruners.structured import HeadGroups, NeuronGroups, StructuredPruner
+from allocsearch.supernet.experts import (
+    EXPERT_ROLE,
+    check_expert_options,
+    model_layers,
+    protected_experts,
+    with_removed_variant,
+)
 from allocsearch.supernet.levels import LevelGrid
 from allocsearch.supernet.spec import Unit
 from allocsearch.supernet.store import (
@@ -169,6 +176,7 @@ class _UnitPlan:
     layers: tuple[LayerInfo, ...]
     layout: HeadGroups | NeuronGroups | None = None
     tied: bool = False  # experts tied to one level: each layer pruned on its own
+    removable: bool = False  # a whole expert: its last level (removed) is all zeros
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -266,16 +274,20 @@ def _layer_plan(layer: LayerInfo) -> _UnitPlan:
     return _UnitPlan(unit=unit, primary=layer, layers=(layer,))
 
 
-def _tied_plans(adapter: MoEAdapter, layers: Sequence[LayerInfo]) -> tuple[_UnitPlan, ...]:
-    """One unit per (block, projection) over all routed experts, at its first member's
-    place in forward order; every other layer is its own unit."""
+def _tied_plans(
+    adapter: MoEAdapter, layers: Sequence[LayerInfo], *, by_expert: bool = False
+) -> tuple[_UnitPlan, ...]:
+    """One unit per (block, projection) over all routed experts, or with ``by_expert`` one
+    per routed expert over its projections (expert removal), at its first member's place
+    in forward order; every other layer is its own unit."""
     plans: list[_UnitPlan | tuple[int, str]] = []  # (block, projection) of a tied unit
     tied: dict[tuple[int, str], list[LayerInfo]] = {}
     for layer in layers:
-        if adapter.expert_of(layer.name) is None:
+        where = adapter.expert_of(layer.name)
+        if where is None:
             plans.append(_layer_plan(layer))
             continue
-        proj = layer.name.rsplit(".", 1)[1]
+        proj = str(where[1]) if by_expert else layer.name.rsplit(".", 1)[1]
         key = (layer.block, proj)
         if key not in tied:
             tied[key] = []
@@ -290,22 +302,39 @@ def _tied_plans(adapter: MoEAdapter, layers: Sequence[LayerInfo]) -> tuple[_Unit
         first = members[0]
         unit = Unit(
             name=f"{adapter.block_prefix(p[0])}{adapter.moe.module}.experts.{p[1]}",
-            role=first.role,
+            role=EXPERT_ROLE if by_expert else first.role,
             block=first.block,
             layers=tuple(m.name for m in members),
             numel=sum(m.numel for m in members),
             flops_per_token=sum(m.flops_per_token for m in members),
         )
-        out.append(_UnitPlan(unit=unit, primary=first, layers=members, tied=True))
+        out.append(
+            _UnitPlan(unit=unit, primary=first, layers=members, tied=True, removable=by_expert)
+        )
     return tuple(out)
 
 
 def _plans(
-    adapter: ModelAdapter, structure: str, *, query_heads: bool = False, tie_experts: bool = False
+    adapter: ModelAdapter,
+    structure: str,
+    *,
+    query_heads: bool = False,
+    tie_experts: bool = False,
+    expert_removal: bool = False,
+    prune_router: bool = False,
 ) -> tuple[_UnitPlan, ...]:
     if structure not in BUILD_STRUCTURES:
         raise ValueError(f"structure {structure!r} is not supported; valid: {BUILD_STRUCTURES}")
-    layers = adapter.layers()
+    check_expert_options(
+        adapter,
+        structure,
+        expert_removal=expert_removal,
+        prune_router=prune_router,
+        tie_experts=tie_experts,
+    )
+    layers = model_layers(adapter, routers=prune_router)
+    if expert_removal:
+        return _tied_plans(adapter, layers, by_expert=True)
     if tie_experts:
         if not isinstance(adapter, MoEAdapter):
             raise ValueError(
@@ -356,7 +385,12 @@ def _plans(
 
 
 def supernet_units(
-    adapter: ModelAdapter, structure: str, *, tie_experts: bool = False
+    adapter: ModelAdapter,
+    structure: str,
+    *,
+    tie_experts: bool = False,
+    expert_removal: bool = False,
+    prune_router: bool = False,
 ) -> tuple[Unit, ...]:
     """The units a supernet of ``structure`` has, in forward order (the rows a grid for
     :func:`build_supernet` must have).
@@ -369,9 +403,19 @@ def supernet_units(
       ``Unit`` per prunable layer (``"unstructured"``, ``"nm"``), or per attention
       sublayer (role ``"attn"``, covering q/k/v/o) and/or MLP sublayer (role ``"mlp"``,
       covering gate/up/down) for the structured kinds. With ``tie_experts`` (MoE models)
-      one unit per block and expert projection covers every routed expert.
+      one unit per block and expert projection covers every routed expert; with
+      ``expert_removal`` one unit per routed expert (role ``"expert"``) covers its three
+      projections (:mod:`allocsearch.supernet.experts`); with ``prune_router`` each
+      block's router is a unit (role ``"router"``).
     """
-    return tuple(p.unit for p in _plans(adapter, structure, tie_experts=tie_experts))
+    plans = _plans(
+        adapter,
+        structure,
+        tie_experts=tie_experts,
+        expert_removal=expert_removal,
+        prune_router=prune_router,
+    )
+    return tuple(p.unit for p in plans)
 
 
 def unit_group_counts(
@@ -577,6 +621,7 @@ class _UnitTask:
     levels: np.ndarray
     fallback: bool = False
     members: tuple[_UnitTask, ...] = ()
+    add_removed: bool = False  # append the removed level (all zeros) after ``levels``
 
 
 def _layer_task(
@@ -605,6 +650,9 @@ def _prune_task(
         by_param: dict[str, Variants] = {}
         for member in task.members:
             by_param.update(_prune_task(pruner, member))
+        if task.add_removed:
+            shapes = {layer.weight_name: layer.shape for layer in task.plan.layers}
+            by_param = {p: with_removed_variant(v, shapes[p]) for p, v in by_param.items()}
         return by_param
     if task.fallback:
         pruner = MagnitudePruner()
@@ -803,6 +851,8 @@ def build_supernet(
     map_layers: LayerMap | None = None,
     query_heads: bool = False,
     tie_experts: bool = False,
+    expert_removal: bool = False,
+    prune_router: bool = False,
 ) -> SupernetStore:
     """Prune every unit of ``model`` at every level of ``grid`` and write the store.
 
@@ -831,6 +881,12 @@ def build_supernet(
         projection covering every routed expert (all experts of a block share one level;
         each is still pruned from its own statistics) instead of one unit per expert
         layer, for search spaces that must stay small (see :func:`supernet_units`).
+      expert_removal: for mixture-of-experts models, one unit per routed expert whose
+        last level removes it (:mod:`allocsearch.supernet.experts`): every expert row of
+        ``grid`` must end at sparsity 1.0 (:func:`~allocsearch.supernet.experts.
+        with_removed_level`); the ``top_k`` most routed experts of each block lose that
+        level (recorded in the manifest's ``routing.protected``).
+      prune_router: for mixture-of-experts models, each block's router is a unit.
       map_layers: runs the pruning of one block's units, which are independent (all
         levels of one unit, from its dense weight and input statistics, are one task):
         ``None`` or ``map``, one after the other in this process; a
@@ -867,7 +923,14 @@ def build_supernet(
         )
     if not isinstance(calibration, TokenSet):
         raise ValueError(f"calibration must be a TokenSet, got {type(calibration).__name__}")
-    plans = _plans(model.adapter, structure, query_heads=query_heads, tie_experts=tie_experts)
+    plans = _plans(
+        model.adapter,
+        structure,
+        query_heads=query_heads,
+        tie_experts=tie_experts,
+        expert_removal=expert_removal,
+        prune_router=prune_router,
+    )
     units = tuple(p.unit for p in plans)
     layer_map: LayerMap = map if map_layers is None else map_layers
     if not callable(layer_map):
@@ -883,7 +946,14 @@ def build_supernet(
 
     adapter, params = model.adapter, model.params
     sparsity_grid = np.asarray(grid.sparsity, np.float64)
-    valid = np.asarray(grid.valid, bool)
+    valid = np.array(grid.valid, bool)  # a copy: protected experts lose their removed level
+    n_grid = valid.sum(axis=1)
+    for u, plan in enumerate(plans):
+        if plan.removable and sparsity_grid[u, n_grid[u] - 1] != 1.0:
+            raise ValueError(
+                f"expert unit {plan.unit.name!r} has no removed level (sparsity 1.0 last) in "
+                f"the grid; add it with supernet.experts.with_removed_level(grid, units)"
+            )
     center = np.asarray(grid.center, np.int64)
     achieved = np.full(sparsity_grid.shape, np.nan)
 
@@ -901,11 +971,12 @@ def build_supernet(
 
     moe = adapter if isinstance(adapter, MoEAdapter) else None
     routed_counts: list[np.ndarray] = []  # per block: int64[E] calibration tokens per expert
+    protected: list[list[int]] = []  # per block (expert removal): experts that stay
     no_tokens: list[str] = []  # module paths of experts that received none
     seconds_per_block: list[float] = []
     input_norms: dict[str, np.ndarray] = {}
     block_layers: dict[int, list] = {}
-    for layer in adapter.layers():
+    for layer in model_layers(adapter, routers=prune_router):
         block_layers.setdefault(layer.block, []).append(layer)
     progress_bar = progress_display(
         (
@@ -976,6 +1047,13 @@ def build_supernet(
                     fallback = _routed_stats(moe, b, counts, stats, calibration.n_tokens)
                     routed_counts.append(counts)
                     no_tokens += sorted({n.rsplit(".", 1)[0] for n in fallback})
+                    if expert_removal:
+                        keep = protected_experts(counts, moe.moe.top_k).tolist()
+                        protected.append(keep)
+                        for u, plan in block_plans:
+                            where = moe.expert_of(plan.primary.name) if plan.removable else None
+                            if where is not None and where[1] in keep:
+                                valid[u, n_grid[u] - 1] = False
 
                 # Wanda/OWL input norms ||X_j||_2 of every layer of the block
                 for layer in block_layers[b]:
@@ -992,12 +1070,19 @@ def build_supernet(
                 # map_layers) and write the variants in unit order
                 advance: dict[str, jax.Array] = {}
 
+                # a removable expert's removed level is not pruned but appended as zeros
+                pruned_levels = {
+                    u: sparsity_grid[u, : n_grid[u] - 1]
+                    if plan.removable and valid[u, n_grid[u] - 1]
+                    else sparsity_grid[u, valid[u]]
+                    for u, plan in block_plans
+                }
                 tasks = [
                     _UnitTask(
                         plan=plan,
                         weight=None,
                         stats=None,
-                        levels=sparsity_grid[u, valid[u]],
+                        levels=pruned_levels[u],
                         members=tuple(
                             _layer_task(
                                 _layer_plan(layer),
@@ -1005,10 +1090,11 @@ def build_supernet(
                                 prefix,
                                 stats,
                                 fallback,
-                                sparsity_grid[u, valid[u]],
+                                pruned_levels[u],
                             )
                             for layer in plan.layers
                         ),
+                        add_removed=bool(plan.removable and valid[u, n_grid[u] - 1]),
                     )
                     if plan.tied
                     else _layer_task(
@@ -1027,7 +1113,7 @@ def build_supernet(
                             f"map_layers {map_layers!r} returned fewer results than the "
                             f"{len(tasks)} units of block {b}"
                         )
-                    n_levels = len(job.levels)
+                    n_levels = len(job.levels) + job.add_removed
                     achieved[u, :n_levels] = _write_unit(writer, by_param, storage_dtype) / (
                         plan.unit.numel
                     )
@@ -1077,6 +1163,9 @@ def build_supernet(
                     "counts": [c.tolist() for c in routed_counts],
                     "no_tokens": no_tokens,
                     "tie_experts": bool(tie_experts),
+                    "expert_removal": bool(expert_removal),
+                    "protected": protected,
+                    "prune_router": bool(prune_router),
                     "frequency": {
                         layer.name: int(routed_counts[where[0]][where[1]]) / calibration.n_tokens
                         for layer in adapter.layers()
