@@ -61,13 +61,15 @@ Streaming evaluator (:mod:`allocsearch.evaluate.streaming`), per process:
 * model: the parameters outside the blocks (embeddings, head, final norm) on the
   device for the evaluator's lifetime, and two blocks' parameters that no unit owns;
 * variants: a block's stacks hold ``min(n + 1, K_u)`` level slots per unit in the
-  model's dtype (``n`` candidates and the reference riding along; ``a x sum_u
-  min(n + 1, K_u) sum_{p in u} N_p``; unused slots repeat a moved level on the device),
-  two blocks of them (this one, and the next, prefetched) plus the next block's moved
-  levels, at most ``P_u = min(n, K_u)`` per unit (``n`` the most candidates one actor
-  scores in one query), in the storage dtype (nested variants: the model's); the same
-  moved levels twice in host staging buffers (the store's memory-mapped pages live in
-  the shared page cache, not in any process);
+  storage dtype (nested variants: the model's; ``n`` candidates and the reference riding
+  along; a candidate's slot is cast to the model's dtype when it is used, counted with
+  the activations), two blocks of them (this one, and the next, prefetched); on an
+  accelerator also the next block's moved levels, at most ``P_u = min(n, K_u)`` per unit
+  (``n`` the most candidates one actor scores in one query; unused slots repeat a moved
+  level on the device), and the same moved levels twice in host staging buffers; on a
+  CPU device the levels are read straight into the stacks' aligned host buffers, which
+  the device aliases, so neither (the store's memory-mapped pages live in the shared
+  page cache, not in any process);
 * activations / hidden states: ``n x fidelity x D x a`` (the states of all of a
   query's candidates stay on the device between blocks) plus one call's working set
   (``candidates_per_call`` candidates of one micro-batch, as resident); on a CPU device
@@ -330,9 +332,6 @@ class _Layout:
             for u, k in enumerate(self.unit_levels)
         )
 
-    def block_variants(self, n: int, itemsize: int) -> int:
-        """``sum_u min(n, K_u) x unit bytes``: one block's variants for ``n`` candidates."""
-        return sum(min(n, k) * self.unit_bytes(u, itemsize) for u, k in enumerate(self.unit_levels))
 
 
 _LAYER_KEYS: Final[tuple[str, ...]] = ("num_hidden_layers", "n_layer")
@@ -785,16 +784,21 @@ def _streaming(
     variants = hidden = teacher_rows = moved = host_slabs = 0
     for n, tokens in queries:
         per_actor = -(-n // workers)
-        # a block's stacks hold P_u = min(members, K_u) level slots per unit (members: the
-        # query's candidates and the reference riding along; unused slots repeat a moved
-        # level)
-        stacks = layout.block_variants(per_actor + 1, a)
         # the distinct levels read and moved for a block (at most min(n, K_u) per unit),
         # in the storage dtype for dense variants, the model's for nested ones
         slabs = layout.moved_bytes(per_actor, s, a)
-        # this block's stacks in use, the next block's stacks and slabs (prefetch)
-        variants = max(variants, 2 * stacks + slabs)
-        host_slabs = max(host_slabs, 2 * slabs)
+        # a block's stacks hold P_u = min(members, K_u) level slots per unit in the same
+        # dtypes (members: the query's candidates and the reference riding along)
+        stacks = layout.moved_bytes(per_actor + 1, s, a)
+        if device_is_host:
+            # levels read straight into aligned host buffers that device_put aliases:
+            # this block's and the next one's (prefetch); unused slots are never touched
+            variants = max(variants, 2 * stacks)
+        else:
+            # this block's stacks in use, the next block's stacks and its moved slabs
+            # (unused slots repeat a moved level on the device), staged twice on the host
+            variants = max(variants, 2 * stacks + slabs)
+            host_slabs = max(host_slabs, 2 * slabs)
         hidden = max(hidden, per_actor * tokens * m.hidden * a)
         teacher_rows = max(teacher_rows, tokens // max(workers, 1) * per_token)
         if generations and not (n == 1 and tokens == n_cal and len(queries) > 1):
