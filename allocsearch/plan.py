@@ -73,7 +73,7 @@ Streaming evaluator (:mod:`allocsearch.evaluate.streaming`), per process:
 * activations / hidden states: ``n x fidelity x D x a`` (the states of all of a
   query's candidates stay on the device between blocks) plus one call's working set
   (``candidates_per_call`` candidates of one micro-batch, as resident); on a CPU device
-  also the construction's (the teacher's streamed forward), as resident;
+  at least the construction's (the teacher's streamed forward, freed before any query);
 * teacher: on the host (all calibration tokens); the query's rows on the device;
 * reference: as resident, on the device (the streaming evaluator keeps it there up to
   1 GiB).
@@ -805,10 +805,11 @@ def _streaming(
             moved += min(n, workers) * m.blocks * slabs
     activations = hidden + call
     if device_is_host:
-        # as resident on a CPU device: the construction's temporaries (the teacher's
-        # streamed dense forward: all calibration states, one call, the teacher before it
-        # moves to the host) stay in the process beside the scoring's
-        activations += n_cal * m.hidden * a + call + per_token * n_cal
+        # on a CPU device the construction's temporaries (the teacher's streamed dense
+        # forward: all calibration states, one call, the teacher before it moves to the
+        # host) are process memory too; they are freed before any query (a streaming
+        # evaluator keeps no stacks from its construction), so the larger of the two
+        activations = max(activations, n_cal * m.hidden * a + call + per_token * n_cal)
     device = {
         "model": a * (m.outer_params + 2 * unowned),
         "variants": variants,
