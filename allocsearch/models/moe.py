@@ -243,8 +243,7 @@ class SparseMoeBlock(nnx.Module):
         )
         if taps is None and method != "dense":
             stacked = [
-                jnp.stack([getattr(ex, p).weight[...] for ex in self.experts])
-                for p in m.proj_names
+                jnp.stack([getattr(ex, p).weight[...] for ex in self.experts]) for p in m.proj_names
             ]
             return routed_expert_outputs(
                 x, w, *stacked, ACTIVATIONS[m.hidden_act], top_k=m.top_k, method=method
