@@ -80,10 +80,11 @@ def test_vmap_and_lax_map_over_candidates():
 
 
 def test_auto_rule_by_hand():
-    # 24 tokens, top-2 of 4 (the parity tests' blocks): tile 8 (mean 12 -> 6 -> clamp 8),
-    # floor((48 + 4 * 7) / 8) = 9 tiles = 72 rows > 96 / 2: all experts
-    assert dispatch_tile(24, 2, 4) == 8
-    assert dispatch_rows(24, 2, 4, 8) == 72
+    # 24 tokens, top-2 of 4 (the parity tests' blocks): tile 16 (mean 12 -> 6 -> clamp 16),
+    # floor((48 + 4 * 15) / 16) = 6 tiles = 96 rows > 96 / 2: all experts
+    assert dispatch_tile(24, 2, 4) == 16
+    assert dispatch_rows(24, 2, 4, 16) == 96
+    assert dispatch_rows(1, 1, 4, 16) == 48 and dispatch_rows(1, 1, 1, 16) == 16
     assert dispatch_method("auto", num_tokens=24, top_k=2, num_experts=4) == "dense"
     # 1024 tokens, top-8 of 64: mean 128, tile 64; floor((8192 + 64 * 63) / 64) = 191 tiles
     # = 12224 rows <= 65536 / 2: dispatch

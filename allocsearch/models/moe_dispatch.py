@@ -42,7 +42,7 @@ DISPATCH_METHODS: Final[tuple[str, ...]] = ("auto", "dense", "sorted", "ragged")
 """``auto``: :func:`dispatch_method`'s rule; ``dense``: every expert on every token;
 ``sorted``: tiles of routed rows (:func:`routed_expert_outputs`); ``ragged``:
 ``jax.lax.ragged_dot`` over the sorted rows."""
-MIN_TILE: Final[int] = 8
+MIN_TILE: Final[int] = 16
 MAX_TILE: Final[int] = 128
 
 
@@ -59,9 +59,9 @@ def check_dispatch(method: str) -> str:
 
 
 def dispatch_tile(num_tokens: int, top_k: int, num_experts: int) -> int:
-    """Rows per tile: the power of two nearest below half the mean routed tokens per
-    expert (``N k / 2E``), clamped to [8, 128] (measured on CPU: half the mean keeps the
-    padding small while the scan's per-tile overhead stays low)."""
+    """Rows per tile: the power of two at or below half the mean routed tokens per expert
+    (``N k / 2E``), clamped to [16, 128] (measured on CPU: half the mean keeps the padding
+    small; below 16 rows the scan's per-tile weight reads and overhead dominate)."""
     half_mean = max(1, (num_tokens * top_k) // (2 * num_experts))
     return max(MIN_TILE, min(MAX_TILE, 1 << (half_mean.bit_length() - 1)))
 
