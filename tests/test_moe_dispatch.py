@@ -17,6 +17,7 @@ from allocsearch.models.moe_dispatch import (
     dispatch_method,
     dispatch_rows,
     dispatch_tile,
+    expert_work_bytes,
     routed_expert_outputs,
 )
 
@@ -181,3 +182,16 @@ def test_captures_are_the_all_experts_taps():
         np.testing.assert_array_equal(taps_r[name], taps_d[name])
     np.testing.assert_array_equal(out_r, out_d)
     np.testing.assert_allclose(run(routed, False), out_d, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_work_bytes_by_hand():
+    """The memory plan's MoE working set: 1024 tokens, top-8 of 64, D 256, F 128, float32."""
+    kw = dict(num_tokens=1024, top_k=8, num_experts=64, hidden=256, ffn=128, itemsize=4)
+    routing = 8 * 1024 * 64 + 4 * 1024 * 64  # float32 logits and probabilities, weights
+    dense = routing + 4 * (3 * 1024 * 128 + 1024 * 256)
+    assert expert_work_bytes(**kw, method="dense") == dense == 3_407_872
+    rows = 191 * 64  # tiles of 64 (test_auto_rule_by_hand)
+    routed = routing + 3 * 64 * 128 * 256 * 4  # stacked expert weights
+    routed += 16 * 1024 * 8 + rows * 8  # assignments; padded rows' sources and scales
+    routed += 4 * (2 * rows * 256 + 2 * 1025 * 256) + 4 * 64 * (2 * 128 + 256)
+    assert expert_work_bytes(**kw) == expert_work_bytes(**kw, method="sorted") == routed

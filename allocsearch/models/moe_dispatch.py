@@ -163,11 +163,54 @@ def routed_expert_outputs(
     return out.reshape(*lead, d)
 
 
+def expert_work_bytes(
+    *,
+    num_tokens: int,
+    top_k: int,
+    num_experts: int,
+    hidden: int,
+    ffn: int,
+    itemsize: int,
+    method: str = "auto",
+) -> int:
+    """Bytes of the working set of one MoE block's routed experts on ``num_tokens`` tokens
+    (for the memory plan; ``itemsize`` the activations' dtype, ``method`` as
+    :func:`dispatch_method`, ``"auto"`` resolved by its rule).
+
+    Router logits and probabilities (float32 ``2 N E``) and the routing weights (``N E``),
+    plus: ``dense``: one expert's gate, up and product ``3 N F`` and the accumulated output
+    ``N D`` (experts run one after another); ``sorted``: the stacked expert weights
+    ``3 E F D`` (per candidate), the assignment arrays (int32 ``4 N k``), the padded rows'
+    sources and scales, their outputs and scaled outputs ``2 R D``, the padded input and the
+    scatter target ``2 (N + 1) D`` and one tile's ``t (2 F + D)``; ``ragged``: the stacked
+    weights and jax's masked dense lowering on CPU, ``E N k max(D, F)`` per matmul.
+    """
+    n, k, e, d, f, a = num_tokens, top_k, num_experts, hidden, ffn, itemsize
+    method = dispatch_method(method, num_tokens=n, top_k=k, num_experts=e)
+    routing = 8 * n * e + a * n * e
+    if method == "dense":
+        return routing + a * (3 * n * f + n * d)
+    weights = 3 * e * f * d * a
+    if method == "ragged":
+        return routing + weights + a * (e * n * k * max(d, f) + n * k * (d + 2 * f) + n * d)
+    t = dispatch_tile(n, k, e)
+    r = dispatch_rows(n, k, e, t)
+    return (
+        routing
+        + weights
+        + 16 * n * k
+        + r * (4 + a)
+        + a * (2 * r * d + 2 * (n + 1) * d)
+        + (a * t * (2 * f + d))
+    )
+
+
 __all__ = [
     "DISPATCH_METHODS",
     "check_dispatch",
     "dispatch_method",
     "dispatch_rows",
     "dispatch_tile",
+    "expert_work_bytes",
     "routed_expert_outputs",
 ]
