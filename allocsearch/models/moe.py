@@ -180,7 +180,7 @@ class SparseMoeBlock(nnx.Module):
     """Router + experts (+ Qwen2-MoE's gated shared expert); see the module docstring.
     ``dispatch`` is one of :data:`~allocsearch.models.moe_dispatch.DISPATCH_METHODS`."""
 
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, *, moe: MoEConfig, dispatch="auto"):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, *, moe: MoEConfig, dispatch: str = "auto"):
         d = cfg.hidden_size
         self.gate = Linear(d, moe.num_experts, bias=False, rngs=rngs)
         self.experts = nnx.List(
