@@ -120,24 +120,36 @@ FAMILIES = {
 }
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _moe_blocks(dense, routed, params, x):
-    """Block 0's MoE module of both adapters on x float[B, T, D]."""
-    return tuple(
-        getattr(ad.module(params).model.layers[0], ad.moe.module)(x, None) for ad in (dense, routed)
-    )
+def _random_params(adapter) -> dict:
+    """Random float32 parameters from numpy (init_params traces every initialiser eagerly)."""
+    rng = np.random.default_rng(0)
+    params = {
+        name: jnp.asarray(0.3 * rng.normal(size=shape).astype(np.float32))
+        for name, shape in adapter.param_shapes.items()
+    }
+    return {**params, **{k: jnp.asarray(v) for k, v in adapter.constant_params().items()}}
 
 
+@partial(jax.jit, static_argnums=0)
+def _moe_block_both_ways(adapter, params, x):
+    """Block 0's MoE module on x float[B, T, D]: (all experts, sorted dispatch)."""
+    block = getattr(adapter.module(params).model.layers[0], adapter.moe.module)
+    out = []
+    for method in ("dense", "sorted"):
+        block.dispatch = method  # the same block and weights, the dispatch switched
+        out.append(block(x, None))
+    return tuple(out)
+
+
+@pytest.mark.slow
 def test_dispatch_matches_all_experts_in_every_family():
     """Each family's MoE block (router normalisation, projection names, shared expert) with
     dispatch forced on equals its all-experts path (whose parity with transformers
     tests/test_moe.py checks); nothing else in the model depends on the dispatch."""
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 16)).astype(np.float32))
     for family, extra in FAMILIES.items():
-        cfg = {**_TINY, **extra, "model_type": family}
-        dense, routed = MoEAdapter(cfg, dispatch="dense"), MoEAdapter(cfg, dispatch="sorted")
-        params = dense.init_params(jax.random.key(0))
-        want, got = _moe_blocks(dense, routed, params, x)
+        adapter = MoEAdapter({**_TINY, **extra, "model_type": family})
+        want, got = _moe_block_both_ways(adapter, _random_params(adapter), x)
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=family)
 
 
@@ -170,7 +182,7 @@ def test_captures_are_the_all_experts_taps():
     the dispatch; the block outputs agree."""
     cfg = {**_TINY, **FAMILIES["qwen2_moe"], "model_type": "qwen2_moe"}
     dense, routed = MoEAdapter(cfg, dispatch="dense"), MoEAdapter(cfg, dispatch="sorted")
-    params = dense.init_params(jax.random.key(0))
+    params = _random_params(dense)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 61, size=(2, 9)))
     h, ctx = dense.embed(params, ids)
     bp = dense.block_params(params, 0)
