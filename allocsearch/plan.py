@@ -32,6 +32,14 @@ Notation used in the formulas below (all sizes in bytes):
   sequences per call (``micro_batch_tokens // T``, at most the calibration set).
 * teacher bytes per calibration token: ``4 V`` (kl: float32 log-probabilities), ``8 k``
   (topk_kl: float32 values + int32 ids), 0 (nll).
+* mixtures of experts (:mod:`allocsearch.models.moe`): every expert's weights are block
+  parameters and every expert's linears are units (one per block and projection with
+  ``supernet.tie_experts``), so model, variants, store and streamed bytes count all experts,
+  the router and the shared expert like any other parameter; ``F`` is one expert's width,
+  and a block's MLP working set is the routed experts' as
+  :func:`~allocsearch.models.moe_dispatch.expert_work_bytes` gives it for the dispatch the
+  block uses on a call's tokens (sorted dispatch: the stacked expert weights and padded rows;
+  captures in ``build``: all experts, their input taps and Gram matrices).
 
 Resident evaluator, per process (these follow ``evaluator.py``; the plan is checked
 against measured peaks by ``scripts/bench_plan.py``):
@@ -279,6 +287,12 @@ class _Model:
     causal: bool
     outer_params: int  # weights outside the blocks (embeddings, head, final norm)
     block_params: dict[str, int]  # relative name -> weights, one block
+    # mixture of experts (0: a dense MLP): routed experts, top-k, shared expert width, and
+    # the adapter's dispatch setting (``ffn`` is then one expert's width)
+    experts: int = 0
+    top_k: int = 0
+    shared_ffn: int = 0
+    dispatch: str = "auto"
 
     @property
     def total_params(self) -> int:
@@ -333,7 +347,6 @@ class _Layout:
         )
 
 
-
 _LAYER_KEYS: Final[tuple[str, ...]] = ("num_hidden_layers", "n_layer")
 
 
@@ -371,11 +384,18 @@ def _model(adapter: Any, blocks: int) -> _Model:
         dims = (hidden, int(c["intermediate_size"]), n_heads)
         dims += (int(c.get("num_key_value_heads") or n_heads),)
         dims += (int(c.get("head_dim") or hidden // n_heads),)
+    moe = getattr(adapter, "moe", None)  # MoEAdapter: experts, router, shared expert
+    if moe is not None:
+        dims = (dims[0], moe.expert_size, *dims[2:])
     prefix = adapter.block_prefix(0)
     shapes = adapter.param_shapes
     block = {n[len(prefix) :]: math.prod(s) for n, s in shapes.items() if n.startswith(prefix)}
     outer = sum(math.prod(s) for n, s in shapes.items() if not n.startswith(prefix))
     return _Model(
+        experts=moe.num_experts if moe else 0,
+        top_k=moe.top_k if moe else 0,
+        shared_ffn=moe.shared_expert_size if moe else 0,
+        dispatch=getattr(adapter, "dispatch", "auto"),
         blocks=blocks,
         hidden=dims[0],
         ffn=dims[1],
@@ -401,7 +421,7 @@ def _layout(adapter: Any, cfg: RunConfig) -> _Layout:
 
     sc = cfg.supernet
     grid = pipeline.make_grid(sc, HFModel(adapter, {}), target=sc.center)
-    plans = _plans(adapter, sc.structure)
+    plans = _plans(adapter, sc.structure, tie_experts=bool(getattr(sc, "tie_experts", False)))
     pruner = pipeline.make_pruner(sc)
     structured = sc.structure == "heads_neurons"
     nested = False if structured else bool(pruner.nested)
@@ -657,16 +677,55 @@ def _queries(
     return out
 
 
-def _block_activation(m: _Model, rows: int, seq: int, a: int) -> int:
+def _block_activation(m: _Model, rows: int, seq: int, a: int, *, capture: bool = False) -> int:
     """Working set of one block's forward on ``rows`` sequences of ``seq`` tokens: the
     larger of attention (float32 scores and softmax, probabilities in ``a``, q/k/v and
     their rotations) and the MLP (gate, up, product), plus the normalised input (float32)
-    and the residual."""
+    and the residual. A MoE block's MLP: the routed experts' working set as
+    :func:`~allocsearch.models.moe_dispatch.expert_work_bytes` gives it for the method the
+    block uses on these tokens, plus the shared expert's ``3 N F_s``; with ``capture``
+    (build) the all-experts path and every expert's input taps, ``N (E (D + F) + D + F_s)``."""
     tokens = rows * seq
     attn = rows * m.heads * seq * seq * (8 + a)
     attn += tokens * (m.heads + 2 * m.kv_heads) * m.head_dim * a * 2
     mlp = 3 * tokens * m.ffn * a
+    if m.experts:
+        from allocsearch.models.moe_dispatch import expert_work_bytes
+
+        mlp = expert_work_bytes(
+            num_tokens=tokens,
+            top_k=m.top_k,
+            num_experts=m.experts,
+            hidden=m.hidden,
+            ffn=m.ffn,
+            itemsize=a,
+            method="dense" if capture else m.dispatch,
+        )
+        mlp += 3 * tokens * m.shared_ffn * a
+        if capture:
+            shared_taps = m.hidden + m.shared_ffn if m.shared_ffn else 0
+            mlp += a * tokens * (m.experts * (m.hidden + m.ffn) + shared_taps)
     return max(attn, mlp) + tokens * m.hidden * (4 + a)
+
+
+def _moe_setting(m: _Model, tokens: int) -> dict[str, str]:
+    """The table's row for a mixture of experts (none for a dense MLP): experts, their
+    share of the parameters, and how a scoring call of ``tokens`` tokens computes them."""
+    if not m.experts:
+        return {}
+    from allocsearch.models.moe_dispatch import dispatch_method, dispatch_rows, dispatch_tile
+
+    experts = sum(n for name, n in m.block_params.items() if ".experts." in name)
+    method = dispatch_method(m.dispatch, num_tokens=tokens, top_k=m.top_k, num_experts=m.experts)
+    how = "all experts on every token"
+    if method == "sorted":
+        rows = dispatch_rows(tokens, m.top_k, m.experts, dispatch_tile(tokens, m.top_k, m.experts))
+        how = f"sorted dispatch, {rows / tokens:.2f} expert rows per token"
+    shared = f", shared expert {m.shared_ffn}" if m.shared_ffn else ""
+    return {
+        "experts": f"{m.experts} per block, top-{m.top_k}, width {m.ffn}{shared}; "
+        f"{m.blocks * experts / m.total_params:.0%} of the parameters; scoring: {how}"
+    }
 
 
 def _finish_activation(m: _Model, rows: int, seq: int, a: int) -> int:
@@ -1045,6 +1104,7 @@ def plan_memory(
         "model": f"{m.blocks} blocks, hidden {m.hidden}, MLP {m.ffn}, heads "
         f"{m.heads}/{m.kv_heads}, vocab {m.vocab}, "
         f"{m.total_params / 1e9:.3f} B parameters ({cfg.dtype})",
+        **_moe_setting(m, min(mb // seq, cfg.data.n_calibration_seqs) * seq),
         "supernet": (
             "the store's"
             if store is not None
@@ -1131,7 +1191,10 @@ def _single_process(
         n_cal = cfg.data.n_calibration_seqs * seq
         hidden = 2 * n_cal * m.hidden * a
         gram = 4 * (m.hidden**2 + (m.heads * m.head_dim) ** 2 + m.ffn**2)
-        work = _block_activation(m, _BUILD_BATCH, seq, a)
+        if m.experts:  # each expert's gate and down inputs (and the shared expert's)
+            gram += 4 * (m.experts - 1) * (m.hidden**2 + m.ffn**2)
+            gram += 4 * (m.hidden**2 + m.shared_ffn**2) if m.shared_ffn else 0
+        work = _block_activation(m, _BUILD_BATCH, seq, a, capture=True)
         device = {
             "model": model,
             "variants": 2 * unit_bytes,

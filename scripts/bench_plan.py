@@ -43,6 +43,11 @@ MODELS = {
                  num_attention_heads=12, num_key_value_heads=4), "float32", "nested", 9),
     "150M": (dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=13,
                   num_attention_heads=16, num_key_value_heads=4), "bfloat16", "dense", 3),
+    # a Qwen3-MoE: 16 experts (top-4) of width 256 per block, sorted dispatch when scoring
+    "moe-25M": (dict(model_type="qwen3_moe", hidden_size=512, intermediate_size=1024,
+                     moe_intermediate_size=256, num_experts=16, num_experts_per_tok=4,
+                     norm_topk_prob=True, num_hidden_layers=4, num_attention_heads=8,
+                     num_key_value_heads=2, head_dim=64), "float32", "nested", 5),
 }  # fmt: skip
 CALIBRATION = {"150M": 24}  # sequences of 128 tokens (default 64); bf16 on CPU is slow
 BASE_CONFIG = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -291,3 +292,119 @@ def test_execution_for_picks_what_fits(tmp_path, monkeypatch):
     for device, mode in (("1GB", "resident"), ("40000", "streaming"), ("1000", "streaming")):
         monkeypatch.setenv("ALLOCSEARCH_DEVICE_MEMORY", device)
         assert execution_for(cfg, store=store) == mode, device
+
+
+# A tiny Qwen2-MoE (router, 4 experts, a shared expert and its gate): per block q 16x16,
+# k and v 8x16, o 16x16 (768) and q/k/v biases (32), router 4x16 (64), 4 experts of
+# 3 x 8x16 (1536), shared expert 3 x 12x16 (576) and its gate 1x16, two norms of 16 (32):
+# 3024; outside the blocks embed and lm_head 61x16 and the final norm (1968):
+# 1968 + 2 x 3024 = 8016 parameters.
+TINY_MOE = {
+    "model_type": "qwen2_moe",
+    "vocab_size": 61,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "moe_intermediate_size": 8,
+    "shared_expert_intermediate_size": 12,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 8,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "tie_word_embeddings": False,
+}
+
+
+@pytest.mark.slow
+def test_moe_weights_and_store_match_a_real_tiny_moe(tmp_path):
+    """The plan counts every expert, the router and the shared expert (the model's real
+    parameter count), and its store size is within 3% of the tensor data of a SparseGPT
+    store built from the model (one file per expert weight; the plan leaves out headers,
+    input norms and the manifest); tied experts make fewer units. (Nested stores' sizes
+    do not depend on the family: test_store_bytes_match_a_written_store.)"""
+    from allocsearch import pipeline
+    from allocsearch.data.tokenset import TokenSet
+    from allocsearch.models.hf import HFModel, adapter_for_config, fingerprint_tensors
+    from allocsearch.supernet.build import NoCalibrationTokensWarning, build_supernet
+
+    adapter = adapter_for_config(TINY_MOE)
+    rng = np.random.default_rng(0)
+    params = {
+        name: rng.normal(size=shape).astype(np.float32)
+        for name, shape in adapter.param_shapes.items()
+    }
+    params.update(adapter.constant_params())
+    assert adapter.num_params() == sum(int(np.size(v)) for v in params.values()) == 8016
+    fp = fingerprint_tensors(TINY_MOE, {k: np.asarray(v) for k, v in params.items()})
+    model = HFModel(adapter, params, fingerprint=fp)
+    calib = TokenSet(rng.integers(0, 61, size=(4, 8)).astype(np.int32), "r", "ids", 0)
+    pruner = "sparsegpt"
+    for tie in (True, False):
+        supernet = {"pruner": pruner, "center": 0.5, "steps_each_side": 2, "tie_experts": tie}
+        cfg = config_from_dict({**TINY_RUN, "supernet": supernet})
+        sc = cfg.supernet
+        plan = plan_memory(
+            TINY_MOE, cfg, command="apply", device_kind="cpu", device_memory=10**9,
+            host_memory=10**9,
+        )  # fmt: skip
+        (proc,) = plan.modes["resident"]
+        assert proc.device["model"] == 2 * 4 * 8016  # apply: the model and its pruned copy
+        assert "4 per block, top-2, width 8, shared expert 12" in plan.settings["experts"]
+        units = 2 * (4 + (3 if tie else 12) + 3)
+        assert f" {units} units x " in plan.settings["supernet"]
+        if tie:  # same variants per layer, fewer units (built by test_moe)
+            continue
+        with warnings.catch_warnings():  # an expert may get no calibration token
+            warnings.simplefilter("ignore", NoCalibrationTokensWarning)
+            store = build_supernet(
+                model,
+                calib,
+                pruner=pipeline.make_pruner(sc),
+                grid=pipeline.make_grid(sc, model, target=sc.center),
+                structure=sc.structure,
+                input_mode=sc.input_mode,
+                out_dir=tmp_path / pruner,
+                batch_size=2,
+                progress=False,
+                storage_dtype="float32",
+            )
+        assert len(store.spec.units) == units
+        files = [
+            f
+            for f in (tmp_path / pruner).glob("*.safetensors")
+            if f.name != "input_norms.safetensors"
+        ]
+        assert len(files) == 2 * (4 + 12 + 3)  # one file per prunable weight
+        data = sum(f.stat().st_size - read_header(f)[1] for f in files)  # headers excluded
+        assert plan.store_bytes == pytest.approx(data, rel=0.03), pruner
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        # 32 x (attention 41,943,040 + router 8 x 4096 + 8 experts x 3 x 14336 x 4096
+        # + norms 8192) + embed and head 2 x 32000 x 4096 + final norm 4096
+        ("mixtral-8x7b", 32 * 1_451_270_144 + 262_148_096),
+        # 48 x (attention 18,874,368 + q/k norms 256 + router 128 x 2048 + 128 experts
+        # x 3 x 768 x 2048 + norms 4096) + embed and head 2 x 151936 x 2048 + final norm
+        ("qwen3-30b-a3b", 48 * 623_120_640 + 622_331_904),
+    ],
+)
+def test_moe_configs_plan(name, params):
+    """The MoE example configs: every expert counted (46.7 B and 30.5 B parameters), the
+    experts row, and a 17-level bf16 SparseGPT search streams on one 141 GB device for
+    Qwen3-30B-A3B, while Mixtral-8x7B needs fewer levels or more devices."""
+    hf = load_hf_config(ROOT / "configs" / "models" / name)
+    cfg = load_config(ROOT / "configs" / "llama3-8b-evopress.yaml")  # 17 levels, bf16
+    run = dataclasses.replace(cfg, backend=dataclasses.replace(cfg.backend, kind="local"))
+    kwargs = dict(model=name, device_kind="gpu", device_memory=141 * 10**9, host_memory=10**12)
+    plan = plan_memory(hf, run, command="apply", **{**kwargs, "device_memory": 10**12})
+    assert plan.modes["resident"][0].device["model"] == 2 * 2 * params  # bf16, twice
+    assert f"{params / 1e9:.3f} B parameters" in plan.settings["model"]
+    assert "sorted dispatch" in plan.settings["experts"]
+    if name == "qwen3-30b-a3b":
+        assert plan_memory(hf, run, **kwargs).mode == "streaming"
+    else:
+        with pytest.raises(MemoryPlanError, match="would fit: fewer levels"):
+            plan_memory(hf, run, **kwargs)

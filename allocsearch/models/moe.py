@@ -18,9 +18,10 @@ largest are kept, renormalised to sum 1 when the family does (Mixtral always; th
 when ``norm_topk_prob``), and expert ``e``'s output is scaled by its weight ``g_e``
 (0 for unrouted tokens). An expert whose weights are all zero is *removed*: its router
 logit is -inf, so the others are renormalised as if it did not exist (the checkpoint with
-the expert physically removed computes the same). Every expert runs on every token and
-is weighted by ``g_e``: the result equals the sparse dispatch exactly, and one program
-serves every block.
+the expert physically removed computes the same). Experts compute only their routed tokens
+(:mod:`allocsearch.models.moe_dispatch`, static shapes: one program serves every block and
+candidate) when that saves at least half the work; otherwise, and always for calibration
+captures, every expert runs on every token weighted by ``g_e``, which gives the same sum.
 
 **Calibration taps.** With ``capture`` an expert's input taps are its inputs *scaled by
 the weight its output gets* (``g_e x`` and ``g_e z`` for the down projection's input ``z``;
@@ -49,6 +50,11 @@ from allocsearch.models.llama import (
     LlamaConfig,
     LlamaForCausalLM,
     RotaryDecoderAdapter,
+)
+from allocsearch.models.moe_dispatch import (
+    check_dispatch,
+    dispatch_method,
+    routed_expert_outputs,
 )
 
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -173,9 +179,10 @@ class Expert(nnx.Module):
 
 
 class SparseMoeBlock(nnx.Module):
-    """Router + experts (+ Qwen2-MoE's gated shared expert); see the module docstring."""
+    """Router + experts (+ Qwen2-MoE's gated shared expert); see the module docstring.
+    ``dispatch`` is one of :data:`~allocsearch.models.moe_dispatch.DISPATCH_METHODS`."""
 
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, *, moe: MoEConfig):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, *, moe: MoEConfig, dispatch: str = "auto"):
         d = cfg.hidden_size
         self.gate = Linear(d, moe.num_experts, bias=False, rngs=rngs)
         self.experts = nnx.List(
@@ -197,6 +204,7 @@ class SparseMoeBlock(nnx.Module):
             self.shared_expert = None
             self.shared_expert_gate = None
         self.moe = moe
+        self.dispatch = check_dispatch(dispatch)
 
     def expert_kept(self) -> jax.Array:
         """bool[E]: False for a removed expert, one whose gate, up and down weights are all
@@ -229,16 +237,36 @@ class SparseMoeBlock(nnx.Module):
         weights = self.routing(x)
         if taps is not None:
             taps[f"{name}.{ROUTED_TAP}"] = (weights > 0).astype(jnp.float32)
-        w = weights.astype(x.dtype)
-        out = jnp.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            scale = w[..., e : e + 1]
-            out = out + scale * expert(x, scale, taps, f"{name}.experts.{e}.")
+        out = self.routed_experts(x, weights.astype(x.dtype), taps)
         if self.shared_expert is not None:
             s = jax.nn.sigmoid(self.shared_expert_gate(x))
             if taps is not None:
                 taps[f"{name}.shared_expert_gate"] = x
             out = out + s * self.shared_expert(x, s, taps, f"{name}.shared_expert.")
+        return out
+
+    def routed_experts(self, x: jax.Array, w: jax.Array, taps: Taps | None) -> jax.Array:
+        """``sum_e w[..., e] expert_e(x)``: ``x`` float[B, T, D], routing weights ``w``
+        float[B, T, E] in ``x``'s dtype. Sorted dispatch or all experts, by
+        :func:`~allocsearch.models.moe_dispatch.dispatch_method`; captures use all experts."""
+        m = self.moe
+        method = dispatch_method(
+            self.dispatch,
+            num_tokens=x.size // x.shape[-1],
+            top_k=m.top_k,
+            num_experts=m.num_experts,
+        )
+        if taps is None and method != "dense":
+            stacked = [
+                jnp.stack([getattr(ex, p).weight[...] for ex in self.experts]) for p in m.proj_names
+            ]
+            return routed_expert_outputs(
+                x, w, *stacked, ACTIVATIONS[m.hidden_act], top_k=m.top_k, method=method
+            )
+        out = jnp.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            scale = w[..., e : e + 1]
+            out = out + scale * expert(x, scale, taps, f"{m.module}.experts.{e}.")
         return out
 
 
@@ -247,12 +275,15 @@ class MoEAdapter(RotaryDecoderAdapter):
 
     Attributes:
       moe: the :class:`MoEConfig`.
+      dispatch: how experts compute (:data:`~allocsearch.models.moe_dispatch.DISPATCH_METHODS`;
+        ``"auto"`` by default): fixed at construction, part of the compiled programs.
     """
 
     family = "moe"
 
-    def __init__(self, hf_config: Mapping[str, Any]):
+    def __init__(self, hf_config: Mapping[str, Any], *, dispatch: str = "auto"):
         self.moe = MoEConfig.from_hf(hf_config)
+        self.dispatch = check_dispatch(dispatch)
         self.cfg = attention_config(hf_config)
         super(RotaryDecoderAdapter, self).__init__(hf_config)
 
@@ -260,7 +291,7 @@ class MoEAdapter(RotaryDecoderAdapter):
         return LlamaForCausalLM(
             self.cfg,
             rngs,
-            mlp_cls=partial(SparseMoeBlock, moe=self.moe),
+            mlp_cls=partial(SparseMoeBlock, moe=self.moe, dispatch=self.dispatch),
             mlp_name=self.moe.module,
         )
 
