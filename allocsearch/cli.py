@@ -384,17 +384,9 @@ def _refuse_tie_blocks(cfg: RunConfig, command: str) -> None:
 def _check_memory(cfg: RunConfig, command: str, supernet: Path | None = None) -> None:
     """Refuse, before anything loads, a run the memory plan finds cannot fit this machine
     (``MemoryPlanError``: one line, exit 2; see ``allocsearch plan``)."""
-    import dataclasses
-
     from allocsearch.plan import check_run
 
-    # The plan lays out the supernet's units without the MoE unit options (tie_experts,
-    # expert_removal, prune_router); it is sized on the plain per-layer units: the same
-    # weights, with at most one more level per expert and a router per block.
-    sn = dataclasses.replace(
-        cfg.supernet, tie_experts=False, expert_removal=False, prune_router=False
-    )
-    check_run(dataclasses.replace(cfg, supernet=sn), command, store=supernet)
+    check_run(cfg, command, store=supernet)
 
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:

@@ -421,7 +421,14 @@ def _layout(adapter: Any, cfg: RunConfig) -> _Layout:
 
     sc = cfg.supernet
     grid = pipeline.make_grid(sc, HFModel(adapter, {}), target=sc.center)
-    plans = _plans(adapter, sc.structure, tie_experts=bool(getattr(sc, "tie_experts", False)))
+    plans = _plans(
+        adapter,
+        sc.structure,
+        query_heads=pipeline._query_heads(sc),
+        tie_experts=sc.tie_experts,
+        expert_removal=sc.expert_removal,
+        prune_router=sc.prune_router,
+    )
     pruner = pipeline.make_pruner(sc)
     structured = sc.structure == "heads_neurons"
     nested = False if structured else bool(pruner.nested)

@@ -408,3 +408,21 @@ def test_moe_configs_plan(name, params):
     else:
         with pytest.raises(MemoryPlanError, match="would fit: fewer levels"):
             plan_memory(hf, run, **kwargs)
+
+
+def test_moe_unit_options_reach_the_plan_layout():
+    """expert_removal (one unit per expert, a removed level) and prune_router (the router
+    a unit) are laid out as build lays them out: the units of block 0 and their levels."""
+    from allocsearch.plan import _adapter, _layout
+
+    hf = load_hf_config(ROOT / "configs" / "models" / "mixtral-8x7b")
+    cfg = load_config(ROOT / "configs" / "llama3-8b-evopress.yaml")
+    sc = dataclasses.replace(cfg.supernet, expert_removal=True, prune_router=True)
+    one_block = _adapter(json.dumps({**hf, "num_hidden_layers": 1}))
+    layout = _layout(one_block, dataclasses.replace(cfg, supernet=sc))
+    names = [[layout.params[i].name for i in idx] for idx in layout.unit_params]
+    experts = [n for n in names if "experts" in n[0]]
+    assert len(experts) == 8 and all(len(n) == 3 for n in experts)  # w1, w2, w3 together
+    assert any(n == ["block_sparse_moe.gate.weight"] for n in names)  # the router
+    removed = [layout.params[idx[0]].sparsity[-1] for idx in layout.unit_params if len(idx) == 3]
+    assert removed == [1.0] * 8  # every expert's last level removes it
