@@ -282,9 +282,10 @@ def skippable_sublayers(
       int32[num_blocks, len(adapter.sublayer_names)]: the unit whose dropped level removes
       that sublayer of that block (every parameter of the unit lies in it), -1 where none
       does; None when no unit has a dropped level or the model's sublayers cannot be
-      skipped (:func:`check_depth_supported` refuses it: output biases, post-norms). An evaluator skips sublayer ``s`` of block ``i`` for a candidate whose
-      level of unit ``u = table[i, s]`` is dropped: its output is exactly zero, so the
-      scores are those of running it, without its compute.
+      skipped (:func:`check_depth_supported` refuses it: output biases, post-norms). An
+      evaluator skips sublayer ``s`` of block ``i`` for a candidate whose level of unit
+      ``u = table[i, s]`` is dropped: its output is exactly zero, so the scores are those
+      of running it, without its compute.
     """
     names = tuple(getattr(adapter, "sublayer_names", ()))
     dropped = dropped_levels(spec)
