@@ -841,11 +841,13 @@ def _streaming(
     per_token = _teacher_per_token(cfg, m)
     rows = max(1, min(mb // seq, cfg.data.n_calibration_seqs))  # sequences per call
     # one call: g candidates of one micro-batch through a block (or the head), each with
-    # its slot of every stack gathered
+    # its slot of every stack gathered; XLA's CPU backend computes bfloat16 in float32:
+    # a float32 copy of the gathered weights too, and float32 working sets
+    w = 4 if device_is_host and a == 2 else a
     call = g * (
-        a * sum(m.block_params.values())
+        (a + (w if w != a else 0)) * sum(m.block_params.values())
         + 2 * rows * seq * m.hidden * a
-        + max(_block_activation(m, rows, seq, a), _finish_activation(m, rows, seq, a))
+        + max(_block_activation(m, rows, seq, w), _finish_activation(m, rows, seq, w))
     )
     variants = hidden = teacher_rows = moved = host_slabs = 0
     for n, tokens in queries:
