@@ -877,7 +877,10 @@ def _streaming(
         # forward: all calibration states, one call, the teacher before it moves to the
         # host) are process memory too; they are freed before any query (a streaming
         # evaluator keeps no stacks from its construction), so the larger of the two
-        activations = max(activations, n_cal * m.hidden * a + call + per_token * n_cal)
+        # (and the dense weights of two blocks, this one and the prefetched next one)
+        construction = n_cal * m.hidden * a + call + per_token * n_cal
+        construction += 2 * a * sum(m.block_params.values())
+        activations = max(activations, construction)
     device = {
         "model": a * (m.outer_params + 2 * unowned),
         "variants": variants,
