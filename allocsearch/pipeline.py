@@ -97,7 +97,7 @@ from allocsearch.supernet.depth import (
     sublayers_per_unit,
     with_dropped_level,
 )
-from allocsearch.supernet.experts import model_layers, removal_grid
+from allocsearch.supernet.experts import member_exact_grid, model_layers, removal_grid
 from allocsearch.supernet.levels import LevelGrid, equal_step_grid, nm_grid
 from allocsearch.supernet.spec import SupernetSpec
 from allocsearch.supernet.store import StoreError, SupernetStore
@@ -358,6 +358,10 @@ def make_grid(cfg: SupernetConfig, model: HFModel, *, target: float) -> LevelGri
     step = max(1, int(round(cfg.step_fraction * float(numel.mean()))))
     if cfg.expert_removal:
         return removal_grid(
+            units, center=target, step_weights=step, steps_each_side=cfg.steps_each_side
+        )
+    if cfg.tie_experts:  # a level applies to every tied expert's layer: exact on each
+        return member_exact_grid(
             units, center=target, step_weights=step, steps_each_side=cfg.steps_each_side
         )
     return equal_step_grid(

@@ -26,6 +26,7 @@ from allocsearch.supernet.build import (  # noqa: E402
     build_supernet,
     supernet_units,
 )
+from allocsearch.supernet.experts import member_exact_grid  # noqa: E402
 from allocsearch.supernet.levels import equal_step_grid  # noqa: E402
 
 TOL = 1e-4
@@ -232,6 +233,24 @@ def test_expert_without_tokens_falls_back_to_magnitude(tmp_path):
     np.testing.assert_allclose(got, removed / dense, rtol=1e-12)
 
 
+def test_tied_expert_grid_is_exact_on_every_expert():
+    """The config's grid for tie_experts (pipeline.make_grid): every level removes a whole
+    number of weights of each tied expert's layer, at the same step in weights as the
+    untied units (the attention layers)."""
+    from allocsearch.config import SupernetConfig
+    from allocsearch.pipeline import make_grid
+
+    model = _tiny_model()
+    units = supernet_units(model.adapter, "unstructured", tie_experts=True)
+    grid = make_grid(SupernetConfig(tie_experts=True, steps_each_side=2), model, target=0.47)
+    for u, unit in enumerate(units):
+        per_layer = unit.numel // len(unit.layers)
+        removed = grid.sparsity[u][grid.valid[u]] * per_layer
+        np.testing.assert_allclose(removed, np.round(removed), atol=1e-9)
+    steps = np.diff(grid.sparsity[:, :2], axis=1)[:, 0] * [u.numel for u in units]
+    np.testing.assert_allclose(steps, steps[0])  # one step trades as many weights everywhere
+
+
 @pytest.mark.slow
 def test_tied_experts_share_one_level_per_block_and_projection(tmp_path):
     model = _tiny_model()
@@ -243,7 +262,7 @@ def test_tied_experts_share_one_level_per_block_and_projection(tmp_path):
         "model.layers.0.mlp.experts.down_proj",
     ]
     assert units[4].layers == tuple(f"model.layers.0.mlp.experts.{e}.gate_proj" for e in range(4))
-    grid = equal_step_grid([u.numel for u in units], center=0.5, step_weights=16, steps_each_side=1)
+    grid = member_exact_grid(units, center=0.5, step_weights=16, steps_each_side=1)
     calib = TokenSet(
         np.random.default_rng(0).integers(0, 61, size=(2, 8)).astype(np.int32), "r", "ids", 0
     )

@@ -47,6 +47,7 @@ from allocsearch.supernet.spec import SupernetSpec, Unit
 __all__ = [
     "EXPERT_ROLE",
     "check_expert_options",
+    "member_exact_grid",
     "model_layers",
     "protected_experts",
     "removal_grid",
@@ -134,7 +135,7 @@ def with_removed_level(grid: LevelGrid, units: tuple[Unit, ...] | list[Unit]) ->
     return LevelGrid(sparsity, new_valid, np.asarray(grid.center, np.int32), None)
 
 
-def removal_grid(
+def member_exact_grid(
     units: tuple[Unit, ...] | list[Unit],
     *,
     center: float,
@@ -142,17 +143,20 @@ def removal_grid(
     steps_each_side: int,
 ) -> LevelGrid:
     """EvoPress's equal-step grid (:func:`~allocsearch.supernet.levels.equal_step_grid`)
-    for an expert-removal supernet, plus the removed level of every expert unit.
+    for units whose level applies to each of their ``m`` equal-size layers (an expert
+    unit's gate/up/down, or one projection tied over a block's experts): a unit's levels
+    are taken on one layer (``numel / m`` weights, steps of ``step_weights / m``), so
+    every layer removes a whole number of weights; ``step_weights`` is rounded to a
+    multiple of the largest ``m`` so that a step of every unit still trades the same
+    number of weights.
 
-    An expert unit's level is applied to each of its ``m`` equal-size layers, so its
-    levels are taken on one layer (``numel / m`` weights, steps of ``step_weights / m``)
-    and every layer removes a whole number of weights; ``step_weights`` is rounded to a
-    multiple of ``m`` so that a step of every unit still trades the same number of weights.
+    Raises:
+      ValueError: a unit's layers differ in size.
 
     Returns:
       LevelGrid over ``units`` (float64[L, K]), no labels.
     """
-    members = np.array([len(u.layers) if u.role == EXPERT_ROLE else 1 for u in units])
+    members = np.array([len(u.layers) for u in units])
     m_max = int(members.max())
     step = m_max * max(1, round(step_weights / m_max))
     parts = {}
@@ -160,7 +164,7 @@ def removal_grid(
         idx = np.flatnonzero(members == m)
         numel = np.array([units[i].numel // m for i in idx], np.int64)
         if np.any(numel * m != [units[i].numel for i in idx]):
-            raise ValueError(f"expert units with {m} layers must have layers of equal size")
+            raise ValueError(f"units with {m} layers must have layers of equal size")
         parts[m] = (idx, equal_step_grid(
             numel, center=center, step_weights=step // m, steps_each_side=steps_each_side
         ))  # fmt: skip
@@ -173,7 +177,26 @@ def removal_grid(
         sparsity[idx, :kk] = g.sparsity
         valid[idx, :kk] = g.valid
         center_idx[idx] = g.center
-    return with_removed_level(LevelGrid(sparsity, valid, center_idx, None), units)
+    return LevelGrid(sparsity, valid, center_idx, None)
+
+
+def removal_grid(
+    units: tuple[Unit, ...] | list[Unit],
+    *,
+    center: float,
+    step_weights: int,
+    steps_each_side: int,
+) -> LevelGrid:
+    """:func:`member_exact_grid` for an expert-removal supernet (an expert unit's levels
+    apply to its gate, up and down alike), plus the removed level of every expert unit.
+
+    Returns:
+      LevelGrid over ``units`` (float64[L, K]), no labels.
+    """
+    grid = member_exact_grid(
+        units, center=center, step_weights=step_weights, steps_each_side=steps_each_side
+    )
+    return with_removed_level(grid, units)
 
 
 def removed_levels(spec: SupernetSpec) -> np.ndarray:
