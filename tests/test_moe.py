@@ -301,18 +301,10 @@ def test_tied_experts_share_one_level_per_block_and_projection(tmp_path):
             assert v.sparsity[k] == spec.sparsity[4, k]
 
 
-@pytest.mark.slow
-def test_cli_build_search_apply_eval(tmp_path):
-    """build -> search (EvoPress on params, DP on routing-weighted FLOPs) -> apply -> eval
-    on a tiny random Qwen3-MoE: budgets recompute exactly from the recipe, per-expert zero
-    fractions equal the recipe, transformers loads the pruned checkpoint and agrees with
-    the pruned model, and the llm-compressor export targets per-expert modules."""
-    import yaml
+def tiny_moe_run(tmp_path, search: dict) -> tuple:
+    """(model directory, run config) of the CLI tests: a 2-block random Qwen3-MoE with a
+    byte vocabulary and a text corpus written under ``tmp_path``; local backend."""
     from tiny_workspace import write_model_and_corpus
-    from typer.testing import CliRunner
-
-    from allocsearch.cli import app
-    from allocsearch.recipe.recipe import Recipe, fraction_removed
 
     cfg = {**QWEN3_MOE, "vocab_size": 256, "num_hidden_layers": 2, "max_position_embeddings": 64}
     model_dir, corpus = write_model_and_corpus(tmp_path, cfg, docs=2, words_per_doc=300)
@@ -325,13 +317,30 @@ def test_cli_build_search_apply_eval(tmp_path):
             "n_heldout_seqs": 2,
         },
         "supernet": {"pruner": "wanda", "center": 0.5, "steps_each_side": 1, "step_fraction": 0.1},
-        "search": {
-            "target": 0.5,
-            "strategy": "evopress",
-            "settings": {"generations": 1, "offspring": 4, "survivors": [2, 1], "tokens": [32, 64]},
-        },
+        "search": search,
         "backend": {"kind": "local"},
     }
+    return model_dir, config
+
+
+@pytest.mark.slow
+def test_cli_build_search_apply_eval(tmp_path):
+    """build -> search (EvoPress on params, DP on routing-weighted FLOPs) -> apply -> eval
+    on a tiny random Qwen3-MoE: budgets recompute exactly from the recipe, per-expert zero
+    fractions equal the recipe, transformers loads the pruned checkpoint and agrees with
+    the pruned model, and the llm-compressor export targets per-expert modules."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from allocsearch.cli import app
+    from allocsearch.recipe.recipe import Recipe, fraction_removed
+
+    search = {
+        "target": 0.5,
+        "strategy": "evopress",
+        "settings": {"generations": 1, "offspring": 4, "survivors": [2, 1], "tokens": [32, 64]},
+    }
+    model_dir, config = tiny_moe_run(tmp_path, search)
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     runner = CliRunner()

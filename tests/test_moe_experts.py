@@ -14,7 +14,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from test_moe import CASES, QWEN3_MOE, TOL, _logits, _randomize, _tiny_model  # noqa: E402
+from test_moe import (  # noqa: E402
+    CASES,
+    QWEN3_MOE,
+    TOL,
+    _logits,
+    _randomize,
+    _tiny_model,
+    tiny_moe_run,
+)
 
 from allocsearch.distributed.local import run_search  # noqa: E402
 from allocsearch.models import HFModel, load_model, save_model  # noqa: E402
@@ -244,7 +252,6 @@ def test_cli_build_search_apply_with_removal_and_router_units(tmp_path):
     recipe's zeros (or, when every block removes as many experts, fewer experts) and
     matches transformers."""
     import yaml
-    from tiny_workspace import write_model_and_corpus
     from typer.testing import CliRunner
 
     from allocsearch.cli import app
@@ -252,20 +259,7 @@ def test_cli_build_search_apply_with_removal_and_router_units(tmp_path):
     from allocsearch.evaluate import Evaluator, KLDivergence, StreamingEvaluator
     from allocsearch.pipeline import load_workspace, open_store
 
-    cfg = {**QWEN3_MOE, "vocab_size": 256, "num_hidden_layers": 2, "max_position_embeddings": 64}
-    model_dir, corpus = write_model_and_corpus(tmp_path, cfg, docs=2, words_per_doc=300)
-    config = {
-        "model": str(model_dir),
-        "data": {
-            "calibration": str(corpus),
-            "seq_len": 16,
-            "n_calibration_seqs": 4,
-            "n_heldout_seqs": 2,
-        },
-        "supernet": {"pruner": "wanda", "center": 0.5, "steps_each_side": 1, "step_fraction": 0.1},
-        "search": {"target": 0.55, "strategy": "dp"},
-        "backend": {"kind": "local"},
-    }
+    model_dir, config = tiny_moe_run(tmp_path, {"target": 0.55, "strategy": "dp"})
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     runner = CliRunner()
