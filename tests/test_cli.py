@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 from flax import nnx
-from tiny_workspace import write_model_and_corpus
+from tiny_workspace import cli_config, write_model_and_corpus
 from typer.testing import CliRunner
 
 from allocsearch.cli import app
@@ -36,21 +36,19 @@ runner = CliRunner()
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     _, corpus = write_model_and_corpus(root, CFG, docs=4, words_per_doc=600)
-    config = {
-        "model": str(root / "model"),
-        "data": {
-            "calibration": str(corpus),
-            "seq_len": 32,
-            "n_calibration_seqs": 16,
-            "n_heldout_seqs": 4,
-        },
-        "supernet": {
+    config = cli_config(
+        root / "model",
+        corpus,
+        seq_len=32,
+        calibration_seqs=16,
+        heldout_seqs=4,
+        supernet={
             "pruner": "magnitude",
             "center": 0.5,
             "steps_each_side": 2,
             "step_fraction": 0.1,
         },
-        "search": {
+        search={
             "target": 0.5,
             "strategy": "evopress",
             "settings": {
@@ -60,8 +58,8 @@ def workdir(tmp_path_factory):
                 "tokens": [64, 256],
             },
         },
-        "backend": {"kind": "local"},  # Ray is the default; only the Ray tests start it
-    }
+        backend={"kind": "local"},  # Ray is the default; only the Ray tests start it
+    )
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     return root
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from tiny_workspace import write_model_and_corpus
+from tiny_workspace import cli_config, write_model_and_corpus
 from typer.testing import CliRunner
 
 from allocsearch import pipeline
@@ -47,18 +47,16 @@ def ws(tmp_path_factory):
     """A tiny model, its corpus, a config, a magnitude supernet and a random recipe on it."""
     root = tmp_path_factory.mktemp("first_hour")
     _, corpus = write_model_and_corpus(root, CFG, docs=4, words_per_doc=400)
-    config = {
-        "model": str(root / "model"),
-        "data": {
-            "calibration": str(corpus),
-            "seq_len": 32,
-            "n_calibration_seqs": 8,
-            "n_heldout_seqs": 4,
-        },
-        "supernet": {"pruner": "magnitude", "center": 0.5, "steps_each_side": 2},
-        "search": {"target": 0.5, "strategy": "random"},
-        "backend": {"kind": "local"},
-    }
+    config = cli_config(
+        root / "model",
+        corpus,
+        seq_len=32,
+        calibration_seqs=8,
+        heldout_seqs=4,
+        supernet={"pruner": "magnitude", "center": 0.5, "steps_each_side": 2},
+        search={"target": 0.5, "strategy": "random"},
+        backend={"kind": "local"},
+    )
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     r = run("build", "-c", root / "config.yaml", "--out", root / "store", "--no-progress")
     assert r.exit_code == 0, r.output

@@ -304,22 +304,20 @@ def test_tied_experts_share_one_level_per_block_and_projection(tmp_path):
 def tiny_moe_run(tmp_path, search: dict) -> tuple:
     """(model directory, run config) of the CLI tests: a 2-block random Qwen3-MoE with a
     byte vocabulary and a text corpus written under ``tmp_path``; local backend."""
-    from tiny_workspace import write_model_and_corpus
+    from tiny_workspace import cli_config, write_model_and_corpus
 
     cfg = {**QWEN3_MOE, "vocab_size": 256, "num_hidden_layers": 2, "max_position_embeddings": 64}
     model_dir, corpus = write_model_and_corpus(tmp_path, cfg, docs=2, words_per_doc=300)
-    config = {
-        "model": str(model_dir),
-        "data": {
-            "calibration": str(corpus),
-            "seq_len": 16,
-            "n_calibration_seqs": 4,
-            "n_heldout_seqs": 2,
-        },
-        "supernet": {"pruner": "wanda", "center": 0.5, "steps_each_side": 1, "step_fraction": 0.1},
-        "search": search,
-        "backend": {"kind": "local"},
-    }
+    config = cli_config(
+        model_dir,
+        corpus,
+        seq_len=16,
+        calibration_seqs=4,
+        heldout_seqs=2,
+        supernet={"pruner": "wanda", "center": 0.5, "steps_each_side": 1, "step_fraction": 0.1},
+        search=search,
+        backend={"kind": "local"},
+    )
     return model_dir, config
 
 

@@ -30,7 +30,7 @@ import resume_worker
 import yaml
 from resume_worker import BUDGET, SEED, AdditiveFactory, evo_searcher, result_json, tiny_spec
 from rich.console import Console
-from tiny_workspace import write_model_and_corpus
+from tiny_workspace import cli_config, write_model_and_corpus
 
 from allocsearch import pipeline
 from allocsearch.config import config_from_dict
@@ -120,16 +120,14 @@ def workspace(tmp_path_factory):
     """A tiny byte-level Llama, a corpus, a config and a magnitude supernet."""
     root = tmp_path_factory.mktemp("job")
     _, corpus = write_model_and_corpus(root, TINY, docs=3, words_per_doc=400)
-    config = {
-        "model": str(root / "model"),
-        "data": {
-            "calibration": str(corpus),
-            "seq_len": 32,
-            "n_calibration_seqs": 8,
-            "n_heldout_seqs": 2,
-        },
-        "supernet": {"pruner": "magnitude", "center": 0.5, "steps_each_side": 2},
-        "search": {
+    config = cli_config(
+        root / "model",
+        corpus,
+        seq_len=32,
+        calibration_seqs=8,
+        heldout_seqs=2,
+        supernet={"pruner": "magnitude", "center": 0.5, "steps_each_side": 2},
+        search={
             "target": 0.5,
             "strategy": "evopress",
             "settings": {
@@ -139,8 +137,8 @@ def workspace(tmp_path_factory):
                 "tokens": [64, 256],
             },
         },
-        "backend": {"kind": "ray", "workers": 2},
-    }
+        backend={"kind": "ray", "workers": 2},
+    )
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     cfg = config_from_dict(config)
     ws = pipeline.load_workspace(cfg)

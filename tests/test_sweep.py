@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from tiny_workspace import write_model_and_corpus
+from tiny_workspace import cli_config, write_model_and_corpus
 from typer.testing import CliRunner
 
 from allocsearch import pipeline
@@ -84,17 +84,15 @@ def evaluators():
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     _, corpus = write_model_and_corpus(root, CFG, docs=4, words_per_doc=400)
-    config = {
-        "model": str(root / "model"),
-        "data": {
-            "calibration": str(corpus),
-            "seq_len": 32,
-            "n_calibration_seqs": 8,
-            "n_heldout_seqs": 2,
-        },
-        "supernet": {"pruner": "magnitude", "steps_each_side": 2, "step_fraction": 0.1},
-        "backend": {"kind": "local"},  # Ray is the default; only the Ray tests start it
-    }
+    config = cli_config(
+        root / "model",
+        corpus,
+        seq_len=32,
+        calibration_seqs=8,
+        heldout_seqs=2,
+        supernet={"pruner": "magnitude", "steps_each_side": 2, "step_fraction": 0.1},
+        backend={"kind": "local"},  # Ray is the default; only the Ray tests start it
+    )
     # `search --strategy dp` runs with a config's search.settings whatever strategy they
     # were for, so the DP searches compared with the sweep get a config without them
     (root / "config-dp.yaml").write_text(yaml.safe_dump(config))

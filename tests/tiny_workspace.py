@@ -22,6 +22,27 @@ def write_model_and_corpus(
     return root / "model", write_corpus(root / "corpus", docs=docs, words_per_doc=words_per_doc)
 
 
+def cli_config(
+    model_dir: Path,
+    corpus: Path,
+    *,
+    seq_len: int,
+    calibration_seqs: int,
+    heldout_seqs: int,
+    **sections: dict,
+) -> dict:
+    """The run config the CLI tests write: ``model_dir``, ``data`` from the text ``corpus``
+    (``calibration_seqs`` and ``heldout_seqs`` sequences of ``seq_len`` tokens) and the
+    other ``sections`` as given (``supernet``, ``search``, ``backend``, ...)."""
+    data = {
+        "calibration": str(corpus),
+        "seq_len": seq_len,
+        "n_calibration_seqs": calibration_seqs,
+        "n_heldout_seqs": heldout_seqs,
+    }
+    return {"model": str(model_dir), "data": data, **sections}
+
+
 def write_corpus(corpus: Path, *, docs: int, words_per_doc: int) -> Path:
     """``corpus``: a new directory of ``docs`` text files of ``words_per_doc`` words drawn
     from :data:`WORDS` (seed 0)."""
