@@ -67,9 +67,7 @@ class QuantizedVariants:
 
     def weights(self, k: int) -> np.ndarray:
         """float32[out, in]: level ``k`` dequantized."""
-        return dequantize(
-            self.codes[k], self.scales[k], self.zeros[k], group_size=self.group_size
-        )
+        return dequantize(self.codes[k], self.scales[k], self.zeros[k], group_size=self.group_size)
 
     def dense(self) -> np.ndarray:
         """float32[K, out, in]: every level dequantized (what a dense store would keep)."""

@@ -161,7 +161,9 @@ def pack_weight(q: QuantizedWeight, level: QuantLevel) -> PackedWeight:
     scales = np.asarray(q.scales, np.float32)
     zeros = np.asarray(q.zeros)
     if scales.shape != (out, g) or zeros.shape != (out, g):
-        raise ValueError(f"scales and zeros must be [{out}, {g}], got {scales.shape}, {zeros.shape}")
+        raise ValueError(
+            f"scales and zeros must be [{out}, {g}], got {scales.shape}, {zeros.shape}"
+        )
     half = scales.astype(SCALE_DTYPE)
     if not np.array_equal(half.astype(np.float32), scales):
         raise ValueError("scales must be float16-representable (quantize through the grid)")

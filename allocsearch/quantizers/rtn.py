@@ -10,7 +10,7 @@ from numpy.typing import ArrayLike
 
 from allocsearch.pruners.base import LayerStats
 from allocsearch.quantizers.base import QuantizedVariants, check_bits_levels
-from allocsearch.quantizers.grid import QuantLevel, check_matrix, check_group_size, quantize
+from allocsearch.quantizers.grid import QuantLevel, check_group_size, check_matrix, quantize
 
 
 @dataclass(frozen=True, kw_only=True)
