@@ -21,6 +21,15 @@ from allocsearch.quantizers import (
     quantize,
     unpack_codes,
 )
+from allocsearch.quantizers.costs import (
+    bits_per_weight,
+    level_bits,
+    level_from_json,
+    level_label,
+    level_to_json,
+    packed_bytes,
+    quant_cost_tables,
+)
 from allocsearch.quantizers.gptq import gptq_block_size
 from allocsearch.quantizers.packing import jnp_unpack_codes, packed_code_bytes
 
@@ -268,3 +277,38 @@ def test_gptq_dead_input_is_rounded_not_zeroed():
     step = v.scales[0][:, 0]
     assert np.all(np.abs(v.weights(0)[:, 5] - w[:, 5]) <= step / 2 + 1e-7)
     assert np.any(v.weights(0)[:, 5] != 0)
+
+
+# ----------------------------------------------------------------------------- costs
+
+
+def test_costs_by_hand():
+    sym4, asym4 = QuantLevel(4, 128, True), QuantLevel(4, 128, False)
+    assert bits_per_weight(sym4, (256, 256)) == 4 + 16 / 128
+    assert bits_per_weight(asym4, (256, 256)) == 4 + 20 / 128
+    # partial last group (200 = 128 + 72): two scales per row of 200 weights
+    assert bits_per_weight(sym4, (10, 200)) == pytest.approx(4 + 2 * 16 / 200)
+    assert level_bits(QuantLevel(3, 4, False), (2, 6)) == 3 * 12 + (16 + 3) * 4
+    table = quant_cost_tables([[(256, 256)], [(10, 200), (256, 256)]], [sym4, QuantLevel(2)])
+    assert table.bits.shape == (2, 2)
+    assert table.bits[1, 0] == level_bits(sym4, (10, 200)) + level_bits(sym4, (256, 256))
+    assert table.bits_per_weight[0, 1] == 2 + 16 / 128
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_packed_bytes_cost_is_what_packing_takes(bits, symmetric):
+    level = QuantLevel(bits, 16, symmetric)
+    for shape in ((3, 37), (5, 16), (1, 1)):
+        w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        assert packed_bytes(level, shape) == pack_weight(quantize(w, level), level).nbytes
+
+
+def test_level_json_round_trip_and_label():
+    level = QuantLevel(3, 64, False)
+    assert level_from_json(level_to_json(level)) == level
+    assert level_label(level) == "3b g64 asym"
+    with pytest.raises(ValueError, match="keys"):
+        level_from_json({"bits": 3})
+    with pytest.raises(ValueError, match="symmetric"):
+        level_from_json({"bits": 3, "group_size": 64, "symmetric": "no"})
