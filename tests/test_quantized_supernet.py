@@ -1,0 +1,70 @@
+"""Quantized supernet build: levels by decreasing bits, fractions of the 16-bit cost, and
+stored variants equal to the quantizer run on directly captured layer inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_supernet_build import BATCH, calib, direct_block_stats, model  # noqa: F401  (fixtures)
+
+from allocsearch.models.layers import LayerInfo
+from allocsearch.quantizers import GPTQQuantizer, RTNQuantizer
+from allocsearch.quantizers.costs import bits_per_weight
+from allocsearch.quantizers.grid import QuantLevel
+from allocsearch.supernet.quantized import build_quantized_supernet, quantized_grid
+from allocsearch.supernet.store import SupernetStore
+
+BITS = [2, 8, 4]
+
+
+def _layers(hf_model) -> list[LayerInfo]:
+    return list(hf_model.adapter.layers())
+
+
+def test_grid_orders_levels_by_decreasing_bits():
+    grid, levels = quantized_grid([(16, 24), (8, 16)], BITS, group_size=16, symmetric=False)
+    assert [lv.bits for lv in levels] == [8, 4, 2]
+    # (16, 24): two groups per row of 24 (one partial): 8 + 2 * (16 + 8) / 24 bits
+    np.testing.assert_allclose(
+        grid.sparsity[0], [1 - (b + 2 * (16 + b) / 24) / 16 for b in (8, 4, 2)]
+    )
+    np.testing.assert_allclose(grid.sparsity[1], [1 - (b + (16 + b) / 16) / 16 for b in (8, 4, 2)])
+    assert grid.labels[1] == ("8b g16 asym", "4b g16 asym", "2b g16 asym")
+    np.testing.assert_array_equal(grid.center, [1, 1])
+    with pytest.raises(ValueError, match="distinct"):
+        quantized_grid([(4, 4)], [4, 4], group_size=4, symmetric=True)
+    with pytest.raises(ValueError, match="center_bits"):
+        quantized_grid([(4, 4)], [4, 2], group_size=4, symmetric=True, center_bits=3)
+
+
+@pytest.mark.parametrize("name", ["rtn", "gptq"])
+def test_store_holds_the_quantizer_on_direct_inputs(model, calib, tmp_path, name):  # noqa: F811
+    q = RTNQuantizer(group_size=8) if name == "rtn" else GPTQQuantizer(group_size=8, blocksize=8)
+    store = build_quantized_supernet(
+        model, calib, q, BITS, tmp_path / "s", batch_size=BATCH, center_bits=4
+    )
+    reopened = SupernetStore.open(tmp_path / "s")
+    spec = reopened.spec
+    stats = direct_block_stats(model, calib)
+    for u, layer in enumerate(_layers(model)):
+        assert spec.units[u].name == layer.name
+        want_frac = [1 - bits_per_weight(QuantLevel(b, 8), layer.shape) / 16 for b in (8, 4, 2)]
+        np.testing.assert_array_equal(spec.sparsity[u], want_frac)
+        assert spec.center[u] == 1
+        w = np.asarray(model.params[layer.weight_name], np.float32)
+        want = q.quantize(w, stats[layer.block][layer.input_group], [8, 4, 2])
+        got = np.asarray(reopened.variants(layer.weight_name).weights)
+        np.testing.assert_array_equal(got, want.dense())
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["pruner"]["kind"] == "quantizer"
+    assert [lv["bits"] for lv in manifest["pruner"]["levels"]] == [8, 4, 2]
+    assert set(reopened.input_norms()) == {layer.name for layer in _layers(model)}
+    assert store.path == reopened.path
+
+
+def test_bad_quantizer_is_refused(model, calib, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="LocalQuantizer"):
+        build_quantized_supernet(model, calib, object(), BITS, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
