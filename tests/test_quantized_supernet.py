@@ -7,8 +7,12 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from test_supernet_build import BATCH, calib, direct_block_stats, model  # noqa: F401  (fixtures)
+from tiny_workspace import cli_config, write_model_and_corpus
+from typer.testing import CliRunner
 
+from allocsearch.cli import app
 from allocsearch.models.layers import LayerInfo
 from allocsearch.quantizers import GPTQQuantizer, RTNQuantizer
 from allocsearch.quantizers.costs import bits_per_weight
@@ -17,6 +21,7 @@ from allocsearch.supernet.quantized import build_quantized_supernet, quantized_g
 from allocsearch.supernet.store import SupernetStore
 
 BITS = [2, 8, 4]
+runner = CliRunner()
 
 
 def _layers(hf_model) -> list[LayerInfo]:
@@ -67,4 +72,57 @@ def test_store_holds_the_quantizer_on_direct_inputs(model, calib, tmp_path, name
 def test_bad_quantizer_is_refused(model, calib, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match="LocalQuantizer"):
         build_quantized_supernet(model, calib, object(), BITS, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+CLI_CFG = {
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": False,
+}
+
+
+@pytest.mark.slow
+def test_cli_build_quantizer_then_search(tmp_path):
+    _, corpus = write_model_and_corpus(tmp_path, CLI_CFG, docs=2, words_per_doc=300)
+    cfg = cli_config(tmp_path / "model", corpus, seq_len=32, calibration_seqs=8, heldout_seqs=2)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    store = tmp_path / "store"
+    args = ["build", "--config", str(tmp_path / "c.yaml"), "--out", str(store)]
+    r = runner.invoke(app, [*args, "--quantizer", "gptq", "--bits", "2,4", "--group-size", "16"])
+    assert r.exit_code == 0, r.output
+    spec = SupernetStore.open(store).spec
+    assert spec.level_labels[0] == ("4b g16 sym", "2b g16 sym")
+    # uniform 4 bits (level 0) costs 1 - (4 + 1) / 16 of the 16-bit model: the search
+    # at exactly that target must pick level 0 everywhere
+    target = 1 - 5 / 16
+    r = runner.invoke(
+        app,
+        ["search", "--config", str(tmp_path / "c.yaml"), "--supernet", str(store), "--out",
+         str(tmp_path / "run"), "--strategy", "uniform", "--target", str(target),
+         "--backend", "local", "--no-progress"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    layers = json.loads((tmp_path / "run" / "recipe.json").read_text())["layers"]
+    assert {x["sparsity"] for x in layers} == {target}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--quantizer", "awq"], "awq"),
+        (["--quantizer", "rtn", "--bits", "2,x"], "2,x"),
+        (["--quantizer", "rtn", "--bits", "9"], "9"),
+        (["--quantizer", "rtn", "--group-size", "0"], "group_size"),
+    ],
+)
+def test_cli_build_quantizer_refuses_bad_options(tmp_path, extra, message):
+    r = runner.invoke(app, ["build", "--out", str(tmp_path / "s"), *extra])
+    assert r.exit_code == 2, r.output
+    assert message in r.output
     assert not (tmp_path / "s").exists()
