@@ -3,6 +3,7 @@ textbook per-column port."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -312,3 +313,20 @@ def test_level_json_round_trip_and_label():
         level_from_json({"bits": 3})
     with pytest.raises(ValueError, match="symmetric"):
         level_from_json({"bits": 3, "group_size": 64, "symmetric": "no"})
+
+
+def test_jnp_dequantize_inside_a_jitted_program():
+    # what an evaluator's block program does: unpack and dequantize next to a matmul
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 40)).astype(np.float32)
+    x = rng.standard_normal((3, 40)).astype(np.float32)
+    level = QuantLevel(3, 16, False)
+    p = pack_weight(quantize(w, level), level)
+
+    @jax.jit
+    def forward(codes, scales, zeros, x):
+        wq = jnp_dequantize_packed(codes, scales, zeros, bits=3, group_size=16, shape=(8, 40))
+        return x @ wq.T
+
+    got = forward(jnp.asarray(p.codes), jnp.asarray(p.scales), jnp.asarray(p.zeros), x)
+    np.testing.assert_allclose(np.asarray(got), x @ dequantize_packed(p).T, rtol=1e-5, atol=1e-5)
