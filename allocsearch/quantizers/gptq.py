@@ -151,9 +151,11 @@ def _gptq_sweep(
         w1, err1, codes1, scales, zeros, cur = lax.fori_loop(
             0, block, column, (w1, zero_block, zero_block, scales, zeros, cur)
         )
+        # rows of U for this block, restricted to later columns (masking the small factor,
+        # not the large product)
         u_rows = lax.dynamic_slice_in_dim(u, i1, block, axis=0)  # [B, n_p]
-        update = jnp.einsum("bko,bj->jko", err1, u_rows, precision=HIGHEST)
-        w_all = w_all - jnp.where((cols >= i1 + block)[:, None, None], update, 0.0)
+        u_rows = jnp.where((cols >= i1 + block)[None, :], u_rows, 0.0)
+        w_all = w_all - jnp.einsum("bko,bj->jko", err1, u_rows, precision=HIGHEST)
         w_all = lax.dynamic_update_slice_in_dim(w_all, w1, i1, axis=0)
         codes = lax.dynamic_update_slice_in_dim(codes, codes1, i1, axis=0)
         return w_all, codes, scales, zeros, cur
