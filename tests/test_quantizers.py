@@ -33,6 +33,12 @@ from allocsearch.quantizers.costs import (
 )
 from allocsearch.quantizers.gptq import gptq_block_size
 from allocsearch.quantizers.packing import jnp_unpack_codes, packed_code_bytes
+from allocsearch.quantizers.tensors import (
+    QUANTIZED_TENSORS,
+    level_from_tensors,
+    tensors_nbytes,
+    variants_to_tensors,
+)
 
 ALL_BITS = (2, 3, 4, 5, 6, 8)
 
@@ -330,3 +336,26 @@ def test_jnp_dequantize_inside_a_jitted_program():
 
     got = forward(jnp.asarray(p.codes), jnp.asarray(p.scales), jnp.asarray(p.zeros), x)
     np.testing.assert_allclose(np.asarray(got), x @ dequantize_packed(p).T, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- file tensors
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_variants_file_tensors_round_trip_per_level(symmetric):
+    w = np.random.default_rng(5).standard_normal((6, 50)).astype(np.float32)
+    v = RTNQuantizer(group_size=16, symmetric=symmetric).quantize(w, None, [8, 3, 2, 5])
+    tensors = variants_to_tensors(v)
+    assert set(tensors) == set(QUANTIZED_TENSORS)
+    for k in range(4):
+        p = level_from_tensors(tensors, k)
+        assert p.level == v.level(k)
+        np.testing.assert_array_equal(dequantize_packed(p), v.weights(k))
+    # the whole file: the levels' packed bytes plus bookkeeping (int64 shape[2], bits[4],
+    # group_size[1], two offsets[5]; uint8 symmetric[1])
+    packed = sum(packed_bytes(v.level(k), (6, 50)) for k in range(4))
+    assert tensors_nbytes(tensors) == packed + 8 * (2 + 4 + 1 + 5 + 5) + 1
+    with pytest.raises(ValueError, match="level 4"):
+        level_from_tensors(tensors, 4)
+    with pytest.raises(ValueError, match="missing"):
+        level_from_tensors({"bits": tensors["bits"]}, 0)
