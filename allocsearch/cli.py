@@ -516,12 +516,40 @@ def build(
     address: AddressOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
+    quantizer: Annotated[
+        str | None,
+        typer.Option(
+            help="rtn | gptq: quantized levels (--bits) instead of pruned ones, in process, "
+            "dequantized float32 weights in the store; the spec's level fraction is "
+            "1 - bits per weight / 16, so a params budget is an average-bits budget "
+            "(default: none, prune)."
+        ),
+    ] = None,
+    bits: Annotated[
+        str, typer.Option(help="Bitwidths of a quantized supernet, comma-separated (2..8).")
+    ] = "2,3,4,8",
+    group_size: Annotated[
+        int, typer.Option(help="Input columns per quantization scale (--quantizer).")
+    ] = 128,
+    symmetric: Annotated[
+        bool,
+        typer.Option(
+            "--symmetric/--asymmetric", help="Scale only, or scale and zero point (--quantizer)."
+        ),
+    ] = True,
 ) -> None:
     """Build a supernet: every prunable layer pruned at every level of a grid. In this
     process (all cores) on one machine; the layers of a block in parallel on Ray actors on
     a cluster (--address / RAY_ADDRESS) or with --workers N."""
     from allocsearch import pipeline
     from allocsearch.search_run import ray_layer_map, use_ray_build
+
+    if quantizer is not None:
+        _build_quantized(
+            out, _config(config, model=model, **_data(calibration, seq_len, calibration_seqs)),
+            quantizer, bits, group_size, symmetric, overwrite,
+        )  # fmt: skip
+        return
 
     cfg = _config(
         config,
@@ -552,6 +580,35 @@ def build(
             layer_map.close()
     out_console.print(
         f"supernet: {store.spec.num_units} units x up to {store.spec.sparsity.shape[1]} levels, "
+        f"{store.num_bytes / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s -> {store.path}"
+    )
+
+
+def _build_quantized(
+    out: Path, cfg, name: str, bits: str, group_size: int, symmetric: bool, overwrite: bool
+) -> None:
+    """``build --quantizer``: a store of quantized variants (allocsearch.supernet.quantized)."""
+    from allocsearch import pipeline
+    from allocsearch.quantizers import GPTQQuantizer, RTNQuantizer
+    from allocsearch.quantizers.base import check_bits_levels
+    from allocsearch.supernet.quantized import build_quantized_supernet
+
+    makers = {"rtn": RTNQuantizer, "gptq": GPTQQuantizer}
+    if name not in makers:
+        raise ValueError(f"--quantizer {name!r} is not one of {sorted(makers)}")
+    try:
+        levels = [int(b) for b in bits.split(",")]
+    except ValueError:
+        raise ValueError(f"--bits {bits!r} must be comma-separated ints, e.g. 2,3,4,8") from None
+    check_bits_levels(levels)
+    q = makers[name](group_size=group_size, symmetric=symmetric)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    ws = pipeline.load_workspace(cfg)
+    t0 = time.perf_counter()
+    store = build_quantized_supernet(ws.model, ws.calibration, q, levels, out, overwrite=overwrite)
+    out_console.print(
+        f"quantized supernet ({name}, bits {levels}): {store.spec.num_units} units, "
         f"{store.num_bytes / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s -> {store.path}"
     )
 

@@ -1,0 +1,128 @@
+"""Quantized supernet build: levels by decreasing bits, fractions of the 16-bit cost, and
+stored variants equal to the quantizer run on directly captured layer inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from test_supernet_build import BATCH, calib, direct_block_stats, model  # noqa: F401  (fixtures)
+from tiny_workspace import cli_config, write_model_and_corpus
+from typer.testing import CliRunner
+
+from allocsearch.cli import app
+from allocsearch.models.layers import LayerInfo
+from allocsearch.quantizers import GPTQQuantizer, RTNQuantizer
+from allocsearch.quantizers.costs import bits_per_weight
+from allocsearch.quantizers.grid import QuantLevel
+from allocsearch.supernet.quantized import build_quantized_supernet, quantized_grid
+from allocsearch.supernet.store import SupernetStore
+
+BITS = [2, 8, 4]
+runner = CliRunner()
+
+
+def _layers(hf_model) -> list[LayerInfo]:
+    return list(hf_model.adapter.layers())
+
+
+def test_grid_orders_levels_by_decreasing_bits():
+    grid, levels = quantized_grid([(16, 24), (8, 16)], BITS, group_size=16, symmetric=False)
+    assert [lv.bits for lv in levels] == [8, 4, 2]
+    # (16, 24): two groups per row of 24 (one partial): 8 + 2 * (16 + 8) / 24 bits
+    np.testing.assert_allclose(
+        grid.sparsity[0], [1 - (b + 2 * (16 + b) / 24) / 16 for b in (8, 4, 2)]
+    )
+    np.testing.assert_allclose(grid.sparsity[1], [1 - (b + (16 + b) / 16) / 16 for b in (8, 4, 2)])
+    assert grid.labels[1] == ("8b g16 asym", "4b g16 asym", "2b g16 asym")
+    np.testing.assert_array_equal(grid.center, [1, 1])
+    with pytest.raises(ValueError, match="distinct"):
+        quantized_grid([(4, 4)], [4, 4], group_size=4, symmetric=True)
+    with pytest.raises(ValueError, match="center_bits"):
+        quantized_grid([(4, 4)], [4, 2], group_size=4, symmetric=True, center_bits=3)
+
+
+@pytest.mark.parametrize("name", ["rtn", "gptq"])
+def test_store_holds_the_quantizer_on_direct_inputs(model, calib, tmp_path, name):  # noqa: F811
+    q = RTNQuantizer(group_size=8) if name == "rtn" else GPTQQuantizer(group_size=8, blocksize=8)
+    store = build_quantized_supernet(
+        model, calib, q, BITS, tmp_path / "s", batch_size=BATCH, center_bits=4
+    )
+    reopened = SupernetStore.open(tmp_path / "s")
+    spec = reopened.spec
+    stats = direct_block_stats(model, calib)
+    for u, layer in enumerate(_layers(model)):
+        assert spec.units[u].name == layer.name
+        want_frac = [1 - bits_per_weight(QuantLevel(b, 8), layer.shape) / 16 for b in (8, 4, 2)]
+        np.testing.assert_array_equal(spec.sparsity[u], want_frac)
+        assert spec.center[u] == 1
+        w = np.asarray(model.params[layer.weight_name], np.float32)
+        want = q.quantize(w, stats[layer.block][layer.input_group], [8, 4, 2])
+        got = np.asarray(reopened.variants(layer.weight_name).weights)
+        np.testing.assert_array_equal(got, want.dense())
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["pruner"]["kind"] == "quantizer"
+    assert [lv["bits"] for lv in manifest["pruner"]["levels"]] == [8, 4, 2]
+    assert set(reopened.input_norms()) == {layer.name for layer in _layers(model)}
+    assert store.path == reopened.path
+
+
+def test_bad_quantizer_is_refused(model, calib, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="LocalQuantizer"):
+        build_quantized_supernet(model, calib, object(), BITS, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+CLI_CFG = {
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": False,
+}
+
+
+@pytest.mark.slow
+def test_cli_build_quantizer_then_search(tmp_path):
+    _, corpus = write_model_and_corpus(tmp_path, CLI_CFG, docs=2, words_per_doc=300)
+    cfg = cli_config(tmp_path / "model", corpus, seq_len=32, calibration_seqs=8, heldout_seqs=2)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    store = tmp_path / "store"
+    args = ["build", "--config", str(tmp_path / "c.yaml"), "--out", str(store)]
+    r = runner.invoke(app, [*args, "--quantizer", "gptq", "--bits", "2,4", "--group-size", "16"])
+    assert r.exit_code == 0, r.output
+    spec = SupernetStore.open(store).spec
+    assert spec.level_labels[0] == ("4b g16 sym", "2b g16 sym")
+    # uniform 4 bits (level 0) costs 1 - (4 + 1) / 16 of the 16-bit model: the search
+    # at exactly that target must pick level 0 everywhere
+    target = 1 - 5 / 16
+    r = runner.invoke(
+        app,
+        ["search", "--config", str(tmp_path / "c.yaml"), "--supernet", str(store), "--out",
+         str(tmp_path / "run"), "--strategy", "uniform", "--target", str(target),
+         "--backend", "local", "--no-progress"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    layers = json.loads((tmp_path / "run" / "recipe.json").read_text())["layers"]
+    assert {x["sparsity"] for x in layers} == {target}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--quantizer", "awq"], "awq"),
+        (["--quantizer", "rtn", "--bits", "2,x"], "2,x"),
+        (["--quantizer", "rtn", "--bits", "9"], "9"),
+        (["--quantizer", "rtn", "--group-size", "0"], "group_size"),
+    ],
+)
+def test_cli_build_quantizer_refuses_bad_options(tmp_path, extra, message):
+    r = runner.invoke(app, ["build", "--out", str(tmp_path / "s"), *extra])
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert not (tmp_path / "s").exists()
