@@ -333,8 +333,9 @@ def _sublayer_target(
     config sets ``search.target``.
 
     Raises:
-      UserError: no target, a count that is not a whole number in 1..n, or an odd count
-        with ``--tie-blocks``. ValueError: the supernet has no dropped level (the message
+      UserError: no target, a count that is not a whole number in 1..n-1 (1..n-2 with
+        ``--tie-blocks``: dropping every sublayer leaves one allocation, nothing to search),
+        or an odd count with ``--tie-blocks``. ValueError: the supernet has no dropped level (the message
         names how to build one)."""
     if target is None:
         if _config_sets_target(config):
@@ -349,10 +350,12 @@ def _sublayer_target(
     n = int(sublayers_per_unit(SupernetStore.open(supernet, verify="none").spec).sum())
     if target < 1:
         return target
-    if target != int(target) or target > n:
+    most = n - 2 if tie_blocks else n - 1  # dropping all leaves one allocation: no search
+    if target != int(target) or not 1 <= target <= most:
         raise UserError(
             f"--target {target:g} with --budget sublayers is the number of sublayers to drop: "
-            f"a whole number from 1 to {n} (this supernet's sublayers), or a fraction below 1"
+            f"a whole number from 1 to {most} (this supernet has {n} sublayers; dropping all "
+            f"of them leaves nothing to search), or a fraction below 1"
         )
     if tie_blocks and int(target) % 2:
         raise UserError(

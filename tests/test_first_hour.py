@@ -375,3 +375,43 @@ def test_ray_start_drops_only_the_fork_warning_and_the_auth_notice():
     assert [r.getMessage()[:40] for r in records] == [
         "Token authentication is disabled for thi", "Token authentication is enabled for this"
     ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- round 3 (issue 28)
+
+
+class Loaded(Exception):
+    """Raised by a stubbed ``load_model``: the command got past its checks."""
+
+
+def no_model_loads(*args, **kwargs):
+    raise Loaded
+
+
+@pytest.fixture(scope="module")
+def drop_ws(ws):
+    """A depth "drop" supernet (4 sublayers: 2 blocks x attention, MLP) of ``ws``'s model."""
+    config = yaml.safe_load((ws / "config.yaml").read_text())
+    config["supernet"] = {"structure": "heads_neurons", "depth": "drop"}
+    (ws / "drop.yaml").write_text(yaml.safe_dump(config))
+    r = run("build", "-c", ws / "drop.yaml", "--out", ws / "drop_store", "--no-progress")
+    assert r.exit_code == 0, r.output
+    return ws
+
+
+def test_sublayer_target_range_is_what_runs(drop_ws, tmp_path, monkeypatch):
+    """Issue 28.1: dropping all 4 sublayers leaves one allocation (EvoPress then failed
+    after loading with "no budget-preserving level switch"): --target 4 is refused in one
+    line before the model loads, with the range that is accepted (1 to 3; 1 to 2 with
+    --tie-blocks, whose blocks hold 2 sublayers), and 3 passes the check."""
+    monkeypatch.setattr(pipeline, "load_model", no_model_loads)
+    args = ("search", "-c", drop_ws / "drop.yaml", "--supernet", drop_ws / "drop_store",
+            "--out", tmp_path / "r", "--budget", "sublayers", "--no-progress")  # fmt: skip
+    r = run(*args, "--target", "4")
+    assert r.exit_code == 2, r.output
+    assert "a whole number from 1 to 3 (this supernet has 4 sublayers;" in one_line(r.output)
+    assert "Traceback" not in r.output and not (tmp_path / "r").exists()
+    r = run(*args, "--target", "4", "--tie-blocks")
+    assert r.exit_code == 2 and "a whole number from 1 to 2 " in one_line(r.output), r.output
+    r = run(*args, "--target", "3")
+    assert "target: drop 3 of 4 sublayers" in r.output and isinstance(r.exception, Loaded)
