@@ -335,8 +335,8 @@ def _sublayer_target(
     Raises:
       UserError: no target, a count that is not a whole number in 1..n-1 (1..n-2 with
         ``--tie-blocks``: dropping every sublayer leaves one allocation, nothing to search),
-        or an odd count with ``--tie-blocks``. ValueError: the supernet has no dropped level (the message
-        names how to build one)."""
+        or an odd count with ``--tie-blocks``. ValueError: the supernet has no dropped level
+        (the message names how to build one)."""
     if target is None:
         if _config_sets_target(config):
             return None
