@@ -415,3 +415,59 @@ def test_sublayer_target_range_is_what_runs(drop_ws, tmp_path, monkeypatch):
     assert r.exit_code == 2 and "a whole number from 1 to 2 " in one_line(r.output), r.output
     r = run(*args, "--target", "3")
     assert "target: drop 3 of 4 sublayers" in r.output and isinstance(r.exception, Loaded)
+
+
+MOE = {
+    "model_type": "qwen3_moe",
+    "vocab_size": 256,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "moe_intermediate_size": 8,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 8,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "norm_topk_prob": True,
+    "max_position_embeddings": 64,
+}
+
+
+def test_evopress_export_refuses_expert_units(tmp_path):
+    """Issue 28.2: an expert-removal supernet's units are whole experts (gate, up and down
+    sharing one level, the last one "removed"), which EvoPress's one-level-per-module
+    format cannot express: export --format evopress (and evopress-db) say so in one line,
+    exit 2 and write nothing; it said "supernet units do not match the recipe's"."""
+    _, corpus = write_model_and_corpus(tmp_path, MOE, docs=2, words_per_doc=300)
+    config = cli_config(tmp_path / "model", corpus, seq_len=16, calibration_seqs=4,
+                        heldout_seqs=2, supernet={"pruner": "magnitude", "center": 0.5,
+                        "steps_each_side": 1}, search={"target": 0.5},
+                        backend={"kind": "local"})  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    store_dir = tmp_path / "store"
+    r = run("build", "-c", tmp_path / "config.yaml", "--out", store_dir, "--expert-removal",
+            "--no-progress")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    work = pipeline.load_workspace(load_config(tmp_path / "config.yaml"))
+    store = SupernetStore.open(store_dir)
+    spec = store.spec
+    assert sum(u.role == "expert" for u in spec.units) == 8  # 2 blocks x 4 experts
+    choice = spec.center.astype(np.int32)
+    u = next(u for u in range(spec.num_units) if spec.units[u].role == "expert"
+             and spec.sparsity[u, spec.num_levels[u] - 1] == 1.0)  # fmt: skip
+    choice[u] = spec.num_levels[u] - 1  # one expert removed
+    budget = pipeline.make_budget(work.config.search, spec)
+    outcome = pipeline.Outcome("random", choice, None, 0, 0, 0.0, {})
+    pipeline.recipe_from_choice(work, store, budget, outcome).save(tmp_path / "recipe.json")
+    for fmt in ("evopress", "evopress-db"):
+        out = tmp_path / f"out-{fmt}"
+        r = run("export", tmp_path / "recipe.json", "--format", fmt, "--out", out,
+                "--supernet", store_dir, "--model", tmp_path / "model")  # fmt: skip
+        assert r.exit_code == 2, r.output
+        first = next(x for x in spec.units if x.role == "expert")
+        assert (
+            f"cannot express expert units: this supernet's unit '{first.name}' is a whole "
+            f"expert (3 modules sharing one level) and 8 units are such groups"
+        ) in one_line(r.output), r.output
+        assert len(r.output.strip().splitlines()) <= 3 and not out.exists()
