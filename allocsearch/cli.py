@@ -1064,12 +1064,21 @@ def plan(
     activations, reference states) in resident and streaming execution, the mode that
     fits, the store's size and the bytes moved per generation. When nothing fits: the
     table, then one line naming the shortfall and what would fit, exit 2."""
-    from allocsearch.plan import MemoryPlanError, load_hf_config, parse_bytes, plan_memory
+    from allocsearch.plan import (
+        MemoryPlanError,
+        load_hf_config,
+        parse_bytes,
+        plan_memory,
+        refuse_foreign_store,
+    )
 
     cfg = _config(config, model=model)
+    hf_config = load_hf_config(cfg.model)
+    if supernet is not None:
+        refuse_foreign_store(supernet, cfg.model, hf_config)
     try:
         result = plan_memory(
-            load_hf_config(cfg.model),
+            hf_config,
             cfg,
             model=cfg.model,
             command=command,

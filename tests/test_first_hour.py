@@ -471,3 +471,43 @@ def test_evopress_export_refuses_expert_units(tmp_path):
             f"expert (3 modules sharing one level) and 8 units are such groups"
         ) in one_line(r.output), r.output
         assert len(r.output.strip().splitlines()) <= 3 and not out.exists()
+
+
+def test_plan_refuses_a_foreign_store(ws, tmp_path):
+    """Issue 28.3: plan --supernet with another model's store was accepted (and counted
+    the store's units over the model's blocks); it is refused as search refuses it, naming
+    both fingerprints (other weights) or, for a config.json alone, the architectures."""
+    import jax
+
+    from allocsearch.models import HFModel, adapter_for_config, save_model
+
+    store = SupernetStore.open(ws / "store", verify="none")
+    built = store.model_fingerprint
+    r = run("plan", "--model", ws / "model", "--supernet", ws / "store")
+    assert r.exit_code == 0, r.output
+
+    adapter = adapter_for_config(CFG)
+    other = HFModel(adapter, adapter.init_params(jax.random.key(1)))
+    other_dir = save_model(other, tmp_path / "other")
+    r = run("plan", "--model", other_dir, "--supernet", ws / "store")
+    assert r.exit_code == 2, r.output
+    theirs = load_model(other_dir).fingerprint
+    assert theirs != built
+    assert (
+        f"the supernet '{ws / 'store'}' was built from the model '{ws / 'model'}' (fingerprint "
+        f"'{built}'), not from the model '{other_dir}' (fingerprint '{theirs}': other weights)"
+    ) in one_line(r.output)
+
+    big = Path(__file__).parents[1] / "configs" / "models" / "llama-3-8b"
+    r = run("plan", "--model", big, "--supernet", ws / "store")
+    assert r.exit_code == 2, r.output
+    assert (
+        f"(fingerprint '{built}'), not from the model '{big}' (llama, 32 blocks; config.json "
+        f"alone, no weights to fingerprint; the store's model: llama, 2 blocks;"
+    ) in one_line(r.output)
+    assert "units" not in r.output
+
+    (tmp_path / "same").mkdir()  # config.json alone of the store's architecture: accepted
+    (tmp_path / "same" / "config.json").write_text((ws / "model" / "config.json").read_text())
+    r = run("plan", "--model", tmp_path / "same", "--supernet", ws / "store")
+    assert r.exit_code == 0, r.output
