@@ -511,3 +511,40 @@ def test_plan_refuses_a_foreign_store(ws, tmp_path):
     (tmp_path / "same" / "config.json").write_text((ws / "model" / "config.json").read_text())
     r = run("plan", "--model", tmp_path / "same", "--supernet", ws / "store")
     assert r.exit_code == 0, r.output
+
+
+def test_ray_address_that_never_answers_is_one_line(ws, tmp_path, monkeypatch):
+    """Issue 28.5: an address that accepts no packets used to hand over to ``ray.init``,
+    which printed about 20 of Ray's ``gcs_client.cc`` warnings over minutes. Simulated by
+    a listening socket that never answers (the kernel completes the handshake, nothing
+    replies; an iptables DROP rule needs root and iptables, neither of which this machine
+    has): the probe waits ALLOCSEARCH_RAY_CONNECT_TIMEOUT_S for the gRPC server's first
+    bytes and refuses in one line, never calling ``ray.init``."""
+    import socket
+    import time
+
+    ray = pytest.importorskip("ray")
+
+    def no_init(*args, **kwargs):
+        raise AssertionError("ray.init was called")
+
+    monkeypatch.setattr(ray, "init", no_init)
+    monkeypatch.setenv("ALLOCSEARCH_RAY_CONNECT_TIMEOUT_S", "1")
+    config = yaml.safe_load((ws / "config.yaml").read_text())
+    config["backend"] = {"kind": "ray", "workers": 1}
+    (tmp_path / "ray.yaml").write_text(yaml.safe_dump(config))
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        t0 = time.monotonic()
+        r = run("build", "-c", tmp_path / "ray.yaml", "--address", address,
+                "--out", tmp_path / "s", "--no-progress")  # fmt: skip
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().startswith("error: WorkerStartError: no Ray cluster answers at")
+    assert (
+        f"no Ray cluster answers at '{address}': {address} accepts a connection but sends "
+        f"nothing within 1 s"
+    ) in one_line(r.output)
+    assert len(r.output.strip().splitlines()) <= 3 and not (tmp_path / "s").exists()
+    assert time.monotonic() - t0 < 30
