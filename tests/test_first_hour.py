@@ -548,3 +548,31 @@ def test_ray_address_that_never_answers_is_one_line(ws, tmp_path, monkeypatch):
     ) in one_line(r.output)
     assert len(r.output.strip().splitlines()) <= 3 and not (tmp_path / "s").exists()
     assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.slow  # a DP search and a compare (about 40 s on 2 cores)
+def test_dp_fitness_is_labelled_with_the_tokens_it_ran_on(ws, tmp_path, monkeypatch):
+    """Issue 28.6, 28.7: DP's error table is scored on the whole calibration set up to
+    4,096 tokens (here 8 x 32 = 256), not on its searcher's default 2,048, which the
+    search's line and compare's fitness.png said; and a stage without steps of its own
+    prints a heartbeat line when stderr is not a terminal (here every 0.01 s)."""
+    from allocsearch import console_progress, demo
+
+    monkeypatch.setattr(console_progress, "HEARTBEAT_S", 0.01)
+    cfg = ws / "config.yaml"
+    r = run("search", "-c", cfg, "--supernet", ws / "store", "--out", tmp_path / "s",
+            "--strategy", "dp")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "dp: fitness" in r.output and "(kl on 256 tokens)" in one_line(r.output), r.output
+    assert "2,048" not in r.output
+    assert "dp: searching ... elapsed" in r.output and "dp: scoring the result ..." in r.output
+    assert Recipe.load(tmp_path / "s" / "recipe.json").provenance.settings["tokens"] == 256
+
+    seen = {}
+    monkeypatch.setattr(demo, "plot_fitness_curves", lambda h, p, **kw: seen.update(kw))
+    r = run("compare", "-c", cfg, "--supernet", ws / "store", "--out", tmp_path / "c",
+            "--strategies", "uniform,dp")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert seen["tokens"] == {"dp": 256}
+    assert "dp: searching ... elapsed" in r.output
+    assert "scoring the allocations ... elapsed" in r.output
