@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ from allocsearch.config import (
     config_from_dict,
     load_config,
 )
+from allocsearch.console_progress import heartbeat
 
 app = typer.Typer(
     add_completion=False,
@@ -91,10 +93,23 @@ def handle_errors(fn):
             raise typer.Exit(EXIT_USER_ERROR) from None
         except OSError as e:  # disk full, permission denied: the machine, not a bug
             out = kwargs.get("out")
-            _print_error(e, str(e) if e.filename or out is None else f"{e} (writing {out})")
+            _print_error(e, _os_error_message(e, out))
             raise typer.Exit(EXIT_USER_ERROR) from None
 
     return reporting
+
+
+def _os_error_message(e: OSError, out: Path | None) -> str:
+    """``e``'s message naming the path the user gave (``--out``), not the hidden temporary
+    file or directory the write went through."""
+    if not e.filename:
+        return str(e) if out is None else f"{e} (writing {out})"
+    from allocsearch.atomic import user_path
+
+    shown = user_path(e.filename)
+    if shown == os.fspath(e.filename):
+        return str(e)
+    return f"[Errno {e.errno}] {e.strerror}: {shown!r}"
 
 
 # Output directories the running command created: a command that fails removes those
@@ -319,7 +334,9 @@ def _default_target(target: float | None, config: Path | None, supernet: Path) -
     spec = SupernetStore.open(supernet, verify="none").spec
     centre = spec.sparsity[np.arange(spec.num_units), spec.center]
     numel = spec.numel.astype(np.float64)
-    value = round(float(np.dot(centre, numel) / numel.sum()), 6)
+    # down to 4 decimals: what the centre removes at least (0.7000009 is "0.7"; rounding
+    # to nearest made it 0.700001, a target the uniform allocation does not reach)
+    value = math.floor(float(np.dot(centre, numel) / numel.sum()) * 1e4 + 1e-9) / 1e4
     out_console.print(f"target {value:g}: the supernet's centre (--target to change)")
     return value
 
@@ -923,6 +940,7 @@ def apply(
         bool, typer.Option(help="Time a forward pass (one held-out sequence) before and after.")
     ] = True,
     overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
 ) -> None:
     """Prune a Hugging Face checkpoint with a recipe and write a Hugging Face checkpoint
     (with the source directory's tokenizer files)."""
@@ -940,23 +958,25 @@ def apply(
     store = (
         SupernetStore.open(supernet, model_fingerprint=ws.model.fingerprint) if supernet else None
     )
-    pruned, updates, report = apply_recipe(
-        ws.model,
-        r,
-        store=store,
-        calibration=ws.calibration,
-        pruner=None if store else pipeline.make_pruner(cfg.supernet),
-        physical=physical,
-        query_heads=cfg.supernet.head_granularity == "query_head",
-    )
-    write_pruned(
-        pruned,
-        out,
-        config_updates=updates,
-        dtype=dtype,
-        overwrite=overwrite,
-        copy_files=tokenizer_files(ws.model.path),  # the pruned model keeps its tokenizer
-    )
+    with heartbeat("apply: pruning and writing", enabled=progress):
+        pruned, updates, report = apply_recipe(
+            ws.model,
+            r,
+            store=store,
+            calibration=ws.calibration,
+            pruner=None if store else pipeline.make_pruner(cfg.supernet),
+            physical=physical,
+            query_heads=cfg.supernet.head_granularity == "query_head",
+            progress=progress,
+        )
+        write_pruned(
+            pruned,
+            out,
+            config_updates=updates,
+            dtype=dtype,
+            overwrite=overwrite,
+            copy_files=tokenizer_files(ws.model.path),  # the pruned model keeps its tokenizer
+        )
     out_console.print(report.summary(), highlight=False)
     if timing:
         import jax
@@ -988,6 +1008,7 @@ def eval_(
     ] = None,
     calibration: CalibrationOpt = None,
     seq_len: SeqLenOpt = None,
+    progress: ProgressOpt = True,
 ) -> None:
     """Held-out perplexity of a (possibly pruned) model on the configured held-out set (for
     sources other than demo: the end of the calibration corpus unless data.heldout); for
@@ -1004,7 +1025,8 @@ def eval_(
     ws = pipeline.load_workspace(cfg)
     if not ws.model.adapter.is_causal_lm:
         ref = load_model(resolve_model_path(dense))
-        held = pipeline.heldout_scores(ws, ws.model, reference=ref)
+        with heartbeat("eval: scoring", enabled=progress):
+            held = pipeline.heldout_scores(ws, ws.model, reference=ref)
         agreement = (
             ""
             if held.nn_agreement is None
@@ -1017,7 +1039,8 @@ def eval_(
             highlight=False,
         )
         return
-    ppl = pipeline.heldout_perplexity(ws.model, ws.heldout)
+    with heartbeat("eval: scoring", enabled=progress):
+        ppl = pipeline.heldout_perplexity(ws.model, ws.heldout)
     out_console.print(
         f"{cfg.model}: held-out perplexity {ppl:.4f} on {ws.heldout.n_tokens:,} tokens "
         f"({ws.heldout.source})",
@@ -1072,7 +1095,7 @@ def plan(
         refuse_foreign_store,
     )
 
-    cfg = _config(config, model=model)
+    cfg = _config(config, model=model, backend__workers=workers)  # workers as search checks
     hf_config = load_hf_config(cfg.model)
     if supernet is not None:
         refuse_foreign_store(supernet, cfg.model, hf_config)

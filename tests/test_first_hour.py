@@ -576,3 +576,50 @@ def test_dp_fitness_is_labelled_with_the_tokens_it_ran_on(ws, tmp_path, monkeypa
     assert seen["tokens"] == {"dp": 256}
     assert "dp: searching ... elapsed" in r.output
     assert "scoring the allocations ... elapsed" in r.output
+
+
+def test_round_3_small_things(ws, tmp_path, monkeypatch):
+    """Issue 28.10: apply and eval take --progress/--no-progress; a failed write names the
+    path the user gave, not the hidden temporary file; the supernet's centre as default
+    target prints as 0.7 (not 0.700001, which the centre does not even reach); plan
+    --workers 0 is refused as search refuses it; docs/errors.md lists every model type."""
+    import tempfile
+    from types import SimpleNamespace
+
+    import typer
+
+    from allocsearch import cli
+    from allocsearch.models.hf import FAMILIES
+
+    commands = typer.main.get_command(app).commands
+    for command in ("apply", "eval"):
+        assert "--no-progress" in [o for p in commands[command].params for o in p.secondary_opts]
+    r = run("eval", "-c", ws / "config.yaml", "--no-progress")
+    assert r.exit_code == 0 and "held-out perplexity" in r.output, r.output
+
+    def read_only(*args, prefix="", suffix="", dir=None, **kwargs):
+        name = Path(dir) / f"{prefix}ab12cd34{suffix}"
+        raise PermissionError(13, "Permission denied", str(name))
+
+    out = tmp_path / "exports" / "owl.json"
+    out.parent.mkdir()
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", read_only)
+        r = run("export", ws / "run" / "recipe.json", "--format", "owl", "--out", out)
+    assert r.exit_code == 2, r.output
+    assert f"PermissionError: [Errno 13] Permission denied: '{out}'" in one_line(r.output)
+    assert ".tmp" not in r.output
+
+    # a centre that removes 0.700000851653343 (the demo supernet's) is the target 0.7
+    numel = np.array([1_000_000, 999_999])
+    sparsity = np.array([[0.7], [0.7 + 1.703306686e-6]])
+    spec = SimpleNamespace(num_units=2, center=np.zeros(2, int), sparsity=sparsity, numel=numel)
+    monkeypatch.setattr(SupernetStore, "open", lambda *a, **k: SimpleNamespace(spec=spec))
+    assert cli._default_target(None, None, tmp_path) == 0.7
+
+    r = run("plan", "--model", ws / "model", "--workers", "0")
+    assert r.exit_code == 2, r.output
+    assert "backend.workers = 0 is not valid; use an integer >= 1 or 'auto'" in one_line(r.output)
+
+    errors = (Path(__file__).parents[1] / "docs" / "errors.md").read_text()
+    assert f"supported: {', '.join(sorted(FAMILIES))} |" in errors and len(FAMILIES) == 16
