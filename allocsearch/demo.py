@@ -252,7 +252,6 @@ def compare_strategies(
     plot_compare(
         rows,
         out / "compare.png",
-        metric="heldout_ppl" if causal else "heldout_distance",
         dense_ppl=dense_ppl,
         overwrite=True,
     )

@@ -328,8 +328,8 @@ def test_fitness_is_labelled_with_its_token_count(tmp_path, monkeypatch):
         {"evopress": history}, tmp_path / "a.png", metric_name="kl", tokens={"evopress": 2048}
     )
     ax = figures[-1].axes[0]
-    assert ax.get_ylabel() == "best kl on 2,048 tokens (lower is better)"
-    assert "fresh minibatch each generation" in ax.get_title()
+    assert ax.get_ylabel() == "parent's kl on 2,048 tokens (lower is better)"
+    assert ax.get_title().startswith("the parent's fitness on each generation's minibatch")
     plots.plot_fitness_curves(
         {"evopress": history, "dp": history}, tmp_path / "b.png", metric_name="kl",
         tokens={"evopress": 2048, "dp": 512},
@@ -338,7 +338,7 @@ def test_fitness_is_labelled_with_its_token_count(tmp_path, monkeypatch):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
         "evopress (2,048 tokens)", "dp (512 tokens)"
     ]  # fmt: skip
-    assert ax.get_ylabel() == "best kl (lower is better)"
+    assert ax.get_ylabel() == "parent's kl (lower is better)"
 
 
 # ----------------------------------------------------------------------------- Ray start noise
