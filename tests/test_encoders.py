@@ -115,6 +115,15 @@ def test_encoder_rows_are_wrapped_in_the_tokenizers_own_cls_and_sep(tmp_path: Pa
     assert cal.tokens.tolist() == [all_rows[i] for i in chosen]
     assert "rows [2] + 3 tokens from a sentence start + [3]" in cal.source
 
+    # issue 28.9: a held-out corpus (data.heldout) leaves the calibration rows as they
+    # were (the last rows of the calibration corpus stay out of them), so a supernet built
+    # without one stays usable with one. doc c's rows: [4 5 6], [4 5 6], [7 4 8]
+    other = [Document("c", "the cat sat on the mat. the cat sat on the mat.")]
+    cal2, held2 = encoder_tokensets(docs, tok, seq_len=5, n_calibration_seqs=3, seed=0,
+                                    heldout_documents=other, n_heldout_seqs=2)  # fmt: skip
+    assert cal2.tokens.tolist() == cal.tokens.tolist() and cal2.fingerprint == cal.fingerprint
+    assert held2.tokens.tolist() == [[2, 4, 5, 6, 3], [2, 4, 5, 6, 3]]
+
 
 def test_an_encoder_workspace_uses_wrapped_rows(tmp_path: Path):
     """load_workspace of a BERT model gives [CLS] ... [SEP] rows, not stream windows."""
