@@ -189,6 +189,25 @@ CalibrationSeqsOpt = Annotated[
         "config's data.n_calibration_seqs, else 64)."
     ),
 ]
+MetricOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Fitness metric: causal LMs kl | topk_kl | nll; encoders embedding_cosine | "
+        "hidden_nmse (default: the config's evaluator.metric, else kl)."
+    ),
+]
+HeldoutOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Held-out text (forms as --calibration) (default: the config's data.heldout, "
+        "else the demo's held-out split, or the last --heldout-seqs rows of the calibration "
+        "text, which calibration never uses either way)."
+    ),
+]
+HeldoutSeqsOpt = Annotated[
+    int | None,
+    typer.Option(help="Held-out sequences (default: the config's data.n_heldout_seqs, else 64)."),
+]
 GenerationsOpt = Annotated[
     int | None,
     typer.Option(
@@ -244,6 +263,9 @@ _OPTION_OF_KEY = {
     "data.calibration": "--calibration",
     "data.seq_len": "--seq-len",
     "data.n_calibration_seqs": "--calibration-seqs",
+    "data.heldout": "--heldout",
+    "data.n_heldout_seqs": "--heldout-seqs",
+    "evaluator.metric": "--metric",
     "search.budget_kind": "--budget",
 }
 
@@ -277,6 +299,15 @@ def _data(calibration: str | None, seq_len: int | None, calibration_seqs: int | 
         "data__calibration": calibration,
         "data__seq_len": seq_len,
         "data__n_calibration_seqs": calibration_seqs,
+    }
+
+
+def _heldout(heldout: str | None, heldout_seqs: int | None, metric: str | None = None) -> dict:
+    """Config overrides of the held-out and metric options."""
+    return {
+        "data__heldout": heldout,
+        "data__n_heldout_seqs": heldout_seqs,
+        "evaluator__metric": metric,
     }
 
 
@@ -531,6 +562,8 @@ def build(
     calibration: CalibrationOpt = None,
     seq_len: SeqLenOpt = None,
     calibration_seqs: CalibrationSeqsOpt = None,
+    heldout: HeldoutOpt = None,
+    heldout_seqs: HeldoutSeqsOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
@@ -555,6 +588,7 @@ def build(
         supernet__expert_removal=expert_removal,
         supernet__prune_router=prune_router,
         **_data(calibration, seq_len, calibration_seqs),
+        **_heldout(heldout, heldout_seqs),
         **_backend(backend, workers, address),
     )
     if out.exists() and not overwrite:
@@ -603,6 +637,9 @@ def search(
     calibration: CalibrationOpt = None,
     seq_len: SeqLenOpt = None,
     calibration_seqs: CalibrationSeqsOpt = None,
+    heldout: HeldoutOpt = None,
+    heldout_seqs: HeldoutSeqsOpt = None,
+    metric: MetricOpt = None,
     generations: GenerationsOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
@@ -630,6 +667,7 @@ def search(
         search__tie_blocks=tie_blocks,
         search__seed=seed,
         **_data(calibration, seq_len, calibration_seqs),
+        **_heldout(heldout, heldout_seqs, metric),
         **_backend(backend, workers, address),
     )
     cfg = _with_generations(cfg, generations)
@@ -661,6 +699,9 @@ def compare(
     calibration: CalibrationOpt = None,
     seq_len: SeqLenOpt = None,
     calibration_seqs: CalibrationSeqsOpt = None,
+    heldout: HeldoutOpt = None,
+    heldout_seqs: HeldoutSeqsOpt = None,
+    metric: MetricOpt = None,
     generations: GenerationsOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
@@ -680,6 +721,7 @@ def compare(
         search__target=_default_target(target, config, supernet),
         search__seed=seed,
         **_data(calibration, seq_len, calibration_seqs),
+        **_heldout(heldout, heldout_seqs, metric),
         **_backend(backend, workers, address),
     )
     _refuse_tie_blocks(cfg, "compare")
@@ -1008,6 +1050,9 @@ def eval_(
     ] = None,
     calibration: CalibrationOpt = None,
     seq_len: SeqLenOpt = None,
+    heldout: HeldoutOpt = None,
+    heldout_seqs: HeldoutSeqsOpt = None,
+    metric: MetricOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Held-out perplexity of a (possibly pruned) model on the configured held-out set (for
@@ -1018,12 +1063,18 @@ def eval_(
     from allocsearch.assets_paths import resolve_model_path
     from allocsearch.models.hf import load_model
 
-    data = _data(calibration, seq_len, None)
+    data = {**_data(calibration, seq_len, None), **_heldout(heldout, heldout_seqs, metric)}
     dense = reference or _config(config, **data).model
     cfg = _config(config, model=model, **data)
     _check_memory(cfg, "eval")
     ws = pipeline.load_workspace(cfg)
     if not ws.model.adapter.is_causal_lm:
+        if dense == "demo":  # no config model to measure against: the demo is a causal LM
+            raise UserError(
+                f"{cfg.model} is an encoder: its held-out score is a distance to the dense "
+                f"model; pass --reference <dense model directory> (or a config whose `model` "
+                f"is it)"
+            )
         ref = load_model(resolve_model_path(dense))
         with heartbeat("eval: scoring", enabled=progress):
             held = pipeline.heldout_scores(ws, ws.model, reference=ref)
