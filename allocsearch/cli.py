@@ -200,8 +200,8 @@ HeldoutOpt = Annotated[
     str | None,
     typer.Option(
         help="Held-out text (forms as --calibration) (default: the config's data.heldout, "
-        "else the demo's held-out split, or the last --heldout-seqs rows of the calibration "
-        "text, which calibration never uses either way)."
+        "else the demo's held-out split, or the last --heldout-seqs sequences of the "
+        "calibration text)."
     ),
 ]
 HeldoutSeqsOpt = Annotated[
