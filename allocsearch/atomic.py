@@ -7,9 +7,21 @@ Directories are written the same way: assembled under a temporary sibling
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+
+# the temporary siblings of this module: tempfile's ".<name>." + 8 random characters + ".tmp"
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def user_path(path: str | os.PathLike[str]) -> str:
+    """``path`` with each temporary sibling in it (``.<name>.XXXXXXXX.tmp``, from
+    :func:`atomic_write_bytes` or :func:`temporary_sibling_dir`) replaced by the ``<name>``
+    it becomes: the path the user gave, for an error about writing there."""
+    parts = [m.group("name") if (m := _TEMPORARY.fullmatch(p)) else p for p in Path(path).parts]
+    return os.fspath(Path(*parts)) if parts else os.fspath(path)
 
 
 def atomic_write_bytes(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ from allocsearch.config import (
     config_from_dict,
     load_config,
 )
+from allocsearch.console_progress import heartbeat
 
 app = typer.Typer(
     add_completion=False,
@@ -91,10 +93,23 @@ def handle_errors(fn):
             raise typer.Exit(EXIT_USER_ERROR) from None
         except OSError as e:  # disk full, permission denied: the machine, not a bug
             out = kwargs.get("out")
-            _print_error(e, str(e) if e.filename or out is None else f"{e} (writing {out})")
+            _print_error(e, _os_error_message(e, out))
             raise typer.Exit(EXIT_USER_ERROR) from None
 
     return reporting
+
+
+def _os_error_message(e: OSError, out: Path | None) -> str:
+    """``e``'s message naming the path the user gave (``--out``), not the hidden temporary
+    file or directory the write went through."""
+    if not e.filename:
+        return str(e) if out is None else f"{e} (writing {out})"
+    from allocsearch.atomic import user_path
+
+    shown = user_path(e.filename)
+    if shown == os.fspath(e.filename):
+        return str(e)
+    return f"[Errno {e.errno}] {e.strerror}: {shown!r}"
 
 
 # Output directories the running command created: a command that fails removes those
@@ -174,6 +189,25 @@ CalibrationSeqsOpt = Annotated[
         "config's data.n_calibration_seqs, else 64)."
     ),
 ]
+MetricOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Fitness metric: causal LMs kl | topk_kl | nll; encoders embedding_cosine | "
+        "hidden_nmse (default: the config's evaluator.metric, else kl)."
+    ),
+]
+HeldoutOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Held-out text (forms as --calibration) (default: the config's data.heldout, "
+        "else the demo's held-out split, or the last --heldout-seqs sequences of the "
+        "calibration text)."
+    ),
+]
+HeldoutSeqsOpt = Annotated[
+    int | None,
+    typer.Option(help="Held-out sequences (default: the config's data.n_heldout_seqs, else 64)."),
+]
 GenerationsOpt = Annotated[
     int | None,
     typer.Option(
@@ -229,6 +263,9 @@ _OPTION_OF_KEY = {
     "data.calibration": "--calibration",
     "data.seq_len": "--seq-len",
     "data.n_calibration_seqs": "--calibration-seqs",
+    "data.heldout": "--heldout",
+    "data.n_heldout_seqs": "--heldout-seqs",
+    "evaluator.metric": "--metric",
     "search.budget_kind": "--budget",
 }
 
@@ -262,6 +299,15 @@ def _data(calibration: str | None, seq_len: int | None, calibration_seqs: int | 
         "data__calibration": calibration,
         "data__seq_len": seq_len,
         "data__n_calibration_seqs": calibration_seqs,
+    }
+
+
+def _heldout(heldout: str | None, heldout_seqs: int | None, metric: str | None = None) -> dict:
+    """Config overrides of the held-out and metric options."""
+    return {
+        "data__heldout": heldout,
+        "data__n_heldout_seqs": heldout_seqs,
+        "evaluator__metric": metric,
     }
 
 
@@ -319,7 +365,9 @@ def _default_target(target: float | None, config: Path | None, supernet: Path) -
     spec = SupernetStore.open(supernet, verify="none").spec
     centre = spec.sparsity[np.arange(spec.num_units), spec.center]
     numel = spec.numel.astype(np.float64)
-    value = round(float(np.dot(centre, numel) / numel.sum()), 6)
+    # down to 4 decimals: what the centre removes at least (0.7000009 is "0.7"; rounding
+    # to nearest made it 0.700001, a target the uniform allocation does not reach)
+    value = math.floor(float(np.dot(centre, numel) / numel.sum()) * 1e4 + 1e-9) / 1e4
     out_console.print(f"target {value:g}: the supernet's centre (--target to change)")
     return value
 
@@ -333,9 +381,10 @@ def _sublayer_target(
     config sets ``search.target``.
 
     Raises:
-      UserError: no target, a count that is not a whole number in 1..n, or an odd count
-        with ``--tie-blocks``. ValueError: the supernet has no dropped level (the message
-        names how to build one)."""
+      UserError: no target, a count that is not a whole number in 1..n-1 (1..n-2 with
+        ``--tie-blocks``: dropping every sublayer leaves one allocation, nothing to search),
+        or an odd count with ``--tie-blocks``. ValueError: the supernet has no dropped level
+        (the message names how to build one)."""
     if target is None:
         if _config_sets_target(config):
             return None
@@ -349,10 +398,12 @@ def _sublayer_target(
     n = int(sublayers_per_unit(SupernetStore.open(supernet, verify="none").spec).sum())
     if target < 1:
         return target
-    if target != int(target) or target > n:
+    most = n - 2 if tie_blocks else n - 1  # dropping all leaves one allocation: no search
+    if target != int(target) or not 1 <= target <= most:
         raise UserError(
             f"--target {target:g} with --budget sublayers is the number of sublayers to drop: "
-            f"a whole number from 1 to {n} (this supernet's sublayers), or a fraction below 1"
+            f"a whole number from 1 to {most} (this supernet has {n} sublayers; dropping all "
+            f"of them leaves nothing to search), or a fraction below 1"
         )
     if tie_blocks and int(target) % 2:
         raise UserError(
@@ -511,6 +562,8 @@ def build(
     calibration: CalibrationOpt = None,
     seq_len: SeqLenOpt = None,
     calibration_seqs: CalibrationSeqsOpt = None,
+    heldout: HeldoutOpt = None,
+    heldout_seqs: HeldoutSeqsOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
@@ -563,6 +616,7 @@ def build(
         supernet__expert_removal=expert_removal,
         supernet__prune_router=prune_router,
         **_data(calibration, seq_len, calibration_seqs),
+        **_heldout(heldout, heldout_seqs),
         **_backend(backend, workers, address),
     )
     if out.exists() and not overwrite:
@@ -640,6 +694,9 @@ def search(
     calibration: CalibrationOpt = None,
     seq_len: SeqLenOpt = None,
     calibration_seqs: CalibrationSeqsOpt = None,
+    heldout: HeldoutOpt = None,
+    heldout_seqs: HeldoutSeqsOpt = None,
+    metric: MetricOpt = None,
     generations: GenerationsOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
@@ -667,6 +724,7 @@ def search(
         search__tie_blocks=tie_blocks,
         search__seed=seed,
         **_data(calibration, seq_len, calibration_seqs),
+        **_heldout(heldout, heldout_seqs, metric),
         **_backend(backend, workers, address),
     )
     cfg = _with_generations(cfg, generations)
@@ -698,6 +756,9 @@ def compare(
     calibration: CalibrationOpt = None,
     seq_len: SeqLenOpt = None,
     calibration_seqs: CalibrationSeqsOpt = None,
+    heldout: HeldoutOpt = None,
+    heldout_seqs: HeldoutSeqsOpt = None,
+    metric: MetricOpt = None,
     generations: GenerationsOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
@@ -717,6 +778,7 @@ def compare(
         search__target=_default_target(target, config, supernet),
         search__seed=seed,
         **_data(calibration, seq_len, calibration_seqs),
+        **_heldout(heldout, heldout_seqs, metric),
         **_backend(backend, workers, address),
     )
     _refuse_tie_blocks(cfg, "compare")
@@ -977,6 +1039,7 @@ def apply(
         bool, typer.Option(help="Time a forward pass (one held-out sequence) before and after.")
     ] = True,
     overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
 ) -> None:
     """Prune a Hugging Face checkpoint with a recipe and write a Hugging Face checkpoint
     (with the source directory's tokenizer files)."""
@@ -994,23 +1057,25 @@ def apply(
     store = (
         SupernetStore.open(supernet, model_fingerprint=ws.model.fingerprint) if supernet else None
     )
-    pruned, updates, report = apply_recipe(
-        ws.model,
-        r,
-        store=store,
-        calibration=ws.calibration,
-        pruner=None if store else pipeline.make_pruner(cfg.supernet),
-        physical=physical,
-        query_heads=cfg.supernet.head_granularity == "query_head",
-    )
-    write_pruned(
-        pruned,
-        out,
-        config_updates=updates,
-        dtype=dtype,
-        overwrite=overwrite,
-        copy_files=tokenizer_files(ws.model.path),  # the pruned model keeps its tokenizer
-    )
+    with heartbeat("apply: pruning and writing", enabled=progress):
+        pruned, updates, report = apply_recipe(
+            ws.model,
+            r,
+            store=store,
+            calibration=ws.calibration,
+            pruner=None if store else pipeline.make_pruner(cfg.supernet),
+            physical=physical,
+            query_heads=cfg.supernet.head_granularity == "query_head",
+            progress=progress,
+        )
+        write_pruned(
+            pruned,
+            out,
+            config_updates=updates,
+            dtype=dtype,
+            overwrite=overwrite,
+            copy_files=tokenizer_files(ws.model.path),  # the pruned model keeps its tokenizer
+        )
     out_console.print(report.summary(), highlight=False)
     if timing:
         import jax
@@ -1042,6 +1107,10 @@ def eval_(
     ] = None,
     calibration: CalibrationOpt = None,
     seq_len: SeqLenOpt = None,
+    heldout: HeldoutOpt = None,
+    heldout_seqs: HeldoutSeqsOpt = None,
+    metric: MetricOpt = None,
+    progress: ProgressOpt = True,
 ) -> None:
     """Held-out perplexity of a (possibly pruned) model on the configured held-out set (for
     sources other than demo: the end of the calibration corpus unless data.heldout); for
@@ -1051,14 +1120,21 @@ def eval_(
     from allocsearch.assets_paths import resolve_model_path
     from allocsearch.models.hf import load_model
 
-    data = _data(calibration, seq_len, None)
+    data = {**_data(calibration, seq_len, None), **_heldout(heldout, heldout_seqs, metric)}
     dense = reference or _config(config, **data).model
     cfg = _config(config, model=model, **data)
     _check_memory(cfg, "eval")
     ws = pipeline.load_workspace(cfg)
     if not ws.model.adapter.is_causal_lm:
+        if dense == "demo":  # no config model to measure against: the demo is a causal LM
+            raise UserError(
+                f"{cfg.model} is an encoder: its held-out score is a distance to the dense "
+                f"model; pass --reference <dense model directory> (or a config whose `model` "
+                f"is it)"
+            )
         ref = load_model(resolve_model_path(dense))
-        held = pipeline.heldout_scores(ws, ws.model, reference=ref)
+        with heartbeat("eval: scoring", enabled=progress):
+            held = pipeline.heldout_scores(ws, ws.model, reference=ref)
         agreement = (
             ""
             if held.nn_agreement is None
@@ -1071,7 +1147,8 @@ def eval_(
             highlight=False,
         )
         return
-    ppl = pipeline.heldout_perplexity(ws.model, ws.heldout)
+    with heartbeat("eval: scoring", enabled=progress):
+        ppl = pipeline.heldout_perplexity(ws.model, ws.heldout)
     out_console.print(
         f"{cfg.model}: held-out perplexity {ppl:.4f} on {ws.heldout.n_tokens:,} tokens "
         f"({ws.heldout.source})",
@@ -1118,12 +1195,21 @@ def plan(
     activations, reference states) in resident and streaming execution, the mode that
     fits, the store's size and the bytes moved per generation. When nothing fits: the
     table, then one line naming the shortfall and what would fit, exit 2."""
-    from allocsearch.plan import MemoryPlanError, load_hf_config, parse_bytes, plan_memory
+    from allocsearch.plan import (
+        MemoryPlanError,
+        load_hf_config,
+        parse_bytes,
+        plan_memory,
+        refuse_foreign_store,
+    )
 
-    cfg = _config(config, model=model)
+    cfg = _config(config, model=model, backend__workers=workers)  # workers as search checks
+    hf_config = load_hf_config(cfg.model)
+    if supernet is not None:
+        refuse_foreign_store(supernet, cfg.model, hf_config)
     try:
         result = plan_memory(
-            load_hf_config(cfg.model),
+            hf_config,
             cfg,
             model=cfg.model,
             command=command,

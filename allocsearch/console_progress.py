@@ -6,15 +6,29 @@ when the console is a terminal and a :class:`PlainProgress` otherwise, which pri
 line per step at most every ``interval_s`` seconds (and when a task finishes) with the
 elapsed time and an ETA. Both offer the calls the builders and searches use: ``add_task``,
 ``update``, ``advance``, ``start``, ``stop`` and use as a context manager.
+
+A stage with no steps to report (DP's error table, scoring the results, applying a recipe,
+a long EvoPress generation) runs inside :func:`heartbeat`, which prints a plain line
+whenever no progress line was printed for ``interval_s`` seconds, so a log never goes
+silent for longer than that.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-__all__ = ["PlainProgress", "format_seconds", "progress_display"]
+__all__ = ["PlainProgress", "format_seconds", "heartbeat", "progress_display"]
+
+HEARTBEAT_S = 10.0
+"""Seconds a log may go without a progress line during a long stage (when not a terminal)."""
+
+# time.monotonic() of the last plain progress line of this process (PlainProgress or a
+# heartbeat): a heartbeat stays quiet while a stage reports its own steps often enough
+_last_line = [-float("inf")]
 
 
 def format_seconds(seconds: float) -> str:
@@ -105,6 +119,7 @@ class PlainProgress:
         if total is not None and done > 0 and not finished:
             eta = f" ETA {format_seconds(elapsed / done * (total - t['completed']))}"
         fields = "".join(f" {k} {v}" for k, v in t["fields"].items())
+        _last_line[0] = time.monotonic()
         self.console.print(
             f"{self.label} {count} {t['description']}{fields} elapsed "
             f"{format_seconds(elapsed)}{eta}",
@@ -136,3 +151,45 @@ def progress_display(
     if not enabled or console.is_terminal:
         return Progress(*columns, console=console, disable=not enabled, **kwargs)
     return PlainProgress(console=console, label=label)
+
+
+@contextlib.contextmanager
+def heartbeat(
+    label: str, *, console: Any = None, enabled: bool = True, interval_s: float | None = None
+) -> Iterator[None]:
+    """While the ``with`` block runs, print ``<label> ... elapsed 20s`` to ``console``
+    (default: stderr) whenever no plain progress line was printed for ``interval_s``
+    seconds (default :data:`HEARTBEAT_S`). Only when ``console`` is not a terminal (a
+    terminal shows rich's bars, and an idle one is watched, not logged) and ``enabled``;
+    lines come from a daemon thread that stops when the block ends."""
+    interval_s = HEARTBEAT_S if interval_s is None else float(interval_s)
+    if console is None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    if not enabled or console.is_terminal:
+        yield
+        return
+    stop = threading.Event()
+    started = time.monotonic()
+    _last_line[0] = max(_last_line[0], started)  # the first line after interval_s, not now
+
+    def beat() -> None:
+        while not stop.wait(max(_last_line[0] + interval_s - time.monotonic(), 0.0)):
+            now = time.monotonic()
+            if now - _last_line[0] >= interval_s:
+                _last_line[0] = now
+                console.print(
+                    f"{label} ... elapsed {format_seconds(now - started)}",
+                    markup=False,
+                    highlight=False,
+                    soft_wrap=True,
+                )
+
+    thread = threading.Thread(target=beat, name=f"heartbeat: {label}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

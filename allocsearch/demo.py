@@ -19,6 +19,7 @@ from rich.console import Console
 from allocsearch import pipeline
 from allocsearch.atomic import atomic_write_text
 from allocsearch.config import STRATEGIES, RunConfig
+from allocsearch.console_progress import heartbeat
 from allocsearch.distributed.ray_backend import ray_session
 from allocsearch.report import CompareRow, markdown_table
 from allocsearch.report.plots import plot_compare, plot_fitness_curves, plot_sparsity_profile
@@ -65,17 +66,18 @@ def _run_strategies(
     for name in strategies:
         t0 = time.perf_counter()
         console.print(f"[bold]{name}[/]: searching ...")
-        outcome = pipeline.run_strategy(
-            name,
-            ws,
-            store,
-            budget,
-            evaluate=evaluate,
-            seed=cfg.search.seed,
-            settings=_settings_for(cfg, name, generations),
-            work_dir=out / "work",
-            progress=progress,
-        )
+        with heartbeat(f"{name}: searching", enabled=progress):
+            outcome = pipeline.run_strategy(
+                name,
+                ws,
+                store,
+                budget,
+                evaluate=evaluate,
+                seed=cfg.search.seed,
+                settings=_settings_for(cfg, name, generations),
+                work_dir=out / "work",
+                progress=progress,
+            )
         outcomes.append(outcome)
         console.print(
             f"  {name}: {outcome.evaluations} evaluations, {time.perf_counter() - t0:.1f} s"
@@ -91,26 +93,28 @@ def _search_and_score_one(
     t0 = time.perf_counter()
     console.print(f"[bold]{name}[/]: searching ...")
     tyr = name == "tyr"
-    outcome = pipeline.run_strategy(
-        name,
-        ws,
-        store,
-        budget,
-        evaluate=no_shared_scoring if tyr else shared,
-        seed=cfg.search.seed,
-        settings=_settings_for(cfg, name, generations),
-        work_dir=out / "work",
-        progress=progress,
-        map_layers=layer_map if tyr else None,
-        round_evaluate=round_evaluate if tyr else None,
-    )
+    with heartbeat(f"{name}: searching", enabled=progress):
+        outcome = pipeline.run_strategy(
+            name,
+            ws,
+            store,
+            budget,
+            evaluate=no_shared_scoring if tyr else shared,
+            seed=cfg.search.seed,
+            settings=_settings_for(cfg, name, generations),
+            work_dir=out / "work",
+            progress=progress,
+            map_layers=layer_map if tyr else None,
+            round_evaluate=round_evaluate if tyr else None,
+        )
     console.print(f"  {name}: {outcome.evaluations} evaluations, {time.perf_counter() - t0:.1f} s")
     own = outcome.store is not None
     evaluate, path = (rounds[-1], outcome.store.path) if own else (shared, store.path)
-    fitness = evaluate(
-        outcome.choice[None].astype(np.int32), fidelity=ws.calibration.n_tokens, batch_seed=0
-    )[0]
-    held = evaluate.run(HeldoutScoring(cfg, str(Path(path).absolute())), outcome.choice)
+    with heartbeat(f"{name}: scoring", enabled=progress):
+        fitness = evaluate(
+            outcome.choice[None].astype(np.int32), fidelity=ws.calibration.n_tokens, batch_seed=0
+        )[0]
+        held = evaluate.run(HeldoutScoring(cfg, str(Path(path).absolute())), outcome.choice)
     achieved = CostModel.from_spec((outcome.store or store).spec, budget).achieved(outcome.choice)
     return pipeline.Scored(
         outcome, float(fitness), float(held.score), float(achieved), held.nn_agreement
@@ -211,9 +215,11 @@ def compare_strategies(
             console=console,
             generations=generations,
         )
-        scored = pipeline.score_outcomes(ws, evaluator, outcomes, budget)
+        with heartbeat("scoring the allocations", enabled=progress):
+            scored = pipeline.score_outcomes(ws, evaluator, outcomes, budget)
     causal = ws.model.adapter.is_causal_lm
-    dense_ppl = pipeline.heldout_perplexity(ws.model, ws.heldout) if causal else None
+    with heartbeat("scoring the dense model", enabled=progress):
+        dense_ppl = pipeline.heldout_perplexity(ws.model, ws.heldout) if causal else None
     rows = [
         CompareRow(
             strategy=s.outcome.strategy,
@@ -246,14 +252,17 @@ def compare_strategies(
     plot_compare(
         rows,
         out / "compare.png",
-        metric="heldout_ppl" if causal else "heldout_distance",
         dense_ppl=dense_ppl,
         overwrite=True,
     )
     histories = {s.outcome.strategy: s.outcome.history for s in scored if s.outcome.history}
     if histories:
+        # the settings each ran with (a table search's tokens) over the config's (Týr's inner)
+        ran = {s.outcome.strategy: s.outcome.settings for s in scored}
         tokens = {
-            name: pipeline.fitness_tokens(name, _settings_for(cfg, name, generations))
+            name: pipeline.fitness_tokens(
+                name, {**_settings_for(cfg, name, generations), **ran[name]}
+            )
             for name in histories
         }
         plot_fitness_curves(

@@ -580,6 +580,18 @@ ALLOCATORS = ("uniform", "owl", "lamp", "erk", "global_magnitude", "random")
 TYR_SETTINGS = ("rounds", "initial_step", "min_step", "input_mode")
 
 
+def run_settings(
+    strategy: str, settings: Mapping[str, Any], calibration_tokens: int
+) -> dict[str, Any]:
+    """``settings`` as :func:`run_strategy` runs ``strategy`` with them: a table search's
+    error table is scored on one minibatch, the whole calibration set up to 4,096 tokens,
+    unless ``tokens`` is set (what its fitness labels must say: :func:`fitness_tokens`)."""
+    out = dict(settings)
+    if strategy in TABLE_STRATEGIES and "tokens" not in out:
+        out["tokens"] = min(4096, calibration_tokens)
+    return out
+
+
 def _keywords(fn: Callable[..., Any], *fixed: str) -> set[str]:
     """Keyword parameters of ``fn`` that settings may set (``fixed`` ones are the caller's)."""
     return {
@@ -723,9 +735,7 @@ def run_strategy(
             spec=spec,
         )
         settings["start"] = first.choice
-    if strategy in TABLE_STRATEGIES and "tokens" not in settings:
-        # the error table is scored on one minibatch: the whole calibration set, up to 4096
-        settings["tokens"] = min(4096, ws.calibration.n_tokens)
+    settings = run_settings(strategy, settings, ws.calibration.n_tokens)
     searcher = make_searcher(strategy, settings)
     result = run_search(
         searcher,

@@ -635,6 +635,55 @@ def _layout_from_store(path: str | os.PathLike, adapter: Any) -> tuple[_Layout, 
     return _Layout(tuple(params), tuple(units), tuple(levels)), dtype, total
 
 
+def refuse_foreign_store(
+    path: str | os.PathLike, model: str | os.PathLike, hf_config: Mapping[str, Any]
+) -> None:
+    """Raise :class:`~allocsearch.supernet.store.StoreError` when the store at ``path`` was
+    built from another model than ``model`` (a directory, ``"demo"``, or a config.json
+    path; ``hf_config`` its config), naming both: other weights (fingerprints differ) when
+    the directory holds weights, else (config.json alone) another model type, block count
+    or block 0 parameter shape than the store's manifest records."""
+    from allocsearch.assets_paths import resolve_model_path
+    from allocsearch.models.hf import directory_fingerprint
+    from allocsearch.supernet.store import MANIFEST_NAME, StoreError
+
+    try:
+        manifest = json.loads((Path(path) / MANIFEST_NAME).read_text())
+        built, source = manifest["model_fingerprint"], manifest["model"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise StoreError(f"{path}: no readable supernet manifest ({e})") from None
+    origin = f"the model {source.get('path')!r}" if source.get("path") else "another model"
+    head = f"the supernet {str(path)!r} was built from {origin} (fingerprint {built!r})"
+    where = resolve_model_path(str(model))
+    fingerprint = None if where.is_file() else directory_fingerprint(where, hf_config)
+    if fingerprint is not None:
+        if fingerprint != built:
+            raise StoreError(
+                f"{head}, not from the model {str(model)!r} (fingerprint {fingerprint!r}: "
+                f"other weights); plan with --model {source.get('path')} or the store built "
+                f"for this model"
+            )
+        return
+    adapter, blocks = _one_block(hf_config)
+    ours = (hf_config.get("model_type"), blocks)
+    theirs = (source.get("model_type"), source.get("num_blocks"))
+    shapes = adapter.param_shapes
+    odd = [
+        name
+        for name, entry in manifest.get("variants", {}).items()
+        if name.startswith(adapter.block_prefix(0))
+        and ("shape" in entry and tuple(shapes.get(name, ())) != tuple(entry["shape"]))
+    ]
+    if ours != theirs or odd:
+        what = f"parameter {odd[0]!r} has another shape" if odd else "another architecture"
+        raise StoreError(
+            f"{head}, not from the model {str(model)!r} ({ours[0]}, {ours[1]} blocks; "
+            f"config.json alone, no weights to fingerprint; the store's model: {theirs[0]}, "
+            f"{theirs[1]} blocks; {what}); plan with --model {source.get('path')} or the "
+            f"store built for this model"
+        )
+
+
 # --------------------------------------------------------------------------- settings
 
 

@@ -21,6 +21,7 @@ from rich.console import Console
 
 from allocsearch import pipeline
 from allocsearch.config import AUTO_WORKERS, RunConfig
+from allocsearch.console_progress import heartbeat
 from allocsearch.distributed.checkpoint import (
     SearchCheckpointer,
     latest_state,
@@ -299,18 +300,21 @@ def run_search_command(
             _run_tyr_on_ray(cfg, ws, store, budget, settings, out, progress, console)
             return
         local = pipeline.make_evaluator(ws, store)
-        outcome = pipeline.run_strategy(
-            strategy,
-            ws,
-            store,
-            budget,
-            evaluate=local,
-            seed=cfg.search.seed,
-            settings=settings,
-            work_dir=out / "work",
-            progress=progress,
-        )
-        _finish(ws, store, budget, outcome, _local_ppl(ws, outcome, local), out, console)
+        with heartbeat(f"{strategy}: searching", enabled=progress):
+            outcome = pipeline.run_strategy(
+                strategy,
+                ws,
+                store,
+                budget,
+                evaluate=local,
+                seed=cfg.search.seed,
+                settings=settings,
+                work_dir=out / "work",
+                progress=progress,
+            )
+        with heartbeat(f"{strategy}: scoring the result", enabled=progress):
+            ppl = _local_ppl(ws, outcome, local)
+        _finish(ws, store, budget, outcome, ppl, out, console)
         return
 
     searcher = pipeline.make_searcher(strategy, settings)
@@ -340,6 +344,7 @@ def run_search_command(
     evaluate: Any = ray_eval if ray_eval is not None else pipeline.make_evaluator(ws, store)
     search_evaluate = evaluate if tied is None else tied.scorer(evaluate)
     last: list[Any] = [state]
+    run_with = pipeline.run_settings(strategy, settings, ws.calibration.n_tokens)
     try:
         with SearchCheckpointer(ckpt_dir, fingerprint=fingerprint) as checkpointer:
             callbacks = make_callbacks(
@@ -349,7 +354,7 @@ def run_search_command(
                 progress=progress,
                 total_generations=getattr(searcher, "generations", None),
                 start_state=state,
-                fitness_label=_fitness_label(cfg, strategy),
+                fitness_label=_fitness_label(cfg, strategy, run_with),
             )
 
             def on_generation(s: Any) -> None:
@@ -357,23 +362,25 @@ def run_search_command(
                 last[0] = s
 
             try:
-                outcome = pipeline.run_strategy(
-                    strategy,
-                    ws,
-                    store,
-                    budget,
-                    evaluate=search_evaluate,
-                    seed=cfg.search.seed,
-                    settings=settings,
-                    on_generation=on_generation,
-                    state=state,
-                    spec=None if tied is None else spec,
-                )
+                with heartbeat(f"{strategy}: searching", enabled=progress):
+                    outcome = pipeline.run_strategy(
+                        strategy,
+                        ws,
+                        store,
+                        budget,
+                        evaluate=search_evaluate,
+                        seed=cfg.search.seed,
+                        settings=settings,
+                        on_generation=on_generation,
+                        state=state,
+                        spec=None if tied is None else spec,
+                    )
                 outcome = sublayer_outcome(outcome)
                 if ray_eval is not None:
-                    ppl = ray_eval.run(
-                        HeldoutPerplexity(cfg, str(Path(supernet).absolute())), outcome.choice
-                    )
+                    with heartbeat(f"{strategy}: scoring the result", enabled=progress):
+                        ppl = ray_eval.run(
+                            HeldoutPerplexity(cfg, str(Path(supernet).absolute())), outcome.choice
+                        )
             except KeyboardInterrupt:
                 if last[0] is not None:
                     result = searcher.result(last[0])
@@ -402,7 +409,8 @@ def run_search_command(
         if ray_eval is not None:
             ray_eval.close()
     if ray_eval is None:
-        ppl = _local_ppl(ws, outcome, evaluate)
+        with heartbeat(f"{strategy}: scoring the result", enabled=progress):
+            ppl = _local_ppl(ws, outcome, evaluate)
     _finish(ws, store, budget, outcome, ppl, out, console)
 
 
@@ -473,9 +481,10 @@ def _write_recipe(ws, store, budget, outcome, out: Path, *, partial: bool) -> Pa
     return path
 
 
-def _fitness_label(cfg: RunConfig, strategy: str) -> str | None:
-    """``"kl on 2,048 tokens"``: what the search's best fitness is measured on."""
-    tokens = pipeline.fitness_tokens(strategy, default_settings(cfg))
+def _fitness_label(cfg: RunConfig, strategy: str, settings: dict[str, Any]) -> str | None:
+    """``"kl on 2,048 tokens"``: what a ``strategy`` search run with ``settings`` (those it
+    ran with: a table search's tokens are set at the run) measures its best fitness on."""
+    tokens = pipeline.fitness_tokens(strategy, settings)
     return None if tokens is None else f"{cfg.evaluator.metric} on {tokens:,} tokens"
 
 
@@ -483,7 +492,9 @@ def _finish(ws, store, budget, outcome, ppl: float, out: Path, console, *, parti
     path = _write_recipe(ws, store, budget, outcome, out, partial=partial)
     recipe = pipeline.recipe_from_choice(ws, store, budget, outcome, partial=partial)
     plot_sparsity_profile(recipe, out / "profile.png", overwrite=True)
-    tokens = pipeline.fitness_tokens(outcome.strategy, default_settings(ws.config))
+    # the settings it ran with (a table search's tokens), over the config's (Týr's inner ones)
+    settings = {**default_settings(ws.config), **outcome.settings}
+    tokens = pipeline.fitness_tokens(outcome.strategy, settings)
     if outcome.history:
         plot_fitness_curves(
             {outcome.strategy: outcome.history},
@@ -493,7 +504,7 @@ def _finish(ws, store, budget, outcome, ppl: float, out: Path, console, *, parti
             overwrite=True,
         )
     held = f"{ppl:.4f}" if ws.model.adapter.is_causal_lm else f"{ppl:.6g}"
-    label = _fitness_label(ws.config, outcome.strategy)
+    label = _fitness_label(ws.config, outcome.strategy, settings)
     fitness = "-" if outcome.fitness is None else f"{outcome.fitness:.6g}"
     console.print(
         f"{outcome.strategy}: fitness {fitness}{f' ({label})' if label else ''}"

@@ -21,6 +21,7 @@ from rich.console import Console
 from allocsearch import pipeline
 from allocsearch.atomic import atomic_write_bytes, atomic_write_text
 from allocsearch.config import RunConfig, SupernetConfig
+from allocsearch.console_progress import heartbeat
 from allocsearch.distributed.checkpoint import (
     SearchCheckpointer,
     latest_state,
@@ -574,34 +575,36 @@ def run_sweep_command(
         ray_eval = ray_evaluate(cfg, Path(store.path), console)
         ppl_fn = HeldoutPerplexity(cfg, str(Path(store.path).absolute()))
         try:
+            with heartbeat("sweep: searching and scoring", enabled=progress):
+                result = run_sweep(
+                    cfg,
+                    ws,
+                    store,
+                    out,
+                    targets,
+                    evaluate=ray_eval,
+                    heldout_ppl=lambda c: float(ray_eval.run(ppl_fn, c)),
+                    evopress_generations=evopress_generations,
+                    resume=resume,
+                    console=console,
+                )
+        finally:
+            ray_eval.close()
+    else:
+        evaluator = pipeline.make_evaluator(ws, store)
+        with heartbeat("sweep: searching and scoring", enabled=progress):
             result = run_sweep(
                 cfg,
                 ws,
                 store,
                 out,
                 targets,
-                evaluate=ray_eval,
-                heldout_ppl=lambda c: float(ray_eval.run(ppl_fn, c)),
+                evaluate=evaluator,
+                heldout_ppl=lambda c: float(evaluator.perplexity(c, ws.heldout)),
                 evopress_generations=evopress_generations,
                 resume=resume,
                 console=console,
             )
-        finally:
-            ray_eval.close()
-    else:
-        evaluator = pipeline.make_evaluator(ws, store)
-        result = run_sweep(
-            cfg,
-            ws,
-            store,
-            out,
-            targets,
-            evaluate=evaluator,
-            heldout_ppl=lambda c: float(evaluator.perplexity(c, ws.heldout)),
-            evopress_generations=evopress_generations,
-            resume=resume,
-            console=console,
-        )
     console.print(
         markdown(result, cfg.evaluator.metric), soft_wrap=True, highlight=False, markup=False
     )

@@ -51,3 +51,40 @@ def test_terminal_gets_rich_bar_pipe_gets_lines():
     assert isinstance(progress_display((), console=tty, label="x"), Progress)
     off = progress_display((), console=pipe, label="x", enabled=False)
     assert isinstance(off, Progress) and off.disable
+
+
+def test_heartbeat_fills_silences_of_a_long_stage_only():
+    """Issue 28.6: a stage with no steps of its own (DP's table, scoring) printed nothing
+    for minutes in a log. ``heartbeat`` prints ``<label> ... elapsed`` whenever no plain
+    progress line came for ``interval_s``; a stage reporting its own steps more often is
+    left alone, and a terminal (rich's bars) or ``enabled=False`` gets nothing."""
+    import threading
+    import time
+
+    from allocsearch.console_progress import heartbeat
+
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    with heartbeat("dp: searching", console=console, interval_s=0.1):
+        time.sleep(0.55)  # lines at about 0.1, 0.2, ..., 0.5 s
+    lines = out.getvalue().splitlines()
+    assert 3 <= len(lines) <= 6, lines
+    assert all(line in ("dp: searching ... elapsed 0s", "dp: searching ... elapsed 1s")
+               for line in lines), lines  # fmt: skip
+    assert not any(t.name.startswith("heartbeat") for t in threading.enumerate())
+
+    out.truncate(0), out.seek(0)
+    p = PlainProgress(console=console, label="search", interval_s=0.0)
+    task = p.add_task("generations", total=100)
+    with heartbeat("evopress: searching", console=console, interval_s=0.3):
+        for _ in range(10):  # its own lines every 0.05 s: the heartbeat stays quiet
+            time.sleep(0.05)
+            p.advance(task)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 10 and all(line.startswith("search ") for line in lines), lines
+
+    for where, enabled in ((Console(file=out, force_terminal=True), True), (console, False)):
+        out.truncate(0), out.seek(0)
+        with heartbeat("quiet", console=where, enabled=enabled, interval_s=0.05):
+            time.sleep(0.2)
+        assert out.getvalue() == ""

@@ -115,6 +115,15 @@ def test_encoder_rows_are_wrapped_in_the_tokenizers_own_cls_and_sep(tmp_path: Pa
     assert cal.tokens.tolist() == [all_rows[i] for i in chosen]
     assert "rows [2] + 3 tokens from a sentence start + [3]" in cal.source
 
+    # issue 28.9: a held-out corpus (data.heldout) leaves the calibration rows as they
+    # were (the last rows of the calibration corpus stay out of them), so a supernet built
+    # without one stays usable with one. doc c's rows: [4 5 6], [4 5 6], [7 4 8]
+    other = [Document("c", "the cat sat on the mat. the cat sat on the mat.")]
+    cal2, held2 = encoder_tokensets(docs, tok, seq_len=5, n_calibration_seqs=3, seed=0,
+                                    heldout_documents=other, n_heldout_seqs=2)  # fmt: skip
+    assert cal2.tokens.tolist() == cal.tokens.tolist() and cal2.fingerprint == cal.fingerprint
+    assert held2.tokens.tolist() == [[2, 4, 5, 6, 3], [2, 4, 5, 6, 3]]
+
 
 def test_an_encoder_workspace_uses_wrapped_rows(tmp_path: Path):
     """load_workspace of a BERT model gives [CLS] ... [SEP] rows, not stream windows."""
@@ -261,3 +270,30 @@ def test_cli_bert_build_search_apply_eval(structure, tmp_path):
     got = np.asarray(ours.adapter.forward(ours.params, ids, mask))
     valid = mask.astype(bool)
     np.testing.assert_allclose(got[valid], ref.numpy()[valid], atol=1e-4, rtol=1e-4)
+
+
+def test_encoder_options_on_the_command_line(tmp_path: Path):
+    """Issue 28.9: an encoder's metric and held-out set needed a YAML file; eval (like
+    build, search and compare) takes --metric, --heldout and --heldout-seqs."""
+    from tiny_workspace import WORDS, write_corpus, write_model_and_corpus
+    from typer.testing import CliRunner
+
+    from allocsearch.cli import app
+
+    tok = tmp_path / "tokenizer.json"
+    cfg = {**BERT, "vocab_size": _word_tokenizer(tok, WORDS)}
+    model_dir, corpus = write_model_and_corpus(tmp_path, cfg, docs=2, words_per_doc=400)
+    (model_dir / "tokenizer.json").write_bytes(tok.read_bytes())
+    held = write_corpus(tmp_path / "held", docs=1, words_per_doc=40)
+    args = ["eval", "--model", str(model_dir), "--calibration", str(corpus), "--seq-len", "8",
+            "--no-progress"]  # fmt: skip
+    r = CliRunner().invoke(app, [*args, "--heldout-seqs", "3"])
+    assert r.exit_code == 2 and "pass --reference" in r.output, r.output  # not the demo LM
+    args += ["--reference", str(model_dir)]
+    r = CliRunner().invoke(app, [*args, "--metric", "hidden_nmse", "--heldout", str(held),
+                                 "--heldout-seqs", "3"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    line = " ".join(r.output.split())
+    assert "hidden_nmse" in line and "on 3 sequences" in line and str(held) in line, line
+    r = CliRunner().invoke(app, [*args, "--heldout-seqs", "0"])
+    assert r.exit_code == 2 and "--heldout-seqs: data.n_heldout_seqs = 0" in r.output, r.output

@@ -328,8 +328,8 @@ def test_fitness_is_labelled_with_its_token_count(tmp_path, monkeypatch):
         {"evopress": history}, tmp_path / "a.png", metric_name="kl", tokens={"evopress": 2048}
     )
     ax = figures[-1].axes[0]
-    assert ax.get_ylabel() == "best kl on 2,048 tokens (lower is better)"
-    assert "fresh minibatch each generation" in ax.get_title()
+    assert ax.get_ylabel() == "parent's kl on 2,048 tokens (lower is better)"
+    assert ax.get_title().startswith("the parent's fitness on each generation's minibatch")
     plots.plot_fitness_curves(
         {"evopress": history, "dp": history}, tmp_path / "b.png", metric_name="kl",
         tokens={"evopress": 2048, "dp": 512},
@@ -338,7 +338,7 @@ def test_fitness_is_labelled_with_its_token_count(tmp_path, monkeypatch):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
         "evopress (2,048 tokens)", "dp (512 tokens)"
     ]  # fmt: skip
-    assert ax.get_ylabel() == "best kl (lower is better)"
+    assert ax.get_ylabel() == "parent's kl (lower is better)"
 
 
 # ----------------------------------------------------------------------------- Ray start noise
@@ -375,3 +375,251 @@ def test_ray_start_drops_only_the_fork_warning_and_the_auth_notice():
     assert [r.getMessage()[:40] for r in records] == [
         "Token authentication is disabled for thi", "Token authentication is enabled for this"
     ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- round 3 (issue 28)
+
+
+class Loaded(Exception):
+    """Raised by a stubbed ``load_model``: the command got past its checks."""
+
+
+def no_model_loads(*args, **kwargs):
+    raise Loaded
+
+
+@pytest.fixture(scope="module")
+def drop_ws(ws):
+    """A depth "drop" supernet (4 sublayers: 2 blocks x attention, MLP) of ``ws``'s model."""
+    config = yaml.safe_load((ws / "config.yaml").read_text())
+    config["supernet"] = {"structure": "heads_neurons", "depth": "drop"}
+    (ws / "drop.yaml").write_text(yaml.safe_dump(config))
+    r = run("build", "-c", ws / "drop.yaml", "--out", ws / "drop_store", "--no-progress")
+    assert r.exit_code == 0, r.output
+    return ws
+
+
+def test_sublayer_target_range_is_what_runs(drop_ws, tmp_path, monkeypatch):
+    """Issue 28.1: dropping all 4 sublayers leaves one allocation (EvoPress then failed
+    after loading with "no budget-preserving level switch"): --target 4 is refused in one
+    line before the model loads, with the range that is accepted (1 to 3; 1 to 2 with
+    --tie-blocks, whose blocks hold 2 sublayers), and 3 passes the check."""
+    monkeypatch.setattr(pipeline, "load_model", no_model_loads)
+    args = ("search", "-c", drop_ws / "drop.yaml", "--supernet", drop_ws / "drop_store",
+            "--out", tmp_path / "r", "--budget", "sublayers", "--no-progress")  # fmt: skip
+    r = run(*args, "--target", "4")
+    assert r.exit_code == 2, r.output
+    assert "a whole number from 1 to 3 (this supernet has 4 sublayers;" in one_line(r.output)
+    assert "Traceback" not in r.output and not (tmp_path / "r").exists()
+    r = run(*args, "--target", "4", "--tie-blocks")
+    assert r.exit_code == 2 and "a whole number from 1 to 2 " in one_line(r.output), r.output
+    r = run(*args, "--target", "3")
+    assert "target: drop 3 of 4 sublayers" in r.output and isinstance(r.exception, Loaded)
+
+
+MOE = {
+    "model_type": "qwen3_moe",
+    "vocab_size": 256,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "moe_intermediate_size": 8,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 8,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "norm_topk_prob": True,
+    "max_position_embeddings": 64,
+}
+
+
+def test_evopress_export_refuses_expert_units(tmp_path):
+    """Issue 28.2: an expert-removal supernet's units are whole experts (gate, up and down
+    sharing one level, the last one "removed"), which EvoPress's one-level-per-module
+    format cannot express: export --format evopress (and evopress-db) say so in one line,
+    exit 2 and write nothing; it said "supernet units do not match the recipe's"."""
+    _, corpus = write_model_and_corpus(tmp_path, MOE, docs=2, words_per_doc=300)
+    config = cli_config(tmp_path / "model", corpus, seq_len=16, calibration_seqs=4,
+                        heldout_seqs=2, supernet={"pruner": "magnitude", "center": 0.5,
+                        "steps_each_side": 1}, search={"target": 0.5},
+                        backend={"kind": "local"})  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    store_dir = tmp_path / "store"
+    r = run("build", "-c", tmp_path / "config.yaml", "--out", store_dir, "--expert-removal",
+            "--no-progress")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    work = pipeline.load_workspace(load_config(tmp_path / "config.yaml"))
+    store = SupernetStore.open(store_dir)
+    spec = store.spec
+    assert sum(u.role == "expert" for u in spec.units) == 8  # 2 blocks x 4 experts
+    choice = spec.center.astype(np.int32)
+    u = next(u for u in range(spec.num_units) if spec.units[u].role == "expert"
+             and spec.sparsity[u, spec.num_levels[u] - 1] == 1.0)  # fmt: skip
+    choice[u] = spec.num_levels[u] - 1  # one expert removed
+    budget = pipeline.make_budget(work.config.search, spec)
+    outcome = pipeline.Outcome("random", choice, None, 0, 0, 0.0, {})
+    pipeline.recipe_from_choice(work, store, budget, outcome).save(tmp_path / "recipe.json")
+    for fmt in ("evopress", "evopress-db"):
+        out = tmp_path / f"out-{fmt}"
+        r = run("export", tmp_path / "recipe.json", "--format", fmt, "--out", out,
+                "--supernet", store_dir, "--model", tmp_path / "model")  # fmt: skip
+        assert r.exit_code == 2, r.output
+        first = next(x for x in spec.units if x.role == "expert")
+        assert (
+            f"cannot express expert units: this supernet's unit '{first.name}' is a whole "
+            f"expert (3 modules sharing one level) and 8 units are such groups"
+        ) in one_line(r.output), r.output
+        assert len(r.output.strip().splitlines()) <= 3 and not out.exists()
+
+
+def test_plan_refuses_a_foreign_store(ws, tmp_path):
+    """Issue 28.3: plan --supernet with another model's store was accepted (and counted
+    the store's units over the model's blocks); it is refused as search refuses it, naming
+    both fingerprints (other weights) or, for a config.json alone, the architectures."""
+    import jax
+
+    from allocsearch.models import HFModel, adapter_for_config, save_model
+
+    store = SupernetStore.open(ws / "store", verify="none")
+    built = store.model_fingerprint
+    r = run("plan", "--model", ws / "model", "--supernet", ws / "store")
+    assert r.exit_code == 0, r.output
+
+    adapter = adapter_for_config(CFG)
+    other = HFModel(adapter, adapter.init_params(jax.random.key(1)))
+    other_dir = save_model(other, tmp_path / "other")
+    r = run("plan", "--model", other_dir, "--supernet", ws / "store")
+    assert r.exit_code == 2, r.output
+    theirs = load_model(other_dir).fingerprint
+    assert theirs != built
+    assert (
+        f"the supernet '{ws / 'store'}' was built from the model '{ws / 'model'}' (fingerprint "
+        f"'{built}'), not from the model '{other_dir}' (fingerprint '{theirs}': other weights)"
+    ) in one_line(r.output)
+
+    big = Path(__file__).parents[1] / "configs" / "models" / "llama-3-8b"
+    r = run("plan", "--model", big, "--supernet", ws / "store")
+    assert r.exit_code == 2, r.output
+    assert (
+        f"(fingerprint '{built}'), not from the model '{big}' (llama, 32 blocks; config.json "
+        f"alone, no weights to fingerprint; the store's model: llama, 2 blocks;"
+    ) in one_line(r.output)
+    assert "units" not in r.output
+
+    (tmp_path / "same").mkdir()  # config.json alone of the store's architecture: accepted
+    (tmp_path / "same" / "config.json").write_text((ws / "model" / "config.json").read_text())
+    r = run("plan", "--model", tmp_path / "same", "--supernet", ws / "store")
+    assert r.exit_code == 0, r.output
+
+
+def test_ray_address_that_never_answers_is_one_line(ws, tmp_path, monkeypatch):
+    """Issue 28.5: an address that accepts no packets used to hand over to ``ray.init``,
+    which printed about 20 of Ray's ``gcs_client.cc`` warnings over minutes. Simulated by
+    a listening socket that never answers (the kernel completes the handshake, nothing
+    replies; an iptables DROP rule needs root and iptables, neither of which this machine
+    has): the probe waits ALLOCSEARCH_RAY_CONNECT_TIMEOUT_S for the gRPC server's first
+    bytes and refuses in one line, never calling ``ray.init``."""
+    import socket
+    import time
+
+    ray = pytest.importorskip("ray")
+
+    def no_init(*args, **kwargs):
+        raise AssertionError("ray.init was called")
+
+    monkeypatch.setattr(ray, "init", no_init)
+    monkeypatch.setenv("ALLOCSEARCH_RAY_CONNECT_TIMEOUT_S", "1")
+    config = yaml.safe_load((ws / "config.yaml").read_text())
+    config["backend"] = {"kind": "ray", "workers": 1}
+    (tmp_path / "ray.yaml").write_text(yaml.safe_dump(config))
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        t0 = time.monotonic()
+        r = run("build", "-c", tmp_path / "ray.yaml", "--address", address,
+                "--out", tmp_path / "s", "--no-progress")  # fmt: skip
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().startswith("error: WorkerStartError: no Ray cluster answers at")
+    assert (
+        f"no Ray cluster answers at '{address}': {address} accepts a connection but sends "
+        f"nothing within 1 s"
+    ) in one_line(r.output)
+    assert len(r.output.strip().splitlines()) <= 3 and not (tmp_path / "s").exists()
+    assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.slow  # a DP search and a compare (about 40 s on 2 cores)
+def test_dp_fitness_is_labelled_with_the_tokens_it_ran_on(ws, tmp_path, monkeypatch):
+    """Issue 28.6, 28.7: DP's error table is scored on the whole calibration set up to
+    4,096 tokens (here 8 x 32 = 256), not on its searcher's default 2,048, which the
+    search's line and compare's fitness.png said; and a stage without steps of its own
+    prints a heartbeat line when stderr is not a terminal (here every 0.01 s)."""
+    from allocsearch import console_progress, demo
+
+    monkeypatch.setattr(console_progress, "HEARTBEAT_S", 0.01)
+    cfg = ws / "config.yaml"
+    r = run("search", "-c", cfg, "--supernet", ws / "store", "--out", tmp_path / "s",
+            "--strategy", "dp")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "dp: fitness" in r.output and "(kl on 256 tokens)" in one_line(r.output), r.output
+    assert "2,048" not in r.output
+    assert "dp: searching ... elapsed" in r.output and "dp: scoring the result ..." in r.output
+    assert Recipe.load(tmp_path / "s" / "recipe.json").provenance.settings["tokens"] == 256
+
+    seen = {}
+    monkeypatch.setattr(demo, "plot_fitness_curves", lambda h, p, **kw: seen.update(kw))
+    r = run("compare", "-c", cfg, "--supernet", ws / "store", "--out", tmp_path / "c",
+            "--strategies", "uniform,dp")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert seen["tokens"] == {"dp": 256}
+    assert "dp: searching ... elapsed" in r.output
+    assert "scoring the allocations ... elapsed" in r.output
+
+
+def test_round_3_small_things(ws, tmp_path, monkeypatch):
+    """Issue 28.10: apply and eval take --progress/--no-progress; a failed write names the
+    path the user gave, not the hidden temporary file; the supernet's centre as default
+    target prints as 0.7 (not 0.700001, which the centre does not even reach); plan
+    --workers 0 is refused as search refuses it; docs/errors.md lists every model type."""
+    import tempfile
+    from types import SimpleNamespace
+
+    import typer
+
+    from allocsearch import cli
+    from allocsearch.models.hf import FAMILIES
+
+    commands = typer.main.get_command(app).commands
+    for command in ("apply", "eval"):
+        assert "--no-progress" in [o for p in commands[command].params for o in p.secondary_opts]
+    r = run("eval", "-c", ws / "config.yaml", "--no-progress")
+    assert r.exit_code == 0 and "held-out perplexity" in r.output, r.output
+
+    def read_only(*args, prefix="", suffix="", dir=None, **kwargs):
+        name = Path(dir) / f"{prefix}ab12cd34{suffix}"
+        raise PermissionError(13, "Permission denied", str(name))
+
+    out = tmp_path / "exports" / "owl.json"
+    out.parent.mkdir()
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", read_only)
+        r = run("export", ws / "run" / "recipe.json", "--format", "owl", "--out", out)
+    assert r.exit_code == 2, r.output
+    assert f"PermissionError: [Errno 13] Permission denied: '{out}'" in one_line(r.output)
+    assert ".tmp" not in r.output
+
+    # a centre that removes 0.700000851653343 (the demo supernet's) is the target 0.7
+    numel = np.array([1_000_000, 999_999])
+    sparsity = np.array([[0.7], [0.7 + 1.703306686e-6]])
+    spec = SimpleNamespace(num_units=2, center=np.zeros(2, int), sparsity=sparsity, numel=numel)
+    monkeypatch.setattr(SupernetStore, "open", lambda *a, **k: SimpleNamespace(spec=spec))
+    assert cli._default_target(None, None, tmp_path) == 0.7
+
+    r = run("plan", "--model", ws / "model", "--workers", "0")
+    assert r.exit_code == 2, r.output
+    assert "backend.workers = 0 is not valid; use an integer >= 1 or 'auto'" in one_line(r.output)
+
+    errors = (Path(__file__).parents[1] / "docs" / "errors.md").read_text()
+    assert f"supported: {', '.join(sorted(FAMILIES))} |" in errors and len(FAMILIES) == 16

@@ -74,9 +74,12 @@ def tool_python(root: Path, *packages: str) -> Path:
     return python
 
 
-def run_tool(python: Path, script: str, *args: object, cwd: Path) -> dict:
+def run_tool(
+    python: Path, script: str, *args: object, cwd: Path, timeout: float | None = None
+) -> dict:
     """Run ``script`` (dedented) with the tool environment's ``python``, allocsearch and
-    tests/ importable, no hub access; its last stdout line, parsed as JSON."""
+    tests/ importable, no hub access; its last stdout line, parsed as JSON (``timeout``:
+    seconds, then ``subprocess.TimeoutExpired``)."""
     path = cwd / "check.py"
     path.write_text(textwrap.dedent(script))
     env = {
@@ -87,7 +90,12 @@ def run_tool(python: Path, script: str, *args: object, cwd: Path) -> dict:
         "JAX_PLATFORMS": "cpu",
     }
     run = subprocess.run(
-        [python, path, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env
+        [python, path, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
     )
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -167,6 +175,50 @@ def test_torch_pruning_removes_the_recipes_heads_and_neurons(tmp_path):
     neurons = {u.name: u.total - u.removed for u in recipe.units if u.kind == "neurons"}
     assert heads == {"model.layers.0.self_attn": 1, "model.layers.1.self_attn": 2}
     assert neurons == {"model.layers.0.mlp": 12, "model.layers.1.mlp": 8}
+
+
+def docs_torch_pruning_driver() -> str:
+    """The python block of docs/recipe.md after its ``<!-- torch-pruning driver -->``."""
+    text = (REPO / "docs" / "recipe.md").read_text()
+    block = text.split("<!-- torch-pruning driver -->", 1)[1]
+    return block.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_docs_torch_pruning_driver_prunes_the_demo_model_within_a_minute(tmp_path):
+    """Issue 28.11: the driver of docs/recipe.md on the full demo model (6 blocks, 8 query
+    heads over 2 kv heads, 704 neurons) builds the pruner and steps within a minute (with
+    transformers' default KV cache traced, building it never ended) and removes the
+    exported heads and neurons: half the query heads (2 of 4 per kv group), a quarter of
+    the neurons, k/v and the hidden size untouched."""
+    import time
+
+    from allocsearch.assets_paths import demo_model_dir
+
+    python = tool_python(tmp_path / "venv", "torch-pruning")
+    blocks = range(6)
+    export = {
+        "pruning_ratio_dict": {
+            **{f"model.layers.{b}.self_attn.q_proj": 0.5 for b in blocks},
+            **{f"model.layers.{b}.mlp.gate_proj": 0.25 for b in blocks},
+        },
+        "head_pruning_ratio_dict": {f"model.layers.{b}.self_attn": 0.5 for b in blocks},
+    }
+    (tmp_path / "tp.json").write_text(json.dumps(export))
+    report = """
+    kept = [[layer.self_attn.q_proj.out_features, layer.self_attn.k_proj.out_features,
+             layer.mlp.down_proj.in_features] for layer in model.model.layers]
+    print(json.dumps({"kept": kept, "hidden": model.model.norm.weight.shape[0]}))
+    """
+    script = docs_torch_pruning_driver() + textwrap.dedent(report)
+    t0 = time.monotonic()
+    got = run_tool(
+        python, script, demo_model_dir(), tmp_path / "tp.json", cwd=tmp_path, timeout=120
+    )
+    wall = time.monotonic() - t0
+    print(f"docs driver on the demo model: {wall:.1f} s")
+    assert wall < 60
+    head_dim = 256 // 8
+    assert got == {"kept": [[4 * head_dim, 2 * head_dim, 528]] * 6, "hidden": 256}
 
 
 # ----------------------------------------------------------------------------- llm-compressor

@@ -484,3 +484,38 @@ def test_user_style_does_not_change_the_bytes_and_is_restored(tmp_path):
         plot_compare(ROWS, tmp_path / "b.png")
         assert matplotlib.rcParams["font.size"] == 20.0  # the caller's style is back
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_plot_compare_draws_the_table_columns_on_axes_that_show_differences(tmp_path, monkeypatch):
+    """Issue 28.8: compare.png drew held-out perplexity alone on an axis from 0, where
+    5.75 vs 5.81 looked equal. It draws the table's columns, one panel each, each axis
+    spanning its values (the spread is at least half the axis); the dense perplexity
+    is named in the legend without stretching the axis."""
+    figures = []
+    monkeypatch.setattr(plots, "_png_bytes", lambda fig: figures.append(fig) or b"png")
+    rows = [
+        CompareRow("uniform", 0.4312, 5.81, 0, 0.1, 0.7),
+        CompareRow("owl", 0.4102, 5.79, 0, 0.2, 0.7),
+        CompareRow("evopress", 0.3561, 5.75, 1200, 286.0, 0.70001),
+    ]
+    plot_compare(rows, tmp_path / "c.png", dense_ppl=4.9)
+    axes = [ax for ax in figures[-1].axes if ax.get_visible()]
+    fields = ("fitness", "heldout_ppl", "evaluations", "wall_time_s", "achieved")
+    assert [ax.get_title() for ax in axes] == [plots._METRIC_LABEL[f] for f in fields]
+    ppl = axes[1]
+    lo, hi = ppl.get_ylim()
+    assert lo > 5.7 and hi < 5.9 and (5.81 - 5.75) / (hi - lo) >= 0.5
+    assert [t.get_text() for t in ppl.get_legend().get_texts()] == ["dense 4.90"]
+    assert [t.get_text() for t in ppl.texts] == ["5.81", "5.79", "5.75"]
+    lo, hi = axes[0].get_ylim()
+    assert (0.4312 - 0.3561) / (hi - lo) >= 0.5
+    assert axes[2].get_ylim()[0] == 0.0  # counts from 0 when that is the smallest value
+
+    encoder = [
+        CompareRow("uniform", 0.02, None, 0, 0.5, 0.5, heldout_distance=0.0123, nn_agreement=0.75),
+        CompareRow("dp", 0.01, None, 40, 2.0, 0.5, heldout_distance=0.00456, nn_agreement=1.0),
+    ]
+    plot_compare(encoder, tmp_path / "e.png")
+    titles = [ax.get_title() for ax in figures[-1].axes if ax.get_visible()]
+    assert titles[1:3] == [plots._METRIC_LABEL["heldout_distance"],
+                           plots._METRIC_LABEL["nn_agreement"]]  # fmt: skip

@@ -19,12 +19,13 @@ rules of :mod:`allocsearch.data.tokenset` otherwise: seeded, disjoint, reproduci
   the previous row, or right at that end when no sentence starts later in the document
   (a sentence longer than a body continues in the next row). A document's tail shorter
   than a body is dropped.
-- **Sets.** Given two document lists, calibration rows are drawn from the first and the
-  held-out rows are the first ``n_heldout_seqs`` rows of the second (all rows when None).
-  Given one list, the held-out set is its *last* ``n_heldout_seqs`` rows (else
-  ``heldout_fraction`` of them, at least one) and the calibration rows are drawn from the
-  rows before them. Calibration rows: ``n_seq`` distinct rows chosen by
-  ``numpy.random.default_rng(seed)``, kept in corpus order.
+- **Sets.** Calibration rows are drawn from the rows of the first document list before
+  its *last* ``n_heldout_seqs`` rows (else ``heldout_fraction`` of them, at least one).
+  Given one list, those last rows are the held-out set; given two, the held-out rows are
+  the first ``n_heldout_seqs`` rows of the second (all rows when None) and the last rows
+  of the first are left out all the same, so giving a held-out list or not never changes
+  the calibration rows (nor the supernets built on them). Calibration rows: ``n_seq``
+  distinct rows chosen by ``numpy.random.default_rng(seed)``, kept in corpus order.
 """
 
 from __future__ import annotations
@@ -144,6 +145,23 @@ def encoder_tokensets(
     identity = tokenizer.identity
     desc = describe_documents(calibration_documents)
     rows, how = _rows(calibration_documents, tokenizer, seq_len)
+    # the calibration corpus's last rows are its own held-out set, and never calibration
+    # rows, whether or not a held-out corpus is given: adding one (data.heldout) keeps the
+    # calibration rows, and with them every supernet built on them
+    if n_heldout_seqs is not None:
+        n_tail = _check_count(n_heldout_seqs, "n_heldout_seqs")
+    elif not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    else:
+        n_tail = max(1, int(heldout_fraction * rows.shape[0]))
+    cut = rows.shape[0] - n_tail
+    if cut < n_cal:
+        raise ValueError(
+            f"corpus ({desc}) gives {rows.shape[0]} rows of {seq_len} tokens; "
+            f"{n_cal} calibration rows plus {n_tail} held-out rows are needed (its last "
+            f"{n_tail} rows are held out even with a held-out corpus)"
+        )
+    pool, pool_desc = rows[:cut], f"{desc}, {how} [rows 0:{cut}]"
     if heldout_documents is not None:
         texts = {d.text for d in calibration_documents if d.text}
         shared = next((d.name for d in heldout_documents if d.text in texts), None)
@@ -153,33 +171,15 @@ def encoder_tokensets(
                 "lists must be disjoint"
             )
         held, _ = _rows(heldout_documents, tokenizer, seq_len)
-        n_held = (
-            max(held.shape[0], 1)
-            if n_heldout_seqs is None
-            else _check_count(n_heldout_seqs, "n_heldout_seqs")
-        )
+        n_held = max(held.shape[0], 1) if n_heldout_seqs is None else n_tail
         if held.shape[0] < n_held:
             raise ValueError(
                 f"held-out corpus ({describe_documents(heldout_documents)}) gives "
                 f"{held.shape[0]} rows of {seq_len} tokens; {n_held} are needed"
             )
         held, held_desc = held[:n_held], f"{describe_documents(heldout_documents)}, {how}"
-        pool, pool_desc = rows, f"{desc}, {how}"
     else:
-        if n_heldout_seqs is not None:
-            n_held = _check_count(n_heldout_seqs, "n_heldout_seqs")
-        elif not 0.0 < heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
-        else:
-            n_held = max(1, int(heldout_fraction * rows.shape[0]))
-        cut = rows.shape[0] - n_held
-        if cut < n_cal:
-            raise ValueError(
-                f"corpus ({desc}) gives {rows.shape[0]} rows of {seq_len} tokens; "
-                f"{n_cal} calibration rows plus {n_held} held-out rows are needed"
-            )
         held, held_desc = rows[cut:], f"{desc}, {how} [rows {cut}:{rows.shape[0]}]"
-        pool, pool_desc = rows[:cut], f"{desc}, {how} [rows 0:{cut}]"
     if pool.shape[0] < n_cal:
         raise ValueError(
             f"calibration corpus ({desc}) gives {pool.shape[0]} rows of {seq_len} tokens; "

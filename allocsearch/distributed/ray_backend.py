@@ -322,15 +322,47 @@ def check_reachable(address: str, timeout_s: float | None = None) -> None:
         ) from None
     if timeout_s is None:
         timeout_s = float(os.environ.get(CONNECT_TIMEOUT_ENV, "10"))
+    fix = (
+        f"check --address / RAY_ADDRESS (or {CONNECT_TIMEOUT_ENV}), or leave it out to start "
+        f"a local Ray instance"
+    )
+    deadline = time.monotonic() + timeout_s
     try:
-        with socket.create_connection((host.strip("[]"), port_number), timeout=timeout_s):
-            pass
+        with socket.create_connection((host.strip("[]"), port_number), timeout=timeout_s) as s:
+            answered = _answers_http2(s, deadline)
     except OSError as e:
         raise WorkerStartError(
             f"no Ray cluster answers at {address!r}: cannot connect to {host}:{port_number} "
-            f"within {timeout_s:g} s ({e}); check --address / RAY_ADDRESS (or "
-            f"{CONNECT_TIMEOUT_ENV}), or leave it out to start a local Ray instance"
+            f"within {timeout_s:g} s ({e}); {fix}"
         ) from None
+    if not answered:
+        raise WorkerStartError(
+            f"no Ray cluster answers at {address!r}: {host}:{port_number} accepts a connection "
+            f"but sends nothing within {timeout_s:g} s (a Ray head answers at once; a "
+            f"firewall dropping its packets, or another program, does not); {fix}"
+        )
+
+
+# HTTP/2's client connection preface and an empty SETTINGS frame (RFC 9113, 3.4 and 6.5).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _answers_http2(sock: Any, deadline: float) -> bool:
+    """Whether the peer of ``sock`` sends a byte (or closes) before ``deadline``
+    (``time.monotonic``). A Ray head's GCS and Ray client server are gRPC servers, which
+    send their HTTP/2 SETTINGS frame as soon as a connection opens; the client preface
+    sent first is what a gRPC client sends, so no server takes it for another protocol.
+    Without this, ``ray.init`` retries a silent address for minutes, printing Ray's
+    ``gcs_client.cc`` warnings straight to the terminal."""
+    try:
+        sock.sendall(_HTTP2_PREFACE)
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        sock.recv(1)
+    except TimeoutError:
+        return False
+    except OSError:  # reset or closed by the peer: something there answered
+        return True
+    return True
 
 
 def _init_ray(

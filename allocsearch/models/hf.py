@@ -241,6 +241,23 @@ def fingerprint_tensors(config: Mapping[str, Any], tensors: Mapping[str, np.ndar
     return h.hexdigest()
 
 
+def directory_fingerprint(path: str | os.PathLike, hf_config: Mapping[str, Any]) -> str | None:
+    """``HFModel.fingerprint`` of the model directory ``path`` (whose config.json is
+    ``hf_config``) from its safetensors files, memory-mapped and sampled as
+    :func:`fingerprint_tensors` does (no model is built); None when it holds no weights (a
+    config.json alone)."""
+    path = Path(path)
+    if (
+        not (path / "model.safetensors").exists()
+        and not (path / "model.safetensors.index.json").exists()
+    ):
+        return None
+    raw: dict[str, np.ndarray] = {}
+    for f in _tensor_files(path):
+        raw.update(read_safetensors(f))
+    return fingerprint_tensors(hf_config, raw)
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -406,6 +423,7 @@ __all__ = [
     "LazyParams",
     "ModelLoadError",
     "adapter_for_config",
+    "directory_fingerprint",
     "fingerprint_tensors",
     "load_model",
     "read_header",

@@ -47,6 +47,7 @@ from allocsearch.recipe.recipe import (
     atomic_write_text,
     fraction_removed,
 )
+from allocsearch.supernet.experts import EXPERT_ROLE
 from allocsearch.supernet.spec import SupernetSpec
 
 T = TypeVar("T")
@@ -453,6 +454,22 @@ def _recipe_unit_table(recipe: Recipe) -> tuple[list[str], np.ndarray, list[list
     return names, unit_s, members
 
 
+def _refuse_grouped_units(spec: SupernetSpec) -> None:
+    """Raise when a unit of ``spec`` covers several modules (a whole expert, tied experts):
+    EvoPress's configuration and database give every module a level of its own grid, so
+    they cannot express a level shared by several modules, nor an expert's removed level."""
+    grouped = [u for u in spec.units if len(u.layers) > 1]
+    if grouped:
+        u = grouped[0]
+        what = "a whole expert" if u.role == EXPERT_ROLE else "a group of modules"
+        raise ExportError(
+            f"EvoPress's format gives each module a level of its own and cannot express "
+            f"expert units: this supernet's unit {u.name!r} is {what} ({len(u.layers)} modules "
+            f"sharing one level) and {len(grouped)} units are such groups; use `allocsearch "
+            f"apply` (or --format llm-compressor when the recipe removes no expert)"
+        )
+
+
 def to_evopress(recipe: Recipe, spec: SupernetSpec, choice: np.ndarray) -> Export[str]:
     """EvoPress configuration: one ``module.name: level`` line per searched unit.
 
@@ -483,6 +500,7 @@ def to_evopress(recipe: Recipe, spec: SupernetSpec, choice: np.ndarray) -> Expor
         raise ExportError(
             f"supernet structure {spec.structure!r} != recipe structure {recipe.structure!r}"
         )
+    _refuse_grouped_units(spec)
     names, unit_s, members = _recipe_unit_table(recipe)
     spec_names = [u.name for u in spec.units]
     if spec_names != names:

@@ -51,7 +51,7 @@ DPI = 100
 # Figure sizes in inches; the PNG is (width * DPI) x (height * DPI) pixels.
 PROFILE_SIZE_IN = (10.0, 7.0)
 FITNESS_SIZE_IN = (8.0, 5.0)
-COMPARE_SIZE_IN = (8.0, 5.0)
+COMPARE_SIZE_IN = (12.0, 7.0)
 # plot_ppl_by_strategy stacks one panel per sparsity: width x (height per panel * n).
 PPL_PANEL_SIZE_IN = (8.0, 3.5)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -240,13 +240,14 @@ def plot_fitness_curves(
     tokens: Mapping[str, int] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Draw best fitness against evaluations used, one line per strategy.
+    """Draw the parent's fitness against evaluations used, one line per strategy.
 
-    Each point is the best allocation's fitness as its search measured it: EvoPress
-    re-scores its parent on a fresh minibatch every generation, so the curve may rise as
-    well as fall. ``tokens`` (strategy -> calibration tokens per score, see
+    Each point is the search's current best (EvoPress's parent) as its search measured it
+    in that generation: EvoPress re-scores its parent on a fresh minibatch every
+    generation, so the curve may rise as well as fall, and the title says so. ``tokens``
+    (strategy -> calibration tokens per score, see
     :func:`~allocsearch.pipeline.fitness_tokens`) puts the token counts in the axis label
-    (one count) or the legend (several), and the title says what a point is.
+    (one count) or the legend (several).
 
     Args:
       histories: strategy name -> its ``SearchResult.history`` (entries with
@@ -306,12 +307,14 @@ def plot_fitness_curves(
             ax.set_yscale("log")
         ax.set_xlabel("evaluations (candidate scorings)")
         on = f" on {next(iter(counts)):,} tokens" if one_count else ""
-        ax.set_ylabel(f"best {metric_name}{on} (lower is better)")
-        if tokens:
-            ax.set_title(
-                "best allocation so far, as its search scored it (fresh minibatch each generation)",
-                fontsize="small",
-            )
+        ax.set_ylabel(f"parent's {metric_name}{on} (lower is better)")
+        # not a best-so-far curve: each point is the parent (the search's current best)
+        # scored on that generation's own minibatch, so it can rise between generations
+        ax.set_title(
+            "the parent's fitness on each generation's minibatch (a fresh minibatch each "
+            "generation: the curve can rise)",
+            fontsize="small",
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
         return _save(fig, target, overwrite)
@@ -335,62 +338,100 @@ def plot_compare(
     rows: Sequence[CompareRow],
     path: str | os.PathLike[str],
     *,
-    metric: str = "heldout_ppl",
+    metric: str | None = None,
     dense_ppl: float | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Draw a compare table as bars: one bar per strategy, labelled with its value.
+    """Draw a compare table: one panel per column, one labelled point per strategy.
+
+    Each panel's axis spans its own values (with the dense reference, if drawn), not
+    0..max: strategies 5.75 and 5.81 apart on an axis from 0 would look alike.
 
     Args:
       rows: the compare table (unique strategies), drawn in the given order.
       path: output ``.png`` path; its directory must exist.
-      metric: the :class:`CompareRow` field to draw, one of :data:`METRICS`
-        (``"heldout_ppl"``, lower is better, by default). Rows without a (finite) value
-        get no bar and an ``n/a`` / ``inf`` label.
+      metric: the one :class:`CompareRow` field to draw, one of :data:`METRICS`; None
+        (default): the columns of :func:`~allocsearch.report.tables.markdown_table`
+        (fitness, held-out perplexity, or held-out distance and NN agreement for
+        encoders, evaluations, wall time, achieved) that have a value. Rows without a
+        (finite) value get no point and an ``n/a`` / ``inf`` label.
       dense_ppl: held-out perplexity of the unpruned model (finite, >= 1); drawn as a
-        dashed reference line. Only valid with ``metric="heldout_ppl"``.
+        dashed reference line on the held-out perplexity panel.
       overwrite: replace an existing file instead of raising ``FileExistsError``.
 
     Returns:
-      The path written (``COMPARE_SIZE_IN * DPI`` pixels, 800 x 500).
+      The path written (``COMPARE_SIZE_IN * DPI`` pixels, 1200 x 700).
 
     Raises:
-      ValueError: an unknown metric, ``dense_ppl`` with another metric or below 1, no
-        row with a finite value, or the errors of ``check_rows``.
+      ValueError: an unknown metric, ``dense_ppl`` without a held-out perplexity panel
+        or below 1, no row with a finite held-out score (or ``metric``), or the errors
+        of ``check_rows``.
       FileNotFoundError, FileExistsError: as for :func:`plot_sparsity_profile`.
     """
     rows = check_rows(rows)
-    if metric not in METRICS:
+    if metric is not None and metric not in METRICS:
         raise ValueError(f"metric {metric!r} is not one of {METRICS}")
+    encoder = any(r.heldout_distance is not None or r.nn_agreement is not None for r in rows)
+    main = metric or ("heldout_distance" if encoder else "heldout_ppl")
     if dense_ppl is not None:
-        if metric != "heldout_ppl":
+        if main != "heldout_ppl":
             raise ValueError(
-                f"dense_ppl is a reference for metric 'heldout_ppl' only, not {metric!r}"
+                f"dense_ppl is a reference for metric 'heldout_ppl' only, not {main!r}"
             )
         check_perplexity(dense_ppl, "dense_ppl")
-    raw = [getattr(r, metric) for r in rows]
-    values = np.array([np.nan if v is None else v for v in raw], dtype=np.float64)
-    drawn = np.isfinite(values)
-    if not drawn.any():
-        raise ValueError(f"no row has a finite {metric!r}; there is nothing to draw")
+    if not any(_finite(getattr(r, main)) for r in rows):
+        raise ValueError(f"no row has a finite {main!r}; there is nothing to draw")
+    if metric is None:
+        held = ("heldout_distance", "nn_agreement") if encoder else ("heldout_ppl",)
+        fields = ("fitness", *held, "evaluations", "wall_time_s", "achieved")
+        shown = [f for f in fields if any(_finite(getattr(r, f)) for r in rows)]
+    else:
+        shown = [metric]
     target = _check_target(path, overwrite)
-    x = np.arange(len(rows))
-    labels = format_column(metric, raw)
-    # fractions are drawn in percent
-    scale = 100.0 if metric in ("achieved", "nn_agreement") else 1.0
-    heights = np.where(drawn, values * scale, 0.0)
     with _figure(COMPARE_SIZE_IN) as fig:
-        ax = fig.subplots()
-        bars = ax.bar(x, heights, width=0.6, color=[f"C{i % 10}" for i in range(len(rows))])
-        ax.bar_label(bars, labels=labels, padding=2, fontsize="small")
-        if dense_ppl is not None:
-            ax.axhline(dense_ppl, color="k", linestyle="--", linewidth=1, label="dense")
-            ax.legend(fontsize="small")
-        ax.set_xticks(x, [r.strategy for r in rows], rotation=30, ha="right")
-        ax.set_ylabel(_METRIC_LABEL[metric])
-        ax.margins(y=0.12)
-        ax.grid(True, axis="y", alpha=0.3)
+        ncols = min(len(shown), 3)
+        axes = np.atleast_1d(fig.subplots(-(-len(shown) // ncols), ncols)).ravel()
+        for ax, field in zip(axes, shown, strict=False):
+            ref = dense_ppl if field == "heldout_ppl" else None
+            _draw_compare_panel(ax, rows, field, ref)
+        for ax in axes[len(shown) :]:
+            ax.set_visible(False)
         return _save(fig, target, overwrite)
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _draw_compare_panel(
+    ax: Axes, rows: Sequence[CompareRow], field: str, dense_ppl: float | None
+) -> None:
+    """One column of a compare table on ``ax``: a labelled point per strategy, the axis
+    spanning the values (and ``dense_ppl``, dashed) with room for the labels."""
+    raw = [getattr(r, field) for r in rows]
+    scale = 100.0 if field in ("achieved", "nn_agreement") else 1.0  # fractions in percent
+    values = np.array([v * scale if _finite(v) else np.nan for v in raw], dtype=np.float64)
+    drawn = np.isfinite(values)
+    x = np.arange(len(rows))
+    span = values[drawn]
+    lo, hi = (float(span.min()), float(span.max())) if span.size else (0.0, 1.0)
+    pad = (hi - lo) * 0.25 or max(abs(hi) * 0.05, 1e-9)
+    ax.set_ylim(max(lo - pad, 0.0) if lo >= 0 else lo - pad, hi + pad)
+    ax.ticklabel_format(axis="y", useOffset=False)
+    if dense_ppl is not None:  # named, drawn only if near: the strategies' spread decides
+        label = f"dense {format_value('heldout_ppl', dense_ppl)}"
+        ax.axhline(dense_ppl, color="k", linestyle="--", linewidth=1, label=label)
+        ax.legend(fontsize="x-small")
+    colors = [f"C{i % 10}" for i in np.flatnonzero(drawn)]
+    ax.scatter(x[drawn], values[drawn], color=colors, zorder=3, clip_on=False)
+    for i, text in enumerate(format_column(field, raw)):
+        y = values[i] if drawn[i] else lo - pad * 0.5  # a missing value: its label at the foot
+        ax.annotate(text, (x[i], y), textcoords="offset points", xytext=(0, 6),
+                    ha="center", fontsize="x-small")  # fmt: skip
+    ax.set_xticks(x, [r.strategy for r in rows], rotation=30, ha="right", fontsize="small")
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.set_title(_METRIC_LABEL[field], fontsize="small")
+    ax.grid(True, axis="y", alpha=0.3)
 
 
 def plot_ppl_by_strategy(
