@@ -185,6 +185,21 @@ AddressOpt = Annotated[
     str | None,
     typer.Option(help="Existing Ray cluster (or RAY_ADDRESS); default: a local Ray instance."),
 ]
+MicroBatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Tokens per scoring call (whole sequences, at least one): smaller uses less "
+        "activation memory, same scores (default: the config's evaluator.micro_batch_tokens, "
+        "else 8192)."
+    ),
+]
+StepsEachSideOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Levels on each side of the grid's centre (2 x this + 1 levels) (default: the "
+        "config's supernet.steps_each_side, else 4)."
+    ),
+]
 
 TargetOpt = Annotated[
     float | None,
@@ -230,6 +245,10 @@ _OPTION_OF_KEY = {
     "data.seq_len": "--seq-len",
     "data.n_calibration_seqs": "--calibration-seqs",
     "search.budget_kind": "--budget",
+    "evaluator.micro_batch_tokens": "--micro-batch-tokens",
+    "supernet.steps_each_side": "--steps-each-side",
+    "supernet.storage_dtype": "--storage-dtype",
+    "evaluator.execution": "--execution",
 }
 
 
@@ -425,6 +444,7 @@ def demo(
     ] = "local",
     workers: WorkersOpt = None,
     storage_dtype: StorageDtypeOpt = None,
+    micro_batch_tokens: MicroBatchOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -439,6 +459,7 @@ def demo(
         supernet__center=target,
         search__seed=seed,
         supernet__storage_dtype=storage_dtype,
+        evaluator__micro_batch_tokens=micro_batch_tokens,
         **_backend(backend, workers, None),
     )
     run_demo(
@@ -508,6 +529,7 @@ def build(
         ),
     ] = None,
     storage_dtype: StorageDtypeOpt = None,
+    steps_each_side: StepsEachSideOpt = None,
     calibration: CalibrationOpt = None,
     seq_len: SeqLenOpt = None,
     calibration_seqs: CalibrationSeqsOpt = None,
@@ -534,6 +556,7 @@ def build(
         supernet__depth=depth,
         supernet__expert_removal=expert_removal,
         supernet__prune_router=prune_router,
+        supernet__steps_each_side=steps_each_side,
         **_data(calibration, seq_len, calibration_seqs),
         **_backend(backend, workers, address),
     )
@@ -584,6 +607,7 @@ def search(
     seq_len: SeqLenOpt = None,
     calibration_seqs: CalibrationSeqsOpt = None,
     generations: GenerationsOpt = None,
+    micro_batch_tokens: MicroBatchOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
@@ -609,6 +633,7 @@ def search(
         search__budget_kind=budget,
         search__tie_blocks=tie_blocks,
         search__seed=seed,
+        evaluator__micro_batch_tokens=micro_batch_tokens,
         **_data(calibration, seq_len, calibration_seqs),
         **_backend(backend, workers, address),
     )
@@ -642,6 +667,7 @@ def compare(
     seq_len: SeqLenOpt = None,
     calibration_seqs: CalibrationSeqsOpt = None,
     generations: GenerationsOpt = None,
+    micro_batch_tokens: MicroBatchOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
@@ -659,6 +685,7 @@ def compare(
         model=model,
         search__target=_default_target(target, config, supernet),
         search__seed=seed,
+        evaluator__micro_batch_tokens=micro_batch_tokens,
         **_data(calibration, seq_len, calibration_seqs),
         **_backend(backend, workers, address),
     )
@@ -705,6 +732,7 @@ def sweep(
         typer.Option(help="Seed of the searches (default: the config's search.seed, else 0)."),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted sweep in --out.")] = False,
+    micro_batch_tokens: MicroBatchOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
@@ -721,7 +749,12 @@ def sweep(
         raise UserError(f"--evopress-generations {evopress_generations} must be >= 0 (0 = off)")
     if not resume:
         _refuse_existing(out, overwrite)
-    cfg = _config(config, search__seed=seed, **_backend(backend, workers, address))
+    cfg = _config(
+        config,
+        search__seed=seed,
+        evaluator__micro_batch_tokens=micro_batch_tokens,
+        **_backend(backend, workers, address),
+    )
     _refuse_tie_blocks(cfg, "sweep")
     _check_memory(cfg, "search" if supernet else "build", supernet)
     if not resume:
@@ -1051,11 +1084,18 @@ def plan(
         int | None, typer.Option(help="Scoring actors, one device each (default: the config).")
     ] = None,
     execution: Annotated[
-        str, typer.Option(help="auto (resident if it fits, else streaming) | resident | streaming.")
-    ] = "auto",
+        str | None,
+        typer.Option(
+            help="auto (resident if it fits, else streaming) | resident | streaming (default: "
+            "the config's evaluator.execution, else auto)."
+        ),
+    ] = None,
     command: Annotated[
         str, typer.Option("--for", help="search | compare | build | apply | eval.")
     ] = "search",
+    micro_batch_tokens: MicroBatchOpt = None,
+    steps_each_side: StepsEachSideOpt = None,
+    storage_dtype: StorageDtypeOpt = None,
 ) -> None:
     """Memory plan, from config.json alone: bytes per process (model, variants, teacher,
     activations, reference states) in resident and streaming execution, the mode that
@@ -1063,7 +1103,14 @@ def plan(
     table, then one line naming the shortfall and what would fit, exit 2."""
     from allocsearch.plan import MemoryPlanError, load_hf_config, parse_bytes, plan_memory
 
-    cfg = _config(config, model=model)
+    cfg = _config(
+        config,
+        model=model,
+        evaluator__micro_batch_tokens=micro_batch_tokens,
+        evaluator__execution=execution,
+        supernet__steps_each_side=steps_each_side,
+        supernet__storage_dtype=storage_dtype,
+    )
     try:
         result = plan_memory(
             load_hf_config(cfg.model),
@@ -1073,7 +1120,7 @@ def plan(
             device_memory=parse_bytes(device_memory) if device_memory else None,
             host_memory=parse_bytes(host_memory) if host_memory else None,
             workers=workers,
-            execution=execution,
+            execution=cfg.evaluator.execution,
             store=supernet,
         )
     except MemoryPlanError as e:  # the table of what did not fit, then the one line

@@ -120,6 +120,7 @@ __all__ = [
     "MemoryPlan",
     "MemoryPlanError",
     "ProcessMemory",
+    "Remedy",
     "check_run",
     "detect_memory",
     "execution_for",
@@ -150,11 +151,37 @@ _BINARY = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 class MemoryPlanError(ValueError):
     """The run does not fit: the message names the bytes needed and available (GiB) and
-    the changes that would fit; ``plan`` is the :class:`MemoryPlan` that did not fit."""
+    the changes that would fit; ``plan`` is the :class:`MemoryPlan` that did not fit and
+    ``remedies`` the :class:`Remedy` list the message names."""
 
-    def __init__(self, message: str, plan: MemoryPlan | None = None):
+    def __init__(
+        self, message: str, plan: MemoryPlan | None = None, remedies: Sequence[Remedy] = ()
+    ):
         super().__init__(message)
         self.plan = plan
+        self.remedies = tuple(remedies)
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """One single change after which the plan fits, as a user makes it.
+
+    Attributes:
+      what: what changes, e.g. ``"fewer levels: 7"``.
+      config: the config keys that make it (dotted key -> value, e.g.
+        ``{"supernet.steps_each_side": 3}``).
+      options: the command-line options that make it (e.g. ``("--steps-each-side", "3")``),
+        the same on ``plan`` and the commands that run; empty where only the config can.
+    """
+
+    what: str
+    config: Mapping[str, Any]
+    options: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        keys = " with ".join(f"{k}: {v}" for k, v in self.config.items())
+        cli = f" or {' '.join(self.options)}" if self.options else ""
+        return f"{self.what} ({keys}{cli})"
 
 
 # --------------------------------------------------------------------------- parsing
@@ -1164,8 +1191,9 @@ def plan_memory(
     )
     if chosen is None:
         overrides = {"storage_dtype": storage, "micro_batch_tokens": mb, "store": store}
-        message = _shortfall(result, hf_config, cfg, execution, suggest, overrides)
-        raise MemoryPlanError(message, result)
+        remedies = _what_fits(result, hf_config, cfg, execution, overrides) if suggest else []
+        message = _shortfall(result, execution, suggest, remedies)
+        raise MemoryPlanError(message, result, remedies)
     return result
 
 
@@ -1221,12 +1249,7 @@ def _single_process(
 
 
 def _shortfall(
-    plan: MemoryPlan,
-    hf_config: Mapping[str, Any],
-    cfg: RunConfig,
-    execution: str,
-    suggest: bool,
-    overrides: Mapping[str, Any],
+    plan: MemoryPlan, execution: str, suggest: bool, remedies: Sequence[Remedy]
 ) -> str:
     """One line: what is needed against what is available, and what would fit."""
     tried = [m for m in plan.modes if execution in ("auto", m)] or list(plan.modes)
@@ -1256,8 +1279,9 @@ def _shortfall(
     )
     if not suggest:
         return head
-    options = _what_fits(plan, hf_config, cfg, execution, overrides)
-    return head + ("; would fit: " + ", ".join(options) if options else "; no single change fits")
+    if not remedies:
+        return head + "; no single change fits"
+    return head + "; would fit: " + ", ".join(str(r) for r in remedies)
 
 
 def _what_fits(
@@ -1292,35 +1316,56 @@ def _what_fits(
         sub = getattr(cfg, section)
         return dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **changes)})
 
-    out = []
-    if overrides.get("storage_dtype") == "float32" and fits(cfg, storage_dtype="bfloat16"):
-        out.append("bf16 storage (build --storage-dtype bfloat16)")
+    out: list[Remedy] = []
+    if overrides.get("storage_dtype") == "float32":
+        if fits(with_("supernet", storage_dtype="bfloat16"), storage_dtype="bfloat16"):
+            key = {"supernet.storage_dtype": "bfloat16"}
+            out.append(Remedy("bf16 storage, at build", key, ("--storage-dtype", "bfloat16")))
     if cfg.dtype == "float32" and fits(dataclasses.replace(cfg, dtype="bfloat16")):
-        out.append("a bfloat16 model (dtype: bfloat16)")
+        out.append(Remedy("a bfloat16 model", {"dtype": "bfloat16"}))
     if plan.command in ("search", "compare", "build"):
         for steps in range(cfg.supernet.steps_each_side - 1, 0, -1):
             if fits(with_("supernet", steps_each_side=steps)):
-                out.append(
-                    f"fewer levels (supernet.steps_each_side: {steps}: {2 * steps + 1} levels)"
-                )
+                key = {"supernet.steps_each_side": steps}
+                what = f"fewer levels: {2 * steps + 1}"
+                out.append(Remedy(what, key, ("--steps-each-side", str(steps))))
                 break
     if plan.command in ("search", "compare") and cfg.evaluator.metric == "kl":
         if fits(with_("evaluator", metric="topk_kl", topk=1024)):
-            out.append("top-k KL (evaluator.metric: topk_kl, topk: 1024)")
+            keys = {"evaluator.metric": "topk_kl", "evaluator.topk": 1024}
+            out.append(Remedy("top-k KL", keys))
     if plan.command in ("search", "compare"):
-        mb = int(overrides.get("micro_batch_tokens") or _MICRO_BATCH_TOKENS)
-        while mb > cfg.data.seq_len:
-            mb = max(mb // 2, cfg.data.seq_len)
-            if fits(cfg, micro_batch_tokens=mb):
-                out.append(f"smaller micro-batches ({mb} tokens)")
+        out += _runtime_remedies(plan, cfg, execution, overrides, fits, with_)
+    return out
+
+
+def _runtime_remedies(plan, cfg, execution, overrides, fits, with_) -> list[Remedy]:
+    """The remedies of the scoring run itself: micro-batches, streaming, more workers
+    (each re-planned through the config key a user sets, and the argument that
+    overrides it)."""
+    out = []
+    mb = int(overrides.get("micro_batch_tokens") or _MICRO_BATCH_TOKENS)
+    while mb > cfg.data.seq_len:
+        mb = max(mb // 2, cfg.data.seq_len)
+        if fits(with_("evaluator", micro_batch_tokens=mb), micro_batch_tokens=mb):
+            key = {"evaluator.micro_batch_tokens": mb}
+            what = f"smaller micro-batches: {mb} tokens"
+            out.append(Remedy(what, key, ("--micro-batch-tokens", str(mb))))
+            break
+    streaming = with_("evaluator", execution="streaming")
+    if execution == "resident" and fits(streaming, execution="streaming"):
+        key = {"evaluator.execution": "streaming"}
+        out.append(Remedy("streaming execution", key, ("--execution", "streaming")))
+    if plan.device_kind != "cpu":
+        for w in (2, 4, 8, 16, 32, 64):
+            more = with_("backend", kind="ray", workers=w)
+            if w > max(plan.workers, 1) and fits(more, workers=w):
+                keys = {"backend.workers": w}
+                if cfg.backend.kind != "ray":
+                    keys = {"backend.kind": "ray", **keys}
+                what = f"more workers: {w} actors, one device each"
+                out.append(Remedy(what, keys, ("--workers", str(w))))
                 break
-        if execution == "resident" and fits(cfg, execution="streaming"):
-            out.append("streaming execution (--execution streaming)")
-        if plan.device_kind != "cpu":
-            for w in (2, 4, 8, 16, 32, 64):
-                if w > max(plan.workers, 1) and fits(cfg, workers=w):
-                    out.append(f"more workers ({w} actors, one device each)")
-                    break
     return out
 
 
