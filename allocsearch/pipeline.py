@@ -479,7 +479,7 @@ def make_evaluator(
     return Evaluator(
         ws.model,
         store.spec,
-        store.all_variants(),
+        store.host_variants(),  # read once each, into the stacks: one device copy
         store.unit_params,
         ws.calibration,
         metric=metric,

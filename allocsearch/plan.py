@@ -47,9 +47,9 @@ against measured peaks by ``scripts/bench_plan.py``):
 * model: the loaded parameters ``a sum_p N_p`` (the model stays referenced) plus the
   evaluator's stacked copies of every parameter that is not a stacked dense-variant
   role (norms, embeddings, head, and the dense weights under nested masks);
-* variants: the store's variants, kept for the evaluator's lifetime (nested: int32 rank,
-  ``4 N_p``; dense: ``s K_u N_p``) plus their stacks (nested: another int32 rank;
-  dense: ``a K_u N_p``);
+* variants: their stacks, the one device copy (nested: an int32 rank, ``4 N_p``, and the
+  prune counts; dense: ``a K_u N_p``): the evaluator reads the store's memory-mapped
+  variants one parameter at a time into them (the store's pages are page cache);
 * teacher: teacher bytes per token x calibration tokens;
 * reference: ``(B + 1) x fidelity x D x a`` for the largest fidelity whose states fit
   the evaluator's ``max_reference_bytes`` (1 GiB), as the evaluator caches them;
@@ -797,11 +797,11 @@ def _resident(
     largest_stack = 0  # one parameter role's stack, assembled on the host
     for p in layout.params:
         if p.kind == "dense":
-            variants += B * p.levels * p.numel * (s + a)
+            variants += B * p.levels * p.numel * a  # the stacks only (one device copy)
             stack = B * p.levels * p.numel * a
         else:
             counts = 4 * p.levels * (p.shape[0] if p.per_row else 1)
-            variants += 2 * B * (4 * p.numel + counts)
+            variants += B * (4 * p.numel + counts)
             stack = B * (4 + a) * p.numel
         largest_stack = max(largest_stack, stack)
     teacher = _teacher_per_token(cfg, m) * n_cal
