@@ -427,3 +427,79 @@ def test_moe_unit_options_reach_the_plan_layout():
     assert any(n == ["block_sparse_moe.gate.weight"] for n in names)  # the router
     removed = [layout.params[idx[0]].sparsity[-1] for idx in layout.unit_params if len(idx) == 3]
     assert removed == [1.0] * 8  # every expert's last level removes it
+
+
+def _apply_keys(run: dict, keys) -> dict:
+    """``run`` (a parsed config) with the dotted ``keys`` of a remedy set."""
+    out = json.loads(json.dumps(run))
+    for dotted, value in keys.items():
+        section, _, key = dotted.rpartition(".")
+        (out.setdefault(section, {}) if section else out)[key] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    ("execution", "device", "kinds"),
+    [
+        # Llama-3-8B float32, full KL, 16k-token micro-batches, float32 storage, 9 levels
+        ("auto", "100GB", {"bf16", "bfloat16", "levels", "top-k", "micro-batches", "workers"}),
+        ("resident", "400GB", {"bfloat16", "levels", "top-k", "streaming"}),
+    ],
+)
+def test_every_printed_remedy_applied_through_config_or_cli_then_fits(
+    tmp_path, execution, device, kinds
+):
+    """Each change the refusal's line names, made as a user makes it (the config keys it
+    names, or the command-line options it names), re-plans to a fit with `plan`."""
+    runner = CliRunner()
+    run = yaml.safe_load((ROOT / "configs" / "llama3-8b-evopress.yaml").read_text())
+    run["model"] = str(ROOT / "configs" / "models" / "llama-3-8b")
+    run["dtype"] = "float32"
+    run["supernet"].update(steps_each_side=4, storage_dtype="float32")
+    run["evaluator"] = {"metric": "kl", "execution": execution, "micro_batch_tokens": 16384}
+    memory = ["--device-memory", device, "--host-memory", "10TB"]
+
+    def plan(config: dict, *options: str):
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return runner.invoke(app, ["plan", "--config", str(path), *memory, *options])
+
+    with pytest.raises(MemoryPlanError) as e:  # the same refusal, for its remedies
+        plan_memory(
+            load_hf_config(run["model"]),
+            config_from_dict(run),
+            model=run["model"],
+            device_kind="gpu",
+            device_memory=parse_bytes(device),
+            host_memory=parse_bytes("10TB"),
+            execution=execution,
+        )
+    remedies = e.value.remedies
+    named = {k for r in remedies for k in kinds if k in r.what}
+    assert named == kinds, [r.what for r in remedies]
+    refused = plan(run)
+    assert refused.exit_code == 2, refused.output
+    line = " ".join(refused.stderr.split())
+    for remedy in remedies:
+        assert str(remedy) in line, (str(remedy), line)
+        fixed = plan(_apply_keys(run, remedy.config))
+        assert fixed.exit_code == 0, (remedy, fixed.output)
+        assert "- chosen: **" in fixed.stdout and "nothing fits" not in fixed.stdout
+        if remedy.options:
+            fixed = plan(run, *remedy.options)
+            assert fixed.exit_code == 0, (remedy, fixed.output)
+
+
+def test_llama3_70b_refusal_remedies_apply(tmp_path):
+    """The issue's 70B refusal at 80 GB: its remedies (7 levels, 16 actors) each fit."""
+    runner = CliRunner()
+    model = str(ROOT / "configs" / "models" / "llama-3-70b")
+    args = ["plan", "--model", model, "--config", str(ROOT / "configs/llama3-8b-evopress.yaml")]
+    args += ["--device-memory", "80GB", "--host-memory", "512GB"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2
+    line = " ".join(refused.stderr.split())
+    assert "fewer levels: 7 (supernet.steps_each_side: 3 or --steps-each-side 3)" in line, line
+    assert "16 actors, one device each (backend.workers: 16 or --workers 16)" in line, line
+    for extra in (["--steps-each-side", "3"], ["--workers", "16"]):
+        assert runner.invoke(app, [*args, *extra]).exit_code == 0, extra
