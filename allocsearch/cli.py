@@ -193,6 +193,13 @@ MicroBatchOpt = Annotated[
         "else 8192)."
     ),
 ]
+ReplaceTimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Seconds a dead Ray actor's replacement may take to be placed and started before "
+        "its slot is given up (default: the config's backend.replace_timeout_s, else 60)."
+    ),
+]
 StepsEachSideOpt = Annotated[
     int | None,
     typer.Option(
@@ -249,6 +256,7 @@ _OPTION_OF_KEY = {
     "supernet.steps_each_side": "--steps-each-side",
     "supernet.storage_dtype": "--storage-dtype",
     "evaluator.execution": "--execution",
+    "backend.replace_timeout_s": "--replace-timeout",
 }
 
 
@@ -307,7 +315,12 @@ def _check_generations(generations: int | None) -> None:
         raise UserError(f"--generations must be an integer >= 1, got {generations}")
 
 
-def _backend(backend: str | None, workers: str | None, address: str | None) -> dict:
+def _backend(
+    backend: str | None,
+    workers: str | None,
+    address: str | None,
+    replace_timeout: float | None = None,
+) -> dict:
     """Config overrides of the backend options (``--workers`` parsed: an integer or a word,
     which the config validates)."""
     count: int | str | None = workers
@@ -320,6 +333,7 @@ def _backend(backend: str | None, workers: str | None, address: str | None) -> d
         "backend__kind": backend,
         "backend__workers": count,
         "backend__address": address or os.environ.get("RAY_ADDRESS"),
+        "backend__replace_timeout_s": replace_timeout,
     }
 
 
@@ -536,6 +550,7 @@ def build(
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
+    replace_timeout: ReplaceTimeoutOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -558,7 +573,7 @@ def build(
         supernet__prune_router=prune_router,
         supernet__steps_each_side=steps_each_side,
         **_data(calibration, seq_len, calibration_seqs),
-        **_backend(backend, workers, address),
+        **_backend(backend, workers, address, replace_timeout),
     )
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
@@ -611,6 +626,7 @@ def search(
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
+    replace_timeout: ReplaceTimeoutOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -635,7 +651,7 @@ def search(
         search__seed=seed,
         evaluator__micro_batch_tokens=micro_batch_tokens,
         **_data(calibration, seq_len, calibration_seqs),
-        **_backend(backend, workers, address),
+        **_backend(backend, workers, address, replace_timeout),
     )
     cfg = _with_generations(cfg, generations)
     _check_memory(cfg, "search", supernet)
@@ -671,6 +687,7 @@ def compare(
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
+    replace_timeout: ReplaceTimeoutOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -687,7 +704,7 @@ def compare(
         search__seed=seed,
         evaluator__micro_batch_tokens=micro_batch_tokens,
         **_data(calibration, seq_len, calibration_seqs),
-        **_backend(backend, workers, address),
+        **_backend(backend, workers, address, replace_timeout),
     )
     _refuse_tie_blocks(cfg, "compare")
     names = [s.strip() for s in strategies.split(",") if s.strip()]
@@ -736,6 +753,7 @@ def sweep(
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
+    replace_timeout: ReplaceTimeoutOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -753,7 +771,7 @@ def sweep(
         config,
         search__seed=seed,
         evaluator__micro_batch_tokens=micro_batch_tokens,
-        **_backend(backend, workers, address),
+        **_backend(backend, workers, address, replace_timeout),
     )
     _refuse_tie_blocks(cfg, "sweep")
     _check_memory(cfg, "search" if supernet else "build", supernet)

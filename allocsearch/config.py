@@ -61,6 +61,9 @@ backend:
   workers: auto             # Ray actors: an integer >= 1, or auto (one per CPU core this
                             # process may use; on a cluster, one per CPU, or one per GPU
                             # when it has GPUs)
+  replace_timeout_s: 60     # seconds a dead actor's replacement may take to be placed and
+                            # started before its slot is given up (the search goes on with
+                            # fewer actors)
 ```
 """
 
@@ -260,14 +263,22 @@ class BackendConfig:
     or on the cluster at ``address`` / ``RAY_ADDRESS``) or ``"local"`` (in this process, no
     Ray). ``workers``: number of Ray actors, an integer >= 1 or ``"auto"`` (resolved by
     :func:`allocsearch.distributed.ray_backend.auto_worker_plan` once Ray is up).
+    ``replace_timeout_s``: seconds a dead actor's replacement may take to be placed and
+    started; past it the slot is given up and the others go on.
     """
 
     kind: str = "ray"
     address: str | None = None
     workers: int | str = "auto"
+    replace_timeout_s: float = 60.0
 
     def validate(self) -> None:
         _choice("backend", "kind", self.kind, BACKENDS)
+        if not self.replace_timeout_s > 0:
+            raise ConfigError(
+                f"backend.replace_timeout_s = {self.replace_timeout_s!r} must be > 0 (seconds "
+                "a dead actor's replacement may take to be placed and started)"
+            )
         if self.workers != AUTO_WORKERS and (
             isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1
         ):
