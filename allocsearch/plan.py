@@ -542,6 +542,14 @@ class MemoryPlan:
         it in at most ``2 x max_switches`` units, so a query of ``n`` moves at most
         ``L + 2 max_switches n`` distinct variants (``L`` units), at the mean unit size.
       notes: lines shown under the table.
+      parent_disk_bytes: streaming EvoPress: what every query reads of the parent (one
+        level of every unit from the store, nested units' whole rank files, and the dense
+        block weights the store does not hold): the page cache keeps it across queries
+        and generations when there is room.
+      disk_per_generation: streaming EvoPress, with the parent cached: the most a
+        generation reads from disk, its children's differing units (``offspring x 2
+        max_switches`` units at the mean unit level; nested units' levels share the
+        cached rank file).
     """
 
     model: str
@@ -559,6 +567,8 @@ class MemoryPlan:
     moved_per_generation: int
     notes: tuple[str, ...] = ()
     moved_estimate: int = 0
+    parent_disk_bytes: int = 0
+    disk_per_generation: int = 0
 
     def need(self, mode: str) -> tuple[int, int]:
         """(device bytes of the largest process, host bytes of this machine) in ``mode``.
@@ -614,9 +624,30 @@ class MemoryPlan:
                 "device per generation (all actors), about "
                 f"{format_bytes(self.moved_estimate)} for EvoPress children of one parent"
             )
+        if self.parent_disk_bytes:
+            lines.append(self._page_cache_line())
         lines.append(f"- chosen: **{self.mode or 'nothing fits'}**")
         lines += [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
+
+    def _page_cache_line(self) -> str:
+        """Disk reads per generation with the parent cached, and whether the host memory
+        the plan leaves free holds it."""
+        cache = self.parent_disk_bytes + self.disk_per_generation
+        free = self.host_memory * (1 - self.margin) - self.need("streaming")[1]
+        held = (
+            f"the {format_bytes(max(free, 0))} of host memory the plan leaves free holds it"
+            if free >= cache
+            else f"the {format_bytes(max(free, 0))} the plan leaves free does not hold it: each "
+            f"query reads the parent from disk again"
+        )
+        return (
+            f"- page cache (streaming): every query reads the parent's "
+            f"{format_bytes(self.parent_disk_bytes)} (one level of every unit); with it and "
+            f"the children's differences cached ({format_bytes(cache)}), a generation reads at "
+            f"most {format_bytes(self.disk_per_generation)} from disk (its children's "
+            f"differing units); {held}"
+        )
 
     def __str__(self) -> str:
         return self.table()
@@ -919,6 +950,38 @@ def _streaming(
     return device, host, moved
 
 
+def _page_cache(
+    m: _Model, layout: _Layout, *, s: int, a: int, children: int, switches: int
+) -> tuple[int, int]:
+    """(bytes every streaming query reads for the parent, bytes a generation's
+    ``children`` read beyond them), from disk through the page cache.
+
+    Parent: per block, one level of every dense unit (``s N_p``), every nested unit's
+    rank file (``4 N_p`` + counts) and dense weight (``a N_p``, from the model), and the
+    block weights no unit owns (``a``). Children: each differs from the parent in at most
+    ``2 x switches`` units; a new level of a dense unit is ``s N_p`` more, of a nested
+    unit nothing (the cached rank serves every level): ``children x 2 switches`` units
+    at the mean over units, at most the dense units' other levels."""
+    owned = {p.name for p in layout.params}
+    unowned = sum(n for name, n in m.block_params.items() if name not in owned)
+    parent, level_bytes, other_levels = a * unowned, [], 0
+    for u, idx in enumerate(layout.unit_params):
+        new = 0
+        for i in idx:
+            p = layout.params[i]
+            if p.kind == "dense":
+                parent += s * p.numel
+                new += s * p.numel
+            else:
+                counts = 4 * p.levels * (p.shape[0] if p.per_row else 1)
+                parent += (4 + a) * p.numel + counts
+        level_bytes.append(new)
+        other_levels += (layout.unit_levels[u] - 1) * new
+    units = max(len(level_bytes), 1)  # a block's; the mean unit is every block's
+    child = min(children * 2 * switches * sum(level_bytes) // units, m.blocks * other_levels)
+    return m.blocks * parent, child
+
+
 def _store_bytes(m: _Model, layout: _Layout, s: int, store_layout: str) -> int:
     """Bytes of the variant files' tensors (headers, input norms and manifest excluded),
     with the packed layout's sizes from :mod:`allocsearch.supernet.packed`."""
@@ -1158,7 +1221,7 @@ def plan_memory(
         "candidates per call (resident)": str(g),
         "workers": f"{nworkers} actor(s)" if nworkers else "none (the driver scores)",
     }
-    moved_estimate = 0
+    moved_estimate = parent_disk = child_disk = 0
     if generations and moved:
         from allocsearch.search.evolutionary import EvolutionarySearcher
 
@@ -1172,6 +1235,8 @@ def plan_memory(
                 continue
             per_query = moved_query(n)
             moved_estimate += min(per_query, int((units + 2 * switches * n) * mean_unit))
+        parent_disk, child_disk = _page_cache(m, layout, s=s, a=a, children=queries[0][0],
+                                              switches=switches)  # fmt: skip
     result = MemoryPlan(
         model=model or str(hf_config.get("model_type")),
         command=command,
@@ -1188,6 +1253,8 @@ def plan_memory(
         moved_per_generation=moved,
         notes=tuple(notes),
         moved_estimate=moved_estimate,
+        parent_disk_bytes=parent_disk,
+        disk_per_generation=child_disk,
     )
     if chosen is None:
         overrides = {"storage_dtype": storage, "micro_batch_tokens": mb, "store": store}

@@ -150,6 +150,13 @@ def test_hand_counted_bytes_of_a_two_block_model(tmp_path):
     assert plan.store_bytes == 14 * 1000
     # both queries read all 3 levels of every unit in both blocks
     assert plan.moved_per_generation == 2 * (2 * 3 * 4 * 576)
+    # page cache: each query reads the parent's level of the 7 units of both blocks
+    # (576 float32 weights a block) and both blocks' two norms (16 weights): 2 x (2304 +
+    # 64); 4 children x 2 x 3 switches = 24 units at the mean unit level 2304 / 7 bytes,
+    # at most the other 2 levels of every unit (2 x 2 x 2304 = 9216)
+    assert plan.parent_disk_bytes == 2 * (4 * 576 + 4 * 16) == 4736
+    assert plan.disk_per_generation == 24 * 2304 // 7 == 7899
+    assert "- page cache (streaming): every query reads the parent's" in plan.table()
     # EvoPress children differ from their parent in <= 2 x 3 units: a query of n moves
     # <= 14 + 6 n variants of the mean unit, 2 x 4 x 576 / 14 bytes
     mean = 2 * 4 * 576 / 14
