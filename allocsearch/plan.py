@@ -92,6 +92,15 @@ moves ``sum_u P_u`` levels of each unit; EvoPress asks ``offspring`` candidates 
 ``tokens[i]``. This is an upper bound: a query moves only the distinct levels its
 candidates use (an EvoPress child differs from its parent in a few units).
 
+Page cache (streaming EvoPress): every query reads the parent's variants (one level of
+every unit, nested units' rank files, the block weights no unit owns) through the page
+cache; with them cached, a generation reads from disk at most its children's differing
+units (``offspring x 2 max_switches`` units at the mean unit level, nested units nothing
+new). The table states both and whether the host memory the plan leaves free holds them.
+
+When nothing fits, the refusal names single changes that fit (:class:`Remedy`: the config
+keys and command-line options that make each), found by re-planning with each.
+
 The driver keeps the model memory-mapped on the host (``load_workspace`` loads it
 lazily) and the search state while the actors score, the final held-out perplexity
 included (on an actor): it needs no device memory. With ``backend.kind = "local"`` the
