@@ -1324,9 +1324,7 @@ def _single_process(
     return ProcessMemory(command, device, {})
 
 
-def _shortfall(
-    plan: MemoryPlan, execution: str, suggest: bool, remedies: Sequence[Remedy]
-) -> str:
+def _shortfall(plan: MemoryPlan, execution: str, suggest: bool, remedies: Sequence[Remedy]) -> str:
     """One line: what is needed against what is available, and what would fit."""
     tried = [m for m in plan.modes if execution in ("auto", m)] or list(plan.modes)
     best = min(tried, key=lambda m: plan.need(m)[0])
