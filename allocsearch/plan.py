@@ -1410,7 +1410,34 @@ def _what_fits(
             out.append(Remedy("top-k KL", keys))
     if plan.command in ("search", "compare"):
         out += _runtime_remedies(plan, cfg, execution, overrides, fits, with_)
+        if not out and plan.device_kind != "cpu":
+            out += _scale_out_remedy(plan, cfg, overrides, fits, with_)
     return out
+
+
+def _scale_out_remedy(plan, cfg, overrides, fits, with_) -> list[Remedy]:
+    """When no single change fits: the fewest workers that fit together with smaller
+    micro-batches (more actors split a query's candidates, smaller calls shrink the
+    working set); at most one remedy, tried only on a refusal."""
+    start = int(overrides.get("micro_batch_tokens") or _MICRO_BATCH_TOKENS)
+    for w in (8, 16, 32, 64):
+        if w <= max(plan.workers, 1):
+            continue
+        mb = start
+        while mb > cfg.data.seq_len:
+            mb = max(mb // 2, cfg.data.seq_len)
+            both = with_("backend", kind="ray", workers=w)
+            both = dataclasses.replace(
+                both, evaluator=dataclasses.replace(both.evaluator, micro_batch_tokens=mb)
+            )
+            if fits(both, workers=w, micro_batch_tokens=mb):
+                keys = {"backend.workers": w, "evaluator.micro_batch_tokens": mb}
+                if cfg.backend.kind != "ray":
+                    keys = {"backend.kind": "ray", **keys}
+                what = f"together, {w} actors (one device each) and {mb}-token micro-batches"
+                options = ("--workers", str(w), "--micro-batch-tokens", str(mb))
+                return [Remedy(what, keys, options)]
+    return []
 
 
 def _runtime_remedies(plan, cfg, execution, overrides, fits, with_) -> list[Remedy]:

@@ -260,8 +260,13 @@ def test_refusal_names_the_shortfall_and_what_would_fit():
     assert "would fit: fewer levels: 5 (supernet.steps_each_side: 2 or --steps-each-side 2)" in msg
     want = "smaller micro-batches: 4096 tokens (evaluator.micro_batch_tokens: 4096 or "
     assert want + "--micro-batch-tokens 4096)" in msg, msg
-    with pytest.raises(MemoryPlanError, match="no single change fits"):
+    with pytest.raises(MemoryPlanError, match="would fit: together, 32 actors") as e:
         plan_memory(hf, _llama3_8b_run(), device_memory=parse_bytes("16GB"), **kwargs)
+    assert [r.config for r in e.value.remedies] == [
+        {"backend.kind": "ray", "backend.workers": 32, "evaluator.micro_batch_tokens": 4096}
+    ]
+    with pytest.raises(MemoryPlanError, match="no single change fits"):
+        plan_memory(hf, _llama3_8b_run(), device_memory=parse_bytes("4GB"), **kwargs)
 
 
 def test_plan_command(tmp_path):
@@ -510,3 +515,33 @@ def test_llama3_70b_refusal_remedies_apply(tmp_path):
     assert "16 actors, one device each (backend.workers: 16 or --workers 16)" in line, line
     for extra in (["--steps-each-side", "3"], ["--workers", "16"]):
         assert runner.invoke(app, [*args, *extra]).exit_code == 0, extra
+
+
+@pytest.mark.slow
+def test_llama_405b_at_80gb_gets_a_two_change_remedy_that_fits(tmp_path):
+    """No single change fits Llama-3.1-405B on 80 GB devices; the refusal names the fewest
+    actors that fit together with smaller micro-batches, and that change (options, or
+    config keys) re-plans to a fit."""
+    runner = CliRunner()
+    config = ROOT / "configs" / "llama3-8b-evopress.yaml"
+    model = str(ROOT / "configs" / "models" / "llama-3.1-405b")
+    args = ["plan", "--model", model, "--config", str(config)]
+    args += ["--device-memory", "80GB", "--host-memory", "2TB"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2
+    line = " ".join(refused.stderr.split())
+    want = (
+        "would fit: together, 64 actors (one device each) and 4096-token micro-batches "
+        "(backend.workers: 64 with evaluator.micro_batch_tokens: 4096 or --workers 64 "
+        "--micro-batch-tokens 4096)"
+    )
+    assert want in line, line
+    fixed = runner.invoke(app, [*args, "--workers", "64", "--micro-batch-tokens", "4096"])
+    assert fixed.exit_code == 0 and "- chosen: **streaming**" in fixed.stdout
+    run = yaml.safe_load(config.read_text())
+    run["backend"]["workers"] = 64
+    run["evaluator"]["micro_batch_tokens"] = 4096
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run))
+    args[args.index("--config") + 1] = str(path)
+    assert runner.invoke(app, args).exit_code == 0
