@@ -1479,6 +1479,7 @@ def check_run(
     *,
     model: str | None = None,
     store: str | os.PathLike | None = None,
+    suggest: bool = True,
 ) -> MemoryPlan | None:
     """The check the CLI runs before loading anything: plan ``command`` for ``cfg`` (in
     ``cfg.evaluator.execution``) on this machine's detected memory and raise
@@ -1490,7 +1491,8 @@ def check_run(
     ``search``/``compare`` on a Ray cluster (``backend.address``/``RAY_ADDRESS``) unless
     ``ALLOCSEARCH_DEVICE_MEMORY`` says what the actors' devices hold: they are not this
     machine's. ``store``: an existing supernet (its manifest gives the levels), else the
-    config's grid.
+    config's grid. ``suggest``: name what would fit in the refusal (re-plans; False when
+    only the verdict matters).
     """
     from allocsearch.models.hf import ModelLoadError
 
@@ -1517,6 +1519,7 @@ def check_run(
             host_memory=host,
             execution=getattr(cfg.evaluator, "execution", "auto"),
             store=store,
+            suggest=suggest,
         )
     except MemoryPlanError:
         raise
@@ -1534,7 +1537,7 @@ def execution_for(
     """
     probe = dataclasses.replace(cfg, evaluator=dataclasses.replace(cfg.evaluator, execution="auto"))
     try:
-        plan = check_run(probe, "search", model=model, store=store)
+        plan = check_run(probe, "search", model=model, store=store, suggest=False)
     except MemoryPlanError:
         return "streaming"
     return "resident" if plan is None or plan.mode is None else plan.mode
