@@ -294,6 +294,9 @@ def test_head_node_loss_exits_2_naming_resume_then_resume_gives_the_recipe(
     from allocsearch.cli import app
     from allocsearch.distributed import ray_backend
 
+    if not cluster.worker_nodes:  # the full-cluster test above removed its worker
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
     root, config = workspace
     run = {**config, "search": {**config["search"], "settings": {
         **config["search"]["settings"], "generations": 4}}}  # fmt: skip
@@ -308,7 +311,7 @@ def test_head_node_loss_exits_2_naming_resume_then_resume_gives_the_recipe(
     def stream(self, method, calls, **kw):
         seen["calls"] += 1
         seen["timeouts"].add(self.replace_timeout_s)
-        if method == "evaluate" and seen["calls"] == 5:
+        if method == "evaluate" and seen["calls"] >= 5 and not seen["lost"]:
             head = cluster.head_node.node_id
             [slot] = [s for s, p in enumerate(self.placement) if p["node"] == head]
             ray.kill(self.actors[slot], no_restart=True)
@@ -319,8 +322,8 @@ def test_head_node_loss_exits_2_naming_resume_then_resume_gives_the_recipe(
         m.setattr(ray_backend._ActorPool, "stream", stream)
         m.setattr(ray_backend._ActorPool, "driver_node_alive", lambda self: not seen["lost"])
         lost = CliRunner().invoke(app, args)
-    assert seen["lost"] and seen["timeouts"] == {7.0}
-    assert lost.exit_code == 2, lost.output
+    assert lost.exit_code == 2, (seen, lost.output)
+    assert seen["lost"] and seen["timeouts"] == {7.0}, (seen, lost.output)
     [line] = [x for x in lost.stderr.splitlines() if x.strip()]
     assert line.startswith("error: HeadNodeLostError: the Ray node of this driver"), line
     assert "rerun the same command with --resume" in line, line
