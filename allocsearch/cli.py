@@ -219,6 +219,28 @@ AddressOpt = Annotated[
     str | None,
     typer.Option(help="Existing Ray cluster (or RAY_ADDRESS); default: a local Ray instance."),
 ]
+MicroBatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Tokens per scoring call (whole sequences, at least one): smaller uses less "
+        "activation memory, same scores (default: the config's evaluator.micro_batch_tokens, "
+        "else 8192)."
+    ),
+]
+ReplaceTimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Seconds a dead Ray actor's replacement may take to be placed and started before "
+        "its slot is given up (default: the config's backend.replace_timeout_s, else 60)."
+    ),
+]
+StepsEachSideOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Levels on each side of the grid's centre (2 x this + 1 levels) (default: the "
+        "config's supernet.steps_each_side, else 4)."
+    ),
+]
 
 TargetOpt = Annotated[
     float | None,
@@ -267,6 +289,11 @@ _OPTION_OF_KEY = {
     "data.n_heldout_seqs": "--heldout-seqs",
     "evaluator.metric": "--metric",
     "search.budget_kind": "--budget",
+    "evaluator.micro_batch_tokens": "--micro-batch-tokens",
+    "supernet.steps_each_side": "--steps-each-side",
+    "supernet.storage_dtype": "--storage-dtype",
+    "evaluator.execution": "--execution",
+    "backend.replace_timeout_s": "--replace-timeout",
 }
 
 
@@ -334,7 +361,12 @@ def _check_generations(generations: int | None) -> None:
         raise UserError(f"--generations must be an integer >= 1, got {generations}")
 
 
-def _backend(backend: str | None, workers: str | None, address: str | None) -> dict:
+def _backend(
+    backend: str | None,
+    workers: str | None,
+    address: str | None,
+    replace_timeout: float | None = None,
+) -> dict:
     """Config overrides of the backend options (``--workers`` parsed: an integer or a word,
     which the config validates)."""
     count: int | str | None = workers
@@ -347,6 +379,7 @@ def _backend(backend: str | None, workers: str | None, address: str | None) -> d
         "backend__kind": backend,
         "backend__workers": count,
         "backend__address": address or os.environ.get("RAY_ADDRESS"),
+        "backend__replace_timeout_s": replace_timeout,
     }
 
 
@@ -476,6 +509,7 @@ def demo(
     ] = "local",
     workers: WorkersOpt = None,
     storage_dtype: StorageDtypeOpt = None,
+    micro_batch_tokens: MicroBatchOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -490,6 +524,7 @@ def demo(
         supernet__center=target,
         search__seed=seed,
         supernet__storage_dtype=storage_dtype,
+        evaluator__micro_batch_tokens=micro_batch_tokens,
         **_backend(backend, workers, None),
     )
     run_demo(
@@ -559,6 +594,7 @@ def build(
         ),
     ] = None,
     storage_dtype: StorageDtypeOpt = None,
+    steps_each_side: StepsEachSideOpt = None,
     calibration: CalibrationOpt = None,
     seq_len: SeqLenOpt = None,
     calibration_seqs: CalibrationSeqsOpt = None,
@@ -567,6 +603,7 @@ def build(
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
+    replace_timeout: ReplaceTimeoutOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
     quantizer: Annotated[
@@ -615,9 +652,10 @@ def build(
         supernet__depth=depth,
         supernet__expert_removal=expert_removal,
         supernet__prune_router=prune_router,
+        supernet__steps_each_side=steps_each_side,
         **_data(calibration, seq_len, calibration_seqs),
         **_heldout(heldout, heldout_seqs),
-        **_backend(backend, workers, address),
+        **_backend(backend, workers, address, replace_timeout),
     )
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
@@ -698,9 +736,11 @@ def search(
     heldout_seqs: HeldoutSeqsOpt = None,
     metric: MetricOpt = None,
     generations: GenerationsOpt = None,
+    micro_batch_tokens: MicroBatchOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
+    replace_timeout: ReplaceTimeoutOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -723,9 +763,10 @@ def search(
         search__budget_kind=budget,
         search__tie_blocks=tie_blocks,
         search__seed=seed,
+        evaluator__micro_batch_tokens=micro_batch_tokens,
         **_data(calibration, seq_len, calibration_seqs),
         **_heldout(heldout, heldout_seqs, metric),
-        **_backend(backend, workers, address),
+        **_backend(backend, workers, address, replace_timeout),
     )
     cfg = _with_generations(cfg, generations)
     _check_memory(cfg, "search", supernet)
@@ -760,9 +801,11 @@ def compare(
     heldout_seqs: HeldoutSeqsOpt = None,
     metric: MetricOpt = None,
     generations: GenerationsOpt = None,
+    micro_batch_tokens: MicroBatchOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
+    replace_timeout: ReplaceTimeoutOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -777,9 +820,10 @@ def compare(
         model=model,
         search__target=_default_target(target, config, supernet),
         search__seed=seed,
+        evaluator__micro_batch_tokens=micro_batch_tokens,
         **_data(calibration, seq_len, calibration_seqs),
         **_heldout(heldout, heldout_seqs, metric),
-        **_backend(backend, workers, address),
+        **_backend(backend, workers, address, replace_timeout),
     )
     _refuse_tie_blocks(cfg, "compare")
     names = [s.strip() for s in strategies.split(",") if s.strip()]
@@ -824,9 +868,11 @@ def sweep(
         typer.Option(help="Seed of the searches (default: the config's search.seed, else 0)."),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted sweep in --out.")] = False,
+    micro_batch_tokens: MicroBatchOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
+    replace_timeout: ReplaceTimeoutOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -840,7 +886,12 @@ def sweep(
         raise UserError(f"--evopress-generations {evopress_generations} must be >= 0 (0 = off)")
     if not resume:
         _refuse_existing(out, overwrite)
-    cfg = _config(config, search__seed=seed, **_backend(backend, workers, address))
+    cfg = _config(
+        config,
+        search__seed=seed,
+        evaluator__micro_batch_tokens=micro_batch_tokens,
+        **_backend(backend, workers, address, replace_timeout),
+    )
     _refuse_tie_blocks(cfg, "sweep")
     _check_memory(cfg, "search" if supernet else "build", supernet)
     if not resume:
@@ -1185,11 +1236,18 @@ def plan(
         int | None, typer.Option(help="Scoring actors, one device each (default: the config).")
     ] = None,
     execution: Annotated[
-        str, typer.Option(help="auto (resident if it fits, else streaming) | resident | streaming.")
-    ] = "auto",
+        str | None,
+        typer.Option(
+            help="auto (resident if it fits, else streaming) | resident | streaming (default: "
+            "the config's evaluator.execution, else auto)."
+        ),
+    ] = None,
     command: Annotated[
         str, typer.Option("--for", help="search | compare | build | apply | eval.")
     ] = "search",
+    micro_batch_tokens: MicroBatchOpt = None,
+    steps_each_side: StepsEachSideOpt = None,
+    storage_dtype: StorageDtypeOpt = None,
 ) -> None:
     """Memory plan, from config.json alone: bytes per process (model, variants, teacher,
     activations, reference states) in resident and streaming execution, the mode that
@@ -1203,7 +1261,15 @@ def plan(
         refuse_foreign_store,
     )
 
-    cfg = _config(config, model=model, backend__workers=workers)  # workers as search checks
+    cfg = _config(
+        config,
+        model=model,
+        backend__workers=workers,  # workers checked as search checks them
+        evaluator__micro_batch_tokens=micro_batch_tokens,
+        evaluator__execution=execution,
+        supernet__steps_each_side=steps_each_side,
+        supernet__storage_dtype=storage_dtype,
+    )
     hf_config = load_hf_config(cfg.model)
     if supernet is not None:
         refuse_foreign_store(supernet, cfg.model, hf_config)
@@ -1216,7 +1282,7 @@ def plan(
             device_memory=parse_bytes(device_memory) if device_memory else None,
             host_memory=parse_bytes(host_memory) if host_memory else None,
             workers=workers,
-            execution=execution,
+            execution=cfg.evaluator.execution,
             store=supernet,
         )
     except MemoryPlanError as e:  # the table of what did not fit, then the one line

@@ -51,6 +51,9 @@ evaluator:
   metric: kl                # causal LMs: kl | topk_kl | nll; encoders: embedding_cosine
                             # (mean-pooled sentence embeddings) | hidden_nmse
   topk: null
+  execution: auto           # auto | resident | streaming (see `allocsearch plan`)
+  micro_batch_tokens: 8192  # at most this many tokens (whole sequences, at least one) per
+                            # scoring call: bounds activation memory; scores do not change
 backend:
   kind: ray                 # ray (default) | local (in process, no Ray: tests, debugging)
   address: null             # an existing Ray cluster (or RAY_ADDRESS); null: a local Ray
@@ -58,6 +61,9 @@ backend:
   workers: auto             # Ray actors: an integer >= 1, or auto (one per CPU core this
                             # process may use; on a cluster, one per CPU, or one per GPU
                             # when it has GPUs)
+  replace_timeout_s: 60     # seconds a dead actor's replacement may take to be placed and
+                            # started before its slot is given up (the search goes on with
+                            # fewer actors)
 ```
 """
 
@@ -228,15 +234,23 @@ class EvaluatorConfig:
     ``execution``: ``"resident"`` (every variant on the device: fastest, for what fits),
     ``"streaming"`` (block by block from the memory-mapped store: for supernets larger
     than the device) or ``"auto"`` (chosen by :func:`allocsearch.pipeline.choose_execution`).
+    ``micro_batch_tokens``: tokens (whole sequences, at least one) per scoring call, both
+    modes; smaller uses less activation memory, the scores are the same.
     """
 
     metric: str = "kl"
     topk: int | None = None
     execution: str = "auto"
+    micro_batch_tokens: int = 8192
 
     def validate(self) -> None:
         _choice("evaluator", "metric", self.metric, METRICS)
         _choice("evaluator", "execution", self.execution, EXECUTIONS)
+        if isinstance(self.micro_batch_tokens, bool) or self.micro_batch_tokens < 1:
+            raise ConfigError(
+                f"evaluator.micro_batch_tokens = {self.micro_batch_tokens!r} must be an "
+                "integer >= 1 (tokens per scoring call; whole sequences, at least one)"
+            )
         if self.metric == "topk_kl" and (self.topk is None or self.topk < 1):
             raise ConfigError(f"evaluator.topk = {self.topk!r}: topk_kl needs a topk >= 1")
 
@@ -249,14 +263,22 @@ class BackendConfig:
     or on the cluster at ``address`` / ``RAY_ADDRESS``) or ``"local"`` (in this process, no
     Ray). ``workers``: number of Ray actors, an integer >= 1 or ``"auto"`` (resolved by
     :func:`allocsearch.distributed.ray_backend.auto_worker_plan` once Ray is up).
+    ``replace_timeout_s``: seconds a dead actor's replacement may take to be placed and
+    started; past it the slot is given up and the others go on.
     """
 
     kind: str = "ray"
     address: str | None = None
     workers: int | str = "auto"
+    replace_timeout_s: float = 60.0
 
     def validate(self) -> None:
         _choice("backend", "kind", self.kind, BACKENDS)
+        if not self.replace_timeout_s > 0:
+            raise ConfigError(
+                f"backend.replace_timeout_s = {self.replace_timeout_s!r} must be > 0 (seconds "
+                "a dead actor's replacement may take to be placed and started)"
+            )
         if self.workers != AUTO_WORKERS and (
             isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1
         ):

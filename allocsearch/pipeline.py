@@ -471,15 +471,19 @@ def make_evaluator(
     if execution == "auto":
         execution = choose_execution(ws, store)
     metric = make_metric(ws.config.evaluator)
+    mb = ws.config.evaluator.micro_batch_tokens
     if execution == "streaming":
-        return StreamingEvaluator(ws.model, store, ws.calibration, metric=metric)
+        return StreamingEvaluator(
+            ws.model, store, ws.calibration, metric=metric, micro_batch_tokens=mb
+        )
     return Evaluator(
         ws.model,
         store.spec,
-        store.all_variants(),
+        store.host_variants(),  # read once each, into the stacks: one device copy
         store.unit_params,
         ws.calibration,
         metric=metric,
+        micro_batch_tokens=mb,
     )
 
 

@@ -47,9 +47,9 @@ against measured peaks by ``scripts/bench_plan.py``):
 * model: the loaded parameters ``a sum_p N_p`` (the model stays referenced) plus the
   evaluator's stacked copies of every parameter that is not a stacked dense-variant
   role (norms, embeddings, head, and the dense weights under nested masks);
-* variants: the store's variants, kept for the evaluator's lifetime (nested: int32 rank,
-  ``4 N_p``; dense: ``s K_u N_p``) plus their stacks (nested: another int32 rank;
-  dense: ``a K_u N_p``);
+* variants: their stacks, the one device copy (nested: an int32 rank, ``4 N_p``, and the
+  prune counts; dense: ``a K_u N_p``): the evaluator reads the store's memory-mapped
+  variants one parameter at a time into them (the store's pages are page cache);
 * teacher: teacher bytes per token x calibration tokens;
 * reference: ``(B + 1) x fidelity x D x a`` for the largest fidelity whose states fit
   the evaluator's ``max_reference_bytes`` (1 GiB), as the evaluator caches them;
@@ -92,6 +92,15 @@ moves ``sum_u P_u`` levels of each unit; EvoPress asks ``offspring`` candidates 
 ``tokens[i]``. This is an upper bound: a query moves only the distinct levels its
 candidates use (an EvoPress child differs from its parent in a few units).
 
+Page cache (streaming EvoPress): every query reads the parent's variants (one level of
+every unit, nested units' rank files, the block weights no unit owns) through the page
+cache; with them cached, a generation reads from disk at most its children's differing
+units (``offspring x 2 max_switches`` units at the mean unit level, nested units nothing
+new). The table states both and whether the host memory the plan leaves free holds them.
+
+When nothing fits, the refusal names single changes that fit (:class:`Remedy`: the config
+keys and command-line options that make each), found by re-planning with each.
+
 The driver keeps the model memory-mapped on the host (``load_workspace`` loads it
 lazily) and the search state while the actors score, the final held-out perplexity
 included (on an actor): it needs no device memory. With ``backend.kind = "local"`` the
@@ -120,6 +129,7 @@ __all__ = [
     "MemoryPlan",
     "MemoryPlanError",
     "ProcessMemory",
+    "Remedy",
     "check_run",
     "detect_memory",
     "execution_for",
@@ -150,11 +160,37 @@ _BINARY = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 class MemoryPlanError(ValueError):
     """The run does not fit: the message names the bytes needed and available (GiB) and
-    the changes that would fit; ``plan`` is the :class:`MemoryPlan` that did not fit."""
+    the changes that would fit; ``plan`` is the :class:`MemoryPlan` that did not fit and
+    ``remedies`` the :class:`Remedy` list the message names."""
 
-    def __init__(self, message: str, plan: MemoryPlan | None = None):
+    def __init__(
+        self, message: str, plan: MemoryPlan | None = None, remedies: Sequence[Remedy] = ()
+    ):
         super().__init__(message)
         self.plan = plan
+        self.remedies = tuple(remedies)
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """One single change after which the plan fits, as a user makes it.
+
+    Attributes:
+      what: what changes, e.g. ``"fewer levels: 7"``.
+      config: the config keys that make it (dotted key -> value, e.g.
+        ``{"supernet.steps_each_side": 3}``).
+      options: the command-line options that make it (e.g. ``("--steps-each-side", "3")``),
+        the same on ``plan`` and the commands that run; empty where only the config can.
+    """
+
+    what: str
+    config: Mapping[str, Any]
+    options: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        keys = " with ".join(f"{k}: {v}" for k, v in self.config.items())
+        cli = f" or {' '.join(self.options)}" if self.options else ""
+        return f"{self.what} ({keys}{cli})"
 
 
 # --------------------------------------------------------------------------- parsing
@@ -515,6 +551,14 @@ class MemoryPlan:
         it in at most ``2 x max_switches`` units, so a query of ``n`` moves at most
         ``L + 2 max_switches n`` distinct variants (``L`` units), at the mean unit size.
       notes: lines shown under the table.
+      parent_disk_bytes: streaming EvoPress: what every query reads of the parent (one
+        level of every unit from the store, nested units' whole rank files, and the dense
+        block weights the store does not hold): the page cache keeps it across queries
+        and generations when there is room.
+      disk_per_generation: streaming EvoPress, with the parent cached: the most a
+        generation reads from disk, its children's differing units (``offspring x 2
+        max_switches`` units at the mean unit level; nested units' levels share the
+        cached rank file).
     """
 
     model: str
@@ -532,6 +576,8 @@ class MemoryPlan:
     moved_per_generation: int
     notes: tuple[str, ...] = ()
     moved_estimate: int = 0
+    parent_disk_bytes: int = 0
+    disk_per_generation: int = 0
 
     def need(self, mode: str) -> tuple[int, int]:
         """(device bytes of the largest process, host bytes of this machine) in ``mode``.
@@ -587,9 +633,30 @@ class MemoryPlan:
                 "device per generation (all actors), about "
                 f"{format_bytes(self.moved_estimate)} for EvoPress children of one parent"
             )
+        if self.parent_disk_bytes:
+            lines.append(self._page_cache_line())
         lines.append(f"- chosen: **{self.mode or 'nothing fits'}**")
         lines += [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
+
+    def _page_cache_line(self) -> str:
+        """Disk reads per generation with the parent cached, and whether the host memory
+        the plan leaves free holds it."""
+        cache = self.parent_disk_bytes + self.disk_per_generation
+        free = self.host_memory * (1 - self.margin) - self.need("streaming")[1]
+        held = (
+            f"the {format_bytes(max(free, 0))} of host memory the plan leaves free holds it"
+            if free >= cache
+            else f"the {format_bytes(max(free, 0))} the plan leaves free does not hold it: each "
+            f"query reads the parent from disk again"
+        )
+        return (
+            f"- page cache (streaming): every query reads the parent's "
+            f"{format_bytes(self.parent_disk_bytes)} (one level of every unit); with it and "
+            f"the children's differences cached ({format_bytes(cache)}), a generation reads at "
+            f"most {format_bytes(self.disk_per_generation)} from disk (its children's "
+            f"differing units); {held}"
+        )
 
     def __str__(self) -> str:
         return self.table()
@@ -819,11 +886,11 @@ def _resident(
     largest_stack = 0  # one parameter role's stack, assembled on the host
     for p in layout.params:
         if p.kind == "dense":
-            variants += B * p.levels * p.numel * (s + a)
+            variants += B * p.levels * p.numel * a  # the stacks only (one device copy)
             stack = B * p.levels * p.numel * a
         else:
             counts = 4 * p.levels * (p.shape[0] if p.per_row else 1)
-            variants += 2 * B * (4 * p.numel + counts)
+            variants += B * (4 * p.numel + counts)
             stack = B * (4 + a) * p.numel
         largest_stack = max(largest_stack, stack)
     teacher = _teacher_per_token(cfg, m) * n_cal
@@ -939,6 +1006,38 @@ def _streaming(
     }
     host = {"variants": host_slabs, "teacher": per_token * n_cal}
     return device, host, moved
+
+
+def _page_cache(
+    m: _Model, layout: _Layout, *, s: int, a: int, children: int, switches: int
+) -> tuple[int, int]:
+    """(bytes every streaming query reads for the parent, bytes a generation's
+    ``children`` read beyond them), from disk through the page cache.
+
+    Parent: per block, one level of every dense unit (``s N_p``), every nested unit's
+    rank file (``4 N_p`` + counts) and dense weight (``a N_p``, from the model), and the
+    block weights no unit owns (``a``). Children: each differs from the parent in at most
+    ``2 x switches`` units; a new level of a dense unit is ``s N_p`` more, of a nested
+    unit nothing (the cached rank serves every level): ``children x 2 switches`` units
+    at the mean over units, at most the dense units' other levels."""
+    owned = {p.name for p in layout.params}
+    unowned = sum(n for name, n in m.block_params.items() if name not in owned)
+    parent, level_bytes, other_levels = a * unowned, [], 0
+    for u, idx in enumerate(layout.unit_params):
+        new = 0
+        for i in idx:
+            p = layout.params[i]
+            if p.kind == "dense":
+                parent += s * p.numel
+                new += s * p.numel
+            else:
+                counts = 4 * p.levels * (p.shape[0] if p.per_row else 1)
+                parent += (4 + a) * p.numel + counts
+        level_bytes.append(new)
+        other_levels += (layout.unit_levels[u] - 1) * new
+    units = max(len(level_bytes), 1)  # a block's; the mean unit is every block's
+    child = min(children * 2 * switches * sum(level_bytes) // units, m.blocks * other_levels)
+    return m.blocks * parent, child
 
 
 def _store_bytes(m: _Model, layout: _Layout, s: int, store_layout: str) -> int:
@@ -1180,7 +1279,7 @@ def plan_memory(
         "candidates per call (resident)": str(g),
         "workers": f"{nworkers} actor(s)" if nworkers else "none (the driver scores)",
     }
-    moved_estimate = 0
+    moved_estimate = parent_disk = child_disk = 0
     if generations and moved:
         from allocsearch.search.evolutionary import EvolutionarySearcher
 
@@ -1194,6 +1293,8 @@ def plan_memory(
                 continue
             per_query = moved_query(n)
             moved_estimate += min(per_query, int((units + 2 * switches * n) * mean_unit))
+        parent_disk, child_disk = _page_cache(m, layout, s=s, a=a, children=queries[0][0],
+                                              switches=switches)  # fmt: skip
     result = MemoryPlan(
         model=model or str(hf_config.get("model_type")),
         command=command,
@@ -1210,11 +1311,14 @@ def plan_memory(
         moved_per_generation=moved,
         notes=tuple(notes),
         moved_estimate=moved_estimate,
+        parent_disk_bytes=parent_disk,
+        disk_per_generation=child_disk,
     )
     if chosen is None:
         overrides = {"storage_dtype": storage, "micro_batch_tokens": mb, "store": store}
-        message = _shortfall(result, hf_config, cfg, execution, suggest, overrides)
-        raise MemoryPlanError(message, result)
+        remedies = _what_fits(result, hf_config, cfg, execution, overrides) if suggest else []
+        message = _shortfall(result, execution, suggest, remedies)
+        raise MemoryPlanError(message, result, remedies)
     return result
 
 
@@ -1269,14 +1373,7 @@ def _single_process(
     return ProcessMemory(command, device, {})
 
 
-def _shortfall(
-    plan: MemoryPlan,
-    hf_config: Mapping[str, Any],
-    cfg: RunConfig,
-    execution: str,
-    suggest: bool,
-    overrides: Mapping[str, Any],
-) -> str:
+def _shortfall(plan: MemoryPlan, execution: str, suggest: bool, remedies: Sequence[Remedy]) -> str:
     """One line: what is needed against what is available, and what would fit."""
     tried = [m for m in plan.modes if execution in ("auto", m)] or list(plan.modes)
     best = min(tried, key=lambda m: plan.need(m)[0])
@@ -1305,8 +1402,9 @@ def _shortfall(
     )
     if not suggest:
         return head
-    options = _what_fits(plan, hf_config, cfg, execution, overrides)
-    return head + ("; would fit: " + ", ".join(options) if options else "; no single change fits")
+    if not remedies:
+        return head + "; no single change fits"
+    return head + "; would fit: " + ", ".join(str(r) for r in remedies)
 
 
 def _what_fits(
@@ -1341,35 +1439,83 @@ def _what_fits(
         sub = getattr(cfg, section)
         return dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **changes)})
 
-    out = []
-    if overrides.get("storage_dtype") == "float32" and fits(cfg, storage_dtype="bfloat16"):
-        out.append("bf16 storage (build --storage-dtype bfloat16)")
+    out: list[Remedy] = []
+    if overrides.get("storage_dtype") == "float32":
+        if fits(with_("supernet", storage_dtype="bfloat16"), storage_dtype="bfloat16"):
+            key = {"supernet.storage_dtype": "bfloat16"}
+            out.append(Remedy("bf16 storage, at build", key, ("--storage-dtype", "bfloat16")))
     if cfg.dtype == "float32" and fits(dataclasses.replace(cfg, dtype="bfloat16")):
-        out.append("a bfloat16 model (dtype: bfloat16)")
+        out.append(Remedy("a bfloat16 model", {"dtype": "bfloat16"}))
     if plan.command in ("search", "compare", "build"):
         for steps in range(cfg.supernet.steps_each_side - 1, 0, -1):
             if fits(with_("supernet", steps_each_side=steps)):
-                out.append(
-                    f"fewer levels (supernet.steps_each_side: {steps}: {2 * steps + 1} levels)"
-                )
+                key = {"supernet.steps_each_side": steps}
+                what = f"fewer levels: {2 * steps + 1}"
+                out.append(Remedy(what, key, ("--steps-each-side", str(steps))))
                 break
     if plan.command in ("search", "compare") and cfg.evaluator.metric == "kl":
         if fits(with_("evaluator", metric="topk_kl", topk=1024)):
-            out.append("top-k KL (evaluator.metric: topk_kl, topk: 1024)")
+            keys = {"evaluator.metric": "topk_kl", "evaluator.topk": 1024}
+            out.append(Remedy("top-k KL", keys))
     if plan.command in ("search", "compare"):
-        mb = int(overrides.get("micro_batch_tokens") or _MICRO_BATCH_TOKENS)
+        out += _runtime_remedies(plan, cfg, execution, overrides, fits, with_)
+        if not out and plan.device_kind != "cpu":
+            out += _scale_out_remedy(plan, cfg, overrides, fits, with_)
+    return out
+
+
+def _scale_out_remedy(plan, cfg, overrides, fits, with_) -> list[Remedy]:
+    """When no single change fits: the fewest workers that fit together with smaller
+    micro-batches (more actors split a query's candidates, smaller calls shrink the
+    working set); at most one remedy, tried only on a refusal."""
+    start = int(overrides.get("micro_batch_tokens") or _MICRO_BATCH_TOKENS)
+    for w in (8, 16, 32, 64):
+        if w <= max(plan.workers, 1):
+            continue
+        mb = start
         while mb > cfg.data.seq_len:
             mb = max(mb // 2, cfg.data.seq_len)
-            if fits(cfg, micro_batch_tokens=mb):
-                out.append(f"smaller micro-batches ({mb} tokens)")
+            both = with_("backend", kind="ray", workers=w)
+            both = dataclasses.replace(
+                both, evaluator=dataclasses.replace(both.evaluator, micro_batch_tokens=mb)
+            )
+            if fits(both, workers=w, micro_batch_tokens=mb):
+                keys = {"backend.workers": w, "evaluator.micro_batch_tokens": mb}
+                if cfg.backend.kind != "ray":
+                    keys = {"backend.kind": "ray", **keys}
+                what = f"together, {w} actors (one device each) and {mb}-token micro-batches"
+                options = ("--workers", str(w), "--micro-batch-tokens", str(mb))
+                return [Remedy(what, keys, options)]
+    return []
+
+
+def _runtime_remedies(plan, cfg, execution, overrides, fits, with_) -> list[Remedy]:
+    """The remedies of the scoring run itself: micro-batches, streaming, more workers
+    (each re-planned through the config key a user sets, and the argument that
+    overrides it)."""
+    out = []
+    mb = int(overrides.get("micro_batch_tokens") or _MICRO_BATCH_TOKENS)
+    while mb > cfg.data.seq_len:
+        mb = max(mb // 2, cfg.data.seq_len)
+        if fits(with_("evaluator", micro_batch_tokens=mb), micro_batch_tokens=mb):
+            key = {"evaluator.micro_batch_tokens": mb}
+            what = f"smaller micro-batches: {mb} tokens"
+            out.append(Remedy(what, key, ("--micro-batch-tokens", str(mb))))
+            break
+    streaming = with_("evaluator", execution="streaming")
+    if execution == "resident" and fits(streaming, execution="streaming"):
+        key = {"evaluator.execution": "streaming"}
+        out.append(Remedy("streaming execution", key, ("--execution", "streaming")))
+    if plan.device_kind != "cpu":
+        for w in (2, 4, 8, 16, 32, 64):
+            more = with_("backend", kind="ray", workers=w)
+            if w > max(plan.workers, 1) and fits(more, workers=w):
+                keys = {"backend.workers": w}
+                if cfg.backend.kind != "ray":
+                    keys = {"backend.kind": "ray", **keys}
+                what = f"more workers: {w} actors, one device each"
+                out.append(Remedy(what, keys, ("--workers", str(w))))
                 break
-        if execution == "resident" and fits(cfg, execution="streaming"):
-            out.append("streaming execution (--execution streaming)")
-        if plan.device_kind != "cpu":
-            for w in (2, 4, 8, 16, 32, 64):
-                if w > max(plan.workers, 1) and fits(cfg, workers=w):
-                    out.append(f"more workers ({w} actors, one device each)")
-                    break
     return out
 
 
@@ -1382,6 +1528,7 @@ def check_run(
     *,
     model: str | None = None,
     store: str | os.PathLike | None = None,
+    suggest: bool = True,
 ) -> MemoryPlan | None:
     """The check the CLI runs before loading anything: plan ``command`` for ``cfg`` (in
     ``cfg.evaluator.execution``) on this machine's detected memory and raise
@@ -1393,7 +1540,8 @@ def check_run(
     ``search``/``compare`` on a Ray cluster (``backend.address``/``RAY_ADDRESS``) unless
     ``ALLOCSEARCH_DEVICE_MEMORY`` says what the actors' devices hold: they are not this
     machine's. ``store``: an existing supernet (its manifest gives the levels), else the
-    config's grid.
+    config's grid. ``suggest``: name what would fit in the refusal (re-plans; False when
+    only the verdict matters).
     """
     from allocsearch.models.hf import ModelLoadError
 
@@ -1420,6 +1568,7 @@ def check_run(
             host_memory=host,
             execution=getattr(cfg.evaluator, "execution", "auto"),
             store=store,
+            suggest=suggest,
         )
     except MemoryPlanError:
         raise
@@ -1437,7 +1586,7 @@ def execution_for(
     """
     probe = dataclasses.replace(cfg, evaluator=dataclasses.replace(cfg.evaluator, execution="auto"))
     try:
-        plan = check_run(probe, "search", model=model, store=store)
+        plan = check_run(probe, "search", model=model, store=store, suggest=False)
     except MemoryPlanError:
         return "streaming"
     return "resident" if plan is None or plan.mode is None else plan.mode

@@ -155,6 +155,7 @@ def ray_evaluate(cfg: RunConfig, supernet: str | Path, console: Console) -> Star
             StoreEvaluatorFactory(cfg, str(Path(supernet).absolute())),
             workers=cfg.backend.workers,
             address=cfg.backend.address,
+            replace_timeout_s=cfg.backend.replace_timeout_s,
         )
         console.print(f"scoring on {_where(evaluate, cfg)} (--backend local: in process)")
         return evaluate
@@ -179,7 +180,11 @@ def ray_layer_map(cfg: RunConfig, console: Console) -> StartedOnFirstCall:
     def start() -> Any:
         from allocsearch.distributed.ray_backend import RayLayerMap
 
-        layer_map = RayLayerMap(workers=cfg.backend.workers, address=cfg.backend.address)
+        layer_map = RayLayerMap(
+            workers=cfg.backend.workers,
+            address=cfg.backend.address,
+            replace_timeout_s=cfg.backend.replace_timeout_s,
+        )
         console.print(f"pruning layers on {_where(layer_map, cfg)} (--backend local: in process)")
         return layer_map
 

@@ -69,6 +69,12 @@ def test_yaml_round_trip(tmp_path):
         ({"backend": {"workers": 2.5}}, r"backend.workers = 2.5 must be an integer or a string"),
         ({"backend": {"workers": True}}, r"backend.workers = True must be an integer or a string"),
         ({"data": 3}, r"data must be a mapping"),
+        (
+            {"evaluator": {"micro_batch_tokens": 0}},
+            r"evaluator.micro_batch_tokens = 0 must be an integer >= 1",
+        ),
+        ({"evaluator": {"micro_batch_tokens": 512.0}}, r"micro_batch_tokens = 512.0 must be an"),
+        ({"backend": {"replace_timeout_s": 0}}, r"backend.replace_timeout_s = 0.0 must be > 0"),
     ],
 )
 def test_errors_name_the_value_and_what_is_valid(data, message):
@@ -107,3 +113,23 @@ def test_random_configs_load_or_raise_config_error(data):
         return
     assert isinstance(cfg, RunConfig)
     assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_plan_remedy_keys_load_and_cli_errors_name_the_option():
+    """The keys the plan's remedies and the Ray settings name load (YAML ints as given,
+    seconds as floats); a bad value given on the command line names its option."""
+    from typer.testing import CliRunner
+
+    from allocsearch.cli import app
+
+    cfg = config_from_dict(
+        {"evaluator": {"micro_batch_tokens": 4096}, "backend": {"replace_timeout_s": 5}}
+    )
+    assert cfg.evaluator.micro_batch_tokens == 4096
+    assert cfg.backend.replace_timeout_s == 5.0
+    assert config_from_dict({}).evaluator.micro_batch_tokens == 8192
+    r = CliRunner().invoke(app, ["plan", "--micro-batch-tokens", "0"])
+    assert r.exit_code == 2
+    assert "--micro-batch-tokens: evaluator.micro_batch_tokens = 0 must be" in r.stderr
+    r = CliRunner().invoke(app, ["plan", "--steps-each-side", "0"])
+    assert r.exit_code == 2 and "--steps-each-side: supernet.steps_each_side = 0" in r.stderr

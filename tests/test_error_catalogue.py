@@ -655,6 +655,23 @@ def no_ray_actor(env: Env) -> None:
     expect(env, _search(env, cfg, "run"), "WorkerStartError", "CUDA out of memory")
 
 
+def head_node_lost(env: Env) -> None:
+    # The real loss on a two-raylet cluster: test_ray_cluster.py
+    # test_head_node_loss_exits_2_naming_resume_then_resume_gives_the_recipe. Here: what
+    # the command line makes of it, without starting Ray.
+    class HeadLost:
+        def __init__(self, *args, **kwargs):
+            raise ray_backend.HeadNodeLostError(
+                "the Ray node of this driver (node 0123456789ab, the head node) was lost with "
+                "its evaluator actors; the search stops here with its checkpoints kept: start "
+                "Ray again and rerun the same command with --resume to continue"
+            )
+
+    env.monkeypatch.setattr(ray_backend, "RayEvaluate", HeadLost)
+    cfg = env.config(backend={"kind": "ray", "workers": 1})
+    expect(env, _search(env, cfg, "run"), "HeadNodeLostError", "--resume")
+
+
 def does_not_fit(env: Env) -> None:
     # allocsearch.plan.check_run, before the model loads; sizes as if this were a machine
     # with 1 MB of memory
@@ -725,6 +742,7 @@ CASES: dict[str, Callable[[Env], None]] = {
     "run that does not fit this machine's memory (bytes needed and available in GiB, what "
     "would fit)": does_not_fit,
     "no Ray actor could start (factory error quoted) / actors keep dying": no_ray_actor,
+    "the head node (the driver's own Ray node) was lost mid-search": head_node_lost,
 }
 
 

@@ -274,3 +274,64 @@ def test_final_perplexity_on_an_actor_is_the_evaluators(workspace):
     choice[0] = 0
     want = pipeline.make_evaluator(ws, store).perplexity(choice, ws.heldout)
     assert HeldoutPerplexity(cfg, str(root / "store"))(choice) == pytest.approx(want, rel=1e-5)
+
+
+def test_head_node_loss_exits_2_naming_resume_then_resume_gives_the_recipe(
+    cluster, workspace, tmp_path, monkeypatch
+):
+    """Losing the driver's own (head) node mid-search: exit 2 and one line naming
+    ``--resume``; ``--resume`` then ends with the uninterrupted run's recipe.
+
+    Killing the head raylet of a local cluster kills this test's own driver and the
+    cluster's control plane, so the loss is simulated at the layer that detects it: at
+    the 5th query the evaluator actor on the head node is killed (a real actor death)
+    and the pool's check of the driver's node (``_ActorPool.driver_node_alive``, which
+    reads Ray's node table) reports it dead. ``--replace-timeout`` (the setting of the
+    replacement wait) reaches the pool."""
+    import ray
+    from typer.testing import CliRunner
+
+    from allocsearch.cli import app
+    from allocsearch.distributed import ray_backend
+
+    if not cluster.worker_nodes:  # the full-cluster test above removed its worker
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+    root, config = workspace
+    run = {**config, "search": {**config["search"], "settings": {
+        **config["search"]["settings"], "generations": 4}}}  # fmt: skip
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run))
+    out = tmp_path / "run"
+    args = ["search", "--config", str(path), "--supernet", str(root / "store"), "--out", str(out)]
+    args += ["--no-progress", "--workers", "2", "--replace-timeout", "7"]
+    original = ray_backend._ActorPool.stream
+    seen = {"calls": 0, "lost": False, "timeouts": set()}
+
+    def stream(self, method, calls, **kw):
+        seen["calls"] += 1
+        seen["timeouts"].add(self.replace_timeout_s)
+        if method == "evaluate" and seen["calls"] >= 5 and not seen["lost"]:
+            head = cluster.head_node.node_id
+            [slot] = [s for s, p in enumerate(self.placement) if p["node"] == head]
+            ray.kill(self.actors[slot], no_restart=True)
+            seen["lost"] = True
+        return original(self, method, calls, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(ray_backend._ActorPool, "stream", stream)
+        m.setattr(ray_backend._ActorPool, "driver_node_alive", lambda self: not seen["lost"])
+        lost = CliRunner().invoke(app, args)
+    assert lost.exit_code == 2, (seen, lost.output)
+    assert seen["lost"] and seen["timeouts"] == {7.0}, (seen, lost.output)
+    [line] = [x for x in lost.stderr.splitlines() if x.strip()]
+    assert line.startswith("error: HeadNodeLostError: the Ray node of this driver"), line
+    assert "rerun the same command with --resume" in line, line
+    assert not (out / "recipe.json").exists()
+    resumed = CliRunner().invoke(app, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    _local_run(root, run, tmp_path / "local")  # uninterrupted, in process
+    assert _layers(out / "recipe.json") == _layers(tmp_path / "local" / "recipe.json")
+    fitness = [json.loads(p.read_text())["provenance"]["fitness"]["value"]
+               for p in (out / "recipe.json", tmp_path / "local" / "recipe.json")]  # fmt: skip
+    assert fitness[0] == pytest.approx(fitness[1], rel=1e-6)

@@ -454,3 +454,70 @@ def test_states_parked_on_the_host_give_the_same_scores(setup):
         )
     assert streamed.last_stats.reused
     assert isinstance(streamed._states[1][0], np.ndarray)
+
+
+@pytest.mark.parametrize("kind", ["sparsegpt", "wanda"])
+def test_config_micro_batch_tokens_reaches_both_evaluators_and_keeps_scores(setup, kind):
+    """``evaluator.micro_batch_tokens`` (the config key the plan's remedy names) sets the
+    sequences per call of the evaluator ``pipeline.make_evaluator`` builds, resident and
+    streaming; the scores do not depend on it (1e-5)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from allocsearch import pipeline
+    from allocsearch.config import config_from_dict
+
+    eager, lazy, calib, store = setup(kind)
+    choices = random_choices(store.spec, 4, seed=5)
+    scores = {}
+    for mb in (1, SEQ_LEN, 3 * SEQ_LEN, 8192):
+        cfg = config_from_dict({"evaluator": {"micro_batch_tokens": mb}})
+        for execution, model in (("resident", eager), ("streaming", lazy)):
+            run = dataclasses.replace(
+                cfg, evaluator=dataclasses.replace(cfg.evaluator, execution=execution)
+            )
+            ws = SimpleNamespace(config=run, model=model, calibration=calib)
+            ev = pipeline.make_evaluator(ws, store)
+            assert ev._max_rows == max(1, mb // SEQ_LEN)  # whole sequences, at least one
+            scores[mb, execution] = ev(choices, fidelity=N_SEQ * SEQ_LEN, batch_seed=0)
+    want = scores[8192, "resident"]
+    assert np.all(want > 0)
+    for key, got in scores.items():
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=str(key))
+
+
+@pytest.mark.parametrize("kind", ["sparsegpt", "wanda"])
+def test_resident_evaluator_keeps_one_device_copy_of_the_variants(setup, kind):
+    """The resident evaluator ``pipeline.make_evaluator`` builds reads the store's host
+    (memory-mapped) variants: every device array it leaves alive is one of its stacks,
+    its teacher data or its tokens (no second copy of any variant), and its scores and
+    materialized weights equal those of an evaluator given the device variants."""
+    import gc
+    from types import SimpleNamespace
+
+    from allocsearch import pipeline
+    from allocsearch.config import config_from_dict
+
+    eager, _, calib, store = setup(kind)
+    cfg = config_from_dict({"evaluator": {"execution": "resident", "micro_batch_tokens": 16}})
+    ws = SimpleNamespace(config=cfg, model=eager, calibration=calib)
+    gc.collect()
+    before = {id(a) for a in jax.live_arrays()}
+    ev = pipeline.make_evaluator(ws, store)
+    gc.collect()
+    new = [a for a in jax.live_arrays() if id(a) not in before]
+    held = {id(x) for x in jax.tree.leaves((ev._arrays, ev._teacher, ev._tokens))}
+    stray = [(a.shape, a.dtype) for a in new if id(a) not in held]
+    assert not stray, stray
+    stacked = sum(x.nbytes for x in jax.tree.leaves(ev._arrays["blocks"]))
+    assert sum(a.nbytes for a in new if id(a) in held) >= stacked > 0
+    choices = random_choices(store.spec, 3, seed=2)
+    old, _, _ = pair(setup, kind)
+    np.testing.assert_allclose(
+        ev(choices, fidelity=N_SEQ * SEQ_LEN, batch_seed=0),
+        old(choices, fidelity=N_SEQ * SEQ_LEN, batch_seed=0),
+        rtol=1e-6,
+    )
+    got, want = ev.materialize(choices[0]), old.materialize(choices[0])
+    for name in store.param_names:
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]))

@@ -99,6 +99,12 @@ class WorkerFailedError(RuntimeError):
     """A call kept failing because the actors running it died, or no actor is left."""
 
 
+class HeadNodeLostError(WorkerFailedError):
+    """The Ray node of this driver (the head node of a local instance, or the node the
+    driver joined) is gone: the search cannot go on; its checkpoints are kept, and the
+    message names ``--resume``."""
+
+
 class WorkerLostWarning(RuntimeWarning):
     """An actor died and could not be replaced in time: the pool goes on without it."""
 
@@ -638,6 +644,7 @@ class _ActorPool:
                 },
             )
             self._factory_ref = ray.put(factory)
+            self._driver_node = ray.get_runtime_context().get_node_id()
             self.actors = [self._actor_class.remote() for _ in range(plan.workers)]
             self.placement = self._wait_ready(start_timeout_s)
         except BaseException:
@@ -756,6 +763,27 @@ class _ActorPool:
         if lost:
             warnings.warn(message, WorkerLostWarning, stacklevel=4)
 
+    def driver_node_alive(self) -> bool:
+        """Whether this driver's own Ray node is alive in the cluster's node table (False
+        when the table cannot be read: the head's control plane went with it)."""
+        try:
+            nodes = self._ray.nodes()
+        except Exception:  # noqa: BLE001  (any failure to reach the GCS means it is gone)
+            return False
+        return any(n.get("NodeID") == self._driver_node and n.get("Alive") for n in nodes)
+
+    def _check_driver_node(self) -> None:
+        """After an actor's death: raise :class:`HeadNodeLostError` (one line naming
+        ``--resume``) when the driver's own node died, rather than waiting
+        ``replace_timeout_s`` for replacements that the lost head cannot place."""
+        if self.driver_node_alive():
+            return
+        raise HeadNodeLostError(
+            f"the Ray node of this driver (node {self._driver_node[:12]}, the head node) was "
+            f"lost with its {self.what}s; the search stops here with its checkpoints kept: "
+            "start Ray again and rerun the same command with --resume to continue"
+        )
+
     def _describe(self, slot: int) -> str:
         where = self.placement[slot]
         return (
@@ -787,6 +815,7 @@ class _ActorPool:
         try:
             value = ray.get(rep.ref)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+            self._check_driver_node()
             first_line = str(err).strip().splitlines()[-1] if str(err).strip() else type(err)
             if time.monotonic() < rep.deadline:
                 self._note(f"the replacement of {self.what} {slot} failed: {first_line}")
@@ -870,6 +899,7 @@ class _ActorPool:
                 limit = self.call_timeout_s
                 running[ref] = (i, slot, math.inf if limit is None else time.monotonic() + limit)
             if not running and not replacing:
+                self._check_driver_node()
                 raise WorkerFailedError(
                     f"all {self.workers} {self.what}s were lost and none could be replaced "
                     f"within replace_timeout_s={self.replace_timeout_s:g} s; "
@@ -900,6 +930,7 @@ class _ActorPool:
                     raise err.cause from err
                 raise
             except ray.exceptions.RayActorError as err:
+                self._check_driver_node()
                 failures[i] += 1
                 heapq.heappush(pending, i)
                 self._check_failures(failures[i], max_retries, describe(i), err)
@@ -927,6 +958,7 @@ class _ActorPool:
         now = time.monotonic()
         for slot, rep in list(replacing.items()):
             if now >= rep.deadline:
+                self._check_driver_node()
                 del replacing[slot]
                 self._lose(
                     slot,

@@ -372,7 +372,10 @@ class Evaluator:
 
     Memory: the evaluator holds a stacked copy of the dense weights, one int32 rank per
     weight of nested variants, K copies of weight-updating variants, the teacher data
-    (see the metric) and, with reuse, the reference's states of one minibatch.
+    (see the metric) and, with reuse, the reference's states of one minibatch. It keeps
+    ``variants`` as given (for :meth:`materialize`) and reads each parameter's once, to
+    stack it: with :meth:`~allocsearch.supernet.store.SupernetStore.host_variants` (what
+    ``pipeline.make_evaluator`` passes) the stacks are the only device copy.
     """
 
     def __init__(
@@ -413,7 +416,9 @@ class Evaluator:
         self._adapter = adapter
         self._nb = adapter.num_blocks
         self._max_rows = max(1, int(micro_batch_tokens) // calibration.seq_len)
-        self._variants = dict(variants)
+        # kept as given: a store's host_variants() reads one parameter per lookup, so the
+        # stacks built below are the only device copy of the variants
+        self._variants = variants
         self._unit_params = tuple(tuple(names) for names in unit_params)
         self._num_levels = spec.num_levels
         self._check_tokens(calibration)
@@ -499,22 +504,25 @@ class Evaluator:
                     raise ValueError(f"unit {u} names parameter {name!r}, not in the model")
                 if name not in self._variants:
                     raise ValueError(f"unit {u} names parameter {name!r}, which has no variants")
-                v, shape = self._variants[name], tuple(params[name].shape)
-                got = tuple(v.rank.shape if isinstance(v, NestedVariants) else v.weights.shape[1:])
-                if got != shape:
-                    raise ValueError(
-                        f"variants of {name!r} have shape {got}, the parameter has {shape}"
-                    )
-                if v.num_levels != self._num_levels[u]:
-                    raise ValueError(
-                        f"variants of {name!r} have {v.num_levels} levels, but unit {u} "
-                        f"({spec.units[u].name}) has {self._num_levels[u]} in the spec"
-                    )
                 owner[name] = u
         stray = sorted(set(self._variants) - set(owner))
         if stray:
             raise ValueError(f"variants given for parameters no unit names: {stray[:5]}")
         return owner
+
+    def _checked_variants(self, name: str, u: int) -> Variants:
+        """The variants of ``name`` (owned by unit ``u``), read once, checked against the
+        parameter's shape and the unit's levels."""
+        v, shape = self._variants[name], tuple(self.model.params[name].shape)
+        got = tuple(v.rank.shape if isinstance(v, NestedVariants) else v.weights.shape[1:])
+        if got != shape:
+            raise ValueError(f"variants of {name!r} have shape {got}, the parameter has {shape}")
+        if v.num_levels != self._num_levels[u]:
+            raise ValueError(
+                f"variants of {name!r} have {v.num_levels} levels, but unit {u} "
+                f"({self.spec.units[u].name}) has {self._num_levels[u]} in the spec"
+            )
+        return v
 
     def _check_choices(self, choices: ArrayLike) -> np.ndarray:
         c = np.asarray(choices)
@@ -537,7 +545,7 @@ class Evaluator:
         def source(names: Sequence[str]) -> _Source:
             return _build_source(
                 [host[n] for n in names],
-                [self._variants[n] if n in owner else None for n in names],
+                [self._checked_variants(n, owner[n]) if n in owner else None for n in names],
                 [owner.get(n, -1) for n in names],
             )
 

@@ -366,12 +366,16 @@ def _dense_levels(
     return out
 
 
-def variants_from_tensors(tensors: Mapping[str, np.ndarray], kind: str, per_row: bool) -> Variants:
+def variants_from_tensors(
+    tensors: Mapping[str, np.ndarray], kind: str, per_row: bool, *, host: bool = False
+) -> Variants:
     """Rebuild variants from a file's tensors (device arrays; dense weights in the
-    storage dtype, unpacked from the packed layout when the file is packed)."""
+    storage dtype, unpacked from the packed layout when the file is packed). ``host``:
+    keep the host arrays instead (the memory-mapped file's, or the unpacked copy)."""
+    put = np.asarray if host else jnp.asarray
     if kind == "nested":
         return NestedVariants(
-            rank=jnp.asarray(tensors["rank"]),
+            rank=put(tensors["rank"]),
             per_row=per_row,
             prune_counts=np.array(tensors["prune_counts"], np.int32),
             sparsity=np.array(tensors["sparsity"], np.float64),
@@ -380,11 +384,11 @@ def variants_from_tensors(tensors: Mapping[str, np.ndarray], kind: str, per_row:
         keep = tensors.get("group_keep")
         sparsity = np.array(tensors["sparsity"], np.float64)
         if "weights" in tensors:
-            host = np.asarray(tensors["weights"])
+            weights = np.asarray(tensors["weights"])
         else:
-            host = packed.unpack_levels(tensors, range(len(sparsity)))
+            weights = packed.unpack_levels(tensors, range(len(sparsity)))
         return DenseVariants(
-            weights=jnp.asarray(host),
+            weights=put(weights),
             sparsity=sparsity,
             group_keep=None if keep is None else np.array(keep, bool),
         )
@@ -572,6 +576,29 @@ class StoreWriter:
 
 
 # --------------------------------------------------------------------------- reader
+
+
+class _HostVariants(Mapping):
+    """:meth:`SupernetStore.host_variants`: parameter name -> its host variants, read at
+    each lookup."""
+
+    def __init__(self, store: SupernetStore):
+        self._store = store
+        self._names = frozenset(store.param_names)
+
+    def __getitem__(self, name: str) -> Variants:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._store.variants(name, host=True)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self._store.param_names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 class SupernetStore:
@@ -842,13 +869,15 @@ class SupernetStore:
             return names[dtype]
         return None
 
-    def variants(self, param_name: str) -> Variants:
+    def variants(self, param_name: str, *, host: bool = False) -> Variants:
         """The variants of one parameter (e.g. ``model.layers.0.mlp.up_proj.weight``).
 
         Returns:
           ``NestedVariants`` (rank int32[out, in] on device) or ``DenseVariants`` (weights
           [K, out, in] on device, in the storage dtype: float32 or bfloat16, never
-          upcast) with ``K = spec.num_levels[unit]``.
+          upcast) with ``K = spec.num_levels[unit]``. ``host``: host arrays instead, the
+          memory-mapped file's (packed files: unpacked into a new host array); nothing is
+          put on a device.
 
         Raises:
           KeyError: unknown parameter (the message lists a few valid names).
@@ -859,7 +888,9 @@ class SupernetStore:
         fpath = self.path / entry["file"]
         tensors = self._tensors(param_name, entry)
         try:
-            result = variants_from_tensors(tensors, entry["kind"], bool(entry["per_row"]))
+            result = variants_from_tensors(
+                tensors, entry["kind"], bool(entry["per_row"]), host=host
+            )
         except (KeyError, ValueError) as e:
             raise StoreError(f"{fpath}: cannot read variants of {param_name} ({e})") from e
         if result.num_levels != entry["num_levels"]:
@@ -967,8 +998,15 @@ class SupernetStore:
             raise StoreError(f"{fpath}: cannot read input norms ({e})") from e
 
     def all_variants(self) -> dict[str, Variants]:
-        """Every parameter's variants, keyed by parameter name (the evaluator's input)."""
+        """Every parameter's variants, keyed by parameter name, on the device."""
         return {p: self.variants(p) for p in self.param_names}
+
+    def host_variants(self) -> Mapping[str, Variants]:
+        """Every parameter's variants as a read-only mapping that reads one parameter's
+        host (memory-mapped) variants per lookup and keeps nothing: the resident
+        evaluator's input, which stacks each parameter role on the device and holds no
+        other copy of the variants."""
+        return _HostVariants(self)
 
     def __repr__(self) -> str:
         s = self._spec
