@@ -28,7 +28,6 @@ from allocsearch.config import (
     EvaluatorConfig,
     RunConfig,
     SearchConfig,
-    SupernetConfig,
 )
 from allocsearch.data.demo_corpus import demo_tokensets
 from allocsearch.data.encoder_sets import encoder_tokensets
@@ -50,15 +49,6 @@ from allocsearch.evaluate.streaming import StreamingEvaluator
 from allocsearch.models.bert import mean_pool
 from allocsearch.models.hf import ARCHITECTURES, HFModel, load_model
 from allocsearch.models.streamed import streamed_nll_sum
-from allocsearch.pruners import (
-    MagnitudePruner,
-    NMMagnitudePruner,
-    NMSparseGPTPruner,
-    NMWandaPruner,
-    SparseGPTPruner,
-    StructuredPruner,
-    WandaPruner,
-)
 from allocsearch.recipe.recipe import (
     Calibration,
     Fitness,
@@ -76,29 +66,27 @@ from allocsearch.search.coarse_to_fine import (
     TYR_INITIAL_STEP,
     TYR_MIN_STEP,
     TYR_ROUNDS,
-    centred_grid,
     coarse_to_fine,
 )
 from allocsearch.search.dp import TableSearcher, dp_solve
 from allocsearch.search.evolutionary import EvolutionarySearcher
 from allocsearch.search.knapsack import mckp_lagrangian, mckp_milp
+from allocsearch.search.registry import DEMO_EVOPRESS, TABLE_STRATEGIES
 from allocsearch.supernet.build import (
     build_supernet,
     routing_frequencies,
-    supernet_units,
     unit_group_counts,
     unit_min_steps,
     unit_removed_groups,
 )
 from allocsearch.supernet.depth import (
-    check_depth_supported,
-    depth_grid,
     dropped_levels,
     sublayers_per_unit,
     with_dropped_level,
 )
-from allocsearch.supernet.experts import member_exact_grid, model_layers, removal_grid
-from allocsearch.supernet.levels import LevelGrid, equal_step_grid, nm_grid
+from allocsearch.supernet.experts import model_layers
+from allocsearch.supernet.factory import make_grid, make_pruner, query_heads
+from allocsearch.supernet.levels import centred_grid
 from allocsearch.supernet.spec import SupernetSpec
 from allocsearch.supernet.store import StoreError, SupernetStore
 
@@ -284,91 +272,6 @@ def evaluated_model(ws: Workspace, evaluator: Any, choice: ArrayLike) -> HFModel
 # --------------------------------------------------------------------------- supernet
 
 
-def make_pruner(cfg: SupernetConfig) -> Any:
-    """The local pruner (or, for structured supernets, the pruner factory) of a config."""
-    if cfg.structure == "heads_neurons":
-        return StructuredPruner
-    if cfg.structure == "nm":
-        m = _nm_patterns(cfg)[0][1]
-        cls = {"magnitude": NMMagnitudePruner, "wanda": NMWandaPruner}.get(
-            cfg.pruner, NMSparseGPTPruner
-        )
-        return cls(m=m)
-    return {"magnitude": MagnitudePruner, "wanda": WandaPruner, "sparsegpt": SparseGPTPruner}[
-        cfg.pruner
-    ]()
-
-
-def _nm_patterns(cfg: SupernetConfig) -> list[tuple[int, int]]:
-    pats = sorted({tuple(int(x) for x in p.split(":")) for p in cfg.nm_patterns})
-    ms = {m for _, m in pats}
-    if len(ms) != 1:
-        raise ValueError(
-            f"supernet.nm_patterns {list(cfg.nm_patterns)} mix group sizes {sorted(ms)}; one "
-            "supernet uses one M (e.g. ['0:4', '1:4', '2:4', '3:4'])"
-        )
-    m = ms.pop()
-    if (0, m) not in pats:
-        pats.insert(0, (0, m))  # dense is always a level
-    return pats
-
-
-def _query_heads(cfg: SupernetConfig) -> bool:
-    """Whether structured attention units remove single query heads (not kv groups)."""
-    return cfg.head_granularity == "query_head"
-
-
-def make_grid(cfg: SupernetConfig, model: HFModel, *, target: float) -> LevelGrid:
-    """Level grid of every unit: EvoPress equal-weight steps around the target
-    (unstructured), N:M patterns, or whole heads/neurons (structured)."""
-    adapter = model.adapter
-    units = supernet_units(
-        adapter,
-        cfg.structure,
-        tie_experts=cfg.tie_experts,
-        expert_removal=cfg.expert_removal,
-        prune_router=cfg.prune_router,
-    )
-    if cfg.structure == "nm":
-        pats = _nm_patterns(cfg)
-        center = min(pats, key=lambda p: abs(p[0] / p[1] - target))
-        in_features = {
-            layer.name: layer.in_features
-            for layer in model_layers(adapter, routers=cfg.prune_router)
-        }
-        widths = [in_features[u.layers[0]] for u in units]
-        return nm_grid(pats, in_features=widths, center=center)
-    if cfg.structure == "heads_neurons":
-        if cfg.depth != "none":
-            check_depth_supported(adapter)
-        if cfg.depth == "drop":
-            return depth_grid("drop", None, len(units))
-        query_heads = _query_heads(cfg)
-        grid = centred_grid(
-            units,
-            np.full(len(units), target),
-            cfg.step_fraction,
-            groups=unit_group_counts(adapter, cfg.structure, query_heads=query_heads),
-            steps_each_side=cfg.steps_each_side,
-            # 1 kv group (or query head), 32 neurons
-            min_items=unit_min_steps(adapter, cfg.structure, query_heads=query_heads),
-        )
-        return depth_grid(cfg.depth, grid, len(units))
-    numel = np.array([u.numel for u in units], np.int64)
-    step = max(1, int(round(cfg.step_fraction * float(numel.mean()))))
-    if cfg.expert_removal:
-        return removal_grid(
-            units, center=target, step_weights=step, steps_each_side=cfg.steps_each_side
-        )
-    if cfg.tie_experts:  # a level applies to every tied expert's layer: exact on each
-        return member_exact_grid(
-            units, center=target, step_weights=step, steps_each_side=cfg.steps_each_side
-        )
-    return equal_step_grid(
-        numel, center=target, step_weights=step, steps_each_side=cfg.steps_each_side
-    )
-
-
 def build(
     ws: Workspace,
     out_dir: str | Path,
@@ -396,7 +299,7 @@ def build(
         progress=progress,
         overwrite=overwrite,
         storage_dtype=cfg.storage_dtype,
-        query_heads=_query_heads(cfg),
+        query_heads=query_heads(cfg),
         map_layers=map_layers,
         tie_experts=cfg.tie_experts,
         expert_removal=cfg.expert_removal,
@@ -523,16 +426,6 @@ class Outcome:
     store: SupernetStore | None = None
 
 
-# CPU-scaled EvoPress defaults for the demo model (paper: 400 generations, 64 offspring,
-# survivors 8 -> 2 -> 1, 2048 -> 16384 -> 65536 tokens; see search/evolutionary.py).
-DEMO_EVOPRESS = {
-    "generations": 30,
-    "offspring": 12,
-    "survivors": [3, 1],
-    "tokens": [512, 2048],
-}
-
-
 def _searcher_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(settings)
     for key in ("survivors", "tokens"):
@@ -575,7 +468,6 @@ def fitness_tokens(strategy: str, settings: Mapping[str, Any]) -> int | None:
     return int(tokens[-1] if isinstance(tokens, tuple | list) else tokens)
 
 
-TABLE_STRATEGIES = ("dp", "knapsack", "knapsack_lagrange")
 ALLOCATORS = ("uniform", "owl", "lamp", "erk", "global_magnitude", "random")
 TYR_SETTINGS = ("rounds", "initial_step", "min_step", "input_mode")
 
@@ -791,7 +683,7 @@ def _run_tyr(
     cfg = ws.config.supernet
     units = store.spec.units
     structured = cfg.structure == "heads_neurons"
-    qh = _query_heads(cfg)
+    qh = query_heads(cfg)
     groups = (
         unit_group_counts(ws.model.adapter, cfg.structure, query_heads=qh) if structured else None
     )
@@ -828,7 +720,7 @@ def _run_tyr(
             progress=progress,
             overwrite=True,
             map_layers=map_layers,
-            query_heads=_query_heads(cfg),
+            query_heads=query_heads(cfg),
             tie_experts=cfg.tie_experts,
             expert_removal=cfg.expert_removal,
             prune_router=cfg.prune_router,
