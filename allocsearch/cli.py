@@ -25,6 +25,7 @@ from allocsearch.config import (
     config_from_dict,
     load_config,
 )
+from allocsearch.search import registry
 
 app = typer.Typer(
     add_completion=False,
@@ -177,8 +178,8 @@ CalibrationSeqsOpt = Annotated[
 GenerationsOpt = Annotated[
     int | None,
     typer.Option(
-        help="EvoPress generations (evopress and tyr's inner search) (default: the config's "
-        "search.settings, else 30)."
+        help="EvoPress generations (evopress, dp+evopress and tyr's inner search) (default: "
+        "the config's search.settings, else 30)."
     ),
 ]
 AddressOpt = Annotated[
@@ -274,13 +275,19 @@ def _with_generations(cfg: RunConfig, generations: int | None) -> RunConfig:
 
     from allocsearch.search_run import default_settings
 
-    if cfg.search.strategy not in ("evopress", "tyr"):
+    if not registry.get(cfg.search.strategy).runs_evopress:
         raise UserError(
             f"--generations sets EvoPress generations, which strategy "
-            f"{cfg.search.strategy!r} does not run; use it with evopress or tyr"
+            f"{cfg.search.strategy!r} does not run; use it with {_evopress_names()}"
         )
     settings = {**default_settings(cfg), "generations": generations}
     return dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, settings=settings))
+
+
+def _evopress_names() -> str:
+    """``"evopress, tyr or dp+evopress"``: the strategies that run EvoPress."""
+    names = [s.name for s in registry.STRATEGIES.values() if s.runs_evopress]
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _check_generations(generations: int | None) -> None:
@@ -565,10 +572,7 @@ def search(
     strategy: Annotated[
         str | None,
         typer.Option(
-            help="evopress | tyr | dp | knapsack | "
-            "knapsack_lagrange | uniform | owl | lamp | "
-            "erk | global_magnitude | random (default: the config's search.strategy, else "
-            "evopress)."
+            help=f"{registry.help_names()} (default: the config's search.strategy, else evopress)."
         ),
     ] = None,
     target: SearchTargetOpt = None,
@@ -591,7 +595,7 @@ def search(
     progress: ProgressOpt = True,
 ) -> None:
     """Search an allocation on a supernet and write recipe.json, a log and plots."""
-    from allocsearch.search_run import run_search_command
+    from allocsearch.search_run import for_strategy, run_search_command
 
     if not resume:
         _refuse_existing(out, overwrite)
@@ -612,6 +616,7 @@ def search(
         **_data(calibration, seq_len, calibration_seqs),
         **_backend(backend, workers, address),
     )
+    cfg = for_strategy(cfg, owner=base.search.strategy, console=out_console)
     cfg = _with_generations(cfg, generations)
     _check_memory(cfg, "search", supernet)
     if not resume:
@@ -628,9 +633,9 @@ def search(
 def compare(
     supernet: Annotated[Path, typer.Option(help="Supernet store.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
-    strategies: Annotated[str, typer.Option(help="Comma-separated strategies.")] = (
-        "uniform,owl,lamp,erk,dp,knapsack,evopress"
-    ),
+    strategies: Annotated[
+        str, typer.Option(help=f"Comma-separated strategies of: {registry.help_names(', ')}.")
+    ] = ("uniform,owl,lamp,erk,dp,knapsack,evopress"),
     config: ConfigOpt = None,
     target: TargetOpt = None,
     seed: Annotated[
@@ -664,10 +669,12 @@ def compare(
     )
     _refuse_tie_blocks(cfg, "compare")
     names = [s.strip() for s in strategies.split(",") if s.strip()]
-    if generations is not None and not {"evopress", "tyr"} & set(names):
+    if generations is not None and not any(
+        n in registry.STRATEGIES and registry.get(n).runs_evopress for n in names
+    ):
         raise UserError(
             f"--generations sets EvoPress generations, which none of {names} runs; add "
-            f"evopress or tyr to --strategies"
+            f"{_evopress_names()} to --strategies"
         )
     _check_memory(cfg, "compare", supernet)
     run_compare(

@@ -18,10 +18,11 @@ from rich.console import Console
 
 from allocsearch import pipeline
 from allocsearch.atomic import atomic_write_text
-from allocsearch.config import STRATEGIES, RunConfig
+from allocsearch.config import RunConfig
 from allocsearch.distributed.ray_backend import ray_session
 from allocsearch.report import CompareRow, markdown_table
 from allocsearch.report.plots import plot_compare, plot_fitness_curves, plot_sparsity_profile
+from allocsearch.search import registry
 from allocsearch.search.base import Evaluate
 from allocsearch.search.budget import Budget, CostModel
 from allocsearch.search_run import (
@@ -34,15 +35,12 @@ from allocsearch.search_run import (
 
 
 def _settings_for(cfg: RunConfig, strategy: str, generations: int | None = None) -> dict:
-    """The config's settings for its own strategy, else the demo's EvoPress settings for
-    evopress and tyr; ``generations`` (``--generations``) replaces theirs."""
-    if strategy == cfg.search.strategy and cfg.search.settings:
-        s = dict(cfg.search.settings)
-    elif strategy in ("evopress", "tyr"):
-        s = dict(pipeline.DEMO_EVOPRESS)
-    else:
-        return {}
-    if generations is not None and strategy in ("evopress", "tyr"):
+    """The settings ``strategy`` runs with under ``cfg``
+    (:func:`~allocsearch.search.registry.resolve_settings`: the config's settings where
+    they mean the same for it, else its defaults, the demo's EvoPress settings for the
+    strategies that run EvoPress); ``generations`` (``--generations``) replaces theirs."""
+    s = registry.resolve_settings(strategy, cfg.search.settings, owner=cfg.search.strategy).settings
+    if generations is not None and registry.get(strategy).runs_evopress:
         s["generations"] = generations
     return s
 
@@ -90,7 +88,7 @@ def _search_and_score_one(
     """One strategy of :func:`_search_and_score_on_ray`."""
     t0 = time.perf_counter()
     console.print(f"[bold]{name}[/]: searching ...")
-    tyr = name == "tyr"
+    tyr = registry.get(name).kind == "driver"
     outcome = pipeline.run_strategy(
         name,
         ws,
@@ -147,12 +145,12 @@ def _search_and_score_on_ray(
     scored = []
     try:
         for name in strategies:
-            if name == "tyr":
+            if registry.get(name).kind == "driver":
                 shared.close()  # started again at the next query that needs it
             # Týr's many layer maps and evaluators share one connection
             session = (
                 ray_session(workers=cfg.backend.workers, address=cfg.backend.address)
-                if name == "tyr"
+                if registry.get(name).kind == "driver"
                 else contextlib.nullcontext()
             )
             with session:
@@ -253,7 +251,7 @@ def compare_strategies(
     histories = {s.outcome.strategy: s.outcome.history for s in scored if s.outcome.history}
     if histories:
         tokens = {
-            name: pipeline.fitness_tokens(name, _settings_for(cfg, name, generations))
+            name: registry.fitness_tokens(name, _settings_for(cfg, name, generations))
             for name in histories
         }
         plot_fitness_curves(
@@ -282,9 +280,11 @@ def run_compare(
 ) -> None:
     """`allocsearch compare`: ``strategies`` on the store at ``supernet`` (``generations``:
     EvoPress generations of evopress and tyr, None: their settings')."""
-    bad = [s for s in strategies if s not in STRATEGIES]
+    bad = [s for s in strategies if s not in registry.STRATEGIES]
     if bad:
-        raise ValueError(f"unknown strategies {bad}; valid: {list(STRATEGIES)}")
+        raise ValueError(f"unknown strategies {bad}; valid: {list(registry.STRATEGY_NAMES)}")
+    for name in strategies:  # bad settings are refused before anything loads
+        registry.check_settings(name, _settings_for(cfg, name, generations))
     check_target_before_loading(cfg, supernet)
     ws = pipeline.load_workspace(cfg)
     store = pipeline.open_store(ws, supernet)

@@ -7,8 +7,8 @@ models, stores); strings are parsed only in :mod:`allocsearch.config` and the CL
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,8 +59,8 @@ from allocsearch.recipe.recipe import (
     RecipeBudget,
     StructuredUnit,
 )
-from allocsearch.search import baselines
-from allocsearch.search.base import Evaluate, HistoryEntry, Searcher
+from allocsearch.search import registry
+from allocsearch.search.base import Evaluate, HistoryEntry
 from allocsearch.search.budget import Budget, CostModel, load_latency_table
 from allocsearch.search.coarse_to_fine import (
     TYR_INITIAL_STEP,
@@ -68,10 +68,11 @@ from allocsearch.search.coarse_to_fine import (
     TYR_ROUNDS,
     coarse_to_fine,
 )
-from allocsearch.search.dp import TableSearcher, dp_solve
-from allocsearch.search.evolutionary import EvolutionarySearcher
-from allocsearch.search.knapsack import mckp_lagrangian, mckp_milp
-from allocsearch.search.registry import DEMO_EVOPRESS, TABLE_STRATEGIES
+from allocsearch.search.registry import (
+    DEMO_EVOPRESS,
+    TABLE_STRATEGIES,
+    make_searcher,
+)
 from allocsearch.supernet.build import (
     build_supernet,
     routing_frequencies,
@@ -426,101 +427,6 @@ class Outcome:
     store: SupernetStore | None = None
 
 
-def _searcher_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(settings)
-    for key in ("survivors", "tokens"):
-        if isinstance(out.get(key), list | tuple):
-            out[key] = tuple(int(v) for v in out[key])
-    return out
-
-
-def make_searcher(strategy: str, settings: Mapping[str, Any]) -> Searcher:
-    """The searcher of an ask/tell strategy, with its settings (keyword arguments)."""
-    s = _searcher_settings(settings)
-    try:
-        if strategy == "evopress":
-            return EvolutionarySearcher(**s)
-        solvers = {
-            "dp": dp_solve,
-            "knapsack": mckp_milp,
-            "knapsack_lagrange": mckp_lagrangian,
-        }
-        if strategy in solvers:
-            return TableSearcher(solver=solvers[strategy], **s)
-    except TypeError as e:
-        raise ValueError(f"bad settings for strategy {strategy!r}: {e}") from None
-    raise ValueError(f"strategy {strategy!r} is not an ask/tell search")
-
-
-def fitness_tokens(strategy: str, settings: Mapping[str, Any]) -> int | None:
-    """Calibration tokens the best fitness a ``strategy`` search reports is measured on:
-    EvoPress's last stage (the parent is re-scored there on a fresh minibatch every
-    generation; Týr's inner search likewise) or a table search's per-candidate tokens;
-    None for allocators, which score nothing."""
-    if strategy == "tyr":
-        inner = {k: v for k, v in settings.items() if k not in TYR_SETTINGS}
-        searcher: Any = EvolutionarySearcher(**_searcher_settings(inner or DEMO_EVOPRESS))
-    elif strategy == "evopress" or strategy in TABLE_STRATEGIES:
-        searcher = make_searcher(strategy, settings)
-    else:
-        return None
-    tokens = searcher.tokens
-    return int(tokens[-1] if isinstance(tokens, tuple | list) else tokens)
-
-
-ALLOCATORS = ("uniform", "owl", "lamp", "erk", "global_magnitude", "random")
-TYR_SETTINGS = ("rounds", "initial_step", "min_step", "input_mode")
-
-
-def _keywords(fn: Callable[..., Any], *fixed: str) -> set[str]:
-    """Keyword parameters of ``fn`` that settings may set (``fixed`` ones are the caller's)."""
-    return {
-        name
-        for name, p in inspect.signature(fn).parameters.items()
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name not in fixed
-    }
-
-
-def strategy_settings(strategy: str) -> set[str]:
-    """The settings keys ``strategy`` accepts (``search.settings`` in a config)."""
-    evo = _keywords(EvolutionarySearcher)
-    accepted = {
-        "evopress": evo | {"seed_from"},
-        "tyr": evo | set(TYR_SETTINGS),
-        "owl": _keywords(baselines.owl, "spec", "budget", "weights", "input_norms"),
-        "global_magnitude": _keywords(baselines.global_magnitude, "spec", "budget", "weights"),
-        "random": _keywords(baselines.random_feasible, "spec", "budget", "key"),
-        "uniform": set(),
-        "lamp": set(),
-        "erk": set(),
-    }
-    for name in TABLE_STRATEGIES:
-        accepted[name] = _keywords(TableSearcher, "solver")
-    if strategy not in accepted:
-        raise ValueError(f"unknown strategy {strategy!r}; valid: {sorted(accepted)}")
-    return accepted[strategy]
-
-
-def check_settings(strategy: str, settings: Mapping[str, Any]) -> None:
-    """Refuse settings ``strategy`` does not take, before anything is loaded or run.
-
-    Raises:
-      ValueError: naming the strategy, the unknown keys and the valid ones.
-    """
-    valid = strategy_settings(strategy)
-    unknown = sorted(set(settings) - valid)
-    if unknown:
-        raise ValueError(
-            f"bad settings for strategy {strategy!r}: it does not take {unknown}; valid "
-            f"settings: {sorted(valid) or 'none'}"
-        )
-    seed = settings.get("seed_from")
-    if seed is not None and seed not in TABLE_STRATEGIES:
-        raise ValueError(
-            f"settings.seed_from {seed!r} is not valid; choose one of {list(TABLE_STRATEGIES)}"
-        )
-
-
 def allocate_baseline(
     strategy: str,
     ws: Workspace,
@@ -530,27 +436,36 @@ def allocate_baseline(
     seed: int,
     settings: Mapping[str, Any],
 ) -> np.ndarray:
-    """int32[L]: a baseline allocation snapped to the store's levels within the budget."""
+    """int32[L]: a baseline allocation snapped to the store's levels within the budget
+    (the registry's ``allocate`` of an ``allocator`` strategy)."""
+    entry = registry.get(strategy)
+    if entry.allocate is None:
+        raise ValueError(f"unknown baseline {strategy!r}; valid: {list(registry.ALLOCATORS)}")
     spec = store.spec
     routers = any(u.role == "router" for u in spec.units)
     layers = model_layers(ws.model.adapter, routers=routers)
     weights = {layer.name: np.asarray(ws.model.params[layer.weight_name]) for layer in layers}
-    if strategy == "uniform":
-        return baselines.uniform(spec, budget)
-    if strategy == "owl":
+
+    def input_norms() -> Mapping[str, np.ndarray]:
         norms = store.input_norms()
         if not norms:
             raise ValueError(f"{store.path} has no input norms (built by an older version)")
-        return baselines.owl(spec, budget, weights=weights, input_norms=norms, **settings)
-    if strategy == "lamp":
-        return baselines.lamp(spec, budget, weights=weights)
-    if strategy == "global_magnitude":
-        return baselines.global_magnitude(spec, budget, weights=weights, **settings)
-    if strategy == "erk":
-        return baselines.erk(spec, budget, shapes={layer.name: layer.shape for layer in layers})
-    if strategy == "random":
-        return baselines.random_feasible(spec, budget, key=jax.random.key(seed), **settings)
-    raise ValueError(f"unknown baseline {strategy!r}; valid: {ALLOCATORS}")
+        return norms
+
+    inputs = registry.AllocatorInputs(
+        weights, input_norms, {layer.name: layer.shape for layer in layers}
+    )
+    return entry.allocate(spec, budget, inputs, settings, seed)
+
+
+def table_settings(ws: Workspace, strategy: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` of a table strategy with its ``tokens`` defaulted: the error table is
+    scored on one minibatch, the whole calibration set up to
+    :data:`~allocsearch.search.registry.TABLE_TOKENS`."""
+    out = dict(settings)
+    if strategy in TABLE_STRATEGIES and "tokens" not in out:
+        out["tokens"] = min(registry.TABLE_TOKENS, ws.calibration.n_tokens)
+    return out
 
 
 def run_strategy(
@@ -569,9 +484,13 @@ def run_strategy(
     map_layers: Callable[..., Any] | None = None,
     round_evaluate: Callable[[SupernetStore], Evaluate] | None = None,
     spec: SupernetSpec | None = None,
+    seed_stage: Outcome | None = None,
 ) -> Outcome:
     """Run one strategy on ``store`` under ``budget``; ``evaluate`` scores candidates (the
-    in-process evaluator or a Ray backend). ``state`` resumes an ask/tell search.
+    in-process evaluator or a Ray backend). ``state`` resumes an ask/tell search (a
+    seeded one's EvoPress state: its seed stage runs again, deterministically, unless
+    the caller ran it: ``seed_stage``, its outcome, with ``settings`` from
+    :func:`run_seed_stage`).
     ``spec`` (ask/tell strategies only) searches another spec over the store, e.g. a
     :class:`~allocsearch.supernet.depth.TiedBlocks` spec with its ``scorer(evaluate)``;
     ``Outcome.choice`` then indexes ``spec``.
@@ -582,15 +501,16 @@ def run_strategy(
     (``None``: :func:`make_evaluator` here), e.g. Ray backends (see :func:`_run_tyr`)."""
     settings = dict(settings or {})
     t0 = time.perf_counter()
-    if spec is not None and strategy not in ("evopress", *TABLE_STRATEGIES):
+    entry = registry.get(strategy)
+    if spec is not None and not entry.scored:
         raise ValueError(
             f"strategy {strategy!r} allocates over the store's own units; a spec of tied "
-            f"blocks is searched by evopress, {', '.join(TABLE_STRATEGIES)}"
+            f"blocks is searched by {', '.join(registry.SCORED_STRATEGIES)}"
         )
-    if strategy in ALLOCATORS:
+    if entry.kind == "allocator":
         choice = allocate_baseline(strategy, ws, store, budget, seed=seed, settings=settings)
         return Outcome(strategy, choice, None, 0, 0, time.perf_counter() - t0, settings)
-    if strategy == "tyr":
+    if entry.kind == "driver":
         return _run_tyr(
             ws,
             store,
@@ -602,23 +522,13 @@ def run_strategy(
             map_layers=map_layers,
             round_evaluate=round_evaluate,
         )
-    if strategy == "evopress" and "seed_from" in settings:
-        # DP / knapsack results can seed the evolutionary search (issue: strategy seeding)
-        first = run_strategy(
-            settings.pop("seed_from"),
-            ws,
-            store,
-            budget,
-            evaluate=evaluate,
-            seed=seed,
-            settings={},
-            spec=spec,
+    first = seed_stage
+    if first is None:
+        first, settings = run_seed_stage(
+            strategy, ws, store, budget, evaluate=evaluate, seed=seed, settings=settings, spec=spec
         )
-        settings["start"] = first.choice
-    if strategy in TABLE_STRATEGIES and "tokens" not in settings:
-        # the error table is scored on one minibatch: the whole calibration set, up to 4096
-        settings["tokens"] = min(4096, ws.calibration.n_tokens)
-    searcher = make_searcher(strategy, settings)
+    settings = table_settings(ws, strategy, settings)
+    searcher = registry.make_searcher(strategy, settings)
     result = run_search(
         searcher,
         evaluate,
@@ -628,17 +538,80 @@ def run_strategy(
         on_generation=on_generation,
         state=state,
     )
-    shown = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in settings.items()}
-    return Outcome(
+    outcome = Outcome(
         strategy,
         np.asarray(result.best_choice, np.int32),
         float(result.best_fitness),
         int(result.evaluations),
         int(result.tokens),
         time.perf_counter() - t0,
-        shown,
+        shown_settings(settings),
         tuple(result.history),
         dict(result.info),
+    )
+    return outcome if first is None else seeded_outcome(outcome, first)
+
+
+def shown_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings as a recipe records them (JSON values; a seeded search's ``start`` is
+    left out: it is the seed stage's allocation)."""
+    return {
+        k: (v.tolist() if isinstance(v, np.ndarray) else v)
+        for k, v in settings.items()
+        if k != "start"
+    }
+
+
+def run_seed_stage(
+    strategy: str,
+    ws: Workspace,
+    store: SupernetStore,
+    budget: Budget,
+    *,
+    evaluate: Evaluate,
+    seed: int,
+    settings: Mapping[str, Any],
+    spec: SupernetSpec | None = None,
+) -> tuple[Outcome | None, dict[str, Any]]:
+    """``(the seed stage's outcome, the EvoPress settings started from it)`` of a seeded
+    strategy (``dp+evopress``; ``evopress`` with ``seed_from``), or ``(None, settings)``.
+
+    The seed stage (a table search) is deterministic given ``seed``, so a resumed search
+    recomputes it and starts EvoPress from the same allocation."""
+    name, seed_settings, rest = registry.split_seeded(strategy, settings)
+    if name is None:
+        return None, dict(settings)
+    first = run_strategy(
+        name, ws, store, budget, evaluate=evaluate, seed=seed, settings=seed_settings, spec=spec
+    )
+    evo = {**rest, "start": first.choice}
+    if strategy == "dp+evopress":
+        tokens = table_settings(ws, name, seed_settings)["tokens"]
+        evo["table_tokens"] = int(tokens)
+    else:
+        evo["seed_from"] = name
+    return first, evo
+
+
+def seeded_outcome(evo: Outcome, first: Outcome) -> Outcome:
+    """A seeded search's outcome: EvoPress's result, with the seed stage's evaluations,
+    tokens, wall time and history counted before EvoPress's."""
+    offset = first.history[-1].generation + 1 if first.history else 0
+    shifted = tuple(
+        h._replace(
+            generation=h.generation + offset,
+            evaluations=h.evaluations + first.evaluations,
+            tokens=h.tokens + first.tokens,
+        )
+        for h in evo.history
+    )
+    return dataclasses.replace(
+        evo,
+        evaluations=evo.evaluations + first.evaluations,
+        tokens=evo.tokens + first.tokens,
+        wall_time_s=evo.wall_time_s + first.wall_time_s,
+        history=first.history + shifted,
+        info={**{f"{first.strategy}_{k}": v for k, v in first.info.items()}, **evo.info},
     )
 
 
@@ -672,7 +645,7 @@ def _run_tyr(
     initial_step = float(settings.pop("initial_step", TYR_INITIAL_STEP))
     min_step = float(settings.pop("min_step", TYR_MIN_STEP))
     input_mode = str(settings.pop("input_mode", "expected"))
-    inner = EvolutionarySearcher(**_searcher_settings(settings or DEMO_EVOPRESS))
+    inner = make_searcher("evopress", settings or DEMO_EVOPRESS)
     if work_dir is None:
         raise ValueError("the tyr strategy needs a work directory for its per-round supernets")
     if ws.config.supernet.expert_removal:
