@@ -422,6 +422,13 @@ def demo(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/demo"),
     target: Annotated[float, typer.Option(help="Fraction of the weights to remove.")] = 0.7,
     generations: Annotated[int, typer.Option(help="EvoPress generations.")] = 30,
+    strategies: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated strategies to compare; the last one's allocation is the "
+            f"recipe (any of: {registry.help_names(', ')})."
+        ),
+    ] = "uniform,owl,evopress",
     seed: Annotated[int, typer.Option(help="Seed of the search.")] = 0,
     backend: Annotated[
         str,
@@ -448,12 +455,19 @@ def demo(
         supernet__storage_dtype=storage_dtype,
         **_backend(backend, workers, None),
     )
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    bad = [s for s in names if s not in registry.STRATEGIES]
+    if bad or not names:
+        raise UserError(
+            f"--strategies {strategies!r}: unknown {bad}; valid: {registry.help_names(', ')}"
+        )
     run_demo(
         cfg,
         _fresh_dir(out, overwrite),
         generations=generations,
         progress=progress,
         console=out_console,
+        strategies=names,
     )
 
 

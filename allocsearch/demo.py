@@ -294,12 +294,27 @@ def run_compare(
     console.print(f"wrote {out}/compare.md, compare.png, recipes")
 
 
+DEMO_STRATEGIES = ("uniform", "owl", "evopress")
+"""What `allocsearch demo` compares; the last one's allocation is its recipe."""
+
+
 def run_demo(
-    cfg: RunConfig, out: Path, *, generations: int, progress: bool, console: Console
+    cfg: RunConfig,
+    out: Path,
+    *,
+    generations: int,
+    progress: bool,
+    console: Console,
+    strategies: Sequence[str] = DEMO_STRATEGIES,
 ) -> None:
-    """Supernet -> EvoPress -> recipe, plots, and a table against uniform and OWL; with
-    ``cfg.backend.kind == "ray"`` the supernet's layers are pruned and EvoPress's
-    candidates scored on Ray actors."""
+    """Supernet -> EvoPress -> recipe, plots, and a table against uniform and OWL
+    (``strategies``: the ones compared, any registered; the last one's allocation is
+    ``recipe.json``, judged against uniform's when uniform is among them); with
+    ``cfg.backend.kind == "ray"`` the supernet's layers are pruned and the candidates
+    scored on Ray actors."""
+    bad = [s for s in strategies if s not in registry.STRATEGIES]
+    if bad or not strategies:
+        raise ValueError(f"unknown strategies {bad}; valid: {list(registry.STRATEGY_NAMES)}")
     t0 = time.perf_counter()
     ws = pipeline.load_workspace(cfg)
     console.print(
@@ -322,26 +337,29 @@ def run_demo(
         ws,
         store,
         out,
-        ["uniform", "owl", "evopress"],
+        list(strategies),
         progress=progress,
         console=console,
         generations=generations,
     )
-    best = next(s for s in scored if s.outcome.strategy == "evopress")
+    featured = strategies[-1]
+    label = "EvoPress" if featured == "evopress" else featured
+    best = next(s for s in scored if s.outcome.strategy == featured)
     recipe = pipeline.recipe_from_choice(
-        ws, store, pipeline.make_budget(cfg.search, store.spec), best.outcome
+        ws, best.outcome.store or store, pipeline.make_budget(cfg.search, store.spec), best.outcome
     )
     recipe.save(out / "recipe.json", overwrite=True)
     plot_sparsity_profile(
         recipe,
         out / "profile.png",
         overwrite=True,
-        title=f"EvoPress allocation, {cfg.search.target:.0%} sparsity",
+        title=f"{label} allocation, {cfg.search.target:.0%} sparsity",
     )
-    uniform = next(s for s in scored if s.outcome.strategy == "uniform")
+    uniform = next((s for s in scored if s.outcome.strategy == "uniform"), None)
+    versus = "" if uniform is None else f" vs uniform {uniform.heldout:.3f}"
     dense = "" if dense_ppl is None else f" (dense {dense_ppl:.3f})"
     console.print(
-        f"\nEvoPress {pipeline.heldout_label(ws)} {best.heldout:.3f} vs uniform "
-        f"{uniform.heldout:.3f}{dense}; recipe: {out / 'recipe.json'}; "
-        f"plots: profile.png, fitness.png, compare.png; total {time.perf_counter() - t0:.0f} s"
+        f"\n{label} {pipeline.heldout_label(ws)} {best.heldout:.3f}{versus}{dense}; recipe: "
+        f"{out / 'recipe.json'}; plots: profile.png, fitness.png, compare.png; total "
+        f"{time.perf_counter() - t0:.0f} s"
     )

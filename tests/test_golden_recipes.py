@@ -8,7 +8,7 @@ search lands as its own commit that regenerates them and says why:
 The scored strategies run at reduced cost to keep the module near a minute of CPU: the
 table strategies score their error table on 512 tokens (compare's default: all
 calibration tokens up to 4,096) and EvoPress runs 4 of the demo's 30 generations
-(otherwise the demo's settings). Týr is left out: it builds a supernet per round.
+(otherwise the demo's settings), dp+evopress both. Týr is left out: it builds a supernet per round.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 UPDATE = os.environ.get("ALLOCSEARCH_UPDATE_GOLDEN") == "1"
 
 TABLE = {"tokens": 512}
+EVOPRESS = {"generations": 4, "offspring": 12, "survivors": [3, 1], "tokens": [512, 2048]}
 # strategy -> settings it runs with here (see the module docstring)
 GOLDEN_SETTINGS: dict[str, dict] = {
     "uniform": {},
@@ -42,7 +43,8 @@ GOLDEN_SETTINGS: dict[str, dict] = {
     "dp": TABLE,
     "knapsack": TABLE,
     "knapsack_lagrange": TABLE,
-    "evopress": {"generations": 4, "offspring": 12, "survivors": [3, 1], "tokens": [512, 2048]},
+    "evopress": EVOPRESS,
+    "dp+evopress": {**EVOPRESS, "table_tokens": 512},
 }
 
 

@@ -200,3 +200,10 @@ def test_dp_evopress_counts_the_table_and_resumes(workdir):
     assert seed_from.provenance.strategy == "evopress"
     assert seed_from.provenance.settings == {**EVO, "seed_from": "dp"}
     assert seed_from.provenance.evaluations == prov.evaluations
+
+
+def test_demo_refuses_unknown_strategies_before_writing(tmp_path):
+    out = tmp_path / "demo"
+    r = run("demo", "--strategies", "uniform,bogus", "--out", out, "--no-progress")
+    assert r.exit_code == 2 and "unknown ['bogus']; valid: evopress, tyr" in r.output
+    assert not out.exists()
