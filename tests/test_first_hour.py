@@ -238,7 +238,7 @@ def test_model_and_calibration_options_are_validated_before_loading(ws, tmp_path
         ((*search, "--out", tmp_path / "r", "--generations", "0"),
          "--generations must be an integer >= 1, got 0"),
         ((*search, "--out", tmp_path / "r", "--strategy", "dp", "--generations", "5"),
-         "strategy 'dp' does not run; use it with evopress or tyr"),
+         "strategy 'dp' does not run; use it with evopress, tyr or dp+evopress"),
         (("compare", "-c", cfg, "--supernet", ws / "store", "--out", tmp_path / "r",
           "--strategies", "uniform,dp", "--generations", "5"), "none of ['uniform', 'dp'] runs"),
         ((*search, "--out", tmp_path / "r", "--calibration", tmp_path / "nowhere.txt"),

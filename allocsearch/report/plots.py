@@ -245,7 +245,7 @@ def plot_fitness_curves(
     Each point is the best allocation's fitness as its search measured it: EvoPress
     re-scores its parent on a fresh minibatch every generation, so the curve may rise as
     well as fall. ``tokens`` (strategy -> calibration tokens per score, see
-    :func:`~allocsearch.pipeline.fitness_tokens`) puts the token counts in the axis label
+    :func:`~allocsearch.search.registry.fitness_tokens`) puts the token counts in the axis label
     (one count) or the legend (several), and the title says what a point is.
 
     Args:
