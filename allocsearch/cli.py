@@ -630,14 +630,16 @@ def search(
         **_data(calibration, seq_len, calibration_seqs),
         **_backend(backend, workers, address),
     )
-    cfg = for_strategy(cfg, owner=base.search.strategy, console=out_console)
+    cfg, note = for_strategy(cfg, owner=base.search.strategy)
     cfg = _with_generations(cfg, generations)
     _check_memory(cfg, "search", supernet)
     if not resume:
         _fresh_dir(out, overwrite)
     elif not out.exists():
         raise FileNotFoundError(f"--resume: run directory {out} does not exist")
-    run_search_command(cfg, supernet, out, resume=resume, progress=progress, console=out_console)
+    run_search_command(
+        cfg, supernet, out, resume=resume, progress=progress, console=out_console, note=note
+    )
     if (out / "recipe.json").exists():  # a finished run supersedes an interrupted one's
         (out / "recipe.partial.json").unlink(missing_ok=True)
 

@@ -197,18 +197,15 @@ def strategy_settings(cfg: RunConfig, strategy: str | None = None) -> registry.R
     )
 
 
-def for_strategy(cfg: RunConfig, *, owner: str, console: Console) -> RunConfig:
-    """``cfg`` whose ``search.settings`` are those its strategy runs with, when the
-    settings were written for the strategy ``owner`` (a config's ``search.strategy``
-    that ``--strategy`` replaced): keys of another strategy are dropped, with a one-line
-    note on ``console``; keys no strategy takes stay (:func:`registry.check_settings`
-    refuses them)."""
+def for_strategy(cfg: RunConfig, *, owner: str) -> tuple[RunConfig, str | None]:
+    """``(cfg, note)``: ``cfg`` whose ``search.settings`` are those its strategy runs with,
+    when the settings were written for the strategy ``owner`` (a config's
+    ``search.strategy`` that ``--strategy`` replaced), and a one-line note naming the keys
+    of another strategy that were dropped (None if none); keys no strategy takes stay
+    (:func:`registry.check_settings` refuses them)."""
     resolved = registry.resolve_settings(cfg.search.strategy, cfg.search.settings, owner=owner)
-    note = resolved.note(cfg.search.strategy, owner)
-    if note:
-        console.print(note, highlight=False, soft_wrap=True)
     search = dataclasses.replace(cfg.search, settings=resolved.settings)
-    return dataclasses.replace(cfg, search=search)
+    return dataclasses.replace(cfg, search=search), resolved.note(cfg.search.strategy, owner)
 
 
 def default_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -290,12 +287,17 @@ def run_search_command(
     resume: bool,
     progress: bool,
     console: Console,
+    note: str | None = None,
 ) -> None:
+    """Run ``cfg``'s search on the store at ``supernet`` into ``out`` (``note``: printed
+    once the settings and target are checked, e.g. :func:`for_strategy`'s)."""
     strategy = cfg.search.strategy
     settings = default_settings(cfg)
     check_tie_blocks(cfg)  # before anything loads
     registry.check_settings(strategy, settings)
     check_target_before_loading(cfg, supernet)
+    if note:
+        console.print(note, highlight=False, soft_wrap=True)
     ws = pipeline.load_workspace(cfg)
     store = pipeline.open_store(ws, supernet)
     # --tie-blocks: the search runs over whole blocks; everything after it (held-out
@@ -315,22 +317,7 @@ def run_search_command(
     if strategy not in SCORED_STRATEGIES:
         if resume:
             raise ValueError(f"--resume: strategy {strategy!r} has no search state to resume")
-        if strategy == "tyr" and cfg.backend.kind == "ray":
-            _run_tyr_on_ray(cfg, ws, store, budget, settings, out, progress, console)
-            return
-        local = pipeline.make_evaluator(ws, store)
-        outcome = pipeline.run_strategy(
-            strategy,
-            ws,
-            store,
-            budget,
-            evaluate=local,
-            seed=cfg.search.seed,
-            settings=settings,
-            work_dir=out / "work",
-            progress=progress,
-        )
-        _finish(ws, store, budget, outcome, _local_ppl(ws, outcome, local), out, console)
+        _run_unscored(cfg, ws, store, budget, settings, out, progress, console)
         return
 
     searcher = registry.make_searcher(strategy, settings)  # refuses bad settings early
@@ -416,21 +403,7 @@ def run_search_command(
                     )
             except KeyboardInterrupt:
                 if last[0] is not None:
-                    result = searcher.result(last[0])
-                    partial = pipeline.Outcome(
-                        strategy,
-                        result.best_choice,
-                        float(result.best_fitness),
-                        int(result.evaluations),
-                        int(result.tokens),
-                        time.perf_counter() - t0,
-                        pipeline.shown_settings(settings),
-                        tuple(result.history),
-                    )
-                    if first is not None:
-                        partial = dataclasses.replace(
-                            pipeline.seeded_outcome(partial, first), wall_time_s=partial.wall_time_s
-                        )
+                    partial = _partial_outcome(strategy, searcher, last[0], settings, first, t0)
                     path = _write_recipe(
                         ws, store, budget, sublayer_outcome(partial), out, partial=True
                     )
@@ -448,6 +421,48 @@ def run_search_command(
     if ray_eval is None:
         ppl = _local_ppl(ws, outcome, evaluate)
     _finish(ws, store, budget, outcome, ppl, out, console)
+
+
+def _run_unscored(cfg, ws, store, budget, settings, out: Path, progress: bool, console) -> None:
+    """A strategy with no ask/tell state: an allocator, or Týr (on Ray: its rounds on
+    actors, :func:`_run_tyr_on_ray`)."""
+    strategy = cfg.search.strategy
+    if registry.get(strategy).kind == "driver" and cfg.backend.kind == "ray":
+        _run_tyr_on_ray(cfg, ws, store, budget, settings, out, progress, console)
+        return
+    local = pipeline.make_evaluator(ws, store)
+    outcome = pipeline.run_strategy(
+        strategy,
+        ws,
+        store,
+        budget,
+        evaluate=local,
+        seed=cfg.search.seed,
+        settings=settings,
+        work_dir=out / "work",
+        progress=progress,
+    )
+    _finish(ws, store, budget, outcome, _local_ppl(ws, outcome, local), out, console)
+
+
+def _partial_outcome(strategy, searcher, state, settings, first, t0: float) -> pipeline.Outcome:
+    """The best-so-far outcome of an interrupted search at ``state`` (a seeded search's
+    counts include its seed stage ``first``)."""
+    result = searcher.result(state)
+    partial = pipeline.Outcome(
+        strategy,
+        result.best_choice,
+        float(result.best_fitness),
+        int(result.evaluations),
+        int(result.tokens),
+        time.perf_counter() - t0,
+        pipeline.shown_settings(settings),
+        tuple(result.history),
+    )
+    if first is None:
+        return partial
+    seeded = pipeline.seeded_outcome(partial, first)
+    return dataclasses.replace(seeded, wall_time_s=partial.wall_time_s)
 
 
 def _resume_point(cfg, ws, store, budget, searcher, key, spec, ckpt_dir: Path, *, resume, console):
