@@ -207,3 +207,30 @@ def test_demo_refuses_unknown_strategies_before_writing(tmp_path):
     r = run("demo", "--strategies", "uniform,bogus", "--out", out, "--no-progress")
     assert r.exit_code == 2 and "unknown ['bogus']; valid: evopress, tyr" in r.output
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_dp_evopress_interrupted_resumes_to_the_same_recipe(workdir, monkeypatch):
+    from test_cli import _InterruptAfter  # a Ctrl-C on the evaluator's n-th query
+
+    from allocsearch import pipeline
+
+    r = search(workdir, "seeded-whole", "--strategy", "dp+evopress")
+    assert r.exit_code == 0, r.output
+    whole = Recipe.load(workdir / "seeded-whole" / "recipe.json")
+    make = pipeline.make_evaluator
+    # DP's 2 queries, then 2 per EvoPress generation: the 7th is in generation 3
+    monkeypatch.setattr(pipeline, "make_evaluator", lambda ws, s: _InterruptAfter(make(ws, s), 7))
+    r = search(workdir, "seeded-cut", "--strategy", "dp+evopress")
+    assert r.exit_code == 130
+    partial = Recipe.load(workdir / "seeded-cut" / "recipe.partial.json")
+    assert partial.partial and partial.provenance.strategy == "dp+evopress"
+    assert len(read_log(workdir / "seeded-cut" / "log.jsonl")) == 2
+    monkeypatch.setattr(pipeline, "make_evaluator", make)
+    r = search(workdir, "seeded-cut", "--strategy", "dp+evopress", "--resume")
+    assert r.exit_code == 0, r.output
+    assert "resuming at generation 2" in r.output
+    resumed = Recipe.load(workdir / "seeded-cut" / "recipe.json")
+    assert resumed.layers == whole.layers
+    assert resumed.provenance.fitness == whole.provenance.fitness
+    assert resumed.provenance.evaluations == whole.provenance.evaluations
