@@ -27,6 +27,7 @@ from allocsearch.config import (
     load_config,
 )
 from allocsearch.console_progress import heartbeat
+from allocsearch.search import registry
 
 app = typer.Typer(
     add_completion=False,
@@ -211,8 +212,8 @@ HeldoutSeqsOpt = Annotated[
 GenerationsOpt = Annotated[
     int | None,
     typer.Option(
-        help="EvoPress generations (evopress and tyr's inner search) (default: the config's "
-        "search.settings, else 30)."
+        help="EvoPress generations (evopress, dp+evopress and tyr's inner search) (default: "
+        "the config's search.settings, else 30)."
     ),
 ]
 AddressOpt = Annotated[
@@ -347,13 +348,19 @@ def _with_generations(cfg: RunConfig, generations: int | None) -> RunConfig:
 
     from allocsearch.search_run import default_settings
 
-    if cfg.search.strategy not in ("evopress", "tyr"):
+    if not registry.get(cfg.search.strategy).runs_evopress:
         raise UserError(
             f"--generations sets EvoPress generations, which strategy "
-            f"{cfg.search.strategy!r} does not run; use it with evopress or tyr"
+            f"{cfg.search.strategy!r} does not run; use it with {_evopress_names()}"
         )
     settings = {**default_settings(cfg), "generations": generations}
     return dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, settings=settings))
+
+
+def _evopress_names() -> str:
+    """``"evopress, tyr or dp+evopress"``: the strategies that run EvoPress."""
+    names = [s.name for s in registry.STRATEGIES.values() if s.runs_evopress]
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _check_generations(generations: int | None) -> None:
@@ -499,6 +506,13 @@ def demo(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/demo"),
     target: Annotated[float, typer.Option(help="Fraction of the weights to remove.")] = 0.7,
     generations: Annotated[int, typer.Option(help="EvoPress generations.")] = 30,
+    strategies: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated strategies to compare; the last one's allocation is the "
+            f"recipe (any of: {registry.help_names(', ')})."
+        ),
+    ] = "uniform,owl,evopress",
     seed: Annotated[int, typer.Option(help="Seed of the search.")] = 0,
     backend: Annotated[
         str,
@@ -527,12 +541,19 @@ def demo(
         evaluator__micro_batch_tokens=micro_batch_tokens,
         **_backend(backend, workers, None),
     )
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    bad = [s for s in names if s not in registry.STRATEGIES]
+    if bad or not names:
+        raise UserError(
+            f"--strategies {strategies!r}: unknown {bad}; valid: {registry.help_names(', ')}"
+        )
     run_demo(
         cfg,
         _fresh_dir(out, overwrite),
         generations=generations,
         progress=progress,
         console=out_console,
+        strategies=names,
     )
 
 
@@ -714,10 +735,7 @@ def search(
     strategy: Annotated[
         str | None,
         typer.Option(
-            help="evopress | tyr | dp | knapsack | "
-            "knapsack_lagrange | uniform | owl | lamp | "
-            "erk | global_magnitude | random (default: the config's search.strategy, else "
-            "evopress)."
+            help=f"{registry.help_names()} (default: the config's search.strategy, else evopress)."
         ),
     ] = None,
     target: SearchTargetOpt = None,
@@ -745,7 +763,7 @@ def search(
     progress: ProgressOpt = True,
 ) -> None:
     """Search an allocation on a supernet and write recipe.json, a log and plots."""
-    from allocsearch.search_run import run_search_command
+    from allocsearch.search_run import for_strategy, run_search_command
 
     if not resume:
         _refuse_existing(out, overwrite)
@@ -768,13 +786,16 @@ def search(
         **_heldout(heldout, heldout_seqs, metric),
         **_backend(backend, workers, address, replace_timeout),
     )
+    cfg, note = for_strategy(cfg, owner=base.search.strategy)
     cfg = _with_generations(cfg, generations)
     _check_memory(cfg, "search", supernet)
     if not resume:
         _fresh_dir(out, overwrite)
     elif not out.exists():
         raise FileNotFoundError(f"--resume: run directory {out} does not exist")
-    run_search_command(cfg, supernet, out, resume=resume, progress=progress, console=out_console)
+    run_search_command(
+        cfg, supernet, out, resume=resume, progress=progress, console=out_console, note=note
+    )
     if (out / "recipe.json").exists():  # a finished run supersedes an interrupted one's
         (out / "recipe.partial.json").unlink(missing_ok=True)
 
@@ -784,9 +805,9 @@ def search(
 def compare(
     supernet: Annotated[Path, typer.Option(help="Supernet store.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
-    strategies: Annotated[str, typer.Option(help="Comma-separated strategies.")] = (
-        "uniform,owl,lamp,erk,dp,knapsack,evopress"
-    ),
+    strategies: Annotated[
+        str, typer.Option(help=f"Comma-separated strategies of: {registry.help_names(', ')}.")
+    ] = ("uniform,owl,lamp,erk,dp,knapsack,evopress"),
     config: ConfigOpt = None,
     target: TargetOpt = None,
     seed: Annotated[
@@ -827,10 +848,12 @@ def compare(
     )
     _refuse_tie_blocks(cfg, "compare")
     names = [s.strip() for s in strategies.split(",") if s.strip()]
-    if generations is not None and not {"evopress", "tyr"} & set(names):
+    if generations is not None and not any(
+        n in registry.STRATEGIES and registry.get(n).runs_evopress for n in names
+    ):
         raise UserError(
             f"--generations sets EvoPress generations, which none of {names} runs; add "
-            f"evopress or tyr to --strategies"
+            f"{_evopress_names()} to --strategies"
         )
     _check_memory(cfg, "compare", supernet)
     run_compare(

@@ -77,25 +77,14 @@ from typing import Any, get_args, get_type_hints
 
 import yaml
 
+from allocsearch.search.registry import STRATEGY_NAMES
 from allocsearch.supernet.depth import DEPTH_MODES
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
 STRUCTURES = ("unstructured", "nm", "heads_neurons")
 HEAD_GRANULARITIES = ("kv_group", "query_head")
 INPUT_MODES = ("dense", "expected", "centre")
-STRATEGIES = (
-    "evopress",
-    "tyr",
-    "dp",
-    "knapsack",
-    "knapsack_lagrange",
-    "uniform",
-    "owl",
-    "lamp",
-    "erk",
-    "global_magnitude",
-    "random",
-)
+STRATEGIES = STRATEGY_NAMES  # the strategy registry's names
 BUDGET_KINDS = ("params", "flops", "latency", "sublayers")
 METRICS = ("kl", "topk_kl", "nll", "embedding_cosine", "hidden_nmse")
 ENCODER_METRICS = ("embedding_cosine", "hidden_nmse")

@@ -18,11 +18,12 @@ from rich.console import Console
 
 from allocsearch import pipeline
 from allocsearch.atomic import atomic_write_text
-from allocsearch.config import STRATEGIES, RunConfig
+from allocsearch.config import RunConfig
 from allocsearch.console_progress import heartbeat
 from allocsearch.distributed.ray_backend import ray_session
 from allocsearch.report import CompareRow, markdown_table
 from allocsearch.report.plots import plot_compare, plot_fitness_curves, plot_sparsity_profile
+from allocsearch.search import registry
 from allocsearch.search.base import Evaluate
 from allocsearch.search.budget import Budget, CostModel
 from allocsearch.search_run import (
@@ -35,15 +36,12 @@ from allocsearch.search_run import (
 
 
 def _settings_for(cfg: RunConfig, strategy: str, generations: int | None = None) -> dict:
-    """The config's settings for its own strategy, else the demo's EvoPress settings for
-    evopress and tyr; ``generations`` (``--generations``) replaces theirs."""
-    if strategy == cfg.search.strategy and cfg.search.settings:
-        s = dict(cfg.search.settings)
-    elif strategy in ("evopress", "tyr"):
-        s = dict(pipeline.DEMO_EVOPRESS)
-    else:
-        return {}
-    if generations is not None and strategy in ("evopress", "tyr"):
+    """The settings ``strategy`` runs with under ``cfg``
+    (:func:`~allocsearch.search.registry.resolve_settings`: the config's settings where
+    they mean the same for it, else its defaults, the demo's EvoPress settings for the
+    strategies that run EvoPress); ``generations`` (``--generations``) replaces theirs."""
+    s = registry.resolve_settings(strategy, cfg.search.settings, owner=cfg.search.strategy).settings
+    if generations is not None and registry.get(strategy).runs_evopress:
         s["generations"] = generations
     return s
 
@@ -92,7 +90,7 @@ def _search_and_score_one(
     """One strategy of :func:`_search_and_score_on_ray`."""
     t0 = time.perf_counter()
     console.print(f"[bold]{name}[/]: searching ...")
-    tyr = name == "tyr"
+    tyr = registry.get(name).kind == "driver"
     with heartbeat(f"{name}: searching", enabled=progress):
         outcome = pipeline.run_strategy(
             name,
@@ -151,12 +149,12 @@ def _search_and_score_on_ray(
     scored = []
     try:
         for name in strategies:
-            if name == "tyr":
+            if registry.get(name).kind == "driver":
                 shared.close()  # started again at the next query that needs it
             # Týr's many layer maps and evaluators share one connection
             session = (
                 ray_session(workers=cfg.backend.workers, address=cfg.backend.address)
-                if name == "tyr"
+                if registry.get(name).kind == "driver"
                 else contextlib.nullcontext()
             )
             with session:
@@ -260,7 +258,7 @@ def compare_strategies(
         # the settings each ran with (a table search's tokens) over the config's (Týr's inner)
         ran = {s.outcome.strategy: s.outcome.settings for s in scored}
         tokens = {
-            name: pipeline.fitness_tokens(
+            name: registry.fitness_tokens(
                 name, {**_settings_for(cfg, name, generations), **ran[name]}
             )
             for name in histories
@@ -291,9 +289,11 @@ def run_compare(
 ) -> None:
     """`allocsearch compare`: ``strategies`` on the store at ``supernet`` (``generations``:
     EvoPress generations of evopress and tyr, None: their settings')."""
-    bad = [s for s in strategies if s not in STRATEGIES]
+    bad = [s for s in strategies if s not in registry.STRATEGIES]
     if bad:
-        raise ValueError(f"unknown strategies {bad}; valid: {list(STRATEGIES)}")
+        raise ValueError(f"unknown strategies {bad}; valid: {list(registry.STRATEGY_NAMES)}")
+    for name in strategies:  # bad settings are refused before anything loads
+        registry.check_settings(name, _settings_for(cfg, name, generations))
     check_target_before_loading(cfg, supernet)
     ws = pipeline.load_workspace(cfg)
     store = pipeline.open_store(ws, supernet)
@@ -303,12 +303,27 @@ def run_compare(
     console.print(f"wrote {out}/compare.md, compare.png, recipes")
 
 
+DEMO_STRATEGIES = ("uniform", "owl", "evopress")
+"""What `allocsearch demo` compares; the last one's allocation is its recipe."""
+
+
 def run_demo(
-    cfg: RunConfig, out: Path, *, generations: int, progress: bool, console: Console
+    cfg: RunConfig,
+    out: Path,
+    *,
+    generations: int,
+    progress: bool,
+    console: Console,
+    strategies: Sequence[str] = DEMO_STRATEGIES,
 ) -> None:
-    """Supernet -> EvoPress -> recipe, plots, and a table against uniform and OWL; with
-    ``cfg.backend.kind == "ray"`` the supernet's layers are pruned and EvoPress's
-    candidates scored on Ray actors."""
+    """Supernet -> EvoPress -> recipe, plots, and a table against uniform and OWL
+    (``strategies``: the ones compared, any registered; the last one's allocation is
+    ``recipe.json``, judged against uniform's when uniform is among them); with
+    ``cfg.backend.kind == "ray"`` the supernet's layers are pruned and the candidates
+    scored on Ray actors."""
+    bad = [s for s in strategies if s not in registry.STRATEGIES]
+    if bad or not strategies:
+        raise ValueError(f"unknown strategies {bad}; valid: {list(registry.STRATEGY_NAMES)}")
     t0 = time.perf_counter()
     ws = pipeline.load_workspace(cfg)
     console.print(
@@ -331,26 +346,29 @@ def run_demo(
         ws,
         store,
         out,
-        ["uniform", "owl", "evopress"],
+        list(strategies),
         progress=progress,
         console=console,
         generations=generations,
     )
-    best = next(s for s in scored if s.outcome.strategy == "evopress")
+    featured = strategies[-1]
+    label = "EvoPress" if featured == "evopress" else featured
+    best = next(s for s in scored if s.outcome.strategy == featured)
     recipe = pipeline.recipe_from_choice(
-        ws, store, pipeline.make_budget(cfg.search, store.spec), best.outcome
+        ws, best.outcome.store or store, pipeline.make_budget(cfg.search, store.spec), best.outcome
     )
     recipe.save(out / "recipe.json", overwrite=True)
     plot_sparsity_profile(
         recipe,
         out / "profile.png",
         overwrite=True,
-        title=f"EvoPress allocation, {cfg.search.target:.0%} sparsity",
+        title=f"{label} allocation, {cfg.search.target:.0%} sparsity",
     )
-    uniform = next(s for s in scored if s.outcome.strategy == "uniform")
+    uniform = next((s for s in scored if s.outcome.strategy == "uniform"), None)
+    versus = "" if uniform is None else f" vs uniform {uniform.heldout:.3f}"
     dense = "" if dense_ppl is None else f" (dense {dense_ppl:.3f})"
     console.print(
-        f"\nEvoPress {pipeline.heldout_label(ws)} {best.heldout:.3f} vs uniform "
-        f"{uniform.heldout:.3f}{dense}; recipe: {out / 'recipe.json'}; "
-        f"plots: profile.png, fitness.png, compare.png; total {time.perf_counter() - t0:.0f} s"
+        f"\n{label} {pipeline.heldout_label(ws)} {best.heldout:.3f}{versus}{dense}; recipe: "
+        f"{out / 'recipe.json'}; plots: profile.png, fitness.png, compare.png; total "
+        f"{time.perf_counter() - t0:.0f} s"
     )

@@ -7,8 +7,8 @@ models, stores); strings are parsed only in :mod:`allocsearch.config` and the CL
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +28,6 @@ from allocsearch.config import (
     EvaluatorConfig,
     RunConfig,
     SearchConfig,
-    SupernetConfig,
 )
 from allocsearch.data.demo_corpus import demo_tokensets
 from allocsearch.data.encoder_sets import encoder_tokensets
@@ -50,15 +49,6 @@ from allocsearch.evaluate.streaming import StreamingEvaluator
 from allocsearch.models.bert import mean_pool
 from allocsearch.models.hf import ARCHITECTURES, HFModel, load_model
 from allocsearch.models.streamed import streamed_nll_sum
-from allocsearch.pruners import (
-    MagnitudePruner,
-    NMMagnitudePruner,
-    NMSparseGPTPruner,
-    NMWandaPruner,
-    SparseGPTPruner,
-    StructuredPruner,
-    WandaPruner,
-)
 from allocsearch.recipe.recipe import (
     Calibration,
     Fitness,
@@ -69,36 +59,35 @@ from allocsearch.recipe.recipe import (
     RecipeBudget,
     StructuredUnit,
 )
-from allocsearch.search import baselines
-from allocsearch.search.base import Evaluate, HistoryEntry, Searcher
+from allocsearch.search import registry
+from allocsearch.search.base import Evaluate, HistoryEntry
 from allocsearch.search.budget import Budget, CostModel, load_latency_table
 from allocsearch.search.coarse_to_fine import (
     TYR_INITIAL_STEP,
     TYR_MIN_STEP,
     TYR_ROUNDS,
-    centred_grid,
     coarse_to_fine,
 )
-from allocsearch.search.dp import TableSearcher, dp_solve
-from allocsearch.search.evolutionary import EvolutionarySearcher
-from allocsearch.search.knapsack import mckp_lagrangian, mckp_milp
+from allocsearch.search.registry import (
+    DEMO_EVOPRESS,
+    TABLE_STRATEGIES,
+    make_searcher,
+)
 from allocsearch.supernet.build import (
     build_supernet,
     routing_frequencies,
-    supernet_units,
     unit_group_counts,
     unit_min_steps,
     unit_removed_groups,
 )
 from allocsearch.supernet.depth import (
-    check_depth_supported,
-    depth_grid,
     dropped_levels,
     sublayers_per_unit,
     with_dropped_level,
 )
-from allocsearch.supernet.experts import member_exact_grid, model_layers, removal_grid
-from allocsearch.supernet.levels import LevelGrid, equal_step_grid, nm_grid
+from allocsearch.supernet.experts import model_layers
+from allocsearch.supernet.factory import make_grid, make_pruner, query_heads
+from allocsearch.supernet.levels import centred_grid
 from allocsearch.supernet.spec import SupernetSpec
 from allocsearch.supernet.store import StoreError, SupernetStore
 
@@ -284,91 +273,6 @@ def evaluated_model(ws: Workspace, evaluator: Any, choice: ArrayLike) -> HFModel
 # --------------------------------------------------------------------------- supernet
 
 
-def make_pruner(cfg: SupernetConfig) -> Any:
-    """The local pruner (or, for structured supernets, the pruner factory) of a config."""
-    if cfg.structure == "heads_neurons":
-        return StructuredPruner
-    if cfg.structure == "nm":
-        m = _nm_patterns(cfg)[0][1]
-        cls = {"magnitude": NMMagnitudePruner, "wanda": NMWandaPruner}.get(
-            cfg.pruner, NMSparseGPTPruner
-        )
-        return cls(m=m)
-    return {"magnitude": MagnitudePruner, "wanda": WandaPruner, "sparsegpt": SparseGPTPruner}[
-        cfg.pruner
-    ]()
-
-
-def _nm_patterns(cfg: SupernetConfig) -> list[tuple[int, int]]:
-    pats = sorted({tuple(int(x) for x in p.split(":")) for p in cfg.nm_patterns})
-    ms = {m for _, m in pats}
-    if len(ms) != 1:
-        raise ValueError(
-            f"supernet.nm_patterns {list(cfg.nm_patterns)} mix group sizes {sorted(ms)}; one "
-            "supernet uses one M (e.g. ['0:4', '1:4', '2:4', '3:4'])"
-        )
-    m = ms.pop()
-    if (0, m) not in pats:
-        pats.insert(0, (0, m))  # dense is always a level
-    return pats
-
-
-def _query_heads(cfg: SupernetConfig) -> bool:
-    """Whether structured attention units remove single query heads (not kv groups)."""
-    return cfg.head_granularity == "query_head"
-
-
-def make_grid(cfg: SupernetConfig, model: HFModel, *, target: float) -> LevelGrid:
-    """Level grid of every unit: EvoPress equal-weight steps around the target
-    (unstructured), N:M patterns, or whole heads/neurons (structured)."""
-    adapter = model.adapter
-    units = supernet_units(
-        adapter,
-        cfg.structure,
-        tie_experts=cfg.tie_experts,
-        expert_removal=cfg.expert_removal,
-        prune_router=cfg.prune_router,
-    )
-    if cfg.structure == "nm":
-        pats = _nm_patterns(cfg)
-        center = min(pats, key=lambda p: abs(p[0] / p[1] - target))
-        in_features = {
-            layer.name: layer.in_features
-            for layer in model_layers(adapter, routers=cfg.prune_router)
-        }
-        widths = [in_features[u.layers[0]] for u in units]
-        return nm_grid(pats, in_features=widths, center=center)
-    if cfg.structure == "heads_neurons":
-        if cfg.depth != "none":
-            check_depth_supported(adapter)
-        if cfg.depth == "drop":
-            return depth_grid("drop", None, len(units))
-        query_heads = _query_heads(cfg)
-        grid = centred_grid(
-            units,
-            np.full(len(units), target),
-            cfg.step_fraction,
-            groups=unit_group_counts(adapter, cfg.structure, query_heads=query_heads),
-            steps_each_side=cfg.steps_each_side,
-            # 1 kv group (or query head), 32 neurons
-            min_items=unit_min_steps(adapter, cfg.structure, query_heads=query_heads),
-        )
-        return depth_grid(cfg.depth, grid, len(units))
-    numel = np.array([u.numel for u in units], np.int64)
-    step = max(1, int(round(cfg.step_fraction * float(numel.mean()))))
-    if cfg.expert_removal:
-        return removal_grid(
-            units, center=target, step_weights=step, steps_each_side=cfg.steps_each_side
-        )
-    if cfg.tie_experts:  # a level applies to every tied expert's layer: exact on each
-        return member_exact_grid(
-            units, center=target, step_weights=step, steps_each_side=cfg.steps_each_side
-        )
-    return equal_step_grid(
-        numel, center=target, step_weights=step, steps_each_side=cfg.steps_each_side
-    )
-
-
 def build(
     ws: Workspace,
     out_dir: str | Path,
@@ -396,7 +300,7 @@ def build(
         progress=progress,
         overwrite=overwrite,
         storage_dtype=cfg.storage_dtype,
-        query_heads=_query_heads(cfg),
+        query_heads=query_heads(cfg),
         map_layers=map_layers,
         tie_experts=cfg.tie_experts,
         expert_removal=cfg.expert_removal,
@@ -527,124 +431,6 @@ class Outcome:
     store: SupernetStore | None = None
 
 
-# CPU-scaled EvoPress defaults for the demo model (paper: 400 generations, 64 offspring,
-# survivors 8 -> 2 -> 1, 2048 -> 16384 -> 65536 tokens; see search/evolutionary.py).
-DEMO_EVOPRESS = {
-    "generations": 30,
-    "offspring": 12,
-    "survivors": [3, 1],
-    "tokens": [512, 2048],
-}
-
-
-def _searcher_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(settings)
-    for key in ("survivors", "tokens"):
-        if isinstance(out.get(key), list | tuple):
-            out[key] = tuple(int(v) for v in out[key])
-    return out
-
-
-def make_searcher(strategy: str, settings: Mapping[str, Any]) -> Searcher:
-    """The searcher of an ask/tell strategy, with its settings (keyword arguments)."""
-    s = _searcher_settings(settings)
-    try:
-        if strategy == "evopress":
-            return EvolutionarySearcher(**s)
-        solvers = {
-            "dp": dp_solve,
-            "knapsack": mckp_milp,
-            "knapsack_lagrange": mckp_lagrangian,
-        }
-        if strategy in solvers:
-            return TableSearcher(solver=solvers[strategy], **s)
-    except TypeError as e:
-        raise ValueError(f"bad settings for strategy {strategy!r}: {e}") from None
-    raise ValueError(f"strategy {strategy!r} is not an ask/tell search")
-
-
-def fitness_tokens(strategy: str, settings: Mapping[str, Any]) -> int | None:
-    """Calibration tokens the best fitness a ``strategy`` search reports is measured on:
-    EvoPress's last stage (the parent is re-scored there on a fresh minibatch every
-    generation; Týr's inner search likewise) or a table search's per-candidate tokens;
-    None for allocators, which score nothing."""
-    if strategy == "tyr":
-        inner = {k: v for k, v in settings.items() if k not in TYR_SETTINGS}
-        searcher: Any = EvolutionarySearcher(**_searcher_settings(inner or DEMO_EVOPRESS))
-    elif strategy == "evopress" or strategy in TABLE_STRATEGIES:
-        searcher = make_searcher(strategy, settings)
-    else:
-        return None
-    tokens = searcher.tokens
-    return int(tokens[-1] if isinstance(tokens, tuple | list) else tokens)
-
-
-TABLE_STRATEGIES = ("dp", "knapsack", "knapsack_lagrange")
-ALLOCATORS = ("uniform", "owl", "lamp", "erk", "global_magnitude", "random")
-TYR_SETTINGS = ("rounds", "initial_step", "min_step", "input_mode")
-
-
-def run_settings(
-    strategy: str, settings: Mapping[str, Any], calibration_tokens: int
-) -> dict[str, Any]:
-    """``settings`` as :func:`run_strategy` runs ``strategy`` with them: a table search's
-    error table is scored on one minibatch, the whole calibration set up to 4,096 tokens,
-    unless ``tokens`` is set (what its fitness labels must say: :func:`fitness_tokens`)."""
-    out = dict(settings)
-    if strategy in TABLE_STRATEGIES and "tokens" not in out:
-        out["tokens"] = min(4096, calibration_tokens)
-    return out
-
-
-def _keywords(fn: Callable[..., Any], *fixed: str) -> set[str]:
-    """Keyword parameters of ``fn`` that settings may set (``fixed`` ones are the caller's)."""
-    return {
-        name
-        for name, p in inspect.signature(fn).parameters.items()
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name not in fixed
-    }
-
-
-def strategy_settings(strategy: str) -> set[str]:
-    """The settings keys ``strategy`` accepts (``search.settings`` in a config)."""
-    evo = _keywords(EvolutionarySearcher)
-    accepted = {
-        "evopress": evo | {"seed_from"},
-        "tyr": evo | set(TYR_SETTINGS),
-        "owl": _keywords(baselines.owl, "spec", "budget", "weights", "input_norms"),
-        "global_magnitude": _keywords(baselines.global_magnitude, "spec", "budget", "weights"),
-        "random": _keywords(baselines.random_feasible, "spec", "budget", "key"),
-        "uniform": set(),
-        "lamp": set(),
-        "erk": set(),
-    }
-    for name in TABLE_STRATEGIES:
-        accepted[name] = _keywords(TableSearcher, "solver")
-    if strategy not in accepted:
-        raise ValueError(f"unknown strategy {strategy!r}; valid: {sorted(accepted)}")
-    return accepted[strategy]
-
-
-def check_settings(strategy: str, settings: Mapping[str, Any]) -> None:
-    """Refuse settings ``strategy`` does not take, before anything is loaded or run.
-
-    Raises:
-      ValueError: naming the strategy, the unknown keys and the valid ones.
-    """
-    valid = strategy_settings(strategy)
-    unknown = sorted(set(settings) - valid)
-    if unknown:
-        raise ValueError(
-            f"bad settings for strategy {strategy!r}: it does not take {unknown}; valid "
-            f"settings: {sorted(valid) or 'none'}"
-        )
-    seed = settings.get("seed_from")
-    if seed is not None and seed not in TABLE_STRATEGIES:
-        raise ValueError(
-            f"settings.seed_from {seed!r} is not valid; choose one of {list(TABLE_STRATEGIES)}"
-        )
-
-
 def allocate_baseline(
     strategy: str,
     ws: Workspace,
@@ -654,27 +440,36 @@ def allocate_baseline(
     seed: int,
     settings: Mapping[str, Any],
 ) -> np.ndarray:
-    """int32[L]: a baseline allocation snapped to the store's levels within the budget."""
+    """int32[L]: a baseline allocation snapped to the store's levels within the budget
+    (the registry's ``allocate`` of an ``allocator`` strategy)."""
+    entry = registry.get(strategy)
+    if entry.allocate is None:
+        raise ValueError(f"unknown baseline {strategy!r}; valid: {list(registry.ALLOCATORS)}")
     spec = store.spec
     routers = any(u.role == "router" for u in spec.units)
     layers = model_layers(ws.model.adapter, routers=routers)
     weights = {layer.name: np.asarray(ws.model.params[layer.weight_name]) for layer in layers}
-    if strategy == "uniform":
-        return baselines.uniform(spec, budget)
-    if strategy == "owl":
+
+    def input_norms() -> Mapping[str, np.ndarray]:
         norms = store.input_norms()
         if not norms:
             raise ValueError(f"{store.path} has no input norms (built by an older version)")
-        return baselines.owl(spec, budget, weights=weights, input_norms=norms, **settings)
-    if strategy == "lamp":
-        return baselines.lamp(spec, budget, weights=weights)
-    if strategy == "global_magnitude":
-        return baselines.global_magnitude(spec, budget, weights=weights, **settings)
-    if strategy == "erk":
-        return baselines.erk(spec, budget, shapes={layer.name: layer.shape for layer in layers})
-    if strategy == "random":
-        return baselines.random_feasible(spec, budget, key=jax.random.key(seed), **settings)
-    raise ValueError(f"unknown baseline {strategy!r}; valid: {ALLOCATORS}")
+        return norms
+
+    inputs = registry.AllocatorInputs(
+        weights, input_norms, {layer.name: layer.shape for layer in layers}
+    )
+    return entry.allocate(spec, budget, inputs, settings, seed)
+
+
+def table_settings(ws: Workspace, strategy: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` of a table strategy with its ``tokens`` defaulted: the error table is
+    scored on one minibatch, the whole calibration set up to
+    :data:`~allocsearch.search.registry.TABLE_TOKENS`."""
+    out = dict(settings)
+    if strategy in TABLE_STRATEGIES and "tokens" not in out:
+        out["tokens"] = min(registry.TABLE_TOKENS, ws.calibration.n_tokens)
+    return out
 
 
 def run_strategy(
@@ -693,9 +488,13 @@ def run_strategy(
     map_layers: Callable[..., Any] | None = None,
     round_evaluate: Callable[[SupernetStore], Evaluate] | None = None,
     spec: SupernetSpec | None = None,
+    seed_stage: Outcome | None = None,
 ) -> Outcome:
     """Run one strategy on ``store`` under ``budget``; ``evaluate`` scores candidates (the
-    in-process evaluator or a Ray backend). ``state`` resumes an ask/tell search.
+    in-process evaluator or a Ray backend). ``state`` resumes an ask/tell search (a
+    seeded one's EvoPress state: its seed stage runs again, deterministically, unless
+    the caller ran it: ``seed_stage``, its outcome, with ``settings`` from
+    :func:`run_seed_stage`).
     ``spec`` (ask/tell strategies only) searches another spec over the store, e.g. a
     :class:`~allocsearch.supernet.depth.TiedBlocks` spec with its ``scorer(evaluate)``;
     ``Outcome.choice`` then indexes ``spec``.
@@ -706,15 +505,16 @@ def run_strategy(
     (``None``: :func:`make_evaluator` here), e.g. Ray backends (see :func:`_run_tyr`)."""
     settings = dict(settings or {})
     t0 = time.perf_counter()
-    if spec is not None and strategy not in ("evopress", *TABLE_STRATEGIES):
+    entry = registry.get(strategy)
+    if spec is not None and not entry.scored:
         raise ValueError(
             f"strategy {strategy!r} allocates over the store's own units; a spec of tied "
-            f"blocks is searched by evopress, {', '.join(TABLE_STRATEGIES)}"
+            f"blocks is searched by {', '.join(registry.SCORED_STRATEGIES)}"
         )
-    if strategy in ALLOCATORS:
+    if entry.kind == "allocator":
         choice = allocate_baseline(strategy, ws, store, budget, seed=seed, settings=settings)
         return Outcome(strategy, choice, None, 0, 0, time.perf_counter() - t0, settings)
-    if strategy == "tyr":
+    if entry.kind == "driver":
         return _run_tyr(
             ws,
             store,
@@ -726,21 +526,13 @@ def run_strategy(
             map_layers=map_layers,
             round_evaluate=round_evaluate,
         )
-    if strategy == "evopress" and "seed_from" in settings:
-        # DP / knapsack results can seed the evolutionary search (issue: strategy seeding)
-        first = run_strategy(
-            settings.pop("seed_from"),
-            ws,
-            store,
-            budget,
-            evaluate=evaluate,
-            seed=seed,
-            settings={},
-            spec=spec,
+    first = seed_stage
+    if first is None:
+        first, settings = run_seed_stage(
+            strategy, ws, store, budget, evaluate=evaluate, seed=seed, settings=settings, spec=spec
         )
-        settings["start"] = first.choice
-    settings = run_settings(strategy, settings, ws.calibration.n_tokens)
-    searcher = make_searcher(strategy, settings)
+    settings = table_settings(ws, strategy, settings)
+    searcher = registry.make_searcher(strategy, settings)
     result = run_search(
         searcher,
         evaluate,
@@ -750,17 +542,80 @@ def run_strategy(
         on_generation=on_generation,
         state=state,
     )
-    shown = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in settings.items()}
-    return Outcome(
+    outcome = Outcome(
         strategy,
         np.asarray(result.best_choice, np.int32),
         float(result.best_fitness),
         int(result.evaluations),
         int(result.tokens),
         time.perf_counter() - t0,
-        shown,
+        shown_settings(settings),
         tuple(result.history),
         dict(result.info),
+    )
+    return outcome if first is None else seeded_outcome(outcome, first)
+
+
+def shown_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings as a recipe records them (JSON values; a seeded search's ``start`` is
+    left out: it is the seed stage's allocation)."""
+    return {
+        k: (v.tolist() if isinstance(v, np.ndarray) else v)
+        for k, v in settings.items()
+        if k != "start"
+    }
+
+
+def run_seed_stage(
+    strategy: str,
+    ws: Workspace,
+    store: SupernetStore,
+    budget: Budget,
+    *,
+    evaluate: Evaluate,
+    seed: int,
+    settings: Mapping[str, Any],
+    spec: SupernetSpec | None = None,
+) -> tuple[Outcome | None, dict[str, Any]]:
+    """``(the seed stage's outcome, the EvoPress settings started from it)`` of a seeded
+    strategy (``dp+evopress``; ``evopress`` with ``seed_from``), or ``(None, settings)``.
+
+    The seed stage (a table search) is deterministic given ``seed``, so a resumed search
+    recomputes it and starts EvoPress from the same allocation."""
+    name, seed_settings, rest = registry.split_seeded(strategy, settings)
+    if name is None:
+        return None, dict(settings)
+    first = run_strategy(
+        name, ws, store, budget, evaluate=evaluate, seed=seed, settings=seed_settings, spec=spec
+    )
+    evo = {**rest, "start": first.choice}
+    if strategy == "dp+evopress":
+        tokens = table_settings(ws, name, seed_settings)["tokens"]
+        evo["table_tokens"] = int(tokens)
+    else:
+        evo["seed_from"] = name
+    return first, evo
+
+
+def seeded_outcome(evo: Outcome, first: Outcome) -> Outcome:
+    """A seeded search's outcome: EvoPress's result, with the seed stage's evaluations,
+    tokens, wall time and history counted before EvoPress's."""
+    offset = first.history[-1].generation + 1 if first.history else 0
+    shifted = tuple(
+        h._replace(
+            generation=h.generation + offset,
+            evaluations=h.evaluations + first.evaluations,
+            tokens=h.tokens + first.tokens,
+        )
+        for h in evo.history
+    )
+    return dataclasses.replace(
+        evo,
+        evaluations=evo.evaluations + first.evaluations,
+        tokens=evo.tokens + first.tokens,
+        wall_time_s=evo.wall_time_s + first.wall_time_s,
+        history=first.history + shifted,
+        info={**{f"{first.strategy}_{k}": v for k, v in first.info.items()}, **evo.info},
     )
 
 
@@ -794,7 +649,7 @@ def _run_tyr(
     initial_step = float(settings.pop("initial_step", TYR_INITIAL_STEP))
     min_step = float(settings.pop("min_step", TYR_MIN_STEP))
     input_mode = str(settings.pop("input_mode", "expected"))
-    inner = EvolutionarySearcher(**_searcher_settings(settings or DEMO_EVOPRESS))
+    inner = make_searcher("evopress", settings or DEMO_EVOPRESS)
     if work_dir is None:
         raise ValueError("the tyr strategy needs a work directory for its per-round supernets")
     if ws.config.supernet.expert_removal:
@@ -805,7 +660,7 @@ def _run_tyr(
     cfg = ws.config.supernet
     units = store.spec.units
     structured = cfg.structure == "heads_neurons"
-    qh = _query_heads(cfg)
+    qh = query_heads(cfg)
     groups = (
         unit_group_counts(ws.model.adapter, cfg.structure, query_heads=qh) if structured else None
     )
@@ -842,7 +697,7 @@ def _run_tyr(
             progress=progress,
             overwrite=True,
             map_layers=map_layers,
-            query_heads=_query_heads(cfg),
+            query_heads=query_heads(cfg),
             tie_experts=cfg.tie_experts,
             expert_removal=cfg.expert_removal,
             prune_router=cfg.prune_router,

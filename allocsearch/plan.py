@@ -25,7 +25,7 @@ Notation used in the formulas below (all sizes in bytes):
   ``s``: itemsize of dense variants in the store (``storage_dtype``, ``"auto"`` = the
   model's dtype); variants are never upcast on load (store format 2).
 * ``N_p``: weights of parameter ``p``; ``K_u``: valid levels of unit ``u`` (from the
-  grid :func:`~allocsearch.pipeline.make_grid` builds, so small layers may have fewer).
+  grid :func:`~allocsearch.supernet.factory.make_grid` builds, so small layers may have fewer).
 * ``B``: blocks (assumed identical: a one-block copy of the config is planned and
   multiplied, which keeps a 70B plan to seconds); ``D`` hidden, ``F`` MLP width,
   ``H``/``H_kv`` query/kv heads, ``V`` vocabulary, ``T`` sequence length; ``R``
@@ -447,25 +447,25 @@ def _model(adapter: Any, blocks: int) -> _Model:
 
 def _layout(adapter: Any, cfg: RunConfig) -> _Layout:
     """The units, levels and stored parameters of one block of the supernet
-    ``cfg.supernet`` describes (the grid ``pipeline.make_grid`` builds, on the one-block
+    ``cfg.supernet`` describes (the grid ``factory.make_grid`` builds, on the one-block
     adapter: every grid kind gives a unit levels from its own size and the mean unit
     size, which repeating identical blocks does not change)."""
-    from allocsearch import pipeline
     from allocsearch.models.hf import HFModel
     from allocsearch.pruners import WandaPruner
+    from allocsearch.supernet import factory
     from allocsearch.supernet.build import _plans
 
     sc = cfg.supernet
-    grid = pipeline.make_grid(sc, HFModel(adapter, {}), target=sc.center)
+    grid = factory.make_grid(sc, HFModel(adapter, {}), target=sc.center)
     plans = _plans(
         adapter,
         sc.structure,
-        query_heads=pipeline._query_heads(sc),
+        query_heads=factory.query_heads(sc),
         tie_experts=sc.tie_experts,
         expert_removal=sc.expert_removal,
         prune_router=sc.prune_router,
     )
-    pruner = pipeline.make_pruner(sc)
+    pruner = factory.make_pruner(sc)
     structured = sc.structure == "heads_neurons"
     nested = False if structured else bool(pruner.nested)
     per_row = nested and (isinstance(pruner, WandaPruner) or "Wanda" in type(pruner).__name__)
@@ -775,14 +775,14 @@ def _queries(
     strategies' probe query (the all-lowest allocation and one candidate per other level
     of each unit); ``compare`` adds its one-candidate scoring on the whole calibration
     set."""
-    from allocsearch import pipeline
+    from allocsearch.search import registry
     from allocsearch.search.evolutionary import EvolutionarySearcher
 
     strategy = cfg.search.strategy
     settings = dict(cfg.search.settings or {})
     out: list[tuple[int, int]] = []
     if strategy in ("evopress", "tyr"):
-        s = settings or dict(pipeline.DEMO_EVOPRESS)  # search_run._default_settings
+        s = settings or dict(registry.DEMO_EVOPRESS)  # search_run._default_settings
         offspring = int(s.get("offspring", EvolutionarySearcher.offspring))
         survivors = [int(x) for x in s.get("survivors", EvolutionarySearcher.survivors)]
         tokens = [int(x) for x in s.get("tokens", EvolutionarySearcher.tokens)]
@@ -792,7 +792,7 @@ def _queries(
             else:
                 n = survivors[i - 1] + (1 if i == len(tokens) - 1 else 0)
             out.append((n, min(t, n_cal_tokens)))
-    elif strategy in pipeline.TABLE_STRATEGIES:
+    elif strategy in registry.TABLE_STRATEGIES:
         tokens = int(settings.get("tokens", min(_TABLE_TOKENS, n_cal_tokens)))
         out.append((1 + blocks * sum(k - 1 for k in layout.unit_levels), tokens))
     if command == "compare" or not out:

@@ -29,11 +29,12 @@ from allocsearch.distributed.checkpoint import (
 )
 from allocsearch.distributed.progress import make_callbacks
 from allocsearch.report.plots import plot_fitness_curves, plot_sparsity_profile
+from allocsearch.search import registry
 from allocsearch.search.budget import check_feasible_target
 from allocsearch.supernet.depth import TiedBlocks
 from allocsearch.supernet.store import SupernetStore
 
-SCORED_STRATEGIES = ("evopress", *pipeline.TABLE_STRATEGIES)
+SCORED_STRATEGIES = registry.SCORED_STRATEGIES
 """Ask/tell strategies that score candidates with the evaluator (on the configured
 backend); the baselines score nothing, and ``tyr`` builds and scores a supernet per round
 (on the configured backend too: layer actors prune, evaluator actors score)."""
@@ -191,15 +192,31 @@ def ray_layer_map(cfg: RunConfig, console: Console) -> StartedOnFirstCall:
     return StartedOnFirstCall(start)
 
 
+def strategy_settings(cfg: RunConfig, strategy: str | None = None) -> registry.ResolvedSettings:
+    """The settings ``strategy`` (default: ``cfg``'s) runs with under ``cfg``: the
+    config's ``search.settings`` (which belong to ``search.strategy``) resolved by
+    :func:`~allocsearch.search.registry.resolve_settings`: keys another strategy owns are
+    dropped, and with none left the strategy's defaults (the demo's EvoPress settings for
+    the strategies that run EvoPress)."""
+    return registry.resolve_settings(
+        strategy or cfg.search.strategy, cfg.search.settings, owner=cfg.search.strategy
+    )
+
+
+def for_strategy(cfg: RunConfig, *, owner: str) -> tuple[RunConfig, str | None]:
+    """``(cfg, note)``: ``cfg`` whose ``search.settings`` are those its strategy runs with,
+    when the settings were written for the strategy ``owner`` (a config's
+    ``search.strategy`` that ``--strategy`` replaced), and a one-line note naming the keys
+    of another strategy that were dropped (None if none); keys no strategy takes stay
+    (:func:`registry.check_settings` refuses them)."""
+    resolved = registry.resolve_settings(cfg.search.strategy, cfg.search.settings, owner=owner)
+    search = dataclasses.replace(cfg.search, settings=resolved.settings)
+    return dataclasses.replace(cfg, search=search), resolved.note(cfg.search.strategy, owner)
+
+
 def default_settings(cfg: RunConfig) -> dict[str, Any]:
-    """The search settings of ``cfg``'s strategy: the config's ``search.settings``, else
-    the demo's EvoPress settings for ``evopress`` and ``tyr`` (its inner search), else
-    none."""
-    if cfg.search.settings:
-        return dict(cfg.search.settings)
-    if cfg.search.strategy in ("evopress", "tyr"):
-        return dict(pipeline.DEMO_EVOPRESS)
-    return {}
+    """The search settings of ``cfg``'s strategy (:func:`strategy_settings`)."""
+    return strategy_settings(cfg).settings
 
 
 def check_target_before_loading(cfg: RunConfig, supernet: Path) -> None:
@@ -276,12 +293,17 @@ def run_search_command(
     resume: bool,
     progress: bool,
     console: Console,
+    note: str | None = None,
 ) -> None:
+    """Run ``cfg``'s search on the store at ``supernet`` into ``out`` (``note``: printed
+    once the settings and target are checked, e.g. :func:`for_strategy`'s)."""
     strategy = cfg.search.strategy
     settings = default_settings(cfg)
     check_tie_blocks(cfg)  # before anything loads
-    pipeline.check_settings(strategy, settings)
+    registry.check_settings(strategy, settings)
     check_target_before_loading(cfg, supernet)
+    if note:
+        console.print(note, highlight=False, soft_wrap=True)
     ws = pipeline.load_workspace(cfg)
     store = pipeline.open_store(ws, supernet)
     # --tie-blocks: the search runs over whole blocks; everything after it (held-out
@@ -301,36 +323,17 @@ def run_search_command(
     if strategy not in SCORED_STRATEGIES:
         if resume:
             raise ValueError(f"--resume: strategy {strategy!r} has no search state to resume")
-        if strategy == "tyr" and cfg.backend.kind == "ray":
-            _run_tyr_on_ray(cfg, ws, store, budget, settings, out, progress, console)
-            return
-        local = pipeline.make_evaluator(ws, store)
-        with heartbeat(f"{strategy}: searching", enabled=progress):
-            outcome = pipeline.run_strategy(
-                strategy,
-                ws,
-                store,
-                budget,
-                evaluate=local,
-                seed=cfg.search.seed,
-                settings=settings,
-                work_dir=out / "work",
-                progress=progress,
-            )
-        with heartbeat(f"{strategy}: scoring the result", enabled=progress):
-            ppl = _local_ppl(ws, outcome, local)
-        _finish(ws, store, budget, outcome, ppl, out, console)
+        _run_unscored(cfg, ws, store, budget, settings, out, progress, console)
         return
 
-    searcher = pipeline.make_searcher(strategy, settings)
+    searcher = registry.make_searcher(strategy, settings)  # refuses bad settings early
+    seeded = registry.split_seeded(strategy, settings)[0] is not None
     key = jax.random.key(cfg.search.seed)
-    fingerprint = run_fingerprint(cfg, ws, store, budget, searcher, key, spec=spec)
     ckpt_dir = out / "checkpoints"
-    state = latest_state(ckpt_dir, fingerprint=fingerprint) if resume else None
-    if resume and state is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_dir}")
-    if resume:
-        console.print(f"resuming at generation {state.generation} from {ckpt_dir}")
+    if not seeded:  # a seeded search knows its EvoPress start after its seed stage
+        fingerprint, state = _resume_point(
+            cfg, ws, store, budget, searcher, key, spec, ckpt_dir, resume=resume, console=console
+        )
 
     # With Ray, the held-out perplexity of the result is computed on an actor too: the
     # driver never builds an evaluator (nor holds the variants).
@@ -348,9 +351,28 @@ def run_search_command(
         ray_eval.start()
     evaluate: Any = ray_eval if ray_eval is not None else pipeline.make_evaluator(ws, store)
     search_evaluate = evaluate if tied is None else tied.scorer(evaluate)
-    last: list[Any] = [state]
-    run_with = pipeline.run_settings(strategy, settings, ws.calibration.n_tokens)
+    last: list[Any] = [None]
+    first = None
     try:
+        if seeded:
+            first, settings = _run_seed_stage(
+                cfg, ws, store, budget, strategy, settings, search_evaluate,
+                None if tied is None else spec, console,
+            )  # fmt: skip
+            searcher = registry.make_searcher(strategy, settings)
+            fingerprint, state = _resume_point(
+                cfg,
+                ws,
+                store,
+                budget,
+                searcher,
+                key,
+                spec,
+                ckpt_dir,
+                resume=resume,
+                console=console,
+            )
+        last[0] = state
         with SearchCheckpointer(ckpt_dir, fingerprint=fingerprint) as checkpointer:
             callbacks = make_callbacks(
                 searcher,
@@ -359,7 +381,9 @@ def run_search_command(
                 progress=progress,
                 total_generations=getattr(searcher, "generations", None),
                 start_state=state,
-                fitness_label=_fitness_label(cfg, strategy, run_with),
+                fitness_label=_fitness_label(
+                    cfg, strategy, pipeline.table_settings(ws, strategy, settings)
+                ),
             )
 
             def on_generation(s: Any) -> None:
@@ -379,6 +403,7 @@ def run_search_command(
                         on_generation=on_generation,
                         state=state,
                         spec=None if tied is None else spec,
+                        seed_stage=first,
                     )
                 outcome = sublayer_outcome(outcome)
                 if ray_eval is not None:
@@ -388,20 +413,10 @@ def run_search_command(
                         )
             except KeyboardInterrupt:
                 if last[0] is not None:
-                    result = searcher.result(last[0])
-                    partial = sublayer_outcome(
-                        pipeline.Outcome(
-                            strategy,
-                            result.best_choice,
-                            float(result.best_fitness),
-                            int(result.evaluations),
-                            int(result.tokens),
-                            time.perf_counter() - t0,
-                            settings,
-                            tuple(result.history),
-                        )
+                    partial = _partial_outcome(strategy, searcher, last[0], settings, first, t0)
+                    path = _write_recipe(
+                        ws, store, budget, sublayer_outcome(partial), out, partial=True
                     )
-                    path = _write_recipe(ws, store, budget, partial, out, partial=True)
                     console.print(
                         f"interrupted: best-so-far recipe (partial) -> {path}; resume with --resume"
                     )
@@ -417,6 +432,82 @@ def run_search_command(
         with heartbeat(f"{strategy}: scoring the result", enabled=progress):
             ppl = _local_ppl(ws, outcome, evaluate)
     _finish(ws, store, budget, outcome, ppl, out, console)
+
+
+def _run_unscored(cfg, ws, store, budget, settings, out: Path, progress: bool, console) -> None:
+    """A strategy with no ask/tell state: an allocator, or Týr (on Ray: its rounds on
+    actors, :func:`_run_tyr_on_ray`)."""
+    strategy = cfg.search.strategy
+    if registry.get(strategy).kind == "driver" and cfg.backend.kind == "ray":
+        _run_tyr_on_ray(cfg, ws, store, budget, settings, out, progress, console)
+        return
+    local = pipeline.make_evaluator(ws, store)
+    with heartbeat(f"{strategy}: searching", enabled=progress):
+        outcome = pipeline.run_strategy(
+            strategy,
+            ws,
+            store,
+            budget,
+            evaluate=local,
+            seed=cfg.search.seed,
+            settings=settings,
+            work_dir=out / "work",
+            progress=progress,
+        )
+    with heartbeat(f"{strategy}: scoring the result", enabled=progress):
+        ppl = _local_ppl(ws, outcome, local)
+    _finish(ws, store, budget, outcome, ppl, out, console)
+
+
+def _partial_outcome(strategy, searcher, state, settings, first, t0: float) -> pipeline.Outcome:
+    """The best-so-far outcome of an interrupted search at ``state`` (a seeded search's
+    counts include its seed stage ``first``)."""
+    result = searcher.result(state)
+    partial = pipeline.Outcome(
+        strategy,
+        result.best_choice,
+        float(result.best_fitness),
+        int(result.evaluations),
+        int(result.tokens),
+        time.perf_counter() - t0,
+        pipeline.shown_settings(settings),
+        tuple(result.history),
+    )
+    if first is None:
+        return partial
+    seeded = pipeline.seeded_outcome(partial, first)
+    return dataclasses.replace(seeded, wall_time_s=partial.wall_time_s)
+
+
+def _resume_point(cfg, ws, store, budget, searcher, key, spec, ckpt_dir: Path, *, resume, console):
+    """``(fingerprint, state)``: the search's checkpoint fingerprint and, with ``resume``,
+    the state of its last complete checkpoint (FileNotFoundError when there is none)."""
+    fingerprint = run_fingerprint(cfg, ws, store, budget, searcher, key, spec=spec)
+    state = latest_state(ckpt_dir, fingerprint=fingerprint) if resume else None
+    if resume and state is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_dir}")
+    if resume:
+        console.print(f"resuming at generation {state.generation} from {ckpt_dir}")
+    return fingerprint, state
+
+
+def _run_seed_stage(cfg, ws, store, budget, strategy, settings, evaluate, spec, console):
+    """The seed stage of a seeded search (``dp+evopress``: DP's error table), run before
+    its EvoPress search; not checkpointed (deterministic: a resumed search runs it again
+    and starts EvoPress from the same allocation). Returns (its outcome, the EvoPress
+    settings with their start)."""
+    name = registry.split_seeded(strategy, settings)[0]
+    console.print(f"{strategy}: {name} first, then EvoPress from its allocation", highlight=False)
+    first, settings = pipeline.run_seed_stage(
+        strategy, ws, store, budget, evaluate=evaluate, seed=cfg.search.seed,
+        settings=settings, spec=spec,
+    )  # fmt: skip
+    console.print(
+        f"  {name}: fitness {first.fitness:.6g}, {first.evaluations} evaluations, "
+        f"{first.wall_time_s:.1f} s",
+        highlight=False,
+    )
+    return first, settings
 
 
 def _run_tyr_on_ray(cfg, ws, store, budget, settings, out: Path, progress: bool, console) -> None:
@@ -489,7 +580,7 @@ def _write_recipe(ws, store, budget, outcome, out: Path, *, partial: bool) -> Pa
 def _fitness_label(cfg: RunConfig, strategy: str, settings: dict[str, Any]) -> str | None:
     """``"kl on 2,048 tokens"``: what a ``strategy`` search run with ``settings`` (those it
     ran with: a table search's tokens are set at the run) measures its best fitness on."""
-    tokens = pipeline.fitness_tokens(strategy, settings)
+    tokens = registry.fitness_tokens(strategy, settings)
     return None if tokens is None else f"{cfg.evaluator.metric} on {tokens:,} tokens"
 
 
@@ -499,7 +590,7 @@ def _finish(ws, store, budget, outcome, ppl: float, out: Path, console, *, parti
     plot_sparsity_profile(recipe, out / "profile.png", overwrite=True)
     # the settings it ran with (a table search's tokens), over the config's (Týr's inner ones)
     settings = {**default_settings(ws.config), **outcome.settings}
-    tokens = pipeline.fitness_tokens(outcome.strategy, settings)
+    tokens = registry.fitness_tokens(outcome.strategy, settings)
     if outcome.history:
         plot_fitness_curves(
             {outcome.strategy: outcome.history},

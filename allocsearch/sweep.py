@@ -30,6 +30,7 @@ from allocsearch.distributed.checkpoint import (
 from allocsearch.distributed.local import step_keys
 from allocsearch.report.plots import plot_quality_vs_sparsity
 from allocsearch.report.tables import format_column, format_value
+from allocsearch.search import registry
 from allocsearch.search.base import Evaluate, draw_batch_seed, numpy_rng
 from allocsearch.search.budget import Budget, CostModel, InfeasibleBudgetError
 from allocsearch.search_run import run_fingerprint
@@ -42,6 +43,8 @@ TARGET_FORMS = (
 )
 # Reference allocations scored at every target, before DP (and EvoPress).
 REFERENCES = ("uniform", "owl")
+# The strategy of the optional EvoPress row: EvoPress started from DP's allocation.
+SEEDED = "dp+evopress"
 # Decimals targets are rounded to (so 0.4 + 3 * 0.05 is 0.55, not 0.5500000000000002).
 _TARGET_DECIMALS = 10
 MANIFEST = "sweep.json"
@@ -196,12 +199,13 @@ class SweepRow:
 
     Attributes:
       target: fraction of the dense cost to remove.
-      strategy: ``uniform``, ``owl``, ``dp`` or ``evopress``.
+      strategy: ``uniform``, ``owl``, ``dp`` or ``dp+evopress``.
       achieved: fraction actually removed (the recipe's ``budget.achieved``).
       heldout_ppl: held-out perplexity of the pruned model.
       fitness: the evaluator's metric on the sweep's common calibration minibatch.
       evaluations: candidates the strategy scored (DP: the table and its solution, as
-        ``search --strategy dp`` reports; the table was measured once for all targets).
+        ``search --strategy dp`` reports; the table was measured once for all targets;
+        dp+evopress: DP's and EvoPress's, as ``search --strategy dp+evopress`` reports).
       recipe: file name of the recipe, in the target's directory.
     """
 
@@ -242,7 +246,7 @@ def _manifest(
 ) -> dict[str, Any]:
     """What identifies a sweep, for refusing to resume a different one."""
     fp = search_fingerprint(
-        searcher=pipeline.make_searcher("dp", dp_settings),
+        searcher=registry.make_searcher("dp", dp_settings),
         spec=store.spec,
         budget=target_budget(cfg, store.spec, targets[0]),
         key=jax.random.key(cfg.search.seed),
@@ -318,9 +322,10 @@ def run_sweep(
     dp_settings = _settings(cfg, "dp")
     evo_settings = None
     if evopress_generations:
-        evo_settings = {**_settings(cfg, "evopress"), "generations": int(evopress_generations)}
-        pipeline.check_settings("evopress", evo_settings)
-    pipeline.check_settings("dp", dp_settings)
+        evo_settings = {**_settings(cfg, SEEDED), "generations": int(evopress_generations)}
+        evo_settings.pop("table_tokens", None)  # the table is DP's, at dp_settings' tokens
+        registry.check_settings(SEEDED, evo_settings)
+    registry.check_settings("dp", dp_settings)
     manifest = json.loads(json.dumps(_manifest(cfg, ws, store, targets, dp_settings, evo_settings)))
     manifest_path = out / MANIFEST
     if resume and manifest_path.exists():
@@ -369,7 +374,7 @@ def run_sweep(
         outcomes.append(dp)
         if evo_settings is not None:
             outcomes.append(
-                _evopress(cfg, ws, store, budget, evaluate, tdir, evo_settings, dp.choice)
+                _evopress(cfg, ws, store, budget, evaluate, tdir, evo_settings, dp, fidelity)
             )
         target_rows = []
         for outcome in outcomes:
@@ -404,12 +409,15 @@ def run_sweep(
     dense = _dense_ppl(ws, out)
     # the table query: the baseline and every allowed (unit, level > 0) probe
     allowed = CostModel.from_spec(store.spec, target_budget(cfg, store.spec, targets[0])).allowed
+    seeded = {r.target for r in rows if r.strategy == SEEDED}
     result = SweepResult(
         rows=rows,
         dense_ppl=dense,
         table_rows=1 + int(np.count_nonzero(allowed[:, 1:])),
         scorings=sum(1 for n in cache.query_sizes() if n == 1),
-        evopress=sum(r.evaluations for r in rows if r.strategy == "evopress"),
+        # EvoPress's own candidates: its rows count DP's table and solution too
+        evopress=sum(r.evaluations for r in rows if r.strategy == SEEDED)
+        - sum(r.evaluations for r in rows if r.strategy == "dp" and r.target in seeded),
         fidelity=fidelity,
     )
     write_report(cfg, ws, result, out, targets)
@@ -417,27 +425,29 @@ def run_sweep(
 
 
 def _settings(cfg: RunConfig, strategy: str) -> dict[str, Any]:
-    """The settings ``search --strategy <strategy>`` runs with under this config (the
-    config's own ``search.settings`` when it names that strategy, EvoPress's demo
-    defaults otherwise)."""
-    if strategy == cfg.search.strategy and cfg.search.settings:
-        return dict(cfg.search.settings)
-    return dict(pipeline.DEMO_EVOPRESS) if strategy == "evopress" else {}
+    """The settings ``strategy`` runs with under this config
+    (:func:`~allocsearch.search.registry.resolve_settings`: the config's settings where
+    they mean the same for it, else its defaults)."""
+    return registry.resolve_settings(
+        strategy, cfg.search.settings, owner=cfg.search.strategy
+    ).settings
 
 
-def _evopress(cfg, ws, store, budget, evaluate, tdir: Path, settings, start) -> pipeline.Outcome:
-    """EvoPress from ``start`` (DP's allocation), checkpointed every generation into
-    ``tdir/checkpoints`` and resumed from there if a checkpoint of the same search is
-    present."""
-    settings = {**settings, "start": np.asarray(start, dtype=np.int32)}
-    searcher = pipeline.make_searcher("evopress", settings)
+def _evopress(
+    cfg, ws, store, budget, evaluate, tdir: Path, settings, dp: pipeline.Outcome, table_tokens
+) -> pipeline.Outcome:
+    """``dp+evopress``: EvoPress from DP's allocation ``dp.choice``, checkpointed every
+    generation into ``tdir/checkpoints`` and resumed from there if a checkpoint of the
+    same search is present; its outcome counts DP's evaluations and tokens with its own."""
+    settings = {**settings, "start": dp.choice, "table_tokens": int(table_tokens)}
+    searcher = registry.make_searcher(SEEDED, settings)
     key = jax.random.key(cfg.search.seed)
     fingerprint = run_fingerprint(cfg, ws, store, budget, searcher, key)
     ckpt = tdir / "checkpoints"
     state = latest_state(ckpt, fingerprint=fingerprint) if ckpt.exists() else None
     with SearchCheckpointer(ckpt, fingerprint=fingerprint) as checkpointer:
         return pipeline.run_strategy(
-            "evopress",
+            SEEDED,
             ws,
             store,
             budget,
@@ -446,6 +456,7 @@ def _evopress(cfg, ws, store, budget, evaluate, tdir: Path, settings, start) -> 
             settings=settings,
             on_generation=lambda s: checkpointer.save(s, searcher.result(s)),
             state=state,
+            seed_stage=dp,
         )
 
 

@@ -238,7 +238,7 @@ def test_model_and_calibration_options_are_validated_before_loading(ws, tmp_path
         ((*search, "--out", tmp_path / "r", "--generations", "0"),
          "--generations must be an integer >= 1, got 0"),
         ((*search, "--out", tmp_path / "r", "--strategy", "dp", "--generations", "5"),
-         "strategy 'dp' does not run; use it with evopress or tyr"),
+         "strategy 'dp' does not run; use it with evopress, tyr or dp+evopress"),
         (("compare", "-c", cfg, "--supernet", ws / "store", "--out", tmp_path / "r",
           "--strategies", "uniform,dp", "--generations", "5"), "none of ['uniform', 'dp'] runs"),
         ((*search, "--out", tmp_path / "r", "--calibration", tmp_path / "nowhere.txt"),
@@ -301,13 +301,14 @@ def test_fitness_is_labelled_with_its_token_count(tmp_path, monkeypatch):
 
     from allocsearch.distributed.progress import make_callbacks
     from allocsearch.report import plots
+    from allocsearch.search import registry
     from allocsearch.search.base import HistoryEntry
 
-    assert pipeline.fitness_tokens("evopress", pipeline.DEMO_EVOPRESS) == 2048
-    assert pipeline.fitness_tokens("evopress", {"tokens": [64, 256], "survivors": [2, 1]}) == 256
-    assert pipeline.fitness_tokens("tyr", {"rounds": 2}) == 2048  # its inner search's
-    assert pipeline.fitness_tokens("dp", {"tokens": 512}) == 512
-    assert pipeline.fitness_tokens("uniform", {}) is None
+    assert registry.fitness_tokens("evopress", registry.DEMO_EVOPRESS) == 2048
+    assert registry.fitness_tokens("evopress", {"tokens": [64, 256], "survivors": [2, 1]}) == 256
+    assert registry.fitness_tokens("tyr", {"rounds": 2}) == 2048  # its inner search's
+    assert registry.fitness_tokens("dp", {"tokens": 512}) == 512
+    assert registry.fitness_tokens("uniform", {}) is None
 
     # plain progress lines (stdout not a terminal) carry the label after the fitness
     out = io.StringIO()

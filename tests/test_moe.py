@@ -238,7 +238,7 @@ def test_tied_expert_grid_is_exact_on_every_expert():
     number of weights of each tied expert's layer, at the same step in weights as the
     untied units (the attention layers)."""
     from allocsearch.config import SupernetConfig
-    from allocsearch.pipeline import make_grid
+    from allocsearch.supernet.factory import make_grid
 
     model = _tiny_model()
     units = supernet_units(model.adapter, "unstructured", tie_experts=True)

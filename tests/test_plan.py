@@ -180,9 +180,9 @@ def test_hand_counted_cpu_device_counts_construction_and_scoring(tmp_path):
 def test_store_bytes_match_a_written_store(tmp_path):
     """The plan's store size (tensor data) against a store the writer writes with the
     grid the plan uses: dense variants (auto layout, packed where smaller) and nested."""
-    from allocsearch import pipeline
     from allocsearch.models.hf import HFModel, adapter_for_config
     from allocsearch.pruners.base import DenseVariants, NestedVariants
+    from allocsearch.supernet import factory
     from allocsearch.supernet.store import StoreWriter
 
     one_block = {**TINY, "num_hidden_layers": 1}
@@ -192,7 +192,7 @@ def test_store_bytes_match_a_written_store(tmp_path):
         cfg = config_from_dict(
             {**TINY_RUN, "supernet": {"pruner": pruner, "center": 0.5, "steps_each_side": 2}}
         )
-        grid = pipeline.make_grid(cfg.supernet, HFModel(adapter, {}), target=0.5)
+        grid = factory.make_grid(cfg.supernet, HFModel(adapter, {}), target=0.5)
         out = tmp_path / pruner
         with StoreWriter(out, storage_dtype="float32") as writer:
             for u, layer in enumerate(adapter.layers()):
@@ -336,9 +336,9 @@ def test_moe_weights_and_store_match_a_real_tiny_moe(tmp_path):
     store built from the model (one file per expert weight; the plan leaves out headers,
     input norms and the manifest); tied experts make fewer units. (Nested stores' sizes
     do not depend on the family: test_store_bytes_match_a_written_store.)"""
-    from allocsearch import pipeline
     from allocsearch.data.tokenset import TokenSet
     from allocsearch.models.hf import HFModel, adapter_for_config, fingerprint_tensors
+    from allocsearch.supernet import factory
     from allocsearch.supernet.build import NoCalibrationTokensWarning, build_supernet
 
     adapter = adapter_for_config(TINY_MOE)
@@ -373,8 +373,8 @@ def test_moe_weights_and_store_match_a_real_tiny_moe(tmp_path):
             store = build_supernet(
                 model,
                 calib,
-                pruner=pipeline.make_pruner(sc),
-                grid=pipeline.make_grid(sc, model, target=sc.center),
+                pruner=factory.make_pruner(sc),
+                grid=factory.make_grid(sc, model, target=sc.center),
                 structure=sc.structure,
                 input_mode=sc.input_mode,
                 out_dir=tmp_path / pruner,

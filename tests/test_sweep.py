@@ -153,8 +153,12 @@ def test_one_table_for_all_targets(swept):
     spec = SupernetStore.open(out / "supernet", verify="none").spec
     table = 1 + int(spec.valid[:, 1:].sum())  # baseline + every unit at every other level
     rows = _rows(out)
-    evopress = sum(r["evaluations"] for r in rows if r["strategy"] == "evopress")
-    assert evopress > 0
+    # dp+evopress rows count DP's table and solution with EvoPress's own candidates
+    seeded = {r["target"] for r in rows if r["strategy"] == "dp+evopress"}
+    evopress = sum(r["evaluations"] for r in rows if r["strategy"] == "dp+evopress") - sum(
+        r["evaluations"] for r in rows if r["strategy"] == "dp" and r["target"] in seeded
+    )
+    assert seeded == set(TARGETS) and evopress > 0
     scorings = _distinct_allocations(out)
     # the table query once, one scoring per distinct allocation per target, EvoPress's own
     assert calls.count(table) == 1
@@ -170,7 +174,7 @@ def _distinct_allocations(out) -> int:
     """Allocations of all targets and strategies, each counted once (scored once)."""
     seen = set()
     for t in TARGETS:
-        for name in ("uniform", "owl", "dp", "evopress"):
+        for name in ("uniform", "owl", "dp", "dp+evopress"):
             r = Recipe.load(out / f"target-{t:.4f}/recipe-{name}.json")
             seen.add(tuple(layer.sparsity for layer in r.layers))
     return len(seen)
@@ -236,7 +240,7 @@ def test_resume_does_not_remeasure_the_table(swept, workdir, evaluators):
     assert table not in evaluators.calls and all(n == 1 for n in evaluators.calls)
     assert len(evaluators.calls) <= 3 * (len(TARGETS) - len(finished))
     # the same rows as the uninterrupted sweep (EvoPress rows aside)
-    assert _rows(out) == [r for r in _rows(whole) if r["strategy"] != "evopress"]
+    assert _rows(out) == [r for r in _rows(whole) if r["strategy"] != "dp+evopress"]
     # a resume of a different sweep is refused
     r = run(*args[:-1], "0.3,0.5", "--out", out, "--resume", "--no-progress")
     assert r.exit_code == 2 and "holds a different sweep (targets" in r.output

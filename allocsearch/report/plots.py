@@ -246,7 +246,7 @@ def plot_fitness_curves(
     in that generation: EvoPress re-scores its parent on a fresh minibatch every
     generation, so the curve may rise as well as fall, and the title says so. ``tokens``
     (strategy -> calibration tokens per score, see
-    :func:`~allocsearch.pipeline.fitness_tokens`) puts the token counts in the axis label
+    :func:`~allocsearch.search.registry.fitness_tokens`) puts the token counts in the axis label
     (one count) or the legend (several).
 
     Args:

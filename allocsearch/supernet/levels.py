@@ -15,10 +15,16 @@ into counts with round-half-up (``floor(x + 0.5)``) in one place, :func:`round_c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+if TYPE_CHECKING:
+    from allocsearch.supernet.spec import Unit
+
+# Levels on each side of a unit's centre in a centred grid (Týr-the-Pruner: 4, so 9 levels).
+CENTRED_STEPS_EACH_SIDE: Final[int] = 4
 
 _EPS = 1e-9  # slack, in items, when turning min/max fractions into counts
 
@@ -311,3 +317,78 @@ def structured_grid(
         tuple(f"{int(totals[i] - r)} {group_name}" for r in c) for i, c in enumerate(counts)
     )
     return _pack(counts, totals, centers, labels)
+
+
+def centred_grid(
+    units: Sequence[Unit],
+    centers: ArrayLike,
+    step: float,
+    *,
+    groups: ArrayLike | None = None,
+    steps_each_side: int = CENTRED_STEPS_EACH_SIDE,
+    min_items: int | ArrayLike = 1,
+    min_sparsity: float | ArrayLike = 0.0,
+    max_sparsity: float | ArrayLike = 1.0,
+    group_name: str = "groups",
+) -> LevelGrid:
+    """Levels of one coarse-to-fine round: each unit centred on its own sparsity.
+
+    Unit ``l`` counts in *items*: weights (``groups=None``, unstructured supernets) or
+    removable groups (``groups[l]``, structured supernets: kv groups of an ``attn``
+    unit, neurons of an ``mlp`` unit, from
+    :func:`~allocsearch.supernet.build.unit_group_counts`). Its centre level removes
+    ``round_count(centers[l], total_l)`` items and level ``j`` (``|j| <= steps_each_side``)
+    removes ``j * step_l`` more, with ``step_l = max(min_items_l, round_count(step,
+    total_l))`` items: a step is a fraction of the unit, as in Týr ("12.5% of a
+    sublayer"). Units of equal size get equal steps (in a transformer stack, every unit
+    of one role), so swapping levels between them keeps the total cost exactly. Levels
+    outside ``[min_sparsity, max_sparsity]`` are dropped, as in
+    :func:`~allocsearch.supernet.levels.structured_grid` (which this calls; with
+    ``groups=None`` every weight is one group).
+
+    Args:
+      units: the supernet's units in order (``supernet_units(adapter, structure)``).
+      centers: float[L], sparsity of each unit's centre level, in [0, 1] (fraction of
+        items; for structured units that equals the fraction of the unit's weights).
+      step: level spacing, fraction of a unit in (0, 1].
+      groups: int[L] removable groups per unit for structured supernets, or None.
+      steps_each_side: levels on each side of the centre (Týr: 4).
+      min_items: int or int[L], the smallest step in items (e.g. 1 kv group, or
+        ``pruners.structured.MIN_NEURON_STEP`` neurons for ``mlp`` units).
+      min_sparsity, max_sparsity: float or float[L] bounds (e.g. the budget's); the
+        centre must lie inside.
+      group_name: word in the level labels of structured grids (``"6 heads"``).
+
+    Returns:
+      LevelGrid with K <= 2 * steps_each_side + 1; labels ``"<kept> <group_name>"`` for
+      structured grids, None for unstructured ones.
+    """
+    n_units = len(units)
+    if groups is None:
+        totals = np.array([u.numel for u in units], dtype=np.int64)
+    else:
+        totals = np.asarray(groups)
+        if totals.shape != (n_units,) or not np.issubdtype(totals.dtype, np.integer):
+            raise ValueError(
+                f"groups must be int[L={n_units}] (unit_group_counts), got {totals.dtype} "
+                f"{totals.shape}"
+            )
+    c = np.asarray(centers, dtype=np.float64)
+    if c.shape != (n_units,) or not np.all(np.isfinite(c)) or np.any((c < 0) | (c > 1)):
+        raise ValueError(f"centers must be float[L={n_units}] in [0, 1], got {c.tolist()}")
+    if not (np.isfinite(step) and 0.0 < step <= 1.0):
+        raise ValueError(f"step must be a fraction of a unit in (0, 1], got {step!r}")
+    floor = np.broadcast_to(np.asarray(min_items), (n_units,))
+    if not np.issubdtype(floor.dtype, np.integer) or np.any(floor < 1):
+        raise ValueError(f"min_items must be an int or int[L] >= 1, got {min_items!r}")
+    step_items = np.maximum(round_count(step, totals), floor).astype(np.int64)
+    grid = structured_grid(
+        totals,
+        step_items,
+        center=c,
+        steps_each_side=steps_each_side,
+        min_sparsity=min_sparsity,
+        max_sparsity=max_sparsity,
+        group_name="weights" if groups is None else group_name,
+    )
+    return grid._replace(labels=None) if groups is None else grid
