@@ -418,5 +418,49 @@ def test_repair_without_any_other_allocation_is_reported() -> None:
 def test_pickled_state_without_mutation_resumes_as_swap() -> None:
     spec, budget = equal_spec(), Budget(kind="params", target=0.4)
     state = EvolutionarySearcher().init(spec, budget, jax.random.key(0))
-    old = type(state)(*state[:-1])  # a state saved before the field existed
+    old = type(state)(*state[:-2])  # a state saved before the fields existed
     assert old.mutation == "swap"
+
+
+def test_credit_by_hand() -> None:
+    """credit = decay * previous + centred score ranks @ level changes against the parent."""
+    spec = make_spec([100] * 3, [[0.0, 0.4, 0.8]] * 3, ["q"] * 3)
+    budget = Budget(kind="params", target=0.4)
+    searcher = EvolutionarySearcher(guided=1.0, credit_decay=0.8)
+    state = searcher.init(spec, budget, jax.random.key(0))
+    state = state._replace(parent=np.array([1, 1, 1], np.int32), credit=np.array([1.0, 0, 0]))
+    children = np.array([[2, 0, 1], [1, 2, 0], [0, 1, 2]])
+    # ranks 0, 2, 1 -> z = -0.5, 0.5, 0: unit 0 went sparser in the best child.
+    credit = searcher._credit(state, children, np.array([0.1, 0.3, 0.2]))
+    np.testing.assert_allclose(credit, [0.8 - 0.5, 1.0, -0.5])
+    bias = searcher._bias(state._replace(credit=credit))
+    np.testing.assert_allclose(bias, -credit / credit.std())
+    assert EvolutionarySearcher(guided=0.0)._bias(state._replace(credit=credit)) is None
+
+
+def _heterogeneous_problem(seed: int):
+    """24 equal units, 9 levels, convex per-unit errors whose scales differ 30-fold."""
+    rng = np.random.default_rng(seed)
+    spec = make_spec([100] * 24, [[0.1 * k for k in range(9)]] * 24, ["q"] * 24)
+    scale = np.exp(rng.uniform(np.log(0.1), np.log(3.0), size=(24, 1)))
+    table = scale * np.cumsum(np.cumsum(rng.uniform(0, 1, size=(24, 9)), axis=1), axis=1)
+    return spec, table
+
+
+def test_guided_proposals_reach_lower_error_at_equal_evaluations() -> None:
+    """On additive problems far from the uniform start, proposals weighted by the units'
+    credit get closer to the optimum in 15 generations than uniform proposals (the
+    published loop): mean over 4 problems x 2 seeds."""
+    budget = Budget(kind="params", target=0.4)
+    final = {0.0: [], 1.0: []}
+    for problem in range(4):
+        spec, table = _heterogeneous_problem(problem)
+        for guided in final:
+            for seed in range(2):
+                searcher = EvolutionarySearcher(
+                    generations=15, offspring=8, survivors=(2, 1), tokens=(1, 1), guided=guided
+                )
+                key = jax.random.key(seed)
+                result = run_search(searcher, additive(table), spec, budget, key=key)
+                final[guided].append(result.best_fitness)
+    assert np.mean(final[1.0]) < 0.93 * np.mean(final[0.0])  # measured: 0.875
