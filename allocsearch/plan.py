@@ -123,6 +123,7 @@ from typing import Any, Final
 import numpy as np
 
 from allocsearch.config import AUTO_WORKERS, EXECUTIONS, RunConfig
+from allocsearch.search import registry
 
 __all__ = [
     "EXECUTION_MODES",
@@ -775,13 +776,13 @@ def _queries(
     strategies' probe query (the all-lowest allocation and one candidate per other level
     of each unit); ``compare`` adds its one-candidate scoring on the whole calibration
     set."""
-    from allocsearch.search import registry
     from allocsearch.search.evolutionary import EvolutionarySearcher
 
     strategy = cfg.search.strategy
+    entry = registry.get(strategy)
     settings = dict(cfg.search.settings or {})
     out: list[tuple[int, int]] = []
-    if strategy in ("evopress", "tyr"):
+    if entry.kind in ("evolutionary", "driver"):
         s = settings or dict(registry.DEMO_EVOPRESS)  # search_run._default_settings
         offspring = int(s.get("offspring", EvolutionarySearcher.offspring))
         survivors = [int(x) for x in s.get("survivors", EvolutionarySearcher.survivors)]
@@ -792,8 +793,9 @@ def _queries(
             else:
                 n = survivors[i - 1] + (1 if i == len(tokens) - 1 else 0)
             out.append((n, min(t, n_cal_tokens)))
-    elif strategy in registry.TABLE_STRATEGIES:
-        tokens = int(settings.get("tokens", min(_TABLE_TOKENS, n_cal_tokens)))
+    if entry.kind == "table" or entry.seeded_by is not None:  # dp+evopress: its table too
+        key = "tokens" if entry.kind == "table" else "table_tokens"
+        tokens = int(settings.get(key, min(_TABLE_TOKENS, n_cal_tokens)))
         out.append((1 + blocks * sum(k - 1 for k in layout.unit_levels), tokens))
     if command == "compare" or not out:
         out.append((1, n_cal_tokens))
@@ -1178,7 +1180,7 @@ def plan_memory(
     g = _evaluator_setting(cfg, "candidates_per_call", _CANDIDATES_PER_CALL)
     nworkers = _resolve_workers(cfg, workers, device_kind)
     queries = _queries(cfg, command, n_cal, layout, blocks)
-    generations = cfg.search.strategy in ("evopress", "tyr")
+    generations = registry.get(cfg.search.strategy).kind in ("evolutionary", "driver")
     device_is_host = device_kind == "cpu"
 
     modes: dict[str, tuple[ProcessMemory, ...]] = {}

@@ -545,3 +545,26 @@ def test_llama_405b_at_80gb_gets_a_two_change_remedy_that_fits(tmp_path):
     path.write_text(yaml.safe_dump(run))
     args[args.index("--config") + 1] = str(path)
     assert runner.invoke(app, args).exit_code == 0
+
+
+def test_queries_of_dp_evopress_are_evopress_stages_and_the_table_probe() -> None:
+    """dp+evopress plans EvoPress's stages (12 children on 512 tokens, 3 survivors plus
+    the parent on 2,048) and DP's probe query: 1 + blocks x sum(K_u - 1) candidates on
+    the table's tokens (2 blocks, units of 9 and 3 levels: 1 + 2 x 10 = 21)."""
+    from allocsearch import plan
+    from allocsearch.config import config_from_dict
+
+    layout = plan._Layout(params=(), unit_params=((), ()), unit_levels=(9, 3))
+    settings = {"generations": 2, "offspring": 12, "survivors": [3, 1], "tokens": [512, 2048]}
+    for strategy, expected in [
+        ("dp+evopress", [(12, 512), (4, 2048), (21, 1024)]),
+        ("evopress", [(12, 512), (4, 2048)]),
+        ("dp", [(21, 4096)]),
+    ]:
+        s = {**settings, "table_tokens": 1024} if strategy == "dp+evopress" else settings
+        cfg = config_from_dict(
+            {"model": "demo", "search": {"strategy": strategy, "settings": s}}
+        )
+        if strategy == "dp":
+            cfg = config_from_dict({"model": "demo", "search": {"strategy": "dp"}})
+        assert plan._queries(cfg, "search", 8192, layout, 2) == expected, strategy
