@@ -1027,7 +1027,7 @@ def export(
     evopress-db writes EvoPress's database (<out>/<module>/<level>.pth for every level of
     the supernet, and <out>/evopress_levels.txt, the recipe)."""
     from allocsearch.recipe import exporters
-    from allocsearch.recipe.recipe import Recipe
+    from allocsearch.recipe.recipe import Recipe, refuse_bit_recipe
 
     if format not in EXPORT_FORMATS:
         raise UserError(f"--format {format!r} is not valid; choose one of {list(EXPORT_FORMATS)}")
@@ -1039,6 +1039,7 @@ def export(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     r = Recipe.load(recipe)
+    refuse_bit_recipe(r, "export")
     loaded, store = _check_recipe_sources(r, model, supernet)
     if format == "evopress-db":
         from allocsearch.recipe.evopress_db import write_evopress_database

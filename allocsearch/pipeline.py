@@ -50,6 +50,7 @@ from allocsearch.models.bert import mean_pool
 from allocsearch.models.hf import ARCHITECTURES, HFModel, load_model
 from allocsearch.models.streamed import streamed_nll_sum
 from allocsearch.recipe.recipe import (
+    LEVEL_KIND_KEY,
     Calibration,
     Fitness,
     LayerEntry,
@@ -809,7 +810,7 @@ def recipe_from_choice(
         budget=RecipeBudget(budget.kind, float(budget.target), achieved),
         provenance=Provenance(
             strategy=outcome.strategy,
-            settings=dict(outcome.settings),
+            settings=_recipe_settings(store, outcome),
             fitness=Fitness(fitness_name, outcome.fitness),
             calibration=Calibration(
                 ws.calibration.source, ws.calibration.fingerprint, int(ws.config.data.seed)
@@ -822,6 +823,14 @@ def recipe_from_choice(
         units=tuple(units),
         partial=partial,
     )
+
+
+def _recipe_settings(store: SupernetStore, outcome: Outcome) -> dict[str, Any]:
+    """The outcome's settings, marked when the store's levels are bitwidths."""
+    settings = dict(outcome.settings)
+    if store.manifest.get("pruner", {}).get("kind") == "quantizer":
+        settings[LEVEL_KIND_KEY] = "bits"
+    return settings
 
 
 # --------------------------------------------------------------------------- compare

@@ -108,8 +108,20 @@ def test_cli_build_quantizer_then_search(tmp_path):
          "--backend", "local", "--no-progress"],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
-    layers = json.loads((tmp_path / "run" / "recipe.json").read_text())["layers"]
-    assert {x["sparsity"] for x in layers} == {target}
+    recipe = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert {x["sparsity"] for x in recipe["layers"]} == {target}
+    assert recipe["provenance"]["settings"]["level_kind"] == "bits"
+    # its 'sparsity' is a stand-in for bits: export and apply refuse it, writing nothing
+    for cmd in (
+        ["export", str(tmp_path / "run" / "recipe.json"), "--format", "owl",
+         "--out", str(tmp_path / "owl.json")],
+        ["apply", str(tmp_path / "run" / "recipe.json"), "--model",
+         str(tmp_path / "model"), "--supernet", str(store), "--out", str(tmp_path / "pruned")],
+    ):  # fmt: skip
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 2, r.output
+        assert "allocates bitwidths" in r.output
+    assert not (tmp_path / "owl.json").exists() and not (tmp_path / "pruned").exists()
 
 
 @pytest.mark.parametrize(

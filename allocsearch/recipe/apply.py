@@ -68,7 +68,13 @@ from allocsearch.pruners.nm import NMMagnitudePruner
 from allocsearch.pruners.structured import HeadGroups, NeuronGroups
 from allocsearch.recipe.depth import apply_depth
 from allocsearch.recipe.experts import apply_experts
-from allocsearch.recipe.recipe import Recipe, RecipeError, StructuredUnit, check_against_model
+from allocsearch.recipe.recipe import (
+    Recipe,
+    RecipeError,
+    StructuredUnit,
+    check_against_model,
+    refuse_bit_recipe,
+)
 from allocsearch.supernet.build import (
     INPUT_MODES,
     InputMode,
@@ -841,6 +847,7 @@ def apply_recipe(
       ValueError: bad arguments: no store and no pruner, a pruner that needs calibration
         data without it, a pruner of the wrong kind, a store built for another model.
     """
+    refuse_bit_recipe(recipe, "apply")
     adapter = model.adapter
     check_against_model(recipe, model_layers(adapter, routers=True), model.fingerprint)
     counts = _recipe_counts(recipe)

@@ -54,6 +54,26 @@ class RecipeError(ValueError):
     """A recipe (object, JSON text or file) is invalid; the message says what and why."""
 
 
+# ``provenance.settings[LEVEL_KIND_KEY] == "bits"`` marks a recipe searched on a quantized
+# supernet (allocsearch.supernet.quantized): its per-layer ``sparsity`` is the stand-in
+# 1 - bits_per_weight / 16, not a fraction of weights to prune.
+LEVEL_KIND_KEY = "level_kind"
+
+
+def refuse_bit_recipe(recipe: Recipe, what: str) -> None:
+    """Refuse to prune by a recipe whose levels are bitwidths (see :data:`LEVEL_KIND_KEY`).
+
+    Raises:
+      RecipeError: naming ``what`` (e.g. ``"apply"``) and why.
+    """
+    if recipe.provenance.settings.get(LEVEL_KIND_KEY) == "bits":
+        raise RecipeError(
+            f"{what}: this recipe allocates bitwidths (searched on a quantized supernet); "
+            "its per-layer 'sparsity' is the stand-in 1 - bits/16, so it would prune "
+            "instead of quantize. Exporting or applying bitwidth recipes is not supported yet"
+        )
+
+
 # ----------------------------------------------------------------------------- coercion
 # Each helper accepts Python and numpy scalars, rejects bool where a number is expected,
 # and returns a plain Python value so that equality and JSON round trips are exact.
@@ -980,6 +1000,8 @@ def check_against_model(recipe: Recipe, layers: Sequence[LayerInfo], fingerprint
 
 
 __all__ = [
+    "LEVEL_KIND_KEY",
+    "refuse_bit_recipe",
     "BUDGET_KINDS",
     "BUDGET_RTOL",
     "LAYER_STRUCTURES",
