@@ -470,6 +470,9 @@ def table_settings(ws: Workspace, strategy: str, settings: Mapping[str, Any]) ->
     out = dict(settings)
     if strategy in TABLE_STRATEGIES and "tokens" not in out:
         out["tokens"] = min(registry.TABLE_TOKENS, ws.calibration.n_tokens)
+    if out.get("final_parents") and out.get("final_tokens") is None:
+        # EvoPress's final pick: one shared minibatch, the calibration set up to 8,192
+        out["final_tokens"] = min(registry.FINAL_TOKENS, ws.calibration.n_tokens)
     return out
 
 
@@ -590,6 +593,9 @@ def run_seed_stage(
         name, ws, store, budget, evaluate=evaluate, seed=seed, settings=seed_settings, spec=spec
     )
     evo = {**rest, "start": first.choice}
+    # from a strong start the noisy parent can drift worse: pick among it and the start
+    evo.setdefault("final_parents", registry.SEEDED_FINAL_PARENTS)
+    evo = table_settings(ws, strategy, evo)  # the final pick's tokens
     if strategy == "dp+evopress":
         tokens = table_settings(ws, name, seed_settings)["tokens"]
         evo["table_tokens"] = int(tokens)

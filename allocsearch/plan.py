@@ -793,6 +793,10 @@ def _queries(
             else:
                 n = survivors[i - 1] + (1 if i == len(tokens) - 1 else 0)
             out.append((n, min(t, n_cal_tokens)))
+        final = int(s.get("final_parents", registry.SEEDED_FINAL_PARENTS if entry.seeded_by else 0))
+        if final:  # the final pick: the start and the last parents
+            t = int(s.get("final_tokens") or registry.FINAL_TOKENS)
+            out.append((final + 1, min(t, n_cal_tokens)))
     if entry.kind == "table" or entry.seeded_by is not None:  # dp+evopress: its table too
         key = "tokens" if entry.kind == "table" else "table_tokens"
         tokens = int(settings.get(key, min(_TABLE_TOKENS, n_cal_tokens)))

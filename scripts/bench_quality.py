@@ -15,9 +15,10 @@ set (``--data-seed``) and every strategy runs on it:
   evaluations at 4,096 tokens, measured once per setting and shared: the knapsack's
   wall time excludes the table, its evaluations count it);
 * EvoPress: 30 generations, 12 offspring, survivors 3 -> 1 on 512 -> 2,048 tokens;
-* dp+evopress: EvoPress as above, started from the DP allocation instead of uniform
-  (the search seeding that ``seed_from: dp`` configures); its evaluations include the
-  table's, its wall time does not;
+* dp+evopress: the registry's strategy (as ``search --strategy dp+evopress`` runs it):
+  DP's table on the seed's minibatch, EvoPress as above started from DP's allocation,
+  then a final pick among the start and the last 4 parents on the calibration set; its
+  evaluations and wall time include the table's;
 * Týr coarse-to-fine: 2 rounds of an expected-input supernet rebuilt around the current
   best (step 12.5% then 6.25%), each searched by EvoPress for 15 generations with the
   same offspring and stages, so Týr and EvoPress spend the same number of evaluations.
@@ -141,35 +142,21 @@ def settings_of(strategy: str) -> dict:
 
 
 def run_one(strategy, ws, store, budget, evaluator, tables, seed, work, args) -> pipeline.Outcome:
-    """One strategy's search. ``dp+evopress`` is EvoPress started from the DP allocation
-    (the table of seed 0, shared with dp/knapsack); its evaluations count the table's."""
+    """One strategy's search. ``dp+evopress`` runs as the registry defines it (the CLI's):
+    DP's table on this seed's minibatch, EvoPress started from DP's allocation, then the
+    final pick among the start and the last parents; its evaluations count the table's."""
     common = dict(work_dir=work / f"tyr-seed-{seed}", progress=args.progress)
+    settings = settings_of(strategy)
     if strategy == "dp+evopress":
-        dp = pipeline.run_strategy(
-            "dp", ws, store, budget, evaluate=tables, seed=0, settings=settings_of("dp"), **common
-        )
-        evo = pipeline.run_strategy(
-            "evopress",
-            ws,
-            store,
-            budget,
-            evaluate=evaluator,
-            seed=seed,
-            settings=dict(settings_of("evopress"), start=dp.choice),
-            **common,
-        )
-        evo.strategy = strategy
-        evo.evaluations += dp.evaluations
-        evo.settings = dict(evo.settings, start="dp (seed 0 table)")
-        return evo
+        settings = dict(settings_of("evopress"), table_tokens=TABLE_TOKENS)
     return pipeline.run_strategy(
         strategy,
         ws,
         store,
         budget,
-        evaluate=tables if strategy in ("dp", "knapsack") else evaluator,
+        evaluate=tables if strategy in ("dp", "knapsack", "dp+evopress") else evaluator,
         seed=seed,
-        settings=settings_of(strategy),
+        settings=settings,
         **common,
     )
 

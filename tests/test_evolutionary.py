@@ -464,3 +464,35 @@ def test_guided_proposals_reach_lower_error_at_equal_evaluations() -> None:
                 result = run_search(searcher, additive(table), spec, budget, key=key)
                 final[guided].append(result.best_fitness)
     assert np.mean(final[1.0]) < 0.93 * np.mean(final[0.0])  # measured: 0.875
+
+
+def test_final_pick_scores_the_start_and_the_last_parents_once_more() -> None:
+    """final_parents=2: after the last generation one query holds the start and the last
+    two distinct parents on final_tokens tokens, and its best is the result; without it
+    (0) the last parent is, as published."""
+    spec = equal_spec()
+    budget = Budget(kind="params", target=0.4)
+    table = np.tile(np.arange(5.0), (6, 1)) * np.arange(1, 7)[:, None]  # unit u costs u+1
+    kwargs = dict(generations=3, offspring=4, survivors=(2, 1), tokens=(1, 2))
+    plain = run_search(
+        EvolutionarySearcher(**kwargs), additive(table), spec, budget, key=jax.random.key(0)
+    )
+    seen: list[tuple[np.ndarray, int]] = []
+
+    def evaluate(choices, *, fidelity, batch_seed):
+        seen.append((np.asarray(choices), fidelity))
+        return additive(table)(choices, fidelity=fidelity, batch_seed=batch_seed)
+
+    searcher = EvolutionarySearcher(**kwargs, final_parents=2, final_tokens=7)
+    picked = run_search(searcher, evaluate, spec, budget, key=jax.random.key(0))
+    final, fidelity = seen[-1]
+    assert fidelity == 7 and len(seen) == 2 * 3 + 1
+    start = EvolutionarySearcher(**kwargs).init(spec, budget, jax.random.key(0)).parent
+    assert any(np.array_equal(row, start) for row in final)
+    assert any(np.array_equal(row, plain.best_choice) for row in final)  # same trajectory
+    scores = table[np.arange(6), final].sum(axis=1)
+    np.testing.assert_array_equal(picked.best_choice, final[np.argmin(scores)])
+    assert picked.best_fitness == scores.min() <= plain.best_fitness
+    assert picked.evaluations == plain.evaluations + len(final)
+    with pytest.raises(ValueError, match="final_tokens"):
+        EvolutionarySearcher(final_parents=2)

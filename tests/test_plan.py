@@ -557,7 +557,7 @@ def test_queries_of_dp_evopress_are_evopress_stages_and_the_table_probe() -> Non
     layout = plan._Layout(params=(), unit_params=((), ()), unit_levels=(9, 3))
     settings = {"generations": 2, "offspring": 12, "survivors": [3, 1], "tokens": [512, 2048]}
     for strategy, expected in [
-        ("dp+evopress", [(12, 512), (4, 2048), (21, 1024)]),
+        ("dp+evopress", [(12, 512), (4, 2048), (5, 8192), (21, 1024)]),
         ("evopress", [(12, 512), (4, 2048)]),
         ("dp", [(21, 4096)]),
     ]:

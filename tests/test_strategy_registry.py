@@ -101,7 +101,11 @@ def test_seeded_strategies_split_into_a_table_and_evopress():
         EVO,
     )
     assert registry.split_seeded("evopress", EVO) == (None, {}, EVO)
-    assert registry.fitness_tokens("dp+evopress", {**EVO, "table_tokens": 512}) == 256
+    # a seeded search ends with the final pick (FINAL_TOKENS unless run settings say less)
+    assert registry.fitness_tokens("dp+evopress", {**EVO, "table_tokens": 512}) == 8192
+    final = {"final_parents": 4, "final_tokens": 512}
+    assert registry.fitness_tokens("dp+evopress", {**EVO, **final}) == 512
+    assert registry.fitness_tokens("evopress", {**EVO, "final_parents": 0}) == 256
     assert registry.make_searcher("dp+evopress", {**EVO, "table_tokens": 9}).generations == 3
 
 
@@ -170,13 +174,15 @@ def test_dp_evopress_counts_the_table_and_resumes(workdir):
     recipe = Recipe.load(workdir / "seeded" / "recipe.json")
     prov = recipe.provenance
     assert prov.strategy == "dp+evopress"
-    assert prov.settings == {**EVO, "table_tokens": 512}
+    final_pick = {"final_parents": 4, "final_tokens": 512}  # the calibration set: 512
+    assert prov.settings == {**EVO, "table_tokens": 512, **final_pick}
     # DP's table and solution (as `search --strategy dp` counts them), then EvoPress's own
+    # generations, then the final pick among the start and the last parents (1 to 5)
     log = read_log(workdir / "seeded" / "log.jsonl")
     assert [line["generation"] for line in log] == [1, 2, 3]
     spec = SupernetStore.open(workdir / "store", verify="none").spec
     assert dp.evaluations == 1 + int(spec.valid[:, 1:].sum()) + 1  # baseline, probes, solution
-    assert prov.evaluations == dp.evaluations + log[-1]["evaluations"]
+    assert 1 <= prov.evaluations - dp.evaluations - log[-1]["evaluations"] <= 5
     # resuming its last checkpoint runs DP again (deterministic: the same EvoPress start,
     # so the checkpoint's fingerprint matches) and ends the same
     r = search(workdir, "seeded", "--strategy", "dp+evopress", "--resume")
@@ -198,7 +204,7 @@ def test_dp_evopress_counts_the_table_and_resumes(workdir):
     seed_from = Recipe.load(workdir / "seed_from" / "recipe.json")
     assert seed_from.layers == recipe.layers
     assert seed_from.provenance.strategy == "evopress"
-    assert seed_from.provenance.settings == {**EVO, "seed_from": "dp"}
+    assert seed_from.provenance.settings == {**EVO, "seed_from": "dp", **final_pick}
     assert seed_from.provenance.evaluations == prov.evaluations
 
 

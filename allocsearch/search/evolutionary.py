@@ -91,6 +91,8 @@ class EvolutionState(NamedTuple):
         resume with ``"swap"``, the only mutation there was).
       credit: float64[L], each unit's credit for guided switches (None before the first
         scored generation, or in states pickled before the field existed).
+      parents: the start and, with ``final_parents``, the latest distinct parents (the
+        final pick's candidates).
     """
 
     costs: CostModel
@@ -107,6 +109,7 @@ class EvolutionState(NamedTuple):
     history: tuple[HistoryEntry, ...]
     mutation: str = "swap"
     credit: np.ndarray | None = None
+    parents: tuple[np.ndarray, ...] = ()
 
 
 @final
@@ -153,6 +156,8 @@ class EvolutionarySearcher(Searcher):
     mutation: MutationKind = "auto"
     guided: float = 1.0
     credit_decay: float = 0.8
+    final_parents: int = 0
+    final_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.mutation not in MUTATIONS:
@@ -174,6 +179,11 @@ class EvolutionarySearcher(Searcher):
             raise ValueError(
                 f"survivors {self.survivors} must be non-increasing and at most offspring "
                 f"({self.offspring})"
+            )
+        if self.final_parents < 0 or (self.final_parents and (self.final_tokens or 0) < 1):
+            raise ValueError(
+                f"final_parents ({self.final_parents}) must be >= 0, and final_tokens "
+                f"({self.final_tokens}) >= 1 when it is > 0"
             )
         if self.guided < 0 or not 0 <= self.credit_decay < 1:
             raise ValueError(
@@ -215,12 +225,22 @@ class EvolutionarySearcher(Searcher):
             tokens=0,
             history=(),
             mutation=self._resolved_mutation(costs),
+            parents=(parent.astype(np.int32),),
         )
 
     def ask(self, state: EvolutionState, key: jax.Array) -> tuple[Query, EvolutionState]:
         if state.pending is not None:
             raise ValueError("ask() called twice without tell(); tell the pending query first")
         rng = numpy_rng(key)
+        if state.stage == len(self.survivors):  # the final pick
+            query = Query(
+                choices=np.unique(np.stack((*state.parents, state.parent)), axis=0).astype(
+                    np.int32
+                ),
+                fidelity=int(self.final_tokens or 0),
+                batch_seed=draw_batch_seed(rng),
+            )
+            return query, state._replace(pending=query)
         if state.stage == 0:
             rows = self._offspring(state, rng)
         else:
@@ -242,6 +262,12 @@ class EvolutionarySearcher(Searcher):
         evaluations = state.evaluations + n
         tokens = state.tokens + n * query.fidelity
         common = dict(pending=None, step=state.step + 1, evaluations=evaluations, tokens=tokens)
+        if state.stage == len(self.survivors):
+            best = int(order[0])
+            return state._replace(
+                parent=query.choices[best].copy(), parent_fitness=float(scores[best]), stage=0,
+                **common,
+            )  # fmt: skip
         if state.stage == 0 and self.guided > 0:
             state = state._replace(credit=self._credit(state, query.choices, scores))
         if state.stage < len(self.survivors) - 1:
@@ -250,18 +276,29 @@ class EvolutionarySearcher(Searcher):
         best = int(order[0])
         fitness = float(scores[best])
         entry = HistoryEntry(state.generation + 1, evaluations, tokens, fitness)
+        parent = query.choices[best].copy()
+        last = self.final_parents > 0 and state.generation + 1 == self.generations
         return state._replace(
-            parent=query.choices[best].copy(),
+            parent=parent,
             parent_fitness=fitness,
-            stage=0,
+            stage=len(self.survivors) if last else 0,
             candidates=np.zeros((0, state.parent.shape[0]), dtype=np.int32),
             generation=state.generation + 1,
             history=(*state.history, entry),
+            parents=self._kept_parents(state.parents, parent),
             **common,
         )
 
+    def _kept_parents(self, parents: tuple[np.ndarray, ...], parent: np.ndarray):
+        """The start, then the last ``final_parents`` distinct parents (with ``parent``)."""
+        if not self.final_parents or not parents:
+            return parents[:1]
+        recent = [p for p in parents[1:] if not np.array_equal(p, parent)]
+        keep = self.final_parents - 1
+        return (parents[0], *(recent[len(recent) - keep :] if keep else []), parent)
+
     def done(self, state: EvolutionState) -> bool:
-        return state.generation >= self.generations
+        return state.generation >= self.generations and state.stage != len(self.survivors)
 
     def result(self, state: EvolutionState) -> SearchResult:
         return SearchResult(

@@ -62,6 +62,10 @@ TYR_SETTINGS = tuple(TYR_DEFAULTS)
 # The table strategies score their error table on the whole calibration set, up to this
 # many tokens, unless ``tokens`` is set.
 TABLE_TOKENS: Final = 4096
+# A seeded EvoPress (dp+evopress) ends with a final pick among its start and its last
+# parents (EvolutionarySearcher.final_parents) on the calibration set up to FINAL_TOKENS.
+SEEDED_FINAL_PARENTS: Final = 4
+FINAL_TOKENS: Final = 8192
 
 
 @dataclass(frozen=True)
@@ -408,6 +412,11 @@ def fitness_tokens(strategy: str, settings: Mapping[str, Any]) -> int | None:
         inner = {k: v for k, v in settings.items() if k not in TYR_SETTINGS}
         searcher: Any = EvolutionarySearcher(**_searcher_settings(inner or DEMO_EVOPRESS))
     else:
-        searcher = make_searcher(strategy, split_seeded(strategy, settings)[2])
+        seed, _, rest = split_seeded(strategy, settings)
+        if seed is not None:
+            rest.setdefault("final_parents", SEEDED_FINAL_PARENTS)
+        if rest.get("final_parents"):  # the final pick's tokens (capped by the pipeline)
+            return int(rest.get("final_tokens") or FINAL_TOKENS)
+        searcher = make_searcher(strategy, rest)
     tokens = searcher.tokens
     return int(tokens[-1] if isinstance(tokens, tuple | list) else tokens)
