@@ -735,7 +735,8 @@ def search(
     strategy: Annotated[
         str | None,
         typer.Option(
-            help=f"{registry.help_names()} (default: the config's search.strategy, else evopress)."
+            help=f"{registry.help_names()} (default: the config's search.strategy, else "
+            "dp+evopress).",
         ),
     ] = None,
     target: SearchTargetOpt = None,

@@ -20,7 +20,7 @@ def test_defaults_are_the_demo_settings():
     cfg = config_from_dict({})
     assert cfg == RunConfig()
     assert cfg.model == "demo"
-    assert (cfg.supernet.pruner, cfg.search.strategy) == ("sparsegpt", "evopress")
+    assert (cfg.supernet.pruner, cfg.search.strategy) == ("sparsegpt", "dp+evopress")
     assert cfg.search.target == 0.6 and cfg.supernet.steps_each_side == 4
     # Ray is the default backend, sized to the machine or cluster once Ray is up
     assert (cfg.backend.kind, cfg.backend.workers, cfg.backend.address) == ("ray", "auto", None)
