@@ -551,6 +551,28 @@ def test_ray_address_that_never_answers_is_one_line(ws, tmp_path, monkeypatch):
     assert time.monotonic() - t0 < 30
 
 
+def test_a_config_for_evopress_does_not_break_another_strategy(ws, tmp_path):
+    """Issue 28.4: `search --config <EvoPress settings> --strategy uniform` failed with
+    "bad settings for strategy 'uniform': it does not take ['generations', ...]". The other
+    strategy's keys are dropped with one note; a key no strategy takes is still refused."""
+    cfg = yaml.safe_load((ws / "config.yaml").read_text())
+    cfg["search"] = {"target": 0.5, "strategy": "evopress",
+                     "settings": {"generations": 2, "offspring": 4, "survivors": [2, 1],
+                                  "tokens": [64, 128]}}  # fmt: skip
+    (tmp_path / "evo.yaml").write_text(yaml.safe_dump(cfg))
+    r = run("search", "-c", tmp_path / "evo.yaml", "--supernet", ws / "store", "--out",
+            tmp_path / "u", "--strategy", "uniform", "--no-progress")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "settings of evopress, not of uniform" in one_line(r.output)
+    assert Recipe.load(tmp_path / "u" / "recipe.json").provenance.settings == {}
+    cfg["search"]["settings"]["bogus"] = 1
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    r = run("search", "-c", tmp_path / "bad.yaml", "--supernet", ws / "store", "--out",
+            tmp_path / "b", "--strategy", "uniform", "--no-progress")  # fmt: skip
+    assert r.exit_code == 2 and "['bogus']" in r.output
+    assert not (tmp_path / "b" / "recipe.json").exists()
+
+
 @pytest.mark.slow  # a DP search and a compare (about 40 s on 2 cores)
 def test_dp_fitness_is_labelled_with_the_tokens_it_ran_on(ws, tmp_path, monkeypatch):
     """Issue 28.6, 28.7: DP's error table is scored on the whole calibration set up to
