@@ -20,9 +20,10 @@ set on its own:
   of every level is scored, and a dynamic program over the subset lattice picks the chain
   minimising ``sum_k E(I_k) / E*_k`` (``E*_k`` the level's exhaustive best). With one level
   this is the exhaustive best subset;
-* otherwise from the greedy order, by a best-improvement swap local search per level (one
-  removed group out, one kept group in) that keeps the chain nested: a level swaps only
-  groups that no smaller level removes for groups that every larger level removes.
+* otherwise from the greedy order, by a variable-depth swap local search per level (one
+  removed group out, one kept group in; :func:`swap_search`) that keeps the chain nested:
+  a level swaps only groups that no smaller level removes for groups that the next larger
+  level removes, largest level first.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -129,48 +131,55 @@ def _einsum(spec: str, *ops: jax.Array) -> jax.Array:
     return jnp.einsum(spec, *ops, precision=HIGHEST)
 
 
+@partial(jax.jit, static_argnames=("width", "pool_out", "pool_in"))
 def _swap_deltas(
     w: jax.Array,
     hinv: jax.Array,
-    removed: np.ndarray,
-    outs: np.ndarray,
-    ins: np.ndarray,
+    cols_s: jax.Array,
+    opos: jax.Array,
+    cols_j: jax.Array,
+    out_ok: jax.Array,
+    in_ok: jax.Array,
+    *,
     width: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Change of ``E`` for swapping ``removed[outs[a]]`` (kept again) with ``ins[b]``.
+    pool_out: int,
+    pool_in: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Change of ``E`` for swapping removed group ``a`` (kept again) with kept group ``b``.
 
-    With ``P = [H^-1]_SS^-1`` of the removed set ``S``, ``U = W_S P``, ``a_j = P [H^-1]_Sj``,
-    residual ``r_j = W_j - U [H^-1]_Sj`` and Schur complement ``s_j = [H^-1]_jj -
-    [H^-1]_jS a_j``: keeping ``i`` again lowers ``E`` by ``tr(U_i P_ii^-1 U_i^T)``; then
-    removing ``j`` adds ``tr(r' s'^-1 r'^T)`` with ``c = P_ii^-1 (a_j)_i``, ``r' = r_j + U_i c``
-    and ``s' = s_j + (a_j)_i^T c`` (block-inverse updates of ``S \\ i``). Only the ``p``
-    most promising of each side (by these single-move terms) are paired, ``p`` sized so the
-    pair tensors stay small. Returns float64[a', b'] deltas, the chosen ``outs`` and ``ins``.
+    With ``P = [H^-1]_SS^-1`` of the removed columns ``S``, ``U = W_S P``, ``a_j = P
+    [H^-1]_Sj``, residual ``r_j = W_j - U [H^-1]_Sj`` and Schur complement ``s_j =
+    [H^-1]_jj - [H^-1]_jS a_j``: keeping ``i`` again lowers ``E`` by ``tr(U_i P_ii^-1
+    U_i^T)``; then removing ``j`` adds ``tr(r' s'^-1 r'^T)`` with ``c = P_ii^-1 (a_j)_i``,
+    ``r' = r_j + U_i c`` and ``s' = s_j + (a_j)_i^T c`` (block-inverse updates of ``S \\ i``).
+
+    Shapes: ``cols_s`` int32[m] removed columns; ``opos`` int32[a, width] positions in
+    ``cols_s`` of the groups that may leave, ``cols_j`` int32[b, width] columns of the groups
+    that may enter, ``out_ok``/``in_ok`` bool[a]/bool[b] (False: not this step). Only the
+    ``pool_out`` x ``pool_in`` most promising (by the single-move terms) are paired. Returns
+    float32[pool_out, pool_in] deltas (inf where masked) and their indices into a and b.
     """
-    cols_s = jnp.asarray(_columns(removed, width))
     m_ss = hinv[cols_s][:, cols_s]
     chol = jnp.linalg.cholesky(m_ss)
     p = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(m_ss.shape[0], dtype=m_ss.dtype))
     u = jnp.matmul(w[:, cols_s], p, precision=HIGHEST)  # [out, m]
-    opos = _columns(outs, width).reshape(len(outs), width)
     p_ii = jnp.linalg.inv(p[opos[:, :, None], opos[:, None, :]])  # [a, w, w]
     u_i = u[:, opos]  # [out, a, w]
     gain = _einsum("oai,aij,oaj->a", u_i, p_ii, u_i)
-    cols_j = jnp.asarray(_columns(ins, width))
-    m_sj = hinv[cols_s][:, cols_j]  # [m, b*w]
+    m_sj = hinv[cols_s][:, cols_j.reshape(-1)]  # [m, b*w]
     a = jnp.matmul(p, m_sj, precision=HIGHEST)
-    r = (w[:, cols_j] - jnp.matmul(u, m_sj, precision=HIGHEST)).reshape(-1, len(ins), width)
-    jdx = _columns(ins, width).reshape(len(ins), width)
-    s = hinv[jdx[:, :, None], jdx[:, None, :]] - _einsum(
-        "mbi,mbj->bij", m_sj.reshape(-1, len(ins), width), a.reshape(-1, len(ins), width)
+    n_in = cols_j.shape[0]
+    r = w[:, cols_j.reshape(-1)] - jnp.matmul(u, m_sj, precision=HIGHEST)
+    r = r.reshape(-1, n_in, width)
+    s = hinv[cols_j[:, :, None], cols_j[:, None, :]] - _einsum(
+        "mbi,mbj->bij", m_sj.reshape(-1, n_in, width), a.reshape(-1, n_in, width)
     )
     rr = _einsum("obi,obj->bij", r, r)
     cost = jnp.trace(jnp.linalg.solve(s, rr), axis1=1, axis2=2)
-    pool = max(1, math.isqrt(_PAIR_ELEMENTS // (width * width)))
-    ka = np.argsort(-np.asarray(gain), kind="stable")[:pool]
-    kb = np.argsort(np.asarray(cost), kind="stable")[:pool]
+    _, ka = jax.lax.top_k(jnp.where(out_ok, gain, -jnp.inf), pool_out)
+    _, kb = jax.lax.top_k(jnp.where(in_ok, -cost, -jnp.inf), pool_in)
     u_i, p_ii = u_i[:, ka], p_ii[ka]
-    a_ij = a[opos[ka].reshape(-1)].reshape(len(ka), width, len(ins), width)[:, :, kb]
+    a_ij = a[opos[ka].reshape(-1)].reshape(pool_out, width, n_in, width)[:, :, kb]
     a_ij = jnp.transpose(a_ij, (0, 2, 1, 3))  # [a, b, w_i, w_j]
     c = _einsum("aik,abkj->abij", p_ii, a_ij)
     s2 = s[kb][None] + _einsum("abki,abkj->abij", a_ij, c)
@@ -178,9 +187,30 @@ def _swap_deltas(
     cur = _einsum("abki,abkj->abij", c, ur)
     uu = _einsum("oai,oaj->aij", u_i, u_i)
     rtr = rr[kb][None] + cur + jnp.swapaxes(cur, 2, 3) + _einsum("abki,akl,ablj->abij", c, uu, c)
-    added = jnp.trace(jnp.linalg.solve(s2, rtr), axis1=2, axis2=3)
-    deltas = np.asarray(added, np.float64) - np.asarray(gain, np.float64)[ka][:, None]
-    return deltas, np.asarray(outs)[ka], np.asarray(ins)[kb]
+    deltas = jnp.trace(jnp.linalg.solve(s2, rtr), axis1=2, axis2=3) - gain[ka][:, None]
+    ok = out_ok[ka][:, None] & in_ok[kb][None, :]
+    return jnp.where(ok, deltas, jnp.inf), ka, kb
+
+
+def _best_swap(w, hinv, removed, outs, ins, out_ok, in_ok, width) -> tuple[int, int] | None:
+    """(index into outs, index into ins) of the swap that lowers ``E`` most (or raises it
+    least); None when every pair is masked."""
+    pool = max(1, math.isqrt(_PAIR_ELEMENTS // (width * width)))
+    deltas, ka, kb = _swap_deltas(
+        w,
+        hinv,
+        jnp.asarray(_columns(removed, width)),
+        jnp.asarray(_columns(outs[:, None], width)),
+        jnp.asarray(_columns(ins[:, None], width)),
+        jnp.asarray(out_ok),
+        jnp.asarray(in_ok),
+        width=width,
+        pool_out=min(pool, len(outs)),
+        pool_in=min(pool, len(ins)),
+    )
+    deltas = np.asarray(deltas)
+    a, b = np.unravel_index(np.argmin(deltas), deltas.shape)
+    return (int(ka[a]), int(kb[b])) if np.isfinite(deltas[a, b]) else None
 
 
 def swap_search(
@@ -189,37 +219,45 @@ def swap_search(
     removed: np.ndarray,
     width: int,
     *,
-    movable: np.ndarray | None = None,
-    candidates: np.ndarray | None = None,
+    fixed: np.ndarray | None = None,
+    allowed: np.ndarray | None = None,
     max_swaps: int = MAX_SWAPS,
 ) -> tuple[np.ndarray, float]:
-    """Best-improvement swap local search from ``removed`` (int[r] groups).
+    """Variable-depth swap local search (Kernighan-Lin) from ``removed`` (int[r] groups).
 
-    Each step swaps the removed group (among ``movable``, default all) and kept group (among
-    ``candidates``, default all kept) that lower :func:`removal_errors` the most, checked by
-    a fresh exact score; stops at a local optimum or after ``max_swaps`` swaps. Returns the
-    sorted removed groups and their error (lower is better).
+    A pass makes the best single swap (a removed group not in ``fixed`` kept again, a kept
+    group in ``allowed``, default all, removed) even when it raises the error, then the
+    best swap among the groups not yet moved in the pass, and so on; the pass's best state
+    (exact :func:`removal_errors`) becomes the start of the next pass while it improves.
+    This escapes local optima that need two or three swaps at once. ``max_swaps`` bounds
+    the swaps tried over all passes. Returns the sorted removed groups and their error
+    (lower is better); never worse than the start.
     """
     removed = np.asarray(removed, np.int64).copy()
+    fixed = np.zeros(0, np.int64) if fixed is None else np.asarray(fixed, np.int64)
+    allowed = np.arange(w.shape[1] // width) if allowed is None else np.asarray(allowed)
+    outs = np.flatnonzero(~np.isin(removed, fixed))
+    ins = np.setdiff1d(allowed, removed).astype(np.int64)
     err = float(removal_errors(w, hinv, removed[None], width)[0])
-    n_groups = w.shape[1] // width
-    movable = removed if movable is None else np.asarray(movable, np.int64)
-    candidates = np.arange(n_groups) if candidates is None else np.asarray(candidates, np.int64)
-    for _ in range(max_swaps):
-        outs = np.flatnonzero(np.isin(removed, movable))
-        ins = candidates[~np.isin(candidates, removed)]
-        if len(outs) == 0 or len(ins) == 0 or err <= 0:
+    budget = max_swaps
+    while budget > 0 and len(outs) and len(ins) and err > 0:
+        cur, cur_ins = removed.copy(), ins.copy()
+        out_ok, in_ok = np.ones(len(outs), bool), np.ones(len(ins), bool)
+        best = (err, removed, ins)
+        for _ in range(min(len(outs), len(ins), budget)):
+            pick = _best_swap(w, hinv, cur, outs, cur_ins, out_ok, in_ok, width)
+            if pick is None:
+                break
+            a, b = pick
+            budget -= 1
+            cur[outs[a]], cur_ins[b] = cur_ins[b], cur[outs[a]]
+            out_ok[a] = in_ok[b] = False
+            e = float(removal_errors(w, hinv, cur[None], width)[0])
+            if e < best[0] * (1 - 1e-7):
+                best = (e, cur.copy(), cur_ins.copy())
+        if best[0] >= err:
             break
-        deltas, outs_k, ins_k = _swap_deltas(w, hinv, removed, outs, ins, width)
-        a, b = np.unravel_index(np.argmin(deltas), deltas.shape)
-        if not deltas[a, b] < -1e-6 * err:
-            break
-        trial = removed.copy()
-        trial[outs_k[a]] = ins_k[b]
-        new = float(removal_errors(w, hinv, trial[None], width)[0])
-        if not new < err:
-            break
-        removed, err = trial, new
+        err, removed, ins = best
     return np.sort(removed), err
 
 
@@ -266,8 +304,8 @@ def nested_removals(
             hinv,
             sets[k],
             width,
-            movable=np.setdiff1d(sets[k], lower),
-            candidates=np.setdiff1d(upper, sets[k]),
+            fixed=lower,
+            allowed=upper,
             max_swaps=max_swaps,
         )
     return sets
