@@ -20,10 +20,11 @@ set on its own:
   of every level is scored, and a dynamic program over the subset lattice picks the chain
   minimising ``sum_k E(I_k) / E*_k`` (``E*_k`` the level's exhaustive best). With one level
   this is the exhaustive best subset;
-* otherwise from the greedy order, by a variable-depth swap local search per level (one
-  removed group out, one kept group in; :func:`swap_search`) that keeps the chain nested:
-  a level swaps only groups that no smaller level removes for groups that the next larger
-  level removes, largest level first.
+* otherwise from the greedy order, for units of at most ``SEARCH_GROUP_LIMIT`` groups
+  (attention heads and kv groups; not the neurons of an MLP) by a variable-depth swap
+  local search per level (one removed group out, one kept group in; :func:`swap_search`)
+  that keeps the chain nested: a level swaps only groups that no smaller level removes
+  for groups that the next larger level removes, largest level first.
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ from allocsearch.pruners.base import HIGHEST
 ENUMERATION_LIMIT = 5000
 """Subsets a chain may have (over all its levels) to be chosen exactly."""
 MAX_SWAPS = 64
-"""Default bound on accepted swaps per level of the local search."""
+"""Default bound on swaps tried per level of the local search."""
+SEARCH_GROUP_LIMIT = 64
+"""Units with more groups (MLP neurons) keep the greedy order beyond enumeration: each
+swap step inverts the removed block, and on the demo's 704-neuron MLP the search cost
+about 20x the greedy order's CPU time."""
+PASS_DEPTH = 8
+"""Most swaps in one pass of the variable-depth search (escapes need two or three)."""
 _BATCH_ELEMENTS = 1 << 24  # float32 entries per batch of gathered [H^-1]_II blocks
 _PAIR_ELEMENTS = 1 << 22  # float32 entries of the [outs, ins, width, width] swap tensors
 
@@ -163,7 +170,8 @@ def _swap_deltas(
     chol = jnp.linalg.cholesky(m_ss)
     p = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(m_ss.shape[0], dtype=m_ss.dtype))
     u = jnp.matmul(w[:, cols_s], p, precision=HIGHEST)  # [out, m]
-    p_ii = jnp.linalg.inv(p[opos[:, :, None], opos[:, None, :]])  # [a, w, w]
+    p_ii = p[opos[:, :, None], opos[:, None, :]]  # [a, w, w]
+    p_ii = 1.0 / p_ii if width == 1 else jnp.linalg.inv(p_ii)
     u_i = u[:, opos]  # [out, a, w]
     gain = _einsum("oai,aij,oaj->a", u_i, p_ii, u_i)
     m_sj = hinv[cols_s][:, cols_j.reshape(-1)]  # [m, b*w]
@@ -175,7 +183,7 @@ def _swap_deltas(
         "mbi,mbj->bij", m_sj.reshape(-1, n_in, width), a.reshape(-1, n_in, width)
     )
     rr = _einsum("obi,obj->bij", r, r)
-    cost = jnp.trace(jnp.linalg.solve(s, rr), axis1=1, axis2=2)
+    cost = _trace_solve(s, rr)
     _, ka = jax.lax.top_k(jnp.where(out_ok, gain, -jnp.inf), pool_out)
     _, kb = jax.lax.top_k(jnp.where(in_ok, -cost, -jnp.inf), pool_in)
     u_i, p_ii = u_i[:, ka], p_ii[ka]
@@ -187,14 +195,31 @@ def _swap_deltas(
     cur = _einsum("abki,abkj->abij", c, ur)
     uu = _einsum("oai,oaj->aij", u_i, u_i)
     rtr = rr[kb][None] + cur + jnp.swapaxes(cur, 2, 3) + _einsum("abki,akl,ablj->abij", c, uu, c)
-    deltas = jnp.trace(jnp.linalg.solve(s2, rtr), axis1=2, axis2=3) - gain[ka][:, None]
+    deltas = _trace_solve(s2, rtr) - gain[ka][:, None]
     ok = out_ok[ka][:, None] & in_ok[kb][None, :]
     return jnp.where(ok, deltas, jnp.inf), ka, kb
 
 
-def _best_swap(w, hinv, removed, outs, ins, out_ok, in_ok, width) -> tuple[int, int] | None:
-    """(index into outs, index into ins) of the swap that lowers ``E`` most (or raises it
-    least); None when every pair is masked."""
+def _trace_solve(a: jax.Array, b: jax.Array) -> jax.Array:
+    """float[...]: ``tr(a^-1 b)`` of batched [..., w, w] matrices (a division for w = 1)."""
+    if a.shape[-1] == 1:
+        return (b / a)[..., 0, 0]
+    return jnp.trace(jnp.linalg.solve(a, b), axis1=-2, axis2=-1)
+
+
+def _best_swap(
+    w: jax.Array,
+    hinv: jax.Array,
+    removed: np.ndarray,
+    outs: np.ndarray,
+    ins: np.ndarray,
+    out_ok: np.ndarray,
+    in_ok: np.ndarray,
+    width: int,
+) -> tuple[int, int] | None:
+    """(index into ``outs``, index into ``ins``) of the swap that lowers ``E`` most (or
+    raises it least); None when every pair is masked. ``removed`` int[r] groups, ``outs``
+    int[a] positions in it that may leave, ``ins`` int[b] groups that may enter."""
     pool = max(1, math.isqrt(_PAIR_ELEMENTS // (width * width)))
     deltas, ka, kb = _swap_deltas(
         w,
@@ -229,9 +254,10 @@ def swap_search(
     group in ``allowed``, default all, removed) even when it raises the error, then the
     best swap among the groups not yet moved in the pass, and so on; the pass's best state
     (exact :func:`removal_errors`) becomes the start of the next pass while it improves.
-    This escapes local optima that need two or three swaps at once. ``max_swaps`` bounds
-    the swaps tried over all passes. Returns the sorted removed groups and their error
-    (lower is better); never worse than the start.
+    This escapes local optima that need two or three swaps at once. A pass makes at most
+    ``PASS_DEPTH`` swaps; ``max_swaps`` bounds the swaps tried over all passes. Returns
+    the sorted removed groups and their error (lower is better); never worse than the
+    start.
     """
     removed = np.asarray(removed, np.int64).copy()
     fixed = np.zeros(0, np.int64) if fixed is None else np.asarray(fixed, np.int64)
@@ -244,7 +270,7 @@ def swap_search(
         cur, cur_ins = removed.copy(), ins.copy()
         out_ok, in_ok = np.ones(len(outs), bool), np.ones(len(ins), bool)
         best = (err, removed, ins)
-        for _ in range(min(len(outs), len(ins), budget)):
+        for _ in range(min(len(outs), len(ins), budget, PASS_DEPTH)):
             pick = _best_swap(w, hinv, cur, outs, cur_ins, out_ok, in_ok, width)
             if pick is None:
                 break
@@ -280,7 +306,8 @@ def nested_removals(
       greedy_order: returns the greedy removal order int[>= max(counts)] (called only when
         the chain is not enumerated); it is the answer as is with ``max_swaps=0``.
       limit: most subsets (over all levels) chosen by enumeration; 0 never enumerates.
-      max_swaps: accepted swaps per level of the local search.
+      max_swaps: swaps tried per level by the local search (none with more than
+        ``SEARCH_GROUP_LIMIT`` groups).
     Returns:
       int64[r_k] sorted removed groups per count, ``I_1 ⊂ I_2 ⊂ ...``.
     """
@@ -296,7 +323,8 @@ def nested_removals(
         return [np.sort(s) for s in _chain_dp(w, hinv, n_groups, counts, width)]
     order = np.asarray(greedy_order(), np.int64)
     sets = [np.sort(order[:r]) for r in counts]
-    for k in reversed(range(len(counts)) if max_swaps else []):
+    search = max_swaps > 0 and n_groups <= SEARCH_GROUP_LIMIT
+    for k in reversed(range(len(counts)) if search else []):
         lower = sets[k - 1] if k else np.zeros(0, np.int64)
         upper = sets[k + 1] if k + 1 < len(counts) else np.arange(n_groups)
         sets[k], _ = swap_search(
