@@ -429,7 +429,9 @@ def test_structured_first_block_equals_the_pruner_on_direct_statistics(
         got = store.variants(out_proj.weight_name)
         np.testing.assert_array_equal(ref.group_keep, got.group_keep)
         np.testing.assert_allclose(np.asarray(ref.weights), np.asarray(got.weights), atol=1e-5)
-    assert store.manifest["pruner"]["params"] == {"round_size": 8, "percdamp": 0.01}
+    assert store.manifest["pruner"]["params"] == {
+        "round_size": 8, "percdamp": 0.01, "enumeration_limit": 5000, "max_swaps": 64
+    }
 
 
 # --------------------------------------------------------------------------- errors
