@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 from flax import nnx
-from tiny_workspace import cli_config, write_model_and_corpus
+from tiny_workspace import TINY_LLAMA, cli_config, write_model_and_corpus
 from typer.testing import CliRunner
 
 from allocsearch.cli import app
@@ -18,16 +18,7 @@ from allocsearch.distributed.progress import read_log
 from allocsearch.models import load_model
 from allocsearch.recipe.recipe import Recipe
 
-CFG = {
-    "model_type": "llama",
-    "vocab_size": 256,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "tie_word_embeddings": False,
-}
+CFG = dict(TINY_LLAMA)
 
 runner = CliRunner()
 

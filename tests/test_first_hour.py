@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from tiny_workspace import cli_config, write_model_and_corpus
+from tiny_workspace import TINY_LLAMA, cli_config, write_model_and_corpus
 from typer.testing import CliRunner
 
 from allocsearch import pipeline
@@ -20,16 +20,7 @@ from allocsearch.recipe.evopress_db import EVOPRESS_LEVELS_FILE
 from allocsearch.recipe.recipe import Recipe
 from allocsearch.supernet.store import SupernetStore
 
-CFG = {
-    "model_type": "llama",
-    "vocab_size": 256,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "tie_word_embeddings": False,
-}
+CFG = dict(TINY_LLAMA)
 
 runner = CliRunner()
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 from test_supernet_build import BATCH, calib, direct_block_stats, model  # noqa: F401  (fixtures)
-from tiny_workspace import cli_config, write_model_and_corpus
+from tiny_workspace import TINY_LLAMA, cli_config, write_model_and_corpus
 from typer.testing import CliRunner
 
 from allocsearch.cli import app
@@ -75,16 +75,7 @@ def test_bad_quantizer_is_refused(model, calib, tmp_path):  # noqa: F811
     assert not (tmp_path / "s").exists()
 
 
-CLI_CFG = {
-    "model_type": "llama",
-    "vocab_size": 256,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "tie_word_embeddings": False,
-}
+CLI_CFG = dict(TINY_LLAMA)
 
 
 @pytest.mark.slow

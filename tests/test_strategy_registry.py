@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from tiny_workspace import cli_config, write_model_and_corpus
+from tiny_workspace import TINY_LLAMA, cli_config, write_model_and_corpus
 from typer.testing import CliRunner
 
 from allocsearch import config as config_module
@@ -16,16 +16,7 @@ from allocsearch.recipe.recipe import Recipe
 from allocsearch.search import registry
 from allocsearch.supernet.store import SupernetStore
 
-CFG = {
-    "model_type": "llama",
-    "vocab_size": 256,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "tie_word_embeddings": False,
-}
+CFG = dict(TINY_LLAMA)
 EVO = {"generations": 3, "offspring": 4, "survivors": [2, 1], "tokens": [64, 256]}
 
 runner = CliRunner()

@@ -9,6 +9,18 @@ import numpy as np
 
 from allocsearch.models import HFModel, adapter_for_config, load_model, save_model
 
+TINY_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": False,
+}
+"""config.json of the 2-block Llama the CLI tests build (copy it before changing it)."""
+
 WORDS = ["alpha", "beta", "gamma", "delta", "pruning", "sparse", "layer", "budget"]
 
 
