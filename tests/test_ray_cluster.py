@@ -30,7 +30,7 @@ import resume_worker
 import yaml
 from resume_worker import BUDGET, SEED, AdditiveFactory, evo_searcher, result_json, tiny_spec
 from rich.console import Console
-from tiny_workspace import cli_config, write_model_and_corpus
+from tiny_workspace import TINY_LLAMA, cli_config, write_model_and_corpus
 
 from allocsearch import pipeline
 from allocsearch.config import config_from_dict
@@ -44,16 +44,7 @@ from allocsearch.search_run import HeldoutPerplexity, run_search_command
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "model_type": "llama",
-    "vocab_size": 256,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "tie_word_embeddings": False,
-}
+TINY = dict(TINY_LLAMA)
 GENERATIONS = 6
 SLEEP_S = 0.03  # per call: the raylet is killed while calls run
 REPLACE_S = 3.0
