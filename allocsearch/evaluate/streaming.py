@@ -47,10 +47,7 @@ All computation is ``jnp``; the same code runs on CPU and GPU.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
-import sys
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -69,8 +66,23 @@ from allocsearch.evaluate.evaluator import (
     _checked_shard,
     check_evaluator_args,
 )
-from allocsearch.evaluate.metrics import Metric, TeacherData, next_token_nll
-from allocsearch.models.base import ModelAdapter
+from allocsearch.evaluate.metrics import Metric, TeacherData
+from allocsearch.evaluate.stream_programs import (
+    _aligned_empty,
+    _assemble_program,
+    _block_program,
+    _broadcast_state,
+    _ctx_program,
+    _embed_program,
+    _Loaded,
+    _nbytes,
+    _nll_finish_program,
+    _score_finish_program,
+    _Stage,
+    _take_member,
+    _teacher_finish_program,
+    _unmap_large_frees,
+)
 from allocsearch.models.hf import HFModel, LazyParams
 from allocsearch.supernet.depth import dropped_levels, skippable_sublayers
 from allocsearch.supernet.spec import SupernetSpec
@@ -111,208 +123,6 @@ class StreamStats(NamedTuple):
     transfer_bytes: int = 0
     variants_read: int = 0
     blocks_streamed: int = 0
-
-
-# ----------------------------------------------------------------------- compiled programs
-# Module level so that evaluators of one model share compiled programs. ``plain`` maps
-# parameter names to device arrays used as they are; ``stacks`` maps names to [P, *shape]
-# device arrays of P level slots; ``slots`` int32[G, len(stacks)] picks each candidate's
-# slot of each stack (columns in sorted name order).
-
-
-def _pick(plain, stacks, slot: jax.Array, dtype) -> dict[str, jax.Array]:
-    """One candidate's parameters: ``plain`` plus its slot of every stack, cast to the
-    compute ``dtype`` (stacks stay in the store's dtype; one slot is cast at a time)."""
-    params = dict(plain)
-    for j, name in enumerate(sorted(stacks)):
-        params[name] = stacks[name][slot[j]].astype(dtype)
-    return params
-
-
-def _placeholders(adapter: ModelAdapter, dtype) -> dict[str, jax.Array]:
-    """Shape-only stand-ins for every block parameter (``embed``/``finish`` merge the full
-    module but read none of them; XLA drops the unused broadcasts)."""
-    zero = jnp.zeros((), dtype)
-    out = {}
-    for i in range(adapter.num_blocks):
-        prefix = adapter.block_prefix(i)
-        for rel in adapter.block_param_names:
-            out[prefix + rel] = jnp.broadcast_to(zero, adapter.param_shapes[prefix + rel])
-    return out
-
-
-def _per_candidate(fn, slots: jax.Array, *args, sequential: bool = False):
-    """``fn(slot, *args)`` for every candidate's slot row (args batched on axis 0);
-    ``vmap``-ed, or one candidate after another with ``sequential`` (what lets a branch
-    inside ``fn`` skip work)."""
-    if slots.shape[0] == 1:  # no batch axis in the matmuls
-        return jax.tree.map(lambda x: x[None], fn(slots[0], *(a[0] for a in args)))
-    if sequential:
-        return jax.lax.map(lambda a: fn(*a), (slots, *args))
-    return jax.vmap(fn)(slots, *args)
-
-
-@jax.jit
-def _assemble_program(slabs):
-    """{name: tuple of P [*shape] slabs} -> {name: [P, *shape]}, in the slabs' (storage)
-    dtype: the compute-dtype copy is made per candidate, one slot at a time."""
-    return {name: jnp.stack(parts) for name, parts in slabs.items()}
-
-
-@partial(jax.jit, static_argnums=(0, 1))
-def _ctx_program(adapter, dtype, tokens, rows):
-    """The blocks' context for tokens[rows] (a function of the tokens only)."""
-    full = {
-        name: jnp.broadcast_to(jnp.zeros((), dtype), shape)
-        for name, shape in adapter.param_shapes.items()
-    }
-    return adapter.embed(full, tokens[rows])[1]
-
-
-@partial(jax.jit, static_argnums=(0, 1))
-def _embed_program(adapter, dtype, plain, stacks, slots, tokens, rows):
-    """float[G, R, T, D]: every candidate's embeddings of tokens[rows]."""
-    base = {**_placeholders(adapter, dtype), **plain}
-    toks = tokens[rows]
-
-    def one(slot):
-        return adapter.embed(_pick(base, stacks, slot, dtype), toks)[0]
-
-    if not stacks:
-        h = one(slots[0])
-        return jnp.broadcast_to(h, (slots.shape[0], *h.shape))
-    return _per_candidate(one, slots)
-
-
-@partial(jax.jit, static_argnums=(0,))
-def _block_program(adapter, plain, stacks, slots, h, ctx, skip=None):
-    """float[G, R, T, D]: one block applied to every candidate's hidden states; ``skip``
-    bool[G, S] (or None) marks each candidate's dropped sublayers
-    (``adapter.sublayer_names``), which are then not computed."""
-    if skip is None:
-
-        def one(slot, x):
-            return adapter.block(_pick(plain, stacks, slot, x.dtype), x, ctx)
-
-        return _per_candidate(one, slots, h)
-
-    def one_skipping(slot, flags, x):
-        names = {name: flags[s] for s, name in enumerate(adapter.sublayer_names)}
-        return adapter.block(_pick(plain, stacks, slot, x.dtype), x, ctx, skip=names)
-
-    return _per_candidate(one_skipping, slots, skip, h, sequential=True)
-
-
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _score_finish_program(
-    adapter, metric, dtype, plain, stacks, slots, h, ctx, teacher, tokens, rows
-):
-    """float32[G, R]: per-sequence losses of every candidate."""
-    base = {**_placeholders(adapter, dtype), **plain}
-    toks = tokens[rows]
-
-    def one(slot, x):
-        out = adapter.finish(_pick(base, stacks, slot, dtype), x, ctx)
-        return metric.sequence_losses(teacher, out, toks)
-
-    return _per_candidate(one, slots, h)
-
-
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _teacher_finish_program(adapter, metric, dtype, plain, h, ctx, tokens, rows):
-    """The metric's teacher data of the dense model's last hidden states h float[1, R, T, D]."""
-    base = {**_placeholders(adapter, dtype), **plain}
-    toks = tokens[rows]
-    return metric.teacher_data(adapter.finish(base, h[0], ctx), toks)
-
-
-@partial(jax.jit, static_argnums=(0, 1))
-def _nll_finish_program(adapter, dtype, plain, stacks, slots, h, ctx, tokens, rows, weights):
-    """Sum over sequences (weighted by float32[R]) of next-token NLL of one candidate."""
-    base = {**_placeholders(adapter, dtype), **plain}
-    toks = tokens[rows]
-    out = adapter.finish(_pick(base, stacks, slots[0], dtype), h[0], ctx)
-    return jnp.sum(weights[:, None] * next_token_nll(out, toks))
-
-
-@jax.jit
-def _take_member(h, j):
-    return h[j]
-
-
-@partial(jax.jit, static_argnums=(1,))
-def _broadcast_state(state, g):
-    return jnp.broadcast_to(state, (g, *state.shape))
-
-
-# ----------------------------------------------------------------------- host-side plans
-
-
-class _Stage(NamedTuple):
-    """The parameters of one stage (a block, or the outside: embeddings and head).
-
-    ``plain``: (name in the stage's params, full name) of parameters no unit changes;
-    ``owned``: (name in the stage's params, full name, unit) of the others, sorted by
-    the stage name (the column order of the slots).
-    """
-
-    plain: tuple[tuple[str, str], ...]
-    owned: tuple[tuple[str, str, int], ...]
-
-
-class _Loaded(NamedTuple):
-    """A stage's weights on the device, for one query."""
-
-    plain: dict[str, jax.Array]
-    stacks: dict[str, jax.Array]
-    slots: np.ndarray  # int32[members, len(owned)]: each member's slot of each stack
-    store_bytes: int
-    dense_bytes: int
-    transfer_bytes: int
-    variants_read: int
-
-
-_M_MMAP_THRESHOLD: int = -3  # glibc's mallopt parameter
-_MMAP_THRESHOLD_BYTES: int = 1 << 20
-_large_frees_unmapped = False
-
-
-def _unmap_large_frees() -> None:
-    """Make glibc serve allocations of 1 MiB and more with ``mmap`` and unmap them when
-    they are freed (once per process; nothing on other C libraries).
-
-    A streaming evaluator allocates and frees a block's worth of buffers (a few MiB to
-    hundreds of MiB each) per block and query, from several threads. glibc's default
-    threshold rises to 32 MiB after the first large free, so everything below it is carved
-    from per-thread heaps that keep freed memory: a 150 M bfloat16 model's actor held 1.0
-    GiB at peak instead of 0.56 GiB (scripts/bench_plan.py). Fixing the threshold costs a
-    page-zeroing fault per fresh page of a large buffer (about 1% of a block's compute).
-    """
-    global _large_frees_unmapped
-    if _large_frees_unmapped or not sys.platform.startswith("linux"):
-        return
-    _large_frees_unmapped = True
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return
-    mallopt = getattr(libc, "mallopt", None)  # glibc only (not musl)
-    if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-
-
-def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
-    """An uninitialised C-contiguous host array whose data starts on an ``align``-byte
-    boundary (what lets ``jax.device_put`` on CPU alias it instead of copying)."""
-    dtype = np.dtype(dtype)
-    n = math.prod(shape) * dtype.itemsize
-    raw = np.empty(n + align, np.uint8)
-    offset = (-raw.ctypes.data) % align
-    return raw[offset : offset + n].view(dtype).reshape(shape)
-
-
-def _nbytes(a: Any) -> int:
-    return int(np.dtype(a.dtype).itemsize * math.prod(a.shape))
 
 
 class StreamingEvaluator:
