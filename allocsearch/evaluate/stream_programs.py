@@ -217,3 +217,108 @@ def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.nd
 
 def _nbytes(a: Any) -> int:
     return int(np.dtype(a.dtype).itemsize * math.prod(a.shape))
+
+
+class _Pass:
+    """One streamed pass of members through the model: their groups (of
+    ``candidates_per_call``, padded), the hidden states of every (group, chunk), the outer
+    stage's weights, byte counts, and the reference's states recorded at block inputs."""
+
+    def __init__(self, ev, members, starts, tokens, chunks, group_size: int, record):
+        self.ev, self.members, self.chunks = ev, members, chunks
+        m = 1 if members is None else len(members)
+        self.m = m
+        order = np.argsort(starts, kind="stable")
+        groups = [order[j : j + group_size] for j in range(0, m, group_size)]
+        self.groups = [np.concatenate([q, np.full(group_size - len(q), q[-1])]) for q in groups]
+        self.gstart = np.array([int(starts[q].min()) for q in self.groups], np.int32)
+        self.group_size = group_size
+        self.tokens = tokens
+        keys = ("store_bytes", "dense_bytes", "transfer_bytes", "variants_read")
+        self.counts = dict.fromkeys((*keys, "blocks_streamed"), 0)
+        self.ctxs = [_ctx_program(ev._adapter, ev._dtype, tokens, rows) for rows, _ in chunks]
+        outer = ev._load(ev._outer, members, np.ones(m, bool), plain=False)
+        self.outer = outer._replace(plain={**ev._outer_plain, **outer.plain})
+        self.account(self.outer)
+        self.rec: tuple[int, int] | None = None
+        if record is not None:
+            g_ref = next(g for g, q in enumerate(self.groups) if record in q)
+            self.rec = (g_ref, int(np.flatnonzero(self.groups[g_ref] == record)[0]))
+            ev._states = [[None] * len(chunks) for _ in range(ev._nb + 1)]
+        # Hidden states of every (group, chunk), parked on the host between blocks when
+        # all of them would exceed max_device_state_bytes.
+        carried = len(self.groups) * group_size * sum(len(r) for r, _ in chunks)
+        per_token = ev._state_bytes_per_token
+        self.park = carried * tokens.shape[1] * per_token > ev.max_device_state_bytes
+        self.h: dict[tuple[int, int], Any] = {}
+
+    def account(self, loaded: _Loaded) -> None:
+        for key in ("store_bytes", "dense_bytes", "transfer_bytes", "variants_read"):
+            self.counts[key] += getattr(loaded, key)
+
+    def active_members(self, i: int) -> np.ndarray:
+        """bool[m]: the members whose group runs block ``i``."""
+        act = np.zeros(self.m, bool)
+        for q, s in zip(self.groups, self.gstart, strict=True):
+            if s <= i:
+                act[q] = True
+        return act
+
+    def running(self, i: int) -> np.ndarray:
+        """The groups that run block ``i``."""
+        return np.flatnonzero(self.gstart <= i)
+
+    def device(self, x: Any) -> jax.Array:
+        if isinstance(x, jax.Array):
+            return x
+        self.counts["transfer_bytes"] += int(x.nbytes)
+        return jax.device_put(x)
+
+    def park_all(self, states: dict | None = None) -> None:
+        """Move ``states`` (default: the hidden states) to the host when parking."""
+        states = self.h if states is None else states
+        if self.park:
+            keys = list(states)
+            for key, value in zip(keys, jax.device_get([states[k] for k in keys]), strict=True):
+                states[key] = value
+
+    def activate(self, g: int, i: int) -> None:
+        """Group ``g`` starts at block ``i``: from the embeddings, or the reference's
+        states at block ``i``'s input."""
+        ev = self.ev
+        for c, (rows, _) in enumerate(self.chunks):
+            if i == 0:
+                self.h[g, c] = _embed_program(
+                    ev._adapter,
+                    ev._dtype,
+                    self.outer.plain,
+                    self.outer.stacks,
+                    self.outer.slots[self.groups[g]],
+                    self.tokens,
+                    rows,
+                )
+            else:
+                state = ev._states[i][c]
+                if not isinstance(state, jax.Array):
+                    self.counts["transfer_bytes"] += int(state.nbytes)
+                self.h[g, c] = _broadcast_state(jnp.asarray(state), self.group_size)
+
+    def keep(self, i: int) -> None:
+        """Record the reference member's states at block ``i``'s input."""
+        if self.rec is None:
+            return
+        ev = self.ev
+        for c in range(len(self.chunks)):
+            state = _take_member(self.device(self.h[self.rec[0], c]), self.rec[1])
+            ev._states[i][c] = state if ev._states_on_device else np.asarray(state)
+
+    def start_block(self, i: int) -> None:
+        self.counts["blocks_streamed"] += 1
+        for g in np.flatnonzero(self.gstart == i):
+            self.activate(int(g), i)
+        if i == 0:
+            self.keep(0)
+
+    def end_block(self, i: int) -> None:
+        self.keep(i + 1)
+        self.park_all()

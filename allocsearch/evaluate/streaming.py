@@ -71,15 +71,13 @@ from allocsearch.evaluate.stream_programs import (
     _aligned_empty,
     _assemble_program,
     _block_program,
-    _broadcast_state,
     _ctx_program,
-    _embed_program,
     _Loaded,
     _nbytes,
     _nll_finish_program,
+    _Pass,
     _score_finish_program,
     _Stage,
-    _take_member,
     _teacher_finish_program,
     _unmap_large_frees,
 )
@@ -88,7 +86,11 @@ from allocsearch.supernet.depth import dropped_levels, skippable_sublayers
 from allocsearch.supernet.spec import SupernetSpec
 from allocsearch.supernet.store import SupernetStore
 
-__all__ = ["StreamStats", "StreamingEvaluator"]
+__all__ = ["STREAM_UNITS", "StreamStats", "StreamingEvaluator"]
+
+STREAM_UNITS = ("block", "unit")
+"""What a streaming evaluator holds on the device at a time: a block's variants, or one
+unit group's (:mod:`allocsearch.evaluate.unit_streaming`)."""
 
 
 class StreamStats(NamedTuple):
@@ -157,6 +159,8 @@ class StreamingEvaluator:
       skip_dropped: on depth supernets, branch around each candidate's dropped sublayers
         (candidates run one after another); False runs their zero weights (``vmap``),
         for comparison: the scores are the same.
+      stream_unit: ``"block"`` (a block's variants on the device at a time) or ``"unit"``
+        (one unit group's: :mod:`allocsearch.evaluate.unit_streaming`; same scores).
 
     Raises:
       ValueError: mismatched inputs (the message names the unit or parameter).
@@ -186,6 +190,7 @@ class StreamingEvaluator:
         max_device_state_bytes: int = 2**32,
         max_teacher_bytes: int = 2**33,
         skip_dropped: bool = True,
+        stream_unit: str = "block",
     ):
         adapter = model.adapter
         _unmap_large_frees()
@@ -211,6 +216,11 @@ class StreamingEvaluator:
         self.max_reference_bytes = int(max_reference_bytes)
         self.max_device_reference_bytes = int(max_device_reference_bytes)
         self.max_device_state_bytes = int(max_device_state_bytes)
+        if stream_unit not in STREAM_UNITS:
+            raise ValueError(
+                f"stream_unit {stream_unit!r} is not valid; choose one of {STREAM_UNITS}"
+            )
+        self.stream_unit = stream_unit
         self.last_stats: StreamStats | None = None
         self._adapter = adapter
         self._nb = adapter.num_blocks
@@ -262,6 +272,10 @@ class StreamingEvaluator:
             skippable_sublayers(adapter, self.spec, store.unit_params) if skip_dropped else None
         )
         self._dropped = dropped_levels(self.spec)
+        if stream_unit == "unit":
+            from allocsearch.evaluate.unit_streaming import unit_stages
+
+            self._unit_stages = unit_stages(self, owner)
         self._teacher = self._compute_teacher(int(max_teacher_bytes))
 
         n_seq, seq_len = calibration.n_seq, calibration.seq_len
@@ -415,7 +429,8 @@ class StreamingEvaluator:
     ) -> tuple[list[list[Any]], dict[str, int], list[np.ndarray]]:
         """Run ``members`` (int32[m, L]; None: the dense model) through the model on the
         rows of ``chunks``: member ``j`` starts at block ``starts[j]`` from the reference's
-        states there (``self._states``), or from the embeddings at 0.
+        states there (``self._states``), or from the embeddings at 0; block by block, or
+        unit group by unit group (``stream_unit="unit"``).
 
         Returns:
           (``finish(outer, slots, h, ctx, chunk)`` for [group][chunk], byte and block
@@ -423,119 +438,48 @@ class StreamingEvaluator:
           index), that member's states at every block input are stored in
           ``self._states``.
         """
-        m = 1 if members is None else len(members)
-        order = np.argsort(starts, kind="stable")
-        groups = [order[j : j + group_size] for j in range(0, m, group_size)]
-        groups = [np.concatenate([q, np.full(group_size - len(q), q[-1])]) for q in groups]
-        gstart = np.array([int(starts[q].min()) for q in groups], np.int32)
-        counts = dict.fromkeys(
-            ("store_bytes", "dense_bytes", "transfer_bytes", "variants_read", "blocks_streamed"),
-            0,
-        )
+        p = _Pass(self, members, starts, tokens, chunks, group_size, record)
+        blocks = list(range(int(p.gstart.min()), self._nb))
+        if self.stream_unit == "unit":
+            from allocsearch.evaluate.unit_streaming import stream_units
 
-        def account(loaded: _Loaded) -> None:
-            counts["store_bytes"] += loaded.store_bytes
-            counts["dense_bytes"] += loaded.dense_bytes
-            counts["transfer_bytes"] += loaded.transfer_bytes
-            counts["variants_read"] += loaded.variants_read
+            stream_units(self, p, blocks)
+        else:
+            self._stream_blocks(p, blocks)
+        for g in np.flatnonzero(p.gstart == self._nb):
+            p.activate(int(g), self._nb)
+        outputs = [
+            [
+                finish(p.outer, p.outer.slots[q], p.device(p.h[g, c]), p.ctxs[c], c)
+                for c in range(len(chunks))
+            ]
+            for g, q in enumerate(p.groups)
+        ]
+        return outputs, p.counts, p.groups
 
-        def active_members(i: int) -> np.ndarray:
-            act = np.zeros(m, bool)
-            for q, s in zip(groups, gstart, strict=True):
-                if s <= i:
-                    act[q] = True
-            return act
-
-        adapter = self._adapter
-        ctxs = [_ctx_program(adapter, self._dtype, tokens, rows) for rows, _ in chunks]
-        all_members = np.ones(m, bool)
-        outer = self._load(self._outer, members, all_members, plain=False)
-        outer = outer._replace(plain={**self._outer_plain, **outer.plain})
-        account(outer)
-        rec: tuple[int, int] | None = None
-        if record is not None:
-            g_ref = next(g for g, q in enumerate(groups) if record in q)
-            rec = (g_ref, int(np.flatnonzero(groups[g_ref] == record)[0]))
-            self._states = [[None] * len(chunks) for _ in range(self._nb + 1)]
-
-        # Hidden states of every (group, chunk), parked on the host between blocks when
-        # all of them would exceed max_device_state_bytes.
-        carried = len(groups) * group_size * sum(len(r) for r, _ in chunks)
-        park = carried * tokens.shape[1] * self._state_bytes_per_token > self.max_device_state_bytes
-        h: dict[tuple[int, int], jax.Array | np.ndarray] = {}
-
-        def device(x: jax.Array | np.ndarray) -> jax.Array:
-            if isinstance(x, jax.Array):
-                return x
-            counts["transfer_bytes"] += int(x.nbytes)
-            return jax.device_put(x)
-
-        def park_all() -> None:
-            if park:
-                keys = list(h)
-                for key, value in zip(keys, jax.device_get([h[k] for k in keys]), strict=True):
-                    h[key] = value
-
-        def activate(g: int, i: int) -> None:
-            for c, (rows, _) in enumerate(chunks):
-                if i == 0:
-                    h[g, c] = _embed_program(
-                        adapter,
-                        self._dtype,
-                        outer.plain,
-                        outer.stacks,
-                        outer.slots[groups[g]],
-                        tokens,
-                        rows,
-                    )
-                else:
-                    state = self._states[i][c]
-                    if not isinstance(state, jax.Array):
-                        counts["transfer_bytes"] += int(state.nbytes)
-                    h[g, c] = _broadcast_state(jnp.asarray(state), group_size)
-
-        def keep(i: int) -> None:
-            if rec is None:
-                return
-            for c in range(len(chunks)):
-                state = _take_member(device(h[rec[0], c]), rec[1])
-                self._states[i][c] = state if self._states_on_device else np.asarray(state)
-
-        first = int(gstart.min())
-        blocks = list(range(first, self._nb))
+    def _stream_blocks(self, p: _Pass, blocks: Sequence[int]) -> None:
+        """Every block of ``blocks`` in turn, its weights read whole (the next prefetched)."""
         loads = self._loader(
-            blocks, lambda i: self._load(self._blocks[i], members, active_members(i))
+            blocks, lambda i: self._load(self._blocks[i], p.members, p.active_members(i))
         )
         for i, loaded in zip(blocks, loads, strict=True):
-            account(loaded)
-            counts["blocks_streamed"] += 1
-            for g in np.flatnonzero(gstart == i):
-                activate(int(g), i)
-            if i == 0:
-                keep(0)
-            skip = self._skip_flags(i, members)
-            for g in np.flatnonzero(gstart <= i):
-                slots = loaded.slots[groups[g]]
-                flags = None if skip is None else skip[groups[g]]
-                for c in range(len(chunks)):
-                    h[g, c] = _block_program(
-                        adapter,
+            p.account(loaded)
+            p.start_block(i)
+            skip = self._skip_flags(i, p.members)
+            for g in p.running(i):
+                slots = loaded.slots[p.groups[g]]
+                flags = None if skip is None else skip[p.groups[g]]
+                for c in range(len(p.chunks)):
+                    p.h[g, c] = _block_program(
+                        self._adapter,
                         loaded.plain,
                         loaded.stacks,
                         slots,
-                        device(h[g, c]),
-                        ctxs[c],
+                        p.device(p.h[g, c]),
+                        p.ctxs[c],
                         flags,
                     )
-            keep(i + 1)
-            park_all()
-        for g in np.flatnonzero(gstart == self._nb):
-            activate(int(g), self._nb)
-        outputs = [
-            [finish(outer, outer.slots[q], device(h[g, c]), ctxs[c], c) for c in range(len(chunks))]
-            for g, q in enumerate(groups)
-        ]
-        return outputs, counts, groups
+            p.end_block(i)
 
     def _skip_flags(self, i: int, members: np.ndarray | None) -> np.ndarray | None:
         """bool[m, S]: the sublayers of block ``i`` each member drops (None: nothing to
