@@ -118,7 +118,13 @@ from allocsearch.plan.base import (
     load_hf_config,
     parse_bytes,
 )
-from allocsearch.plan.core import check_run, execution_for, plan_memory
+from allocsearch.plan.core import (
+    UNIT_STREAMING,
+    check_run,
+    execution_for,
+    plan_memory,
+    stream_unit_for,
+)
 
 # the formulas' pieces, for tests that check them by hand
 from allocsearch.plan.layout import _adapter, _Layout, _layout, _Model, _Param, refuse_foreign_store  # noqa: F401
@@ -137,6 +143,8 @@ __all__ = [
     "check_run",
     "detect_memory",
     "execution_for",
+    "stream_unit_for",
+    "UNIT_STREAMING",
     "format_bytes",
     "load_hf_config",
     "parse_bytes",

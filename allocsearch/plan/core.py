@@ -33,9 +33,9 @@ from allocsearch.plan.layout import (
     _store_bytes,
 )
 from allocsearch.plan.remedies import _shortfall, _what_fits
-from allocsearch.plan.report import MemoryPlan, ProcessMemory, _need
+from allocsearch.plan.report import UNIT_STREAMING, MemoryPlan, ProcessMemory, _allowed, _need
 from allocsearch.plan.resident import _resident, _single_process
-from allocsearch.plan.streaming import _page_cache, _streaming
+from allocsearch.plan.streaming import _block_group, _page_cache, _streaming, _unit_groups
 from allocsearch.plan.workload import (
     _evaluator_setting,
     _moe_setting,
@@ -111,6 +111,7 @@ def plan_memory(
     run = _Run(
         m=m,
         layout=layout,
+        groups=_groups(adapter, m, layout, cfg),
         cfg=cfg,
         a=a,
         s=_ITEMSIZE[storage],
@@ -123,7 +124,8 @@ def plan_memory(
     )
     modes, moved, notes = _modes(run, command)
     usable = (device_memory * (1 - margin), host_memory * (1 - margin))
-    fits, chosen = _choose(modes, device_kind, usable, command, execution)
+    stream_unit = getattr(cfg.evaluator, "stream_unit", "auto")
+    fits, chosen = _choose(modes, device_kind, usable, command, execution, stream_unit)
     estimate, parent_disk, child_disk = _evopress_traffic(run, moved)
     result = MemoryPlan(
         model=model or str(hf_config.get("model_type")),
@@ -147,7 +149,8 @@ def plan_memory(
     if chosen is None:
         overrides = {"storage_dtype": storage, "micro_batch_tokens": run.mb, "store": store}
         remedies = _what_fits(result, hf_config, cfg, execution, overrides) if suggest else []
-        message = _shortfall(result, execution, suggest, remedies)
+        message = _shortfall(result, _allowed(list(modes), execution, stream_unit), suggest,
+                             remedies)  # fmt: skip
         raise MemoryPlanError(message, result, remedies)
     return result
 
@@ -158,18 +161,30 @@ def _choose(
     usable: tuple[float, float],
     command: str,
     execution: str,
+    stream_unit: str = "auto",
 ) -> tuple[dict[str, bool], str | None]:
     """(mode -> fits within the usable device and host bytes, the chosen mode or None):
-    resident when it fits, else streaming (``auto``), or the mode asked for."""
+    the first that fits of resident, block streaming and unit streaming, among those
+    ``execution`` (``auto``: all) and ``stream_unit`` (``auto``: both streamings) allow."""
     fits = {}
     for mode, procs in modes.items():
         d, h = _need(procs, device_kind)
         fits[mode] = d <= usable[0] and h <= usable[1]
     if command not in ("search", "compare"):
         return fits, "resident" if fits["resident"] else None
-    if execution == "auto":
-        return fits, next((mode for mode in ("resident", "streaming") if fits[mode]), None)
-    return fits, execution if fits[execution] else None
+    allowed = _allowed(list(modes), execution, stream_unit)
+    return fits, next((mode for mode in allowed if fits[mode]), None)
+
+
+def _groups(adapter: Any, m: _Model, layout: _Layout, cfg: RunConfig) -> dict[str, tuple]:
+    """Streaming mode -> the groups it holds a block in: the block, and unit groups where
+    unit streaming can split the block (not on depth supernets)."""
+    out = {"streaming": _block_group(m, layout)}
+    depth = getattr(cfg.supernet, "depth", "none") != "none"
+    units = None if depth else _unit_groups(adapter, m, layout)
+    if units is not None:
+        out[UNIT_STREAMING] = units
+    return out
 
 
 @dataclass(frozen=True)
@@ -180,6 +195,7 @@ class _Run:
 
     m: _Model
     layout: _Layout
+    groups: dict[str, tuple]
     cfg: RunConfig
     a: int
     s: int
@@ -241,6 +257,7 @@ def _evaluator(run: _Run, mode: str) -> tuple[dict[str, int], dict[str, int], in
     return _streaming(
         run.m,
         run.layout,
+        groups=run.groups[mode],
         **common,
         workers=max(run.workers, 1),
         generations=run.generations,
@@ -256,10 +273,10 @@ def _modes(run: _Run, command: str) -> tuple[dict[str, tuple[ProcessMemory, ...]
     if command not in ("search", "compare"):
         one = _single_process(command, run.m, run.layout, a=run.a, cfg=run.cfg)
         return {"resident": (one,)}, 0, notes
-    for mode in ("resident", "streaming"):
+    for mode in ("resident", *run.groups):
         dev, host, mv = _evaluator(run, mode)
         if mode == "streaming":
-            moved = mv
+            moved = mv  # unit streaming reads and moves the same bytes
         if run.workers == 0:
             modes[mode] = (ProcessMemory("driver", dev, host),)
             continue
@@ -279,6 +296,8 @@ def _modes(run: _Run, command: str) -> tuple[dict[str, tuple[ProcessMemory, ...]
             "each process on its own device; a driver sharing a GPU with an actor "
             "needs the sum of both"
         )
+    if UNIT_STREAMING not in run.groups:
+        notes.append("no unit streaming: this block layout (or a depth supernet) streams by block")
     return modes, moved, notes
 
 
@@ -413,4 +432,25 @@ def execution_for(
         plan = check_run(probe, "search", model=model, store=store, suggest=False)
     except MemoryPlanError:
         return "streaming"
-    return "resident" if plan is None or plan.mode is None else plan.mode
+    if plan is None or plan.mode is None:
+        return "resident"
+    return "streaming" if plan.mode == UNIT_STREAMING else plan.mode
+
+
+def stream_unit_for(
+    cfg: RunConfig, *, store: str | os.PathLike | None = None, model: str | None = None
+) -> str:
+    """``"block"`` or ``"unit"``: what a streaming evaluator holds at a time,
+    ``cfg.evaluator.stream_unit`` unless ``auto``; then block when the plan fits block
+    streaming on this machine (or cannot be made), else unit where the model's blocks
+    split (the smaller, also when nothing fits)."""
+    unit = getattr(cfg.evaluator, "stream_unit", "auto")
+    if unit != "auto":
+        return unit
+    ev = dataclasses.replace(cfg.evaluator, execution="streaming", stream_unit="auto")
+    try:
+        plan = check_run(dataclasses.replace(cfg, evaluator=ev), "search", model=model,
+                         store=store, suggest=False)  # fmt: skip
+    except MemoryPlanError as e:
+        return "unit" if e.plan is not None and UNIT_STREAMING in e.plan.modes else "block"
+    return "unit" if plan is not None and plan.mode == UNIT_STREAMING else "block"

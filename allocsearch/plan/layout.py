@@ -6,7 +6,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -87,13 +87,14 @@ class _Layout:
     def moved_bytes(self, n: int, s: int, a: int) -> int:
         """The levels one block moves for ``n`` candidates, at most ``min(n, K_u)`` per
         unit: dense variants in the storage dtype (``s``), nested ones in the model's."""
+        return self.group_bytes(range(len(self.params)), n, s, a)
+
+    def group_bytes(self, idx: Iterable[int], n: int, s: int, a: int) -> int:
+        """:meth:`moved_bytes` of the parameters ``idx`` only (a unit group's): at most
+        ``min(n, K)`` levels of each."""
         return sum(
-            min(n, k)
-            * sum(
-                (s if self.params[i].kind == "dense" else a) * self.params[i].numel
-                for i in self.unit_params[u]
-            )
-            for u, k in enumerate(self.unit_levels)
+            min(n, p.levels) * (s if p.kind == "dense" else a) * p.numel
+            for p in (self.params[i] for i in idx)
         )
 
 

@@ -11,9 +11,12 @@ from allocsearch.plan.base import _MICRO_BATCH_TOKENS, MemoryPlanError, Remedy, 
 from allocsearch.plan.report import MemoryPlan
 
 
-def _shortfall(plan: MemoryPlan, execution: str, suggest: bool, remedies: Sequence[Remedy]) -> str:
-    """One line: what is needed against what is available, and what would fit."""
-    tried = [m for m in plan.modes if execution in ("auto", m)] or list(plan.modes)
+def _shortfall(
+    plan: MemoryPlan, tried: Sequence[str], suggest: bool, remedies: Sequence[Remedy]
+) -> str:
+    """One line: what the smallest of the ``tried`` modes needs against what is
+    available, and what would fit."""
+    tried = list(tried) or list(plan.modes)
     best = min(tried, key=lambda m: plan.need(m)[0])
     d, h = plan.need(best)
     usable_d = plan.device_memory * (1 - plan.margin)
@@ -146,6 +149,10 @@ def _runtime_remedies(plan, cfg, execution, overrides, fits, with_) -> list[Reme
     if execution == "resident" and fits(streaming, execution="streaming"):
         key = {"evaluator.execution": "streaming"}
         out.append(Remedy("streaming execution", key, ("--execution", "streaming")))
+    unit = with_("evaluator", stream_unit="unit")
+    if getattr(cfg.evaluator, "stream_unit", "auto") == "block" and fits(unit):
+        key = {"evaluator.stream_unit": "unit"}
+        out.append(Remedy("unit streaming", key, ("--stream-unit", "unit")))
     if plan.device_kind != "cpu":
         for w in (2, 4, 8, 16, 32, 64):
             more = with_("backend", kind="ray", workers=w)

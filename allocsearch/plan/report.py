@@ -176,3 +176,15 @@ def _need(procs: Sequence[ProcessMemory], device_kind: str) -> tuple[int, int]:
     if device_kind == "cpu":
         host += sum(p.count * p.device_total for p in procs)
     return device, host
+
+
+UNIT_STREAMING: Final[str] = "streaming-unit"
+"""The plan's mode name of unit streaming (``execution: streaming``, ``stream_unit: unit``)."""
+
+
+def _allowed(modes: Sequence[str], execution: str, stream_unit: str) -> list[str]:
+    """The modes ``execution`` (``auto``: all; ``streaming``: block and unit streaming)
+    and ``stream_unit`` (``block``, ``unit``, ``auto``: both) accept, in order."""
+    unwanted = {"block": UNIT_STREAMING, "unit": "streaming"}.get(stream_unit)
+    out = [m for m in modes if execution == "auto" or m == execution or m.startswith(execution)]
+    return [m for m in out if m != unwanted]

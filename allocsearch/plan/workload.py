@@ -73,8 +73,7 @@ def _block_activation(m: _Model, rows: int, seq: int, a: int, *, capture: bool =
     block uses on these tokens, plus the shared expert's ``3 N F_s``; with ``capture``
     (build) the all-experts path and every expert's input taps, ``N (E (D + F) + D + F_s)``."""
     tokens = rows * seq
-    attn = rows * m.heads * seq * seq * (8 + a)
-    attn += tokens * (m.heads + 2 * m.kv_heads) * m.head_dim * a * 2
+    attn = _attention_work(m, rows, seq, a)
     mlp = 3 * tokens * m.ffn * a
     if m.experts:
         from allocsearch.models.moe_dispatch import expert_work_bytes
@@ -93,6 +92,38 @@ def _block_activation(m: _Model, rows: int, seq: int, a: int, *, capture: bool =
             shared_taps = m.hidden + m.shared_ffn if m.shared_ffn else 0
             mlp += a * tokens * (m.experts * (m.hidden + m.ffn) + shared_taps)
     return max(attn, mlp) + tokens * m.hidden * (4 + a)
+
+
+def _attention_work(m: _Model, rows: int, seq: int, a: int) -> int:
+    """Attention between the projections: float32 scores and softmax, probabilities in
+    ``a``, q/k/v and their rotations."""
+    attn = rows * m.heads * seq * seq * (8 + a)
+    return attn + rows * seq * (m.heads + 2 * m.kv_heads) * m.head_dim * a * 2
+
+
+def _unit_work(m: _Model, sublayer: str, rows: int, seq: int, a: int) -> int:
+    """Working set of one unit-streaming step of ``sublayer`` (``attention``, ``mlp`` or
+    ``moe``) on ``rows`` sequences, plus the normalised input and the residual: the
+    attention's (the o step), a dense MLP's ``3 N F`` (gate, up, product), or one
+    expert's on every token ``3 N max(F, F_s)`` and the float32 routing ``4 N E``."""
+    tokens = rows * seq
+    if sublayer == "attention":
+        work = _attention_work(m, rows, seq, a)
+    elif sublayer == "moe":
+        work = 3 * tokens * max(m.ffn, m.shared_ffn) * a + 4 * tokens * m.experts
+    else:
+        work = 3 * tokens * m.ffn * a
+    return work + tokens * m.hidden * (4 + a)
+
+
+def _unit_intermediate(m: _Model, sublayer: str, a: int) -> int:
+    """Bytes per token a unit-streaming sublayer keeps between its steps: q, k and v;
+    the MLP's hidden activations ``F``; a MoE's routing weights and partial sum."""
+    if sublayer == "attention":
+        return (m.heads + 2 * m.kv_heads) * m.head_dim * a
+    if sublayer == "moe":
+        return (m.experts + m.hidden) * a
+    return m.ffn * a
 
 
 def _moe_setting(m: _Model, tokens: int) -> dict[str, str]:
