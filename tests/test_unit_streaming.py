@@ -223,3 +223,31 @@ def test_refusals_name_the_setting(root):
     eager, lazy, calib, store = _store(tuple(sorted(LLAMA.items())), "sparsegpt", root)
     with pytest.raises(ValueError, match=r"stream_unit 'layer' is not valid; choose one of"):
         StreamingEvaluator(lazy, store, calib, metric=KLDivergence(), stream_unit="layer")
+
+
+def test_config_stream_unit_reaches_the_evaluator(root, monkeypatch):
+    """``evaluator.stream_unit`` picks what a streaming evaluator holds; ``auto`` follows
+    the memory plan's choice on this machine (block streaming when it fits, else unit)."""
+    import types
+
+    from allocsearch import pipeline
+    from allocsearch.config import EvaluatorConfig, RunConfig
+    from allocsearch.plan import core
+
+    _, lazy, calib, store = _store(tuple(sorted(LLAMA.items())), "sparsegpt", root)
+    for unit in ("block", "unit"):
+        cfg = RunConfig(evaluator=EvaluatorConfig(execution="streaming", stream_unit=unit))
+        ws = pipeline.Workspace(cfg, lazy, calib, calib)
+        assert pipeline.make_evaluator(ws, store).stream_unit == unit
+    cfg = RunConfig(evaluator=EvaluatorConfig(execution="streaming"))  # stream_unit: auto
+    ws = pipeline.Workspace(cfg, lazy, calib, calib)
+    asked = []
+    for mode, want in (("streaming", "block"), ("streaming-unit", "unit")):
+
+        def check_run(probe, command, mode=mode, **kw):
+            asked.append((probe.evaluator.execution, probe.evaluator.stream_unit, command))
+            return types.SimpleNamespace(mode=mode)
+
+        monkeypatch.setattr(core, "check_run", check_run)
+        assert pipeline.make_evaluator(ws, store).stream_unit == want
+    assert asked == [("streaming", "auto", "search")] * 2
