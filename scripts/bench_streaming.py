@@ -40,16 +40,17 @@ HIDDEN, FFN, HEADS, KV_HEADS, VOCAB = 2048, 5632, 32, 4, 8192
 SEQ_LEN = 256
 
 
-def llama_config(blocks: int) -> dict:
-    """config.json of the random model (bfloat16, untied head)."""
+def llama_config(blocks: int, hidden: int = HIDDEN, ffn: int = FFN) -> dict:
+    """config.json of the random model (bfloat16, untied head; head_dim 64)."""
+    heads = hidden // 64
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": HIDDEN,
-        "intermediate_size": FFN,
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
         "num_hidden_layers": blocks,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads // (HEADS // KV_HEADS),
         "vocab_size": VOCAB,
         "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-5,
@@ -60,12 +61,12 @@ def llama_config(blocks: int) -> dict:
     }
 
 
-def write_model(path: Path, blocks: int, seed: int = 0) -> None:
+def write_model(path: Path, blocks: int, seed: int = 0, hidden: int = HIDDEN, ffn: int = FFN):
     """A random bf16 Llama in ``path`` (config.json + model.safetensors)."""
     from allocsearch.models import adapter_for_config
     from allocsearch.models.safetensors_io import write_safetensors
 
-    cfg = llama_config(blocks)
+    cfg = llama_config(blocks, hidden, ffn)
     adapter = adapter_for_config(cfg)
     rng = np.random.default_rng(seed)
     tensors = {}
@@ -172,6 +173,8 @@ def main() -> None:
     ap.add_argument("--offspring", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=512, help="calibration tokens per query")
     ap.add_argument("--dtype", default="float32", help="compute dtype of the evaluator")
+    ap.add_argument("--hidden", type=int, default=HIDDEN, help="hidden size (heads of 64)")
+    ap.add_argument("--ffn", type=int, default=FFN, help="MLP width")
     ap.add_argument(
         "--streaming",
         default="block",
@@ -185,7 +188,7 @@ def main() -> None:
     calibration = random_calibration(max(args.tokens, 4 * SEQ_LEN))
     if not (model_dir / "model.safetensors").exists():
         t = time.perf_counter()
-        write_model(model_dir, args.blocks)
+        write_model(model_dir, args.blocks, hidden=args.hidden, ffn=args.ffn)
         print(f"model written in {time.perf_counter() - t:.0f} s", flush=True)
     if not (store_dir / "manifest.json").exists():
         t = time.perf_counter()
@@ -263,7 +266,8 @@ def run(args, model_dir: Path, store_dir: Path, calibration) -> None:
         print(
             f"{mode}: actor peak RssAnon {r['actor'] / 2**30:.2f} GiB (plan {r['plan'] / 2**30:.2f}"
             f" GiB, plan / measured {r['plan'] / r['actor']:.3f}), time per candidate "
-            f"{r['per_candidate']:.3f} s, store bytes read {r['read'] / 2**30:.3f} GiB"
+            f"{r['per_candidate']:.3f} s, store bytes read {r['read'] / 2**30:.3f} GiB; peak "
+            f"after construction {r['built'] / 2**30:.2f} GiB"
         )
     if len(out) == 2:
         u, b = out["unit"], out["block"]
@@ -325,7 +329,13 @@ def run_mode(args, mode: str, model_dir: Path, store_dir: Path, calibration) -> 
     pid = ray.get(actor.pid.remote())
     actor_peak = AnonPeak(pid)
     info = ray.get(actor.info.remote())
-    print(f"actor ready in {info['setup_s']:.1f} s (teacher computed, streamed)", flush=True)
+    time.sleep(0.2)
+    built = actor_peak.peak
+    print(
+        f"actor ready in {info['setup_s']:.1f} s (teacher computed, streamed); RssAnon peak "
+        f"so far {built / 2**30:.2f} GiB",
+        flush=True,
+    )
 
     unit_bytes = np.array([u.numel for u in spec.units], np.float64) * 2  # bf16 variants
     calls: list[dict] = []
@@ -413,6 +423,7 @@ def run_mode(args, mode: str, model_dir: Path, store_dir: Path, calibration) -> 
     ray.kill(actor)
     return {
         "actor": actor_anon,
+        "built": built,
         "plan": planned_actor(args, mode, model_dir, store_dir, calibration),
         "per_candidate": float(np.median(per_candidate)),
         "read": sum(r["read"] for r in generation_rows),

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import functools
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_workspace import scaled_random_model
 
 from allocsearch.data.tokenset import TokenSet
 from allocsearch.evaluate import Evaluator, KLDivergence, StreamingEvaluator
-from allocsearch.models import HFModel, adapter_for_config, load_model, save_model
+from allocsearch.models import adapter_for_config, load_model
 from allocsearch.pruners import MagnitudePruner, SparseGPTPruner, WandaPruner
 from allocsearch.supernet import store as store_mod
 from allocsearch.supernet.build import NoCalibrationTokensWarning, build_supernet, supernet_units
@@ -53,21 +55,6 @@ QWEN3_MOE = {  # no shared expert: the last expert closes the block
 SEQ_LEN, N_SEQ, MICRO_BATCH = 8, 6, 16
 
 
-def random_params(adapter, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in adapter.param_shapes.items():
-        if "norm" in name:
-            w = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif "embed" in name:
-            w = rng.standard_normal(shape)
-        else:
-            bound = 1.0 / np.sqrt(shape[-1])
-            w = rng.uniform(-bound, bound, size=shape)
-        out[name] = np.asarray(np.broadcast_to(w, shape), np.float32).copy()
-    return out
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("unit_streaming"))
@@ -79,10 +66,9 @@ def _store(cfg_items: tuple, kind: str, root: str):
     cfg = dict(cfg_items)
     adapter = adapter_for_config(cfg)
     path = f"{root}/{cfg['model_type']}-{kind}"
-    model_dir = save_model(HFModel(adapter, random_params(adapter)), path + "-model")
+    eager = scaled_random_model(cfg, Path(path + "-model"))
     tokens = np.random.default_rng(1).integers(0, cfg["vocab_size"], size=(N_SEQ, SEQ_LEN))
     calib = TokenSet(tokens.astype(np.int32), "random ids", "ids", 1)
-    eager = load_model(model_dir)
     tie = kind == "tied"
     removal = kind == "removal"
     units = supernet_units(adapter, "unstructured", tie_experts=tie, expert_removal=removal)
@@ -114,7 +100,7 @@ def _store(cfg_items: tuple, kind: str, root: str):
             )
     finally:
         store_mod.variants_to_tensors = original
-    return eager, load_model(model_dir, lazy=True), calib, store
+    return eager, load_model(path + "-model", lazy=True), calib, store
 
 
 def evaluators(root, cfg, kind, **kw):

@@ -39,6 +39,10 @@ candidates:
   candidates start at their first differing block, and a block that no candidate
   needs is neither read nor run.
 
+With ``stream_unit="unit"`` a block is computed one unit group at a time instead
+(:mod:`allocsearch.evaluate.unit_streaming`), so the device holds one group's variants
+(two, with prefetch); everything above holds with "unit group" for "block".
+
 The parameters outside the blocks (embeddings, final norm, head) that no unit changes
 stay on the device for the evaluator's lifetime. The blocks' context (rotary tables,
 masks) is taken to depend on the tokens only, as it does for every family here.

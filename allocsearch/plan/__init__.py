@@ -86,6 +86,24 @@ Streaming evaluator (:mod:`allocsearch.evaluate.streaming`), per process:
 * reference: as resident, on the device (the streaming evaluator keeps it there up to
   1 GiB).
 
+Unit streaming (``stream_unit: unit``, :mod:`allocsearch.evaluate.unit_streaming`; the
+mode ``streaming-unit``), per process: as streaming, with a unit group (q, k, v, o, gate,
+up, down; a MoE's router, each expert, the shared expert; the block's norms with the
+first group) in place of the block:
+
+* model: the parameters outside the blocks, and two groups' parameters no unit owns;
+* variants: the largest group's stacks, two of them (this group and the next, prefetched),
+  and on an accelerator the next group's moved levels and their two host staging copies;
+* activations: the hidden states ``n x fidelity x D x a`` plus, for the sublayer whose
+  sum is larger, the intermediates all candidates keep between its steps (attention: q,
+  k, v, ``(H + 2 H_kv) head_dim a`` per token; MLP: ``F a``; MoE: the routing weights and
+  partial sum ``(E + D) a``) and one step's call (the group's gathered weights, the
+  hidden carry, the step's working set: attention's, ``3 N F a`` for a dense MLP step,
+  ``3 N max(F, F_s) a + 4 N E`` for an expert on every token; or the head's logits).
+
+``auto`` chooses resident, else block streaming, else unit streaming (``stream_unit``
+limits the streaming modes); the bytes read and moved are those of block streaming.
+
 Bytes moved per generation (streaming): for every query of a generation, every block
 moves ``sum_u P_u`` levels of each unit; EvoPress asks ``offspring`` candidates at
 ``tokens[0]``, then ``survivors[i-1]`` (``+ 1`` re-scored parent in the last stage) at
