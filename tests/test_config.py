@@ -77,7 +77,7 @@ def test_yaml_round_trip(tmp_path):
         ({"backend": {"replace_timeout_s": 0}}, r"backend.replace_timeout_s = 0.0 must be > 0"),
         (
             {"evaluator": {"stream_unit": "layer"}},
-            r"evaluator.stream_unit = 'layer' is not valid; choose one of \\['auto', 'block'",
+            r"evaluator.stream_unit = 'layer' is not valid; choose one of \['auto', 'block'",
         ),
     ],
 )
