@@ -126,10 +126,13 @@ def unit_stages(ev: Any, owner: Mapping[str, int]) -> list[list[tuple[_Step, _St
     adapter = ev._adapter
     steps = _block_steps(adapter)
     ev._owner = dict(owner)
-    ev._moe_module = getattr(_template(adapter), "mlp_name", "mlp")
+    ev._expert_params = []  # [block][expert]: the full names of each routed expert's weights
     out = []
     for i in range(ev._nb):
         prefix = adapter.block_prefix(i)
+        ev._expert_params.append(
+            [[prefix + n for n in got] for step, got, _ in steps if step.kind == "expert"]
+        )
         out.append(
             [
                 (step, ev._stage([(k, prefix + n) for n, k in zip(got, keys, strict=True)], owner))
@@ -213,14 +216,12 @@ def _kept(ev: Any, i: int, members: np.ndarray | None) -> np.ndarray:
     """bool[m, E]: whether each member keeps each routed expert of block ``i`` (some of
     its weights nonzero; a unit's level at sparsity 1.0 is all zero), what the model's
     ``expert_kept`` finds in the weights the router step does not hold."""
-    adapter = ev._adapter
     owner = ev._owner
-    experts = adapter.moe.num_experts
+    experts = ev._expert_params[i]
     m = 1 if members is None else len(members)
-    kept = np.zeros((m, experts), bool)
-    for e in range(experts):
-        prefix = f"{adapter.block_prefix(i)}{ev._moe_module}.experts.{e}."
-        for name in (n for n in adapter.param_names if n.startswith(prefix)):
+    kept = np.zeros((m, len(experts)), bool)
+    for e, names in enumerate(experts):
+        for name in names:
             u = owner.get(name)
             if members is None or u is None:
                 kept[:, e] |= not _zero(ev, name)
