@@ -256,7 +256,7 @@ def run(args, model_dir: Path, store_dir: Path, calibration) -> None:
     import ray
 
     modes = ("block", "unit") if args.streaming == "both" else (args.streaming,)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     out = {}
     for mode in modes:
         print(f"--- {mode} streaming", flush=True)
