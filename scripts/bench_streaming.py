@@ -175,6 +175,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help="compute dtype of the evaluator")
     ap.add_argument("--hidden", type=int, default=HIDDEN, help="hidden size (heads of 64)")
     ap.add_argument("--ffn", type=int, default=FFN, help="MLP width")
+    ap.add_argument("--target", type=float, default=0.5, help="fraction of weights removed")
     ap.add_argument(
         "--streaming",
         default="block",
@@ -388,7 +389,7 @@ def run_mode(args, mode: str, model_dir: Path, store_dir: Path, calibration) -> 
         survivors=(1,),
         tokens=(args.tokens,),
     )
-    budget = Budget(kind="params", target=0.5)
+    budget = Budget(kind="params", target=args.target)
     t = time.perf_counter()
     result = run_search(
         searcher, evaluate, spec, budget, key=jax.random.key(0), on_generation=on_generation
