@@ -228,6 +228,14 @@ MicroBatchOpt = Annotated[
         "else 8192)."
     ),
 ]
+StreamUnitOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Streaming: block (a block's variants on the device at a time) | unit (one unit "
+        "group's: q, k, v, o, gate, up, down, one expert) | auto (block when the memory plan "
+        "fits it, else unit); same scores (default: the config's evaluator.stream_unit)."
+    ),
+]
 ReplaceTimeoutOpt = Annotated[
     float | None,
     typer.Option(
@@ -294,6 +302,7 @@ _OPTION_OF_KEY = {
     "supernet.steps_each_side": "--steps-each-side",
     "supernet.storage_dtype": "--storage-dtype",
     "evaluator.execution": "--execution",
+    "evaluator.stream_unit": "--stream-unit",
     "backend.replace_timeout_s": "--replace-timeout",
 }
 
@@ -756,6 +765,7 @@ def search(
     metric: MetricOpt = None,
     generations: GenerationsOpt = None,
     micro_batch_tokens: MicroBatchOpt = None,
+    stream_unit: StreamUnitOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
@@ -783,6 +793,7 @@ def search(
         search__tie_blocks=tie_blocks,
         search__seed=seed,
         evaluator__micro_batch_tokens=micro_batch_tokens,
+        evaluator__stream_unit=stream_unit,
         **_data(calibration, seq_len, calibration_seqs),
         **_heldout(heldout, heldout_seqs, metric),
         **_backend(backend, workers, address, replace_timeout),
@@ -1273,6 +1284,7 @@ def plan(
     micro_batch_tokens: MicroBatchOpt = None,
     steps_each_side: StepsEachSideOpt = None,
     storage_dtype: StorageDtypeOpt = None,
+    stream_unit: StreamUnitOpt = None,
 ) -> None:
     """Memory plan, from config.json alone: bytes per process (model, variants, teacher,
     activations, reference states) in resident and streaming execution, the mode that
@@ -1292,6 +1304,7 @@ def plan(
         backend__workers=workers,  # workers checked as search checks them
         evaluator__micro_batch_tokens=micro_batch_tokens,
         evaluator__execution=execution,
+        evaluator__stream_unit=stream_unit,
         supernet__steps_each_side=steps_each_side,
         supernet__storage_dtype=storage_dtype,
     )

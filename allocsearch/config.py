@@ -54,6 +54,9 @@ evaluator:
   execution: auto           # auto | resident | streaming (see `allocsearch plan`)
   micro_batch_tokens: 8192  # at most this many tokens (whole sequences, at least one) per
                             # scoring call: bounds activation memory; scores do not change
+  stream_unit: auto         # streaming: block (a block's variants on the device at a time)
+                            # | unit (one unit group's: q, k, v, o, gate, up, down, one
+                            # expert) | auto (block when the plan fits it, else unit)
 backend:
   kind: ray                 # ray (default) | local (in process, no Ray: tests, debugging)
   address: null             # an existing Ray cluster (or RAY_ADDRESS); null: a local Ray
@@ -90,6 +93,7 @@ METRICS = ("kl", "topk_kl", "nll", "embedding_cosine", "hidden_nmse")
 ENCODER_METRICS = ("embedding_cosine", "hidden_nmse")
 BACKENDS = ("local", "ray")
 EXECUTIONS = ("auto", "resident", "streaming")
+STREAM_UNITS = ("auto", "block", "unit")
 DTYPES = ("float32", "bfloat16")
 STORAGE_DTYPES = ("auto", *DTYPES)
 AUTO_WORKERS = "auto"
@@ -225,16 +229,21 @@ class EvaluatorConfig:
     than the device) or ``"auto"`` (chosen by :func:`allocsearch.pipeline.choose_execution`).
     ``micro_batch_tokens``: tokens (whole sequences, at least one) per scoring call, both
     modes; smaller uses less activation memory, the scores are the same.
+    ``stream_unit``: what streaming holds on the device at a time: ``"block"`` (a block's
+    variants), ``"unit"`` (one unit group's) or ``"auto"`` (block when the memory plan
+    fits it, else unit); the scores are the same.
     """
 
     metric: str = "kl"
     topk: int | None = None
     execution: str = "auto"
     micro_batch_tokens: int = 8192
+    stream_unit: str = "auto"
 
     def validate(self) -> None:
         _choice("evaluator", "metric", self.metric, METRICS)
         _choice("evaluator", "execution", self.execution, EXECUTIONS)
+        _choice("evaluator", "stream_unit", self.stream_unit, STREAM_UNITS)
         if isinstance(self.micro_batch_tokens, bool) or self.micro_batch_tokens < 1:
             raise ConfigError(
                 f"evaluator.micro_batch_tokens = {self.micro_batch_tokens!r} must be an "

@@ -378,8 +378,11 @@ def make_evaluator(
     metric = make_metric(ws.config.evaluator)
     mb = ws.config.evaluator.micro_batch_tokens
     if execution == "streaming":
+        from allocsearch.plan import stream_unit_for
+
+        unit = stream_unit_for(ws.config, store=store.path)
         return StreamingEvaluator(
-            ws.model, store, ws.calibration, metric=metric, micro_batch_tokens=mb
+            ws.model, store, ws.calibration, metric=metric, micro_batch_tokens=mb, stream_unit=unit
         )
     return Evaluator(
         ws.model,

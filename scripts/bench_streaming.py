@@ -3,7 +3,7 @@ larger than this machine's RAM, searched for a few EvoPress generations by the s
 evaluator on a Ray actor.
 
     python scripts/bench_streaming.py --work /tmp/bigrun [--blocks 24] [--levels 13]
-        [--generations 3] [--offspring 4] [--tokens 512]
+        [--generations 3] [--offspring 4] [--tokens 512] [--streaming block|unit|both]
 
 Phase 1 (skipped when --work already holds them): writes a random bfloat16 Llama
 (hidden 2048, SwiGLU 5632, 32 query / 4 kv heads, vocabulary 8192; 44.0 M prunable weights
@@ -17,6 +17,10 @@ Phase 2 prints, in one run:
 * peak anonymous memory (RssAnon high-water, sampled) of the driver and of the actor;
 * time per candidate over a dense forward of the same model streamed the same way;
 * bytes read per generation over the bytes of the distinct variants the generation used.
+With ``--streaming both`` the same search runs block streamed, then unit streamed (one
+unit group's variants on the device at a time), each in a fresh actor, and the run also
+prints unit over block: actor peak, time per candidate, store bytes read, and each mode's
+peak as the memory plan (``allocsearch.plan``, CPU device) predicts it over the measured.
 Ratios and measurements only; the targets are in docs/RESULTS.md ("Scale").
 """
 
@@ -36,16 +40,17 @@ HIDDEN, FFN, HEADS, KV_HEADS, VOCAB = 2048, 5632, 32, 4, 8192
 SEQ_LEN = 256
 
 
-def llama_config(blocks: int) -> dict:
-    """config.json of the random model (bfloat16, untied head)."""
+def llama_config(blocks: int, hidden: int = HIDDEN, ffn: int = FFN) -> dict:
+    """config.json of the random model (bfloat16, untied head; head_dim 64)."""
+    heads = hidden // 64
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": HIDDEN,
-        "intermediate_size": FFN,
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
         "num_hidden_layers": blocks,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads // (HEADS // KV_HEADS),
         "vocab_size": VOCAB,
         "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-5,
@@ -56,12 +61,12 @@ def llama_config(blocks: int) -> dict:
     }
 
 
-def write_model(path: Path, blocks: int, seed: int = 0) -> None:
+def write_model(path: Path, blocks: int, seed: int = 0, hidden: int = HIDDEN, ffn: int = FFN):
     """A random bf16 Llama in ``path`` (config.json + model.safetensors)."""
     from allocsearch.models import adapter_for_config
     from allocsearch.models.safetensors_io import write_safetensors
 
-    cfg = llama_config(blocks)
+    cfg = llama_config(blocks, hidden, ffn)
     adapter = adapter_for_config(cfg)
     rng = np.random.default_rng(seed)
     tensors = {}
@@ -168,13 +173,23 @@ def main() -> None:
     ap.add_argument("--offspring", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=512, help="calibration tokens per query")
     ap.add_argument("--dtype", default="float32", help="compute dtype of the evaluator")
+    ap.add_argument("--hidden", type=int, default=HIDDEN, help="hidden size (heads of 64)")
+    ap.add_argument("--ffn", type=int, default=FFN, help="MLP width")
+    ap.add_argument("--target", type=float, default=0.5, help="fraction of weights removed")
+    ap.add_argument(
+        "--streaming",
+        default="block",
+        choices=("block", "unit", "both"),
+        help="what the evaluator holds at a time: a block's variants, one unit group's, or "
+        "both in turn (the same search; prints unit / block ratios)",
+    )
     args = ap.parse_args()
 
     model_dir, store_dir = args.work / "model", args.work / "store"
     calibration = random_calibration(max(args.tokens, 4 * SEQ_LEN))
     if not (model_dir / "model.safetensors").exists():
         t = time.perf_counter()
-        write_model(model_dir, args.blocks)
+        write_model(model_dir, args.blocks, hidden=args.hidden, ffn=args.ffn)
         print(f"model written in {time.perf_counter() - t:.0f} s", flush=True)
     if not (store_dir / "manifest.json").exists():
         t = time.perf_counter()
@@ -192,7 +207,7 @@ def io_read_bytes(pid: int) -> int:
 class StreamingActor:
     """The scoring process: a lazily loaded model and the store, streamed per query."""
 
-    def __init__(self, model_dir: str, store_dir: str, tokens: np.ndarray, dtype: str):
+    def __init__(self, model_dir: str, store_dir: str, tokens: np.ndarray, dtype: str, unit: str):
         from allocsearch.data.tokenset import TokenSet
         from allocsearch.evaluate.metrics import KLDivergence
         from allocsearch.evaluate.streaming import StreamingEvaluator
@@ -210,7 +225,7 @@ class StreamingActor:
             tokens_fingerprint=self.calibration.fingerprint,
         )
         self.evaluator = StreamingEvaluator(
-            self.model, self.store, self.calibration, metric=KLDivergence()
+            self.model, self.store, self.calibration, metric=KLDivergence(), stream_unit=unit
         )
         self.setup_s = time.perf_counter() - t
 
@@ -239,6 +254,64 @@ class StreamingActor:
 
 
 def run(args, model_dir: Path, store_dir: Path, calibration) -> None:
+    import ray
+
+    modes = ("block", "unit") if args.streaming == "both" else (args.streaming,)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    out = {}
+    for mode in modes:
+        print(f"--- {mode} streaming", flush=True)
+        out[mode] = run_mode(args, mode, model_dir, store_dir, calibration)
+    ray.shutdown()
+    for mode, r in out.items():
+        print(
+            f"{mode}: actor peak RssAnon {r['actor'] / 2**30:.2f} GiB (plan {r['plan'] / 2**30:.2f}"
+            f" GiB, plan / measured {r['plan'] / r['actor']:.3f}), time per candidate "
+            f"{r['per_candidate']:.3f} s, store bytes read {r['read'] / 2**30:.3f} GiB; peak "
+            f"after construction {r['built'] / 2**30:.2f} GiB"
+        )
+    if len(out) == 2:
+        u, b = out["unit"], out["block"]
+        print(
+            f"unit / block: actor peak {u['actor'] / b['actor']:.3f}, time per candidate "
+            f"{u['per_candidate'] / b['per_candidate']:.3f}, store bytes read "
+            f"{u['read'] / b['read']:.3f}, scores equal: {u['scores'] == b['scores']}"
+        )
+
+
+def planned_actor(args, mode: str, model_dir: Path, store_dir: Path, calibration) -> int:
+    """The memory plan's bytes of the scoring actor on this CPU device (its device and
+    host bytes; this run's search as a config)."""
+    from allocsearch.config import config_from_dict
+    from allocsearch.plan import load_hf_config, plan_memory
+
+    cfg = config_from_dict(
+        {
+            "model": str(model_dir),
+            "dtype": args.dtype,
+            "data": {"seq_len": SEQ_LEN, "n_calibration_seqs": calibration.n_seq},
+            "search": {
+                "strategy": "evopress",
+                "settings": {
+                    "offspring": args.offspring,
+                    "survivors": [1],
+                    "tokens": [args.tokens],
+                    "generations": args.generations,
+                },
+            },
+            "evaluator": {"metric": "kl", "execution": "streaming", "stream_unit": mode},
+            "backend": {"kind": "ray", "workers": 1},
+        }
+    )
+    plan = plan_memory(
+        load_hf_config(model_dir), cfg, store=store_dir, device_kind="cpu",
+        device_memory=2**50, host_memory=2**50, execution="streaming", workers=1,
+    )  # fmt: skip
+    actor = plan.modes[plan.mode][-1]
+    return actor.device_total + actor.host_total
+
+
+def run_mode(args, mode: str, model_dir: Path, store_dir: Path, calibration) -> dict:
     import jax
     import ray
 
@@ -249,16 +322,21 @@ def run(args, model_dir: Path, store_dir: Path, calibration) -> None:
 
     driver_peak = AnonPeak()
     spec = SupernetStore.open(store_dir, verify="none").spec
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     actor = (
         ray.remote(StreamingActor)
         .options(num_cpus=os.cpu_count())
-        .remote(str(model_dir), str(store_dir), calibration.tokens, args.dtype)
+        .remote(str(model_dir), str(store_dir), calibration.tokens, args.dtype, mode)
     )
     pid = ray.get(actor.pid.remote())
     actor_peak = AnonPeak(pid)
     info = ray.get(actor.info.remote())
-    print(f"actor ready in {info['setup_s']:.1f} s (teacher computed, streamed)", flush=True)
+    time.sleep(0.2)
+    built = actor_peak.peak
+    print(
+        f"actor ready in {info['setup_s']:.1f} s (teacher computed, streamed); RssAnon peak "
+        f"so far {built / 2**30:.2f} GiB",
+        flush=True,
+    )
 
     unit_bytes = np.array([u.numel for u in spec.units], np.float64) * 2  # bf16 variants
     calls: list[dict] = []
@@ -311,7 +389,7 @@ def run(args, model_dir: Path, store_dir: Path, calibration) -> None:
         survivors=(1,),
         tokens=(args.tokens,),
     )
-    budget = Budget(kind="params", target=0.5)
+    budget = Budget(kind="params", target=args.target)
     t = time.perf_counter()
     result = run_search(
         searcher, evaluate, spec, budget, key=jax.random.key(0), on_generation=on_generation
@@ -343,7 +421,15 @@ def run(args, model_dir: Path, store_dir: Path, calibration) -> None:
         + "; disk read_bytes per generation (GiB): "
         + ", ".join(f"{r['disk'] / 2**30:.2f}" for r in generation_rows)
     )
-    ray.shutdown()
+    ray.kill(actor)
+    return {
+        "actor": actor_anon,
+        "built": built,
+        "plan": planned_actor(args, mode, model_dir, store_dir, calibration),
+        "per_candidate": float(np.median(per_candidate)),
+        "read": sum(r["read"] for r in generation_rows),
+        "scores": (result.best_choice.tolist(), float(result.best_fitness)),
+    }
 
 
 if __name__ == "__main__":

@@ -75,6 +75,10 @@ def test_yaml_round_trip(tmp_path):
         ),
         ({"evaluator": {"micro_batch_tokens": 512.0}}, r"micro_batch_tokens = 512.0 must be an"),
         ({"backend": {"replace_timeout_s": 0}}, r"backend.replace_timeout_s = 0.0 must be > 0"),
+        (
+            {"evaluator": {"stream_unit": "layer"}},
+            r"evaluator.stream_unit = 'layer' is not valid; choose one of \['auto', 'block'",
+        ),
     ],
 )
 def test_errors_name_the_value_and_what_is_valid(data, message):

@@ -145,8 +145,32 @@ def test_hand_counted_bytes_of_a_two_block_model(tmp_path):
     }
     assert driver.host == {"variants": 2 * 3 * 4 * 576, "teacher": 512}
     assert driver.device_total == 29_152
-    assert plan.fits == {"resident": False, "streaming": True}
-    assert plan.mode == "streaming"
+
+    # Unit streaming: groups q (64 weights and the block's two norms, 16), k 32, v 32,
+    # o 64, gate, up, down 128 each. Variants: the largest group's stacks (3 slots x 4 x
+    # 128 = 1536), the next group's and its 3 moved levels (1536). Activations of the
+    # 8-token query (3 candidates, 24 states): states 24 x 8 x 4 = 768, plus the larger
+    # sublayer: attention keeps q, k, v (24 x (2 + 2) x 4 x 4 = 1536) and one call: the q
+    # group's 80 weights (320), carry 512, attention 768 + 1024 + 512 = 2304 -> 3136;
+    # the MLP keeps act(gate) (24 x 16 x 4 = 1536) and one call 512 + 512 + 1536 + 512
+    # = 3072.
+    (driver,) = plan.modes["streaming-unit"]
+    assert driver.device == {
+        "model": 4 * (264 + 2 * 16),
+        "variants": 2 * (3 * 4 * 128) + 3 * 4 * 128,
+        "teacher": 8 * 64,
+        "activations": 768 + max(1536 + 3136, 1536 + 3072),
+        "reference": 768,
+    }
+    assert driver.host == {"variants": 2 * 3 * 4 * 128, "teacher": 512}
+    assert plan.fits == {"resident": False, "streaming": True, "streaming-unit": True}
+    assert plan.mode == "streaming"  # block streaming when it fits
+    block = dataclasses.replace(cfg.evaluator, stream_unit="unit")
+    unit = plan_memory(TINY, dataclasses.replace(cfg, evaluator=block), model="tiny",
+                       store=tmp_path / "store", device_kind="gpu", device_memory=34_000,
+                       host_memory=10**9)  # fmt: skip
+    assert unit.mode == "streaming-unit"
+    assert unit.moved_per_generation == plan.moved_per_generation  # the same bytes
     assert plan.store_bytes == 14 * 1000
     # both queries read all 3 levels of every unit in both blocks
     assert plan.moved_per_generation == 2 * (2 * 3 * 4 * 576)
@@ -230,7 +254,7 @@ def test_llama3_8b_sparsegpt_9_levels_fits_80gb_streaming_not_resident():
     kwargs = dict(device_kind="gpu", device_memory=parse_bytes("80GB"), host_memory=256 * 10**9)
     plan = plan_memory(hf, _llama3_8b_run(), model="llama-3-8b", **kwargs)
     assert plan.mode == "streaming"
-    assert plan.fits == {"resident": False, "streaming": True}
+    assert plan.fits == {"resident": False, "streaming": True, "streaming-unit": True}
     resident, _ = plan.need("resident")
     streaming, _ = plan.need("streaming")
     assert streaming < 0.9 * 80e9 < resident
@@ -247,12 +271,25 @@ def test_llama3_8b_sparsegpt_9_levels_fits_80gb_streaming_not_resident():
         plan_memory(hf, _llama3_8b_run(), execution="resident", **kwargs)
 
 
+def _block_streaming(cfg):
+    return dataclasses.replace(
+        cfg, evaluator=dataclasses.replace(cfg.evaluator, stream_unit="block")
+    )
+
+
 def test_refusal_names_the_shortfall_and_what_would_fit():
+    """Block streaming (``stream_unit: block``) refused: the line names unit streaming
+    among what would fit; below that, the changes that fit block streaming."""
     hf = load_hf_config(ROOT / "configs" / "models" / "llama-3-8b")
     kwargs = dict(model="llama-3-8b", device_kind="gpu", host_memory=256 * 10**9)
     with pytest.raises(MemoryPlanError) as e:
-        plan_memory(hf, _llama3_8b_run(), device_memory=parse_bytes("28GB"), **kwargs)
+        plan_memory(hf, _block_streaming(_llama3_8b_run()), device_memory=parse_bytes("28GB"),
+                    **kwargs)  # fmt: skip
     msg = str(e.value)
+    assert "unit streaming (evaluator.stream_unit: unit or --stream-unit unit)" in msg, msg
+    assert plan_memory(hf, _llama3_8b_run(), device_memory=parse_bytes("28GB"), **kwargs).mode == (
+        "streaming-unit"
+    )
     assert "\n" not in msg
     head = "llama-3-8b does not fit for `search`: streaming execution needs "
     assert msg.startswith(head), msg
@@ -261,12 +298,13 @@ def test_refusal_names_the_shortfall_and_what_would_fit():
     want = "smaller micro-batches: 4096 tokens (evaluator.micro_batch_tokens: 4096 or "
     assert want + "--micro-batch-tokens 4096)" in msg, msg
     with pytest.raises(MemoryPlanError, match="would fit: together, 32 actors") as e:
-        plan_memory(hf, _llama3_8b_run(), device_memory=parse_bytes("16GB"), **kwargs)
+        plan_memory(hf, _block_streaming(_llama3_8b_run()), device_memory=parse_bytes("16GB"),
+                    **kwargs)  # fmt: skip
     assert [r.config for r in e.value.remedies] == [
         {"backend.kind": "ray", "backend.workers": 32, "evaluator.micro_batch_tokens": 4096}
     ]
     with pytest.raises(MemoryPlanError, match="no single change fits"):
-        plan_memory(hf, _llama3_8b_run(), device_memory=parse_bytes("4GB"), **kwargs)
+        plan_memory(hf, _llama3_8b_run(), device_memory=parse_bytes("2GB"), **kwargs)
 
 
 def test_plan_command(tmp_path):
@@ -418,9 +456,10 @@ def test_moe_configs_plan(name, params):
     assert "sorted dispatch" in plan.settings["experts"]
     if name == "qwen3-30b-a3b":
         assert plan_memory(hf, run, **kwargs).mode == "streaming"
-    else:
+    else:  # block streaming needs fewer levels or more devices; unit streaming fits
         with pytest.raises(MemoryPlanError, match="would fit: fewer levels"):
-            plan_memory(hf, run, **kwargs)
+            plan_memory(hf, _block_streaming(run), **kwargs)
+        assert plan_memory(hf, run, **kwargs).mode == "streaming-unit"
 
 
 def test_moe_unit_options_reach_the_plan_layout():
@@ -454,7 +493,12 @@ def _apply_keys(run: dict, keys) -> dict:
     ("execution", "device", "kinds"),
     [
         # Llama-3-8B float32, full KL, 16k-token micro-batches, float32 storage, 9 levels
-        ("auto", "100GB", {"bf16", "bfloat16", "levels", "top-k", "micro-batches", "workers"}),
+        # (block streaming: unit streaming fits it as it is)
+        (
+            "auto",
+            "100GB",
+            {"bf16", "bfloat16", "levels", "top-k", "micro-batches", "workers", "unit streaming"},
+        ),  # fmt: skip
         ("resident", "400GB", {"bfloat16", "levels", "top-k", "streaming"}),
     ],
 )
@@ -469,6 +513,8 @@ def test_every_printed_remedy_applied_through_config_or_cli_then_fits(
     run["dtype"] = "float32"
     run["supernet"].update(steps_each_side=4, storage_dtype="float32")
     run["evaluator"] = {"metric": "kl", "execution": execution, "micro_batch_tokens": 16384}
+    if execution == "auto":
+        run["evaluator"]["stream_unit"] = "block"
     memory = ["--device-memory", device, "--host-memory", "10TB"]
 
     def plan(config: dict, *options: str):
@@ -502,26 +548,36 @@ def test_every_printed_remedy_applied_through_config_or_cli_then_fits(
             assert fixed.exit_code == 0, (remedy, fixed.output)
 
 
-def test_llama3_70b_refusal_remedies_apply(tmp_path):
-    """The issue's 70B refusal at 80 GB: its remedies (7 levels, 16 actors) each fit."""
+def test_llama3_70b_streams_by_unit_on_80gb_and_block_refusal_remedies_apply(tmp_path):
+    """Issue 26: the 70B EvoPress plan at 80 GB chooses unit streaming and fits with the
+    margin; with block streaming set, its refusal names unit streaming, fewer levels and
+    more actors, and each fits."""
     runner = CliRunner()
     model = str(ROOT / "configs" / "models" / "llama-3-70b")
     args = ["plan", "--model", model, "--config", str(ROOT / "configs/llama3-8b-evopress.yaml")]
     args += ["--device-memory", "80GB", "--host-memory", "512GB"]
-    refused = runner.invoke(app, args)
+    fits = runner.invoke(app, args)
+    assert fits.exit_code == 0, fits.output
+    assert "- chosen: **streaming-unit**" in fits.stdout
+    assert "- streaming-unit: fits: device " in fits.stdout
+    assert "- streaming: does not fit: device 110.10 GiB of 67.06 GiB" in fits.stdout
+    refused = runner.invoke(app, [*args, "--stream-unit", "block"])
     assert refused.exit_code == 2
     line = " ".join(refused.stderr.split())
+    assert "unit streaming (evaluator.stream_unit: unit or --stream-unit unit)" in line, line
     assert "fewer levels: 7 (supernet.steps_each_side: 3 or --steps-each-side 3)" in line, line
     assert "16 actors, one device each (backend.workers: 16 or --workers 16)" in line, line
-    for extra in (["--steps-each-side", "3"], ["--workers", "16"]):
+    for extra in (["--stream-unit", "unit"], ["--steps-each-side", "3"], ["--workers", "16"]):
+        extra = extra if extra[0] == "--stream-unit" else ["--stream-unit", "block", *extra]
         assert runner.invoke(app, [*args, *extra]).exit_code == 0, extra
 
 
 @pytest.mark.slow
-def test_llama_405b_at_80gb_gets_a_two_change_remedy_that_fits(tmp_path):
-    """No single change fits Llama-3.1-405B on 80 GB devices; the refusal names the fewest
-    actors that fit together with smaller micro-batches, and that change (options, or
-    config keys) re-plans to a fit."""
+def test_llama_405b_at_80gb_gets_a_remedy_that_fits(tmp_path):
+    """Llama-3.1-405B does not fit one 80 GB device even unit streamed (its attention
+    scores at 4096 tokens, 128 heads, and 17 slots of its 872 M-weight MLP projections);
+    the refusal names the fewest actors that fit, and that change (option, or config
+    key) re-plans to a fit, unit streamed."""
     runner = CliRunner()
     config = ROOT / "configs" / "llama3-8b-evopress.yaml"
     model = str(ROOT / "configs" / "models" / "llama-3.1-405b")
@@ -530,17 +586,15 @@ def test_llama_405b_at_80gb_gets_a_two_change_remedy_that_fits(tmp_path):
     refused = runner.invoke(app, args)
     assert refused.exit_code == 2
     line = " ".join(refused.stderr.split())
+    assert "does not fit for `search`: streaming-unit execution needs " in line, line
     want = (
-        "would fit: together, 64 actors (one device each) and 4096-token micro-batches "
-        "(backend.workers: 64 with evaluator.micro_batch_tokens: 4096 or --workers 64 "
-        "--micro-batch-tokens 4096)"
+        "would fit: more workers: 64 actors, one device each (backend.workers: 64 or --workers 64)"
     )
     assert want in line, line
-    fixed = runner.invoke(app, [*args, "--workers", "64", "--micro-batch-tokens", "4096"])
-    assert fixed.exit_code == 0 and "- chosen: **streaming**" in fixed.stdout
+    fixed = runner.invoke(app, [*args, "--workers", "64"])
+    assert fixed.exit_code == 0 and "- chosen: **streaming-unit**" in fixed.stdout
     run = yaml.safe_load(config.read_text())
     run["backend"]["workers"] = 64
-    run["evaluator"]["micro_batch_tokens"] = 4096
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run))
     args[args.index("--config") + 1] = str(path)
@@ -562,9 +616,38 @@ def test_queries_of_dp_evopress_are_evopress_stages_and_the_table_probe() -> Non
         ("dp", [(21, 4096)]),
     ]:
         s = {**settings, "table_tokens": 1024} if strategy == "dp+evopress" else settings
-        cfg = config_from_dict(
-            {"model": "demo", "search": {"strategy": strategy, "settings": s}}
-        )
+        cfg = config_from_dict({"model": "demo", "search": {"strategy": strategy, "settings": s}})
         if strategy == "dp":
             cfg = config_from_dict({"model": "demo", "search": {"strategy": "dp"}})
         assert plan._queries(cfg, "search", 8192, layout, 2) == expected, strategy
+
+
+def test_llama3_70b_unit_streaming_by_hand():
+    """The 70B EvoPress plan at 80 GB, unit streamed, against hand formulas (bf16, 17
+    levels, one actor; queries 64 x 2,048, 8 x 16,384 and 2 + 1 x 65,536 tokens; two
+    4,096-token sequences per call)."""
+    hf = load_hf_config(ROOT / "configs" / "models" / "llama-3-70b")
+    cfg = load_config(ROOT / "configs" / "llama3-8b-evopress.yaml")
+    kwargs = dict(device_kind="gpu", device_memory=parse_bytes("80GB"), host_memory=512 * 10**9)
+    plan = plan_memory(hf, cfg, workers=1, **kwargs)
+    assert plan.mode == "streaming-unit"
+    actor = plan.modes["streaming-unit"][1]
+    D, F, V, H, KV, HD = 8192, 28672, 128256, 64, 8, 128
+    gate = F * D  # the largest unit group: one MLP projection, 17 level slots of bf16
+    assert actor.device["variants"] == 3 * 17 * 2 * gate  # in use, next, next's slabs
+    assert actor.host["variants"] == 2 * 17 * 2 * gate
+    # embeddings, head and final norm; the q group's two norms, twice
+    assert actor.device["model"] == 2 * (2 * V * D + D + 2 * 2 * D)
+    states = 3 * 65536  # the last stage: 2 survivors and the parent on 65,536 tokens
+    rows, T = 2, 4096
+    carry = 2 * rows * T * D * 2
+    norm_in = rows * T * D * (4 + 2)
+    attn = rows * H * T * T * (8 + 2) + rows * T * (H + 2 * KV) * HD * 2 * 2 + norm_in
+    logits = rows * T * V * (2 + 8)
+    q_group = (D * D + 2 * D) * 2
+    attention = states * (H + 2 * KV) * HD * 2 + q_group + carry + max(attn, logits)
+    mlp = states * F * 2 + gate * 2 + carry + max(3 * rows * T * F * 2 + norm_in, logits)
+    assert actor.device["activations"] == states * D * 2 + max(attention, mlp)
+    assert actor.device["teacher"] == 8 * 1024 * 65536  # top-k KL rows of the last query
+    device, _ = plan.need("streaming-unit")
+    assert device == sum(actor.device.values()) < 0.9 * 80e9

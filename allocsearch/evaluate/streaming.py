@@ -39,6 +39,10 @@ candidates:
   candidates start at their first differing block, and a block that no candidate
   needs is neither read nor run.
 
+With ``stream_unit="unit"`` a block is computed one unit group at a time instead
+(:mod:`allocsearch.evaluate.unit_streaming`), so the device holds one group's variants
+(two, with prefetch); everything above holds with "unit group" for "block".
+
 The parameters outside the blocks (embeddings, final norm, head) that no unit changes
 stay on the device for the evaluator's lifetime. The blocks' context (rotary tables,
 masks) is taken to depend on the tokens only, as it does for every family here.
@@ -47,10 +51,7 @@ All computation is ``jnp``; the same code runs on CPU and GPU.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
-import sys
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -69,14 +70,31 @@ from allocsearch.evaluate.evaluator import (
     _checked_shard,
     check_evaluator_args,
 )
-from allocsearch.evaluate.metrics import Metric, TeacherData, next_token_nll
-from allocsearch.models.base import ModelAdapter
+from allocsearch.evaluate.metrics import Metric, TeacherData
+from allocsearch.evaluate.stream_programs import (
+    _aligned_empty,
+    _assemble_program,
+    _block_program,
+    _ctx_program,
+    _Loaded,
+    _nbytes,
+    _nll_finish_program,
+    _Pass,
+    _score_finish_program,
+    _Stage,
+    _teacher_finish_program,
+    _unmap_large_frees,
+)
 from allocsearch.models.hf import HFModel, LazyParams
 from allocsearch.supernet.depth import dropped_levels, skippable_sublayers
 from allocsearch.supernet.spec import SupernetSpec
 from allocsearch.supernet.store import SupernetStore
 
-__all__ = ["StreamStats", "StreamingEvaluator"]
+__all__ = ["STREAM_UNITS", "StreamStats", "StreamingEvaluator"]
+
+STREAM_UNITS = ("block", "unit")
+"""What a streaming evaluator holds on the device at a time: a block's variants, or one
+unit group's (:mod:`allocsearch.evaluate.unit_streaming`)."""
 
 
 class StreamStats(NamedTuple):
@@ -113,208 +131,6 @@ class StreamStats(NamedTuple):
     blocks_streamed: int = 0
 
 
-# ----------------------------------------------------------------------- compiled programs
-# Module level so that evaluators of one model share compiled programs. ``plain`` maps
-# parameter names to device arrays used as they are; ``stacks`` maps names to [P, *shape]
-# device arrays of P level slots; ``slots`` int32[G, len(stacks)] picks each candidate's
-# slot of each stack (columns in sorted name order).
-
-
-def _pick(plain, stacks, slot: jax.Array, dtype) -> dict[str, jax.Array]:
-    """One candidate's parameters: ``plain`` plus its slot of every stack, cast to the
-    compute ``dtype`` (stacks stay in the store's dtype; one slot is cast at a time)."""
-    params = dict(plain)
-    for j, name in enumerate(sorted(stacks)):
-        params[name] = stacks[name][slot[j]].astype(dtype)
-    return params
-
-
-def _placeholders(adapter: ModelAdapter, dtype) -> dict[str, jax.Array]:
-    """Shape-only stand-ins for every block parameter (``embed``/``finish`` merge the full
-    module but read none of them; XLA drops the unused broadcasts)."""
-    zero = jnp.zeros((), dtype)
-    out = {}
-    for i in range(adapter.num_blocks):
-        prefix = adapter.block_prefix(i)
-        for rel in adapter.block_param_names:
-            out[prefix + rel] = jnp.broadcast_to(zero, adapter.param_shapes[prefix + rel])
-    return out
-
-
-def _per_candidate(fn, slots: jax.Array, *args, sequential: bool = False):
-    """``fn(slot, *args)`` for every candidate's slot row (args batched on axis 0);
-    ``vmap``-ed, or one candidate after another with ``sequential`` (what lets a branch
-    inside ``fn`` skip work)."""
-    if slots.shape[0] == 1:  # no batch axis in the matmuls
-        return jax.tree.map(lambda x: x[None], fn(slots[0], *(a[0] for a in args)))
-    if sequential:
-        return jax.lax.map(lambda a: fn(*a), (slots, *args))
-    return jax.vmap(fn)(slots, *args)
-
-
-@jax.jit
-def _assemble_program(slabs):
-    """{name: tuple of P [*shape] slabs} -> {name: [P, *shape]}, in the slabs' (storage)
-    dtype: the compute-dtype copy is made per candidate, one slot at a time."""
-    return {name: jnp.stack(parts) for name, parts in slabs.items()}
-
-
-@partial(jax.jit, static_argnums=(0, 1))
-def _ctx_program(adapter, dtype, tokens, rows):
-    """The blocks' context for tokens[rows] (a function of the tokens only)."""
-    full = {
-        name: jnp.broadcast_to(jnp.zeros((), dtype), shape)
-        for name, shape in adapter.param_shapes.items()
-    }
-    return adapter.embed(full, tokens[rows])[1]
-
-
-@partial(jax.jit, static_argnums=(0, 1))
-def _embed_program(adapter, dtype, plain, stacks, slots, tokens, rows):
-    """float[G, R, T, D]: every candidate's embeddings of tokens[rows]."""
-    base = {**_placeholders(adapter, dtype), **plain}
-    toks = tokens[rows]
-
-    def one(slot):
-        return adapter.embed(_pick(base, stacks, slot, dtype), toks)[0]
-
-    if not stacks:
-        h = one(slots[0])
-        return jnp.broadcast_to(h, (slots.shape[0], *h.shape))
-    return _per_candidate(one, slots)
-
-
-@partial(jax.jit, static_argnums=(0,))
-def _block_program(adapter, plain, stacks, slots, h, ctx, skip=None):
-    """float[G, R, T, D]: one block applied to every candidate's hidden states; ``skip``
-    bool[G, S] (or None) marks each candidate's dropped sublayers
-    (``adapter.sublayer_names``), which are then not computed."""
-    if skip is None:
-
-        def one(slot, x):
-            return adapter.block(_pick(plain, stacks, slot, x.dtype), x, ctx)
-
-        return _per_candidate(one, slots, h)
-
-    def one_skipping(slot, flags, x):
-        names = {name: flags[s] for s, name in enumerate(adapter.sublayer_names)}
-        return adapter.block(_pick(plain, stacks, slot, x.dtype), x, ctx, skip=names)
-
-    return _per_candidate(one_skipping, slots, skip, h, sequential=True)
-
-
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _score_finish_program(
-    adapter, metric, dtype, plain, stacks, slots, h, ctx, teacher, tokens, rows
-):
-    """float32[G, R]: per-sequence losses of every candidate."""
-    base = {**_placeholders(adapter, dtype), **plain}
-    toks = tokens[rows]
-
-    def one(slot, x):
-        out = adapter.finish(_pick(base, stacks, slot, dtype), x, ctx)
-        return metric.sequence_losses(teacher, out, toks)
-
-    return _per_candidate(one, slots, h)
-
-
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _teacher_finish_program(adapter, metric, dtype, plain, h, ctx, tokens, rows):
-    """The metric's teacher data of the dense model's last hidden states h float[1, R, T, D]."""
-    base = {**_placeholders(adapter, dtype), **plain}
-    toks = tokens[rows]
-    return metric.teacher_data(adapter.finish(base, h[0], ctx), toks)
-
-
-@partial(jax.jit, static_argnums=(0, 1))
-def _nll_finish_program(adapter, dtype, plain, stacks, slots, h, ctx, tokens, rows, weights):
-    """Sum over sequences (weighted by float32[R]) of next-token NLL of one candidate."""
-    base = {**_placeholders(adapter, dtype), **plain}
-    toks = tokens[rows]
-    out = adapter.finish(_pick(base, stacks, slots[0], dtype), h[0], ctx)
-    return jnp.sum(weights[:, None] * next_token_nll(out, toks))
-
-
-@jax.jit
-def _take_member(h, j):
-    return h[j]
-
-
-@partial(jax.jit, static_argnums=(1,))
-def _broadcast_state(state, g):
-    return jnp.broadcast_to(state, (g, *state.shape))
-
-
-# ----------------------------------------------------------------------- host-side plans
-
-
-class _Stage(NamedTuple):
-    """The parameters of one stage (a block, or the outside: embeddings and head).
-
-    ``plain``: (name in the stage's params, full name) of parameters no unit changes;
-    ``owned``: (name in the stage's params, full name, unit) of the others, sorted by
-    the stage name (the column order of the slots).
-    """
-
-    plain: tuple[tuple[str, str], ...]
-    owned: tuple[tuple[str, str, int], ...]
-
-
-class _Loaded(NamedTuple):
-    """A stage's weights on the device, for one query."""
-
-    plain: dict[str, jax.Array]
-    stacks: dict[str, jax.Array]
-    slots: np.ndarray  # int32[members, len(owned)]: each member's slot of each stack
-    store_bytes: int
-    dense_bytes: int
-    transfer_bytes: int
-    variants_read: int
-
-
-_M_MMAP_THRESHOLD: int = -3  # glibc's mallopt parameter
-_MMAP_THRESHOLD_BYTES: int = 1 << 20
-_large_frees_unmapped = False
-
-
-def _unmap_large_frees() -> None:
-    """Make glibc serve allocations of 1 MiB and more with ``mmap`` and unmap them when
-    they are freed (once per process; nothing on other C libraries).
-
-    A streaming evaluator allocates and frees a block's worth of buffers (a few MiB to
-    hundreds of MiB each) per block and query, from several threads. glibc's default
-    threshold rises to 32 MiB after the first large free, so everything below it is carved
-    from per-thread heaps that keep freed memory: a 150 M bfloat16 model's actor held 1.0
-    GiB at peak instead of 0.56 GiB (scripts/bench_plan.py). Fixing the threshold costs a
-    page-zeroing fault per fresh page of a large buffer (about 1% of a block's compute).
-    """
-    global _large_frees_unmapped
-    if _large_frees_unmapped or not sys.platform.startswith("linux"):
-        return
-    _large_frees_unmapped = True
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return
-    mallopt = getattr(libc, "mallopt", None)  # glibc only (not musl)
-    if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-
-
-def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
-    """An uninitialised C-contiguous host array whose data starts on an ``align``-byte
-    boundary (what lets ``jax.device_put`` on CPU alias it instead of copying)."""
-    dtype = np.dtype(dtype)
-    n = math.prod(shape) * dtype.itemsize
-    raw = np.empty(n + align, np.uint8)
-    offset = (-raw.ctypes.data) % align
-    return raw[offset : offset + n].view(dtype).reshape(shape)
-
-
-def _nbytes(a: Any) -> int:
-    return int(np.dtype(a.dtype).itemsize * math.prod(a.shape))
-
-
 class StreamingEvaluator:
     """Scores level vectors of a supernet store block by block: ``choices`` int32[n, L]
     -> float32[n] (lower is better), the scores of the resident
@@ -347,6 +163,8 @@ class StreamingEvaluator:
       skip_dropped: on depth supernets, branch around each candidate's dropped sublayers
         (candidates run one after another); False runs their zero weights (``vmap``),
         for comparison: the scores are the same.
+      stream_unit: ``"block"`` (a block's variants on the device at a time) or ``"unit"``
+        (one unit group's: :mod:`allocsearch.evaluate.unit_streaming`; same scores).
 
     Raises:
       ValueError: mismatched inputs (the message names the unit or parameter).
@@ -376,6 +194,7 @@ class StreamingEvaluator:
         max_device_state_bytes: int = 2**32,
         max_teacher_bytes: int = 2**33,
         skip_dropped: bool = True,
+        stream_unit: str = "block",
     ):
         adapter = model.adapter
         _unmap_large_frees()
@@ -401,6 +220,11 @@ class StreamingEvaluator:
         self.max_reference_bytes = int(max_reference_bytes)
         self.max_device_reference_bytes = int(max_device_reference_bytes)
         self.max_device_state_bytes = int(max_device_state_bytes)
+        if stream_unit not in STREAM_UNITS:
+            raise ValueError(
+                f"stream_unit {stream_unit!r} is not valid; choose one of {STREAM_UNITS}"
+            )
+        self.stream_unit = stream_unit
         self.last_stats: StreamStats | None = None
         self._adapter = adapter
         self._nb = adapter.num_blocks
@@ -452,6 +276,10 @@ class StreamingEvaluator:
             skippable_sublayers(adapter, self.spec, store.unit_params) if skip_dropped else None
         )
         self._dropped = dropped_levels(self.spec)
+        if stream_unit == "unit":
+            from allocsearch.evaluate.unit_streaming import unit_stages
+
+            self._unit_stages = unit_stages(self, owner)
         self._teacher = self._compute_teacher(int(max_teacher_bytes))
 
         n_seq, seq_len = calibration.n_seq, calibration.seq_len
@@ -605,7 +433,8 @@ class StreamingEvaluator:
     ) -> tuple[list[list[Any]], dict[str, int], list[np.ndarray]]:
         """Run ``members`` (int32[m, L]; None: the dense model) through the model on the
         rows of ``chunks``: member ``j`` starts at block ``starts[j]`` from the reference's
-        states there (``self._states``), or from the embeddings at 0.
+        states there (``self._states``), or from the embeddings at 0; block by block, or
+        unit group by unit group (``stream_unit="unit"``).
 
         Returns:
           (``finish(outer, slots, h, ctx, chunk)`` for [group][chunk], byte and block
@@ -613,119 +442,48 @@ class StreamingEvaluator:
           index), that member's states at every block input are stored in
           ``self._states``.
         """
-        m = 1 if members is None else len(members)
-        order = np.argsort(starts, kind="stable")
-        groups = [order[j : j + group_size] for j in range(0, m, group_size)]
-        groups = [np.concatenate([q, np.full(group_size - len(q), q[-1])]) for q in groups]
-        gstart = np.array([int(starts[q].min()) for q in groups], np.int32)
-        counts = dict.fromkeys(
-            ("store_bytes", "dense_bytes", "transfer_bytes", "variants_read", "blocks_streamed"),
-            0,
-        )
+        p = _Pass(self, members, starts, tokens, chunks, group_size, record)
+        blocks = list(range(int(p.gstart.min()), self._nb))
+        if self.stream_unit == "unit":
+            from allocsearch.evaluate.unit_streaming import stream_units
 
-        def account(loaded: _Loaded) -> None:
-            counts["store_bytes"] += loaded.store_bytes
-            counts["dense_bytes"] += loaded.dense_bytes
-            counts["transfer_bytes"] += loaded.transfer_bytes
-            counts["variants_read"] += loaded.variants_read
+            stream_units(self, p, blocks)
+        else:
+            self._stream_blocks(p, blocks)
+        for g in np.flatnonzero(p.gstart == self._nb):
+            p.activate(int(g), self._nb)
+        outputs = [
+            [
+                finish(p.outer, p.outer.slots[q], p.device(p.h[g, c]), p.ctxs[c], c)
+                for c in range(len(chunks))
+            ]
+            for g, q in enumerate(p.groups)
+        ]
+        return outputs, p.counts, p.groups
 
-        def active_members(i: int) -> np.ndarray:
-            act = np.zeros(m, bool)
-            for q, s in zip(groups, gstart, strict=True):
-                if s <= i:
-                    act[q] = True
-            return act
-
-        adapter = self._adapter
-        ctxs = [_ctx_program(adapter, self._dtype, tokens, rows) for rows, _ in chunks]
-        all_members = np.ones(m, bool)
-        outer = self._load(self._outer, members, all_members, plain=False)
-        outer = outer._replace(plain={**self._outer_plain, **outer.plain})
-        account(outer)
-        rec: tuple[int, int] | None = None
-        if record is not None:
-            g_ref = next(g for g, q in enumerate(groups) if record in q)
-            rec = (g_ref, int(np.flatnonzero(groups[g_ref] == record)[0]))
-            self._states = [[None] * len(chunks) for _ in range(self._nb + 1)]
-
-        # Hidden states of every (group, chunk), parked on the host between blocks when
-        # all of them would exceed max_device_state_bytes.
-        carried = len(groups) * group_size * sum(len(r) for r, _ in chunks)
-        park = carried * tokens.shape[1] * self._state_bytes_per_token > self.max_device_state_bytes
-        h: dict[tuple[int, int], jax.Array | np.ndarray] = {}
-
-        def device(x: jax.Array | np.ndarray) -> jax.Array:
-            if isinstance(x, jax.Array):
-                return x
-            counts["transfer_bytes"] += int(x.nbytes)
-            return jax.device_put(x)
-
-        def park_all() -> None:
-            if park:
-                keys = list(h)
-                for key, value in zip(keys, jax.device_get([h[k] for k in keys]), strict=True):
-                    h[key] = value
-
-        def activate(g: int, i: int) -> None:
-            for c, (rows, _) in enumerate(chunks):
-                if i == 0:
-                    h[g, c] = _embed_program(
-                        adapter,
-                        self._dtype,
-                        outer.plain,
-                        outer.stacks,
-                        outer.slots[groups[g]],
-                        tokens,
-                        rows,
-                    )
-                else:
-                    state = self._states[i][c]
-                    if not isinstance(state, jax.Array):
-                        counts["transfer_bytes"] += int(state.nbytes)
-                    h[g, c] = _broadcast_state(jnp.asarray(state), group_size)
-
-        def keep(i: int) -> None:
-            if rec is None:
-                return
-            for c in range(len(chunks)):
-                state = _take_member(device(h[rec[0], c]), rec[1])
-                self._states[i][c] = state if self._states_on_device else np.asarray(state)
-
-        first = int(gstart.min())
-        blocks = list(range(first, self._nb))
+    def _stream_blocks(self, p: _Pass, blocks: Sequence[int]) -> None:
+        """Every block of ``blocks`` in turn, its weights read whole (the next prefetched)."""
         loads = self._loader(
-            blocks, lambda i: self._load(self._blocks[i], members, active_members(i))
+            blocks, lambda i: self._load(self._blocks[i], p.members, p.active_members(i))
         )
         for i, loaded in zip(blocks, loads, strict=True):
-            account(loaded)
-            counts["blocks_streamed"] += 1
-            for g in np.flatnonzero(gstart == i):
-                activate(int(g), i)
-            if i == 0:
-                keep(0)
-            skip = self._skip_flags(i, members)
-            for g in np.flatnonzero(gstart <= i):
-                slots = loaded.slots[groups[g]]
-                flags = None if skip is None else skip[groups[g]]
-                for c in range(len(chunks)):
-                    h[g, c] = _block_program(
-                        adapter,
+            p.account(loaded)
+            p.start_block(i)
+            skip = self._skip_flags(i, p.members)
+            for g in p.running(i):
+                slots = loaded.slots[p.groups[g]]
+                flags = None if skip is None else skip[p.groups[g]]
+                for c in range(len(p.chunks)):
+                    p.h[g, c] = _block_program(
+                        self._adapter,
                         loaded.plain,
                         loaded.stacks,
                         slots,
-                        device(h[g, c]),
-                        ctxs[c],
+                        p.device(p.h[g, c]),
+                        p.ctxs[c],
                         flags,
                     )
-            keep(i + 1)
-            park_all()
-        for g in np.flatnonzero(gstart == self._nb):
-            activate(int(g), self._nb)
-        outputs = [
-            [finish(outer, outer.slots[q], device(h[g, c]), ctxs[c], c) for c in range(len(chunks))]
-            for g, q in enumerate(groups)
-        ]
-        return outputs, counts, groups
+            p.end_block(i)
 
     def _skip_flags(self, i: int, members: np.ndarray | None) -> np.ndarray | None:
         """bool[m, S]: the sublayers of block ``i`` each member drops (None: nothing to

@@ -297,6 +297,11 @@ class ModelAdapter(abc.ABC):
         prefix = self.block_prefix(i)
         return {name: params[prefix + name] for name in self._block.names}
 
+    def merge_block(self, block_params: Mapping[str, jax.Array]) -> nnx.Module:
+        """Block modules holding ``block_params`` (relative names; a pure merge, usable
+        inside jit): what computes a block piece by piece (unit streaming)."""
+        return self._block.merge(block_params)
+
     def block(
         self,
         block_params: Mapping[str, jax.Array],

@@ -328,7 +328,18 @@ class LlamaAttention(nnx.Module):
         b, t, _ = x.shape
         if taps is not None:
             taps["self_attn.q_proj"] = x
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        out = self.core(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, allowed)
+        if taps is not None:
+            taps["self_attn.o_proj"] = out
+        return self.o_proj(out)
+
+    def core(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array, allowed
+    ) -> jax.Array:
+        """Attention between the projections: q, k, v float[B, T, heads x head_dim] (as
+        the q/k/v projections give them) -> float[B, T, H x head_dim], the o projection's
+        input (unit streaming computes the projections one at a time around it)."""
+        b, t, _ = q.shape
         if self.qk_norm == "proj":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.reshape(b, t, self.num_heads, self.head_dim)
@@ -338,10 +349,7 @@ class LlamaAttention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         out = attention(q, k, v, allowed, scale=self.scale, softcap=self.softcap)
-        out = out.reshape(b, t, -1)
-        if taps is not None:
-            taps["self_attn.o_proj"] = out
-        return self.o_proj(out)
+        return out.reshape(b, t, -1)
 
 
 class LlamaMLP(nnx.Module):
@@ -406,11 +414,7 @@ class LlamaDecoderLayer(nnx.Module):
         """One block; ``skip`` maps sublayer names (``self_attn``, the MLP's name) to bool
         scalars: a true one is not computed and the residual passes unchanged (dropped
         sublayers; pre-norm layout only)."""
-        if self.layer_type_id is None:
-            cos, sin, allowed = ctx.cos[0], ctx.sin[0], ctx.allowed[0]
-        else:
-            idx = self.layer_type_id[...].astype(jnp.int32)
-            cos, sin, allowed = ctx.cos[idx], ctx.sin[idx], ctx.allowed[idx]
+        cos, sin, allowed = self.context(ctx)
         r = self.residual_multiplier
         if self.layout == "pre":
 
@@ -432,6 +436,13 @@ class LlamaDecoderLayer(nnx.Module):
         h = h + self.post_attention_layernorm(self.self_attn(x, cos, sin, allowed, taps))
         x = h if self.pre_feedforward_layernorm is None else self.pre_feedforward_layernorm(h)
         return h + self.post_feedforward_layernorm(getattr(self, self.mlp_name)(x, taps))
+
+    def context(self, ctx: LlamaContext) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(cos, sin, allowed) of this block's attention type."""
+        if self.layer_type_id is None:
+            return ctx.cos[0], ctx.sin[0], ctx.allowed[0]
+        idx = self.layer_type_id[...].astype(jnp.int32)
+        return ctx.cos[idx], ctx.sin[idx], ctx.allowed[idx]
 
 
 def _unless_skipped(skip, name: str, sublayer, h: jax.Array) -> jax.Array:

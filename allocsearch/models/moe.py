@@ -216,12 +216,14 @@ class SparseMoeBlock(nnx.Module):
             ]
         )
 
-    def routing(self, x: jax.Array) -> jax.Array:
+    def routing(self, x: jax.Array, kept: jax.Array | None = None) -> jax.Array:
         """float32[B, T, E]: each token's weight on each expert (0 where not routed). The
-        logits of removed experts (:meth:`expert_kept`) are -inf, so the softmax and top-k
-        run over the kept experts as if the removed ones did not exist."""
+        logits of removed experts (:meth:`expert_kept`, or ``kept`` bool[E] when the
+        experts' weights are not at hand) are -inf, so the softmax and top-k run over the
+        kept experts as if the removed ones did not exist."""
         m = self.moe
-        logits = jnp.where(self.expert_kept(), self.gate(x).astype(jnp.float32), -jnp.inf)
+        kept = self.expert_kept() if kept is None else kept
+        logits = jnp.where(kept, self.gate(x).astype(jnp.float32), -jnp.inf)
         probs = jax.nn.softmax(logits, axis=-1)
         top, idx = jax.lax.top_k(probs, m.top_k)
         if m.norm_topk_prob:
