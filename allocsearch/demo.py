@@ -245,18 +245,7 @@ def compare_strategies(
             f"sequences whose nearest neighbour (pooled embedding cosine) is the dense "
             f"model's (higher is better)"
         )
-    validation = (
-        ""
-        if ws.validation is None
-        else f"validation: {cfg.evaluator.metric} on {ws.validation.n_tokens:,} validation "
-        "tokens of the calibration source that no search scored (EvoPress picks its final "
-        "allocation on them); "
-    )
-    header = (
-        f"# {cfg.model}: {cfg.search.budget_kind} budget, remove {cfg.search.target:.0%}\n\n"
-        f"Fitness: {cfg.evaluator.metric} on {ws.calibration.n_tokens:,} calibration tokens "
-        f"(lower is better); {validation}{held}.\n\n"
-    )
+    header = _compare_header(cfg, ws, held)
     atomic_write_text(header + table + "\n", out / "compare.md", overwrite=True)
     plot_compare(
         rows,
@@ -286,6 +275,22 @@ def compare_strategies(
         recipe.save(out / f"recipe-{s.outcome.strategy}.json", overwrite=True)
     console.print(table, soft_wrap=True, highlight=False, markup=False)
     return scored, dense_ppl
+
+
+def _compare_header(cfg: RunConfig, ws: pipeline.Workspace, held: str) -> str:
+    """compare.md's title and the line that says what each score column measures."""
+    validation = (
+        ""
+        if ws.validation is None
+        else f"validation: {cfg.evaluator.metric} on {ws.validation.n_tokens:,} validation "
+        "tokens of the calibration source that no search scored (EvoPress picks its final "
+        "allocation on them); "
+    )
+    return (
+        f"# {cfg.model}: {cfg.search.budget_kind} budget, remove {cfg.search.target:.0%}\n\n"
+        f"Fitness: {cfg.evaluator.metric} on {ws.calibration.n_tokens:,} calibration tokens "
+        f"(lower is better); {validation}{held}.\n\n"
+    )
 
 
 def run_compare(

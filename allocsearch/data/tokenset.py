@@ -350,12 +350,10 @@ def build_tokensets(
         held-out documents, or ``heldout_fraction`` of a single stream.
       heldout_fraction: share of a single stream reserved for held-out, in (0, 1);
         ignored when ``heldout_documents`` or ``n_heldout_seqs`` is given.
-      n_validation_seqs: > 0: also that many validation windows of the calibration
-        region (:func:`validation_tokenset`); the calibration windows do not change.
+      n_validation_seqs: > 0: also that many validation windows (returned third).
 
     Returns:
-      ``(calibration, heldout)`` token sets, and ``validation`` third when
-      ``n_validation_seqs > 0``.
+      ``(calibration, heldout[, validation])`` (:func:`validation_tokenset`).
 
     Raises:
       ValueError: a document appears in both lists, the corpus is too short (message
