@@ -585,7 +585,9 @@ def _fitness_label(cfg: RunConfig, strategy: str, settings: dict[str, Any]) -> s
     """``"kl on 2,048 tokens"``: what a ``strategy`` search run with ``settings`` (those it
     ran with: a table search's tokens are set at the run) measures its best fitness on."""
     tokens = registry.fitness_tokens(strategy, settings)
-    return None if tokens is None else f"{cfg.evaluator.metric} on {tokens:,} tokens"
+    picked = settings.get("final_parents") and settings.get("final_split") == "validation"
+    which = "validation tokens" if picked else "tokens"  # EvoPress's final pick's rows
+    return None if tokens is None else f"{cfg.evaluator.metric} on {tokens:,} {which}"
 
 
 def _finish(ws, store, budget, outcome, ppl: float, out: Path, console, *, partial=False) -> None:
