@@ -13,7 +13,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 
 from allocsearch import pipeline
@@ -109,13 +108,17 @@ def _search_and_score_one(
     own = outcome.store is not None
     evaluate, path = (rounds[-1], outcome.store.path) if own else (shared, store.path)
     with heartbeat(f"{name}: scoring", enabled=progress):
-        fitness = evaluate(
-            outcome.choice[None].astype(np.int32), fidelity=ws.calibration.n_tokens, batch_seed=0
-        )[0]
+        outcome = pipeline.with_split_fitness(ws, evaluate, outcome)
         held = evaluate.run(HeldoutScoring(cfg, str(Path(path).absolute())), outcome.choice)
     achieved = CostModel.from_spec((outcome.store or store).spec, budget).achieved(outcome.choice)
+    split = outcome.split
     return pipeline.Scored(
-        outcome, float(fitness), float(held.score), float(achieved), held.nn_agreement
+        outcome,
+        split.calibration,
+        float(held.score),
+        float(achieved),
+        held.nn_agreement,
+        split.validation,
     )
 
 
@@ -228,6 +231,7 @@ def compare_strategies(
             achieved=s.achieved,
             heldout_distance=None if causal else s.heldout,
             nn_agreement=s.nn_agreement,
+            validation=s.validation,
         )
         for s in scored
     ]
@@ -241,11 +245,7 @@ def compare_strategies(
             f"sequences whose nearest neighbour (pooled embedding cosine) is the dense "
             f"model's (higher is better)"
         )
-    header = (
-        f"# {cfg.model}: {cfg.search.budget_kind} budget, remove {cfg.search.target:.0%}\n\n"
-        f"Fitness: {cfg.evaluator.metric} on {ws.calibration.n_tokens:,} calibration tokens "
-        f"(lower is better); {held}.\n\n"
-    )
+    header = _compare_header(cfg, ws, held)
     atomic_write_text(header + table + "\n", out / "compare.md", overwrite=True)
     plot_compare(
         rows,
@@ -275,6 +275,22 @@ def compare_strategies(
         recipe.save(out / f"recipe-{s.outcome.strategy}.json", overwrite=True)
     console.print(table, soft_wrap=True, highlight=False, markup=False)
     return scored, dense_ppl
+
+
+def _compare_header(cfg: RunConfig, ws: pipeline.Workspace, held: str) -> str:
+    """compare.md's title and the line that says what each score column measures."""
+    validation = (
+        ""
+        if ws.validation is None
+        else f"validation: {cfg.evaluator.metric} on {ws.validation.n_tokens:,} validation "
+        "tokens of the calibration source that no search scored (EvoPress picks its final "
+        "allocation on them); "
+    )
+    return (
+        f"# {cfg.model}: {cfg.search.budget_kind} budget, remove {cfg.search.target:.0%}\n\n"
+        f"Fitness: {cfg.evaluator.metric} on {ws.calibration.n_tokens:,} calibration tokens "
+        f"(lower is better); {validation}{held}.\n\n"
+    )
 
 
 def run_compare(

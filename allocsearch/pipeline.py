@@ -45,6 +45,7 @@ from allocsearch.evaluate.metrics import (
     TopKKLDivergence,
     nearest_neighbour_agreement,
 )
+from allocsearch.evaluate.splits import SplitFitness, split_fitness
 from allocsearch.evaluate.streaming import StreamingEvaluator
 from allocsearch.models.bert import mean_pool
 from allocsearch.models.hf import ARCHITECTURES, HFModel, load_model
@@ -98,12 +99,14 @@ BUILD_BATCH = 16
 
 @dataclass
 class Workspace:
-    """A loaded model with its calibration and held-out token sets."""
+    """A loaded model with its calibration and held-out token sets, and the validation
+    rows (``data.n_validation_seqs``; None when 0)."""
 
     config: RunConfig
     model: HFModel
     calibration: TokenSet
     heldout: TokenSet
+    validation: TokenSet | None = None
 
 
 def load_workspace(cfg: RunConfig) -> Workspace:
@@ -117,17 +120,28 @@ def load_workspace(cfg: RunConfig) -> Workspace:
         if source is not None and source != DEMO_NAME:
             check_source(source)
     model = load_model(resolve_model_path(cfg.model), dtype=cfg.dtype, lazy=True)
-    calibration, heldout = load_tokensets(cfg.data, model)
-    return Workspace(cfg, model, calibration, heldout)
+    return Workspace(cfg, model, *load_tokensets(cfg.data, model))
 
 
-def load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, TokenSet]:
-    """Calibration and held-out token sets (disjoint) for ``model``: windows of the token
-    stream for a causal language model, sentence-aligned rows wrapped in the tokenizer's
-    own special tokens for an encoder (:func:`~allocsearch.data.encoder_sets.encoder_tokensets`)."""
+def load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, TokenSet, TokenSet | None]:
+    """Calibration, held-out and validation token sets (disjoint) for ``model``: windows of
+    the token stream for a causal language model, sentence-aligned rows wrapped in the
+    tokenizer's own special tokens for an encoder
+    (:func:`~allocsearch.data.encoder_sets.encoder_tokensets`). The validation set
+    (``data.n_validation_seqs`` rows of the calibration source, None when 0) never
+    changes the calibration rows (:mod:`allocsearch.data.validation`)."""
+    sets = _load_tokensets(data, model)
+    return sets[0], sets[1], (sets[2] if len(sets) > 2 else None)
+
+
+def _load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, ...]:
     if data.calibration == DEMO_NAME:
         return demo_tokensets(
-            data.seq_len, data.n_calibration_seqs, data.seed, n_heldout_seqs=data.n_heldout_seqs
+            data.seq_len,
+            data.n_calibration_seqs,
+            data.seed,
+            n_heldout_seqs=data.n_heldout_seqs,
+            n_validation_seqs=data.n_validation_seqs,
         )
     tokenizer = _tokenizer_for(data, model)
     docs = load_documents(data.calibration, pattern=data.pattern, text_field=data.text_field)
@@ -146,6 +160,7 @@ def load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, TokenSet
         seed=data.seed,
         heldout_documents=held,
         n_heldout_seqs=data.n_heldout_seqs,
+        n_validation_seqs=data.n_validation_seqs,
     )
 
 
@@ -382,7 +397,13 @@ def make_evaluator(
 
         unit = stream_unit_for(ws.config, store=store.path)
         return StreamingEvaluator(
-            ws.model, store, ws.calibration, metric=metric, micro_batch_tokens=mb, stream_unit=unit
+            ws.model,
+            store,
+            ws.calibration,
+            metric=metric,
+            micro_batch_tokens=mb,
+            stream_unit=unit,
+            validation=ws.validation,
         )
     return Evaluator(
         ws.model,
@@ -392,6 +413,7 @@ def make_evaluator(
         ws.calibration,
         metric=metric,
         micro_batch_tokens=mb,
+        validation=ws.validation,
     )
 
 
@@ -433,6 +455,8 @@ class Outcome:
     info: dict[str, float] = field(default_factory=dict)
     # The supernet ``choice`` indexes when it is not the shared one (Týr's last round).
     store: SupernetStore | None = None
+    # Fitness on the whole calibration set and the validation rows (with_split_fitness).
+    split: SplitFitness | None = None
 
 
 def allocate_baseline(
@@ -464,6 +488,19 @@ def allocate_baseline(
         weights, input_norms, {layer.name: layer.shape for layer in layers}
     )
     return entry.allocate(spec, budget, inputs, settings, seed)
+
+
+def _validation_tokens(ws: Workspace) -> int | None:
+    return None if ws.validation is None else ws.validation.n_tokens
+
+
+def with_split_fitness(ws: Workspace, evaluate: Any, outcome: Outcome) -> Outcome:
+    """``outcome`` with its :class:`~allocsearch.evaluate.splits.SplitFitness`: scored by
+    ``evaluate`` (an evaluator or backend of the store ``outcome.choice`` indexes) on the
+    whole calibration set and every validation row (these scorings are reports, not
+    search: the outcome's evaluations do not count them)."""
+    split = split_fitness(evaluate, outcome.choice, ws.calibration, ws.validation)
+    return dataclasses.replace(outcome, split=split)
 
 
 def table_settings(ws: Workspace, strategy: str, settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -538,7 +575,9 @@ def run_strategy(
         first, settings = run_seed_stage(
             strategy, ws, store, budget, evaluate=evaluate, seed=seed, settings=settings, spec=spec
         )
-    settings = table_settings(ws, strategy, settings)
+    settings = table_settings(
+        ws, strategy, registry.with_validation_pick(strategy, settings, _validation_tokens(ws))
+    )
     searcher = registry.make_searcher(strategy, settings)
     result = run_search(
         searcher,
@@ -820,7 +859,7 @@ def recipe_from_choice(
         provenance=Provenance(
             strategy=outcome.strategy,
             settings=_recipe_settings(store, outcome),
-            fitness=Fitness(fitness_name, outcome.fitness),
+            fitness=_fitness(fitness_name, outcome),
             calibration=Calibration(
                 ws.calibration.source, ws.calibration.fingerprint, int(ws.config.data.seed)
             ),
@@ -831,6 +870,22 @@ def recipe_from_choice(
         structure=spec.structure,
         units=tuple(units),
         partial=partial,
+    )
+
+
+def _fitness(metric: str, outcome: Outcome) -> Fitness:
+    """The recipe's fitness: the search's own, and the split scores when measured."""
+    s = outcome.split
+    if s is None:
+        return Fitness(metric, outcome.fitness)
+    validation_tokens = s.validation_tokens if s.validation is not None else None
+    return Fitness(
+        metric,
+        outcome.fitness,
+        s.calibration,
+        s.calibration_tokens,
+        s.validation,
+        validation_tokens,
     )
 
 
@@ -849,14 +904,16 @@ def _recipe_settings(store: SupernetStore, outcome: Outcome) -> dict[str, Any]:
 class Scored:
     """One outcome scored for a compare table: ``fitness`` on the common minibatch,
     ``heldout`` the :attr:`HeldoutScores.score` (perplexity, or for encoders the distance
-    to the dense model; lower is better), ``nn_agreement`` (encoders; higher is better)
-    and the budget ``achieved``."""
+    to the dense model; lower is better), ``nn_agreement`` (encoders; higher is better),
+    the budget ``achieved`` and ``validation``, the fitness on every validation row (None
+    without them)."""
 
     outcome: Outcome
     fitness: float
     heldout: float
     achieved: float
     nn_agreement: float | None = None
+    validation: float | None = None
 
 
 def score_outcomes(
@@ -876,11 +933,15 @@ def score_outcomes(
     for o in outcomes:
         ev = evaluator if o.store is None else make_evaluator(ws, o.store)
         costs = CostModel.from_spec(ev.spec, budget)
-        f = ev(o.choice[None].astype(np.int32), fidelity=fidelity, batch_seed=0)[0]
+        o = with_split_fitness(ws, ev, o)
+        f = o.split.calibration
+        if fidelity != ws.calibration.n_tokens:
+            f = ev(o.choice[None].astype(np.int32), fidelity=fidelity, batch_seed=0)[0]
         if ws.model.adapter.is_causal_lm:
             held = HeldoutScores(float(ev.perplexity(o.choice, ws.heldout)))
         else:  # encoders: held-out distance to the dense model's outputs
             held = heldout_scores(ws, evaluated_model(ws, ev, o.choice))
         achieved = float(costs.achieved(o.choice))
-        out.append(Scored(o, float(f), held.score, achieved, held.nn_agreement))
+        validation = o.split.validation
+        out.append(Scored(o, float(f), held.score, achieved, held.nn_agreement, validation))
     return out

@@ -408,6 +408,7 @@ def run_search_command(
                 outcome = sublayer_outcome(outcome)
                 if ray_eval is not None:
                     with heartbeat(f"{strategy}: scoring the result", enabled=progress):
+                        outcome = pipeline.with_split_fitness(ws, ray_eval, outcome)
                         ppl = ray_eval.run(
                             HeldoutPerplexity(cfg, str(Path(supernet).absolute())), outcome.choice
                         )
@@ -430,6 +431,7 @@ def run_search_command(
             ray_eval.close()
     if ray_eval is None:
         with heartbeat(f"{strategy}: scoring the result", enabled=progress):
+            outcome = pipeline.with_split_fitness(ws, evaluate, outcome)
             ppl = _local_ppl(ws, outcome, evaluate)
     _finish(ws, store, budget, outcome, ppl, out, console)
 
@@ -455,6 +457,8 @@ def _run_unscored(cfg, ws, store, budget, settings, out: Path, progress: bool, c
             progress=progress,
         )
     with heartbeat(f"{strategy}: scoring the result", enabled=progress):
+        if outcome.store is None:  # Týr's own last supernet: scored there for perplexity
+            outcome = pipeline.with_split_fitness(ws, local, outcome)
         ppl = _local_ppl(ws, outcome, local)
     _finish(ws, store, budget, outcome, ppl, out, console)
 
@@ -581,7 +585,9 @@ def _fitness_label(cfg: RunConfig, strategy: str, settings: dict[str, Any]) -> s
     """``"kl on 2,048 tokens"``: what a ``strategy`` search run with ``settings`` (those it
     ran with: a table search's tokens are set at the run) measures its best fitness on."""
     tokens = registry.fitness_tokens(strategy, settings)
-    return None if tokens is None else f"{cfg.evaluator.metric} on {tokens:,} tokens"
+    picked = settings.get("final_parents") and settings.get("final_split") == "validation"
+    which = "validation tokens" if picked else "tokens"  # EvoPress's final pick's rows
+    return None if tokens is None else f"{cfg.evaluator.metric} on {tokens:,} {which}"
 
 
 def _finish(ws, store, budget, outcome, ppl: float, out: Path, console, *, partial=False) -> None:
@@ -602,8 +608,13 @@ def _finish(ws, store, budget, outcome, ppl: float, out: Path, console, *, parti
     held = f"{ppl:.4f}" if ws.model.adapter.is_causal_lm else f"{ppl:.6g}"
     label = _fitness_label(ws.config, outcome.strategy, settings)
     fitness = "-" if outcome.fitness is None else f"{outcome.fitness:.6g}"
+    split, scores = outcome.split, ""
+    if split is not None:
+        scores = f", all {split.calibration_tokens:,} calibration tokens {split.calibration:.6g}"
+        if split.validation is not None:
+            scores += f", {split.validation_tokens:,} validation tokens {split.validation:.6g}"
     console.print(
-        f"{outcome.strategy}: fitness {fitness}{f' ({label})' if label else ''}"
+        f"{outcome.strategy}: fitness {fitness}{f' ({label})' if label else ''}{scores}"
         f", {pipeline.heldout_label(ws)} {held}, {_removes(recipe, budget)}, "
         f"{outcome.evaluations} evaluations, {outcome.wall_time_s:.1f} s "
         f"-> {path}",

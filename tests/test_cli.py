@@ -13,7 +13,9 @@ from flax import nnx
 from tiny_workspace import TINY_LLAMA, cli_config, write_model_and_corpus
 from typer.testing import CliRunner
 
+from allocsearch import pipeline
 from allocsearch.cli import app
+from allocsearch.config import load_config
 from allocsearch.distributed.progress import read_log
 from allocsearch.models import load_model
 from allocsearch.recipe.recipe import Recipe
@@ -179,6 +181,39 @@ def test_compare_writes_table_and_recipes(workdir, supernet):
     for name in ("uniform", "erk", "dp", "dense"):
         assert name in table
     assert (out / "compare.png").exists() and (out / "recipe-dp.json").exists()
+    # issue 24: calibration and validation columns (16 validation rows of 32 tokens, the
+    # data.n_validation_seqs default), and each recipe holds both scores, equal to the
+    # evaluator's scores of its allocation on every calibration / validation row
+    header = [c.strip() for c in table.split("\n\n")[2].splitlines()[0].split("|")]
+    assert header[2:4] == ["calibration", "validation"]
+    assert "512 validation tokens" in table
+    ws = pipeline.load_workspace(load_config(workdir / "config.yaml"))
+    store = pipeline.open_store(ws, supernet)
+    evaluator = pipeline.make_evaluator(ws, store)
+    for name in ("uniform", "dp"):
+        recipe = Recipe.load(out / f"recipe-{name}.json")
+        choice = np.array([recipe_levels(store, recipe)], np.int32)
+        fitness = recipe.provenance.fitness
+        assert (fitness.calibration_tokens, fitness.validation_tokens) == (512, 512)
+        cal = evaluator(choice, fidelity=512, batch_seed=0)[0]
+        val = evaluator(choice, fidelity=512, batch_seed=0, split="validation")[0]
+        assert fitness.calibration == pytest.approx(float(cal), rel=1e-6)
+        assert fitness.validation == pytest.approx(float(val), rel=1e-6)
+        assert fitness.validation != pytest.approx(fitness.calibration, rel=1e-3)
+
+
+def recipe_levels(store, recipe) -> list[int]:
+    """Each unit's level in ``recipe``: the store level of the sparsity it records."""
+    sparsity = {layer.name: layer.sparsity for layer in recipe.layers}
+    spec = store.spec
+    return [
+        int(
+            np.argmin(
+                np.where(spec.valid[u], np.abs(spec.sparsity[u] - sparsity[unit.layers[0]]), 9)
+            )
+        )
+        for u, unit in enumerate(spec.units)
+    ]
 
 
 def test_compare_without_a_target_runs_at_the_supernets_own(workdir, supernet, tmp_path):

@@ -39,6 +39,10 @@ class TinyEvaluatorFactory:
 
     seed: int = 0
     micro_batch_tokens: int = 24  # 3 sequences per compiled call
+    # validation rows (random ids after the calibration rows' draw); with
+    # validation_as_calibration they are the calibration set instead (a direct scorer)
+    validation_seqs: int = 0
+    validation_as_calibration: bool = False
 
     def __call__(self) -> Evaluator:
         adapter = adapter_for_config(TINY)
@@ -56,14 +60,21 @@ class TinyEvaluatorFactory:
             tuple(units), np.tile(LEVELS, (n, 1)), np.ones((n, len(LEVELS)), bool), np.full(n, 1)
         )
         tokens = rng.integers(0, TINY["vocab_size"], size=(N_SEQ, SEQ_LEN)).astype(np.int32)
+        calibration, validation = TokenSet(tokens, "random ids", "ids", 0), None
+        if self.validation_seqs:
+            held = rng.integers(0, TINY["vocab_size"], size=(self.validation_seqs, SEQ_LEN))
+            validation = TokenSet(held.astype(np.int32), "random validation ids", "ids", 0)
+            if self.validation_as_calibration:
+                calibration, validation = validation, None
         return Evaluator(
             HFModel(adapter, params),
             spec,
             variants,
             [(name,) for name in variants],
-            TokenSet(tokens, "random ids", "ids", 0),
+            calibration,
             metric=KLDivergence(),
             micro_batch_tokens=self.micro_batch_tokens,
+            validation=validation,
         )
 
 

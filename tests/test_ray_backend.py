@@ -292,6 +292,30 @@ def test_fewer_candidates_than_actors_split_the_tokens(ray_cluster):
         assert evaluate.run(_Square(), 7) == 49
 
 
+@pytest.mark.slow
+def test_ray_validation_scores_equal_in_process_and_direct_scores(ray_cluster):
+    """A validation query on Ray (rows split over actors, and one row split by tokens)
+    gives the in-process evaluator's validation scores, which are the scores of an
+    evaluator whose calibration set is the validation rows."""
+    factory = test_evaluator_shard.TinyEvaluatorFactory(validation_seqs=5)
+    local = factory()
+    direct = test_evaluator_shard.TinyEvaluatorFactory(
+        validation_seqs=5, validation_as_calibration=True
+    )()
+    choices = test_evaluator_shard.offspring(local.spec, 3, seed=6)
+    fidelity = 5 * test_evaluator_shard.SEQ_LEN  # every validation row
+    want = direct(choices, fidelity=fidelity, batch_seed=0)
+    np.testing.assert_allclose(
+        local(choices, fidelity=fidelity, batch_seed=0, split="validation"), want, rtol=1e-6
+    )
+    with RayEvaluate(factory, workers=2) as evaluate:
+        for rows in (choices, choices[:1]):  # rows over actors; one row over token shards
+            got = evaluate(rows, fidelity=fidelity, batch_seed=0, split="validation")
+            np.testing.assert_allclose(got, want[: len(rows)], rtol=1e-6)
+        calibration = evaluate(choices, fidelity=fidelity, batch_seed=0)
+    assert np.abs(calibration - want).max() > 1e-4  # the split changed the rows scored
+
+
 @dataclass(frozen=True)
 class _Square:
     def __call__(self, x: int) -> int:

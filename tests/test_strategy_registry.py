@@ -165,8 +165,10 @@ def test_dp_evopress_counts_the_table_and_resumes(workdir):
     recipe = Recipe.load(workdir / "seeded" / "recipe.json")
     prov = recipe.provenance
     assert prov.strategy == "dp+evopress"
-    final_pick = {"final_parents": 4, "final_tokens": 512}  # the calibration set: 512
+    # the final pick scores every validation token (16 rows of 32, data.n_validation_seqs)
+    final_pick = {"final_parents": 4, "final_tokens": 512, "final_split": "validation"}
     assert prov.settings == {**EVO, "table_tokens": 512, **final_pick}
+    assert (prov.fitness.calibration_tokens, prov.fitness.validation_tokens) == (512, 512)
     # DP's table and solution (as `search --strategy dp` counts them), then EvoPress's own
     # generations, then the final pick among the start and the last parents (1 to 5)
     log = read_log(workdir / "seeded" / "log.jsonl")

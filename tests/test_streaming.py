@@ -476,7 +476,7 @@ def test_config_micro_batch_tokens_reaches_both_evaluators_and_keeps_scores(setu
             run = dataclasses.replace(
                 cfg, evaluator=dataclasses.replace(cfg.evaluator, execution=execution)
             )
-            ws = SimpleNamespace(config=run, model=model, calibration=calib)
+            ws = SimpleNamespace(config=run, model=model, calibration=calib, validation=None)
             ev = pipeline.make_evaluator(ws, store)
             assert ev._max_rows == max(1, mb // SEQ_LEN)  # whole sequences, at least one
             scores[mb, execution] = ev(choices, fidelity=N_SEQ * SEQ_LEN, batch_seed=0)
@@ -500,7 +500,7 @@ def test_resident_evaluator_keeps_one_device_copy_of_the_variants(setup, kind):
 
     eager, _, calib, store = setup(kind)
     cfg = config_from_dict({"evaluator": {"execution": "resident", "micro_batch_tokens": 16}})
-    ws = SimpleNamespace(config=cfg, model=eager, calibration=calib)
+    ws = SimpleNamespace(config=cfg, model=eager, calibration=calib, validation=None)
     gc.collect()
     before = {id(a) for a in jax.live_arrays()}
     ev = pipeline.make_evaluator(ws, store)

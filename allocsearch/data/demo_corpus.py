@@ -33,6 +33,7 @@ from allocsearch.data.tokenset import (
     calibration_tokenset,
     encode_documents,
     heldout_tokenset,
+    validation_tokenset,
 )
 
 __all__ = [
@@ -126,7 +127,8 @@ def demo_tokensets(
     seed: int,
     *,
     n_heldout_seqs: int | None = None,
-) -> tuple[TokenSet, TokenSet]:
+    n_validation_seqs: int = 0,
+) -> tuple[TokenSet, ...]:
     """Calibration and held-out token sets of the demo corpus with the byte tokenizer.
 
     Calibration windows are drawn (seeded) from the :data:`TRAIN_MODULES` stream; the
@@ -139,14 +141,18 @@ def demo_tokensets(
       seed: seed of the calibration windows.
       n_heldout_seqs: number of held-out windows (from the start); None takes all
         (about 450,000 // seq_len).
+      n_validation_seqs: > 0: also that many validation windows of the train stream
+        disjoint from the calibration windows (:mod:`allocsearch.data.validation`).
 
     Returns:
-      ``(calibration, heldout)`` token sets; tokenizer identity ``"bytes-utf8"``.
+      ``(calibration, heldout)`` token sets, and ``validation`` third when
+      ``n_validation_seqs > 0``; tokenizer identity ``"bytes-utf8"``.
     """
     tokenizer = ByteTokenizer()
     version = f"Python {platform.python_version()} standard-library source"
+    train = encode_documents(demo_documents("train"), tokenizer)
     calibration = calibration_tokenset(
-        encode_documents(demo_documents("train"), tokenizer),
+        train,
         seq_len=seq_len,
         n_seq=n_calibration_seqs,
         seed=seed,
@@ -160,4 +166,15 @@ def demo_tokensets(
         tokenizer_identity=tokenizer.identity,
         source=f"{version}, demo held-out split ({len(HELDOUT_MODULES)} modules)",
     )
-    return calibration, heldout
+    if not n_validation_seqs:
+        return calibration, heldout
+    validation = validation_tokenset(
+        train,
+        seq_len=seq_len,
+        n_seq=n_validation_seqs,
+        n_calibration_seqs=n_calibration_seqs,
+        seed=seed,
+        tokenizer_identity=tokenizer.identity,
+        source=calibration.source,
+    )
+    return calibration, heldout, validation

@@ -39,6 +39,7 @@ import numpy as np
 from allocsearch.data.sources import Document, describe_documents
 from allocsearch.data.tokenizers import HFTokenizer, Tokenizer
 from allocsearch.data.tokenset import TokenSet
+from allocsearch.data.validation import draw_validation
 
 __all__ = ["document_rows", "encoder_tokensets", "split_sentences"]
 
@@ -126,13 +127,16 @@ def encoder_tokensets(
     heldout_documents: Sequence[Document] | None = None,
     n_heldout_seqs: int | None = None,
     heldout_fraction: float = 0.1,
-) -> tuple[TokenSet, TokenSet]:
+    n_validation_seqs: int = 0,
+) -> tuple[TokenSet, ...]:
     """Calibration and held-out token sets of wrapped, sentence-aligned rows for an
     encoder (arguments as for :func:`~allocsearch.data.tokenset.build_tokensets`; rules
     in the module docstring).
 
     Returns:
-      ``(calibration, heldout)``, each int32[n, seq_len] rows.
+      ``(calibration, heldout)``, each int32[n, seq_len] rows, and with
+      ``n_validation_seqs > 0`` a third, ``validation``: that many rows of the pool that
+      are not calibration rows (:mod:`allocsearch.data.validation`).
 
     Raises:
       ValueError: a document in both lists, too few rows (the message gives rows found
@@ -191,4 +195,14 @@ def encoder_tokensets(
         tokens=pool[chosen], source=pool_desc, tokenizer_identity=identity, seed=int(seed)
     )
     heldout = TokenSet(tokens=held, source=held_desc, tokenizer_identity=identity, seed=None)
-    return calibration, heldout
+    if not n_validation_seqs:
+        return calibration, heldout
+    free = np.setdiff1d(np.arange(pool.shape[0]), chosen)
+    picked = free[draw_validation(free.size, n_validation_seqs, seed, f"corpus ({desc})")]
+    validation = TokenSet(
+        tokens=pool[picked],
+        source=f"{pool_desc}, validation rows",
+        tokenizer_identity=identity,
+        seed=int(seed),
+    )
+    return calibration, heldout, validation

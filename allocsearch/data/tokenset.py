@@ -22,6 +22,9 @@ Rules (the same everywhere in allocsearch):
   (``H = n_heldout_seqs * seq_len``, or else ``heldout_fraction`` of the stream rounded
   down to whole windows, at least one window) and calibration windows are drawn from
   the tokens before them, so no token position is used by both.
+- **Validation set** (``n_validation_seqs > 0``): windows of the calibration region
+  disjoint from the calibration windows, drawn apart from them
+  (:mod:`allocsearch.data.validation`), so the calibration windows never change.
 - **Multi-fidelity.** :func:`minibatch` picks a seeded subset of a token set's sequences
   with an exact token count, fresh for every ``batch_seed``.
 """
@@ -38,6 +41,7 @@ import numpy as np
 
 from allocsearch.data.sources import Document, describe_documents
 from allocsearch.data.tokenizers import Tokenizer
+from allocsearch.data.validation import draw_validation, free_windows
 
 __all__ = [
     "DOCUMENT_SEPARATOR",
@@ -47,6 +51,7 @@ __all__ = [
     "encode_documents",
     "heldout_tokenset",
     "minibatch",
+    "validation_tokenset",
 ]
 
 DOCUMENT_SEPARATOR: Final[str] = "\n\n"
@@ -225,15 +230,51 @@ def calibration_tokenset(
             f"calibration corpus ({source}) has {arr.size} tokens; {n_seq} sequences of "
             f"{seq_len} tokens need at least {needed}"
         )
+    starts = _window_starts(arr.size, seq_len, n_seq, seed)
+    tokens = arr[starts[:, None] + np.arange(seq_len)[None, :]]
+    return TokenSet(tokens=tokens, source=source, tokenizer_identity=tokenizer_identity, seed=seed)
+
+
+def _window_starts(size: int, seq_len: int, n_seq: int, seed: int) -> np.ndarray:
+    """int64[n_seq]: sorted starts of the calibration windows :func:`calibration_tokenset`
+    draws from a stream of ``size >= n_seq * seq_len`` tokens."""
     rng = np.random.default_rng(seed)
-    slack = arr.size - needed
+    slack = size - n_seq * seq_len
     # Placements of n_seq non-overlapping windows <-> non-decreasing gaps g_0 <= ... <=
     # g_{n-1} in [0, slack] (start_i = i * seq_len + g_i) <-> n_seq-subsets c of
     # range(slack + n_seq) with g_i = c_i - i. A uniform subset is a uniform placement.
     combo = np.sort(rng.choice(slack + n_seq, size=n_seq, replace=False))
-    starts = combo + np.arange(n_seq) * (seq_len - 1)
+    return combo + np.arange(n_seq) * (seq_len - 1)
+
+
+def validation_tokenset(
+    stream: np.ndarray,
+    *,
+    seq_len: int,
+    n_seq: int,
+    n_calibration_seqs: int,
+    seed: int,
+    tokenizer_identity: str,
+    source: str,
+) -> TokenSet:
+    """``n_seq`` windows of ``stream`` that overlap none of the calibration windows
+    :func:`calibration_tokenset` draws from it with ``n_calibration_seqs`` and ``seed``
+    (rules: :mod:`allocsearch.data.validation`); its ``seed`` is ``seed``.
+
+    Raises:
+      ValueError: the stream has fewer free windows than ``n_seq`` (counts in the message).
+    """
+    arr = _check_stream(stream)
+    taken = _window_starts(arr.size, seq_len, n_calibration_seqs, seed)
+    free = free_windows(arr.size, taken, seq_len)
+    starts = free[draw_validation(free.size, n_seq, seed, f"calibration corpus ({source})")]
     tokens = arr[starts[:, None] + np.arange(seq_len)[None, :]]
-    return TokenSet(tokens=tokens, source=source, tokenizer_identity=tokenizer_identity, seed=seed)
+    return TokenSet(
+        tokens=tokens,
+        source=f"{source}, validation windows",
+        tokenizer_identity=tokenizer_identity,
+        seed=seed,
+    )
 
 
 def heldout_tokenset(
@@ -289,7 +330,8 @@ def build_tokensets(
     heldout_documents: Sequence[Document] | None = None,
     n_heldout_seqs: int | None = None,
     heldout_fraction: float = 0.1,
-) -> tuple[TokenSet, TokenSet]:
+    n_validation_seqs: int = 0,
+) -> tuple[TokenSet, ...]:
     """Build a calibration and a held-out token set from disjoint text.
 
     With ``heldout_documents`` the two sets come from the two lists (which must share
@@ -308,9 +350,10 @@ def build_tokensets(
         held-out documents, or ``heldout_fraction`` of a single stream.
       heldout_fraction: share of a single stream reserved for held-out, in (0, 1);
         ignored when ``heldout_documents`` or ``n_heldout_seqs`` is given.
+      n_validation_seqs: > 0: also that many validation windows (returned third).
 
     Returns:
-      ``(calibration, heldout)`` token sets.
+      ``(calibration, heldout[, validation])`` (:func:`validation_tokenset`).
 
     Raises:
       ValueError: a document appears in both lists, the corpus is too short (message
@@ -344,7 +387,7 @@ def build_tokensets(
             tokenizer_identity=identity,
             source=describe_documents(heldout_documents),
         )
-        return calibration, heldout
+        return _with_validation(calibration, heldout, calib_stream, n_validation_seqs, seed)
 
     total = int(calib_stream.size)
     if n_heldout_seqs is not None:
@@ -375,7 +418,26 @@ def build_tokensets(
         tokenizer_identity=identity,
         source=f"{calib_desc} [tokens {cut}:{total}]",
     )
-    return calibration, heldout
+    return _with_validation(calibration, heldout, calib_stream[:cut], n_validation_seqs, seed)
+
+
+def _with_validation(
+    calibration: TokenSet, heldout: TokenSet, region: np.ndarray, n_validation_seqs: int, seed: int
+) -> tuple[TokenSet, ...]:
+    """``(calibration, heldout)``, and the validation windows of ``region`` (the stream
+    the calibration windows were drawn from) when ``n_validation_seqs > 0``."""
+    if not n_validation_seqs:
+        return calibration, heldout
+    validation = validation_tokenset(
+        region,
+        seq_len=calibration.seq_len,
+        n_seq=n_validation_seqs,
+        n_calibration_seqs=calibration.n_seq,
+        seed=seed,
+        tokenizer_identity=calibration.tokenizer_identity,
+        source=calibration.source,
+    )
+    return calibration, heldout, validation
 
 
 def minibatch(tokenset: TokenSet, n_tokens: int, batch_seed: int) -> np.ndarray:

@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from allocsearch.search.base import Evaluate, Searcher, SearchResult
+from allocsearch.search.base import Evaluate, Searcher, SearchResult, evaluate_kwargs
 from allocsearch.search.budget import Budget
 from allocsearch.supernet.spec import SupernetSpec
 
@@ -52,7 +52,7 @@ def run_search(
         state = searcher.init(spec, budget, init_key)
     while not searcher.done(state):
         query, state = searcher.ask(state, jax.random.fold_in(root, state.step))
-        scores = evaluate(query.choices, fidelity=query.fidelity, batch_seed=query.batch_seed)
+        scores = evaluate(query.choices, **evaluate_kwargs(query))
         generation = state.generation
         state = searcher.tell(state, query, scores)
         if on_generation is not None and state.generation != generation:

@@ -68,7 +68,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from allocsearch.config import AUTO_WORKERS as AUTO
-from allocsearch.search.base import Evaluate
+from allocsearch.search.base import Evaluate, split_kwargs
 
 EvaluatorFactory = Callable[[], Evaluate]
 """A picklable zero-argument callable that builds an evaluator (run once per process)."""
@@ -120,10 +120,14 @@ class InProcessEvaluate:
     def __init__(self, factory: EvaluatorFactory) -> None:
         self._evaluate = factory()
 
-    def __call__(self, choices: np.ndarray, *, fidelity: int, batch_seed: int) -> np.ndarray:
+    def __call__(
+        self, choices: np.ndarray, *, fidelity: int, batch_seed: int, split: str = "calibration"
+    ) -> np.ndarray:
         choices = _checked_choices(choices)
         return _checked_scores(
-            self._evaluate(choices, fidelity=fidelity, batch_seed=batch_seed),
+            self._evaluate(
+                choices, fidelity=fidelity, batch_seed=batch_seed, **split_kwargs(split)
+            ),
             choices.shape[0],
             "the in-process evaluator",
         )
@@ -517,20 +521,23 @@ class _WorkerActor:
         fidelity: int,
         batch_seed: int,
         shard: tuple[int, int] | None = None,
+        split: str = "calibration",
     ) -> Any:
         """Score ``choices`` with the evaluator :meth:`start` built: float[n]; with
         ``shard``, ``(scores float[n], sequences)`` of that shard of the minibatch
-        (``(None, 0)`` for an empty shard, which is not scored)."""
+        (``(None, 0)`` for an empty shard, which is not scored); ``split``: the
+        calibration or the validation rows (``Query.split``)."""
         if self._built is None:
             raise RuntimeError("the evaluator of this actor was not built (start failed)")
+        kw = split_kwargs(split)
         if shard is None:
-            return np.asarray(self._built(choices, fidelity=fidelity, batch_seed=batch_seed))
+            return np.asarray(self._built(choices, fidelity=fidelity, batch_seed=batch_seed, **kw))
         from allocsearch.evaluate.evaluator import shard_rows
 
-        rows = len(shard_rows(self._built.minibatch_rows(fidelity, batch_seed), *shard))
+        rows = len(shard_rows(self._built.minibatch_rows(fidelity, batch_seed, **kw), *shard))
         if rows == 0:
             return None, 0
-        scores = self._built(choices, fidelity=fidelity, batch_seed=batch_seed, shard=shard)
+        scores = self._built(choices, fidelity=fidelity, batch_seed=batch_seed, shard=shard, **kw)
         return np.asarray(scores), rows
 
     def run(self, fn: Callable[[Any], Any], item: Any) -> Any:
@@ -1128,7 +1135,9 @@ class RayEvaluate:
         """Actors left (running, or being replaced): ``workers`` less the lost ones."""
         return len(self._pool.live)
 
-    def __call__(self, choices: np.ndarray, *, fidelity: int, batch_seed: int) -> np.ndarray:
+    def __call__(
+        self, choices: np.ndarray, *, fidelity: int, batch_seed: int, split: str = "calibration"
+    ) -> np.ndarray:
         choices = _checked_choices(choices)
         n = choices.shape[0]
         if self._pool._closed:
@@ -1136,11 +1145,11 @@ class RayEvaluate:
         if n == 0:
             return np.zeros((0,), dtype=np.float32)
         if n < self.workers and self._pool.shards:
-            return self._sharded(choices, fidelity, batch_seed)
+            return self._sharded(choices, fidelity, batch_seed, split)
         chunks = np.array_split(np.arange(n), min(n, self.workers))
         results = self._pool.stream(
             "evaluate",
-            [(choices[c], fidelity, batch_seed) for c in chunks],
+            [(choices[c], fidelity, batch_seed, None, split) for c in chunks],
             max_retries=self.max_retries,
             describe=lambda c: f"rows {chunks[c][0]}..{chunks[c][-1]} of a query of {n}",
         )
@@ -1151,13 +1160,15 @@ class RayEvaluate:
             ]
         )
 
-    def _sharded(self, choices: np.ndarray, fidelity: int, batch_seed: int) -> np.ndarray:
+    def _sharded(
+        self, choices: np.ndarray, fidelity: int, batch_seed: int, split: str
+    ) -> np.ndarray:
         """All rows on each of ``workers`` shards of the minibatch, means weighted by the
         shards' sequence counts (float64 sums)."""
         n, count = choices.shape[0], self.workers
         results = self._pool.stream(
             "evaluate",
-            [(choices, fidelity, batch_seed, (k, count)) for k in range(count)],
+            [(choices, fidelity, batch_seed, (k, count), split) for k in range(count)],
             max_retries=self.max_retries,
             describe=lambda k: f"shard {k} of {count} of a query of {n} rows",
         )

@@ -52,8 +52,9 @@ import jax.numpy as jnp
 import numpy as np
 from numpy.typing import ArrayLike
 
-from allocsearch.data.tokenset import TokenSet, minibatch
+from allocsearch.data.tokenset import TokenSet
 from allocsearch.evaluate.metrics import Metric, TeacherData, next_token_nll
+from allocsearch.evaluate.splits import checked_validation, joined_tokens, split_rows
 from allocsearch.models.base import ModelAdapter
 from allocsearch.models.hf import HFModel
 from allocsearch.pruners.base import NestedVariants, Variants, mask_from_rank
@@ -365,6 +366,8 @@ class Evaluator:
       skip_dropped: on depth supernets, branch around each candidate's dropped sublayers
         (candidates run one after another); False runs their zero weights (``vmap``),
         for comparison: the scores are the same.
+      validation: rows a query with ``split="validation"`` scores
+        (:mod:`~allocsearch.evaluate.splits`); None: calibration queries only.
 
     Raises:
       ValueError: mismatched inputs (the message names the unit or parameter, what it
@@ -394,6 +397,7 @@ class Evaluator:
         max_reference_bytes: int = 2**30,
         max_teacher_bytes: int = 2**33,
         skip_dropped: bool = True,
+        validation: TokenSet | None = None,
     ):
         adapter = model.adapter
         check_evaluator_args(
@@ -408,6 +412,7 @@ class Evaluator:
         self.spec = spec
         self.metric = metric
         self.calibration = calibration
+        self.validation = checked_validation(calibration, validation)
         self.candidates_per_call = int(candidates_per_call)
         self.reuse = bool(reuse)
         self.auto_reference = bool(auto_reference)
@@ -422,6 +427,8 @@ class Evaluator:
         self._unit_params = tuple(tuple(names) for names in unit_params)
         self._num_levels = spec.num_levels
         self._check_tokens(calibration)
+        if validation is not None:
+            self._check_tokens(validation)
         owner = self._check_units()
 
         # Stage of each unit: the block where its parameters enter the forward; those
@@ -444,7 +451,7 @@ class Evaluator:
                 jnp.asarray(skippable),
                 jnp.asarray(dropped_levels(spec)),
             )
-        self._tokens = jnp.asarray(calibration.tokens)
+        self._tokens = jnp.asarray(joined_tokens(calibration, self.validation))
         self._teacher = self._compute_teacher(self._build_arrays(host, {}), max_teacher_bytes)
         del host
         hidden = jax.eval_shape(
@@ -464,12 +471,12 @@ class Evaluator:
             tokenizer_identity="positions",
             seed=None,
         )
-        # keyed by (fidelity, batch_seed, shard index, shard count)
+        # keyed by (fidelity, batch_seed, shard index, shard count, split)
         self._row_cache: OrderedDict[
-            tuple[int, int, int, int], list[tuple[jax.Array, np.ndarray]]
+            tuple[int, int, int, int, str], list[tuple[jax.Array, np.ndarray]]
         ] = OrderedDict()
         self._reference: np.ndarray | None = None
-        self._states_key: tuple[int, int, int, int, bytes] | None = None
+        self._states_key: tuple[int, int, int, int, str, bytes] | None = None
         self._states: list[jax.Array] = []
 
     # ----------------------------------------------------------------- validation
@@ -558,7 +565,7 @@ class Evaluator:
         return {"blocks": blocks, "outer": outer}
 
     def _compute_teacher(self, dense_arrays, max_bytes: int) -> TeacherData:
-        n_seq = self.calibration.n_seq
+        n_seq = int(self._tokens.shape[0])  # calibration and validation rows
         chunks = _balanced_chunks(np.arange(n_seq, dtype=np.int32), self._max_rows)
         shapes = jax.eval_shape(
             partial(_teacher_program, self._adapter, self.metric),
@@ -583,13 +590,16 @@ class Evaluator:
 
     # ----------------------------------------------------------------- minibatches
     def _chunks(
-        self, fidelity: int, batch_seed: int, shard: tuple[int, int] = (0, 1)
+        self, fidelity: int, batch_seed: int, shard: tuple[int, int] = (0, 1), split="calibration"
     ) -> list[tuple[jax.Array, np.ndarray]]:
-        key = (int(fidelity), int(batch_seed), *shard)
+        key = (int(fidelity), int(batch_seed), *shard, split)
         if key in self._row_cache:
             self._row_cache.move_to_end(key)
             return self._row_cache[key]
-        rows = minibatch(self._positions, fidelity, batch_seed)[:, 0] // self.calibration.seq_len
+        validation = getattr(self, "validation", None)
+        rows = split_rows(
+            split, fidelity, batch_seed, positions=self._positions, validation=validation
+        )
         part = shard_rows(rows, *shard)
         if len(part) == 0:
             raise ValueError(
@@ -604,13 +614,14 @@ class Evaluator:
         return chunks
 
     def minibatch_rows(
-        self, fidelity: int, batch_seed: int, shard: tuple[int, int] = (0, 1)
+        self, fidelity: int, batch_seed: int, shard: tuple[int, int] = (0, 1), split="calibration"
     ) -> np.ndarray:
         """int64[fidelity // seq_len]: the calibration sequences (row indices) a query with
         this fidelity and batch seed is scored on, those
         :func:`~allocsearch.data.tokenset.minibatch` draws, in minibatch order; with
-        ``shard``, only that shard's (:func:`shard_rows`)."""
-        chunks = self._chunks(fidelity, batch_seed, _checked_shard(shard))
+        ``shard``, only that shard's (:func:`shard_rows`); validation rows (``split``)
+        count from ``calibration.n_seq``."""
+        chunks = self._chunks(fidelity, batch_seed, _checked_shard(shard), split)
         return np.concatenate([np.asarray(r)[w > 0] for r, w in chunks]).astype(np.int64)
 
     # ----------------------------------------------------------------- reference reuse
@@ -688,6 +699,7 @@ class Evaluator:
         fidelity: int,
         batch_seed: int,
         shard: tuple[int, int] = (0, 1),
+        split: str = "calibration",
     ) -> np.ndarray:
         """Scores of candidates on the minibatch ``(fidelity, batch_seed)``.
 
@@ -700,6 +712,8 @@ class Evaluator:
             splits of the minibatch's sequences (:func:`shard_rows`; must not be empty).
             The mean over all shards weighted by their sequence counts is the unsharded
             score (to float rounding): processes can split one query by tokens.
+          split: ``"validation"``: the minibatch of the validation rows (fidelity up to
+            their size) instead of the calibration rows (:mod:`~allocsearch.evaluate.splits`).
 
         Returns:
           float32[n], the metric's mean over the (shard of the) minibatch's sequences
@@ -708,8 +722,8 @@ class Evaluator:
         c = self._check_choices(choices)
         n = len(c)
         shard = _checked_shard(shard)
-        key = (int(fidelity), int(batch_seed), *shard)
-        chunks = self._chunks(int(fidelity), int(batch_seed), shard)
+        key = (int(fidelity), int(batch_seed), *shard, split)
+        chunks = self._chunks(int(fidelity), int(batch_seed), shard, split)
         if n == 0:
             return np.zeros((0,), np.float32)
         reference = self.reference_for(c)

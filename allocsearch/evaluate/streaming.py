@@ -71,6 +71,7 @@ from allocsearch.evaluate.evaluator import (
     check_evaluator_args,
 )
 from allocsearch.evaluate.metrics import Metric, TeacherData
+from allocsearch.evaluate.splits import checked_validation, joined_tokens
 from allocsearch.evaluate.stream_programs import (
     _aligned_empty,
     _assemble_program,
@@ -165,6 +166,7 @@ class StreamingEvaluator:
         for comparison: the scores are the same.
       stream_unit: ``"block"`` (a block's variants on the device at a time) or ``"unit"``
         (one unit group's: :mod:`allocsearch.evaluate.unit_streaming`; same scores).
+      validation: rows a ``split="validation"`` query scores (as the resident evaluator).
 
     Raises:
       ValueError: mismatched inputs (the message names the unit or parameter).
@@ -195,6 +197,7 @@ class StreamingEvaluator:
         max_teacher_bytes: int = 2**33,
         skip_dropped: bool = True,
         stream_unit: str = "block",
+        validation: TokenSet | None = None,
     ):
         adapter = model.adapter
         _unmap_large_frees()
@@ -213,6 +216,7 @@ class StreamingEvaluator:
         self.spec: SupernetSpec = store.spec
         self.metric = metric
         self.calibration = calibration
+        self.validation = checked_validation(calibration, validation)  # evaluate/splits.py
         self.candidates_per_call = int(candidates_per_call)
         self.reuse = bool(reuse)
         self.auto_reference = bool(auto_reference)
@@ -231,6 +235,8 @@ class StreamingEvaluator:
         self._max_rows = max(1, int(micro_batch_tokens) // calibration.seq_len)
         self._num_levels = self.spec.num_levels
         self._check_tokens(calibration)
+        if validation is not None:
+            self._check_tokens(validation)
         params = model.params
         self._dtype = np.dtype(
             params.dtype if isinstance(params, LazyParams) else next(iter(params.values())).dtype
@@ -259,7 +265,7 @@ class StreamingEvaluator:
         # Parameters outside the blocks that no unit changes stay on the device.
         self._outer_plain = jax.device_put({k: params[n] for k, n in self._outer.plain})
 
-        self._tokens = jnp.asarray(calibration.tokens)
+        self._tokens = jnp.asarray(joined_tokens(calibration, self.validation))
         probe = jax.eval_shape(
             lambda p, t: adapter.embed(p, t)[0],
             {n: jax.ShapeDtypeStruct(s, self._dtype) for n, s in adapter.param_shapes.items()},
@@ -500,7 +506,7 @@ class StreamingEvaluator:
 
     # ----------------------------------------------------------------- teacher
     def _compute_teacher(self, max_bytes: int) -> TeacherData:
-        n_seq = self.calibration.n_seq
+        n_seq = int(self._tokens.shape[0])  # calibration and validation rows
         chunks = _balanced_chunks(np.arange(n_seq, dtype=np.int32), self._max_rows)
         outer_dense = {k: self.model.params[n] for k, n, _ in self._outer.owned}
         shapes = jax.eval_shape(
@@ -565,15 +571,16 @@ class StreamingEvaluator:
         fidelity: int,
         batch_seed: int,
         shard: tuple[int, int] = (0, 1),
+        split: str = "calibration",
     ) -> np.ndarray:
         """Scores of candidates on the minibatch ``(fidelity, batch_seed)``; the arguments
         and result are those of :meth:`Evaluator.__call__
-        <allocsearch.evaluate.evaluator.Evaluator.__call__>` (``shard`` included)."""
+        <allocsearch.evaluate.evaluator.Evaluator.__call__>` (``shard``, ``split`` included)."""
         c = self._check_choices(choices)
         n = len(c)
         shard = _checked_shard(shard)
-        key = (int(fidelity), int(batch_seed), *shard)
-        chunks = self._chunks(int(fidelity), int(batch_seed), shard)
+        key = (int(fidelity), int(batch_seed), *shard, split)
+        chunks = self._chunks(int(fidelity), int(batch_seed), shard, split)
         if n == 0:
             return np.zeros((0,), np.float32)
         reference = self.reference_for(c)

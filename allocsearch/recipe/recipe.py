@@ -377,15 +377,40 @@ class Fitness:
       metric: name, e.g. ``"kl"`` (KL(dense || pruned) per token) or ``"ppl"``.
       value: the score, lower is better; ``None`` when the allocation was not scored
         (e.g. a baseline exported without evaluation).
+      calibration, calibration_tokens: the metric on the whole calibration set and its
+        token count (None when not measured).
+      validation, validation_tokens: the metric on the validation rows, which the search
+        never scored but to pick its final allocation (None without validation rows).
     """
 
     metric: str
     value: float | None
+    calibration: float | None = None
+    calibration_tokens: int | None = None
+    validation: float | None = None
+    validation_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _as_str(self.metric, "provenance.fitness.metric")
-        if self.value is not None:
-            object.__setattr__(self, "value", _as_float(self.value, "provenance.fitness.value"))
+        for key in ("value", "calibration", "validation"):
+            if getattr(self, key) is not None:
+                value = _as_float(getattr(self, key), f"provenance.fitness.{key}")
+                object.__setattr__(self, key, value)
+        for key in ("calibration_tokens", "validation_tokens"):
+            if getattr(self, key) is not None:
+                value = _as_int(getattr(self, key), f"provenance.fitness.{key}", lo=0)
+                object.__setattr__(self, key, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON fields: metric and value, and the split scores that were measured."""
+        out: dict[str, Any] = {"metric": self.metric, "value": self.value}
+        for key in _FITNESS_SPLIT_FIELDS:
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+_FITNESS_SPLIT_FIELDS = ("calibration", "calibration_tokens", "validation", "validation_tokens")
 
 
 @dataclass(frozen=True)
@@ -739,7 +764,7 @@ class Recipe:
             "provenance": {
                 "strategy": p.strategy,
                 "settings": p.settings,
-                "fitness": {"metric": p.fitness.metric, "value": p.fitness.value},
+                "fitness": p.fitness.to_dict(),
                 "calibration": {
                     "description": p.calibration.description,
                     "fingerprint": p.calibration.fingerprint,
@@ -873,7 +898,7 @@ def _parse_recipe(data: Any) -> Recipe:
             "evaluations",
         ),
     )
-    f = _fields(p["fitness"], "provenance.fitness", ("metric", "value"))
+    f = _fields(p["fitness"], "provenance.fitness", ("metric", "value"), _FITNESS_SPLIT_FIELDS)
     c = _fields(p["calibration"], "provenance.calibration", ("description", "fingerprint", "seed"))
     if not isinstance(p["settings"], dict):
         raise RecipeError(f"provenance.settings must be a JSON object, got {_kind(p['settings'])}")
@@ -935,7 +960,7 @@ def _parse_recipe(data: Any) -> Recipe:
         provenance=Provenance(
             strategy=p["strategy"],
             settings=p["settings"],
-            fitness=Fitness(metric=f["metric"], value=f["value"]),
+            fitness=Fitness(**f),
             calibration=Calibration(
                 description=c["description"], fingerprint=c["fingerprint"], seed=c["seed"]
             ),

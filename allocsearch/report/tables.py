@@ -22,6 +22,7 @@ import numpy as np
 _COLUMNS = (
     ("strategy", "strategy", False, 0),
     ("fitness", "fitness", True, -1),
+    ("validation", "validation", True, -1),
     ("heldout_ppl", "held-out ppl", True, -1),
     ("heldout_distance", "held-out distance", True, -1),
     ("nn_agreement", "NN agreement", True, 1),
@@ -33,6 +34,7 @@ _ENCODER_FIELDS = ("heldout_distance", "nn_agreement")
 # The numeric fields of a CompareRow, i.e. the metrics a plot or table can show.
 METRICS = (
     "fitness",
+    "validation",
     "heldout_ppl",
     "heldout_distance",
     "nn_agreement",
@@ -42,6 +44,12 @@ METRICS = (
 )
 # Shown where a value is missing (not measured) or does not apply (the dense row).
 MISSING = "n/a"
+# Marks a strategy whose rank by calibration fitness differs from its rank by validation.
+RANK_FLAG = "†"
+RANK_LEGEND = (
+    f"{RANK_FLAG} its rank by calibration fitness differs from its rank by validation "
+    "fitness: the calibration score does not carry over to rows no search scored."
+)
 # Significant digits of the smallest fitness value (KL per token spans decades).
 _FITNESS_DIGITS = 4
 _MAX_DECIMALS = 8
@@ -71,6 +79,8 @@ class CompareRow:
       nn_agreement: encoders: fraction of held-out sequences whose nearest neighbour
         (pooled embedding cosine) is the same for the pruned and the dense model, in
         [0, 1], higher is better; ``None`` if not measured.
+      validation: the same metric as ``fitness`` on the validation rows (calibration-source
+        rows no search scored), lower is better; ``None`` if there are none.
     """
 
     strategy: str
@@ -81,18 +91,21 @@ class CompareRow:
     achieved: float
     heldout_distance: float | None = None
     nn_agreement: float | None = None
+    validation: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.strategy, str) or not self.strategy:
             raise ValueError(f"strategy must be a non-empty string, got {self.strategy!r}")
-        if self.fitness is not None:
-            value = _as_number(self.fitness, f"{self.strategy}: fitness")
+        for key in ("fitness", "validation"):
+            if getattr(self, key) is None:
+                continue
+            value = _as_number(getattr(self, key), f"{self.strategy}: {key}")
             if math.isnan(value) or value == -math.inf:
                 raise ValueError(
-                    f"{self.strategy}: fitness = {value!r}; valid values are finite numbers, "
+                    f"{self.strategy}: {key} = {value!r}; valid values are finite numbers, "
                     f"+inf (diverged) or None (not scored)"
                 )
-            object.__setattr__(self, "fitness", value)
+            object.__setattr__(self, key, value)
         if self.heldout_ppl is not None:
             value = _as_number(self.heldout_ppl, f"{self.strategy}: heldout_ppl")
             if not value >= 1.0:  # perplexity = exp(mean NLL) >= 1; also rejects NaN
@@ -216,7 +229,7 @@ def format_value(metric: str, value: float | None, *, decimals: int | None = Non
         return MISSING
     if not math.isfinite(value):
         return "inf" if value > 0 else str(value)
-    if metric in ("fitness", "heldout_distance"):
+    if metric in ("fitness", "validation", "heldout_distance"):
         if decimals is None:
             decimals = _fitness_decimals([value])
         return f"{value:.{decimals}f}"
@@ -239,7 +252,7 @@ def format_column(metric: str, values: Sequence[float | None]) -> list[str]:
     significant digits.
     """
     decimals = None
-    if metric in ("fitness", "heldout_distance"):
+    if metric in ("fitness", "validation", "heldout_distance"):
         decimals = _fitness_decimals([v for v in values if v is not None])
     return [format_value(metric, v, decimals=decimals) for v in values]
 
@@ -247,7 +260,11 @@ def format_column(metric: str, values: Sequence[float | None]) -> list[str]:
 def markdown_table(rows: Sequence[CompareRow], *, dense_ppl: float | None = None) -> str:
     """A Markdown table of a strategy comparison, columns aligned in plain text.
 
-    Columns: strategy, fitness, held-out ppl, evaluations, wall time (s), achieved. When
+    Columns: strategy, fitness (titled calibration beside a validation column),
+    validation (when any row has one), held-out ppl,
+    evaluations, wall time (s), achieved. A strategy whose rank by fitness differs from
+    its rank by validation (:func:`rank_disagreements`) is marked :data:`RANK_FLAG`, and
+    :data:`RANK_LEGEND` follows the table after a blank line. When
     any row is an encoder's (has ``heldout_distance`` or ``nn_agreement``), the held-out
     ppl column is replaced by held-out distance (to the dense model) and NN agreement:
     an encoder has no perplexity. In every column where lower is better (higher for NN
@@ -279,8 +296,16 @@ def markdown_table(rows: Sequence[CompareRow], *, dense_ppl: float | None = None
     if dense_ppl is not None:
         dense_ppl = check_perplexity(dense_ppl, "dense_ppl")
     dropped = ("heldout_ppl",) if encoder else _ENCODER_FIELDS
+    if all(r.validation is None for r in rows):
+        dropped = (*dropped, "validation")
     shown = [c for c in _COLUMNS if c[0] not in dropped]
-    columns = [[row.strategy.replace("|", "\\|") for row in rows]]
+    flagged = rank_disagreements(rows)
+    columns = [
+        [
+            row.strategy.replace("|", "\\|") + (f" {RANK_FLAG}" if row.strategy in flagged else "")
+            for row in rows
+        ]
+    ]
     for field, _, _, better in shown[1:]:
         values = [getattr(row, field) for row in rows]
         texts = format_column(field, values)
@@ -292,8 +317,11 @@ def markdown_table(rows: Sequence[CompareRow], *, dense_ppl: float | None = None
     body = [list(line) for line in zip(*columns, strict=True)]
     if dense_ppl is not None:
         ppl = format_value("heldout_ppl", dense_ppl)
-        body.insert(0, ["dense", MISSING, ppl, MISSING, MISSING, format_value("achieved", 0.0)])
-    header = [title for _, title, _, _ in shown]
+        fits = [MISSING] * (len(shown) - 5)  # fitness (and validation)
+        body.insert(0, ["dense", *fits, ppl, MISSING, MISSING, format_value("achieved", 0.0)])
+    # beside a validation column, the fitness column says which rows it scored
+    split = "validation" not in dropped
+    header = ["calibration" if split and f == "fitness" else t for f, t, _, _ in shown]
     widths = [max(len(line[c]) for line in [header, *body]) for c in range(len(shown))]
     # A Markdown alignment cell needs at least 3 characters (":--" / "--:").
     widths = [max(w, 3) for w in widths]
@@ -309,7 +337,27 @@ def markdown_table(rows: Sequence[CompareRow], *, dense_ppl: float | None = None
         "-" * (w - 1) + ":" if right else ":" + "-" * (w - 1)
         for w, (_, _, right, _) in zip(widths, shown, strict=True)
     ]
-    return render(header) + render(rule) + "".join(render(line) for line in body)
+    legend = f"\n{RANK_LEGEND}\n" if flagged else ""
+    return render(header) + render(rule) + "".join(render(line) for line in body) + legend
+
+
+def _ranks(values: Sequence[float]) -> list[int]:
+    """Competition ranks (1 = lowest; equal values share the lower rank)."""
+    return [sum(w < v for w in values) + 1 for v in values]
+
+
+def rank_disagreements(rows: Sequence[CompareRow]) -> set[str]:
+    """Strategies whose rank by calibration fitness differs from their rank by validation
+    fitness, among the rows that have both (lower is better; ties share a rank; fewer
+    than two such rows: none)."""
+    both = [r for r in rows if r.fitness is not None and r.validation is not None]
+    if len(both) < 2:
+        return set()
+    by_calibration = _ranks([float(r.fitness) for r in both])  # type: ignore[arg-type]
+    by_validation = _ranks([float(r.validation) for r in both])  # type: ignore[arg-type]
+    return {
+        r.strategy for r, a, b in zip(both, by_calibration, by_validation, strict=True) if a != b
+    }
 
 
 def median_spread(values: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
@@ -343,4 +391,5 @@ __all__ = [
     "format_value",
     "markdown_table",
     "median_spread",
+    "rank_disagreements",
 ]

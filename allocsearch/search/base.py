@@ -33,12 +33,29 @@ class Query(NamedTuple):
         measurements that are not allocations, e.g. the per-unit error table of
         :class:`~allocsearch.search.dp.TableSearcher` (one unit pruned, the rest at
         level 0), which need not meet the budget.
+      split: ``"calibration"``, or ``"validation"``: score on the validation rows, which
+        the search never scores otherwise (e.g. EvoPress's final pick); ``fidelity`` then
+        counts validation tokens (see :mod:`allocsearch.evaluate.splits`).
     """
 
     choices: np.ndarray
     fidelity: int
     batch_seed: int
     probe: bool = False
+    split: str = "calibration"
+
+
+def evaluate_kwargs(query: Query) -> dict[str, Any]:
+    """The keyword arguments an :class:`Evaluate` scores ``query`` with: ``fidelity``,
+    ``batch_seed`` and, for a validation query only, ``split`` (so evaluators without
+    validation rows keep the two-argument signature)."""
+    return {"fidelity": query.fidelity, "batch_seed": query.batch_seed, **split_kwargs(query.split)}
+
+
+def split_kwargs(split: str) -> dict[str, str]:
+    """``split`` as keywords of an evaluator call: none for ``"calibration"`` (evaluators
+    without validation rows take only ``fidelity`` and ``batch_seed``)."""
+    return {} if split == "calibration" else {"split": split}
 
 
 class HistoryEntry(NamedTuple):
@@ -76,7 +93,8 @@ class Evaluate(Protocol):
     """Scores candidates: ``choices`` int32[n, L] -> float32[n], lower is better.
 
     ``fidelity`` is the number of calibration tokens and ``batch_seed`` picks the random
-    minibatch; equal arguments must give equal scores.
+    minibatch; equal arguments must give equal scores. Evaluators with validation rows
+    also take ``split="validation"`` (:func:`evaluate_kwargs` passes it only then).
     """
 
     def __call__(self, choices: np.ndarray, *, fidelity: int, batch_seed: int) -> np.ndarray: ...
@@ -152,6 +170,7 @@ def check_told(pending: Query | None, query: Query, scores: np.ndarray) -> np.nd
     if (
         query.fidelity != pending.fidelity
         or query.batch_seed != pending.batch_seed
+        or query.split != pending.split
         or not np.array_equal(query.choices, pending.choices)
     ):
         raise ValueError("tell() got a query that is not the one the last ask() returned")

@@ -93,6 +93,8 @@ class EvolutionState(NamedTuple):
         scored generation, or in states pickled before the field existed).
       parents: the start and, with ``final_parents``, the latest distinct parents (the
         final pick's candidates).
+      validation_evaluations, validation_tokens: the share of ``evaluations`` and
+        ``tokens`` a validation final pick (``final_split="validation"``) scored.
     """
 
     costs: CostModel
@@ -110,6 +112,8 @@ class EvolutionState(NamedTuple):
     mutation: str = "swap"
     credit: np.ndarray | None = None
     parents: tuple[np.ndarray, ...] = ()
+    validation_evaluations: int = 0
+    validation_tokens: int = 0
 
 
 @final
@@ -144,6 +148,14 @@ class EvolutionarySearcher(Searcher):
         ``"auto"`` (default): ``"swap"`` when every allowed level step of every unit
         costs the same to :data:`STEP_RTOL` (EvoPress grids; results identical to
         ``"swap"``), else ``"repair"``.
+      final_parents: > 0: after the last generation, score the start and the last
+        ``final_parents`` distinct parents once more, on one shared minibatch of
+        ``final_tokens`` tokens, and keep the best (0: the last parent).
+      final_split: which rows that final pick scores: ``"calibration"`` or
+        ``"validation"`` (rows the generations never score, so the pick does not favour
+        the parent that fits the calibration rows best by chance; ``final_tokens`` then
+        counts validation tokens). Its evaluations and tokens count in the result's, and
+        on their own in ``info`` (``validation_evaluations``, ``validation_tokens``).
     """
 
     generations: int = 100
@@ -158,6 +170,7 @@ class EvolutionarySearcher(Searcher):
     credit_decay: float = 0.8
     final_parents: int = 0
     final_tokens: int | None = None
+    final_split: str = "calibration"
 
     def __post_init__(self) -> None:
         if self.mutation not in MUTATIONS:
@@ -184,6 +197,10 @@ class EvolutionarySearcher(Searcher):
             raise ValueError(
                 f"final_parents ({self.final_parents}) must be >= 0, and final_tokens "
                 f"({self.final_tokens}) >= 1 when it is > 0"
+            )
+        if self.final_split not in ("calibration", "validation"):
+            raise ValueError(
+                f"final_split {self.final_split!r} is not one of ('calibration', 'validation')"
             )
         if self.guided < 0 or not 0 <= self.credit_decay < 1:
             raise ValueError(
@@ -239,6 +256,7 @@ class EvolutionarySearcher(Searcher):
                 ),
                 fidelity=int(self.final_tokens or 0),
                 batch_seed=draw_batch_seed(rng),
+                split=self.final_split,
             )
             return query, state._replace(pending=query)
         if state.stage == 0:
@@ -264,6 +282,11 @@ class EvolutionarySearcher(Searcher):
         common = dict(pending=None, step=state.step + 1, evaluations=evaluations, tokens=tokens)
         if state.stage == len(self.survivors):
             best = int(order[0])
+            if query.split == "validation":
+                common.update(
+                    validation_evaluations=state.validation_evaluations + n,
+                    validation_tokens=state.validation_tokens + n * query.fidelity,
+                )
             return state._replace(
                 parent=query.choices[best].copy(), parent_fitness=float(scores[best]), stage=0,
                 **common,
@@ -307,7 +330,17 @@ class EvolutionarySearcher(Searcher):
             evaluations=state.evaluations,
             tokens=state.tokens,
             history=state.history,
-            info={"achieved": float(state.costs.achieved(state.parent))},
+            info={
+                "achieved": float(state.costs.achieved(state.parent)),
+                **(
+                    {
+                        "validation_evaluations": float(state.validation_evaluations),
+                        "validation_tokens": float(state.validation_tokens),
+                    }
+                    if state.validation_evaluations
+                    else {}
+                ),
+            },
         )
 
     def _credit(self, state: EvolutionState, choices: np.ndarray, scores: np.ndarray):

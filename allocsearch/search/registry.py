@@ -400,6 +400,26 @@ def split_seeded(
     return seed, ({} if table_tokens is None else {"tokens": int(table_tokens)}), rest
 
 
+def with_validation_pick(
+    strategy: str, settings: Mapping[str, Any], validation_tokens: int | None
+) -> dict[str, Any]:
+    """EvoPress's ``settings`` (``evopress``, ``dp+evopress``) with its final pick on the
+    validation rows when there are any (``validation_tokens``, None: none): the start
+    and the last ``final_parents`` (default :data:`SEEDED_FINAL_PARENTS`) distinct
+    parents scored on every validation token (``final_tokens`` caps it), the best kept.
+    Settings that name ``final_split`` or set ``final_parents: 0`` are kept as given;
+    other strategies' settings are returned unchanged."""
+    out = dict(settings)
+    if not validation_tokens or get(strategy).kind != "evolutionary" or "final_split" in out:
+        return out
+    out.setdefault("final_parents", SEEDED_FINAL_PARENTS)
+    if out["final_parents"]:
+        out["final_split"] = "validation"
+        tokens = int(out.get("final_tokens") or validation_tokens)
+        out["final_tokens"] = min(tokens, int(validation_tokens))
+    return out
+
+
 def fitness_tokens(strategy: str, settings: Mapping[str, Any]) -> int | None:
     """Calibration tokens the best fitness a ``strategy`` search reports is measured on:
     EvoPress's last stage (the parent is re-scored there on a fresh minibatch every
