@@ -91,7 +91,9 @@ def numerics_match(got: dict) -> bool:
         NUMERICS.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
         return True
     want = json.loads(NUMERICS.read_text())
-    same_kl = abs(got["middle_level_kl"] - want["middle_level_kl"]) <= 1e-6 * want["middle_level_kl"]
+    same_kl = (
+        abs(got["middle_level_kl"] - want["middle_level_kl"]) <= 1e-6 * want["middle_level_kl"]
+    )
     if got["variants_blake2b"] == want["variants_blake2b"] and same_kl:
         return True
     warnings.warn(
