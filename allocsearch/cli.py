@@ -266,7 +266,9 @@ BudgetOpt = Annotated[
         "--budget",
         help="params | flops | latency (a measured table: search.latency_table) | "
         "sublayers (depth supernets: drop --target of the attention / MLP sublayers, "
-        "EvoPress's 'drop k of L') (default: the config's search.budget_kind, else params).",
+        "EvoPress's 'drop k of L') | bits (--target: average bits per weight, scales and "
+        "zero points counted) | bytes (prunable bytes; --target: fraction of the 16-bit "
+        "bytes removed) (default: the config's search.budget_kind, else params).",
     ),
 ]
 TieBlocksOpt = Annotated[
@@ -452,6 +454,19 @@ def _sublayer_target(
         )
     out_console.print(f"target: drop {int(target)} of {n} sublayers")
     return int(target) / n
+
+
+def _bits_target(target: float) -> float:
+    """``--budget bits --target B`` (B average bits per weight) as the budget's fraction
+    of the 16-bit cost removed, ``1 - B / 16``."""
+    from allocsearch.search.budget import average_bits_to_target
+
+    try:
+        value = average_bits_to_target(target)
+    except ValueError as e:
+        raise UserError(f"--target {target:g} with --budget bits: {e}") from None
+    out_console.print(f"target: {target:g} bits per weight on average")
+    return value
 
 
 def _config_sets_target(config: Path | None) -> bool:
@@ -772,6 +787,8 @@ def search(
     base = _config(config, search__budget_kind=budget, search__tie_blocks=tie_blocks)
     if base.search.budget_kind == "sublayers":
         value = _sublayer_target(target, config, supernet, tie_blocks=base.search.tie_blocks)
+    elif base.search.budget_kind == "bits" and target is not None:
+        value = _bits_target(target)
     else:
         value = _default_target(target, config, supernet)
     cfg = _config(

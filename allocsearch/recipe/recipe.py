@@ -30,7 +30,7 @@ from allocsearch.supernet.spec import STRUCTURES
 
 SCHEMA_VERSION = 1
 NAMING_CONVENTION = "huggingface-module-path"
-BUDGET_KINDS = ("params", "flops", "latency", "sublayers")
+BUDGET_KINDS = ("params", "flops", "latency", "sublayers", "bits", "bytes")
 # Structure of one layer entry. "heads" / "neurons" mark member layers of a structured unit.
 LAYER_STRUCTURES = ("unstructured", "nm", "heads", "neurons")
 UNIT_KINDS = ("heads", "neurons")
