@@ -1058,6 +1058,9 @@ def export(
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     r = Recipe.load(recipe)
     refuse_bit_recipe(r, "export")
+    if r.quantized:
+        _export_quant(r, format, out, overwrite)
+        return
     loaded, store = _check_recipe_sources(r, model, supernet)
     if format == "evopress-db":
         from allocsearch.recipe.evopress_db import write_evopress_database
@@ -1100,6 +1103,27 @@ def export(
     else:
         text = json.dumps(content, indent=2) + "\n"
     exporters.write_export(text, out, overwrite=overwrite)
+    for note in exp.notes:
+        out_console.print(f"note: {note}", highlight=False)
+    out_console.print(f"wrote {out}")
+
+
+def _export_quant(r, format: str, out: Path, overwrite: bool) -> None:
+    """``export`` of a bitwidth recipe: llm-compressor's GPTQ recipe or EvoPress's
+    quantization configuration (allocsearch.recipe.export_quant)."""
+    from allocsearch.recipe import export_quant, exporters
+
+    makers = {
+        "llm-compressor": export_quant.to_llm_compressor_quant,
+        "evopress": export_quant.to_evopress_quant,
+    }
+    if format not in makers:
+        raise UserError(
+            f"--format {format!r} exports sparsities; this recipe allocates bitwidths: use "
+            f"one of {list(makers)}"
+        )
+    exp = makers[format](r)
+    exporters.write_export(exp.content, out, overwrite=overwrite)
     for note in exp.notes:
         out_console.print(f"note: {note}", highlight=False)
     out_console.print(f"wrote {out}")
@@ -1150,6 +1174,9 @@ def apply(
     store = (
         SupernetStore.open(supernet, model_fingerprint=ws.model.fingerprint) if supernet else None
     )
+    if r.quantized:
+        _apply_quant(ws, r, store, out, dtype, overwrite)
+        return
     with heartbeat("apply: pruning and writing", enabled=progress):
         pruned, updates, report = apply_recipe(
             ws.model,
@@ -1183,6 +1210,18 @@ def apply(
             f"{report.num_params_dense:,} -> {report.num_params:,}",
             highlight=False,
         )
+    out_console.print(f"wrote {out}")
+
+
+def _apply_quant(ws, r, store, out: Path, dtype: str, overwrite: bool) -> None:
+    """``apply`` of a bitwidth recipe: dequantized weights (allocsearch.recipe.apply_quant)."""
+    from allocsearch.recipe.apply import tokenizer_files, write_pruned
+    from allocsearch.recipe.apply_quant import apply_quant_recipe
+
+    quantized, report = apply_quant_recipe(ws.model, r, store=store)
+    files = tokenizer_files(ws.model.path)
+    write_pruned(quantized, out, dtype=dtype, overwrite=overwrite, copy_files=files)
+    out_console.print(report.summary(), highlight=False)
     out_console.print(f"wrote {out}")
 
 

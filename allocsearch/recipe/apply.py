@@ -848,6 +848,11 @@ def apply_recipe(
         data without it, a pruner of the wrong kind, a store built for another model.
     """
     refuse_bit_recipe(recipe, "apply")
+    if recipe.quantized:
+        raise RecipeError(
+            "apply_recipe prunes; this recipe quantizes (per-layer bits): use "
+            "allocsearch.recipe.apply_quant.apply_quant_recipe"
+        )
     adapter = model.adapter
     check_against_model(recipe, model_layers(adapter, routers=True), model.fingerprint)
     counts = _recipe_counts(recipe)

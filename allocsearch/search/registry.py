@@ -32,8 +32,8 @@ import numpy as np
 
 from allocsearch.quantizers.costs import spec_quant_levels
 from allocsearch.search import baselines
-from allocsearch.search.bits_baselines import owl_bits_choice
 from allocsearch.search.base import Searcher
+from allocsearch.search.bits_baselines import owl_bits_choice
 from allocsearch.search.budget import Budget
 from allocsearch.search.coarse_to_fine import TYR_INITIAL_STEP, TYR_MIN_STEP, TYR_ROUNDS
 from allocsearch.search.dp import TableSearcher, dp_solve
