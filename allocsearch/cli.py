@@ -541,12 +541,28 @@ def demo(
     micro_batch_tokens: MicroBatchOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
+    quantizer: Annotated[
+        str | None,
+        typer.Option(
+            help="rtn | gptq: allocate bitwidths (--bits) instead of sparsities; --target is "
+            "then average bits per weight, scales counted (default: none, prune)."
+        ),
+    ] = None,
+    bits: Annotated[
+        str, typer.Option(help="Bitwidths of the quantized demo, comma-separated (2..8).")
+    ] = "2,3,4,8",
+    group_size: Annotated[int, typer.Option(help="Columns per scale (--quantizer).")] = 128,
 ) -> None:
     """The whole pipeline on the bundled demo model: supernet (SparseGPT, 9 levels), EvoPress
-    search, recipe, plots, and a table against uniform and OWL."""
+    search, recipe, plots, and a table against uniform and OWL. With --quantizer: per-layer
+    bitwidths under an average-bits budget against every uniform bitwidth."""
     from allocsearch.demo import run_demo
 
     _check_generations(generations)
+    if quantizer is not None:
+        _quant_demo(out, target, generations, strategies, seed, quantizer, bits, group_size,
+                    overwrite, progress)  # fmt: skip
+        return
     cfg = _config(
         None,
         search__target=target,
@@ -710,6 +726,37 @@ def build(
         f"supernet: {store.spec.num_units} units x up to {store.spec.sparsity.shape[1]} levels, "
         f"{store.num_bytes / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s -> {store.path}"
     )
+
+
+def _quant_demo(
+    out, target, generations, strategies, seed, quantizer, bits, group_size, overwrite, progress
+) -> None:
+    """``demo --quantizer``: allocsearch.demo_quant on the bundled model (in process)."""
+    from allocsearch.demo_quant import QUANT_DEMO_STRATEGIES, run_quant_demo
+
+    try:
+        levels = [int(b) for b in bits.split(",")]
+    except ValueError:
+        raise UserError(f"--bits {bits!r} must be comma-separated ints, e.g. 2,3,4,8") from None
+    if not min(levels) <= target <= 16:
+        raise UserError(
+            f"--target {target:g} with --quantizer is average bits per weight: at least the "
+            f"lowest of --bits {bits} (plus scales), e.g. --target 3.0"
+        )
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    if strategies == "uniform,owl,evopress":  # the pruning demo's default
+        names = list(QUANT_DEMO_STRATEGIES)
+    bad = [s for s in names if s not in registry.STRATEGIES or registry.get(s).kind == "driver"]
+    if bad or not names:
+        raise UserError(f"--strategies {strategies!r}: unknown or unsupported here: {bad}")
+    cfg = _config(
+        None, search__budget_kind="bits", search__target=_bits_target(target), search__seed=seed
+    )
+    run_quant_demo(
+        cfg, _fresh_dir(out, overwrite), quantizer=quantizer, bits=levels,
+        group_size=group_size, generations=generations, progress=progress,
+        console=out_console, strategies=names,
+    )  # fmt: skip
 
 
 def _build_quantized(
@@ -916,13 +963,31 @@ def sweep(
     replace_timeout: ReplaceTimeoutOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            "--budget",
+            help="bits: --targets are average bits per weight (scales counted) on a quantized "
+            "supernet, e.g. 2.5:4:0.25 (default: the config's search.budget_kind).",
+        ),
+    ] = None,
 ) -> None:
     """Recipes for many targets from one supernet: the per-layer error table is measured
     once and DP solved at every target; uniform, OWL and optionally EvoPress (started from
     DP) for reference; writes sweep.md, sweep.png and one recipe per target and strategy."""
     from allocsearch.sweep import parse_targets, run_sweep_command
 
-    values = parse_targets(targets)
+    if budget == "bits":
+        from allocsearch.search.budget import average_bits_to_target
+
+        if supernet is None:
+            raise UserError(
+                "--budget bits needs --supernet: a quantized one (`allocsearch build --quantizer`)"
+            )
+
+        values = tuple(sorted(average_bits_to_target(b) for b in parse_targets(targets, upper=16)))
+    else:
+        values = parse_targets(targets)
     if evopress_generations < 0:
         raise UserError(f"--evopress-generations {evopress_generations} must be >= 0 (0 = off)")
     if not resume:
@@ -930,6 +995,7 @@ def sweep(
     cfg = _config(
         config,
         search__seed=seed,
+        search__budget_kind=budget,
         evaluator__micro_batch_tokens=micro_batch_tokens,
         **_backend(backend, workers, address, replace_timeout),
     )
