@@ -168,3 +168,20 @@ def test_cli_build_quantizer_refuses_bad_options(tmp_path, extra, message):
     assert r.exit_code == 2, r.output
     assert message in r.output
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["demo", "--quantizer", "gptq", "--target", "1.5"], "average bits per weight"),
+        (["demo", "--quantizer", "gptq", "--target", "3", "--bits", "2,x"], "2,x"),
+        (["demo", "--quantizer", "gptq", "--target", "3", "--strategies", "tyr"], "tyr"),
+        (["sweep", "--budget", "bits", "--targets", "3,4"], "--budget bits needs --supernet"),
+        (["sweep", "--budget", "bits", "--targets", "3,17", "--supernet", "s"], "17 is not in"),
+    ],
+)
+def test_cli_bits_options_refuse_bad_values_before_work(tmp_path, args, message):
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    assert message in " ".join(r.output.split())
+    assert not (tmp_path / "o").exists()
