@@ -38,7 +38,7 @@ def main() -> None:
         ppl = float(evaluator.perplexity(choice, ws.heldout))
         bits = 16 * (1 - fraction_removed(r.layers, "bits"))
         print(f"| {path} | {r.provenance.strategy} | {bits:.4f} | {kl:.5f} | {ppl:.4f} |")
-    print(f"| dense | - | 16 | 0 | {float(evaluator.perplexity(None, ws.heldout)):.4f} |")
+    print(f"| dense | - | 16 | 0 | {pipeline.heldout_perplexity(ws.model, ws.heldout):.4f} |")
 
 
 if __name__ == "__main__":
