@@ -152,6 +152,19 @@ def _check_quant_exports_and_apply(tmp_path, store, n_layers):
         got = hf.get_submodule(name).weight.detach().numpy()
         np.testing.assert_array_equal(got, want)
         assert len(np.unique(got[0, :16])) <= 16  # 4-bit codes: <= 16 values per group
+    # without the store: round to nearest of the dense weights, and the output says so
+    r = runner.invoke(
+        app,
+        ["apply", rec, "--model", str(tmp_path / "model"), "--out", str(tmp_path / "rtn"),
+         "--no-timing", "--no-progress"],
+    )  # fmt: skip
+    assert r.exit_code == 0 and "weights from: rtn" in r.output, r.output
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    rtn = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "rtn")
+    name = opened.spec.units[0].layers[0]
+    w = dense.get_submodule(name).weight.detach().numpy()
+    want = RTNQuantizer(group_size=16).quantize(w, None, [4]).weights(0)
+    np.testing.assert_array_equal(rtn.get_submodule(name).weight.detach().numpy(), want)
 
 
 @pytest.mark.parametrize(
