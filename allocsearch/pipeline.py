@@ -660,7 +660,7 @@ def _run_tyr(
     inner = make_searcher("evopress", settings or DEMO_EVOPRESS)
     if work_dir is None:
         raise ValueError("the tyr strategy needs a work directory for its per-round supernets")
-    if spec_quant_levels(store.spec.level_labels) is not None:
+    if spec_quant_levels(getattr(store.spec, "level_labels", None)) is not None:
         raise ValueError(
             "the tyr strategy rebuilds pruning grids around the current best; a quantized "
             "supernet's levels are fixed bitwidths: use dp, knapsack, evopress or dp+evopress"
