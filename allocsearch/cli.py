@@ -274,7 +274,9 @@ BudgetOpt = Annotated[
         "--budget",
         help="params | flops | latency (a measured table: search.latency_table) | "
         "sublayers (depth supernets: drop --target of the attention / MLP sublayers, "
-        "EvoPress's 'drop k of L') (default: the config's search.budget_kind, else params).",
+        "EvoPress's 'drop k of L') | bits (--target: average bits per weight, scales and "
+        "zero points counted) | bytes (prunable bytes; --target: fraction of the 16-bit "
+        "bytes removed) (default: the config's search.budget_kind, else params).",
     ),
 ]
 TieBlocksOpt = Annotated[
@@ -463,6 +465,19 @@ def _sublayer_target(
     return int(target) / n
 
 
+def _bits_target(target: float) -> float:
+    """``--budget bits --target B`` (B average bits per weight) as the budget's fraction
+    of the 16-bit cost removed, ``1 - B / 16``."""
+    from allocsearch.search.budget import average_bits_to_target
+
+    try:
+        value = average_bits_to_target(target)
+    except ValueError as e:
+        raise UserError(f"--target {target:g} with --budget bits: {e}") from None
+    out_console.print(f"target: {target:g} bits per weight on average")
+    return value
+
+
 def _config_sets_target(config: Path | None) -> bool:
     """Whether the config file sets ``search.target``."""
     import yaml
@@ -535,12 +550,28 @@ def demo(
     micro_batch_tokens: MicroBatchOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
+    quantizer: Annotated[
+        str | None,
+        typer.Option(
+            help="rtn | gptq: allocate bitwidths (--bits) instead of sparsities; --target is "
+            "then average bits per weight, scales counted (default: none, prune)."
+        ),
+    ] = None,
+    bits: Annotated[
+        str, typer.Option(help="Bitwidths of the quantized demo, comma-separated (2..8).")
+    ] = "2,3,4,8",
+    group_size: Annotated[int, typer.Option(help="Columns per scale (--quantizer).")] = 128,
 ) -> None:
     """The whole pipeline on the bundled demo model: supernet (SparseGPT, 9 levels), EvoPress
-    search, recipe, plots, and a table against uniform and OWL."""
+    search, recipe, plots, and a table against uniform and OWL. With --quantizer: per-layer
+    bitwidths under an average-bits budget against every uniform bitwidth."""
     from allocsearch.demo import run_demo
 
     _check_generations(generations)
+    if quantizer is not None:
+        _quant_demo(out, target, generations, strategies, seed, quantizer, bits, group_size,
+                    overwrite, progress)  # fmt: skip
+        return
     cfg = _config(
         None,
         search__target=target,
@@ -706,6 +737,37 @@ def build(
     )
 
 
+def _quant_demo(
+    out, target, generations, strategies, seed, quantizer, bits, group_size, overwrite, progress
+) -> None:
+    """``demo --quantizer``: allocsearch.demo_quant on the bundled model (in process)."""
+    from allocsearch.demo_quant import QUANT_DEMO_STRATEGIES, run_quant_demo
+
+    try:
+        levels = [int(b) for b in bits.split(",")]
+    except ValueError:
+        raise UserError(f"--bits {bits!r} must be comma-separated ints, e.g. 2,3,4,8") from None
+    if not min(levels) <= target <= 16:
+        raise UserError(
+            f"--target {target:g} with --quantizer is average bits per weight: at least the "
+            f"lowest of --bits {bits} (plus scales), e.g. --target 3.0"
+        )
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    if strategies == "uniform,owl,evopress":  # the pruning demo's default
+        names = list(QUANT_DEMO_STRATEGIES)
+    bad = [s for s in names if s not in registry.STRATEGIES or registry.get(s).kind == "driver"]
+    if bad or not names:
+        raise UserError(f"--strategies {strategies!r}: unknown or unsupported here: {bad}")
+    cfg = _config(
+        None, search__budget_kind="bits", search__target=_bits_target(target), search__seed=seed
+    )
+    run_quant_demo(
+        cfg, _fresh_dir(out, overwrite), quantizer=quantizer, bits=levels,
+        group_size=group_size, generations=generations, progress=progress,
+        console=out_console, strategies=names,
+    )  # fmt: skip
+
+
 def _build_quantized(
     out: Path, cfg, name: str, bits: str, group_size: int, symmetric: bool, overwrite: bool
 ) -> None:
@@ -782,6 +844,8 @@ def search(
     base = _config(config, search__budget_kind=budget, search__tie_blocks=tie_blocks)
     if base.search.budget_kind == "sublayers":
         value = _sublayer_target(target, config, supernet, tie_blocks=base.search.tie_blocks)
+    elif base.search.budget_kind == "bits" and target is not None:
+        value = _bits_target(target)
     else:
         value = _default_target(target, config, supernet)
     cfg = _config(
@@ -910,13 +974,31 @@ def sweep(
     replace_timeout: ReplaceTimeoutOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            "--budget",
+            help="bits: --targets are average bits per weight (scales counted) on a quantized "
+            "supernet, e.g. 2.5:4:0.25 (default: the config's search.budget_kind).",
+        ),
+    ] = None,
 ) -> None:
     """Recipes for many targets from one supernet: the per-layer error table is measured
     once and DP solved at every target; uniform, OWL and optionally EvoPress (started from
     DP) for reference; writes sweep.md, sweep.png and one recipe per target and strategy."""
     from allocsearch.sweep import parse_targets, run_sweep_command
 
-    values = parse_targets(targets)
+    if budget == "bits":
+        from allocsearch.search.budget import average_bits_to_target
+
+        if supernet is None:
+            raise UserError(
+                "--budget bits needs --supernet: a quantized one (`allocsearch build --quantizer`)"
+            )
+
+        values = tuple(sorted(average_bits_to_target(b) for b in parse_targets(targets, upper=16)))
+    else:
+        values = parse_targets(targets)
     if evopress_generations < 0:
         raise UserError(f"--evopress-generations {evopress_generations} must be >= 0 (0 = off)")
     if not resume:
@@ -924,6 +1006,7 @@ def sweep(
     cfg = _config(
         config,
         search__seed=seed,
+        search__budget_kind=budget,
         evaluator__micro_batch_tokens=micro_batch_tokens,
         **_backend(backend, workers, address, replace_timeout),
     )
@@ -1052,6 +1135,9 @@ def export(
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     r = Recipe.load(recipe)
     refuse_bit_recipe(r, "export")
+    if r.quantized:
+        _export_quant(r, format, out, overwrite)
+        return
     loaded, store = _check_recipe_sources(r, model, supernet)
     if format == "evopress-db":
         from allocsearch.recipe.evopress_db import write_evopress_database
@@ -1094,6 +1180,27 @@ def export(
     else:
         text = json.dumps(content, indent=2) + "\n"
     exporters.write_export(text, out, overwrite=overwrite)
+    for note in exp.notes:
+        out_console.print(f"note: {note}", highlight=False)
+    out_console.print(f"wrote {out}")
+
+
+def _export_quant(r, format: str, out: Path, overwrite: bool) -> None:
+    """``export`` of a bitwidth recipe: llm-compressor's GPTQ recipe or EvoPress's
+    quantization configuration (allocsearch.recipe.export_quant)."""
+    from allocsearch.recipe import export_quant, exporters
+
+    makers = {
+        "llm-compressor": export_quant.to_llm_compressor_quant,
+        "evopress": export_quant.to_evopress_quant,
+    }
+    if format not in makers:
+        raise UserError(
+            f"--format {format!r} exports sparsities; this recipe allocates bitwidths: use "
+            f"one of {list(makers)}"
+        )
+    exp = makers[format](r)
+    exporters.write_export(exp.content, out, overwrite=overwrite)
     for note in exp.notes:
         out_console.print(f"note: {note}", highlight=False)
     out_console.print(f"wrote {out}")
@@ -1144,6 +1251,9 @@ def apply(
     store = (
         SupernetStore.open(supernet, model_fingerprint=ws.model.fingerprint) if supernet else None
     )
+    if r.quantized:
+        _apply_quant(ws, r, store, out, dtype, overwrite)
+        return
     with heartbeat("apply: pruning and writing", enabled=progress):
         pruned, updates, report = apply_recipe(
             ws.model,
@@ -1177,6 +1287,18 @@ def apply(
             f"{report.num_params_dense:,} -> {report.num_params:,}",
             highlight=False,
         )
+    out_console.print(f"wrote {out}")
+
+
+def _apply_quant(ws, r, store, out: Path, dtype: str, overwrite: bool) -> None:
+    """``apply`` of a bitwidth recipe: dequantized weights (allocsearch.recipe.apply_quant)."""
+    from allocsearch.recipe.apply import tokenizer_files, write_pruned
+    from allocsearch.recipe.apply_quant import apply_quant_recipe
+
+    quantized, report = apply_quant_recipe(ws.model, r, store=store)
+    files = tokenizer_files(ws.model.path)
+    write_pruned(quantized, out, dtype=dtype, overwrite=overwrite, copy_files=files)
+    out_console.print(report.summary(), highlight=False)
     out_console.print(f"wrote {out}")
 
 

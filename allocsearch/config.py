@@ -40,6 +40,8 @@ search:
   strategy: evopress        # evopress | tyr | dp | knapsack | uniform | owl | ...
   budget_kind: params       # params | flops | latency | sublayers (depth supernets: a
                             # number of sublayers dropped, EvoPress's "drop k of L")
+                            # | bits | bytes (quantized supernets: bits / bytes of the
+                            # 16-bit model removed; `--budget bits --target 3` = 3 bits)
   target: 0.6               # fraction of the dense cost removed (sublayers: k / L, at
                             # least floor(target * L) of the L sublayers dropped)
   tie_blocks: false         # depth "drop" supernets: search whole blocks (a block's
@@ -90,7 +92,7 @@ STRUCTURES = ("unstructured", "nm", "heads_neurons")
 HEAD_GRANULARITIES = ("kv_group", "query_head")
 INPUT_MODES = ("dense", "expected", "centre")
 STRATEGIES = STRATEGY_NAMES  # the strategy registry's names
-BUDGET_KINDS = ("params", "flops", "latency", "sublayers")
+BUDGET_KINDS = ("params", "flops", "latency", "sublayers", "bits", "bytes")
 METRICS = ("kl", "topk_kl", "nll", "embedding_cosine", "hidden_nmse")
 ENCODER_METRICS = ("embedding_cosine", "hidden_nmse")
 BACKENDS = ("local", "ray")

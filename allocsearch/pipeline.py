@@ -50,6 +50,7 @@ from allocsearch.evaluate.streaming import StreamingEvaluator
 from allocsearch.models.bert import mean_pool
 from allocsearch.models.hf import ARCHITECTURES, HFModel, load_model
 from allocsearch.models.streamed import streamed_nll_sum
+from allocsearch.quantizers.costs import level_to_json, spec_quant_levels
 from allocsearch.recipe.recipe import (
     LEVEL_KIND_KEY,
     Calibration,
@@ -701,6 +702,11 @@ def _run_tyr(
     inner = make_searcher("evopress", settings or DEMO_EVOPRESS)
     if work_dir is None:
         raise ValueError("the tyr strategy needs a work directory for its per-round supernets")
+    if spec_quant_levels(getattr(store.spec, "level_labels", None)) is not None:
+        raise ValueError(
+            "the tyr strategy rebuilds pruning grids around the current best; a quantized "
+            "supernet's levels are fixed bitwidths: use dp, knapsack, evopress or dp+evopress"
+        )
     if ws.config.supernet.expert_removal:
         raise ValueError(
             "the tyr strategy rebuilds each round's grid around the current best, without "
@@ -833,9 +839,13 @@ def recipe_from_choice(
     nm = spec.structure == "nm"
     unit_of_layer = {layer: u for u, unit in enumerate(spec.units) for layer in unit.layers}
     frequency = routing_frequencies(store)
+    quant = spec_quant_levels(spec.level_labels)  # bitwidth levels: each layer's bits
     for name, layer in info.items():
         s = layer_sparsity.get(name, 0.0)
         kw: dict[str, Any] = {}
+        if quant is not None and name in unit_of_layer:
+            u = unit_of_layer[name]
+            s, kw = 0.0, level_to_json(quant[u][int(choice[u])])
         if name in frequency:
             kw["routing_frequency"] = frequency[name]
         if structured:
@@ -855,7 +865,12 @@ def recipe_from_choice(
             fingerprint=ws.model.fingerprint,
         ),
         layers=tuple(entries),
-        budget=RecipeBudget(budget.kind, float(budget.target), achieved),
+        # on bitwidth levels a params / FLOPs budget is the same fraction of the 16-bit bits
+        budget=RecipeBudget(
+            "bits" if quant is not None and budget.kind in ("params", "flops") else budget.kind,
+            float(budget.target),
+            achieved,
+        ),
         provenance=Provenance(
             strategy=outcome.strategy,
             settings=_recipe_settings(store, outcome),

@@ -50,9 +50,10 @@ _TARGET_DECIMALS = 10
 MANIFEST = "sweep.json"
 
 
-def parse_targets(text: str) -> tuple[float, ...]:
+def parse_targets(text: str, *, upper: float = 1.0) -> tuple[float, ...]:
     """Budget targets from ``start:stop:step`` (both ends included when ``stop`` lies on the
-    step lattice) or a comma list; sorted, duplicates removed.
+    step lattice) or a comma list; sorted, duplicates removed; each in ``(0, upper)``
+    (``upper=16`` with ``<=`` for average bits per weight).
 
     Raises:
       ValueError: naming the bad value and :data:`TARGET_FORMS`.
@@ -88,9 +89,10 @@ def parse_targets(text: str) -> tuple[float, ...]:
         if not values:
             raise ValueError(f"--targets {text!r} names no target; give {TARGET_FORMS}")
     values = sorted({round(v, _TARGET_DECIMALS) for v in values})
-    bad = [v for v in values if not 0.0 < v < 1.0]
+    bad = [v for v in values if not (0.0 < v < 1.0 if upper == 1.0 else 0.0 < v <= upper)]
     if bad:
-        raise ValueError(f"--targets {text!r}: {bad[0]:g} is not in (0, 1); give {TARGET_FORMS}")
+        span = "(0, 1)" if upper == 1.0 else f"(0, {upper:g}] bits"
+        raise ValueError(f"--targets {text!r}: {bad[0]:g} is not in {span}; give {TARGET_FORMS}")
     return tuple(values)
 
 

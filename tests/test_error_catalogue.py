@@ -508,7 +508,7 @@ def _owl_export(env: Env, recipe: Path) -> tuple:
 
 def bad_recipe(env: Env) -> None:
     def version(d):
-        d["schema_version"] = 2
+        d["schema_version"] = 3
 
     def unknown(d):
         d["colour"] = "blue"
@@ -520,7 +520,7 @@ def bad_recipe(env: Env) -> None:
         d["budget"]["achieved"] = 0.9
 
     for name, edit, values in (
-        ("version", version, ("schema_version 2",)),
+        ("version", version, ("schema_version 3",)),
         ("unknown", unknown, ("['colour']",)),
         ("sparsity", sparsity, ("1.5",)),
         ("budget", budget, ("budget.achieved = 0.9",)),

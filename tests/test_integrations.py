@@ -358,6 +358,89 @@ def test_llm_compressor_parses_and_applies_the_exported_recipes(tmp_path):
     assert all(got["nm.yaml"]["two_of_four"][x.name] for x in nm.layers)
 
 
+LLM_COMPRESSOR_QUANT_SCRIPT = (
+    LLM_COMPRESSOR_SCRIPT.split("out = {", 1)[0]
+    + """
+out = {"versions": {p: version(p) for p in ("llmcompressor", "compressed-tensors")}}
+path = sys.argv[1]
+(modifier,) = Recipe.create_instance(path).modifiers
+parsed = {
+    "type": type(modifier).__name__,
+    "ignore": list(modifier.ignore),
+    "groups": {name: {"targets": list(g.targets), "num_bits": g.weights.num_bits,
+                      "group_size": g.weights.group_size, "symmetric": g.weights.symmetric}
+               for name, g in modifier.config_groups.items()},
+}
+model = oneshot(model="tiny-llama", dataset=calibration, recipe=path,
+                num_calibration_samples=16, max_seq_length=32)
+layers = {}
+for name, module in model.named_modules():
+    if isinstance(module, torch.nn.Linear):
+        w = module.weight.detach().float()
+        groups = w.reshape(w.shape[0], -1, 128)  # the recipe's group size
+        distinct = [len(torch.unique(g)) for g in groups.reshape(-1, 128)]
+        scheme = getattr(module, "quantization_scheme", None)
+        layers[name] = {
+            "max_distinct": max(distinct),
+            "num_bits": None if scheme is None else scheme.weights.num_bits,
+        }
+out["parsed"] = parsed
+out["layers"] = layers
+print(json.dumps(out))
+"""
+)
+
+
+def bits_recipe_128() -> Recipe:
+    """The unit-test model's layers 16x taller and wider (hidden 128, intermediate 256, as
+    LLM_COMPRESSOR_SCRIPT's tiny Llama), each at a bitwidth of {2, 3, 4, 8}, groups of 128."""
+    base = scaled(unstructured_recipe(), 16)
+    bits = [2, 3, 4, 8, 2, 3, 4, 4, 8, 3, 2, 4, 2, 3]
+    layers = tuple(
+        dataclasses.replace(x, sparsity=0.0, bits=b, group_size=128, symmetric=True)
+        for x, b in zip(base.layers, bits, strict=True)
+    )
+    achieved = fraction_removed(layers, "bits")
+    return dataclasses.replace(
+        base,
+        layers=layers,
+        budget=RecipeBudget("bits", achieved, achieved),
+        provenance=provenance(settings={"level_kind": "bits"}),
+    )
+
+
+def test_llm_compressor_quantizes_each_layer_to_the_recipes_bitwidth(tmp_path):
+    """llm-compressor parses what ``allocsearch export --format llm-compressor`` writes for
+    a bitwidth recipe (one GPTQModifier config group per bitwidth, layers by module name),
+    and ``oneshot`` with it on a tiny random Llama gives every layer its recipe bitwidth:
+    its quantization scheme says so, and no group of 128 weights holds more than 2^bits
+    distinct values (while every layer holds more than 2^(bits-1), at 8 bits more than 64,
+    in some group, so it is not a lower bitwidth); lm_head stays unquantized."""
+    python = tool_python(tmp_path / "venv", *LLM_COMPRESSOR_PACKAGES)
+    recipe = bits_recipe_128()
+    recipe.save(tmp_path / "bits.json")
+    export(tmp_path / "bits.json", "--format", "llm-compressor", "--out", tmp_path / "q.yaml")
+    got = run_tool(python, LLM_COMPRESSOR_QUANT_SCRIPT, "q.yaml", cwd=tmp_path)
+    print("llm-compressor quantization integration:", got.pop("versions"))
+    parsed = got["parsed"]
+    assert parsed["type"] == "GPTQModifier" and parsed["ignore"] == ["re:.*lm_head"]
+    want_groups = {}
+    for x in recipe.layers:
+        want_groups.setdefault(f"w{x.bits}g128_sym", []).append(f"re:{re.escape(x.name)}$")
+    assert {k: g["targets"] for k, g in parsed["groups"].items()} == want_groups
+    for name, g in parsed["groups"].items():
+        assert (g["num_bits"], g["group_size"], g["symmetric"]) == (int(name[1]), 128, True)
+    layers = got["layers"]
+    assert layers.pop("lm_head")["num_bits"] is None
+    assert set(layers) == {x.name for x in recipe.layers}
+    for x in recipe.layers:
+        seen = layers[x.name]
+        assert seen["num_bits"] == x.bits, x.name
+        assert seen["max_distinct"] <= 2**x.bits, (x.name, seen)
+        # not a lower bitwidth (a group holds only 128 values: at 8 bits, more than 64)
+        assert seen["max_distinct"] > min(2 ** (x.bits - 1), 64), (x.name, seen)
+
+
 # ----------------------------------------------------------------------------- jaxpruner
 
 # jaxpruner's own imports that the test environment lacks (it brings jax, flax, optax).

@@ -100,19 +100,71 @@ def test_cli_build_quantizer_then_search(tmp_path):
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     recipe = json.loads((tmp_path / "run" / "recipe.json").read_text())
-    assert {x["sparsity"] for x in recipe["layers"]} == {target}
+    assert recipe["schema_version"] == 2 and recipe["budget"]["kind"] == "bits"
     assert recipe["provenance"]["settings"]["level_kind"] == "bits"
-    # its 'sparsity' is a stand-in for bits: export and apply refuse it, writing nothing
-    for cmd in (
-        ["export", str(tmp_path / "run" / "recipe.json"), "--format", "owl",
-         "--out", str(tmp_path / "owl.json")],
-        ["apply", str(tmp_path / "run" / "recipe.json"), "--model",
-         str(tmp_path / "model"), "--supernet", str(store), "--out", str(tmp_path / "pruned")],
-    ):  # fmt: skip
-        r = runner.invoke(app, cmd)
-        assert r.exit_code == 2, r.output
-        assert "allocates bitwidths" in r.output
-    assert not (tmp_path / "owl.json").exists() and not (tmp_path / "pruned").exists()
+    got = {(x["sparsity"], x["bits"], x["group_size"], x["symmetric"]) for x in recipe["layers"]}
+    assert got == {(0.0, 4, 16, True)}  # quantized, not pruned
+    # --budget bits --target 5: 4 bits + one 16-bit scale per 16 weights = 5 bits
+    r = runner.invoke(
+        app,
+        ["search", "--config", str(tmp_path / "c.yaml"), "--supernet", str(store), "--out",
+         str(tmp_path / "run5"), "--strategy", "uniform", "--budget", "bits", "--target", "5",
+         "--backend", "local", "--no-progress"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    recipe5 = json.loads((tmp_path / "run5" / "recipe.json").read_text())
+    assert recipe5["layers"] == recipe["layers"] and recipe5["budget"]["target"] == target
+    _check_quant_exports_and_apply(tmp_path, store, len(recipe["layers"]))
+
+
+def _check_quant_exports_and_apply(tmp_path, store, n_layers):
+    """A bitwidth recipe exports to llm-compressor and EvoPress (other formats refuse it)
+    and applies as dequantized weights equal to the store's, which transformers loads."""
+    rec = str(tmp_path / "run" / "recipe.json")
+    r = runner.invoke(app, ["export", rec, "--format", "owl", "--out", str(tmp_path / "o.json")])
+    assert r.exit_code == 2 and "allocates bitwidths" in r.output, r.output
+    assert not (tmp_path / "o.json").exists()
+    for fmt, name in (("llm-compressor", "q.yaml"), ("evopress", "q.txt")):
+        r = runner.invoke(app, ["export", rec, "--format", fmt, "--out", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+    doc = yaml.safe_load((tmp_path / "q.yaml").read_text())
+    groups = doc["quant_stage"]["quant_modifiers"]["GPTQModifier"]["config_groups"]
+    assert list(groups) == ["w4g16_sym"] and len(groups["w4g16_sym"]["targets"]) == n_layers
+    assert groups["w4g16_sym"]["weights"] == {
+        "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 16
+    }  # fmt: skip
+    lines = (tmp_path / "q.txt").read_text().splitlines()
+    assert len(lines) == n_layers and all(x.endswith(": 4") for x in lines)
+    assert lines[0].startswith("model.layers.0.")
+    r = runner.invoke(
+        app,
+        ["apply", rec, "--model", str(tmp_path / "model"), "--supernet", str(store), "--out",
+         str(tmp_path / "q"), "--no-timing", "--no-progress"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "dequantized weights" in r.output and "5.0000 bits per weight" in r.output
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    opened = SupernetStore.open(store)
+    for unit in opened.spec.units:
+        name = unit.layers[0]
+        want = np.asarray(opened.variants(f"{name}.weight").weights[0])
+        got = hf.get_submodule(name).weight.detach().numpy()
+        np.testing.assert_array_equal(got, want)
+        assert len(np.unique(got[0, :16])) <= 16  # 4-bit codes: <= 16 values per group
+    # without the store: round to nearest of the dense weights, and the output says so
+    r = runner.invoke(
+        app,
+        ["apply", rec, "--model", str(tmp_path / "model"), "--out", str(tmp_path / "rtn"),
+         "--no-timing", "--no-progress"],
+    )  # fmt: skip
+    assert r.exit_code == 0 and "weights from: rtn" in r.output, r.output
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    rtn = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "rtn")
+    name = opened.spec.units[0].layers[0]
+    w = dense.get_submodule(name).weight.detach().numpy()
+    want = RTNQuantizer(group_size=16).quantize(w, None, [4]).weights(0)
+    np.testing.assert_array_equal(rtn.get_submodule(name).weight.detach().numpy(), want)
 
 
 @pytest.mark.parametrize(
@@ -129,3 +181,20 @@ def test_cli_build_quantizer_refuses_bad_options(tmp_path, extra, message):
     assert r.exit_code == 2, r.output
     assert message in r.output
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["demo", "--quantizer", "gptq", "--target", "1.5"], "average bits per weight"),
+        (["demo", "--quantizer", "gptq", "--target", "3", "--bits", "2,x"], "2,x"),
+        (["demo", "--quantizer", "gptq", "--target", "3", "--strategies", "tyr"], "tyr"),
+        (["sweep", "--budget", "bits", "--targets", "3,4"], "--budget bits needs --supernet"),
+        (["sweep", "--budget", "bits", "--targets", "3,17", "--supernet", "s"], "17 is not in"),
+    ],
+)
+def test_cli_bits_options_refuse_bad_values_before_work(tmp_path, args, message):
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    assert message in " ".join(r.output.split())
+    assert not (tmp_path / "o").exists()

@@ -257,8 +257,8 @@ def _mutated(mutate) -> str:
     "mutate, message",
     [
         (
-            lambda d: d.update(schema_version=2),
-            "schema_version 2 is not supported.*reads schema_version 1",
+            lambda d: d.update(schema_version=3),
+            "schema_version 3 is not supported.*reads schema_version 1, 2",
         ),
         (lambda d: d.update(extra=1), r"recipe: unknown field\(s\) \['extra'\]"),
         (lambda d: d["model"].update(revision="x"), r"model: unknown field\(s\) \['revision'\]"),

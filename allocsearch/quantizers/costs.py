@@ -13,6 +13,7 @@ the packed layout of :mod:`allocsearch.quantizers.packing`, including a partial 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -23,6 +24,8 @@ from allocsearch.quantizers.packing import packed_code_bytes
 
 SCALE_BITS = 16
 """Bits of one stored scale (float16)."""
+
+_LABEL = re.compile(r"(?P<bits>\d+)b g(?P<group>\d+) (?P<sym>sym|asym)")
 
 
 def _shape(shape: Sequence[int]) -> tuple[int, int]:
@@ -102,6 +105,31 @@ def quant_cost_tables(
 def level_label(level: QuantLevel) -> str:
     """Short label of a level, e.g. ``"4b g128 sym"`` (the spec's level labels)."""
     return f"{level.bits}b g{level.group_size} {'sym' if level.symmetric else 'asym'}"
+
+
+def level_from_label(label: str) -> QuantLevel | None:
+    """The level a :func:`level_label` label names, or None for any other label (a
+    sparsity level's ``"2:4"`` or ``"50%"``)."""
+    m = _LABEL.fullmatch(label.strip()) if isinstance(label, str) else None
+    if m is None:
+        return None
+    return QuantLevel(int(m["bits"]), int(m["group"]), m["sym"] == "sym")
+
+
+def spec_quant_levels(
+    level_labels: Sequence[Sequence[str]] | None,
+) -> list[list[QuantLevel]] | None:
+    """Per unit, the quantization level of each (valid) level, from a spec's
+    ``level_labels``; None unless every label names one (a quantized supernet's spec)."""
+    if not level_labels:
+        return None
+    out = []
+    for row in level_labels:
+        levels = [level_from_label(x) for x in row]
+        if not levels or any(lv is None for lv in levels):
+            return None
+        out.append(levels)
+    return out
 
 
 def level_to_json(level: QuantLevel) -> dict[str, Any]:

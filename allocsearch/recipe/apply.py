@@ -48,7 +48,6 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -57,15 +56,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from allocsearch.data.tokenset import TokenSet
-from allocsearch.models.bert import BertAdapter
-from allocsearch.models.gpt2 import GPT2Adapter
 from allocsearch.models.hf import HFModel, adapter_for_config, fingerprint_tensors, save_model
 from allocsearch.models.layers import LayerInfo
-from allocsearch.models.llama import RotaryDecoderAdapter
 from allocsearch.pruners.base import LocalPruner, NestedVariants, exact_counts
 from allocsearch.pruners.magnitude import MagnitudePruner
 from allocsearch.pruners.nm import NMMagnitudePruner
 from allocsearch.pruners.structured import HeadGroups, NeuronGroups
+from allocsearch.recipe.apply_report import AppliedLayer, ApplyReport
 from allocsearch.recipe.depth import apply_depth
 from allocsearch.recipe.experts import apply_experts
 from allocsearch.recipe.recipe import (
@@ -75,6 +72,7 @@ from allocsearch.recipe.recipe import (
     check_against_model,
     refuse_bit_recipe,
 )
+from allocsearch.recipe.slicing import _layout_of, _slice_structured, _store_layouts
 from allocsearch.supernet.build import (
     INPUT_MODES,
     InputMode,
@@ -101,120 +99,6 @@ __all__ = [
 _STRUCTURED: Final = frozenset({"heads", "neurons", "heads_neurons"})
 # Pruners whose variants depend on the weights only; they get a placeholder token set.
 _NEEDS_NO_DATA: Final = (MagnitudePruner, NMMagnitudePruner)
-# Output projection of each structured sublayer kind (unit roles of supernet.build).
-_OUTPUT_ROLES: Final = {"attn": frozenset({"o"}), "mlp": frozenset({"down", "fc_out"})}
-
-
-# --------------------------------------------------------------------------- report
-
-
-@dataclass(frozen=True)
-class AppliedLayer:
-    """What one recipe layer became.
-
-    Attributes:
-      name: Hugging Face module path.
-      role: layer role (``q``, ``down``, ...).
-      block: transformer block index.
-      sparsity_recipe: the recipe's sparsity (fraction of the dense weights removed).
-      sparsity_applied: zero entries of the full-size pruned weight over its dense weight
-        count, measured before any physical slicing (equal to ``sparsity_recipe`` unless
-        the pruned weights happen to hold extra exact zeros).
-      level: index of the store level applied (0 for the one-level supernet built without
-        a store).
-      shape: ``(out_features, in_features)`` of the weight as written (smaller than the
-        dense shape after physical slicing).
-    """
-
-    name: str
-    role: str
-    block: int
-    sparsity_recipe: float
-    sparsity_applied: float
-    level: int
-    shape: tuple[int, int]
-
-
-@dataclass(frozen=True)
-class ApplyReport:
-    """Summary of an applied recipe.
-
-    Attributes:
-      source: ``"store:<path>"`` or ``"pruner:<name>"`` (re-run without a store).
-      structure: the recipe's structure.
-      physical: True when structured matrices were made physically smaller.
-      layers: one entry per recipe layer, in forward order.
-      num_params_dense: parameters of the dense model's forward (tied weights once;
-        checkpoint extras such as BERT's pooler excluded).
-      num_params_recipe: parameters the recipe leaves: the dense count minus the weights
-        its layers remove and, for structured units, the biases of their dead rows.
-      num_params: parameters stored in the pruned model (zeros included). Lower = smaller.
-      config_updates: config.json keys changed by physical slicing (empty otherwise).
-      notes: what could not be done as asked, or deserves attention.
-    """
-
-    source: str
-    structure: str
-    physical: bool
-    layers: tuple[AppliedLayer, ...]
-    num_params_dense: int
-    num_params_recipe: int
-    num_params: int
-    config_updates: Mapping[str, Any]
-    notes: tuple[str, ...] = ()
-
-    @property
-    def padding_params(self) -> int:
-        """Stored parameters above the recipe's count (``num_params - num_params_recipe``):
-        the zero rows / columns that keep blocks at one width, or, without physical
-        slicing, every removed weight (stored as a zero). Lower is better."""
-        return self.num_params - self.num_params_recipe
-
-    @property
-    def padding_fraction(self) -> float:
-        """``padding_params / num_params_recipe`` (0 = no padding; lower is better)."""
-        return self.padding_params / max(self.num_params_recipe, 1)
-
-    def summary(self) -> str:
-        """A few human-readable lines (for the CLI)."""
-        sliced = ", ".join(f"{k}={v}" for k, v in self.config_updates.items())
-        differ = sum(x.sparsity_applied != x.sparsity_recipe for x in self.layers)
-        lines = [
-            f"weights from: {self.source}",
-            f"structure: {self.structure}" + (f" (physically smaller: {sliced})" if sliced else ""),
-            f"parameters: dense {self.num_params_dense:,}, recipe {self.num_params_recipe:,}, "
-            f"stored {self.num_params:,} ({self.padding_params:,} = "
-            f"{100 * self.padding_fraction:.2f}% above the recipe"
-            + (", zeros kept at dense shapes)" if not self.physical else " as padding)"),
-            f"layers: {len(self.layers)} pruned as the recipe says"
-            + (f"; {differ} hold extra exact zeros" if differ else ""),
-        ]
-        return "\n".join(lines + [f"note: {note}" for note in self.notes])
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able form (for the CLI and logs)."""
-        return {
-            "source": self.source,
-            "structure": self.structure,
-            "physical": self.physical,
-            "num_params_dense": self.num_params_dense,
-            "num_params_recipe": self.num_params_recipe,
-            "num_params": self.num_params,
-            "padding_params": self.padding_params,
-            "padding_fraction": self.padding_fraction,
-            "config_updates": dict(self.config_updates),
-            "notes": list(self.notes),
-            "layers": [
-                {
-                    "name": x.name,
-                    "sparsity_recipe": x.sparsity_recipe,
-                    "sparsity_applied": x.sparsity_applied,
-                    "level": x.level,
-                    "shape": list(x.shape),
-                }
-                for x in self.layers
-            ],
-        }
 
 
 # --------------------------------------------------------------------------- counts
@@ -271,16 +155,6 @@ def _unit_groups(unit: StructuredUnit, layout: HeadGroups | NeuronGroups) -> int
     )
 
 
-def _layout_of(adapter, role: str, store: SupernetStore | None = None) -> HeadGroups | NeuronGroups:
-    """The geometry of ``role`` (``attn`` / ``mlp``) units: as recorded in ``store``'s
-    manifest (kv groups or query heads), else the model's default (kv groups)."""
-    recorded = _store_layouts(store) if store is not None else {}
-    if role in recorded:
-        return recorded[role]
-    heads, neurons = structured_layouts(adapter)
-    return heads if role == "attn" else neurons
-
-
 def _dead_bias_count(
     layout: HeadGroups | NeuronGroups,
     removed_groups: int,
@@ -314,14 +188,6 @@ def _level_text(spec, u: int) -> str:
     if labels is not None:
         return ", ".join(f"{s!r} ({lab})" for s, lab in zip(levels, labels, strict=True))
     return ", ".join(repr(s) for s in levels)
-
-
-def _store_layouts(store: SupernetStore) -> dict[str, HeadGroups | NeuronGroups]:
-    """Sublayer geometry (``{"attn": HeadGroups, "mlp": NeuronGroups}``) recorded by the
-    builder in a structured store's manifest; empty when it is not recorded."""
-    recorded = store.manifest["pruner"].get("layouts") or {}
-    kinds = {"attn": HeadGroups, "mlp": NeuronGroups}
-    return {role: kinds[role](**fields) for role, fields in recorded.items() if role in kinds}
 
 
 def _recipe_counts(recipe: Recipe) -> dict[str, int]:
@@ -615,185 +481,6 @@ def _zero_dead_biases(
                 params[bias] = jnp.where(jnp.asarray(dead[role]), jnp.zeros((), b.dtype), b)
 
 
-def _mlp_width_key(adapter) -> str | None:
-    """The config.json key of the MLP width, for families whose config can express it."""
-    if isinstance(adapter, RotaryDecoderAdapter | BertAdapter):  # Llama family, Phi-3
-        return "intermediate_size"
-    if isinstance(adapter, GPT2Adapter):
-        return "n_inner"
-    return None
-
-
-def _slice_structured(
-    adapter, store: SupernetStore, params: dict[str, jax.Array], keeps: Mapping[int, np.ndarray]
-) -> tuple[dict[str, jax.Array], dict[str, Any], list[str]]:
-    """Physically smaller matrices at one width per sublayer kind (see module docstring).
-
-    Returns the new parameters, the config.json updates and notes.
-    """
-    updates: dict[str, Any] = {}
-    notes: list[str] = []
-    out = dict(params)
-    nb = adapter.num_blocks
-    by_block: dict[int, list[LayerInfo]] = {}
-    for layer in adapter.layers():
-        by_block.setdefault(layer.block, []).append(layer)
-    for kind in ("attn", "mlp"):
-        units = {
-            store.spec.units[u].block: keep
-            for u, keep in keeps.items()
-            if store.spec.units[u].role == kind
-        }
-        if not units:
-            continue
-        layout = _layout_of(adapter, kind, store)
-        g = layout.num_groups
-        block_keep = [units.get(b, np.ones(g, bool)) for b in range(nb)]
-        if isinstance(layout, HeadGroups) and layout.query_heads:
-            selections, n_kv, n_rep = _query_head_selection(layout, block_keep)
-            width = n_kv * n_rep  # query heads per block
-        else:
-            width = max(1, max(int(k.sum()) for k in block_keep))
-            selections = [_pad_groups(k, width) for k in block_keep]
-            n_kv = width
-            n_rep = layout.heads_per_group if isinstance(layout, HeadGroups) else 1
-        if width == g:
-            continue
-        if kind == "attn":
-            if not isinstance(adapter, RotaryDecoderAdapter):
-                notes.append(
-                    f"{adapter.model_type} configs derive the head width from the model width, "
-                    f"so removed heads stay as zero rows / columns (shapes unchanged)"
-                )
-                continue
-            updates.update(
-                num_attention_heads=n_kv * n_rep,
-                num_key_value_heads=n_kv,
-                head_dim=layout.head_dim,
-            )
-        else:
-            key = _mlp_width_key(adapter)
-            if key is None:
-                notes.append(
-                    f"no config key for the MLP width of {adapter.model_type}; removed "
-                    f"neurons stay as zero rows / columns"
-                )
-                continue
-            updates[key] = width
-        outputs = _OUTPUT_ROLES[kind]
-        padded = 0
-        for b in range(nb):
-            keep, sel = block_keep[b], selections[b]
-            padded += int(sel.sum() - keep.sum())
-            dead = layout.dead_rows(sel)
-            cols = layout.column_keep(sel)
-            for layer in by_block[b]:
-                w, bias = layer.weight_name, f"{layer.name}.bias"
-                if layer.role in dead:
-                    rows = jnp.asarray(np.flatnonzero(~dead[layer.role]))
-                    out[w] = out[w][rows]
-                    if bias in out:
-                        out[bias] = out[bias][rows]
-                elif layer.role in outputs:
-                    out[w] = out[w][:, jnp.asarray(np.flatnonzero(cols))]
-            if kind == "attn":
-                _slice_projection_norms(adapter, out, b, dead)
-        if padded:
-            what = "neurons"
-            if kind == "attn":
-                what = "query heads" if layout.query_heads else "kv groups"
-            shape = f"{width} of {g} {what}"
-            if kind == "attn" and layout.query_heads:
-                shape = f"{n_kv} kv heads with {n_rep} query heads each"
-            notes.append(
-                f"{kind}: every block keeps {shape} (the most any block keeps); "
-                f"{padded} removed {what} over the blocks stay as zero padding"
-            )
-    return out, updates, notes
-
-
-def _pad_groups(keep: np.ndarray, width: int) -> np.ndarray:
-    """bool[G]: the kept groups plus the first removed ones, ``width`` in all (the removed
-    ones stay as zero padding)."""
-    sel = keep.copy()
-    sel[np.flatnonzero(~keep)[: width - int(keep.sum())]] = True
-    return sel
-
-
-def _query_head_selection(
-    layout: HeadGroups, block_keep: Sequence[np.ndarray]
-) -> tuple[list[np.ndarray], int, int]:
-    """Query heads each block keeps when sliced to one regular GQA layout.
-
-    A query-head supernet leaves kv heads with different numbers of query heads (and
-    blocks with different numbers of kv heads), but a config has one
-    ``num_key_value_heads`` and one ratio. Every block keeps ``n_kv`` kv heads (the most
-    any block keeps alive) with ``n_rep`` query heads each (the most any live kv head
-    keeps): its live kv heads padded with dead ones, and in each its kept query heads
-    padded with removed ones. A padded query head has zero q rows and zero ``o_proj``
-    columns, so it adds nothing (its attention averages live values, which meet zero
-    columns); a padded kv head only serves padded query heads.
-
-    Args:
-      layout: a query-head layout (``layout.query_heads``).
-      block_keep: per block, the kept query heads bool[num_heads].
-
-    Returns:
-      ``(selections, n_kv, n_rep)``: per block bool[num_heads], the heads kept after
-      slicing (exactly ``n_rep`` in each of ``n_kv`` kv groups, in Hugging Face's
-      ``repeat_kv`` order), and the two counts.
-    """
-    kv, per = layout.num_kv_heads, layout.heads_per_group
-    grouped = [k.reshape(kv, per) for k in block_keep]
-    n_kv = max(1, max(int(k.any(axis=1).sum()) for k in grouped))
-    n_rep = max(1, max(int(k.sum(axis=1).max()) for k in grouped))
-    selections = []
-    for k in grouped:
-        groups = _pad_groups(k.any(axis=1), n_kv)
-        sel = np.zeros_like(k)
-        for j in np.flatnonzero(groups):
-            sel[j] = _pad_groups(k[j], n_rep)
-        selections.append(sel.reshape(-1))
-    return selections, n_kv, n_rep
-
-
-def _slice_projection_norms(
-    adapter, params: dict[str, jax.Array], block: int, dead: Mapping[str, np.ndarray]
-) -> None:
-    """Slice OLMo 2's q/k RMSNorms (over the whole projection) to the kept rows, exactly.
-
-    ``RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w`` averages over all ``n`` features of the
-    projection. The removed features of the pruned model are exact zeros (zero rows, zero
-    biases), so they add nothing to the sum but count in ``n``; dropping them would change
-    the mean to ``sum / n'``. Scaling the kept rows of the projection (and its bias) by
-    ``c = sqrt(n' / n)`` restores ``mean = sum / n`` exactly (eps included), and the norm's
-    scale divided by ``c`` undoes the factor ``c`` on its output, so the sliced model
-    computes the same function (up to float rounding) with ``n'`` features. ``params``
-    must already hold the sliced projections; the norms are updated in place.
-    """
-    cfg = getattr(adapter, "cfg", None)
-    if getattr(cfg, "qk_norm", None) != "proj":
-        return
-    prefix = adapter.block_prefix(block)
-    for proj, norm in (("q_proj", "q_norm"), ("k_proj", "k_norm")):
-        rows = dead[proj[0]]
-        c = math.sqrt(int((~rows).sum()) / rows.size)
-        w, bias, scale = (
-            f"{prefix}self_attn.{proj}.weight",
-            f"{prefix}self_attn.{proj}.bias",
-            f"{prefix}self_attn.{norm}.weight",
-        )
-        params[w] = params[w] * jnp.asarray(c, params[w].dtype)
-        if bias in params:
-            params[bias] = params[bias] * jnp.asarray(c, params[bias].dtype)
-        g = params[scale][jnp.asarray(np.flatnonzero(~rows))]
-        offset = cfg.norm_offset
-        params[scale] = ((offset + g.astype(jnp.float32)) / c - offset).astype(g.dtype)
-
-
-# --------------------------------------------------------------------------- public API
-
-
 def apply_recipe(
     model: HFModel,
     recipe: Recipe,
@@ -848,6 +535,11 @@ def apply_recipe(
         data without it, a pruner of the wrong kind, a store built for another model.
     """
     refuse_bit_recipe(recipe, "apply")
+    if recipe.quantized:
+        raise RecipeError(
+            "apply_recipe prunes; this recipe quantizes (per-layer bits): use "
+            "allocsearch.recipe.apply_quant.apply_quant_recipe"
+        )
     adapter = model.adapter
     check_against_model(recipe, model_layers(adapter, routers=True), model.fingerprint)
     counts = _recipe_counts(recipe)

@@ -15,22 +15,35 @@ bad content (a missing file still raises ``FileNotFoundError``).
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from allocsearch.atomic import atomic_write_text
-from allocsearch.models.layers import ROLES, LayerInfo
+from allocsearch.models.layers import ROLES
+from allocsearch.recipe.coerce import (
+    RecipeError,
+    _as_bool,
+    _as_float,
+    _as_int,
+    _as_str,
+    _as_tuple,
+    _isclose_rel,
+    _kind,
+)
+from allocsearch.recipe.model_check import check_against_model
+from allocsearch.recipe.records import Calibration, Fitness, ModelIdentity, Provenance
 from allocsearch.supernet.spec import STRUCTURES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions read: v1 (sparsity only) and v2 (adds per-layer bits, group_size, symmetric).
+READABLE_SCHEMA_VERSIONS = (1, 2)
 NAMING_CONVENTION = "huggingface-module-path"
-BUDGET_KINDS = ("params", "flops", "latency", "sublayers")
+BUDGET_KINDS = ("params", "flops", "latency", "sublayers", "bits", "bytes")
 # Structure of one layer entry. "heads" / "neurons" mark member layers of a structured unit.
 LAYER_STRUCTURES = ("unstructured", "nm", "heads", "neurons")
 UNIT_KINDS = ("heads", "neurons")
@@ -50,14 +63,21 @@ _EXACT_TOL = 1e-12
 _MAX_DIM = 2**31 - 1
 
 
-class RecipeError(ValueError):
-    """A recipe (object, JSON text or file) is invalid; the message says what and why."""
-
-
 # ``provenance.settings[LEVEL_KIND_KEY] == "bits"`` marks a recipe searched on a quantized
-# supernet (allocsearch.supernet.quantized): its per-layer ``sparsity`` is the stand-in
-# 1 - bits_per_weight / 16, not a fraction of weights to prune.
+# supernet (allocsearch.supernet.quantized). Schema-v2 recipes carry each layer's bits; in
+# older ones the per-layer ``sparsity`` was the stand-in 1 - bits_per_weight / 16.
 LEVEL_KIND_KEY = "level_kind"
+
+
+def check_schema_version(value: Any) -> int:
+    """``value`` as a readable schema version, else a :class:`RecipeError` naming them."""
+    version = _as_int(value, "schema_version")
+    if version not in READABLE_SCHEMA_VERSIONS:
+        raise RecipeError(
+            f"schema_version {version} is not supported; this allocsearch reads "
+            f"schema_version {', '.join(map(str, READABLE_SCHEMA_VERSIONS))}"
+        )
+    return version
 
 
 def refuse_bit_recipe(recipe: Recipe, what: str) -> None:
@@ -66,117 +86,16 @@ def refuse_bit_recipe(recipe: Recipe, what: str) -> None:
     Raises:
       RecipeError: naming ``what`` (e.g. ``"apply"``) and why.
     """
-    if recipe.provenance.settings.get(LEVEL_KIND_KEY) == "bits":
+    if recipe.provenance.settings.get(LEVEL_KIND_KEY) == "bits" and not recipe.quantized:
         raise RecipeError(
-            f"{what}: this recipe allocates bitwidths (searched on a quantized supernet); "
-            "its per-layer 'sparsity' is the stand-in 1 - bits/16, so it would prune "
-            "instead of quantize. Exporting or applying bitwidth recipes is not supported yet"
+            f"{what}: this recipe allocates bitwidths (searched on a quantized supernet) but "
+            "has no per-layer bits: its per-layer 'sparsity' is the stand-in 1 - bits/16 of "
+            "an older allocsearch, so it would prune instead of quantize. Search again to get "
+            "a schema-v2 recipe with per-layer bits"
         )
 
 
-# ----------------------------------------------------------------------------- coercion
-# Each helper accepts Python and numpy scalars, rejects bool where a number is expected,
-# and returns a plain Python value so that equality and JSON round trips are exact.
-
-
-def _kind(value: Any) -> str:
-    return type(value).__name__
-
-
-def _as_str(value: Any, what: str, *, empty_ok: bool = False) -> str:
-    if not isinstance(value, str):
-        raise RecipeError(f"{what} must be a string, got {_kind(value)} {value!r}")
-    if not empty_ok and not value:
-        raise RecipeError(f"{what} must be a non-empty string")
-    return value
-
-
-def _as_int(value: Any, what: str, *, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise RecipeError(f"{what} must be an integer, got {_kind(value)} {value!r}")
-    out = int(value)
-    if (lo is not None and out < lo) or (hi is not None and out > hi):
-        lo_s = "-inf" if lo is None else str(lo)
-        hi_s = "inf" if hi is None else str(hi)
-        raise RecipeError(f"{what} = {out} is outside the valid range [{lo_s}, {hi_s}]")
-    return out
-
-
-def _as_float(value: Any, what: str, *, lo: float | None = None, hi: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise RecipeError(f"{what} must be a number, got {_kind(value)} {value!r}")
-    try:
-        out = float(value)
-    except OverflowError:
-        raise RecipeError(f"{what} = {value!r} is too large to be a finite float") from None
-    if not math.isfinite(out):
-        raise RecipeError(f"{what} = {out!r} is not finite; valid values are finite numbers")
-    if (lo is not None and out < lo) or (hi is not None and out > hi):
-        lo_s = "-inf" if lo is None else f"{lo:g}"
-        hi_s = "inf" if hi is None else f"{hi:g}"
-        raise RecipeError(f"{what} = {out!r} is outside [{lo_s}, {hi_s}]")
-    return out
-
-
-def _as_bool(value: Any, what: str) -> bool:
-    if not isinstance(value, bool | np.bool_):
-        raise RecipeError(f"{what} must be true or false, got {_kind(value)} {value!r}")
-    return bool(value)
-
-
-def _as_tuple(value: Any, what: str) -> tuple:
-    if isinstance(value, np.ndarray) and value.ndim == 1:
-        return tuple(value)
-    if not isinstance(value, list | tuple):
-        raise RecipeError(f"{what} must be a list, got {_kind(value)} {value!r}")
-    return tuple(value)
-
-
-def _json_default(obj: Any) -> Any:
-    """Lets numpy scalars / arrays appear in strategy settings."""
-    if isinstance(obj, np.generic | np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"{_kind(obj)} is not JSON serialisable")
-
-
-def _normalise_json_value(value: Any, what: str) -> Any:
-    """Return ``value`` as it reads back from JSON (tuples -> lists, numpy -> Python)."""
-    try:
-        text = json.dumps(value, allow_nan=False, default=_json_default, sort_keys=False)
-    except (TypeError, ValueError, RecursionError) as err:
-        raise RecipeError(
-            f"{what} must hold only JSON values (dict, list, str, finite number, bool, null): {err}"
-        ) from None
-    return json.loads(text)
-
-
-def _isclose_rel(a: float, b: float, rtol: float) -> bool:
-    return abs(a - b) <= rtol * max(abs(a), abs(b)) + 1e-15
-
-
 # ----------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """Which model a recipe belongs to.
-
-    Attributes:
-      name_or_path: local path or hub name the model was loaded from.
-      architecture: Hugging Face class name, e.g. ``"LlamaForCausalLM"``.
-      model_type: Hugging Face ``config.model_type``, e.g. ``"llama"``.
-      fingerprint: a stable hash of the dense weights (and config) computed by the model
-        loader; :func:`check_against_model` compares it with the model at hand.
-    """
-
-    name_or_path: str
-    architecture: str
-    model_type: str
-    fingerprint: str
-
-    def __post_init__(self) -> None:
-        for attr in ("name_or_path", "architecture", "model_type", "fingerprint"):
-            _as_str(getattr(self, attr), f"model.{attr}")
 
 
 @dataclass(frozen=True)
@@ -199,6 +118,11 @@ class LayerEntry:
       routing_frequency: fraction of tokens that reach the layer, in [0, 1]: 1 for dense
         layers; for a mixture-of-experts expert's layer, the share of calibration tokens
         routed to it (weights its FLOPs; written only when below 1).
+      bits: schema v2: the layer's weights are quantized to ``bits``-bit integers (2..8)
+        with one float16 scale (and, unless ``symmetric``, one zero point) per
+        ``group_size`` input columns; None (all three) for a 16-bit layer.
+      group_size: input columns per scale (set with ``bits``).
+      symmetric: scale only (True) or scale and zero point (False) (set with ``bits``).
     """
 
     name: str
@@ -210,6 +134,9 @@ class LayerEntry:
     n: int | None = None
     m: int | None = None
     routing_frequency: float = 1.0
+    bits: int | None = None
+    group_size: int | None = None
+    symmetric: bool | None = None
 
     def __post_init__(self) -> None:
         name = _as_str(self.name, "layer name")
@@ -258,6 +185,40 @@ class LayerEntry:
             "routing_frequency",
             _as_float(self.routing_frequency, f"{what}: routing_frequency", lo=0.0, hi=1.0),
         )
+        self._check_quantization(what)
+
+    def _check_quantization(self, what: str) -> None:
+        given = [x is not None for x in (self.bits, self.group_size, self.symmetric)]
+        if not any(given):
+            return
+        if not all(given):
+            raise RecipeError(
+                f"{what}: bits, group_size and symmetric go together (a quantized layer); got "
+                f"bits={self.bits!r}, group_size={self.group_size!r}, symmetric={self.symmetric!r}"
+            )
+        object.__setattr__(self, "bits", _as_int(self.bits, f"{what}: bits", lo=2, hi=8))
+        object.__setattr__(
+            self, "group_size", _as_int(self.group_size, f"{what}: group_size", lo=1)
+        )
+        object.__setattr__(self, "symmetric", _as_bool(self.symmetric, f"{what}: symmetric"))
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the layer's weights are quantized (``bits`` set)."""
+        return self.bits is not None
+
+    def kept_bits(self, sparsity: float | None = None) -> float:
+        """Bits the layer keeps: 16 per kept weight, or for a quantized layer its codes,
+        scales and zero points (:func:`~allocsearch.quantizers.costs.level_bits`) times
+        the kept fraction ``1 - sparsity`` (the entry's own unless given)."""
+        s = self.sparsity if sparsity is None else float(sparsity)
+        if self.bits is None:
+            return 16.0 * self.numel * (1.0 - s)
+        from allocsearch.quantizers.costs import level_bits
+        from allocsearch.quantizers.grid import QuantLevel
+
+        level = QuantLevel(self.bits, self.group_size, self.symmetric)
+        return float(level_bits(level, self.shape)) * (1.0 - s)
 
     @property
     def numel(self) -> int:
@@ -369,116 +330,6 @@ class RecipeBudget:
         object.__setattr__(self, "achieved", achieved)
 
 
-@dataclass(frozen=True)
-class Fitness:
-    """Score of the allocation.
-
-    Attributes:
-      metric: name, e.g. ``"kl"`` (KL(dense || pruned) per token) or ``"ppl"``.
-      value: the score, lower is better; ``None`` when the allocation was not scored
-        (e.g. a baseline exported without evaluation).
-      calibration, calibration_tokens: the metric on the whole calibration set and its
-        token count (None when not measured).
-      validation, validation_tokens: the metric on the validation rows, which the search
-        never scored but to pick its final allocation (None without validation rows).
-    """
-
-    metric: str
-    value: float | None
-    calibration: float | None = None
-    calibration_tokens: int | None = None
-    validation: float | None = None
-    validation_tokens: int | None = None
-
-    def __post_init__(self) -> None:
-        _as_str(self.metric, "provenance.fitness.metric")
-        for key in ("value", "calibration", "validation"):
-            if getattr(self, key) is not None:
-                value = _as_float(getattr(self, key), f"provenance.fitness.{key}")
-                object.__setattr__(self, key, value)
-        for key in ("calibration_tokens", "validation_tokens"):
-            if getattr(self, key) is not None:
-                value = _as_int(getattr(self, key), f"provenance.fitness.{key}", lo=0)
-                object.__setattr__(self, key, value)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON fields: metric and value, and the split scores that were measured."""
-        out: dict[str, Any] = {"metric": self.metric, "value": self.value}
-        for key in _FITNESS_SPLIT_FIELDS:
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
-        return out
-
-
-_FITNESS_SPLIT_FIELDS = ("calibration", "calibration_tokens", "validation", "validation_tokens")
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Calibration data the search scored on.
-
-    Attributes:
-      description: human-readable source (files, split, sequence length, token count).
-      fingerprint: hash of the calibration tokens (``TokenSet.fingerprint``).
-      seed: seed that drew the calibration sequences (>= 0).
-    """
-
-    description: str
-    fingerprint: str
-    seed: int
-
-    def __post_init__(self) -> None:
-        _as_str(self.description, "provenance.calibration.description", empty_ok=True)
-        _as_str(self.fingerprint, "provenance.calibration.fingerprint")
-        object.__setattr__(self, "seed", _as_int(self.seed, "provenance.calibration.seed", lo=0))
-
-
-@dataclass(frozen=True)
-class Provenance:
-    """How the allocation was found.
-
-    Attributes:
-      strategy: searcher / allocator name, e.g. ``"evopress"``, ``"dp"``, ``"owl"``.
-      settings: the strategy's settings as JSON values (tuples become lists and numpy
-        scalars Python numbers on construction, so a file round trip is exact).
-      fitness: metric and score of the allocation (lower is better).
-      calibration: calibration data description, fingerprint and seed.
-      tool_version: allocsearch version that wrote the recipe.
-      wall_time_s: search wall-clock time in seconds (>= 0).
-      evaluations: number of candidate evaluations the search used (>= 0).
-    """
-
-    strategy: str
-    settings: Mapping[str, Any] = field(hash=False)  # a dict: kept out of __hash__
-    fitness: Fitness
-    calibration: Calibration
-    tool_version: str
-    wall_time_s: float
-    evaluations: int
-
-    def __post_init__(self) -> None:
-        _as_str(self.strategy, "provenance.strategy")
-        if not isinstance(self.settings, Mapping):
-            raise RecipeError(
-                f"provenance.settings must be a JSON object (dict), got {_kind(self.settings)}"
-            )
-        if not all(isinstance(k, str) for k in self.settings):
-            raise RecipeError("provenance.settings keys must be strings")
-        settings = _normalise_json_value(dict(self.settings), "provenance.settings")
-        if not isinstance(self.fitness, Fitness):
-            raise RecipeError(f"provenance.fitness must be a Fitness, got {_kind(self.fitness)}")
-        if not isinstance(self.calibration, Calibration):
-            raise RecipeError(
-                f"provenance.calibration must be a Calibration, got {_kind(self.calibration)}"
-            )
-        _as_str(self.tool_version, "provenance.tool_version")
-        wall = _as_float(self.wall_time_s, "provenance.wall_time_s", lo=0.0)
-        evaluations = _as_int(self.evaluations, "provenance.evaluations", lo=0)
-        object.__setattr__(self, "settings", settings)
-        object.__setattr__(self, "wall_time_s", wall)
-        object.__setattr__(self, "evaluations", evaluations)
-
-
 # ----------------------------------------------------------------------------- budget
 
 
@@ -487,13 +338,17 @@ def layer_costs(layers: Sequence[LayerEntry], kind: str) -> np.ndarray:
 
     Args:
       layers: recipe layer entries.
-      kind: ``"params"`` (weights) or ``"flops"`` (MACs per token, out * in).
+      kind: ``"params"`` (weights), ``"flops"`` (MACs per token, out * in), ``"bits"`` or
+        ``"bytes"`` (of the 16-bit layer).
 
     Returns:
       float64[L], the dense cost per layer (units: weights or MACs per token).
     """
     if kind == "params":
         return np.array([float(x.numel) for x in layers], dtype=np.float64)
+    if kind in ("bits", "bytes"):  # the dense 16-bit model
+        per_weight = 16.0 if kind == "bits" else 2.0
+        return np.array([per_weight * x.numel for x in layers], dtype=np.float64)
     if kind == "flops":
         return np.array([float(x.flops_per_token) for x in layers], dtype=np.float64)
     raise RecipeError(
@@ -508,7 +363,8 @@ def fraction_removed(
 
     Args:
       layers: recipe layer entries (L of them).
-      kind: ``"params"`` or ``"flops"``.
+      kind: ``"params"``, ``"flops"``, ``"bits"`` or ``"bytes"`` (bits/bytes: kept bits
+        of quantized layers from their bits, group size and symmetry).
       sparsity: float[L] per-layer sparsities to use instead of the entries' own (an
         exporter's approximation, for instance).
 
@@ -516,6 +372,12 @@ def fraction_removed(
       sum_l s_l * cost_l / sum_l cost_l, in [0, 1].
     """
     cost = layer_costs(layers, kind)
+    if kind in ("bits", "bytes"):  # quantized layers keep their codes, scales and zeros
+        given = [None] * len(layers) if sparsity is None else list(np.asarray(sparsity, float))
+        if len(given) != len(layers):
+            raise RecipeError(f"sparsity has {len(given)} entries, expected {len(layers)}")
+        kept = sum(x.kept_bits(g) for x, g in zip(layers, given, strict=True))
+        return float(1.0 - kept / (16.0 * sum(x.numel for x in layers)))
     s = (
         np.array([x.sparsity for x in layers], dtype=np.float64)
         if sparsity is None
@@ -559,12 +421,7 @@ class Recipe:
     naming: str = NAMING_CONVENTION
 
     def __post_init__(self) -> None:
-        version = _as_int(self.schema_version, "schema_version")
-        if version != SCHEMA_VERSION:
-            raise RecipeError(
-                f"schema_version {version} is not supported; this allocsearch reads "
-                f"schema_version {SCHEMA_VERSION}"
-            )
+        version = check_schema_version(self.schema_version)
         naming = _as_str(self.naming, "naming")
         if naming != NAMING_CONVENTION:
             raise RecipeError(f"naming {naming!r} is not supported; valid: {NAMING_CONVENTION!r}")
@@ -586,6 +443,11 @@ class Recipe:
         object.__setattr__(self, "units", units)
         object.__setattr__(self, "partial", _as_bool(self.partial, "partial"))
         self._check_layers(structure)
+        if version < 2 and self.quantized:
+            raise RecipeError(
+                f"per-layer bits, group_size and symmetric need schema_version 2, this recipe "
+                f"says {version}"
+            )
         self._check_units(structure)
         self._check_budget()
 
@@ -708,6 +570,11 @@ class Recipe:
                 return entry
         raise KeyError(f"layer {name!r} is not in the recipe")
 
+    @property
+    def quantized(self) -> bool:
+        """Whether any layer is quantized (carries ``bits``): a bitwidth allocation."""
+        return any(x.quantized for x in self.layers)
+
     def sparsities(self) -> np.ndarray:
         """float64[L]: per-layer sparsity in forward order (fraction zero, higher = sparser)."""
         return np.array([x.sparsity for x in self.layers], dtype=np.float64)
@@ -731,6 +598,8 @@ class Recipe:
                 item["m"] = x.m
             if x.routing_frequency != 1.0:
                 item["routing_frequency"] = x.routing_frequency
+            if x.quantized:
+                item.update(bits=x.bits, group_size=x.group_size, symmetric=x.symmetric)
             layers.append(item)
         units = [
             {
@@ -792,6 +661,8 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: Any) -> Recipe:
         """Build and validate a recipe from its JSON object; raises :class:`RecipeError`."""
+        from allocsearch.recipe.parse import _parse_recipe
+
         return _parse_recipe(data)
 
     @classmethod
@@ -804,6 +675,8 @@ class Recipe:
                 raise RecipeError(f"recipe is not UTF-8 text: {err}") from None
         if not isinstance(text, str):
             raise RecipeError(f"recipe JSON must be str or bytes, got {_kind(text)}")
+        from allocsearch.recipe.parse import _parse_recipe, _reject_constant, _reject_duplicates
+
         try:
             data = json.loads(
                 text, parse_constant=_reject_constant, object_pairs_hook=_reject_duplicates
@@ -826,199 +699,6 @@ class Recipe:
             return cls.from_json(data)
         except RecipeError as err:
             raise RecipeError(f"{os.fspath(path)}: {err}") from None
-
-
-def _reject_constant(name: str) -> Any:
-    raise RecipeError(f"non-finite number {name} in recipe JSON; valid values are finite numbers")
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise RecipeError(f"duplicate JSON key {key!r}")
-        out[key] = value
-    return out
-
-
-# ----------------------------------------------------------------------------- parsing
-
-
-def _fields(
-    value: Any, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()
-) -> dict[str, Any]:
-    """Check ``value`` is an object with exactly the known fields; return it."""
-    if not isinstance(value, dict):
-        raise RecipeError(f"{where} must be a JSON object, got {_kind(value)} {value!r:.80}")
-    unknown = sorted(set(value) - set(required) - set(optional))
-    if unknown:
-        raise RecipeError(
-            f"{where}: unknown field(s) {unknown}; valid fields: {list(required + optional)}"
-        )
-    missing = [k for k in required if k not in value]
-    if missing:
-        raise RecipeError(f"{where}: missing field(s) {missing}")
-    return value
-
-
-def _parse_recipe(data: Any) -> Recipe:
-    top = (
-        "schema_version",
-        "naming",
-        "model",
-        "structure",
-        "partial",
-        "budget",
-        "provenance",
-        "layers",
-        "units",
-    )
-    if isinstance(data, dict) and "schema_version" in data:
-        # Check the version first so a future file gets the helpful message, not
-        # "unknown field".
-        version = _as_int(data["schema_version"], "schema_version")
-        if version != SCHEMA_VERSION:
-            raise RecipeError(
-                f"schema_version {version} is not supported; this allocsearch reads "
-                f"schema_version {SCHEMA_VERSION}"
-            )
-    d = _fields(data, "recipe", top)
-    m = _fields(d["model"], "model", ("name_or_path", "architecture", "model_type", "fingerprint"))
-    b = _fields(d["budget"], "budget", ("kind", "target", "achieved"))
-    p = _fields(
-        d["provenance"],
-        "provenance",
-        (
-            "strategy",
-            "settings",
-            "fitness",
-            "calibration",
-            "tool_version",
-            "wall_time_s",
-            "evaluations",
-        ),
-    )
-    f = _fields(p["fitness"], "provenance.fitness", ("metric", "value"), _FITNESS_SPLIT_FIELDS)
-    c = _fields(p["calibration"], "provenance.calibration", ("description", "fingerprint", "seed"))
-    if not isinstance(p["settings"], dict):
-        raise RecipeError(f"provenance.settings must be a JSON object, got {_kind(p['settings'])}")
-    layers = []
-    for i, item in enumerate(_as_tuple(d["layers"], "layers")):
-        x = _fields(
-            item,
-            f"layers[{i}]",
-            ("name", "role", "block", "shape", "sparsity", "structure"),
-            ("n", "m", "routing_frequency"),
-        )
-        if x["structure"] != "nm" and ("n" in x or "m" in x):
-            raise RecipeError(f"layers[{i}]: fields n/m are only valid with structure 'nm'")
-        layers.append(
-            LayerEntry(
-                name=x["name"],
-                role=x["role"],
-                block=x["block"],
-                shape=x["shape"],
-                sparsity=x["sparsity"],
-                structure=x["structure"],
-                n=x.get("n"),
-                m=x.get("m"),
-                routing_frequency=x.get("routing_frequency", 1.0),
-            )
-        )
-    units = []
-    for i, item in enumerate(_as_tuple(d["units"], "units")):
-        u = _fields(
-            item, f"units[{i}]", ("name", "kind", "block", "removed", "total", "fraction", "layers")
-        )
-        unit = StructuredUnit(
-            name=u["name"],
-            kind=u["kind"],
-            block=u["block"],
-            removed=u["removed"],
-            total=u["total"],
-            layers=u["layers"],
-        )
-        stated = _as_float(u["fraction"], f"units[{i}] ({unit.name}).fraction", lo=0.0, hi=1.0)
-        if abs(stated - unit.fraction) > _EXACT_TOL:
-            raise RecipeError(
-                f"units[{i}] ({unit.name}).fraction = {stated!r} but removed/total = "
-                f"{unit.removed}/{unit.total} = {unit.fraction!r}"
-            )
-        units.append(unit)
-    return Recipe(
-        schema_version=d["schema_version"],
-        naming=d["naming"],
-        model=ModelIdentity(
-            name_or_path=m["name_or_path"],
-            architecture=m["architecture"],
-            model_type=m["model_type"],
-            fingerprint=m["fingerprint"],
-        ),
-        structure=d["structure"],
-        partial=d["partial"],
-        budget=RecipeBudget(kind=b["kind"], target=b["target"], achieved=b["achieved"]),
-        provenance=Provenance(
-            strategy=p["strategy"],
-            settings=p["settings"],
-            fitness=Fitness(**f),
-            calibration=Calibration(
-                description=c["description"], fingerprint=c["fingerprint"], seed=c["seed"]
-            ),
-            tool_version=p["tool_version"],
-            wall_time_s=p["wall_time_s"],
-            evaluations=p["evaluations"],
-        ),
-        layers=tuple(layers),
-        units=tuple(units),
-    )
-
-
-# ----------------------------------------------------------------------------- model check
-
-
-def check_against_model(recipe: Recipe, layers: Sequence[LayerInfo], fingerprint: str) -> None:
-    """Check that ``recipe`` was made for this model; raise :class:`RecipeError` if not.
-
-    Args:
-      recipe: the recipe to apply or export.
-      layers: the model's prunable layers in forward order (from its ``ModelAdapter``).
-      fingerprint: the model's fingerprint, compared with ``recipe.model.fingerprint``.
-
-    Raises:
-      RecipeError: fingerprint mismatch; a recipe layer the model does not have; a layer
-        whose shape, role or block differ; recipe layers out of the model's order.
-    """
-    if fingerprint != recipe.model.fingerprint:
-        raise RecipeError(
-            f"model fingerprint {fingerprint!r} does not match the recipe's "
-            f"{recipe.model.fingerprint!r} (recipe made for {recipe.model.name_or_path!r}); "
-            f"the recipe belongs to other weights"
-        )
-    position = {info.name: i for i, info in enumerate(layers)}
-    by_name = {info.name: info for info in layers}
-    last = -1
-    for entry in recipe.layers:
-        info = by_name.get(entry.name)
-        if info is None:
-            near = [n for n in position if n.rsplit(".", 1)[-1] == entry.name.rsplit(".", 1)[-1]]
-            hint = f"; model layers with the same leaf name: {near[:3]}" if near else ""
-            raise RecipeError(f"recipe layer {entry.name!r} is not a layer of the model{hint}")
-        if tuple(info.shape) != entry.shape:
-            raise RecipeError(
-                f"layer {entry.name!r}: recipe shape {list(entry.shape)} != model shape "
-                f"{list(info.shape)} (out_features, in_features)"
-            )
-        if info.role != entry.role or info.block != entry.block:
-            raise RecipeError(
-                f"layer {entry.name!r}: recipe role/block {entry.role}/{entry.block} != model "
-                f"{info.role}/{info.block}"
-            )
-        if position[entry.name] < last:
-            raise RecipeError(
-                f"layer {entry.name!r} comes after a later model layer in the recipe; recipe "
-                f"layers must follow the model's forward order"
-            )
-        last = position[entry.name]
 
 
 # ----------------------------------------------------------------------------- file writing

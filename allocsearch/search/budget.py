@@ -1,7 +1,7 @@
 """All budget arithmetic: what an allocation costs, which levels it may use, whether it fits.
 
 A :class:`Budget` says how much of the dense model's cost must be *removed* (params,
-MACs per token, measured latency, or a number of dropped sublayers) and which
+MACs per token, measured latency, a number of dropped sublayers, bits or bytes) and which
 sparsities each unit may take. Bound to a :class:`~allocsearch.supernet.spec.SupernetSpec`
 it becomes a :class:`CostModel`: a kept cost table ``float64[L, K]`` (``inf`` at levels a
 unit may not use) and the capacity, the largest kept cost an allocation may have. Every
@@ -28,8 +28,12 @@ import numpy as np
 from allocsearch.supernet.depth import kept_sublayers, sublayers_per_unit
 from allocsearch.supernet.spec import SupernetSpec
 
-BudgetKind = Literal["params", "flops", "latency", "sublayers"]
-BUDGET_KINDS: tuple[str, ...] = ("params", "flops", "latency", "sublayers")
+BudgetKind = Literal["params", "flops", "latency", "sublayers", "bits", "bytes"]
+BUDGET_KINDS: tuple[str, ...] = ("params", "flops", "latency", "sublayers", "bits", "bytes")
+
+FULL_BITS = 16
+"""Bits per weight of the dense (16-bit) model that ``bits`` and ``bytes`` fractions refer
+to: a ``bits`` budget at target ``t`` allows ``16 (1 - t)`` bits per prunable weight."""
 
 # Relative slack allowed when comparing a kept cost with the capacity: sums of float64
 # costs taken in different orders differ by a few ulps, which must not flip feasibility.
@@ -63,10 +67,13 @@ class Budget:
 
     Attributes:
       kind: ``"params"`` (weights kept), ``"flops"`` (MACs per token kept),
-        ``"latency"`` (seconds kept, from ``latency``) or ``"sublayers"`` (attention and
+        ``"latency"`` (seconds kept, from ``latency``), ``"sublayers"`` (attention and
         MLP sublayers kept, whatever their sizes: a depth supernet's units cost 1, or 2
         for a whole block, and 0 at their dropped level; see
-        :func:`~allocsearch.supernet.depth.kept_sublayers`).
+        :func:`~allocsearch.supernet.depth.kept_sublayers`), ``"bits"`` (bits the prunable
+        weights keep, scales and zero points counted; the dense model is 16 bits per
+        weight; see :func:`kept_bits`) or ``"bytes"`` (those bits / 8: the prunable
+        bytes). :meth:`from_average_bits` makes a bits budget from average bits.
       target: fraction of the dense cost to remove, in ``[0, 1]`` (0.7 = remove 70% of
         the weights for ``kind="params"``; ``k / n`` = drop at least ``k`` of ``n``
         sublayers for ``kind="sublayers"``). An allocation is feasible when its kept cost
@@ -107,6 +114,23 @@ class Budget:
                 f"a latency table is required for kind='latency' and only for it "
                 f"(kind={self.kind!r}, latency given: {self.latency is not None})"
             )
+
+    @classmethod
+    def from_average_bits(
+        cls,
+        bits: float,
+        *,
+        min_sparsity: float | np.ndarray = 0.0,
+        max_sparsity: float | np.ndarray = 1.0,
+    ) -> Budget:
+        """A ``bits`` budget of at most ``bits`` bits per prunable weight on average (scales
+        and zero points counted): target ``1 - bits / 16``."""
+        return cls(
+            kind="bits",
+            target=average_bits_to_target(bits),
+            min_sparsity=min_sparsity,
+            max_sparsity=max_sparsity,
+        )
 
     @classmethod
     def from_count(
@@ -151,6 +175,8 @@ def cost_table(spec: SupernetSpec, budget: Budget) -> np.ndarray:
         kept = spec.kept_flops()
     elif budget.kind == "sublayers":
         kept = kept_sublayers(spec)
+    elif budget.kind in ("bits", "bytes"):
+        kept = kept_bits(spec) / (8.0 if budget.kind == "bytes" else 1.0)
     else:
         kept = _checked_latency(spec, budget).kept
     return np.where(allowed_levels(spec, budget), kept, np.inf)
@@ -179,7 +205,37 @@ def dense_cost(spec: SupernetSpec, budget: Budget) -> float:
         return float(spec.flops_per_token.sum())
     if budget.kind == "sublayers":
         return float(sublayers_per_unit(spec).sum())
+    if budget.kind in ("bits", "bytes"):
+        return float(FULL_BITS * spec.numel.sum()) / (8.0 if budget.kind == "bytes" else 1.0)
     return float(_checked_latency(spec, budget).dense.sum())
+
+
+def kept_bits(spec: SupernetSpec) -> np.ndarray:
+    """float64[L, K]: bits each unit keeps at each level (``inf`` at invalid levels).
+
+    ``16 x numel x (1 - fraction)``: a pruned level keeps its weights at 16 bits each (no
+    mask or index overhead counted); a quantized supernet's level fraction is
+    ``1 - bits_per_weight / 16`` with codes, float16 scales and zero points counted
+    (:func:`~allocsearch.quantizers.costs.bits_per_weight`, set by
+    :mod:`allocsearch.supernet.quantized`), so its kept bits are exactly those of
+    :func:`~allocsearch.quantizers.costs.level_bits`.
+    """
+    return FULL_BITS * spec.kept_params()
+
+
+def average_bits_to_target(bits: float) -> float:
+    """The ``bits`` budget target (fraction of 16 bits removed) of an average of ``bits``
+    bits per weight; a ValueError unless ``0 < bits <= 16``."""
+    if isinstance(bits, bool) or not isinstance(bits, int | float | np.floating | np.integer):
+        raise ValueError(f"average bits must be a number in (0, {FULL_BITS}], got {bits!r}")
+    if not (np.isfinite(bits) and 0.0 < bits <= FULL_BITS):
+        raise ValueError(f"average bits {bits!r} must lie in (0, {FULL_BITS}] bits per weight")
+    return 1.0 - float(bits) / FULL_BITS
+
+
+def target_to_average_bits(target: float) -> float:
+    """Average bits per weight a ``bits``/``bytes`` target (fraction removed) allows."""
+    return FULL_BITS * (1.0 - float(target))
 
 
 @dataclass(frozen=True, eq=False)
@@ -277,6 +333,13 @@ def check_feasible_target(spec: SupernetSpec, budget: Budget) -> None:
         )
     lo, hi = CostModel.from_spec(spec, budget).removable_range()
     tol = 1e-9
+    if budget.kind == "bits" and not (lo - tol <= budget.target <= hi + tol):
+        raise InfeasibleBudgetError(
+            f"average bits {target_to_average_bits(budget.target):.6g} per weight is not "
+            f"achievable: this supernet's levels under the per-unit limits give between "
+            f"{target_to_average_bits(hi):.6g} and {target_to_average_bits(lo):.6g} bits per "
+            f"weight (scales and zero points counted)"
+        )
     if not (lo - tol <= budget.target <= hi + tol):
         raise InfeasibleBudgetError(
             f"target {budget.target:.6g} ({budget.kind} removed) is not achievable: this "

@@ -382,9 +382,7 @@ class EvolutionarySearcher(Searcher):
             else:
                 child = state.parent.copy()
                 bias = self._bias(state)
-                if not all(
-                    _switch(child, state.costs, state.groups, rng, bias) for _ in range(k)
-                ):
+                if not all(_switch(child, state.costs, state.groups, rng, bias) for _ in range(k)):
                     continue
             if child.tobytes() in seen or not bool(state.costs.is_feasible(child)):
                 continue

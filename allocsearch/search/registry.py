@@ -30,8 +30,10 @@ from typing import Any, Final
 import jax
 import numpy as np
 
+from allocsearch.quantizers.costs import spec_quant_levels
 from allocsearch.search import baselines
 from allocsearch.search.base import Searcher
+from allocsearch.search.bits_baselines import owl_bits_choice
 from allocsearch.search.budget import Budget
 from allocsearch.search.coarse_to_fine import TYR_INITIAL_STEP, TYR_MIN_STEP, TYR_ROUNDS
 from allocsearch.search.dp import TableSearcher, dp_solve
@@ -141,6 +143,8 @@ _TABLE = _meaning(_keywords(TableSearcher, "solver"), "table")
 
 def _owl(spec, budget, inputs: AllocatorInputs, settings, seed) -> np.ndarray:
     norms = inputs.input_norms()
+    if spec_quant_levels(spec.level_labels) is not None:  # bitwidth levels: per-layer bits
+        return owl_bits_choice(spec, budget, weights=inputs.weights, input_norms=norms, **settings)
     return baselines.owl(spec, budget, weights=inputs.weights, input_norms=norms, **settings)
 
 
@@ -158,7 +162,8 @@ _ALLOCATORS: tuple[Strategy, ...] = (
     Strategy(
         "owl",
         "allocator",
-        "Outlier Weighed Layerwise sparsity (Yin et al. 2024)",
+        "Outlier Weighed Layerwise sparsity (Yin et al. 2024); on bitwidth levels, more "
+        "bits for layers with more outliers",
         _meaning(_keywords(baselines.owl, "spec", "budget", "weights", "input_norms"), "owl"),
         allocate=_owl,
     ),
