@@ -764,7 +764,7 @@ def cli_recipe(workdir, supernet) -> Recipe:  # noqa: F811 (fixtures from test_c
 def wide_console(monkeypatch):
     """The CLI's error console without line wrapping: rich wraps at 80 columns when stderr
     is not a terminal, which splits long messages (see test_long_error_stays_one_line)."""
-    monkeypatch.setattr(cli, "console", Console(stderr=True, width=100_000))
+    monkeypatch.setattr(cli.common, "console", Console(stderr=True, width=100_000))
 
 
 @pytest.mark.parametrize("situation", list(CASES), ids=list(CASES))
