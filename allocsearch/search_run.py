@@ -20,6 +20,7 @@ import jax
 from rich.console import Console
 
 from allocsearch import pipeline
+from allocsearch.closing import Closing
 from allocsearch.config import AUTO_WORKERS, RunConfig
 from allocsearch.console_progress import heartbeat
 from allocsearch.distributed.checkpoint import (
@@ -102,7 +103,7 @@ def _where(backend: Any, cfg: RunConfig) -> str:
     return f"{backend.workers} x {share} on {place}{pinned}"
 
 
-class StartedOnFirstCall:
+class StartedOnFirstCall(Closing):
     """A Ray backend that the ``start`` callable creates when it is first called (or when
     :meth:`start` is), not before.
 
@@ -136,12 +137,6 @@ class StartedOnFirstCall:
             self._backend.close()
             self._backend = None
 
-    def __enter__(self) -> StartedOnFirstCall:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def ray_evaluate(cfg: RunConfig, supernet: str | Path, console: Console) -> StartedOnFirstCall:
     """Ray evaluator actors for the store at ``supernet`` (``cfg.backend``: workers and
@@ -152,16 +147,18 @@ def ray_evaluate(cfg: RunConfig, supernet: str | Path, console: Console) -> Star
     def start() -> Any:
         from allocsearch.distributed.ray_backend import RayEvaluate
 
-        evaluate = RayEvaluate(
-            StoreEvaluatorFactory(cfg, str(Path(supernet).absolute())),
-            workers=cfg.backend.workers,
-            address=cfg.backend.address,
-            replace_timeout_s=cfg.backend.replace_timeout_s,
-        )
+        factory = StoreEvaluatorFactory(cfg, str(Path(supernet).absolute()))
+        evaluate = RayEvaluate(factory, **_actor_settings(cfg))
         console.print(f"scoring on {_where(evaluate, cfg)} (--backend local: in process)")
         return evaluate
 
     return StartedOnFirstCall(start)
+
+
+def _actor_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The Ray backends' settings a config gives: workers, address, replace timeout."""
+    b = cfg.backend
+    return {"workers": b.workers, "address": b.address, "replace_timeout_s": b.replace_timeout_s}
 
 
 def use_ray_build(cfg: RunConfig) -> bool:
@@ -181,11 +178,7 @@ def ray_layer_map(cfg: RunConfig, console: Console) -> StartedOnFirstCall:
     def start() -> Any:
         from allocsearch.distributed.ray_backend import RayLayerMap
 
-        layer_map = RayLayerMap(
-            workers=cfg.backend.workers,
-            address=cfg.backend.address,
-            replace_timeout_s=cfg.backend.replace_timeout_s,
-        )
+        layer_map = RayLayerMap(**_actor_settings(cfg))
         console.print(f"pruning layers on {_where(layer_map, cfg)} (--backend local: in process)")
         return layer_map
 

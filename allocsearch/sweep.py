@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -613,39 +614,33 @@ def run_sweep_command(
     else:
         store = pipeline.open_store(ws, supernet)
     check_reachable(cfg, store.spec, targets)
+    sweep = functools.partial(
+        run_sweep,
+        cfg,
+        ws,
+        store,
+        out,
+        targets,
+        evopress_generations=evopress_generations,
+        resume=resume,
+        console=console,
+    )
     if cfg.backend.kind == "ray":
         ray_eval = ray_evaluate(cfg, Path(store.path), console)
         ppl_fn = HeldoutPerplexity(cfg, str(Path(store.path).absolute()))
         try:
             with heartbeat("sweep: searching and scoring", enabled=progress):
-                result = run_sweep(
-                    cfg,
-                    ws,
-                    store,
-                    out,
-                    targets,
-                    evaluate=ray_eval,
-                    heldout_ppl=lambda c: float(ray_eval.run(ppl_fn, c)),
-                    evopress_generations=evopress_generations,
-                    resume=resume,
-                    console=console,
+                result = sweep(
+                    evaluate=ray_eval, heldout_ppl=lambda c: float(ray_eval.run(ppl_fn, c))
                 )
         finally:
             ray_eval.close()
     else:
         evaluator = pipeline.make_evaluator(ws, store)
         with heartbeat("sweep: searching and scoring", enabled=progress):
-            result = run_sweep(
-                cfg,
-                ws,
-                store,
-                out,
-                targets,
+            result = sweep(
                 evaluate=evaluator,
                 heldout_ppl=lambda c: float(evaluator.perplexity(c, ws.heldout)),
-                evopress_generations=evopress_generations,
-                resume=resume,
-                console=console,
             )
     console.print(
         markdown(result, cfg.evaluator.metric), soft_wrap=True, highlight=False, markup=False

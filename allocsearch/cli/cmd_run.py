@@ -27,13 +27,10 @@ from allocsearch.cli.options import (
     BackendOpts,
     BudgetOpt,
     ConfigOpt,
-    DataOpts,
-    GenerationsOpt,
-    MetricOpt,
     MicroBatchOpt,
-    ModelOpt,
     OverwriteOpt,
     ProgressOpt,
+    ScoringOpts,
     SearchTargetOpt,
     StorageDtypeOpt,
     TargetOpt,
@@ -121,12 +118,7 @@ def search(
         typer.Option(help="Seed of the search (default: the config's search.seed, else 0)."),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Resume from the run's last checkpoint.")] = False,
-    model: ModelOpt = None,
-    data: DataOpts = DataOpts(),
-    metric: MetricOpt = None,
-    generations: GenerationsOpt = None,
-    micro_batch_tokens: MicroBatchOpt = None,
-    run_on: BackendOpts = BackendOpts(),
+    scoring: ScoringOpts = ScoringOpts(),
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -135,6 +127,7 @@ def search(
 
     if not resume:
         _refuse_existing(out, overwrite)
+    generations = scoring.generations
     _check_generations(generations)
     base = _config(config, search__budget_kind=budget, search__tie_blocks=tie_blocks)
     if base.search.budget_kind == "sublayers":
@@ -143,15 +136,12 @@ def search(
         value = _default_target(target, config, supernet)
     cfg = _config(
         config,
-        model=model,
         search__strategy=strategy,
         search__target=value,
         search__budget_kind=budget,
         search__tie_blocks=tie_blocks,
         search__seed=seed,
-        evaluator__micro_batch_tokens=micro_batch_tokens,
-        **data.overrides(metric),
-        **run_on.overrides(),
+        **scoring.overrides(),
     )
     cfg, note = for_strategy(cfg, owner=base.search.strategy)
     cfg = _with_generations(cfg, generations)
@@ -181,12 +171,7 @@ def compare(
         int | None,
         typer.Option(help="Seed (default: the config's search.seed, else 0)."),
     ] = None,
-    model: ModelOpt = None,
-    data: DataOpts = DataOpts(),
-    metric: MetricOpt = None,
-    generations: GenerationsOpt = None,
-    micro_batch_tokens: MicroBatchOpt = None,
-    run_on: BackendOpts = BackendOpts(),
+    scoring: ScoringOpts = ScoringOpts(),
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -195,15 +180,13 @@ def compare(
     from allocsearch.demo import run_compare
 
     _refuse_existing(out, overwrite)
+    generations = scoring.generations
     _check_generations(generations)
     cfg = _config(
         config,
-        model=model,
         search__target=_default_target(target, config, supernet),
         search__seed=seed,
-        evaluator__micro_batch_tokens=micro_batch_tokens,
-        **data.overrides(metric),
-        **run_on.overrides(),
+        **scoring.overrides(),
     )
     _refuse_tie_blocks(cfg, "compare")
     names = [s.strip() for s in strategies.split(",") if s.strip()]

@@ -49,6 +49,7 @@ __all__ = [
     "QuantizeOpts",
     "QuantizerOpt",
     "ReplaceTimeoutOpt",
+    "ScoringOpts",
     "SearchTargetOpt",
     "SeqLenOpt",
     "StepsEachSideOpt",
@@ -334,6 +335,28 @@ class BackendOpts(OptionGroup):
 
 
 @dataclasses.dataclass(frozen=True)
+class ScoringOpts(OptionGroup):
+    """What a scored search reads (search, compare): the model and its data, the metric,
+    EvoPress's generations, the scoring micro-batch and the backend."""
+
+    model: ModelOpt = None
+    data: DataOpts = DataOpts()
+    metric: MetricOpt = None
+    generations: GenerationsOpt = None
+    micro_batch_tokens: MicroBatchOpt = None
+    run_on: BackendOpts = BackendOpts()
+
+    def overrides(self) -> dict[str, Any]:
+        """Config overrides of these options (not ``--generations``: see the commands)."""
+        return {
+            "model": self.model,
+            "evaluator__micro_batch_tokens": self.micro_batch_tokens,
+            **self.data.overrides(self.metric),
+            **self.run_on.overrides(),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
 class QuantizeOpts(OptionGroup):
     """``build --quantizer``: --quantizer, --bits, --group-size, --symmetric."""
 
@@ -386,33 +409,54 @@ def backend_overrides(
     }
 
 
+def _is_group(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, OptionGroup)
+
+
+def _options(kind: type, how: Any) -> list[inspect.Parameter]:
+    """The options a group stands for, in order (a nested group's where it stands)."""
+    hints = typing.get_type_hints(kind, include_extras=True)
+    out: list[inspect.Parameter] = []
+    for f in dataclasses.fields(kind):
+        if _is_group(hints[f.name]):
+            out += _options(hints[f.name], how)
+        else:
+            out.append(inspect.Parameter(f.name, how, default=f.default, annotation=hints[f.name]))
+    return out
+
+
+def _collect(kind: type, kwargs: dict[str, Any]) -> Any:
+    """The group's value from (and taken out of) the command's keyword arguments."""
+    hints = typing.get_type_hints(kind, include_extras=True)
+    values = {
+        f.name: _collect(hints[f.name], kwargs) if _is_group(hints[f.name]) else kwargs.pop(f.name)
+        for f in dataclasses.fields(kind)
+    }
+    return kind(**values)
+
+
 def with_options(fn):
     """A command whose :class:`OptionGroup` parameters stand for their options.
 
     Typer reads the wrapper's signature, in which each group parameter is replaced, in
-    place, by the group's fields (so ``--help`` lists them there); the wrapper collects
-    them back into the group's value for ``fn``.
+    place, by the group's options (so ``--help`` lists them there; a group's own groups
+    likewise); the wrapper collects them back into the group's value for ``fn``.
     """
     hints = typing.get_type_hints(fn, include_extras=True)
     params: list[inspect.Parameter] = []
     groups: dict[str, type] = {}
     for p in inspect.signature(fn).parameters.values():
         kind = hints.get(p.name, p.annotation)
-        if isinstance(kind, type) and issubclass(kind, OptionGroup):
+        if _is_group(kind):
             groups[p.name] = kind
-            fields = typing.get_type_hints(kind, include_extras=True)
-            params += [
-                inspect.Parameter(f.name, p.kind, default=f.default, annotation=fields[f.name])
-                for f in dataclasses.fields(kind)
-            ]
+            params += _options(kind, p.kind)
         else:
             params.append(p.replace(annotation=kind))
 
     @functools.wraps(fn)
     def wrapper(**kwargs: Any) -> Any:
         for name, kind in groups.items():
-            names = [f.name for f in dataclasses.fields(kind)]
-            kwargs[name] = kind(**{n: kwargs.pop(n) for n in names})
+            kwargs[name] = _collect(kind, kwargs)
         return fn(**kwargs)
 
     wrapper.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]

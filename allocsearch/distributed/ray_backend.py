@@ -51,11 +51,11 @@ tested on one layer of its widths).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from types import TracebackType
 from typing import Any, TypeVar
 
 import numpy as np
 
+from allocsearch.closing import Closing
 from allocsearch.config import AUTO_WORKERS as AUTO
 from allocsearch.distributed.ray_connect import (
     _RAY_AUTH_LOGGER,  # noqa: F401  (tests reach it through this module)
@@ -112,28 +112,9 @@ EvaluatorFactory = Callable[[], Evaluate]
 
 T = TypeVar("T")
 R = TypeVar("R")
-S = TypeVar("S", bound="_Closes")
 
 
-class _Closes:
-    """A context manager that calls ``close()`` when its ``with`` block ends."""
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self: S) -> S:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class InProcessEvaluate(_Closes):
+class InProcessEvaluate(Closing):
     """The in-process backend: ``factory()`` built once here, called directly.
 
     Same constructor argument and context-manager interface as :class:`RayEvaluate`, so
@@ -156,7 +137,25 @@ class InProcessEvaluate(_Closes):
         """Nothing to release; present for symmetry with :class:`RayEvaluate`."""
 
 
-class _OnActors(_Closes):
+_POOL_SETTINGS = (
+    "workers",
+    "address",
+    "cpus_per_worker",
+    "gpus_per_worker",
+    "pin_cpus",
+    "start_timeout_s",
+    "replace_timeout_s",
+    "call_timeout_s",
+    "like_driver",
+)
+
+
+def _pool_settings(args: dict[str, Any]) -> dict[str, Any]:
+    """The actor pool's settings among a constructor's arguments (its ``locals()``)."""
+    return {k: args[k] for k in _POOL_SETTINGS if k in args}
+
+
+class _OnActors(Closing):
     """What :class:`RayEvaluate` and :class:`RayLayerMap` share: the actor pool they run
     on (its resolved plan, placement and events), ``live_workers``, and closing."""
 
@@ -263,19 +262,8 @@ class RayEvaluate(_OnActors):
         replace_timeout_s: float = 60.0,
         call_timeout_s: float | None = None,
     ) -> None:
-        super().__init__(
-            factory,
-            max_retries=max_retries,
-            workers=workers,
-            address=address,
-            cpus_per_worker=cpus_per_worker,
-            gpus_per_worker=gpus_per_worker,
-            pin_cpus=pin_cpus,
-            start_timeout_s=start_timeout_s,
-            what="evaluator actor",
-            replace_timeout_s=replace_timeout_s,
-            call_timeout_s=call_timeout_s,
-        )
+        settings = _pool_settings(locals())
+        super().__init__(factory, max_retries=max_retries, what="evaluator actor", **settings)
 
     def __call__(self, choices: np.ndarray, *, fidelity: int, batch_seed: int) -> np.ndarray:
         choices = _checked_choices(choices)
@@ -371,19 +359,8 @@ class RayLayerMap(_OnActors):
         like_driver: bool = True,
         replace_timeout_s: float = 60.0,
     ) -> None:
-        super().__init__(
-            None,
-            max_retries=max_retries,
-            like_driver=like_driver,
-            workers=workers,
-            address=address,
-            cpus_per_worker=cpus_per_worker,
-            gpus_per_worker=gpus_per_worker,
-            pin_cpus=pin_cpus,
-            start_timeout_s=start_timeout_s,
-            what="layer actor",
-            replace_timeout_s=replace_timeout_s,
-        )
+        settings = _pool_settings(locals())
+        super().__init__(None, max_retries=max_retries, what="layer actor", **settings)
 
     def __call__(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
         self._check_open()

@@ -187,24 +187,6 @@ class UnitTask:
     add_removed: bool = False  # append the removed level (all zeros) after ``levels``
 
 
-def layer_task(
-    plan: UnitPlan,
-    block_params: Mapping[str, jax.Array],
-    prefix: str,
-    stats: Mapping[str, LayerStats | None],
-    fallback: set[str],
-    levels: np.ndarray,
-) -> UnitTask:
-    """The task of a unit pruned from its primary layer's weight and input statistics."""
-    return UnitTask(
-        plan=plan,
-        weight=block_params[plan.primary.weight_name[len(prefix) :]],
-        stats=stats[plan.primary.input_group[len(prefix) :]],
-        levels=levels,
-        fallback=plan.primary.name in fallback,
-    )
-
-
 def unit_task(
     plan: UnitPlan,
     block_params: Mapping[str, jax.Array],
@@ -215,13 +197,21 @@ def unit_task(
     *,
     add_removed: bool = False,
 ) -> UnitTask:
-    """The task of one unit of a block; a tied unit's has one member task per layer."""
+    """The task of one unit of a block: pruned from its primary layer's weight and input
+    statistics, or (a tied unit) one member task per layer."""
+
+    def task(p: UnitPlan) -> UnitTask:
+        return UnitTask(
+            plan=p,
+            weight=block_params[p.primary.weight_name[len(prefix) :]],
+            stats=stats[p.primary.input_group[len(prefix) :]],
+            levels=levels,
+            fallback=p.primary.name in fallback,
+        )
+
     if not plan.tied:
-        return layer_task(plan, block_params, prefix, stats, fallback, levels)
-    members = tuple(
-        layer_task(layer_plan(layer), block_params, prefix, stats, fallback, levels)
-        for layer in plan.layers
-    )
+        return task(plan)
+    members = tuple(task(layer_plan(layer)) for layer in plan.layers)
     return UnitTask(
         plan=plan, weight=None, stats=None, levels=levels, members=members, add_removed=add_removed
     )
