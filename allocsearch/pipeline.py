@@ -669,6 +669,69 @@ def seeded_outcome(evo: Outcome, first: Outcome) -> Outcome:
     )
 
 
+class _TyrRounds:
+    """Týr's ``rebuild(centers, step)``: each round's grid centred on the current best,
+    built into its own store under ``work_dir``, and that round's evaluate (see
+    :func:`_run_tyr` for the backends' lifetimes)."""
+
+    def __init__(self, ws, store, *, input_mode, work_dir, progress, map_layers, round_evaluate):
+        cfg = ws.config.supernet
+        self.ws, self.units, self.input_mode = ws, store.spec.units, input_mode
+        self.work_dir, self.progress, self.map_layers = work_dir, progress, map_layers
+        self.make = round_evaluate or functools.partial(make_evaluator, ws)
+        structured = cfg.structure == "heads_neurons"
+        qh = query_heads(cfg)
+        adapter = ws.model.adapter
+        self.groups = (
+            unit_group_counts(adapter, cfg.structure, query_heads=qh) if structured else None
+        )
+        # never below the pruner's smallest step (Týr: 1 kv group or query head, 32 neurons)
+        self.min_items = unit_min_steps(adapter, cfg.structure, query_heads=qh) if structured else 1
+        # a depth supernet's units keep their dropped level in every round (a sublayer can
+        # be dropped in a later round, and one dropped in round r stays droppable)
+        self.droppable = dropped_levels(store.spec).any(axis=1)
+        self.counter = iter(range(1_000_000))
+        self.evaluates: list[Any] = []
+        self.last_store = None
+
+    def __call__(self, centers: np.ndarray, step: float):
+        cfg = self.ws.config.supernet
+        if self.evaluates and hasattr(self.evaluates[-1], "close"):
+            self.evaluates[-1].close()  # its actors' CPUs go to this round's build
+        grid = centred_grid(
+            self.units,
+            centers,
+            step,
+            groups=self.groups,
+            steps_each_side=cfg.steps_each_side,
+            min_items=self.min_items,
+        )
+        if self.droppable.any():
+            grid = with_dropped_level(grid, rows=self.droppable)
+        round_store = build_supernet(
+            self.ws.model,
+            self.ws.calibration,
+            pruner=make_pruner(cfg),
+            grid=grid,
+            structure=cfg.structure,
+            input_mode=self.input_mode,
+            out_dir=Path(self.work_dir) / f"tyr-round-{next(self.counter)}",
+            batch_size=BUILD_BATCH,
+            progress=self.progress,
+            overwrite=True,
+            map_layers=self.map_layers,
+            query_heads=query_heads(cfg),
+            tie_experts=cfg.tie_experts,
+            expert_removal=cfg.expert_removal,
+            prune_router=cfg.prune_router,
+        )
+        if hasattr(self.map_layers, "close"):
+            self.map_layers.close()
+        self.last_store = round_store
+        self.evaluates.append(self.make(round_store))
+        return round_store.spec, self.evaluates[-1]
+
+
 def _run_tyr(
     ws,
     store,
@@ -712,62 +775,20 @@ def _run_tyr(
             "the tyr strategy rebuilds each round's grid around the current best, without "
             "the removed level of supernet.expert_removal; use evopress, dp or knapsack"
         )
-    cfg = ws.config.supernet
-    units = store.spec.units
-    structured = cfg.structure == "heads_neurons"
-    qh = query_heads(cfg)
-    groups = (
-        unit_group_counts(ws.model.adapter, cfg.structure, query_heads=qh) if structured else None
+    rebuild = _TyrRounds(
+        ws,
+        store,
+        input_mode=input_mode,
+        work_dir=work_dir,
+        progress=progress,
+        map_layers=map_layers,
+        round_evaluate=round_evaluate,
     )
-    # never below the pruner's smallest step (Týr: 1 kv group or query head, 32 neurons)
-    min_items = unit_min_steps(ws.model.adapter, cfg.structure, query_heads=qh) if structured else 1
-    # a depth supernet's units keep their dropped level in every round (a sublayer can
-    # be dropped in a later round, and one dropped in round r stays droppable)
-    droppable = dropped_levels(store.spec).any(axis=1)
-    counter = iter(range(1_000_000))
-    rounds_evaluate: list[Any] = []
-
-    def rebuild(centers: np.ndarray, step: float):
-        if rounds_evaluate and hasattr(rounds_evaluate[-1], "close"):
-            rounds_evaluate[-1].close()  # its actors' CPUs go to this round's build
-        grid = centred_grid(
-            units,
-            centers,
-            step,
-            groups=groups,
-            steps_each_side=cfg.steps_each_side,
-            min_items=min_items,
-        )
-        if droppable.any():
-            grid = with_dropped_level(grid, rows=droppable)
-        round_store = build_supernet(
-            ws.model,
-            ws.calibration,
-            pruner=make_pruner(cfg),
-            grid=grid,
-            structure=cfg.structure,
-            input_mode=input_mode,
-            out_dir=Path(work_dir) / f"tyr-round-{next(counter)}",
-            batch_size=BUILD_BATCH,
-            progress=progress,
-            overwrite=True,
-            map_layers=map_layers,
-            query_heads=query_heads(cfg),
-            tie_experts=cfg.tie_experts,
-            expert_removal=cfg.expert_removal,
-            prune_router=cfg.prune_router,
-        )
-        if hasattr(map_layers, "close"):
-            map_layers.close()
-        rebuild.last_store = round_store
-        make = round_evaluate or functools.partial(make_evaluator, ws)
-        rounds_evaluate.append(make(round_store))
-        return round_store.spec, rounds_evaluate[-1]
-
+    droppable = rebuild.droppable
     result = coarse_to_fine(
         rebuild=rebuild,
         inner=inner,
-        units=units,
+        units=store.spec.units,
         budget=budget,
         key=jax.random.key(seed),
         rounds=rounds,

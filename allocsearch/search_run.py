@@ -20,6 +20,7 @@ import jax
 from rich.console import Console
 
 from allocsearch import pipeline
+from allocsearch.closing import Closing
 from allocsearch.config import AUTO_WORKERS, RunConfig
 from allocsearch.console_progress import heartbeat
 from allocsearch.distributed.checkpoint import (
@@ -102,7 +103,7 @@ def _where(backend: Any, cfg: RunConfig) -> str:
     return f"{backend.workers} x {share} on {place}{pinned}"
 
 
-class StartedOnFirstCall:
+class StartedOnFirstCall(Closing):
     """A Ray backend that the ``start`` callable creates when it is first called (or when
     :meth:`start` is), not before.
 
@@ -136,12 +137,6 @@ class StartedOnFirstCall:
             self._backend.close()
             self._backend = None
 
-    def __enter__(self) -> StartedOnFirstCall:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def ray_evaluate(cfg: RunConfig, supernet: str | Path, console: Console) -> StartedOnFirstCall:
     """Ray evaluator actors for the store at ``supernet`` (``cfg.backend``: workers and
@@ -152,16 +147,18 @@ def ray_evaluate(cfg: RunConfig, supernet: str | Path, console: Console) -> Star
     def start() -> Any:
         from allocsearch.distributed.ray_backend import RayEvaluate
 
-        evaluate = RayEvaluate(
-            StoreEvaluatorFactory(cfg, str(Path(supernet).absolute())),
-            workers=cfg.backend.workers,
-            address=cfg.backend.address,
-            replace_timeout_s=cfg.backend.replace_timeout_s,
-        )
+        factory = StoreEvaluatorFactory(cfg, str(Path(supernet).absolute()))
+        evaluate = RayEvaluate(factory, **_actor_settings(cfg))
         console.print(f"scoring on {_where(evaluate, cfg)} (--backend local: in process)")
         return evaluate
 
     return StartedOnFirstCall(start)
+
+
+def _actor_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The Ray backends' settings a config gives: workers, address, replace timeout."""
+    b = cfg.backend
+    return {"workers": b.workers, "address": b.address, "replace_timeout_s": b.replace_timeout_s}
 
 
 def use_ray_build(cfg: RunConfig) -> bool:
@@ -181,11 +178,7 @@ def ray_layer_map(cfg: RunConfig, console: Console) -> StartedOnFirstCall:
     def start() -> Any:
         from allocsearch.distributed.ray_backend import RayLayerMap
 
-        layer_map = RayLayerMap(
-            workers=cfg.backend.workers,
-            address=cfg.backend.address,
-            replace_timeout_s=cfg.backend.replace_timeout_s,
-        )
+        layer_map = RayLayerMap(**_actor_settings(cfg))
         console.print(f"pruning layers on {_where(layer_map, cfg)} (--backend local: in process)")
         return layer_map
 
@@ -297,6 +290,101 @@ def run_search_command(
 ) -> None:
     """Run ``cfg``'s search on the store at ``supernet`` into ``out`` (``note``: printed
     once the settings and target are checked, e.g. :func:`for_strategy`'s)."""
+    run = _prepare(cfg, supernet, out, progress=progress, console=console, note=note)
+    if run.strategy not in SCORED_STRATEGIES:
+        if resume:
+            raise ValueError(f"--resume: strategy {run.strategy!r} has no search state to resume")
+        _run_unscored(cfg, run.ws, run.store, run.budget, run.settings, out, progress, console)
+        return
+    searcher = registry.make_searcher(run.strategy, run.settings)  # refuses bad settings early
+    seeded = registry.split_seeded(run.strategy, run.settings)[0] is not None
+    key = jax.random.key(cfg.search.seed)
+    start = None
+    if not seeded:  # a seeded search knows its EvoPress start after its seed stage
+        start = run.resume_point(searcher, key, resume)
+    # An unreachable target is reported before Ray starts or any file is written.
+    check_feasible_target(run.spec, run.budget)
+    # A search that fails before its first generation (e.g. a fidelity the calibration
+    # set cannot give) removes the log and checkpoint directory it created, so the same
+    # command can be run again without --overwrite.
+    created = [path for path in (run.ckpt_dir, out / "log.jsonl") if not path.exists()]
+    # With Ray, the held-out perplexity of the result is computed on an actor too: the
+    # driver never builds an evaluator (nor holds the variants).
+    ray_eval = None
+    if cfg.backend.kind == "ray":
+        # Ray starts before the checkpoints and the log are set up, so a failed start
+        # leaves nothing behind.
+        ray_eval = ray_evaluate(cfg, supernet, console)
+        ray_eval.start()
+    evaluate: Any = ray_eval if ray_eval is not None else pipeline.make_evaluator(run.ws, run.store)
+    last: list[Any] = [None]
+    try:
+        outcome, ppl = _search(run, searcher, key, start, evaluate, ray_eval, last, resume)
+    except Exception:
+        if last[0] is None:  # no generation finished: nothing worth keeping was written
+            _remove(created)
+        raise
+    finally:
+        if ray_eval is not None:
+            ray_eval.close()
+    if ray_eval is None:
+        with heartbeat(f"{run.strategy}: scoring the result", enabled=progress):
+            outcome = pipeline.with_split_fitness(run.ws, evaluate, outcome)
+            ppl = _local_ppl(run.ws, outcome, evaluate)
+    _finish(run.ws, run.store, run.budget, outcome, ppl, out, console)
+
+
+@dataclasses.dataclass
+class _SearchRun:
+    """What a search command has loaded and checked before it searches."""
+
+    cfg: RunConfig
+    supernet: Path
+    out: Path
+    progress: bool
+    console: Console
+    strategy: str
+    settings: dict[str, Any]
+    ws: Any  # pipeline.Workspace
+    store: Any  # SupernetStore
+    tied: TiedBlocks | None
+    spec: Any  # the searched spec: whole blocks with --tie-blocks
+    budget: Any
+    t0: float
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def sublayer_outcome(self, o: pipeline.Outcome) -> pipeline.Outcome:
+        """``o`` with the per-sublayer allocation (``--tie-blocks`` searches whole blocks)."""
+        if self.tied is None:
+            return o
+        return dataclasses.replace(
+            o, choice=self.tied.expand(o.choice), settings={**o.settings, "tie_blocks": True}
+        )
+
+    def resume_point(self, searcher: Any, key: Any, resume: bool) -> tuple[str, Any]:
+        """(checkpoint fingerprint, the state to start from)."""
+        return _resume_point(
+            self.cfg,
+            self.ws,
+            self.store,
+            self.budget,
+            searcher,
+            key,
+            self.spec,
+            self.ckpt_dir,
+            resume=resume,
+            console=self.console,
+        )
+
+
+def _prepare(
+    cfg: RunConfig, supernet: Path, out: Path, *, progress: bool, console: Console, note
+) -> _SearchRun:
+    """Check the settings and target (before anything loads), then load the workspace and
+    the store and make the budget."""
     strategy = cfg.search.strategy
     settings = default_settings(cfg)
     check_tie_blocks(cfg)  # before anything loads
@@ -311,129 +399,78 @@ def run_search_command(
     tied = TiedBlocks.of(store.spec) if cfg.search.tie_blocks else None
     spec = store.spec if tied is None else tied.spec
     budget = pipeline.make_budget(cfg.search, spec)
-    t0 = time.perf_counter()
+    return _SearchRun(
+        cfg, supernet, out, progress, console, strategy, settings, ws, store, tied, spec, budget,
+        time.perf_counter(),
+    )  # fmt: skip
 
-    def sublayer_outcome(o: pipeline.Outcome) -> pipeline.Outcome:
-        if tied is None:
-            return o
-        return dataclasses.replace(
-            o, choice=tied.expand(o.choice), settings={**o.settings, "tie_blocks": True}
-        )
 
-    if strategy not in SCORED_STRATEGIES:
-        if resume:
-            raise ValueError(f"--resume: strategy {strategy!r} has no search state to resume")
-        _run_unscored(cfg, ws, store, budget, settings, out, progress, console)
-        return
-
-    searcher = registry.make_searcher(strategy, settings)  # refuses bad settings early
-    seeded = registry.split_seeded(strategy, settings)[0] is not None
-    key = jax.random.key(cfg.search.seed)
-    ckpt_dir = out / "checkpoints"
-    if not seeded:  # a seeded search knows its EvoPress start after its seed stage
-        fingerprint, state = _resume_point(
-            cfg, ws, store, budget, searcher, key, spec, ckpt_dir, resume=resume, console=console
-        )
-
-    # With Ray, the held-out perplexity of the result is computed on an actor too: the
-    # driver never builds an evaluator (nor holds the variants).
-    ray_eval = None
-    # An unreachable target is reported before Ray starts or any file is written.
-    check_feasible_target(spec, budget)
-    # A search that fails before its first generation (e.g. a fidelity the calibration
-    # set cannot give) removes the log and checkpoint directory it created, so the same
-    # command can be run again without --overwrite.
-    created = [path for path in (ckpt_dir, out / "log.jsonl") if not path.exists()]
-    if cfg.backend.kind == "ray":
-        # Ray starts before the checkpoints and the log are set up, so a failed start
-        # leaves nothing behind.
-        ray_eval = ray_evaluate(cfg, supernet, console)
-        ray_eval.start()
-    evaluate: Any = ray_eval if ray_eval is not None else pipeline.make_evaluator(ws, store)
+def _search(run: _SearchRun, searcher, key, start, evaluate, ray_eval, last, resume: bool):
+    """The search with checkpoints and a log (after a seed stage, if any): (outcome, the
+    held-out perplexity scored on Ray, or None). ``last[0]``: the last state reached."""
+    cfg, strategy, settings, tied = run.cfg, run.strategy, run.settings, run.tied
     search_evaluate = evaluate if tied is None else tied.scorer(evaluate)
-    last: list[Any] = [None]
-    first = None
-    try:
-        if seeded:
-            first, settings = _run_seed_stage(
-                cfg, ws, store, budget, strategy, settings, search_evaluate,
-                None if tied is None else spec, console,
-            )  # fmt: skip
-            searcher = registry.make_searcher(strategy, settings)
-            fingerprint, state = _resume_point(
-                cfg,
-                ws,
-                store,
-                budget,
-                searcher,
-                key,
-                spec,
-                ckpt_dir,
-                resume=resume,
-                console=console,
-            )
-        last[0] = state
-        with SearchCheckpointer(ckpt_dir, fingerprint=fingerprint) as checkpointer:
-            callbacks = make_callbacks(
-                searcher,
-                log_path=out / "log.jsonl",
-                checkpointer=checkpointer,
-                progress=progress,
-                total_generations=getattr(searcher, "generations", None),
-                start_state=state,
-                fitness_label=_fitness_label(
-                    cfg, strategy, pipeline.table_settings(ws, strategy, settings)
-                ),
-            )
+    first, ppl = None, None
+    if start is None:  # a seeded search
+        first, settings = _run_seed_stage(
+            cfg, run.ws, run.store, run.budget, strategy, settings, search_evaluate,
+            None if tied is None else run.spec, run.console,
+        )  # fmt: skip
+        searcher = registry.make_searcher(strategy, settings)
+        start = run.resume_point(searcher, key, resume)
+    fingerprint, state = start
+    last[0] = state
+    with SearchCheckpointer(run.ckpt_dir, fingerprint=fingerprint) as checkpointer:
+        callbacks = make_callbacks(
+            searcher,
+            log_path=run.out / "log.jsonl",
+            checkpointer=checkpointer,
+            progress=run.progress,
+            total_generations=getattr(searcher, "generations", None),
+            start_state=state,
+            fitness_label=_fitness_label(
+                cfg, strategy, pipeline.table_settings(run.ws, strategy, settings)
+            ),
+        )
 
-            def on_generation(s: Any) -> None:
-                callbacks(s)
-                last[0] = s
+        def on_generation(s: Any) -> None:
+            callbacks(s)
+            last[0] = s
 
-            try:
-                with heartbeat(f"{strategy}: searching", enabled=progress):
-                    outcome = pipeline.run_strategy(
-                        strategy,
-                        ws,
-                        store,
-                        budget,
-                        evaluate=search_evaluate,
-                        seed=cfg.search.seed,
-                        settings=settings,
-                        on_generation=on_generation,
-                        state=state,
-                        spec=None if tied is None else spec,
-                        seed_stage=first,
+        try:
+            with heartbeat(f"{strategy}: searching", enabled=run.progress):
+                outcome = pipeline.run_strategy(
+                    strategy,
+                    run.ws,
+                    run.store,
+                    run.budget,
+                    evaluate=search_evaluate,
+                    seed=cfg.search.seed,
+                    settings=settings,
+                    on_generation=on_generation,
+                    state=state,
+                    spec=None if tied is None else run.spec,
+                    seed_stage=first,
+                )
+            outcome = run.sublayer_outcome(outcome)
+            if ray_eval is not None:
+                with heartbeat(f"{strategy}: scoring the result", enabled=run.progress):
+                    outcome = pipeline.with_split_fitness(run.ws, ray_eval, outcome)
+                    ppl = ray_eval.run(
+                        HeldoutPerplexity(cfg, str(Path(run.supernet).absolute())), outcome.choice
                     )
-                outcome = sublayer_outcome(outcome)
-                if ray_eval is not None:
-                    with heartbeat(f"{strategy}: scoring the result", enabled=progress):
-                        outcome = pipeline.with_split_fitness(ws, ray_eval, outcome)
-                        ppl = ray_eval.run(
-                            HeldoutPerplexity(cfg, str(Path(supernet).absolute())), outcome.choice
-                        )
-            except KeyboardInterrupt:
-                if last[0] is not None:
-                    partial = _partial_outcome(strategy, searcher, last[0], settings, first, t0)
-                    path = _write_recipe(
-                        ws, store, budget, sublayer_outcome(partial), out, partial=True
-                    )
-                    console.print(
-                        f"interrupted: best-so-far recipe (partial) -> {path}; resume with --resume"
-                    )
-                raise
-    except Exception:
-        if last[0] is None:  # no generation finished: nothing worth keeping was written
-            _remove(created)
-        raise
-    finally:
-        if ray_eval is not None:
-            ray_eval.close()
-    if ray_eval is None:
-        with heartbeat(f"{strategy}: scoring the result", enabled=progress):
-            outcome = pipeline.with_split_fitness(ws, evaluate, outcome)
-            ppl = _local_ppl(ws, outcome, evaluate)
-    _finish(ws, store, budget, outcome, ppl, out, console)
+        except KeyboardInterrupt:
+            if last[0] is not None:
+                partial = _partial_outcome(strategy, searcher, last[0], settings, first, run.t0)
+                path = _write_recipe(
+                    run.ws, run.store, run.budget, run.sublayer_outcome(partial), run.out,
+                    partial=True,
+                )  # fmt: skip
+                run.console.print(
+                    f"interrupted: best-so-far recipe (partial) -> {path}; resume with --resume"
+                )
+            raise
+    return outcome, ppl
 
 
 def _run_unscored(cfg, ws, store, budget, settings, out: Path, progress: bool, console) -> None:
@@ -585,9 +622,7 @@ def _fitness_label(cfg: RunConfig, strategy: str, settings: dict[str, Any]) -> s
     """``"kl on 2,048 tokens"``: what a ``strategy`` search run with ``settings`` (those it
     ran with: a table search's tokens are set at the run) measures its best fitness on."""
     tokens = registry.fitness_tokens(strategy, settings)
-    picked = settings.get("final_parents") and settings.get("final_split") == "validation"
-    which = "validation tokens" if picked else "tokens"  # EvoPress's final pick's rows
-    return None if tokens is None else f"{cfg.evaluator.metric} on {tokens:,} {which}"
+    return None if tokens is None else f"{cfg.evaluator.metric} on {tokens:,} tokens"
 
 
 def _finish(ws, store, budget, outcome, ppl: float, out: Path, console, *, partial=False) -> None:
@@ -608,13 +643,8 @@ def _finish(ws, store, budget, outcome, ppl: float, out: Path, console, *, parti
     held = f"{ppl:.4f}" if ws.model.adapter.is_causal_lm else f"{ppl:.6g}"
     label = _fitness_label(ws.config, outcome.strategy, settings)
     fitness = "-" if outcome.fitness is None else f"{outcome.fitness:.6g}"
-    split, scores = outcome.split, ""
-    if split is not None:
-        scores = f", all {split.calibration_tokens:,} calibration tokens {split.calibration:.6g}"
-        if split.validation is not None:
-            scores += f", {split.validation_tokens:,} validation tokens {split.validation:.6g}"
     console.print(
-        f"{outcome.strategy}: fitness {fitness}{f' ({label})' if label else ''}{scores}"
+        f"{outcome.strategy}: fitness {fitness}{f' ({label})' if label else ''}"
         f", {pipeline.heldout_label(ws)} {held}, {_removes(recipe, budget)}, "
         f"{outcome.evaluations} evaluations, {outcome.wall_time_s:.1f} s "
         f"-> {path}",

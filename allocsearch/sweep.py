@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -316,31 +317,10 @@ def run_sweep(
     """
     console = console or Console(stderr=True)
     targets = tuple(sorted(float(t) for t in targets))
-    if not targets:
-        raise ValueError("no targets to sweep")
-    if evopress_generations < 0:
-        raise ValueError(f"evopress_generations must be >= 0 (0 = off), got {evopress_generations}")
-    check_reachable(cfg, store.spec, targets)
-    dp_settings = _settings(cfg, "dp")
-    evo_settings = None
-    if evopress_generations:
-        evo_settings = {**_settings(cfg, SEEDED), "generations": int(evopress_generations)}
-        evo_settings.pop("table_tokens", None)  # the table is DP's, at dp_settings' tokens
-        registry.check_settings(SEEDED, evo_settings)
-    registry.check_settings("dp", dp_settings)
-    manifest = json.loads(json.dumps(_manifest(cfg, ws, store, targets, dp_settings, evo_settings)))
-    manifest_path = out / MANIFEST
-    if resume and manifest_path.exists():
-        _check_manifest(manifest_path, manifest)
-    else:  # a fresh sweep: nothing of an earlier one in ``out`` may be taken for its own
-        for old in [out / "cache", *out.glob("target-*")]:
-            if old.is_dir():
-                shutil.rmtree(old)
-        atomic_write_text(json.dumps(manifest, indent=2) + "\n", manifest_path, overwrite=True)
+    dp_settings, evo_settings = _start(cfg, ws, store, out, targets, evopress_generations, resume)
     cache = QueryCache(evaluate, out / "cache")
-    seed = cfg.search.seed
-    batch_seed = common_batch_seed(seed)
     fidelity = int(dp_settings.get("tokens", min(4096, ws.calibration.n_tokens)))
+    batch_seed = common_batch_seed(cfg.search.seed)
     ppl_memo: dict[bytes, float] = {}
 
     def score(choice: np.ndarray) -> tuple[float, float]:
@@ -364,42 +344,10 @@ def run_sweep(
         tdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         budget = target_budget(cfg, store.spec, target)
-        outcomes = [
-            pipeline.run_strategy(
-                name, ws, store, budget, evaluate=cache, seed=seed, settings=_settings(cfg, name)
-            )
-            for name in REFERENCES
-        ]
-        dp = pipeline.run_strategy(
-            "dp", ws, store, budget, evaluate=cache, seed=seed, settings=dp_settings
+        outcomes = _target_outcomes(
+            cfg, ws, store, budget, cache, evaluate, tdir, dp_settings, evo_settings, fidelity
         )
-        outcomes.append(dp)
-        if evo_settings is not None:
-            outcomes.append(
-                _evopress(cfg, ws, store, budget, evaluate, tdir, evo_settings, dp, fidelity)
-            )
-        target_rows = []
-        for outcome in outcomes:
-            fit, ppl = score(outcome.choice)
-            recipe = pipeline.recipe_from_choice(ws, store, budget, outcome)
-            name = f"recipe-{outcome.strategy}.json"
-            recipe.save(tdir / name, overwrite=True)
-            target_rows.append(
-                SweepRow(
-                    target,
-                    outcome.strategy,
-                    float(recipe.budget.achieved),
-                    ppl,
-                    fit,
-                    int(outcome.evaluations),
-                    name,
-                )
-            )
-        atomic_write_text(
-            json.dumps([dataclasses.asdict(r) for r in target_rows], indent=2) + "\n",
-            done,
-            overwrite=True,
-        )
+        target_rows = _write_target(ws, store, budget, target, outcomes, score, tdir, done)
         rows.extend(target_rows)
         shown = ", ".join(f"{r.strategy} {r.heldout_ppl:.3f}" for r in target_rows)
         console.print(
@@ -408,11 +356,97 @@ def run_sweep(
             highlight=False,
             soft_wrap=True,
         )
+    result = _result(cfg, ws, store, out, targets, rows, cache, fidelity)
+    write_report(cfg, ws, result, out, targets)
+    return result
+
+
+def _start(cfg, ws, store, out: Path, targets, evopress_generations: int, resume: bool):
+    """Check the targets and settings, and write the sweep's manifest (a fresh sweep
+    removes what an earlier one left in ``out``); returns (DP's, EvoPress's settings or
+    None)."""
+    if not targets:
+        raise ValueError("no targets to sweep")
+    if evopress_generations < 0:
+        raise ValueError(f"evopress_generations must be >= 0 (0 = off), got {evopress_generations}")
+    check_reachable(cfg, store.spec, targets)
+    dp_settings = _settings(cfg, "dp")
+    evo_settings = None
+    if evopress_generations:
+        evo_settings = {**_settings(cfg, SEEDED), "generations": int(evopress_generations)}
+        evo_settings.pop("table_tokens", None)  # the table is DP's, at dp_settings' tokens
+        registry.check_settings(SEEDED, evo_settings)
+    registry.check_settings("dp", dp_settings)
+    manifest = json.loads(json.dumps(_manifest(cfg, ws, store, targets, dp_settings, evo_settings)))
+    manifest_path = out / MANIFEST
+    if resume and manifest_path.exists():
+        _check_manifest(manifest_path, manifest)
+    else:  # a fresh sweep: nothing of an earlier one in ``out`` may be taken for its own
+        for old in [out / "cache", *out.glob("target-*")]:
+            if old.is_dir():
+                shutil.rmtree(old)
+        atomic_write_text(json.dumps(manifest, indent=2) + "\n", manifest_path, overwrite=True)
+    return dp_settings, evo_settings
+
+
+def _target_outcomes(
+    cfg, ws, store, budget, cache, evaluate, tdir, dp_settings, evo_settings, fidelity
+) -> list[pipeline.Outcome]:
+    """The references, DP and (with ``evo_settings``) EvoPress from DP at one target."""
+    seed = cfg.search.seed
+    outcomes = [
+        pipeline.run_strategy(
+            name, ws, store, budget, evaluate=cache, seed=seed, settings=_settings(cfg, name)
+        )
+        for name in REFERENCES
+    ]
+    dp = pipeline.run_strategy(
+        "dp", ws, store, budget, evaluate=cache, seed=seed, settings=dp_settings
+    )
+    outcomes.append(dp)
+    if evo_settings is not None:
+        outcomes.append(
+            _evopress(cfg, ws, store, budget, evaluate, tdir, evo_settings, dp, fidelity)
+        )
+    return outcomes
+
+
+def _write_target(
+    ws, store, budget, target, outcomes, score, tdir: Path, done: Path
+) -> list[SweepRow]:
+    """Each outcome's recipe and its row (scored), and the target's ``rows.json``."""
+    target_rows = []
+    for outcome in outcomes:
+        fit, ppl = score(outcome.choice)
+        recipe = pipeline.recipe_from_choice(ws, store, budget, outcome)
+        name = f"recipe-{outcome.strategy}.json"
+        recipe.save(tdir / name, overwrite=True)
+        target_rows.append(
+            SweepRow(
+                target,
+                outcome.strategy,
+                float(recipe.budget.achieved),
+                ppl,
+                fit,
+                int(outcome.evaluations),
+                name,
+            )
+        )
+    atomic_write_text(
+        json.dumps([dataclasses.asdict(r) for r in target_rows], indent=2) + "\n",
+        done,
+        overwrite=True,
+    )
+    return target_rows
+
+
+def _result(cfg, ws, store, out: Path, targets, rows, cache, fidelity: int) -> SweepResult:
+    """The sweep's result: its rows, the dense perplexity and the evaluation counts."""
     dense = _dense_ppl(ws, out)
     # the table query: the baseline and every allowed (unit, level > 0) probe
     allowed = CostModel.from_spec(store.spec, target_budget(cfg, store.spec, targets[0])).allowed
     seeded = {r.target for r in rows if r.strategy == SEEDED}
-    result = SweepResult(
+    return SweepResult(
         rows=rows,
         dense_ppl=dense,
         table_rows=1 + int(np.count_nonzero(allowed[:, 1:])),
@@ -422,8 +456,6 @@ def run_sweep(
         - sum(r.evaluations for r in rows if r.strategy == "dp" and r.target in seeded),
         fidelity=fidelity,
     )
-    write_report(cfg, ws, result, out, targets)
-    return result
 
 
 def _settings(cfg: RunConfig, strategy: str) -> dict[str, Any]:
@@ -584,39 +616,33 @@ def run_sweep_command(
     else:
         store = pipeline.open_store(ws, supernet)
     check_reachable(cfg, store.spec, targets)
+    sweep = functools.partial(
+        run_sweep,
+        cfg,
+        ws,
+        store,
+        out,
+        targets,
+        evopress_generations=evopress_generations,
+        resume=resume,
+        console=console,
+    )
     if cfg.backend.kind == "ray":
         ray_eval = ray_evaluate(cfg, Path(store.path), console)
         ppl_fn = HeldoutPerplexity(cfg, str(Path(store.path).absolute()))
         try:
             with heartbeat("sweep: searching and scoring", enabled=progress):
-                result = run_sweep(
-                    cfg,
-                    ws,
-                    store,
-                    out,
-                    targets,
-                    evaluate=ray_eval,
-                    heldout_ppl=lambda c: float(ray_eval.run(ppl_fn, c)),
-                    evopress_generations=evopress_generations,
-                    resume=resume,
-                    console=console,
+                result = sweep(
+                    evaluate=ray_eval, heldout_ppl=lambda c: float(ray_eval.run(ppl_fn, c))
                 )
         finally:
             ray_eval.close()
     else:
         evaluator = pipeline.make_evaluator(ws, store)
         with heartbeat("sweep: searching and scoring", enabled=progress):
-            result = run_sweep(
-                cfg,
-                ws,
-                store,
-                out,
-                targets,
+            result = sweep(
                 evaluate=evaluator,
                 heldout_ppl=lambda c: float(evaluator.perplexity(c, ws.heldout)),
-                evopress_generations=evopress_generations,
-                resume=resume,
-                console=console,
             )
     console.print(
         markdown(result, cfg.evaluator.metric), soft_wrap=True, highlight=False, markup=False

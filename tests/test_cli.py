@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 from flax import nnx
-from tiny_workspace import TINY_LLAMA, cli_config, write_model_and_corpus
+from tiny_workspace import TINY_LLAMA, workspace_config
 from typer.testing import CliRunner
 
 from allocsearch import pipeline
@@ -28,11 +28,10 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    _, corpus = write_model_and_corpus(root, CFG, docs=4, words_per_doc=600)
-    config = cli_config(
-        root / "model",
-        corpus,
-        seq_len=32,
+    config = workspace_config(
+        root,
+        CFG,
+        words_per_doc=600,
         calibration_seqs=16,
         heldout_seqs=4,
         supernet={
@@ -74,16 +73,8 @@ def supernet(workdir):
 @pytest.mark.slow
 def test_search_export_apply_eval(workdir, supernet):
     out = workdir / "run"
-    r = run(
-        "search",
-        "--config",
-        workdir / "config.yaml",
-        "--supernet",
-        supernet,
-        "--out",
-        out,
-        "--no-progress",
-    )
+    on_store = ("--config", workdir / "config.yaml", "--supernet", supernet, "--no-progress")
+    r = run("search", *on_store, "--out", out)
     assert r.exit_code == 0, r.output
     recipe = Recipe.load(out / "recipe.json")
     assert abs(recipe.budget.achieved - 0.5) < 0.01 and not recipe.partial
@@ -92,17 +83,7 @@ def test_search_export_apply_eval(workdir, supernet):
     assert len(lines) == 3 and json.loads(lines[-1])["generation"] == 3
 
     # resume of a finished search continues from its last checkpoint and ends the same
-    r = run(
-        "search",
-        "--config",
-        workdir / "config.yaml",
-        "--supernet",
-        supernet,
-        "--out",
-        out,
-        "--resume",
-        "--no-progress",
-    )
+    r = run("search", *on_store, "--out", out, "--resume")
     assert r.exit_code == 0, r.output
     resumed = Recipe.load(out / "recipe.json")
     assert resumed.layers == recipe.layers and resumed.budget == recipe.budget
@@ -164,18 +145,8 @@ def test_search_export_apply_eval(workdir, supernet):
 @pytest.mark.slow
 def test_compare_writes_table_and_recipes(workdir, supernet):
     out = workdir / "compare"
-    r = run(
-        "compare",
-        "--config",
-        workdir / "config.yaml",
-        "--supernet",
-        supernet,
-        "--out",
-        out,
-        "--strategies",
-        "uniform,erk,dp",
-        "--no-progress",
-    )
+    on_store = ("--config", workdir / "config.yaml", "--supernet", supernet, "--no-progress")
+    r = run("compare", *on_store, "--out", out, "--strategies", "uniform,erk,dp")
     assert r.exit_code == 0, r.output
     table = (out / "compare.md").read_text()
     for name in ("uniform", "erk", "dp", "dense"):

@@ -11,6 +11,7 @@ import pickle
 import jax
 import numpy as np
 import pytest
+from tiny_workspace import TINY_LLAMA, quiet_build
 
 from allocsearch.search.budget import Budget, CostModel, snap_to_levels
 from allocsearch.search.coarse_to_fine import (
@@ -419,16 +420,7 @@ def test_bad_rebuild_and_state_are_refused() -> None:
 
 # ------------------------------------------------------------------ real tiny model
 
-LLAMA = {
-    "model_type": "llama",
-    "vocab_size": 50,
-    "hidden_size": 16,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "tie_word_embeddings": False,
-}
+LLAMA = {**TINY_LLAMA, "vocab_size": 50, "hidden_size": 16}
 
 
 @pytest.mark.slow
@@ -443,7 +435,7 @@ def test_real_tiny_llama_two_rounds(structure: str, tmp_path) -> None:
     from allocsearch.models.hf import fingerprint_tensors
     from allocsearch.pruners import MagnitudePruner, StructuredPruner
     from allocsearch.pruners.structured import MIN_HEAD_STEP
-    from allocsearch.supernet.build import build_supernet, supernet_units, unit_group_counts
+    from allocsearch.supernet.build import supernet_units, unit_group_counts
 
     adapter = adapter_for_config(LLAMA)
     params = adapter.init_params(jax.random.key(0))
@@ -463,16 +455,14 @@ def test_real_tiny_llama_two_rounds(structure: str, tmp_path) -> None:
 
     def rebuild(centers: np.ndarray, step: float):
         grid = centred_grid(units, centers, step, groups=groups, min_items=min_items)
-        store = build_supernet(
+        store = quiet_build(
             model,
             calib,
+            tmp_path / f"round{len(built) + 1}",
             pruner=pruner,
             grid=grid,
             structure=structure,
             input_mode="expected",
-            out_dir=tmp_path / f"round{len(built) + 1}",
-            batch_size=4,
-            progress=False,
         )
         built.append(store.spec)
         evaluator = evaluate_mod.Evaluator(

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from tiny_workspace import scaled_random_model, write_corpus
+from tiny_workspace import quiet_build, scaled_random_model, structured_test_recipe, write_corpus
 from typer.testing import CliRunner
 
 from allocsearch import pipeline
@@ -29,22 +29,17 @@ from allocsearch.recipe import exporters
 from allocsearch.recipe.apply import apply_recipe, write_pruned
 from allocsearch.recipe.depth import dropped_blocks, dropped_units
 from allocsearch.recipe.recipe import (
-    Calibration,
-    Fitness,
     LayerEntry,
-    ModelIdentity,
-    Provenance,
     Recipe,
     RecipeBudget,
     RecipeError,
     StructuredUnit,
-    fraction_removed,
 )
 from allocsearch.search.budget import Budget, CostModel
 from allocsearch.search.dp import TableSearcher
 from allocsearch.search.evolutionary import EvolutionarySearcher
 from allocsearch.search.knapsack import mckp_milp
-from allocsearch.supernet.build import build_supernet, supernet_units, unit_group_counts
+from allocsearch.supernet.build import supernet_units, unit_group_counts
 from allocsearch.supernet.depth import (
     TiedBlocks,
     block_units,
@@ -95,16 +90,13 @@ def stores(model, calib, tmp_path_factory):
             steps = np.array([1 if u.role == "attn" else 32 for u in units])
             groups = unit_group_counts(model.adapter, "heads_neurons")
             grid = structured_grid(groups, steps, center=0.5, steps_each_side=1)
-        return build_supernet(
+        return quiet_build(
             model,
             calib,
+            root / mode,
             pruner=StructuredPruner,
             grid=depth_grid(mode, grid, len(units)),
             structure="heads_neurons",
-            input_mode="dense",
-            out_dir=root / mode,
-            batch_size=4,
-            progress=False,
         )
 
     return get
@@ -377,22 +369,8 @@ def depth_recipe(model, calib, dropped: set[str]) -> Recipe:
         LayerEntry(x.name, x.role, x.block, x.shape, 1.0 if x.name in gone else 0.0, kind[x.name])
         for x in adapter.layers()
     )
-    achieved = fraction_removed(layers, "params")
-    return Recipe(
-        model=ModelIdentity("tiny", "LlamaForCausalLM", "llama", model.fingerprint),
-        layers=layers,
-        budget=RecipeBudget("params", achieved, achieved),
-        provenance=Provenance(
-            strategy="test",
-            settings={},
-            fitness=Fitness("kl", None),
-            calibration=Calibration("random ids", calib.fingerprint, 1),
-            tool_version="test",
-            wall_time_s=0.0,
-            evaluations=0,
-        ),
-        structure="heads_neurons",
-        units=su,
+    return structured_test_recipe(
+        model, calib, layers, su, structure="heads_neurons", architecture="LlamaForCausalLM"
     )
 
 

@@ -644,33 +644,33 @@ def no_ray_actor(env: Env) -> None:
     # test_more_workers_than_cpus_is_refused_without_hanging (WorkerStartError),
     # test_actors_that_keep_dying_give_a_clear_error (WorkerFailedError). Here: what the
     # command line makes of such an error, without starting Ray.
-    class NoActors:
-        def __init__(self, *args, **kwargs):
-            raise ray_backend.WorkerStartError(
-                "no evaluator actor could be started: the factory raised "
-                "RuntimeError('CUDA out of memory')"
-            )
-
-    env.monkeypatch.setattr(ray_backend, "RayEvaluate", NoActors)
-    cfg = env.config(backend={"kind": "ray", "workers": 1})
-    expect(env, _search(env, cfg, "run"), "WorkerStartError", "CUDA out of memory")
+    error = ray_backend.WorkerStartError(
+        "no evaluator actor could be started: the factory raised RuntimeError('CUDA out of memory')"
+    )
+    expect(env, _search_on_failing_ray(env, error), "WorkerStartError", "CUDA out of memory")
 
 
 def head_node_lost(env: Env) -> None:
     # The real loss on a two-raylet cluster: test_ray_cluster.py
     # test_head_node_loss_exits_2_naming_resume_then_resume_gives_the_recipe. Here: what
     # the command line makes of it, without starting Ray.
-    class HeadLost:
-        def __init__(self, *args, **kwargs):
-            raise ray_backend.HeadNodeLostError(
-                "the Ray node of this driver (node 0123456789ab, the head node) was lost with "
-                "its evaluator actors; the search stops here with its checkpoints kept: start "
-                "Ray again and rerun the same command with --resume to continue"
-            )
+    error = ray_backend.HeadNodeLostError(
+        "the Ray node of this driver (node 0123456789ab, the head node) was lost with "
+        "its evaluator actors; the search stops here with its checkpoints kept: start "
+        "Ray again and rerun the same command with --resume to continue"
+    )
+    expect(env, _search_on_failing_ray(env, error), "HeadNodeLostError", "--resume")
 
-    env.monkeypatch.setattr(ray_backend, "RayEvaluate", HeadLost)
-    cfg = env.config(backend={"kind": "ray", "workers": 1})
-    expect(env, _search(env, cfg, "run"), "HeadNodeLostError", "--resume")
+
+def _search_on_failing_ray(env: Env, error: Exception) -> tuple:
+    """The arguments of a search on Ray whose evaluator actors raise ``error`` at start
+    (``RayEvaluate`` replaced: no Ray is started)."""
+
+    def failing(*args, **kwargs):
+        raise error
+
+    env.monkeypatch.setattr(ray_backend, "RayEvaluate", failing)
+    return _search(env, env.config(backend={"kind": "ray", "workers": 1}), "run")
 
 
 def does_not_fit(env: Env) -> None:
@@ -764,7 +764,7 @@ def cli_recipe(workdir, supernet) -> Recipe:  # noqa: F811 (fixtures from test_c
 def wide_console(monkeypatch):
     """The CLI's error console without line wrapping: rich wraps at 80 columns when stderr
     is not a terminal, which splits long messages (see test_long_error_stays_one_line)."""
-    monkeypatch.setattr(cli, "console", Console(stderr=True, width=100_000))
+    monkeypatch.setattr(cli.common, "console", Console(stderr=True, width=100_000))
 
 
 @pytest.mark.parametrize("situation", list(CASES), ids=list(CASES))

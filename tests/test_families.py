@@ -15,6 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_parity import hf_logits, saved_random, tiny_config  # noqa: E402
+
 from allocsearch.models import load_model, save_model  # noqa: E402
 
 TOL = 1e-4
@@ -22,20 +24,7 @@ T = 12  # > every sliding window (4) and every original context (8) below
 
 
 def _cfg(**kw):
-    base = dict(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    )
-    base.update(kw)
-    return base
+    return tiny_config(**{"head_dim": 8, **kw})
 
 
 def _gemma_extra(**kw):
@@ -144,31 +133,15 @@ CASES = {
 }
 
 
-def _randomize(model):
-    """Random weights everywhere (constant norms and biases would hide misread ones)."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model.eval()
-
-
 def _ids(vocab, b=2, t=T, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, size=(b, t))
 
 
-def _hf_logits(model, ids, mask=None):
-    with torch.no_grad():
-        m = None if mask is None else torch.tensor(mask)
-        return model(torch.tensor(ids), attention_mask=m).logits.numpy()
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
-    torch.manual_seed(0)
-    model = _randomize(CASES[request.param](transformers))
-    path = tmp_path_factory.mktemp(request.param) / "hf"
-    model.save_pretrained(path, safe_serialization=True)
+    model, path = saved_random(
+        lambda: CASES[request.param](transformers), tmp_path_factory.mktemp(request.param) / "hf"
+    )
     return request.param, model, path, load_model(path)
 
 
@@ -177,7 +150,7 @@ def test_logits_match_transformers(case):
     ids = _ids(hf_model.config.vocab_size)
     mask = np.ones_like(ids)
     mask[1, :3] = 0  # left padding in the second row
-    ref = _hf_logits(hf_model, ids, mask)
+    ref = hf_logits(hf_model, ids, mask)
     got = np.asarray(
         jax.jit(ours.adapter.forward)(ours.params, jnp.asarray(ids), jnp.asarray(mask))
     )
@@ -188,7 +161,7 @@ def test_logits_match_transformers(case):
         short = ids[:, :6]
         np.testing.assert_allclose(
             np.asarray(ours.adapter.forward(ours.params, jnp.asarray(short))),
-            _hf_logits(hf_model, short),
+            hf_logits(hf_model, short),
             atol=TOL,
             rtol=TOL,
         )
@@ -200,7 +173,7 @@ def test_written_model_loads_in_transformers(case, tmp_path):
     reloaded = type(hf_model).from_pretrained(out).eval()
     ids = _ids(hf_model.config.vocab_size, seed=1)
     np.testing.assert_allclose(
-        _hf_logits(reloaded, ids), _hf_logits(hf_model, ids), atol=TOL, rtol=TOL
+        hf_logits(reloaded, ids), hf_logits(hf_model, ids), atol=TOL, rtol=TOL
     )
     again = load_model(out)
     assert set(again.params) == set(ours.params)
@@ -399,10 +372,8 @@ def test_cli_build_search_apply_eval(family, structure, tmp_path):
     """build -> search -> apply -> eval through the CLI on a tiny random model of each
     family; the applied model's per-layer zero fraction equals the recipe."""
     import yaml
-    from tiny_workspace import write_model_and_corpus
-    from typer.testing import CliRunner
+    from tiny_workspace import run_cli, write_model_and_corpus
 
-    from allocsearch.cli import app
     from allocsearch.recipe.recipe import Recipe
 
     structure, _, granularity = structure.partition(":")
@@ -432,12 +403,7 @@ def test_cli_build_search_apply_eval(family, structure, tmp_path):
         "backend": {"kind": "local"},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    runner = CliRunner()
-
-    def run(*args):
-        r = runner.invoke(app, [str(a) for a in args])
-        assert r.exit_code == 0, r.output
-        return r
+    run = run_cli
 
     config_path = tmp_path / "config.yaml"
     store, out = tmp_path / "store", tmp_path / "run"

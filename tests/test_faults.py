@@ -44,6 +44,7 @@ from test_recipe import structured_recipe, unstructured_recipe
 from test_report import HISTORIES, PPL_TABLE, ROWS
 from test_store import write_store
 from test_supernet_build import BATCH, CFG, calib, grid, model  # noqa: F401 (fixtures)
+from tiny_workspace import quiet_build
 
 from allocsearch.atomic import atomic_write_bytes, atomic_write_text
 from allocsearch.distributed.checkpoint import (
@@ -72,7 +73,6 @@ from allocsearch.report import (
     plot_ppl_by_strategy,
     plot_sparsity_profile,
 )
-from allocsearch.supernet.build import build_supernet
 from allocsearch.supernet.store import SupernetStore
 
 OLD_BYTES = b"the previous version, which must survive a failed write\n"
@@ -571,16 +571,13 @@ def test_failed_supernet_build_leaves_the_directory_as_it_was(
     _skip_chmod_if_not_enforced(fault)
 
     def build(target: Path, overwrite: bool) -> SupernetStore:
-        return build_supernet(
+        return quiet_build(
             model,
             calib,
+            target,
             pruner=MagnitudePruner(),
             grid=grid,
-            structure="unstructured",
-            input_mode="dense",
-            out_dir=target,
             batch_size=BATCH,
-            progress=False,
             overwrite=overwrite,
         )
 

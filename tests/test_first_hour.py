@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from tiny_workspace import TINY_LLAMA, cli_config, write_model_and_corpus
+from tiny_workspace import TINY_LLAMA, cli_config, workspace_config, write_model_and_corpus
 from typer.testing import CliRunner
 
 from allocsearch import pipeline
@@ -37,12 +37,9 @@ def one_line(output: str) -> str:
 def ws(tmp_path_factory):
     """A tiny model, its corpus, a config, a magnitude supernet and a random recipe on it."""
     root = tmp_path_factory.mktemp("first_hour")
-    _, corpus = write_model_and_corpus(root, CFG, docs=4, words_per_doc=400)
-    config = cli_config(
-        root / "model",
-        corpus,
-        seq_len=32,
-        calibration_seqs=8,
+    config = workspace_config(
+        root,
+        CFG,
         heldout_seqs=4,
         supernet={"pruner": "magnitude", "center": 0.5, "steps_each_side": 2},
         search={"target": 0.5, "strategy": "random"},

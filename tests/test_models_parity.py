@@ -12,25 +12,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_parity import randomize, saved_random, tiny_config  # noqa: E402
+
 from allocsearch.models import load_model, mean_pool, save_model  # noqa: E402
 
 TOL = 1e-4
 
 
 def _llama_cfg(**kw):
-    base = dict(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    )
-    base.update(kw)
-    return base
+    return tiny_config(**kw)
 
 
 CAUSAL_CASES = {
@@ -80,26 +70,16 @@ CAUSAL_CASES = {
 }
 
 
-def _randomize(model):
-    """Random weights everywhere (HF initialises biases and norms to constants, which
-    would hide mistakes in how they are read)."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model.eval()
-
-
-def _save_hf(model, path):
+def _saved(model, path):
     model.save_pretrained(path, safe_serialization=True)
     return path
 
 
 @pytest.fixture(scope="module", params=sorted(CAUSAL_CASES))
 def causal_case(request, tmp_path_factory):
-    torch.manual_seed(0)
-    model = _randomize(CAUSAL_CASES[request.param]())
-    path = _save_hf(model, tmp_path_factory.mktemp(request.param) / "hf")
+    model, path = saved_random(
+        CAUSAL_CASES[request.param], tmp_path_factory.mktemp(request.param) / "hf"
+    )
     return request.param, model, path
 
 
@@ -159,18 +139,21 @@ def test_layer_names_match_named_modules(causal_case):
         assert layer.flops_per_token == layer.numel
 
 
+BERT = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=48,
+    max_position_embeddings=64,
+)
+
+
 @pytest.fixture(scope="module")
 def bert_case(tmp_path_factory):
-    cfg = transformers.BertConfig(
-        vocab_size=97,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=64,
-    )
-    model = _randomize(transformers.BertModel(cfg))
-    path = _save_hf(model, tmp_path_factory.mktemp("bert") / "hf")
+    cfg = transformers.BertConfig(**BERT)
+    model = randomize(transformers.BertModel(cfg))
+    path = _saved(model, tmp_path_factory.mktemp("bert") / "hf")
     return model, path
 
 
@@ -255,15 +238,7 @@ def test_bert_token_type_ids_match(bert_case):
 
 
 def _task_models():
-    bert = transformers.BertConfig(
-        vocab_size=97,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
+    bert = transformers.BertConfig(**BERT, num_labels=2)
     gpt2 = transformers.GPT2Config(
         vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4, num_labels=2
     )
@@ -278,8 +253,8 @@ def _task_models():
 def test_task_model_keeps_its_head(name, tmp_path):
     """A checkpoint that is not the bare model loads with its head as a non-prunable
     extra; the body agrees with transformers and the written copy is the same task model."""
-    hf_model = _randomize(_task_models()[name]())
-    path = _save_hf(hf_model, tmp_path / "hf")
+    hf_model = randomize(_task_models()[name]())
+    path = _saved(hf_model, tmp_path / "hf")
     ours = load_model(path)
     assert ours.extras, "the head must be kept"
     assert all(not k.startswith(("bert.", "classifier", "score", "qa_")) for k in ours.params)

@@ -16,6 +16,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_parity import hf_logits, randomize, saved_random, tiny_config  # noqa: E402
+from tiny_workspace import quiet_build  # noqa: E402
+
 from allocsearch.data.tokenset import TokenSet  # noqa: E402
 from allocsearch.models import HFModel, adapter_for_config, load_model, save_model  # noqa: E402
 from allocsearch.models.hf import fingerprint_tensors  # noqa: E402
@@ -23,7 +26,6 @@ from allocsearch.pruners import MagnitudePruner, SparseGPTPruner, WandaPruner  #
 from allocsearch.search.budget import Budget, CostModel  # noqa: E402
 from allocsearch.supernet.build import (  # noqa: E402
     NoCalibrationTokensWarning,
-    build_supernet,
     supernet_units,
 )
 from allocsearch.supernet.experts import member_exact_grid  # noqa: E402
@@ -33,21 +35,7 @@ TOL = 1e-4
 
 
 def _cfg(**kw):
-    base = dict(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        num_experts_per_tok=2,
-    )
-    base.update(kw)
-    return base
+    return tiny_config(**{"intermediate_size": 24, "head_dim": 8, "num_experts_per_tok": 2, **kw})
 
 
 CASES = {
@@ -66,26 +54,11 @@ CASES = {
 }
 
 
-def _randomize(model):
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model.eval()
-
-
-def _logits(model, ids, mask=None):
-    with torch.no_grad():
-        m = None if mask is None else torch.tensor(mask)
-        return model(torch.tensor(ids), attention_mask=m).logits.numpy()
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
-    torch.manual_seed(0)
-    model = _randomize(CASES[request.param](transformers))
-    path = tmp_path_factory.mktemp(request.param) / "hf"
-    model.save_pretrained(path, safe_serialization=True)
+    model, path = saved_random(
+        lambda: CASES[request.param](transformers), tmp_path_factory.mktemp(request.param) / "hf"
+    )
     return request.param, model, path, load_model(path)
 
 
@@ -98,10 +71,14 @@ def test_logits_match_transformers_and_written_model_reloads(case, tmp_path):
         jax.jit(ours.adapter.forward)(ours.params, jnp.asarray(ids), jnp.asarray(mask))
     )
     valid = mask.astype(bool)
-    np.testing.assert_allclose(got[valid], _logits(hf_model, ids, mask)[valid], atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(
+        got[valid], hf_logits(hf_model, ids, mask)[valid], atol=TOL, rtol=TOL
+    )
     out = save_model(ours, tmp_path / "written")
     reloaded = type(hf_model).from_pretrained(out).eval()
-    np.testing.assert_allclose(_logits(reloaded, ids), _logits(hf_model, ids), atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(
+        hf_logits(reloaded, ids), hf_logits(hf_model, ids), atol=TOL, rtol=TOL
+    )
 
 
 def test_layers_are_checkpoint_keys(case):
@@ -125,7 +102,7 @@ def test_expert_taps_are_routed_inputs_weighted_by_transformers_router(tmp_path)
     """The capture taps of expert ``e`` are ``g_e x`` with ``g`` transformers' top-k routing
     weights (0 for tokens not routed to ``e``), and the routed tap counts them."""
     torch.manual_seed(0)
-    hf = _randomize(CASES["qwen3_moe"](transformers))
+    hf = randomize(CASES["qwen3_moe"](transformers))
     hf.save_pretrained(tmp_path / "hf")
     ours = load_model(tmp_path / "hf")
     ad, params = ours.adapter, ours.params
@@ -182,16 +159,8 @@ def test_expert_without_tokens_falls_back_to_magnitude(tmp_path):
     units = supernet_units(ad, "unstructured")
     grid = equal_step_grid([u.numel for u in units], center=0.5, step_weights=8, steps_each_side=1)
     with pytest.warns(NoCalibrationTokensWarning, match=r"expert\(s\) \[\d, \d\] of 4"):
-        store = build_supernet(
-            model,
-            calib,
-            pruner=SparseGPTPruner(),
-            grid=grid,
-            structure="unstructured",
-            input_mode="dense",
-            out_dir=tmp_path / "s",
-            batch_size=2,
-            progress=False,
+        store = quiet_build(
+            model, calib, tmp_path / "s", pruner=SparseGPTPruner(), grid=grid, batch_size=2
         )
     routing = store.manifest["routing"]
     counts = routing["counts"][0]
@@ -268,16 +237,14 @@ def test_tied_experts_share_one_level_per_block_and_projection(tmp_path):
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NoCalibrationTokensWarning)
-        store = build_supernet(
+        store = quiet_build(
             model,
             calib,
+            tmp_path / "t",
             pruner=WandaPruner(),
             grid=grid,
-            structure="unstructured",
             input_mode="expected",
-            out_dir=tmp_path / "t",
             batch_size=2,
-            progress=False,
             tie_experts=True,
         )
     spec = store.spec
@@ -328,9 +295,8 @@ def test_cli_build_search_apply_eval(tmp_path):
     fractions equal the recipe, transformers loads the pruned checkpoint and agrees with
     the pruned model, and the llm-compressor export targets per-expert modules."""
     import yaml
-    from typer.testing import CliRunner
+    from tiny_workspace import run_cli
 
-    from allocsearch.cli import app
     from allocsearch.recipe.recipe import Recipe, fraction_removed
 
     search = {
@@ -341,12 +307,7 @@ def test_cli_build_search_apply_eval(tmp_path):
     model_dir, config = tiny_moe_run(tmp_path, search)
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    runner = CliRunner()
-
-    def run(*args):
-        r = runner.invoke(app, [str(a) for a in args])
-        assert r.exit_code == 0, r.output
-        return r
+    run = run_cli
 
     store = tmp_path / "store"
     run("build", "--config", config_path, "--out", store, "--no-progress")
@@ -383,7 +344,7 @@ def test_cli_build_search_apply_eval(tmp_path):
     ids = np.random.default_rng(0).integers(0, 256, size=(2, 8))
     np.testing.assert_allclose(
         np.asarray(ours.adapter.forward(ours.params, jnp.asarray(ids))),
-        _logits(hf, ids),
+        hf_logits(hf, ids),
         atol=TOL,
         rtol=TOL,
     )

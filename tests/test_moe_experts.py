@@ -14,15 +14,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_parity import hf_logits, randomize  # noqa: E402
 from test_moe import (  # noqa: E402
     CASES,
     QWEN3_MOE,
     TOL,
-    _logits,
-    _randomize,
     _tiny_model,
     tiny_moe_run,
 )
+from tiny_workspace import quiet_build  # noqa: E402
 
 from allocsearch.distributed.local import run_search  # noqa: E402
 from allocsearch.models import HFModel, load_model, save_model  # noqa: E402
@@ -43,7 +43,6 @@ from allocsearch.recipe.recipe import (  # noqa: E402
 )
 from allocsearch.search import Budget, CostModel, EvolutionarySearcher, TableSearcher  # noqa: E402
 from allocsearch.supernet.build import (  # noqa: E402
-    build_supernet,
     supernet_units,
 )
 from allocsearch.supernet.experts import (  # noqa: E402
@@ -100,7 +99,7 @@ def test_masked_router_equals_transformers_on_removed_checkpoint(family, tmp_pat
     them (3 experts, router rows gone), while transformers on the zero-expert checkpoint
     (still routing to them) differs."""
     torch.manual_seed(0)
-    hf = _randomize(CASES[family](transformers))
+    hf = randomize(CASES[family](transformers))
     hf.save_pretrained(tmp_path / "hf")
     ours = load_model(tmp_path / "hf")
     recipe = _recipe(ours, _remove(ours, {0: [1], 1: [3]}))
@@ -125,13 +124,13 @@ def test_masked_router_equals_transformers_on_removed_checkpoint(family, tmp_pat
     assert report.num_params == ours.adapter.num_params() - 2 * (3 * f * 32 + 32)
     out = write_pruned(pruned, tmp_path / "removed", config_updates=updates)
     hf_removed = type(hf).from_pretrained(out).eval()
-    ref = _logits(hf_removed, ids, mask)
+    ref = hf_logits(hf_removed, ids, mask)
     np.testing.assert_allclose(masked[valid], ref[valid], atol=TOL, rtol=TOL)
     got = np.asarray(pruned.adapter.forward(pruned.params, jnp.asarray(ids), jnp.asarray(mask)))
     np.testing.assert_allclose(got[valid], masked[valid], atol=1e-5, rtol=1e-5)
     # without the mask, transformers routes tokens to the zero experts: other outputs
     kept_zero = save_model(HFModel(ours.adapter, zeros, fingerprint="z"), tmp_path / "zeros")
-    unmasked = _logits(type(hf).from_pretrained(kept_zero).eval(), ids, mask)
+    unmasked = hf_logits(type(hf).from_pretrained(kept_zero).eval(), ids, mask)
     assert np.max(np.abs(unmasked[valid] - ref[valid])) > 1e-3
 
 
@@ -171,16 +170,12 @@ def _removal_store(tmp_path, cfg, *, prune_router=False):
         "ids",
         0,
     )
-    store = build_supernet(
+    store = quiet_build(
         model,
         calib,
+        tmp_path / "s",
         pruner=MagnitudePruner(),
         grid=grid,
-        structure="unstructured",
-        input_mode="dense",
-        out_dir=tmp_path / "s",
-        batch_size=4,
-        progress=False,
         expert_removal=True,
         prune_router=prune_router,
     )
@@ -252,9 +247,8 @@ def test_cli_build_search_apply_with_removal_and_router_units(tmp_path):
     recipe's zeros (or, when every block removes as many experts, fewer experts) and
     matches transformers."""
     import yaml
-    from typer.testing import CliRunner
+    from tiny_workspace import run_cli
 
-    from allocsearch.cli import app
     from allocsearch.config import config_from_dict
     from allocsearch.evaluate import Evaluator, KLDivergence, StreamingEvaluator
     from allocsearch.pipeline import load_workspace, open_store
@@ -262,12 +256,7 @@ def test_cli_build_search_apply_with_removal_and_router_units(tmp_path):
     model_dir, config = tiny_moe_run(tmp_path, {"target": 0.55, "strategy": "dp"})
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    runner = CliRunner()
-
-    def run(*args, code=0):
-        r = runner.invoke(app, [str(a) for a in args])
-        assert r.exit_code == code, r.output
-        return r
+    run = run_cli
 
     store_dir = tmp_path / "store"
     run("build", "--config", config_path, "--out", store_dir, "--no-progress",
@@ -323,7 +312,7 @@ def test_cli_build_search_apply_with_removal_and_router_units(tmp_path):
         ids = np.random.default_rng(0).integers(0, 256, size=(2, 8))
         np.testing.assert_allclose(
             np.asarray(ours.adapter.forward(ours.params, jnp.asarray(ids))),
-            _logits(hf, ids),
+            hf_logits(hf, ids),
             atol=TOL,
             rtol=TOL,
         )

@@ -27,7 +27,7 @@ from resume_worker import (
     tiny_spec,
 )
 
-from allocsearch.distributed import ray_backend
+from allocsearch.distributed import ray_backend, ray_pool
 from allocsearch.distributed.local import run_search
 from allocsearch.distributed.ray_backend import (
     InProcessEvaluate,
@@ -331,7 +331,7 @@ def test_a_failing_factory_names_the_cause(ray_cluster):
 
 @pytest.mark.slow
 def test_more_workers_than_cpus_is_refused_without_hanging(ray_evaluate, monkeypatch):
-    monkeypatch.setattr(ray_backend, "_RESOURCE_WAIT_S", 1.0)  # how long busy CPUs are awaited
+    monkeypatch.setattr(ray_pool, "_RESOURCE_WAIT_S", 1.0)  # how long busy CPUs are awaited
     with pytest.raises(WorkerStartError, match=r"need 5 CPU in all .* cluster has 4"):
         RayEvaluate(AdditiveFactory(), workers=5)
     # ray_evaluate holds 2 of the 4 CPUs.

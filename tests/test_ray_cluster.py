@@ -30,7 +30,7 @@ import resume_worker
 import yaml
 from resume_worker import BUDGET, SEED, AdditiveFactory, evo_searcher, result_json, tiny_spec
 from rich.console import Console
-from tiny_workspace import TINY_LLAMA, cli_config, write_model_and_corpus
+from tiny_workspace import TINY_LLAMA, workspace_config
 
 from allocsearch import pipeline
 from allocsearch.config import config_from_dict
@@ -110,13 +110,10 @@ def expected():
 def workspace(tmp_path_factory):
     """A tiny byte-level Llama, a corpus, a config and a magnitude supernet."""
     root = tmp_path_factory.mktemp("job")
-    _, corpus = write_model_and_corpus(root, TINY, docs=3, words_per_doc=400)
-    config = cli_config(
-        root / "model",
-        corpus,
-        seq_len=32,
-        calibration_seqs=8,
-        heldout_seqs=2,
+    config = workspace_config(
+        root,
+        TINY,
+        docs=3,
         supernet={"pruner": "magnitude", "center": 0.5, "steps_each_side": 2},
         search={
             "target": 0.5,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from tiny_workspace import quiet_build
 from typer.testing import CliRunner
 
 from allocsearch.cli import app as cli_app
@@ -636,17 +637,8 @@ def test_built_store_is_stored_in_the_models_dtype(tiny, tmp_path):
         (bf16, "float32", "float32"),
     ):
         out = tmp_path / f"{m.fingerprint[:8]}-{requested}"
-        store = build_supernet(
-            m,
-            calib,
-            pruner=SparseGPTPruner(blocksize=4),
-            grid=grid,
-            structure="unstructured",
-            input_mode="dense",
-            out_dir=out,
-            batch_size=4,
-            progress=False,
-            storage_dtype=requested,
+        store = quiet_build(
+            m, calib, out, pruner=SparseGPTPruner(blocksize=4), grid=grid, storage_dtype=requested
         )
         assert store.manifest["storage_dtype"] == want == store.storage_dtype
         p = store.param_names[0]

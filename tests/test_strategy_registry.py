@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from tiny_workspace import TINY_LLAMA, cli_config, write_model_and_corpus
+from tiny_workspace import TINY_LLAMA, workspace_config
 from typer.testing import CliRunner
 
 from allocsearch import config as config_module
@@ -106,12 +106,11 @@ def test_seeded_strategies_split_into_a_table_and_evopress():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("registry")
-    _, corpus = write_model_and_corpus(root, CFG, docs=4, words_per_doc=600)
     supernet = {"pruner": "magnitude", "center": 0.5, "steps_each_side": 2, "step_fraction": 0.1}
-    config = cli_config(
-        root / "model",
-        corpus,
-        seq_len=32,
+    config = workspace_config(
+        root,
+        CFG,
+        words_per_doc=600,
         calibration_seqs=16,
         heldout_seqs=4,
         supernet=supernet,

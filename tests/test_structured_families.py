@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jax.numpy as jnp  # noqa: E402
+from tiny_workspace import quiet_build, structured_test_recipe  # noqa: E402
 
 from allocsearch.data.tokenset import TokenSet  # noqa: E402
 from allocsearch.models import load_model  # noqa: E402
@@ -24,18 +25,11 @@ from allocsearch.pruners import LayerStats, StructuredPruner  # noqa: E402
 from allocsearch.pruners.structured import HeadGroups, NeuronGroups  # noqa: E402
 from allocsearch.recipe.apply import apply_recipe, choice_for_recipe, write_pruned  # noqa: E402
 from allocsearch.recipe.recipe import (  # noqa: E402
-    Calibration,
-    Fitness,
     LayerEntry,
-    ModelIdentity,
-    Provenance,
     Recipe,
-    RecipeBudget,
     StructuredUnit,
-    fraction_removed,
 )
 from allocsearch.supernet.build import (  # noqa: E402
-    build_supernet,
     supernet_units,
     unit_group_counts,
     unit_removed_groups,
@@ -91,16 +85,13 @@ def _store(model, calib, path, *, neuron_step=8, query_heads=False, steps_each_s
         center=0.5,
         steps_each_side=steps_each_side,
     )
-    return build_supernet(
+    return quiet_build(
         model,
         calib,
+        path,
         pruner=StructuredPruner,
         grid=grid,
         structure=structure,
-        input_mode="dense",
-        out_dir=path,
-        batch_size=4,
-        progress=False,
         query_heads=query_heads,
     )
 
@@ -125,23 +116,9 @@ def _recipe(model, calib, store, choice) -> Recipe:
         LayerEntry(x.name, x.role, x.block, x.shape, sparsity[x.name], structure=kind_of[x.name])
         for x in model.adapter.layers()
     )
-    achieved = fraction_removed(layers, "params")
-    ad = model.adapter
-    return Recipe(
-        model=ModelIdentity("tiny", ad.model_type, ad.model_type, model.fingerprint),
-        layers=layers,
-        budget=RecipeBudget("params", achieved, achieved),
-        provenance=Provenance(
-            strategy="test",
-            settings={},
-            fitness=Fitness("kl", None),
-            calibration=Calibration("random ids", calib.fingerprint, 1),
-            tool_version="test",
-            wall_time_s=0.0,
-            evaluations=0,
-        ),
-        structure=spec.structure,
-        units=tuple(units),
+    architecture = model.adapter.model_type
+    return structured_test_recipe(
+        model, calib, layers, units, structure=spec.structure, architecture=architecture
     )
 
 

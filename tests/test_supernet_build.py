@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_workspace import TINY_LLAMA, quiet_build
 
 from allocsearch.data.tokenset import TokenSet
 from allocsearch.models import HFModel, adapter_for_config
@@ -35,16 +36,7 @@ from allocsearch.supernet.build import (
 from allocsearch.supernet.levels import equal_step_grid, nm_grid, structured_grid
 from allocsearch.supernet.store import StoreError, SupernetStore
 
-CFG = {
-    "model_type": "llama",
-    "vocab_size": 50,
-    "hidden_size": 16,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "tie_word_embeddings": False,
-}
+CFG = {**TINY_LLAMA, "vocab_size": 50, "hidden_size": 16}
 BATCH = 3  # 6 sequences -> two batches of one shape (one compilation)
 
 
@@ -94,16 +86,14 @@ def build(model, calib, grid, tmp_path_factory):
 
     @functools.cache
     def get(pruner: str, mode: str):
-        return build_supernet(
+        return quiet_build(
             model,
             calib,
+            root / f"{pruner}-{mode}",
             pruner=pruners[pruner],
             grid=grid,
-            structure="unstructured",
             input_mode=mode,
-            out_dir=root / f"{pruner}-{mode}",
             batch_size=BATCH,
-            progress=False,
         )
 
     return get
@@ -242,16 +232,14 @@ def test_nm_levels_are_exact_patterns(model, calib, tmp_path):
         in_features=[64 if "down" in u.name else 16 for u in units],
         center=(2, 4),
     )
-    store = build_supernet(
+    store = quiet_build(
         model,
         calib,
+        tmp_path / "nm",
         pruner=NMMagnitudePruner(m=4),
         grid=g,
         structure="nm",
-        input_mode="dense",
-        out_dir=tmp_path / "nm",
         batch_size=BATCH,
-        progress=False,
     )
     assert store.spec.structure == "nm" and store.spec.level_labels[0] == ("0:4", "1:4", "2:4")
     v = store.variants("model.layers.1.mlp.down_proj.weight")
@@ -360,16 +348,15 @@ def structured_store(model, calib, tmp_path_factory):
     g = structured_grid(
         unit_group_counts(model.adapter, "heads_neurons"), steps, center=0.5, steps_each_side=2
     )
-    store = build_supernet(
+    store = quiet_build(
         model,
         calib,
+        tmp_path_factory.mktemp("structured") / "s",
         pruner=functools.partial(StructuredPruner, round_size=8),
         grid=g,
         structure="heads_neurons",
         input_mode="expected",
-        out_dir=tmp_path_factory.mktemp("structured") / "s",
         batch_size=BATCH,
-        progress=False,
     )
     return store, g
 
@@ -430,7 +417,10 @@ def test_structured_first_block_equals_the_pruner_on_direct_statistics(
         np.testing.assert_array_equal(ref.group_keep, got.group_keep)
         np.testing.assert_allclose(np.asarray(ref.weights), np.asarray(got.weights), atol=1e-5)
     assert store.manifest["pruner"]["params"] == {
-        "round_size": 8, "percdamp": 0.01, "enumeration_limit": 5000, "max_swaps": 64
+        "round_size": 8,
+        "percdamp": 0.01,
+        "enumeration_limit": 5000,
+        "max_swaps": 64,
     }
 
 
@@ -500,16 +490,14 @@ def test_one_layer_of_variants_in_memory_at_a_time(model, calib, grid, tmp_path)
     # Memory grows with one block, not with the model: a layer's variants are written and
     # dropped before the next layer is pruned (the "expected" mode keeps only W_bar).
     pruner = WatchedWanda()
-    build_supernet(
+    quiet_build(
         model,
         calib,
+        tmp_path / "s",
         pruner=pruner,
         grid=grid,
-        structure="unstructured",
         input_mode="expected",
-        out_dir=tmp_path / "s",
         batch_size=BATCH,
-        progress=False,
     )
     assert len(pruner.results) == 14 and pruner.max_alive == 0
 
@@ -527,16 +515,8 @@ def test_input_norms_are_recorded_and_checksummed(build, model, calib):
 
 
 def test_corrupt_input_norms_are_refused(model, calib, grid, tmp_path):
-    store = build_supernet(
-        model,
-        calib,
-        pruner=WandaPruner(),
-        grid=grid,
-        structure="unstructured",
-        input_mode="dense",
-        out_dir=tmp_path / "s",
-        batch_size=BATCH,
-        progress=False,
+    store = quiet_build(
+        model, calib, tmp_path / "s", pruner=WandaPruner(), grid=grid, batch_size=BATCH
     )
     f = store.path / "input_norms.safetensors"
     data = bytearray(f.read_bytes())
@@ -588,16 +568,14 @@ def test_any_layer_map_builds_the_serial_store(
     build, model, calib, grid, tmp_path, pruner, mode, layer_map
 ):
     pruners = {"wanda": WandaPruner(), "sparsegpt": SparseGPTPruner(blocksize=8)}
-    store = build_supernet(
+    store = quiet_build(
         model,
         calib,
+        tmp_path / "s",
         pruner=pruners[pruner],
         grid=grid,
-        structure="unstructured",
         input_mode=mode,
-        out_dir=tmp_path / "s",
         batch_size=BATCH,
-        progress=False,
         map_layers=layer_map,
     )
     assert_same_store(store, build(pruner, mode))
@@ -605,16 +583,15 @@ def test_any_layer_map_builds_the_serial_store(
 
 def test_structured_units_pickle_for_a_layer_map(model, calib, structured_store, tmp_path):
     serial, g = structured_store
-    store = build_supernet(
+    store = quiet_build(
         model,
         calib,
+        tmp_path / "s",
         pruner=functools.partial(StructuredPruner, round_size=8),
         grid=g,
         structure="heads_neurons",
         input_mode="expected",
-        out_dir=tmp_path / "s",
         batch_size=BATCH,
-        progress=False,
         map_layers=pickled_map,
     )
     assert_same_store(store, serial)
@@ -630,16 +607,13 @@ def test_structured_units_pickle_for_a_layer_map(model, calib, structured_store,
 )
 def test_a_bad_layer_map_is_an_error(model, calib, grid, tmp_path, map_layers, message):
     with pytest.raises(ValueError, match=message):
-        build_supernet(
+        quiet_build(
             model,
             calib,
+            tmp_path / "s",
             pruner=MagnitudePruner(),
             grid=grid,
-            structure="unstructured",
-            input_mode="dense",
-            out_dir=tmp_path / "s",
             batch_size=BATCH,
-            progress=False,
             map_layers=map_layers,
         )
     assert not (tmp_path / "s").exists()
@@ -668,16 +642,13 @@ def test_ray_layer_map_builds_the_serial_store_bit_for_bit(build, model, calib, 
     )
     prune = functools.partial(_prune_task, SparseGPTPruner())
     with RayLayerMap(workers=2) as layer_map:
-        store = build_supernet(
+        store = quiet_build(
             model,
             calib,
+            tmp_path / "s",
             pruner=SparseGPTPruner(blocksize=8),
             grid=grid,
-            structure="unstructured",
-            input_mode="dense",
-            out_dir=tmp_path / "s",
             batch_size=BATCH,
-            progress=False,
             map_layers=layer_map,
         )
         [remote] = layer_map(prune, [task])

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from tiny_workspace import TINY_LLAMA, cli_config, write_model_and_corpus
+from tiny_workspace import TINY_LLAMA, workspace_config
 from typer.testing import CliRunner
 
 from allocsearch import pipeline
@@ -74,13 +74,9 @@ def evaluators():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    _, corpus = write_model_and_corpus(root, CFG, docs=4, words_per_doc=400)
-    config = cli_config(
-        root / "model",
-        corpus,
-        seq_len=32,
-        calibration_seqs=8,
-        heldout_seqs=2,
+    config = workspace_config(
+        root,
+        CFG,
         supernet={"pruner": "magnitude", "steps_each_side": 2, "step_fraction": 0.1},
         backend={"kind": "local"},  # Ray is the default; only the Ray tests start it
     )

@@ -55,6 +55,33 @@ def cli_config(
     return {"model": str(model_dir), "data": data, **sections}
 
 
+def workspace_config(
+    root: Path,
+    hf_config: dict,
+    *,
+    docs: int = 4,
+    words_per_doc: int = 400,
+    calibration_seqs: int = 8,
+    heldout_seqs: int = 2,
+    seq_len: int = 32,
+    **sections: dict,
+) -> dict:
+    """:func:`write_model_and_corpus` under ``root``, and the :func:`cli_config` of them
+    (by default 4 documents of 400 words; 8 calibration and 2 held-out sequences of 32
+    tokens)."""
+    model_dir, corpus = write_model_and_corpus(
+        root, hf_config, docs=docs, words_per_doc=words_per_doc
+    )
+    return cli_config(
+        model_dir,
+        corpus,
+        seq_len=seq_len,
+        calibration_seqs=calibration_seqs,
+        heldout_seqs=heldout_seqs,
+        **sections,
+    )
+
+
 def write_corpus(corpus: Path, *, docs: int, words_per_doc: int) -> Path:
     """``corpus``: a new directory of ``docs`` text files of ``words_per_doc`` words drawn
     from :data:`WORDS` (seed 0)."""
@@ -83,3 +110,79 @@ def scaled_random_model(hf_config: dict, path: Path) -> HFModel:
             w = rng.uniform(-1, 1, size=shape) / np.sqrt(shape[-1])
         params[name] = jnp.asarray(w, jnp.float32)
     return load_model(save_model(HFModel(adapter, params), path))
+
+
+def quiet_build(
+    model: HFModel,
+    calib,
+    out_dir: Path,
+    *,
+    pruner,
+    grid,
+    structure: str = "unstructured",
+    input_mode: str = "dense",
+    batch_size: int = 4,
+    **options,
+):
+    """``build_supernet`` as the tests call it: without a progress bar, unstructured and
+    dense inputs unless said (``options``: ``map_layers``, ``tie_experts``, ...)."""
+    from allocsearch.supernet.build import build_supernet
+
+    return build_supernet(
+        model,
+        calib,
+        pruner=pruner,
+        grid=grid,
+        structure=structure,
+        input_mode=input_mode,
+        out_dir=out_dir,
+        batch_size=batch_size,
+        progress=False,
+        **options,
+    )
+
+
+def structured_test_recipe(model: HFModel, calib, layers, units, *, structure: str, architecture):
+    """A structured recipe of hand-picked ``layers`` and ``units`` (strategy "test", random
+    calibration ids, the params budget its layers achieve) for ``model``, whose identity
+    names ``architecture``."""
+    from allocsearch.recipe import (
+        Calibration,
+        Fitness,
+        ModelIdentity,
+        Provenance,
+        Recipe,
+        RecipeBudget,
+        fraction_removed,
+    )
+
+    achieved = fraction_removed(layers, "params")
+    return Recipe(
+        model=ModelIdentity("tiny", architecture, model.adapter.model_type, model.fingerprint),
+        layers=layers,
+        budget=RecipeBudget("params", achieved, achieved),
+        provenance=Provenance(
+            strategy="test",
+            settings={},
+            fitness=Fitness("kl", None),
+            calibration=Calibration("random ids", calib.fingerprint, 1),
+            tool_version="test",
+            wall_time_s=0.0,
+            evaluations=0,
+        ),
+        structure=structure,
+        units=tuple(units),
+    )
+
+
+def run_cli(*args, code: int | None = 0):
+    """``allocsearch *args`` in this process (typer's CliRunner; arguments as strings);
+    asserts the exit status is ``code`` unless it is None."""
+    from typer.testing import CliRunner
+
+    from allocsearch.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    if code is not None:
+        assert r.exit_code == code, r.output
+    return r

@@ -32,12 +32,12 @@ import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
+from allocsearch.closing import Closing
 from allocsearch.search.base import Searcher, SearchResult
 from allocsearch.search.budget import Budget
 from allocsearch.supernet.spec import SupernetSpec
@@ -108,7 +108,7 @@ def search_fingerprint(
     return SearchFingerprint(parts=parts, key_data=key_data)
 
 
-class SearchCheckpointer:
+class SearchCheckpointer(Closing):
     """Saves the search state every generation into ``directory`` (orbax, synchronous).
 
     Args:
@@ -224,17 +224,6 @@ class SearchCheckpointer:
         """Finish pending writes and release the orbax manager."""
         self._manager.wait_until_finished()
         self._manager.close()
-
-    def __enter__(self) -> SearchCheckpointer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def complete_generations(directory: str | Path) -> list[int]:

@@ -22,16 +22,16 @@ import json
 import math
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
 from allocsearch.atomic import atomic_write_text
+from allocsearch.closing import Closing
 from allocsearch.console_progress import progress_display
 from allocsearch.distributed.checkpoint import SearchCheckpointer, json_float
 from allocsearch.search.base import Searcher
 
 
-class SearchCallbacks:
+class SearchCallbacks(Closing):
     """The ``on_generation`` callback of a search: log line, checkpoint, progress bar.
 
     Build with :func:`make_callbacks`; use as a context manager (or call :meth:`close`)
@@ -135,17 +135,6 @@ class SearchCallbacks:
         if self._log is not None:
             self._log.close()
             self._log = None
-
-    def __enter__(self) -> SearchCallbacks:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def make_callbacks(

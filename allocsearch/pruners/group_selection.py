@@ -12,7 +12,7 @@ columns are refit by least squares, is the output reconstruction error
 accumulated one round at a time, and only seeds the local search).
 
 A supernet's levels of one unit must be *nested* (the dead q/k/v or gate/up rows are stored
-as one rank array, :func:`allocsearch.supernet.build._dead_row_variants`), so
+as one rank array, :func:`allocsearch.supernet.prune_unit._dead_row_variants`), so
 :func:`nested_removals` chooses a chain ``I_1 ⊂ I_2 ⊂ ...`` rather than each level's best
 set on its own:
 

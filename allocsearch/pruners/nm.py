@@ -82,44 +82,23 @@ def _nested_nm(scores: jax.Array, sparsities: np.ndarray, m: int) -> NestedVaria
 
 
 @dataclass(frozen=True, kw_only=True)
-class NMMagnitudePruner:
-    """N:M magnitude pruning: in each group of ``m`` inputs, drop the N smallest ``|w|``.
+class _NMScorePruner:
+    """An N:M pruner that ranks the inputs of each group of ``m`` by a score: the N lowest
+    go. Subclasses give the score (:meth:`_scores`) and the ``name``.
 
     Attributes:
       m: group size M; levels are sparsities N / M.
     """
 
     m: int = 4
-    name: ClassVar[str] = "magnitude_nm"
+    name: ClassVar[str]
     nested: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         _check_m(self.m)
 
-    def prune(
-        self, weight: ArrayLike, stats: LayerStats | None, sparsities: ArrayLike
-    ) -> NestedVariants:
-        """All levels (sparsities N / m); statistics are not used."""
-        del stats
-        w = check_weight(weight)
-        check_nm_width(w.shape[1], self.m)
-        return _nested_nm(jnp.abs(w), check_sparsities(sparsities), self.m)
-
-
-@dataclass(frozen=True, kw_only=True)
-class NMWandaPruner:
-    """N:M Wanda: in each group of ``m`` inputs, drop the N lowest ``|w_ij| * ||X_j||_2``.
-
-    Attributes:
-      m: group size M; levels are sparsities N / M.
-    """
-
-    m: int = 4
-    name: ClassVar[str] = "wanda_nm"
-    nested: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        _check_m(self.m)
+    def _scores(self, w: jax.Array, stats: LayerStats | None) -> jax.Array:
+        raise NotImplementedError
 
     def prune(
         self, weight: ArrayLike, stats: LayerStats | None, sparsities: ArrayLike
@@ -127,8 +106,34 @@ class NMWandaPruner:
         """All levels (sparsities N / m)."""
         w = check_weight(weight)
         check_nm_width(w.shape[1], self.m)
-        h = check_stats(stats, w.shape[1], self.name)
-        return _nested_nm(wanda_scores(w, h), check_sparsities(sparsities), self.m)
+        return _nested_nm(self._scores(w, stats), check_sparsities(sparsities), self.m)
+
+
+class NMMagnitudePruner(_NMScorePruner):
+    """N:M magnitude pruning: in each group of ``m`` inputs, drop the N smallest ``|w|``
+    (statistics are not used).
+
+    Attributes:
+      m: group size M; levels are sparsities N / M.
+    """
+
+    name: ClassVar[str] = "magnitude_nm"
+
+    def _scores(self, w: jax.Array, stats: LayerStats | None) -> jax.Array:
+        return jnp.abs(w)
+
+
+class NMWandaPruner(_NMScorePruner):
+    """N:M Wanda: in each group of ``m`` inputs, drop the N lowest ``|w_ij| * ||X_j||_2``.
+
+    Attributes:
+      m: group size M; levels are sparsities N / M.
+    """
+
+    name: ClassVar[str] = "wanda_nm"
+
+    def _scores(self, w: jax.Array, stats: LayerStats | None) -> jax.Array:
+        return wanda_scores(w, check_stats(stats, w.shape[1], self.name))
 
 
 @dataclass(frozen=True, kw_only=True)

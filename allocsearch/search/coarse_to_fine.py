@@ -248,38 +248,9 @@ def coarse_to_fine(
 
     while state.rounds_done < rounds:
         r = state.rounds_done + 1
-        step = steps[r - 1]
-        spec, evaluate = rebuild(state.centers.copy(), step)
-        _check_spec(spec, units, r)
-        costs = CostModel.from_spec(spec, budget)
-        if r == 1:
-            start = uniform_choice(spec, budget)
-        else:
-            start = _recentred_start(spec, budget, costs, state.centers)
-        snapped = not np.array_equal(start, spec.center)
-        searcher = _for_round(inner, start, same_role)
-        found = run_search(searcher, evaluate, spec, budget, key=jax.random.fold_in(key, r))
-        best = np.asarray(found.best_choice, dtype=np.int32)
-        if best.shape != (spec.num_units,) or not bool(costs.is_feasible(best)):
-            raise ValueError(
-                f"round {r}: the inner search {type(inner).__name__} returned {best}, which "
-                f"is not a level vector int[L={spec.num_units}] within the budget"
-            )
-        record = RoundRecord(
-            round=r,
-            step=step,
-            centers=spec.sparsities_of(spec.center),
-            start=start,
-            start_snapped=snapped,
-            best_choice=best,
-            best_sparsity=spec.sparsities_of(best),
-            best_fitness=float(found.best_fitness),
-            achieved=float(costs.achieved(best)),
-            evaluations=int(found.evaluations),
-            tokens=int(found.tokens),
-            search_history=tuple(found.history),
+        record = _round(
+            r, steps[r - 1], state.centers, rebuild, inner, units, budget, key, same_role
         )
-        del spec, evaluate  # let a round's evaluator (device memory) go before the next
         state = CoarseToFineState(
             rounds_done=r, centers=record.best_sparsity.copy(), records=(*state.records, record)
         )
@@ -295,6 +266,51 @@ def coarse_to_fine(
         evaluations=sum(rec.evaluations for rec in state.records),
         tokens=sum(rec.tokens for rec in state.records),
         rounds=state.records,
+    )
+
+
+def _round(
+    r: int,
+    step: float,
+    centers: np.ndarray,
+    rebuild: Rebuild,
+    inner: Searcher,
+    units: tuple[Unit, ...],
+    budget: Budget,
+    key: jax.Array,
+    same_role: bool,
+) -> RoundRecord:
+    """Round ``r``: rebuild around ``centers`` at ``step``, search from the round's start,
+    check the best. The round's supernet and evaluator (device memory) go when it returns."""
+    spec, evaluate = rebuild(centers.copy(), step)
+    _check_spec(spec, units, r)
+    costs = CostModel.from_spec(spec, budget)
+    if r == 1:
+        start = uniform_choice(spec, budget)
+    else:
+        start = _recentred_start(spec, budget, costs, centers)
+    snapped = not np.array_equal(start, spec.center)
+    searcher = _for_round(inner, start, same_role)
+    found = run_search(searcher, evaluate, spec, budget, key=jax.random.fold_in(key, r))
+    best = np.asarray(found.best_choice, dtype=np.int32)
+    if best.shape != (spec.num_units,) or not bool(costs.is_feasible(best)):
+        raise ValueError(
+            f"round {r}: the inner search {type(inner).__name__} returned {best}, which "
+            f"is not a level vector int[L={spec.num_units}] within the budget"
+        )
+    return RoundRecord(
+        round=r,
+        step=step,
+        centers=spec.sparsities_of(spec.center),
+        start=start,
+        start_snapped=snapped,
+        best_choice=best,
+        best_sparsity=spec.sparsities_of(best),
+        best_fitness=float(found.best_fitness),
+        achieved=float(costs.achieved(best)),
+        evaluations=int(found.evaluations),
+        tokens=int(found.tokens),
+        search_history=tuple(found.history),
     )
 
 

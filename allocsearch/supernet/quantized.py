@@ -22,20 +22,19 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-import allocsearch
 from allocsearch.data.tokenset import TokenSet
 from allocsearch.models.hf import HFModel
 from allocsearch.models.moe import MoEAdapter
-from allocsearch.models.streamed import block_on_device, embed_program, outer_on_device
-from allocsearch.pruners.base import DenseVariants, accumulate_stats
+from allocsearch.models.streamed import block_on_device
+from allocsearch.pruners.base import DenseVariants
 from allocsearch.quantizers.base import LocalQuantizer, check_bits_levels
 from allocsearch.quantizers.costs import bits_per_weight, level_label, level_to_json
 from allocsearch.quantizers.grid import QuantLevel
-from allocsearch.supernet.build import supernet_units
+from allocsearch.supernet.build import manifest_build, manifest_model
+from allocsearch.supernet.capture import capture_block, embed_batches
 from allocsearch.supernet.levels import LevelGrid
 from allocsearch.supernet.store import (
     STORAGE_DTYPES,
@@ -44,6 +43,7 @@ from allocsearch.supernet.store import (
     make_spec,
     resolve_storage_dtype,
 )
+from allocsearch.supernet.units import supernet_units
 
 __all__ = ["FULL_BITS", "build_quantized_supernet", "quantized_grid"]
 
@@ -118,31 +118,18 @@ def _quantize_blocks(model, calibration, quantizer, grid, level_bits, writer, ba
     layers = {layer.name: layer for layer in adapter.layers()}
     units = supernet_units(adapter, "unstructured")
     dtype = STORAGE_DTYPES[writer.storage_dtype]
-    capture = jax.jit(lambda p, h, c: adapter.block(p, h, c, capture=True))
-    tokens = calibration.tokens
-    outer = outer_on_device(adapter, params)
-    hidden = [
-        embed_program(adapter, outer, jnp.asarray(tokens[i : i + batch_size]))
-        for i in range(0, len(tokens), batch_size)
-    ]
-    del outer
+    hidden, contexts = embed_batches(adapter, params, calibration.tokens, batch_size)
     norms = {}
     for b in range(adapter.num_blocks):
         prefix = adapter.block_prefix(b)
         block_params = block_on_device(adapter, params, b)
-        stats: dict = {}
-        advanced = []
-        for h, ctx in hidden:
-            out, taps = capture(block_params, h, ctx)
-            advanced.append((out, ctx))
-            for group, x in taps.items():
-                stats[group] = accumulate_stats(stats.get(group), x)
-        hidden = advanced
+        captured = capture_block(adapter, block_params, hidden, contexts, None, keep_output=True)
+        hidden = captured.output
         for u, unit in enumerate(units):
             layer = layers[unit.name]
             if layer.block != b:
                 continue
-            st = stats[layer.input_group[len(prefix) :]]
+            st = captured.stats[layer.input_group[len(prefix) :]]
             norms[layer.name] = np.sqrt(np.maximum(np.diag(np.asarray(st.hessian)), 0.0))
             weight = np.asarray(params[layer.weight_name], np.float32)
             variants = _layer_variants(quantizer, weight, st, level_bits, grid.sparsity[u], dtype)
@@ -211,22 +198,11 @@ def build_quantized_supernet(
             pruner=_quantizer_record(quantizer, levels),
             input_mode="dense",
             extra={
-                "model": {
-                    "family": adapter.family,
-                    "model_type": adapter.model_type,
-                    "num_blocks": adapter.num_blocks,
-                    "path": model.path,
-                },
+                "model": manifest_model(model),
                 "calibration": calibration.provenance(),
                 "structure": "unstructured",
                 "storage_dtype": storage_dtype,
-                "build": {
-                    "batch_size": batch_size,
-                    "n_tokens": calibration.n_tokens,
-                    "seconds_total": time.perf_counter() - t_start,
-                    "jax_backend": jax.default_backend(),
-                    "allocsearch_version": allocsearch.__version__,
-                },
+                "build": manifest_build(batch_size, calibration.n_tokens, t_start),
             },
         )
     return SupernetStore.open(
