@@ -266,8 +266,8 @@ def run(args, model_dir: Path, store_dir: Path, calibration) -> None:
     for mode, r in out.items():
         print(
             f"{mode}: actor peak RssAnon in the search {r['actor'] / 2**30:.2f} GiB (plan "
-            f"{r['plan'] / 2**30:.2f} GiB, plan / measured {r['plan'] / r['actor']:.3f}), time per candidate "
-            f"{r['per_candidate']:.3f} s, store bytes read {r['read'] / 2**30:.3f} GiB; peak "
+            f"{r['plan'] / 2**30:.2f} GiB, plan / measured {r['plan'] / r['actor']:.3f}), "
+            f"time per candidate {r['per_candidate']:.3f} s, store bytes read {r['read'] / 2**30:.3f} GiB; peak "
             f"after construction {r['built'] / 2**30:.2f} GiB"
         )
     if len(out) == 2:
