@@ -267,8 +267,8 @@ def run(args, model_dir: Path, store_dir: Path, calibration) -> None:
         print(
             f"{mode}: actor peak RssAnon in the search {r['actor'] / 2**30:.2f} GiB (plan "
             f"{r['plan'] / 2**30:.2f} GiB, plan / measured {r['plan'] / r['actor']:.3f}), "
-            f"time per candidate {r['per_candidate']:.3f} s, store bytes read {r['read'] / 2**30:.3f} GiB; peak "
-            f"after construction {r['built'] / 2**30:.2f} GiB"
+            f"time per candidate {r['per_candidate']:.3f} s, store bytes read "
+            f"{r['read'] / 2**30:.3f} GiB; peak after construction {r['built'] / 2**30:.2f} GiB"
         )
     if len(out) == 2:
         u, b = out["unit"], out["block"]
