@@ -18,7 +18,8 @@ data:
   n_calibration_seqs: 64
   n_heldout_seqs: 64
   seed: 0
-  n_validation_seqs: 16     # calibration-source rows the search never scores (0: off):
+  n_validation_seqs: null   # calibration-source rows the search never scores (0: off;
+                            # null: up to 16, fewer where the corpus has fewer free):
                             # they pick EvoPress's final allocation and are reported
 supernet:
   pruner: sparsegpt         # magnitude | wanda | sparsegpt
@@ -129,14 +130,15 @@ class DataConfig:
     n_heldout_seqs: int = 64
     seed: int = 0
     # calibration-source rows the search never scores: they pick EvoPress's final
-    # allocation and give every strategy a validation fitness (0: off)
-    n_validation_seqs: int = 16
+    # allocation and give every strategy a validation fitness (0: off; None: up to 16,
+    # fewer where the corpus has fewer free sequences: data/validation.validation_request)
+    n_validation_seqs: int | None = None
 
     def validate(self) -> None:
         for key in ("seq_len", "n_calibration_seqs", "n_heldout_seqs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key} = {getattr(self, key)} must be >= 1")
-        if self.n_validation_seqs < 0:
+        if self.n_validation_seqs is not None and self.n_validation_seqs < 0:
             raise ConfigError(
                 f"data.n_validation_seqs = {self.n_validation_seqs} must be >= 0 (0 turns "
                 "the validation split off)"

@@ -34,6 +34,7 @@ from allocsearch.data.encoder_sets import encoder_tokensets
 from allocsearch.data.sources import check_source, load_documents
 from allocsearch.data.tokenizers import ByteTokenizer, load_tokenizer
 from allocsearch.data.tokenset import TokenSet, build_tokensets
+from allocsearch.data.validation import validation_request
 from allocsearch.distributed.local import run_search
 from allocsearch.evaluate.evaluator import Evaluator
 from allocsearch.evaluate.metrics import (
@@ -142,7 +143,7 @@ def _load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, ...]:
             data.n_calibration_seqs,
             data.seed,
             n_heldout_seqs=data.n_heldout_seqs,
-            n_validation_seqs=data.n_validation_seqs,
+            n_validation_seqs=validation_request(data.n_validation_seqs),
         )
     tokenizer = _tokenizer_for(data, model)
     docs = load_documents(data.calibration, pattern=data.pattern, text_field=data.text_field)
@@ -161,7 +162,7 @@ def _load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, ...]:
         seed=data.seed,
         heldout_documents=held,
         n_heldout_seqs=data.n_heldout_seqs,
-        n_validation_seqs=data.n_validation_seqs,
+        n_validation_seqs=validation_request(data.n_validation_seqs),
     )
 
 

@@ -104,7 +104,7 @@ def test_encoder_validation_rows_are_pool_rows_not_calibration_rows():
 
 
 def test_config_n_validation_seqs():
-    assert config_from_dict({}).data.n_validation_seqs == 16
+    assert config_from_dict({}).data.n_validation_seqs is None  # up to 16
     assert config_from_dict({"data": {"n_validation_seqs": 0}}).data.n_validation_seqs == 0
     with pytest.raises(ConfigError, match=r"data.n_validation_seqs = -1 must be >= 0 \(0 turns"):
         config_from_dict({"data": {"n_validation_seqs": -1}})
@@ -257,3 +257,28 @@ def test_compare_table_flags_rank_disagreement():
     assert RANK_FLAG not in agree
     old = markdown_table([_row("a", 0.01, None)])
     assert "validation" not in old and old.splitlines()[0].split("|")[2].strip() == "fitness"
+
+
+def test_an_unset_validation_count_takes_what_the_corpus_spares():
+    """Unset data.n_validation_seqs: up to 16 rows, all free ones where fewer, none (no
+    split) where none; a set count stays exact (the error above)."""
+    from allocsearch.data.validation import AtMost, draw_validation, validation_request
+
+    assert validation_request(None) == AtMost(16) and validation_request(5) == 5
+    picked = draw_validation(5, AtMost(16), 0, "corpus")
+    np.testing.assert_array_equal(picked, np.arange(5))
+    assert draw_validation(0, AtMost(16), 0, "corpus").size == 0
+    assert draw_validation(40, AtMost(16), 0, "corpus").size == 16
+    stream = np.arange(1000) % 97
+    none = validation_tokenset(
+        stream, seq_len=10, n_seq=AtMost(16), n_calibration_seqs=100, seed=3,
+        tokenizer_identity="ids", source="s",
+    )  # fmt: skip
+    assert none is None  # 100 windows, all calibration
+    kw = dict(seq_len=10, n_calibration_seqs=30, seed=3, tokenizer_identity="ids", source="s")
+    every = validation_tokenset(stream, n_seq=AtMost(1000), **kw)
+    assert 0 < every.n_seq <= 70  # every free window, as many as an exact count can take
+    exact = validation_tokenset(stream, n_seq=every.n_seq, **kw)
+    np.testing.assert_array_equal(exact.tokens, every.tokens)
+    with pytest.raises(ValueError, match="needs"):
+        validation_tokenset(stream, n_seq=every.n_seq + 1, **kw)

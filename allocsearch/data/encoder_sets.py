@@ -199,6 +199,8 @@ def encoder_tokensets(
         return calibration, heldout
     free = np.setdiff1d(np.arange(pool.shape[0]), chosen)
     picked = free[draw_validation(free.size, n_validation_seqs, seed, f"corpus ({desc})")]
+    if picked.size == 0:  # an unset count on a corpus with no free row: no validation
+        return calibration, heldout
     validation = TokenSet(
         tokens=pool[picked],
         source=f"{pool_desc}, validation rows",

@@ -41,7 +41,7 @@ import numpy as np
 
 from allocsearch.data.sources import Document, describe_documents
 from allocsearch.data.tokenizers import Tokenizer
-from allocsearch.data.validation import draw_validation, free_windows
+from allocsearch.data.validation import AtMost, draw_validation, free_windows
 
 __all__ = [
     "DOCUMENT_SEPARATOR",
@@ -251,15 +251,16 @@ def validation_tokenset(
     stream: np.ndarray,
     *,
     seq_len: int,
-    n_seq: int,
+    n_seq: int | AtMost,
     n_calibration_seqs: int,
     seed: int,
     tokenizer_identity: str,
     source: str,
-) -> TokenSet:
+) -> TokenSet | None:
     """``n_seq`` windows of ``stream`` that overlap none of the calibration windows
     :func:`calibration_tokenset` draws from it with ``n_calibration_seqs`` and ``seed``
-    (rules: :mod:`allocsearch.data.validation`); its ``seed`` is ``seed``.
+    (rules: :mod:`allocsearch.data.validation`); its ``seed`` is ``seed``. None where an
+    :class:`~allocsearch.data.validation.AtMost` count finds no free window.
 
     Raises:
       ValueError: the stream has fewer free windows than ``n_seq`` (counts in the message).
@@ -268,6 +269,8 @@ def validation_tokenset(
     taken = _window_starts(arr.size, seq_len, n_calibration_seqs, seed)
     free = free_windows(arr.size, taken, seq_len)
     starts = free[draw_validation(free.size, n_seq, seed, f"calibration corpus ({source})")]
+    if starts.size == 0:
+        return None
     tokens = arr[starts[:, None] + np.arange(seq_len)[None, :]]
     return TokenSet(
         tokens=tokens,
