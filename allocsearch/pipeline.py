@@ -3,6 +3,9 @@ supernet, run a strategy under a budget, score it, and turn the result into a re
 
 Everything here takes typed objects (a validated :class:`~allocsearch.config.RunConfig`,
 models, stores); strings are parsed only in :mod:`allocsearch.config` and the CLI.
+The workspace (:mod:`allocsearch.workspace`), held-out scoring (:mod:`allocsearch.heldout`)
+and recipe assembly (:mod:`allocsearch.recipe_assembly`) live in their own modules; their
+names stay reachable here (``pipeline.X``) for the commands, scripts and tests.
 """
 
 from __future__ import annotations
@@ -16,53 +19,29 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from numpy.typing import ArrayLike
 
-import allocsearch
 from allocsearch.assets_paths import DEMO_NAME, resolve_model_path
-from allocsearch.config import (
-    EXECUTIONS,
-    DataConfig,
-    EvaluatorConfig,
-    RunConfig,
-    SearchConfig,
-)
-from allocsearch.data.demo_corpus import demo_tokensets
-from allocsearch.data.encoder_sets import encoder_tokensets
-from allocsearch.data.sources import check_source, load_documents
-from allocsearch.data.tokenizers import ByteTokenizer, load_tokenizer
-from allocsearch.data.tokenset import TokenSet, build_tokensets
-from allocsearch.data.validation import validation_request
+from allocsearch.config import EXECUTIONS, RunConfig, SearchConfig
+from allocsearch.data.sources import check_source
 from allocsearch.distributed.local import run_search
 from allocsearch.evaluate.evaluator import Evaluator
-from allocsearch.evaluate.metrics import (
-    EmbeddingCosineDistance,
-    HiddenStateMSE,
-    KLDivergence,
-    Metric,
-    NegativeLogLikelihood,
-    TopKKLDivergence,
-    nearest_neighbour_agreement,
-)
+from allocsearch.evaluate.metrics import make_metric
 from allocsearch.evaluate.splits import SplitFitness, split_fitness
 from allocsearch.evaluate.streaming import StreamingEvaluator
-from allocsearch.models.bert import mean_pool
-from allocsearch.models.hf import ARCHITECTURES, HFModel, load_model
-from allocsearch.models.streamed import streamed_nll_sum
-from allocsearch.quantizers.costs import level_to_json, spec_quant_levels
-from allocsearch.recipe.recipe import (
-    LEVEL_KIND_KEY,
-    Calibration,
-    Fitness,
-    LayerEntry,
-    ModelIdentity,
-    Provenance,
-    Recipe,
-    RecipeBudget,
-    StructuredUnit,
+from allocsearch.heldout import (  # noqa: F401
+    HeldoutScores,
+    evaluated_model,
+    heldout_label,
+    heldout_metric,
+    heldout_perplexity,
+    heldout_score,
+    heldout_scores,
+    pruned_model,
 )
+from allocsearch.models.hf import load_model
+from allocsearch.quantizers.costs import spec_quant_levels
+from allocsearch.recipe_assembly import recipe_from_choice  # noqa: F401
 from allocsearch.search import registry
 from allocsearch.search.base import Evaluate, HistoryEntry
 from allocsearch.search.budget import Budget, CostModel, load_latency_table
@@ -77,13 +56,7 @@ from allocsearch.search.registry import (
     TABLE_STRATEGIES,
     make_searcher,
 )
-from allocsearch.supernet.build import (
-    build_supernet,
-    routing_frequencies,
-    unit_group_counts,
-    unit_min_steps,
-    unit_removed_groups,
-)
+from allocsearch.supernet.build import build_supernet, unit_group_counts, unit_min_steps
 from allocsearch.supernet.depth import (
     dropped_levels,
     sublayers_per_unit,
@@ -94,21 +67,10 @@ from allocsearch.supernet.factory import make_grid, make_pruner, query_heads
 from allocsearch.supernet.levels import centred_grid
 from allocsearch.supernet.spec import SupernetSpec
 from allocsearch.supernet.store import StoreError, SupernetStore
+from allocsearch.workspace import Workspace, load_tokensets  # noqa: F401
 
 # Calibration sequences per forward batch while building a supernet.
 BUILD_BATCH = 16
-
-
-@dataclass
-class Workspace:
-    """A loaded model with its calibration and held-out token sets, and the validation
-    rows (``data.n_validation_seqs``; None when 0)."""
-
-    config: RunConfig
-    model: HFModel
-    calibration: TokenSet
-    heldout: TokenSet
-    validation: TokenSet | None = None
 
 
 def load_workspace(cfg: RunConfig) -> Workspace:
@@ -123,169 +85,6 @@ def load_workspace(cfg: RunConfig) -> Workspace:
             check_source(source)
     model = load_model(resolve_model_path(cfg.model), dtype=cfg.dtype, lazy=True)
     return Workspace(cfg, model, *load_tokensets(cfg.data, model))
-
-
-def load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, TokenSet, TokenSet | None]:
-    """Calibration, held-out and validation token sets (disjoint) for ``model``: windows of
-    the token stream for a causal language model, sentence-aligned rows wrapped in the
-    tokenizer's own special tokens for an encoder
-    (:func:`~allocsearch.data.encoder_sets.encoder_tokensets`). The validation set
-    (``data.n_validation_seqs`` rows of the calibration source, None when 0) never
-    changes the calibration rows (:mod:`allocsearch.data.validation`)."""
-    sets = _load_tokensets(data, model)
-    return sets[0], sets[1], (sets[2] if len(sets) > 2 else None)
-
-
-def _load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, ...]:
-    if data.calibration == DEMO_NAME:
-        return demo_tokensets(
-            data.seq_len,
-            data.n_calibration_seqs,
-            data.seed,
-            n_heldout_seqs=data.n_heldout_seqs,
-            n_validation_seqs=validation_request(data.n_validation_seqs),
-        )
-    tokenizer = _tokenizer_for(data, model)
-    docs = load_documents(data.calibration, pattern=data.pattern, text_field=data.text_field)
-    held = (
-        load_documents(data.heldout, pattern=data.pattern, text_field=data.text_field)
-        if data.heldout
-        else None
-    )
-    # encoders read single wrapped inputs ([CLS] ... [SEP]), not windows of a stream
-    make = build_tokensets if model.adapter.is_causal_lm else encoder_tokensets
-    return make(
-        docs,
-        tokenizer,
-        seq_len=data.seq_len,
-        n_calibration_seqs=data.n_calibration_seqs,
-        seed=data.seed,
-        heldout_documents=held,
-        n_heldout_seqs=data.n_heldout_seqs,
-        n_validation_seqs=validation_request(data.n_validation_seqs),
-    )
-
-
-def _tokenizer_for(data: DataConfig, model: HFModel):
-    if data.tokenizer:
-        return load_tokenizer(data.tokenizer)
-    if model.path and (Path(model.path) / "tokenizer.json").exists():
-        return load_tokenizer(Path(model.path) / "tokenizer.json")
-    vocab = model.adapter.hf_config.get("vocab_size")
-    if vocab == 256:
-        return ByteTokenizer()
-    raise ValueError(
-        f"no tokenizer for {model.path}: it has no tokenizer.json and a vocabulary of {vocab} "
-        "(not bytes); set data.tokenizer to a tokenizer.json path"
-    )
-
-
-def heldout_perplexity(model: HFModel, tokenset: TokenSet, *, batch_rows: int = 16) -> float:
-    """Perplexity (exp of the mean next-token NLL; lower is better) of ``model`` over
-    every sequence of ``tokenset`` (causal language models), streamed block by block
-    (:func:`~allocsearch.models.streamed.streamed_nll_sum`), so a lazily loaded model
-    never has to fit the device."""
-    if not model.adapter.is_causal_lm:
-        raise ValueError(f"perplexity needs a causal language model, not {model.adapter.family}")
-    total = streamed_nll_sum(model.adapter, model.params, tokenset.tokens, batch_rows=batch_rows)
-    return float(np.exp(total / (tokenset.n_seq * (tokenset.seq_len - 1))))
-
-
-def heldout_metric(ws: Workspace) -> Metric:
-    """The encoder metric of held-out scores: the configured one when it is an encoder
-    metric, else the embedding cosine distance."""
-    metric = make_metric(ws.config.evaluator)
-    return metric if not metric.causal_lm else EmbeddingCosineDistance()
-
-
-def heldout_label(ws: Workspace) -> str:
-    """What :func:`heldout_score` measures, for reports: ``"held-out perplexity"`` (causal
-    language models) or ``"held-out <metric> to the dense model"`` (encoders)."""
-    if ws.model.adapter.is_causal_lm:
-        return "held-out perplexity"
-    return f"held-out {heldout_metric(ws).name} to the dense model"
-
-
-@dataclass(frozen=True)
-class HeldoutScores:
-    """Held-out quality of a model, as reports show it.
-
-    Attributes:
-      score: what :func:`heldout_label` names, lower is better: perplexity (causal
-        language models) or the mean per-sequence :func:`heldout_metric` to the dense
-        model (encoders; 0 = the dense model's outputs).
-      nn_agreement: encoders only (else None, and None with fewer than 2 held-out
-        sequences): :func:`~allocsearch.evaluate.metrics.nearest_neighbour_agreement` of
-        the mean-pooled embeddings of the held-out sequences, in [0, 1], higher is better.
-    """
-
-    score: float
-    nn_agreement: float | None = None
-
-
-def heldout_scores(
-    ws: Workspace, model: HFModel, *, reference: HFModel | None = None, batch_rows: int = 16
-) -> HeldoutScores:
-    """Held-out quality of ``model``: :func:`heldout_perplexity` for a causal language
-    model; for an encoder, the mean over held-out sequences of :func:`heldout_metric`
-    between ``reference`` (default: the workspace's dense model) and ``model`` (e.g.
-    embedding cosine distance), and the nearest-neighbour agreement of their mean-pooled
-    embeddings. Encoders have no perplexity; they are judged by how far their outputs
-    move and whether their embeddings still retrieve the same neighbours."""
-    if model.adapter.is_causal_lm:
-        return HeldoutScores(heldout_perplexity(model, ws.heldout, batch_rows=batch_rows))
-    reference = ws.model if reference is None else reference
-    metric = heldout_metric(ws)
-    forward = jax.jit(model.adapter.forward)
-    ref_forward = (
-        forward if reference.adapter is model.adapter else jax.jit(reference.adapter.forward)
-    )
-    tokens = ws.heldout.tokens
-    # encoders are small: both models resident (lazily loaded weights read once here)
-    ref_params, params = dict(reference.params), dict(model.params)
-    losses, ref_pooled, pooled = [], [], []
-    for i in range(0, len(tokens), batch_rows):
-        ids = jnp.asarray(tokens[i : i + batch_rows])
-        ref_out, out = ref_forward(ref_params, ids), forward(params, ids)
-        teacher = metric.teacher_data(ref_out, ids)
-        losses.append(np.asarray(metric.sequence_losses(teacher, out, ids)))
-        # held-out rows have no padding: every position counts in the pooled embedding
-        ref_pooled.append(np.asarray(mean_pool(ref_out.astype(jnp.float32), None)))
-        pooled.append(np.asarray(mean_pool(out.astype(jnp.float32), None)))
-    agreement = (
-        nearest_neighbour_agreement(np.concatenate(ref_pooled), np.concatenate(pooled))
-        if len(tokens) >= 2
-        else None
-    )
-    return HeldoutScores(float(np.mean(np.concatenate(losses))), agreement)
-
-
-def heldout_score(
-    ws: Workspace, model: HFModel, *, reference: HFModel | None = None, batch_rows: int = 16
-) -> float:
-    """:attr:`HeldoutScores.score` of :func:`heldout_scores` (lower is better)."""
-    return heldout_scores(ws, model, reference=reference, batch_rows=batch_rows).score
-
-
-def pruned_model(ws: Workspace, store: SupernetStore, choice: ArrayLike) -> HFModel:
-    """The model with every pruned parameter at ``choice``'s level of ``store`` (on the
-    host; only the chosen level of each parameter is read)."""
-    choice = np.asarray(choice)
-    params = dict(ws.model.params)
-    for u, names in enumerate(store.unit_params):
-        for name in names:
-            dense = np.asarray(params[name])
-            level = store.read_levels(name, [int(choice[u])], dense)[0]
-            params[name] = level.astype(dense.dtype)  # host: perplexity streams blocks
-    return HFModel(ws.model.adapter, params)
-
-
-def evaluated_model(ws: Workspace, evaluator: Any, choice: ArrayLike) -> HFModel:
-    """The model an evaluator scores for ``choice``: its materialised parameters
-    (resident) or the chosen levels read from its store (streaming)."""
-    if hasattr(evaluator, "materialize"):
-        return HFModel(ws.model.adapter, evaluator.materialize(choice))
-    return pruned_model(ws, evaluator.store, choice)
 
 
 # --------------------------------------------------------------------------- supernet
@@ -350,20 +149,6 @@ def open_store(ws: Workspace, path: str | Path) -> SupernetStore:
 
 
 # --------------------------------------------------------------------------- scoring
-
-
-def make_metric(cfg: EvaluatorConfig) -> Metric:
-    """The metric object of ``evaluator.metric`` (KL, top-k KL and NLL for causal language
-    models; embedding cosine distance and hidden-state NMSE for encoders)."""
-    if cfg.metric == "topk_kl":
-        return TopKKLDivergence(k=int(cfg.topk))
-    if cfg.metric == "nll":
-        return NegativeLogLikelihood()
-    if cfg.metric == "embedding_cosine":
-        return EmbeddingCosineDistance()
-    if cfg.metric == "hidden_nmse":
-        return HiddenStateMSE()
-    return KLDivergence()
 
 
 def choose_execution(ws: Workspace, store: SupernetStore) -> str:
@@ -815,123 +600,6 @@ def _run_tyr(
         },
         store=rebuild.last_store,
     )
-
-
-# --------------------------------------------------------------------------- recipes
-
-
-def recipe_from_choice(
-    ws: Workspace,
-    store: SupernetStore,
-    budget: Budget,
-    outcome: Outcome,
-    *,
-    partial: bool = False,
-) -> Recipe:
-    """A schema-v1 recipe of ``outcome.choice`` on ``store`` (exact per-layer sparsities
-    of the stored variants, dead rows of structured units included)."""
-    store = outcome.store or store
-    spec = store.spec
-    choice = np.asarray(outcome.choice)
-    adapter = ws.model.adapter
-    routers = any(u.role == "router" for u in spec.units)
-    info = {layer.name: layer for layer in model_layers(adapter, routers=routers)}
-    layer_sparsity: dict[str, float] = {}
-    for u, params in enumerate(store.unit_params):
-        for p in params:
-            v = store.variants(p)
-            layer_sparsity[p[: -len(".weight")]] = float(v.sparsity[int(choice[u])])
-    structured = spec.structure in ("heads", "neurons", "heads_neurons")
-    entries = []
-    units = []
-    member_kind: dict[str, str] = {}
-    if structured:
-        # group counts as the store was built (kv groups or query heads), read from its
-        # keep masks: a query-head level's fraction of weights is not its fraction of heads
-        layouts = store.manifest["pruner"].get("layouts") or {}
-        query_heads = bool(layouts.get("attn", {}).get("query_heads", False))
-        counts = unit_group_counts(adapter, spec.structure, query_heads=query_heads)
-        removed_at = unit_removed_groups(store)
-        for u, unit in enumerate(spec.units):
-            kind = "heads" if unit.role == "attn" else "neurons"
-            total = int(counts[u])
-            removed = int(removed_at[u, int(choice[u])])
-            units.append(StructuredUnit(unit.name, kind, unit.block, removed, total, unit.layers))
-            member_kind.update(dict.fromkeys(unit.layers, kind))
-    nm = spec.structure == "nm"
-    unit_of_layer = {layer: u for u, unit in enumerate(spec.units) for layer in unit.layers}
-    frequency = routing_frequencies(store)
-    quant = spec_quant_levels(spec.level_labels)  # bitwidth levels: each layer's bits
-    for name, layer in info.items():
-        s = layer_sparsity.get(name, 0.0)
-        kw: dict[str, Any] = {}
-        if quant is not None and name in unit_of_layer:
-            u = unit_of_layer[name]
-            s, kw = 0.0, level_to_json(quant[u][int(choice[u])])
-        if name in frequency:
-            kw["routing_frequency"] = frequency[name]
-        if structured:
-            kw["structure"] = member_kind.get(name, "heads")
-        elif nm:
-            label = spec.level_labels[unit_of_layer[name]][int(choice[unit_of_layer[name]])]
-            n, m = (int(x) for x in label.split(":"))
-            kw.update(structure="nm", n=n, m=m)
-        entries.append(LayerEntry(name, layer.role, layer.block, layer.shape, s, **kw))
-    achieved = float(CostModel.from_spec(spec, budget).achieved(choice))
-    fitness_name = ws.config.evaluator.metric
-    return Recipe(
-        model=ModelIdentity(
-            name_or_path=ws.config.model,
-            architecture=ARCHITECTURES.get(adapter.model_type, adapter.model_type),
-            model_type=adapter.model_type,
-            fingerprint=ws.model.fingerprint,
-        ),
-        layers=tuple(entries),
-        # on bitwidth levels a params / FLOPs budget is the same fraction of the 16-bit bits
-        budget=RecipeBudget(
-            "bits" if quant is not None and budget.kind in ("params", "flops") else budget.kind,
-            float(budget.target),
-            achieved,
-        ),
-        provenance=Provenance(
-            strategy=outcome.strategy,
-            settings=_recipe_settings(store, outcome),
-            fitness=_fitness(fitness_name, outcome),
-            calibration=Calibration(
-                ws.calibration.source, ws.calibration.fingerprint, int(ws.config.data.seed)
-            ),
-            tool_version=allocsearch.__version__,
-            wall_time_s=float(outcome.wall_time_s),
-            evaluations=int(outcome.evaluations),
-        ),
-        structure=spec.structure,
-        units=tuple(units),
-        partial=partial,
-    )
-
-
-def _fitness(metric: str, outcome: Outcome) -> Fitness:
-    """The recipe's fitness: the search's own, and the split scores when measured."""
-    s = outcome.split
-    if s is None:
-        return Fitness(metric, outcome.fitness)
-    validation_tokens = s.validation_tokens if s.validation is not None else None
-    return Fitness(
-        metric,
-        outcome.fitness,
-        s.calibration,
-        s.calibration_tokens,
-        s.validation,
-        validation_tokens,
-    )
-
-
-def _recipe_settings(store: SupernetStore, outcome: Outcome) -> dict[str, Any]:
-    """The outcome's settings, marked when the store's levels are bitwidths."""
-    settings = dict(outcome.settings)
-    if store.manifest.get("pruner", {}).get("kind") == "quantizer":
-        settings[LEVEL_KIND_KEY] = "bits"
-    return settings
 
 
 # --------------------------------------------------------------------------- compare

@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from allocsearch.models.bert import mean_pool
+
+if TYPE_CHECKING:  # a typed config in, read only (the config module sits above this one)
+    from allocsearch.config import EvaluatorConfig
 
 TeacherData = tuple[jax.Array, ...]
 """Arrays kept from the dense model's outputs, each with a leading sequence axis."""
@@ -333,9 +336,24 @@ __all__ = [
     "cosine_distance",
     "kl_divergence",
     "log_probs",
+    "make_metric",
     "nearest_neighbour_agreement",
     "next_token_nll",
     "normalized_mse",
     "top_k_kl_divergence",
     "top_k_log_probs",
 ]
+
+
+def make_metric(cfg: EvaluatorConfig) -> Metric:
+    """The metric object of ``evaluator.metric`` (KL, top-k KL and NLL for causal language
+    models; embedding cosine distance and hidden-state NMSE for encoders)."""
+    if cfg.metric == "topk_kl":
+        return TopKKLDivergence(k=int(cfg.topk))
+    if cfg.metric == "nll":
+        return NegativeLogLikelihood()
+    if cfg.metric == "embedding_cosine":
+        return EmbeddingCosineDistance()
+    if cfg.metric == "hidden_nmse":
+        return HiddenStateMSE()
+    return KLDivergence()

@@ -94,33 +94,17 @@ def plan_memory(
       MemoryPlanError: nothing fits (one line: the shortfall, what would fit).
       ValueError: an unknown execution mode or command, a model family without a plan.
     """
-    if execution not in EXECUTION_MODES:
-        raise ValueError(f"execution {execution!r} is not valid; choose one of {EXECUTION_MODES}")
-    commands = ("search", "compare", "build", "apply", "eval")
-    if command not in commands:
-        raise ValueError(f"command {command!r} has no plan; valid: {commands}")
-    if not 0.0 <= margin < 1.0:
-        raise ValueError(f"margin {margin!r} must be in [0, 1)")
+    _check_plan_args(execution, command, margin)
     device_kind, device_memory, host_memory = _machine(device_kind, device_memory, host_memory)
-    adapter, blocks = _one_block(hf_config)
-    m = _model(adapter, blocks)
-    a = _ITEMSIZE[cfg.dtype]
-    layout, storage, store_bytes, store_layout = _supernet(adapter, cfg, a, storage_dtype, store)
-    if store_bytes is None:
-        store_bytes = _store_bytes(m, layout, _ITEMSIZE[storage], store_layout)
-    run = _Run(
-        m=m,
-        layout=layout,
-        groups=_groups(adapter, m, layout, cfg),
-        cfg=cfg,
-        a=a,
-        s=_ITEMSIZE[storage],
-        mb=micro_batch_tokens or _evaluator_setting(cfg, "micro_batch_tokens", _MICRO_BATCH_TOKENS),
-        g=_evaluator_setting(cfg, "candidates_per_call", _CANDIDATES_PER_CALL),
-        workers=_resolve_workers(cfg, workers, device_kind),
+    run, storage, store_bytes, store_layout = _plan_run(
+        hf_config,
+        cfg,
+        command=command,
         device_kind=device_kind,
-        generations=registry.get(cfg.search.strategy).kind in ("evolutionary", "driver"),
-        queries=tuple(_queries(cfg, command, _calibration_tokens(cfg), layout, blocks)),
+        workers=workers,
+        storage_dtype=storage_dtype,
+        micro_batch_tokens=micro_batch_tokens,
+        store=store,
     )
     modes, moved, notes = _modes(run, command)
     usable = (device_memory * (1 - margin), host_memory * (1 - margin))
@@ -153,6 +137,53 @@ def plan_memory(
                              remedies)  # fmt: skip
         raise MemoryPlanError(message, result, remedies)
     return result
+
+
+def _check_plan_args(execution: str, command: str, margin: float) -> None:
+    """Refuse an unknown execution mode or command, or a margin outside [0, 1)."""
+    if execution not in EXECUTION_MODES:
+        raise ValueError(f"execution {execution!r} is not valid; choose one of {EXECUTION_MODES}")
+    commands = ("search", "compare", "build", "apply", "eval")
+    if command not in commands:
+        raise ValueError(f"command {command!r} has no plan; valid: {commands}")
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin {margin!r} must be in [0, 1)")
+
+
+def _plan_run(
+    hf_config: Mapping[str, Any],
+    cfg: RunConfig,
+    *,
+    command: str,
+    device_kind: str,
+    workers: int | None,
+    storage_dtype: str | None,
+    micro_batch_tokens: int | None,
+    store: str | os.PathLike | None,
+) -> tuple[_Run, str, int, Any]:
+    """The run to plan (model, supernet layout, workload), its storage dtype, the store's
+    bytes on disk and the store's layout (as :func:`_supernet` gives them)."""
+    adapter, blocks = _one_block(hf_config)
+    m = _model(adapter, blocks)
+    a = _ITEMSIZE[cfg.dtype]
+    layout, storage, store_bytes, store_layout = _supernet(adapter, cfg, a, storage_dtype, store)
+    if store_bytes is None:
+        store_bytes = _store_bytes(m, layout, _ITEMSIZE[storage], store_layout)
+    run = _Run(
+        m=m,
+        layout=layout,
+        groups=_groups(adapter, m, layout, cfg),
+        cfg=cfg,
+        a=a,
+        s=_ITEMSIZE[storage],
+        mb=micro_batch_tokens or _evaluator_setting(cfg, "micro_batch_tokens", _MICRO_BATCH_TOKENS),
+        g=_evaluator_setting(cfg, "candidates_per_call", _CANDIDATES_PER_CALL),
+        workers=_resolve_workers(cfg, workers, device_kind),
+        device_kind=device_kind,
+        generations=registry.get(cfg.search.strategy).kind in ("evolutionary", "driver"),
+        queries=tuple(_queries(cfg, command, _calibration_tokens(cfg), layout, blocks)),
+    )
+    return run, storage, store_bytes, store_layout
 
 
 def _choose(

@@ -59,9 +59,13 @@ from allocsearch.data.tokenset import TokenSet
 from allocsearch.models.hf import HFModel, adapter_for_config, fingerprint_tensors, save_model
 from allocsearch.models.layers import LayerInfo
 from allocsearch.pruners.base import LocalPruner, NestedVariants, exact_counts
-from allocsearch.pruners.magnitude import MagnitudePruner
-from allocsearch.pruners.nm import NMMagnitudePruner
 from allocsearch.pruners.structured import HeadGroups, NeuronGroups
+from allocsearch.recipe.apply_pruner import (
+    _STRUCTURED,
+    _calibration_for,
+    _check_pruner,
+    _pruner_name,
+)
 from allocsearch.recipe.apply_report import AppliedLayer, ApplyReport
 from allocsearch.recipe.depth import apply_depth
 from allocsearch.recipe.experts import apply_experts
@@ -96,10 +100,6 @@ __all__ = [
     "write_pruned",
 ]
 
-_STRUCTURED: Final = frozenset({"heads", "neurons", "heads_neurons"})
-# Pruners whose variants depend on the weights only; they get a placeholder token set.
-_NEEDS_NO_DATA: Final = (MagnitudePruner, NMMagnitudePruner)
-
 
 # --------------------------------------------------------------------------- counts
 
@@ -116,12 +116,6 @@ def _layer_count(name: str, sparsity: float, numel: int) -> int:
             f"weights, not a whole number; the nearest exact sparsities are {lo / numel!r} "
             f"({lo} weights) and {hi / numel!r} ({hi})"
         ) from None
-
-
-def _pruner_name(pruner: Any) -> str:
-    """``pruner.name`` of a pruner, a pruner class or a ``functools.partial`` of one."""
-    target = getattr(pruner, "func", pruner)
-    return str(getattr(target, "name", None) or getattr(target, "__name__", repr(pruner)))
 
 
 def _unit_groups(unit: StructuredUnit, layout: HeadGroups | NeuronGroups) -> int:
@@ -367,57 +361,6 @@ def _exact_grid(
     return grid, covered
 
 
-def _check_pruner(recipe: Recipe, pruner: Any) -> None:
-    structured = recipe.structure in _STRUCTURED
-    if pruner is None:
-        options = (
-            "StructuredPruner (or functools.partial(StructuredPruner, percdamp=...))"
-            if structured
-            else "MagnitudePruner(), WandaPruner(), SparseGPTPruner()"
-            if recipe.structure == "unstructured"
-            else "NMMagnitudePruner(m=...), NMWandaPruner(m=...), NMSparseGPTPruner(m=...)"
-        )
-        raise ValueError(
-            f"without a store, apply_recipe re-runs a local pruner: pass store=<the supernet "
-            f"the recipe was searched on> or pruner=, e.g. {options}"
-        )
-    if recipe.structure == "nm":
-        ms = sorted({x.m for x in recipe.layers})
-        if len(ms) != 1:
-            raise ValueError(
-                f"the recipe mixes N:M group sizes {ms}; one pruner handles one M, so apply "
-                f"it with its store, or split it by group size"
-            )
-        if getattr(pruner, "m", None) != ms[0]:
-            raise ValueError(
-                f"the recipe is N:M with M={ms[0]}, so the pruner must be an N:M pruner with "
-                f"m={ms[0]} (NMMagnitudePruner, NMWandaPruner, NMSparseGPTPruner), got {pruner!r}"
-            )
-    elif recipe.structure == "unstructured" and hasattr(pruner, "m"):
-        raise ValueError(
-            f"the recipe is unstructured but {pruner!r} is an N:M pruner; use "
-            f"MagnitudePruner(), WandaPruner() or SparseGPTPruner()"
-        )
-
-
-def _calibration_for(pruner: Any, calibration: TokenSet | None) -> TokenSet:
-    if calibration is not None:
-        return calibration
-    if isinstance(pruner, _NEEDS_NO_DATA):
-        # The builder still runs the model to capture statistics; the pruner ignores them.
-        return TokenSet(
-            tokens=np.zeros((1, 2), np.int32),
-            source="placeholder (the pruner uses no calibration data)",
-            tokenizer_identity="none",
-            seed=None,
-        )
-    raise ValueError(
-        f"the {_pruner_name(pruner)} pruner needs calibration data: pass "
-        f"calibration=<TokenSet> (the calibration set the recipe was searched with "
-        f"reproduces its weights); only MagnitudePruner and NMMagnitudePruner run without one"
-    )
-
-
 # --------------------------------------------------------------------------- materialize
 
 
@@ -547,23 +490,69 @@ def apply_recipe(
     if recipe.partial:
         notes.append("the recipe is partial: the best allocation of an interrupted search")
     if store is not None:
-        if store.model_fingerprint != model.fingerprint:
-            raise ValueError(
-                f"the store {store.path} was built for model fingerprint "
-                f"{store.model_fingerprint!r}, not this model's {model.fingerprint!r}"
-            )
-        if store.tokens_fingerprint != recipe.provenance.calibration.fingerprint:
-            notes.append(
-                f"the store was built from calibration tokens {store.tokens_fingerprint}, the "
-                f"recipe was scored on {recipe.provenance.calibration.fingerprint}"
-            )
-        levels = _levels_from_store(recipe, store)
-        params, keeps = _materialize(
-            model, store, levels, recipe, counts, f"the recipe was not made from {store.path}"
-        )
-        source = f"store:{store.path}"
-        return _finish(model, recipe, store, levels, params, keeps, counts, physical, source, notes)
+        return _apply_from_store(model, recipe, store, counts, physical, notes)
+    return _apply_by_repruning(
+        model,
+        recipe,
+        counts,
+        notes,
+        calibration=calibration,
+        pruner=pruner,
+        physical=physical,
+        input_mode=input_mode,
+        query_heads=query_heads,
+        batch_size=batch_size,
+        work_dir=work_dir,
+        progress=progress,
+    )
 
+
+def _apply_from_store(
+    model: HFModel,
+    recipe: Recipe,
+    store: SupernetStore,
+    counts: dict[str, int],
+    physical: bool,
+    notes: list[str],
+) -> tuple[HFModel, dict[str, Any], ApplyReport]:
+    """:func:`apply_recipe` with the store the recipe was searched on: its variants at the
+    recipe's levels."""
+    if store.model_fingerprint != model.fingerprint:
+        raise ValueError(
+            f"the store {store.path} was built for model fingerprint "
+            f"{store.model_fingerprint!r}, not this model's {model.fingerprint!r}"
+        )
+    if store.tokens_fingerprint != recipe.provenance.calibration.fingerprint:
+        notes.append(
+            f"the store was built from calibration tokens {store.tokens_fingerprint}, the "
+            f"recipe was scored on {recipe.provenance.calibration.fingerprint}"
+        )
+    levels = _levels_from_store(recipe, store)
+    params, keeps = _materialize(
+        model, store, levels, recipe, counts, f"the recipe was not made from {store.path}"
+    )
+    source = f"store:{store.path}"
+    return _finish(model, recipe, store, levels, params, keeps, counts, physical, source, notes)
+
+
+def _apply_by_repruning(
+    model: HFModel,
+    recipe: Recipe,
+    counts: dict[str, int],
+    notes: list[str],
+    *,
+    calibration: TokenSet | None,
+    pruner: LocalPruner | Callable[..., Any] | None,
+    physical: bool,
+    input_mode: InputMode,
+    query_heads: bool,
+    batch_size: int,
+    work_dir: str | os.PathLike | None,
+    progress: bool,
+) -> tuple[HFModel, dict[str, Any], ApplyReport]:
+    """:func:`apply_recipe` without a store: re-run ``pruner`` at the recipe's exact
+    sparsities into a temporary one-level supernet, then take its variants."""
+    adapter = model.adapter
     if input_mode not in INPUT_MODES:
         raise ValueError(f"input_mode {input_mode!r} is not supported; valid: {INPUT_MODES}")
     _check_pruner(recipe, pruner)

@@ -82,6 +82,31 @@ def _to_torch(torch: Any, arr: np.ndarray) -> Any:
     return torch.from_numpy(arr.copy())
 
 
+def _database_modules(store: SupernetStore, model: HFModel) -> tuple[list[str], list[str]]:
+    """(Hugging Face module name, store parameter) of every unit, one weight each; refuses
+    units of several parameters and names that cannot be directories."""
+    spec = store.spec
+    modules: list[str] = []
+    params: list[str] = []
+    for u, unit_params in enumerate(store.unit_params):
+        if len(unit_params) != 1:
+            raise ExportError(
+                f"unit {spec.units[u].name!r} changes {len(unit_params)} parameters; an "
+                f"EvoPress database holds one weight per module"
+            )
+        (param,) = unit_params
+        # the adapter renames (and transposes) checkpoint tensors: a probe gives the name
+        (hf_name,) = model.adapter.to_hf_tensors({param: np.zeros((0, 0), np.float32)})
+        if not hf_name.endswith(".weight"):
+            raise ExportError(f"parameter {param!r} is stored as {hf_name!r}, not a .weight")
+        module = hf_name[: -len(".weight")]
+        if not module or "/" in module or module in (".", "..") or module.startswith("."):
+            raise ExportError(f"module name {module!r} cannot be a directory name")
+        modules.append(module)
+        params.append(param)
+    return modules, params
+
+
 def write_evopress_database(
     recipe: Recipe,
     store: SupernetStore,
@@ -127,24 +152,7 @@ def write_evopress_database(
     export = to_evopress(recipe, store.spec, choice)  # validates the recipe against the store
     torch = _torch()
     spec = store.spec
-    modules: list[str] = []
-    params: list[str] = []
-    for u, unit_params in enumerate(store.unit_params):
-        if len(unit_params) != 1:
-            raise ExportError(
-                f"unit {spec.units[u].name!r} changes {len(unit_params)} parameters; an "
-                f"EvoPress database holds one weight per module"
-            )
-        (param,) = unit_params
-        # the adapter renames (and transposes) checkpoint tensors: a probe gives the name
-        (hf_name,) = model.adapter.to_hf_tensors({param: np.zeros((0, 0), np.float32)})
-        if not hf_name.endswith(".weight"):
-            raise ExportError(f"parameter {param!r} is stored as {hf_name!r}, not a .weight")
-        module = hf_name[: -len(".weight")]
-        if not module or "/" in module or module in (".", "..") or module.startswith("."):
-            raise ExportError(f"module name {module!r} cannot be a directory name")
-        modules.append(module)
-        params.append(param)
+    modules, params = _database_modules(store, model)
 
     rel = choice.astype(np.int64) - spec.center.astype(np.int64)
     levels_text = "".join(f"{m}: {int(r)}\n" for m, r in zip(modules, rel, strict=True))

@@ -83,52 +83,8 @@ def remove_experts(
     if not removed:
         return model, dict(config_updates), report
     adapter = model.adapter
-    moe = adapter.moe
-    per_block = {b: len(removed.get(b, ())) for b in range(adapter.num_blocks)}
-    if len(set(per_block.values())) != 1:
-        counts = ", ".join(f"block {b}: {n}" for b, n in per_block.items())
-        raise RecipeError(
-            f"the recipe removes different numbers of experts per block ({counts}) but "
-            f"transformers has one {moe.num_experts}-expert count for all blocks; apply with "
-            f"--no-physical (physical=False) to keep them as zero experts, which allocsearch "
-            f"masks and transformers still routes to"
-        )
-    n = per_block[0]
-    kept_count = moe.num_experts - n
-    if kept_count < moe.top_k:
-        raise RecipeError(
-            f"the recipe removes {n} of {moe.num_experts} experts per block, leaving fewer than "
-            f"top_k={moe.top_k}"
-        )
-    index: dict[str, str | None] = {}  # old expert prefix -> new prefix (None: removed)
-    rows: dict[int, np.ndarray] = {}
-    for b in range(adapter.num_blocks):
-        gone = {int(e.rsplit(".", 1)[1]) for e in removed[b]}
-        kept = [e for e in range(moe.num_experts) if e not in gone]
-        rows[b] = np.array(kept, np.int64)
-        for e in range(moe.num_experts):
-            new = kept.index(e) if e in kept else None
-            index[adapter.expert_prefix(b, e)] = (
-                None if new is None else adapter.expert_prefix(b, new)
-            )
-    router = {f"{adapter.block_prefix(b)}{moe.module}.gate.weight": b for b in rows}
-
-    def rename(name: str) -> str | None:
-        m = _EXPERT.match(name.removesuffix(".weight"))
-        if m is None:
-            return name
-        prefix = f"{m.group(1)}.experts.{m.group(2)}."
-        new = index.get(prefix, prefix)
-        return None if new is None else new + name[len(prefix) :]
-
-    params: dict[str, Any] = {}
-    for name, value in model.params.items():
-        new = rename(name)
-        if new is None:
-            continue
-        if name in router:
-            value = np.asarray(value)[rows[router[name]]]
-        params[new] = value
+    n, kept_count = _removed_per_block(adapter, removed)
+    params = _renumbered_params(model, removed)
     hf = {**adapter.hf_config, **config_updates}
     keys = [k for k in EXPERT_COUNT_KEYS if k in hf] or ["num_experts"]
     key = keys[0]
@@ -166,6 +122,66 @@ def remove_experts(
         notes=(*report.notes, note),
     )
     return pruned, updates, new_report
+
+
+def _removed_per_block(adapter: Any, removed: Mapping[int, Any]) -> tuple[int, int]:
+    """(experts removed per block, experts kept); refuses uneven removal across blocks
+    and fewer than ``top_k`` experts kept."""
+    moe = adapter.moe
+    per_block = {b: len(removed.get(b, ())) for b in range(adapter.num_blocks)}
+    if len(set(per_block.values())) != 1:
+        counts = ", ".join(f"block {b}: {n}" for b, n in per_block.items())
+        raise RecipeError(
+            f"the recipe removes different numbers of experts per block ({counts}) but "
+            f"transformers has one {moe.num_experts}-expert count for all blocks; apply with "
+            f"--no-physical (physical=False) to keep them as zero experts, which allocsearch "
+            f"masks and transformers still routes to"
+        )
+    n = per_block[0]
+    kept_count = moe.num_experts - n
+    if kept_count < moe.top_k:
+        raise RecipeError(
+            f"the recipe removes {n} of {moe.num_experts} experts per block, leaving fewer than "
+            f"top_k={moe.top_k}"
+        )
+    return n, kept_count
+
+
+def _renumbered_params(model: HFModel, removed: Mapping[int, Any]) -> dict[str, Any]:
+    """``model``'s parameters without the removed experts: kept experts renumbered in
+    order, router rows of the removed ones dropped."""
+    adapter = model.adapter
+    moe = adapter.moe
+    index: dict[str, str | None] = {}  # old expert prefix -> new prefix (None: removed)
+    rows: dict[int, np.ndarray] = {}
+    for b in range(adapter.num_blocks):
+        gone = {int(e.rsplit(".", 1)[1]) for e in removed[b]}
+        kept = [e for e in range(moe.num_experts) if e not in gone]
+        rows[b] = np.array(kept, np.int64)
+        for e in range(moe.num_experts):
+            new = kept.index(e) if e in kept else None
+            index[adapter.expert_prefix(b, e)] = (
+                None if new is None else adapter.expert_prefix(b, new)
+            )
+    router = {f"{adapter.block_prefix(b)}{moe.module}.gate.weight": b for b in rows}
+
+    def rename(name: str) -> str | None:
+        m = _EXPERT.match(name.removesuffix(".weight"))
+        if m is None:
+            return name
+        prefix = f"{m.group(1)}.experts.{m.group(2)}."
+        new = index.get(prefix, prefix)
+        return None if new is None else new + name[len(prefix) :]
+
+    params: dict[str, Any] = {}
+    for name, value in model.params.items():
+        new = rename(name)
+        if new is None:
+            continue
+        if name in router:
+            value = np.asarray(value)[rows[router[name]]]
+        params[new] = value
+    return params
 
 
 def apply_experts(

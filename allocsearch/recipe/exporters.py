@@ -230,6 +230,29 @@ def to_llm_compressor(
       except that mixture-of-experts experts carry llm-compressor's module names and
       order).
     """
+    extra = _llmc_checked_args(recipe, modifier, granularity, modifier_args)
+    notes: list[str] = []
+    if granularity == "layer":
+        groups, exported = _llmc_layer_groups(recipe, extra, notes)
+        what = "the per-layer llm-compressor recipe"
+    else:
+        groups, exported = _llmc_block_groups(recipe, extra, notes)
+        what = "the per-block llm-compressor recipe"
+
+    stage: dict[str, Any] = {"run_type": "oneshot"}
+    for name, args in groups:
+        stage[name] = {modifier: args}
+    doc = {"sparsity_stage": stage}
+    kind, ref, got, budget_notes = _budget_check(recipe, _layer_budget(recipe, exported), what)
+    header = _llmc_header(recipe, granularity)
+    text = header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1000)
+    return Export(text, tuple(notes + budget_notes), kind, ref, got)
+
+
+def _llmc_checked_args(
+    recipe: Recipe, modifier: str, granularity: str, modifier_args: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The extra modifier arguments, after refusing what llm-compressor cannot take."""
     _refuse_depth(recipe, "llm-compressor")
     _refuse_removed_experts(recipe, "llm-compressor")
     if modifier not in LLMC_MODIFIERS:
@@ -251,87 +274,93 @@ def to_llm_compressor(
         raise ExportError(
             f"the export ignores lm_head ({LLMC_IGNORE[0]}) but the recipe prunes {ignored}"
         )
-    notes: list[str] = []
-    groups: list[tuple[str, dict[str, Any]]] = []
+    return extra
 
-    if granularity == "layer":
-        per_layer = recipe.sparsities()
-        if recipe.structure == "unstructured":
-            patterns: dict[tuple[int, int], list[int]] = {
-                (0, 0): [i for i, x in enumerate(recipe.layers) if x.sparsity > 0]
-            }
-        else:
-            patterns = {}
-            for i, x in enumerate(recipe.layers):
-                if x.n:
-                    patterns.setdefault((x.n, x.m), []).append(i)
-        dense = [x.name for x in recipe.layers if x.sparsity == 0]
-        if dense:
-            notes.append(
-                f"{len(dense)} dense layer(s) (sparsity 0) are left out of targets and stay "
-                f"dense: {dense[:5]}{' ...' if len(dense) > 5 else ''}"
-            )
-        if not any(patterns.values()):
-            raise ExportError("every layer of the recipe is dense; there is nothing to prune")
-        if len(patterns) > 1:
-            notes.append(
-                "llm-compressor takes one mask_structure per modifier; the recipe mixes N:M "
-                f"patterns {sorted(f'{n}:{m}' for n, m in patterns)}, so the stage has one "
-                "modifier group per pattern"
-            )
-        modules, order = llm_compressor_modules(recipe)
-        position = {i: p for p, i in enumerate(order)}
-        for (n, m), idx in sorted(patterns.items()):
-            name = "sparsity_modifiers" if len(patterns) == 1 else f"sparsity_{n}of{m}_modifiers"
-            idx = sorted(idx, key=position.__getitem__)
-            args: dict[str, Any] = {
-                "sparsity": [float(per_layer[i]) for i in idx],
-                "mask_structure": f"{n}:{m}",
-                "targets": ["re:" + re.escape(modules[i]) + "$" for i in idx],
-                "ignore": list(LLMC_IGNORE),
-            }
-            args.update(extra)
-            groups.append((name, args))
-        exported = per_layer
-        what = "the per-layer llm-compressor recipe"
+
+def _llmc_layer_groups(
+    recipe: Recipe, extra: Mapping[str, Any], notes: list[str]
+) -> tuple[list[tuple[str, dict[str, Any]]], Any]:
+    """Per-layer modifier groups (one per N:M pattern) and the sparsities they export."""
+    groups: list[tuple[str, dict[str, Any]]] = []
+    per_layer = recipe.sparsities()
+    if recipe.structure == "unstructured":
+        patterns: dict[tuple[int, int], list[int]] = {
+            (0, 0): [i for i, x in enumerate(recipe.layers) if x.sparsity > 0]
+        }
     else:
-        blocks = block_sparsities(recipe)
-        prefix = _block_prefix(recipe)
-        if recipe.structure == "nm":
-            pats = {(x.n, x.m) for x in recipe.layers}
-            if len(pats) != 1 or next(iter(pats))[0] == 0:
-                raise ExportError(
-                    "per-block llm-compressor export of an N:M recipe needs one pattern (n > 0) "
-                    f"for every layer, found {sorted(f'{n}:{m}' for n, m in pats)}; use "
-                    "granularity='layer'"
-                )
-            n, m = pats.pop()
-            mask = f"{n}:{m}"
-        else:
-            mask = "0:0"
-            notes.append(_block_spread_note(recipe, blocks))
-        args = {
-            "sparsity": [float(v) for v in blocks],
-            "mask_structure": mask,
-            "targets": [f"re:{prefix}.\\d+$"],
+        patterns = {}
+        for i, x in enumerate(recipe.layers):
+            if x.n:
+                patterns.setdefault((x.n, x.m), []).append(i)
+    dense = [x.name for x in recipe.layers if x.sparsity == 0]
+    if dense:
+        notes.append(
+            f"{len(dense)} dense layer(s) (sparsity 0) are left out of targets and stay "
+            f"dense: {dense[:5]}{' ...' if len(dense) > 5 else ''}"
+        )
+    if not any(patterns.values()):
+        raise ExportError("every layer of the recipe is dense; there is nothing to prune")
+    if len(patterns) > 1:
+        notes.append(
+            "llm-compressor takes one mask_structure per modifier; the recipe mixes N:M "
+            f"patterns {sorted(f'{n}:{m}' for n, m in patterns)}, so the stage has one "
+            "modifier group per pattern"
+        )
+    modules, order = llm_compressor_modules(recipe)
+    position = {i: p for p, i in enumerate(order)}
+    for (n, m), idx in sorted(patterns.items()):
+        name = "sparsity_modifiers" if len(patterns) == 1 else f"sparsity_{n}of{m}_modifiers"
+        idx = sorted(idx, key=position.__getitem__)
+        args: dict[str, Any] = {
+            "sparsity": [float(per_layer[i]) for i in idx],
+            "mask_structure": f"{n}:{m}",
+            "targets": ["re:" + re.escape(modules[i]) + "$" for i in idx],
             "ignore": list(LLMC_IGNORE),
         }
         args.update(extra)
-        groups.append(("sparsity_modifiers", args))
-        notes.append(
-            f"the sparsity list has {len(blocks)} entries, one per decoder block; llm-compressor "
-            f"checks the model has exactly that many blocks and gives every Linear of block b "
-            f"the value of entry b"
-        )
-        exported = _per_layer_from_blocks(recipe, blocks)
-        what = "the per-block llm-compressor recipe"
+        groups.append((name, args))
+    return groups, per_layer
 
-    stage: dict[str, Any] = {"run_type": "oneshot"}
-    for name, args in groups:
-        stage[name] = {modifier: args}
-    doc = {"sparsity_stage": stage}
-    kind, ref, got, budget_notes = _budget_check(recipe, _layer_budget(recipe, exported), what)
-    header = (
+
+def _llmc_block_groups(
+    recipe: Recipe, extra: Mapping[str, Any], notes: list[str]
+) -> tuple[list[tuple[str, dict[str, Any]]], Any]:
+    """The per-block modifier group and the per-layer sparsities it exports."""
+    groups: list[tuple[str, dict[str, Any]]] = []
+    blocks = block_sparsities(recipe)
+    prefix = _block_prefix(recipe)
+    if recipe.structure == "nm":
+        pats = {(x.n, x.m) for x in recipe.layers}
+        if len(pats) != 1 or next(iter(pats))[0] == 0:
+            raise ExportError(
+                "per-block llm-compressor export of an N:M recipe needs one pattern (n > 0) "
+                f"for every layer, found {sorted(f'{n}:{m}' for n, m in pats)}; use "
+                "granularity='layer'"
+            )
+        n, m = pats.pop()
+        mask = f"{n}:{m}"
+    else:
+        mask = "0:0"
+        notes.append(_block_spread_note(recipe, blocks))
+    args = {
+        "sparsity": [float(v) for v in blocks],
+        "mask_structure": mask,
+        "targets": [f"re:{prefix}.\\d+$"],
+        "ignore": list(LLMC_IGNORE),
+    }
+    args.update(extra)
+    groups.append(("sparsity_modifiers", args))
+    notes.append(
+        f"the sparsity list has {len(blocks)} entries, one per decoder block; llm-compressor "
+        f"checks the model has exactly that many blocks and gives every Linear of block b "
+        f"the value of entry b"
+    )
+    return groups, _per_layer_from_blocks(recipe, blocks)
+
+
+def _llmc_header(recipe: Recipe, granularity: str) -> str:
+    """The YAML's comment header: tool, model, budget and how to read the lists."""
+    return (
         f"# llm-compressor recipe exported by allocsearch ({recipe.provenance.tool_version})\n"
         f"# model: {recipe.model.name_or_path} ({recipe.model.architecture}), fingerprint "
         f"{recipe.model.fingerprint}\n"
@@ -341,8 +370,6 @@ def to_llm_compressor(
         f"# granularity: {granularity}; sparsity[i] belongs to the module matched by "
         f"targets[i]\n"
     )
-    text = header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1000)
-    return Export(text, tuple(notes + budget_notes), kind, ref, got)
 
 
 # ----------------------------------------------------------------------------- EvoPress
@@ -542,6 +569,20 @@ def to_torch_pruning(recipe: Recipe) -> Export[dict[str, dict[str, float]]]:
     ratios = {u.layers[0]: u.fraction for u in recipe.units}  # q_proj / gate_proj (fc_in)
     heads = {u.name: u.fraction for u in recipe.units if u.kind == "heads"}
     index = {x.name: i for i, x in enumerate(recipe.layers)}
+    per_layer, gqa = _torch_pruning_sparsities(recipe, index)
+    notes = _torch_pruning_notes(recipe, index, bool(heads), per_layer, gqa)
+    kind, ref, got, budget_notes = _budget_check(
+        recipe, _layer_budget(recipe, per_layer), "applying the channel ratios to every member"
+    )
+    content = {"pruning_ratio_dict": ratios, "head_pruning_ratio_dict": heads}
+    return Export(content, tuple(notes + budget_notes), kind, ref, got)
+
+
+def _torch_pruning_sparsities(
+    recipe: Recipe, index: Mapping[str, int]
+) -> tuple[np.ndarray, list[str]]:
+    """Per-layer sparsities as Torch-Pruning applies the channel ratios, and the
+    grouped-query attention units it cannot reproduce (described for the notes)."""
     per_layer = recipe.sparsities().copy()
     gqa: list[str] = []
     for u in recipe.units:
@@ -563,6 +604,13 @@ def to_torch_pruning(recipe: Recipe) -> Export[dict[str, dict[str, float]]]:
                 f"{kv_removed:.4g}; Torch-Pruning: {per_group} of {g} per kv group = "
                 f"{per_group / g:.4g}, k/v 0)"
             )
+    return per_layer, gqa
+
+
+def _torch_pruning_notes(
+    recipe: Recipe, index: Mapping[str, int], heads: bool, per_layer: np.ndarray, gqa: list[str]
+) -> list[str]:
+    """How to use the ratios, and where Torch-Pruning departs from the recipe."""
     notes = [
         "keys are module names; map them to modules with dict(model.named_modules())",
         "pruning_ratio_dict is keyed by each unit's first input projection (q_proj, "
@@ -603,11 +651,7 @@ def to_torch_pruning(recipe: Recipe) -> Export[dict[str, dict[str, float]]]:
             f"{len(differs)} member layer(s) lose fewer weights in the recipe than the unit's "
             f"channel ratio (e.g. k/v under grouped-query attention): {differs[:4]}"
         )
-    kind, ref, got, budget_notes = _budget_check(
-        recipe, _layer_budget(recipe, per_layer), "applying the channel ratios to every member"
-    )
-    content = {"pruning_ratio_dict": ratios, "head_pruning_ratio_dict": heads}
-    return Export(content, tuple(notes + budget_notes), kind, ref, got)
+    return notes
 
 
 def _query_heads_per_kv_head(members: Sequence[LayerEntry]) -> int:

@@ -89,8 +89,40 @@ def _parse_recipe(data: Any) -> Recipe:
     c = _fields(p["calibration"], "provenance.calibration", ("description", "fingerprint", "seed"))
     if not isinstance(p["settings"], dict):
         raise RecipeError(f"provenance.settings must be a JSON object, got {_kind(p['settings'])}")
+    layers = _parse_layers(d["layers"])
+    units = _parse_units(d["units"])
+    return Recipe(
+        schema_version=d["schema_version"],
+        naming=d["naming"],
+        model=ModelIdentity(
+            name_or_path=m["name_or_path"],
+            architecture=m["architecture"],
+            model_type=m["model_type"],
+            fingerprint=m["fingerprint"],
+        ),
+        structure=d["structure"],
+        partial=d["partial"],
+        budget=RecipeBudget(kind=b["kind"], target=b["target"], achieved=b["achieved"]),
+        provenance=Provenance(
+            strategy=p["strategy"],
+            settings=p["settings"],
+            fitness=Fitness(**f),
+            calibration=Calibration(
+                description=c["description"], fingerprint=c["fingerprint"], seed=c["seed"]
+            ),
+            tool_version=p["tool_version"],
+            wall_time_s=p["wall_time_s"],
+            evaluations=p["evaluations"],
+        ),
+        layers=layers,
+        units=units,
+    )
+
+
+def _parse_layers(value: Any) -> tuple[LayerEntry, ...]:
+    """The recipe's ``layers`` array as :class:`LayerEntry` records."""
     layers = []
-    for i, item in enumerate(_as_tuple(d["layers"], "layers")):
+    for i, item in enumerate(_as_tuple(value, "layers")):
         x = _fields(
             item,
             f"layers[{i}]",
@@ -115,8 +147,14 @@ def _parse_recipe(data: Any) -> Recipe:
                 symmetric=x.get("symmetric"),
             )
         )
+    return tuple(layers)
+
+
+def _parse_units(value: Any) -> tuple[StructuredUnit, ...]:
+    """The recipe's ``units`` array, each unit's stated fraction checked against
+    removed/total."""
     units = []
-    for i, item in enumerate(_as_tuple(d["units"], "units")):
+    for i, item in enumerate(_as_tuple(value, "units")):
         u = _fields(
             item, f"units[{i}]", ("name", "kind", "block", "removed", "total", "fraction", "layers")
         )
@@ -135,29 +173,4 @@ def _parse_recipe(data: Any) -> Recipe:
                 f"{unit.removed}/{unit.total} = {unit.fraction!r}"
             )
         units.append(unit)
-    return Recipe(
-        schema_version=d["schema_version"],
-        naming=d["naming"],
-        model=ModelIdentity(
-            name_or_path=m["name_or_path"],
-            architecture=m["architecture"],
-            model_type=m["model_type"],
-            fingerprint=m["fingerprint"],
-        ),
-        structure=d["structure"],
-        partial=d["partial"],
-        budget=RecipeBudget(kind=b["kind"], target=b["target"], achieved=b["achieved"]),
-        provenance=Provenance(
-            strategy=p["strategy"],
-            settings=p["settings"],
-            fitness=Fitness(**f),
-            calibration=Calibration(
-                description=c["description"], fingerprint=c["fingerprint"], seed=c["seed"]
-            ),
-            tool_version=p["tool_version"],
-            wall_time_s=p["wall_time_s"],
-            evaluations=p["evaluations"],
-        ),
-        layers=tuple(layers),
-        units=tuple(units),
-    )
+    return tuple(units)
