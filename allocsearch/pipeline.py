@@ -28,6 +28,7 @@ from allocsearch.config import (
     EvaluatorConfig,
     RunConfig,
     SearchConfig,
+    with_model_defaults,
 )
 from allocsearch.data.demo_corpus import demo_tokensets
 from allocsearch.data.encoder_sets import encoder_tokensets
@@ -117,6 +118,7 @@ def load_workspace(cfg: RunConfig) -> Workspace:
         if source is not None and source != DEMO_NAME:
             check_source(source)
     model = load_model(resolve_model_path(cfg.model), dtype=cfg.dtype, lazy=True)
+    cfg = with_model_defaults(cfg, encoder=not model.adapter.is_causal_lm)
     calibration, heldout = load_tokensets(cfg.data, model)
     return Workspace(cfg, model, calibration, heldout)
 
@@ -125,10 +127,9 @@ def load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, TokenSet
     """Calibration and held-out token sets (disjoint) for ``model``: windows of the token
     stream for a causal language model, sentence-aligned rows wrapped in the tokenizer's
     own special tokens for an encoder (:func:`~allocsearch.data.encoder_sets.encoder_tokensets`)."""
+    n_cal = data.calibration_seqs(encoder=not model.adapter.is_causal_lm)
     if data.calibration == DEMO_NAME:
-        return demo_tokensets(
-            data.seq_len, data.n_calibration_seqs, data.seed, n_heldout_seqs=data.n_heldout_seqs
-        )
+        return demo_tokensets(data.seq_len, n_cal, data.seed, n_heldout_seqs=data.n_heldout_seqs)
     tokenizer = _tokenizer_for(data, model)
     docs = load_documents(data.calibration, pattern=data.pattern, text_field=data.text_field)
     held = (
@@ -142,7 +143,7 @@ def load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, TokenSet
         docs,
         tokenizer,
         seq_len=data.seq_len,
-        n_calibration_seqs=data.n_calibration_seqs,
+        n_calibration_seqs=n_cal,
         seed=data.seed,
         heldout_documents=held,
         n_heldout_seqs=data.n_heldout_seqs,

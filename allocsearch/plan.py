@@ -122,7 +122,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from allocsearch.config import AUTO_WORKERS, EXECUTIONS, RunConfig
+from allocsearch.config import AUTO_WORKERS, EXECUTIONS, RunConfig, with_model_defaults
 from allocsearch.search import registry
 
 __all__ = [
@@ -1167,6 +1167,7 @@ def plan_memory(
     device_kind = device_kind or "gpu"
     adapter, blocks = _one_block(hf_config)
     m = _model(adapter, blocks)
+    cfg = with_model_defaults(cfg, encoder=not m.causal)  # data.n_calibration_seqs
     a = _ITEMSIZE[cfg.dtype]
     store_layout = getattr(cfg.supernet, "layout", None) or "auto"
     if store is None:
