@@ -13,8 +13,9 @@ config.json, model.safetensors, tokenizer.json) into ``<out>/model``.
 Text: the Python language reference's topic pages that ship with the interpreter
 (``pydoc_data.topics``, 79 documents in CPython 3.11; nothing is downloaded). Sorted by
 name, every 4th topic is held out and the others are calibration text, so held-out rows
-come from documents the calibration never saw (the script also counts held-out rows
-equal to a calibration row: 0 expected). Rows are ``[CLS]`` + 62 tokens from a sentence
+come from documents the calibration never saw; held-out sentences that also occur in
+calibration text (shared boilerplate) are removed, and the script counts held-out rows
+equal to a calibration row (0). Rows are ``[CLS]`` + 62 tokens from a sentence
 start + ``[SEP]`` (``--seq-len 64``; allocsearch's encoder rows).
 
 Settings: ``u50`` / ``u70`` remove 50 / 70% of the encoder's linear weights (unstructured
@@ -70,6 +71,7 @@ from allocsearch.config import (
     SearchConfig,
     SupernetConfig,
 )
+from allocsearch.data.encoder_sets import split_sentences
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import RowCache, append_result, load_results  # noqa: E402
@@ -112,9 +114,16 @@ def prepare_text(out: Path) -> tuple[Path, Path]:
     import pydoc_data.topics as topics
 
     names = sorted(topics.topics)
+    cal = [topics.topics[n] for i, n in enumerate(names) if i % 4]
+    seen = {s for text in cal for s in split_sentences(text)}
+    held = [  # a sentence also found in calibration text (boilerplate) is left out
+        "\n\n".join(s for s in split_sentences(topics.topics[n]) if s not in seen)
+        for i, n in enumerate(names)
+        if i % 4 == 0
+    ]
     paths = out / "calibration.jsonl", out / "heldout.jsonl"
-    for path, keep in zip(paths, (lambda i: i % 4 != 0, lambda i: i % 4 == 0), strict=True):
-        lines = [json.dumps({"text": topics.topics[n]}) for i, n in enumerate(names) if keep(i)]
+    for path, texts in zip(paths, (cal, held), strict=True):
+        lines = [json.dumps({"text": t}) for t in texts]
         atomic_write_text("\n".join(lines) + "\n", path, overwrite=True)
     return paths
 
