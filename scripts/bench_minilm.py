@@ -72,6 +72,7 @@ from allocsearch.config import (
     SupernetConfig,
 )
 from allocsearch.data.encoder_sets import split_sentences
+from allocsearch.search import registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import RowCache, append_result, load_results  # noqa: E402
@@ -207,6 +208,8 @@ def run_setting(setting: str, n_cal: int, model: Path, text, args, console) -> N
             budget,
             evaluate=tables if strategy in ("dp", "dp+evopress") else evaluator,
             seed=seed,
+            # what the CLI runs when no settings are given (EvoPress: DEMO_EVOPRESS)
+            settings=dict(registry.get(strategy).defaults),
             progress=args.progress,
         )
         wall = outcome.wall_time_s
