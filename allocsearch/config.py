@@ -15,7 +15,7 @@ data:
   text_field: text          # for .jsonl sources
   pattern: "*.txt"          # for directory sources
   seq_len: 128
-  n_calibration_seqs: 64
+  n_calibration_seqs: null  # null: 64 for causal LMs, 256 for encoders (DataConfig)
   n_heldout_seqs: 64
   seed: 0
   n_validation_seqs: null   # calibration-source rows the search never scores (0: off;
@@ -102,6 +102,12 @@ STREAM_UNITS = ("auto", "block", "unit")
 DTYPES = ("float32", "bfloat16")
 STORAGE_DTYPES = ("auto", *DTYPES)
 AUTO_WORKERS = "auto"
+# Calibration rows when data.n_calibration_seqs is unset (None). Encoders get more: on
+# all-MiniLM-L6-v2 (docs/RESULTS.md, "MiniLM: held-out quality per strategy") 64 rows let
+# the searches fit their calibration rows (their calibration and held-out rankings of
+# the strategies differed); 256 made the two rankings agree.
+CALIBRATION_SEQS = 64
+ENCODER_CALIBRATION_SEQS = 256
 
 
 class ConfigError(ValueError):
@@ -126,7 +132,9 @@ class DataConfig:
     text_field: str = "text"
     pattern: str = "*.txt"
     seq_len: int = 128
-    n_calibration_seqs: int = 64
+    # None: CALIBRATION_SEQS for causal LMs, ENCODER_CALIBRATION_SEQS for encoders
+    # (resolved when the model is known: with_model_defaults)
+    n_calibration_seqs: int | None = None
     n_heldout_seqs: int = 64
     seed: int = 0
     # calibration-source rows the search never scores: they pick EvoPress's final
@@ -136,13 +144,21 @@ class DataConfig:
 
     def validate(self) -> None:
         for key in ("seq_len", "n_calibration_seqs", "n_heldout_seqs"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key} = {getattr(self, key)} must be >= 1")
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{key} = {value} must be >= 1")
         if self.n_validation_seqs is not None and self.n_validation_seqs < 0:
             raise ConfigError(
                 f"data.n_validation_seqs = {self.n_validation_seqs} must be >= 0 (0 turns "
                 "the validation split off)"
             )
+
+    def calibration_seqs(self, *, encoder: bool) -> int:
+        """Calibration rows for a causal LM or an encoder: the configured number, else
+        :data:`CALIBRATION_SEQS` or :data:`ENCODER_CALIBRATION_SEQS`."""
+        if self.n_calibration_seqs is not None:
+            return self.n_calibration_seqs
+        return ENCODER_CALIBRATION_SEQS if encoder else CALIBRATION_SEQS
 
 
 @dataclass(frozen=True)
@@ -378,6 +394,13 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if not isinstance(value, str):
         raise ConfigError(f"{path} = {value!r} must be a string")
     return value
+
+
+def with_model_defaults(cfg: RunConfig, *, encoder: bool) -> RunConfig:
+    """``cfg`` with the defaults that depend on the model's kind filled in (today
+    ``data.n_calibration_seqs``: :meth:`DataConfig.calibration_seqs`)."""
+    n = cfg.data.calibration_seqs(encoder=encoder)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_calibration_seqs=n))
 
 
 def config_from_dict(data: dict[str, Any] | None) -> RunConfig:

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from allocsearch.assets_paths import DEMO_NAME, resolve_model_path
-from allocsearch.config import EXECUTIONS, RunConfig, SearchConfig
+from allocsearch.config import EXECUTIONS, RunConfig, SearchConfig, with_model_defaults
 from allocsearch.data.sources import check_source
 from allocsearch.distributed.local import run_search
 from allocsearch.evaluate.evaluator import Evaluator
@@ -84,6 +84,7 @@ def load_workspace(cfg: RunConfig) -> Workspace:
         if source is not None and source != DEMO_NAME:
             check_source(source)
     model = load_model(resolve_model_path(cfg.model), dtype=cfg.dtype, lazy=True)
+    cfg = with_model_defaults(cfg, encoder=not model.adapter.is_causal_lm)
     return Workspace(cfg, model, *load_tokensets(cfg.data, model))
 
 

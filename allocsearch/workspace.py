@@ -41,10 +41,11 @@ def load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, TokenSet
 
 
 def _load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, ...]:
+    n_cal = data.calibration_seqs(encoder=not model.adapter.is_causal_lm)
     if data.calibration == DEMO_NAME:
         return demo_tokensets(
             data.seq_len,
-            data.n_calibration_seqs,
+            n_cal,
             data.seed,
             n_heldout_seqs=data.n_heldout_seqs,
             n_validation_seqs=validation_request(data.n_validation_seqs),
@@ -62,7 +63,7 @@ def _load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, ...]:
         docs,
         tokenizer,
         seq_len=data.seq_len,
-        n_calibration_seqs=data.n_calibration_seqs,
+        n_calibration_seqs=n_cal,
         seed=data.seed,
         heldout_documents=held,
         n_heldout_seqs=data.n_heldout_seqs,

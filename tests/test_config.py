@@ -13,6 +13,7 @@ from allocsearch.config import (
     config_from_dict,
     dump_config,
     load_config,
+    with_model_defaults,
 )
 
 
@@ -24,6 +25,25 @@ def test_defaults_are_the_demo_settings():
     assert cfg.search.target == 0.6 and cfg.supernet.steps_each_side == 4
     # Ray is the default backend, sized to the machine or cluster once Ray is up
     assert (cfg.backend.kind, cfg.backend.workers, cfg.backend.address) == ("ray", "auto", None)
+
+
+def test_calibration_rows_default_by_model_kind(tmp_path):
+    """Unset data.n_calibration_seqs resolves to 64 rows for a causal LM and 256 for an
+    encoder (issue 24: 64 let searches fit MiniLM's calibration rows); a set value wins
+    for both kinds, and an unset value survives a YAML round trip."""
+    cfg = config_from_dict({})
+    assert cfg.data.n_calibration_seqs is None
+    assert with_model_defaults(cfg, encoder=False).data.n_calibration_seqs == 64
+    assert with_model_defaults(cfg, encoder=True).data.n_calibration_seqs == 256
+    assert with_model_defaults(cfg, encoder=True).data.seq_len == cfg.data.seq_len
+    mine = config_from_dict({"data": {"n_calibration_seqs": 32}})
+    for encoder in (False, True):
+        assert with_model_defaults(mine, encoder=encoder).data.n_calibration_seqs == 32
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path).data.n_calibration_seqs is None
+    with pytest.raises(ConfigError, match=r"data.n_calibration_seqs = 0 must be >= 1"):
+        config_from_dict({"data": {"n_calibration_seqs": 0}})
 
 
 def test_yaml_round_trip(tmp_path):

@@ -151,6 +151,29 @@ def test_an_encoder_workspace_uses_wrapped_rows(tmp_path: Path):
         assert not np.isin(tokens[:, 1:-1], [0, 1, 2, 3]).any()  # text only inside
 
 
+def test_an_encoder_workspace_defaults_to_the_encoder_calibration_rows(tmp_path, monkeypatch):
+    """Without data.n_calibration_seqs an encoder's workspace takes
+    config.ENCODER_CALIBRATION_SEQS rows (here patched to 5: the tiny corpus is short) and
+    records the resolved number in ws.config."""
+    from tiny_workspace import WORDS, write_model_and_corpus
+
+    from allocsearch import config
+    from allocsearch.pipeline import load_workspace
+
+    monkeypatch.setattr(config, "ENCODER_CALIBRATION_SEQS", 5)
+    tok = tmp_path / "tokenizer.json"
+    cfg = {**BERT, "vocab_size": _word_tokenizer(tok, WORDS)}
+    model_dir, corpus = write_model_and_corpus(tmp_path, cfg, docs=2, words_per_doc=40)
+    (model_dir / "tokenizer.json").write_bytes(tok.read_bytes())
+    run = config.config_from_dict(
+        {"model": str(model_dir), "data": {"calibration": str(corpus), "seq_len": 8,
+                                           "n_heldout_seqs": 2}}
+    )  # fmt: skip
+    assert run.data.n_calibration_seqs is None
+    ws = load_workspace(run)
+    assert ws.calibration.n_seq == 5 and ws.config.data.n_calibration_seqs == 5
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "structure",

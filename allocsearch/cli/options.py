@@ -125,7 +125,7 @@ CalibrationSeqsOpt = Annotated[
     int | None,
     typer.Option(
         help="Calibration sequences; calibration tokens = this x --seq-len (default: the "
-        "config's data.n_calibration_seqs, else 64)."
+        "config's data.n_calibration_seqs, else 64; 256 for encoders)."
     ),
 ]
 MetricOpt = Annotated[

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from allocsearch.config import RunConfig
+from allocsearch.config import RunConfig, with_model_defaults
 from allocsearch.plan.base import (
     _CANDIDATES_PER_CALL,
     _ITEMSIZE,
@@ -165,6 +165,7 @@ def _plan_run(
     bytes on disk and the store's layout (as :func:`_supernet` gives them)."""
     adapter, blocks = _one_block(hf_config)
     m = _model(adapter, blocks)
+    cfg = with_model_defaults(cfg, encoder=not m.causal)  # data.n_calibration_seqs
     a = _ITEMSIZE[cfg.dtype]
     layout, storage, store_bytes, store_layout = _supernet(adapter, cfg, a, storage_dtype, store)
     if store_bytes is None:
