@@ -84,8 +84,13 @@ def load_workspace(cfg: RunConfig) -> Workspace:
         if source is not None and source != DEMO_NAME:
             check_source(source)
     model = load_model(resolve_model_path(cfg.model), dtype=cfg.dtype, lazy=True)
+    sets = load_tokensets(cfg.data, model)
     cfg = with_model_defaults(cfg, encoder=not model.adapter.is_causal_lm)
-    return Workspace(cfg, model, *load_tokensets(cfg.data, model))
+    if cfg.data.n_calibration_seqs != sets[0].n_seq:  # an unset encoder count, small corpus
+        cfg = dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, n_calibration_seqs=sets[0].n_seq)
+        )
+    return Workspace(cfg, model, *sets)
 
 
 # --------------------------------------------------------------------------- supernet

@@ -13,7 +13,7 @@ from allocsearch.data.encoder_sets import encoder_tokensets
 from allocsearch.data.sources import load_documents
 from allocsearch.data.tokenizers import ByteTokenizer, load_tokenizer
 from allocsearch.data.tokenset import TokenSet, build_tokensets
-from allocsearch.data.validation import validation_request
+from allocsearch.data.validation import AtMost, validation_request
 from allocsearch.models.hf import HFModel
 
 
@@ -41,7 +41,9 @@ def load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, TokenSet
 
 
 def _load_tokensets(data: DataConfig, model: HFModel) -> tuple[TokenSet, ...]:
-    n_cal = data.calibration_seqs(encoder=not model.adapter.is_causal_lm)
+    n_cal: int | AtMost = data.calibration_seqs(encoder=not model.adapter.is_causal_lm)
+    if data.n_calibration_seqs is None and not model.adapter.is_causal_lm:
+        n_cal = AtMost(n_cal)  # unset: up to the encoder default, fewer on a small corpus
     if data.calibration == DEMO_NAME:
         return demo_tokensets(
             data.seq_len,

@@ -308,6 +308,7 @@ def test_encoder_options_on_the_command_line(tmp_path: Path):
     model_dir, corpus = write_model_and_corpus(tmp_path, cfg, docs=2, words_per_doc=400)
     (model_dir / "tokenizer.json").write_bytes(tok.read_bytes())
     held = write_corpus(tmp_path / "held", docs=1, words_per_doc=40)
+    # 132 rows of 8 tokens: fewer than the unset encoder default of 256 calibration rows
     args = ["eval", "--model", str(model_dir), "--calibration", str(corpus), "--seq-len", "8",
             "--no-progress"]  # fmt: skip
     r = CliRunner().invoke(app, [*args, "--heldout-seqs", "3"])

@@ -17,7 +17,7 @@ from allocsearch.data.tokenset import TokenSet
 from allocsearch.evaluate import Evaluator, KLDivergence, StreamingEvaluator
 from allocsearch.models import adapter_for_config, load_model
 from allocsearch.pruners import MagnitudePruner, SparseGPTPruner, WandaPruner
-from allocsearch.supernet import store as store_mod
+from allocsearch.supernet import store_writer as store_mod  # where the writer looks it up
 from allocsearch.supernet.build import NoCalibrationTokensWarning, build_supernet, supernet_units
 from allocsearch.supernet.experts import removal_grid, removed_levels
 from allocsearch.supernet.levels import equal_step_grid

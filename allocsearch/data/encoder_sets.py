@@ -39,7 +39,7 @@ import numpy as np
 from allocsearch.data.sources import Document, describe_documents
 from allocsearch.data.tokenizers import HFTokenizer, Tokenizer
 from allocsearch.data.tokenset import TokenSet
-from allocsearch.data.validation import draw_validation
+from allocsearch.data.validation import AtMost, draw_validation
 
 __all__ = ["document_rows", "encoder_tokensets", "split_sentences"]
 
@@ -143,7 +143,11 @@ def encoder_tokensets(
         and needed), ``seq_len`` with no room for text, or an argument out of range.
     """
     seq_len = _check_count(seq_len, "seq_len")
-    n_cal = _check_count(n_calibration_seqs, "n_calibration_seqs")
+    # an unset count (AtMost): up to its number of rows, all the corpus has where fewer
+    at_most = isinstance(n_calibration_seqs, AtMost)
+    n_cal = (
+        n_calibration_seqs.n if at_most else _check_count(n_calibration_seqs, "n_calibration_seqs")
+    )
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     identity = tokenizer.identity
@@ -159,6 +163,8 @@ def encoder_tokensets(
     else:
         n_tail = max(1, int(heldout_fraction * rows.shape[0]))
     cut = rows.shape[0] - n_tail
+    if at_most and 0 < cut < n_cal:
+        n_cal = cut
     if cut < n_cal:
         raise ValueError(
             f"corpus ({desc}) gives {rows.shape[0]} rows of {seq_len} tokens; "
