@@ -12,7 +12,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_workspace import scaled_random_model
+from tiny_workspace import scaled_random_model, structured_test_recipe
 
 from allocsearch.data.tokenset import TokenSet
 from allocsearch.evaluate.evaluator import Evaluator
@@ -27,16 +27,10 @@ from allocsearch.pruners import (
 )
 from allocsearch.recipe.apply import apply_recipe, choice_for_recipe, write_pruned
 from allocsearch.recipe.recipe import (
-    Calibration,
-    Fitness,
     LayerEntry,
     ModelIdentity,
-    Provenance,
-    Recipe,
-    RecipeBudget,
     RecipeError,
     StructuredUnit,
-    fraction_removed,
 )
 from allocsearch.supernet.build import build_supernet, supernet_units, unit_group_counts
 from allocsearch.supernet.levels import equal_step_grid, nm_grid, structured_grid
@@ -136,22 +130,8 @@ def make_recipe(model, calib, sparsity, *, structure="unstructured", nm=None, un
         layers.append(
             LayerEntry(info.name, info.role, info.block, info.shape, sparsity[info.name], **kw)
         )
-    achieved = fraction_removed(layers, "params")
-    return Recipe(
-        model=ModelIdentity("tiny", "LlamaForCausalLM", "llama", model.fingerprint),
-        layers=tuple(layers),
-        budget=RecipeBudget("params", achieved, achieved),
-        provenance=Provenance(
-            strategy="test",
-            settings={},
-            fitness=Fitness("kl", None),
-            calibration=Calibration("random ids", calib.fingerprint, 1),
-            tool_version="test",
-            wall_time_s=0.0,
-            evaluations=0,
-        ),
-        structure=structure,
-        units=tuple(units),
+    return structured_test_recipe(
+        model, calib, tuple(layers), units, structure=structure, architecture="LlamaForCausalLM"
     )
 
 
